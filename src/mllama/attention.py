@@ -1,0 +1,95 @@
+"""Text-decoder attention: causal self-attention with RoPE and gated cross-attention to vision tokens."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllama.cache import KVCache
+from mllama.config import MllamaTextConfig
+from mllama.layers import RMSNorm, apply_rotary
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                      is_causal: bool = False) -> torch.Tensor:
+    """SDPA for grouped-query attention without materialising repeated K/V.
+
+    q (B, H, S, D), k/v (B, H_kv, T, D), mask bool (B, 1, S, T) or None. The G = H / H_kv query heads
+    sharing a K/V head are folded into the query length, so the kernel sees H_kv heads.
+    """
+    b, h, s, d = q.shape
+    h_kv = k.shape[1]
+    groups = h // h_kv
+    if groups == 1 or (is_causal and s > 1):
+        if groups > 1:  # a causal mask cannot be folded; repeat K/V instead (prefill only)
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+    q = q.reshape(b, h_kv, groups * s, d)  # heads g*H_kv.. are contiguous per K/V head
+    if mask is not None:
+        mask = mask.unsqueeze(2).expand(b, 1, groups, s, mask.shape[-1]).reshape(b, 1, groups * s, -1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    return out.reshape(b, h, s, d)
+
+
+class TextSelfAttention(nn.Module):
+    def __init__(self, config: MllamaTextConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
+                cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+        """x (B, S, hidden); mask bool (B, 1, S, T) or None for plain causal attention over x alone."""
+        b, s, _ = x.shape
+        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(cache_start, k, v)
+        out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)
+        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+class TextCrossAttention(nn.Module):
+    def __init__(self, config: MllamaTextConfig) -> None:
+        super().__init__()
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        hidden = config.hidden_size
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
+
+    def vision_kv(self, vision_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, N, hidden) projected vision tokens -> k, v (B, H_kv, N, D); computed once per image set."""
+        b, n, _ = vision_states.shape
+        k = self.k_proj(vision_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(vision_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        return self.k_norm(k), v
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+                text_row_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, S, hidden); mask bool (B, 1, S, N); text_row_mask (B, S, 1), 0 where a row sees no image.
+
+        Rows that may see no vision token get a zero output (Meta's reference semantics): their mask
+        row is opened so the kernel stays finite, and the result is zeroed before o_proj.
+        """
+        b, s, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2))
+        mask = mask | (text_row_mask == 0).view(b, 1, s, 1)
+        out = grouped_attention(q, kv[0], kv[1], mask)
+        out = out.transpose(1, 2).reshape(b, s, -1) * text_row_mask
+        return self.o_proj(out)

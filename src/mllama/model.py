@@ -1,0 +1,218 @@
+"""The public model classes: vision tower + projector + text decoder, and the LM heads."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllama.config import MllamaConfig, MllamaTextConfig
+from mllama.text import CrossInputs, MllamaTextModel
+from mllama.vision import MllamaVisionModel
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class CausalLMOutput:
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+def self_attention_mask(attention_mask: torch.Tensor | None, *, query_len: int, start: int = 0,
+                        batch: int, device: torch.device) -> torch.Tensor | None:
+    """Bool (B, 1, S, T) causal mask over slots [0, start + S) that also hides padded keys.
+
+    Returns None when plain causal attention is exact (no padding, nothing cached). Every query may
+    always see itself, so padded rows stay finite and never poison other rows with NaNs.
+    """
+    total = start + query_len
+    if attention_mask is None and start == 0:
+        return None
+    query_slots = torch.arange(start, total, device=device)[:, None]
+    key_slots = torch.arange(total, device=device)[None, :]
+    mask = (key_slots <= query_slots)[None, None].expand(batch, 1, query_len, total)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] < total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, {total} needed")
+        valid = attention_mask[:, None, None, :total].bool()
+        mask = mask & (valid | (key_slots == query_slots)[None, None])
+    return mask
+
+
+def cross_attention_inputs(cross_attention_mask: torch.Tensor, *, num_patches: int,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, N_images, N_tiles) 0/1 tile mask -> bool (B, 1, S, N_images * N_tiles * num_patches)
+    token mask and (B, S, 1) text-row mask (0 for rows that see no tile)."""
+    b, s = cross_attention_mask.shape[:2]
+    tiles = cross_attention_mask.bool().reshape(b, s, -1)
+    mask = tiles.repeat_interleave(num_patches, dim=-1).unsqueeze(1)
+    rows = tiles.any(dim=-1, keepdim=True).to(dtype)
+    return mask, rows
+
+
+class MllamaModel(nn.Module):
+    def __init__(self, config: MllamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.vision_model = MllamaVisionModel(config.vision_config)
+        self.multi_modal_projector = nn.Linear(config.vision_config.vision_output_dim,
+                                               config.text_config.hidden_size, bias=True)
+        self.language_model = MllamaTextModel(config.text_config)
+
+    def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                      aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
+        dtype = self.multi_modal_projector.weight.dtype
+        vision = self.vision_model(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
+        b = vision.shape[0]
+        return self.multi_modal_projector(vision).reshape(b, -1, self.config.text_config.hidden_size)
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
+                aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+                cross_attention_states: torch.Tensor | None = None) -> torch.Tensor:
+        """Full-sequence forward without cache; returns final hidden states (B, S, hidden)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        if pixel_values is not None and cross_attention_states is not None:
+            raise ValueError("pass pixel_values or cross_attention_states, not both")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        b, s = ref.shape[:2]
+        if input_ids is not None:
+            _check_ids(input_ids, self.language_model.embed_tokens.num_embeddings)
+        if pixel_values is not None:
+            if aspect_ratio_ids is None or aspect_ratio_mask is None:
+                raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
+            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        cross = None
+        if cross_attention_states is not None:
+            if cross_attention_mask is None:
+                raise ValueError("images were given without a cross_attention_mask")
+            if cross_attention_mask.shape[:2] != (b, s):
+                raise ValueError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, "
+                                 f"expected ({b}, {s}, N_images, N_tiles)")
+            n_tiles = cross_attention_mask.shape[2] * cross_attention_mask.shape[3]
+            if cross_attention_states.shape[1] % n_tiles:
+                raise ValueError(f"{cross_attention_states.shape[1]} vision tokens do not split into the "
+                                 f"{n_tiles} image tiles of cross_attention_mask")
+            dtype = cross_attention_states.dtype
+            mask, rows = cross_attention_inputs(cross_attention_mask, dtype=dtype,
+                                                num_patches=cross_attention_states.shape[1] // n_tiles)
+            cross = CrossInputs(states=cross_attention_states, mask=mask, text_row_mask=rows)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=ref.device)[None].expand(b, s)
+        mask = self_attention_mask(attention_mask, query_len=s, batch=b, device=ref.device)
+        return self.language_model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                   mask=mask, cross=cross)
+
+
+def _check_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= num_embeddings):
+        raise ValueError(f"input_ids out of range: ids must lie in [0, {num_embeddings})")
+
+
+def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, image_token_id: int | None) -> torch.Tensor:
+    """Mean next-token cross-entropy; -100 and the image token are never trained on."""
+    vocab = logits.shape[-1]
+    labels = labels.to(logits.device)
+    if image_token_id is not None:
+        labels = labels.masked_fill(labels == image_token_id, IGNORE_INDEX)
+    bad = (labels != IGNORE_INDEX) & ((labels < 0) | (labels >= vocab))
+    if bad.any():
+        raise ValueError(f"labels contain ids outside [0, {vocab}) other than {IGNORE_INDEX}: "
+                         f"{labels[bad].unique().tolist()[:8]}")
+    shift_logits = logits[:, :-1].reshape(-1, vocab).float()
+    shift_labels = labels[:, 1:].reshape(-1)
+    return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
+
+
+class _PretrainedMixin:
+    """from_pretrained / save_pretrained / generate, delegated to their own modules."""
+
+    config: MllamaConfig
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                        torch_dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
+                        device_map: str | None = None, revision: str | None = None):
+        from mllama.weights import load_pretrained
+
+        if device_map is not None and device_map not in ("cpu", "auto"):
+            device = device_map
+        return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=device,
+                               revision=revision)
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
+        from mllama.weights import save_pretrained
+
+        save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device  # type: ignore[attr-defined]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype  # type: ignore[attr-defined]
+
+
+class MllamaForConditionalGeneration(_PretrainedMixin, nn.Module):
+    def __init__(self, config: MllamaConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.model = MllamaModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.generation_config = None
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
+                aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None,
+                cross_attention_states: torch.Tensor | None = None) -> CausalLMOutput:
+        hidden = self.model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                            aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                            cross_attention_mask=cross_attention_mask, position_ids=position_ids,
+                            inputs_embeds=inputs_embeds, cross_attention_states=cross_attention_states)
+        logits = self.lm_head(hidden)
+        loss = None
+        if labels is not None:
+            loss = causal_lm_loss(logits, labels, image_token_id=self.config.image_token_index)
+        return CausalLMOutput(logits=logits, loss=loss)
+
+
+class MllamaForCausalLM(_PretrainedMixin, nn.Module):
+    """The text decoder alone; loading a full checkpoint skips the vision tower entirely."""
+
+    def __init__(self, config: MllamaTextConfig | MllamaConfig) -> None:
+        super().__init__()
+        if isinstance(config, MllamaConfig):
+            config = config.text_config
+        self.config = config
+        self.model = MllamaTextModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.generation_config = None
+
+    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        ref = input_ids if input_ids is not None else inputs_embeds
+        b, s = ref.shape[:2]
+        if input_ids is not None:
+            _check_ids(input_ids, self.model.embed_tokens.num_embeddings)
+        if position_ids is None:
+            position_ids = torch.arange(s, device=ref.device)[None].expand(b, s)
+        mask = self_attention_mask(attention_mask, query_len=s, batch=b, device=ref.device)
+        hidden = self.model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, mask=mask)
+        logits = self.lm_head(hidden)
+        loss = causal_lm_loss(logits, labels, image_token_id=None) if labels is not None else None
+        return CausalLMOutput(logits=logits, loss=loss)
