@@ -1,0 +1,368 @@
+"""The Mllama vision encoder: tiles of an image -> one feature vector per patch position.
+
+Each tile is cut into patches plus a class token; every image (all of its tiles at once) goes
+through 32 plain ("local") layers and 8 tanh-gated ("global") layers. The output concatenates the
+global encoder's last state with the states after a few chosen local layers.
+
+Padding, as trained: every tile's positions are zero-padded to a multiple of 8 after
+`layernorm_pre`, and the tiles beyond an image's tile count are padding as a whole. Attention is
+masked only between two padding positions: real queries see padding keys, padding queries see
+real keys. The trained model used a dense additive mask over all positions for this; here the
+same attention is computed exactly without one (see `tile_attention`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import MllamaVisionConfig
+
+# `layernorm_pre`/`layernorm_post` were trained with PyTorch's default eps, not `norm_eps`.
+_OUTER_NORM_EPS = 1e-5
+# Positions per tile are padded to a multiple of this.
+_PAD_MULTIPLE = 8
+
+
+def _add_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y, reusing x's storage unless autograd may still need x."""
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return x + y
+    return x.add_(y)
+
+
+def _mul_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
+        return x * y
+    return x.mul_(y)
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """Where the real positions of a batch of images are.
+
+    Sequences are (images, num_tiles * tile_len). Each image's real tiles come first; in a real
+    tile the first `real_len` positions are real, the rest padding; later tiles are all padding.
+    `runs` are (start, stop, real_tiles) for consecutive images sharing one real-tile count.
+    """
+
+    num_tiles: int
+    tile_len: int
+    real_len: int
+    runs: tuple[tuple[int, int, int], ...]
+
+    @classmethod
+    def from_counts(cls, real_tiles: list[int], *, num_tiles: int, tile_len: int, real_len: int) -> "TileLayout":
+        if not real_tiles or min(real_tiles) < 1 or max(real_tiles) > num_tiles:
+            raise ValueError(f"every image needs 1..{num_tiles} real tiles, got {real_tiles}")
+        if not 0 < real_len <= tile_len:
+            raise ValueError(f"real_len {real_len} must be in 1..tile_len={tile_len}")
+        runs: list[tuple[int, int, int]] = []
+        for i, n in enumerate(real_tiles):
+            if runs and runs[-1][2] == n:
+                runs[-1] = (runs[-1][0], i + 1, n)
+            else:
+                runs.append((i, i + 1, n))
+        return cls(num_tiles, tile_len, real_len, tuple(runs))
+
+
+def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+    """Self-attention where only padding<->padding pairs are masked, without a dense mask.
+
+    q, k, v: (images, heads, num_tiles * tile_len, head_dim). Real query rows attend to every key,
+    so they take one unmasked SDPA call; padding rows attend to the real keys only, so they take a
+    second unmasked call over the gathered real keys. Both are exact.
+    """
+    if len(layout.runs) == 1:
+        return _attend_run(q, k, v, layout, layout.runs[0][2])
+    out = torch.empty_like(q)  # keeps q's strides, so the caller's transpose back is a view
+    for start, stop, n in layout.runs:
+        out[start:stop] = _attend_run(q[start:stop], k[start:stop], v[start:stop], layout, n)
+    return out
+
+
+def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, n: int) -> torch.Tensor:
+    """`tile_attention` for images that all have `n` real tiles."""
+    m, h, _, d = q.shape
+    t, tile_len, real = layout.num_tiles, layout.tile_len, layout.real_len
+    pad = tile_len - real
+    real_block = n * tile_len  # positions of the real tiles, their padding rows included
+
+    def tiles(x: torch.Tensor) -> torch.Tensor:
+        return x.view(m, h, t, tile_len, d)
+
+    # (m, h, n * real, d): the keys/values every padding query may see.
+    k_real = tiles(k)[:, :, :n, :real].reshape(m, h, n * real, d)
+    v_real = tiles(v)[:, :, :n, :real].reshape(m, h, n * real, d)
+    # Padding queries: the `pad` tail rows of each real tile, then all rows of the padded tiles.
+    q_pad = tiles(q)[:, :, :n, real:].reshape(m, h, n * pad, d)
+    if n < t:
+        q_pad = torch.cat([q_pad, q[:, :, real_block:]], dim=2)
+    pad_out = F.scaled_dot_product_attention(q_pad, k_real, v_real)
+
+    if n == t:  # the common case: no padded tile, one plain SDPA over everything
+        out = F.scaled_dot_product_attention(q, k, v)
+        if out.requires_grad:  # SDPA saved its output for backward; overwrite a copy
+            out = out.clone()
+    else:
+        out = torch.empty_like(q)
+        out[:, :, :real_block] = F.scaled_dot_product_attention(q[:, :, :real_block], k, v)
+        out[:, :, real_block:] = pad_out[:, :, n * pad:]
+    # The real tiles' padding rows were computed unmasked above; overwrite them.
+    tiles(out)[:, :, :n, real:] = pad_out[:, :, : n * pad].view(m, h, n, pad, d)
+    return out
+
+
+class MllamaVisionAttention(nn.Module):
+    def __init__(self, config: MllamaVisionConfig) -> None:
+        super().__init__()
+        dim = config.hidden_size
+        self.num_heads = config.attention_heads
+        self.head_dim = dim // self.num_heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.o_proj = nn.Linear(dim, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+        m, length, _ = x.shape
+
+        def heads(y: torch.Tensor) -> torch.Tensor:  # (m, L, D) -> (m, heads, L, head_dim)
+            return y.view(m, length, self.num_heads, self.head_dim).transpose(1, 2)
+
+        out = tile_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), layout)
+        return self.o_proj(out.transpose(1, 2).reshape(m, length, -1))
+
+
+class MllamaVisionMLP(nn.Module):
+    def __init__(self, config: MllamaVisionConfig) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
+        self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class MllamaVisionEncoderLayer(nn.Module):
+    """Pre-norm block; in the global encoder both branches are scaled by tanh of a learned gate."""
+
+    def __init__(self, config: MllamaVisionConfig, *, gated: bool) -> None:
+        super().__init__()
+        self.gated = gated
+        self.self_attn = MllamaVisionAttention(config)
+        self.mlp = MllamaVisionMLP(config)
+        self.input_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        self.post_attention_layernorm = nn.LayerNorm(config.hidden_size, eps=config.norm_eps)
+        if gated:
+            self.gate_attn = nn.Parameter(torch.full((1,), math.pi / 4))
+            self.gate_ffn = nn.Parameter(torch.full((1,), math.pi / 4))
+
+    def forward(self, x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+        """x: (images, positions, hidden). Updated in place when autograd allows."""
+        branch = self.self_attn(self.input_layernorm(x), layout)
+        if self.gated:
+            branch = _mul_(branch, self.gate_attn.tanh())
+        x = _add_(x, branch)
+        branch = self.mlp(self.post_attention_layernorm(x))
+        if self.gated:
+            branch = _mul_(branch, self.gate_ffn.tanh())
+        return _add_(x, branch)
+
+
+class MllamaVisionEncoder(nn.Module):
+    def __init__(self, config: MllamaVisionConfig, num_layers: int, *, gated: bool) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, gated=gated) for _ in range(num_layers))
+
+    def forward(self, x: torch.Tensor, layout: TileLayout, *,
+                after_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """`after_layer(i, x)` sees each layer's output before the next layer may overwrite it."""
+        for i, layer in enumerate(self.layers):
+            x = layer(x, layout)
+            if after_layer is not None:
+                after_layer(i, x)
+        return x
+
+
+class MllamaTileEmbedding(nn.Module):
+    """One learned vector per tile slot for each aspect-ratio id, scaled by tanh(gate)."""
+
+    def __init__(self, config: MllamaVisionConfig) -> None:
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.hidden_size = config.hidden_size
+        self.embedding = nn.Embedding(config.max_aspect_ratio_id + 1, config.max_num_tiles * config.hidden_size)
+        self.gate = nn.Parameter(torch.zeros(1))
+
+    def forward(self, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """(images,) ids -> (images, max_num_tiles, 1, hidden), ready to broadcast over positions."""
+        table = self.embedding(aspect_ratio_ids).view(-1, self.max_num_tiles, 1, self.hidden_size)
+        return table * self.gate.tanh()
+
+
+class MllamaGatedPositionalEmbedding(nn.Module):
+    """A shared per-position table blended by tanh(gate) with a per-aspect-ratio, per-tile one."""
+
+    def __init__(self, config: MllamaVisionConfig) -> None:
+        super().__init__()
+        self.max_num_tiles = config.max_num_tiles
+        self.num_patches = config.num_patches
+        self.hidden_size = config.hidden_size
+        self.gate = nn.Parameter(torch.zeros(1))
+        self.embedding = nn.Parameter(torch.randn(self.num_patches, self.hidden_size) * self.hidden_size**-0.5)
+        self.tile_embedding = nn.Embedding(config.max_aspect_ratio_id + 1,
+                                           self.max_num_tiles * self.num_patches * self.hidden_size)
+
+    def forward(self, x: torch.Tensor, aspect_ratio_ids: torch.Tensor) -> torch.Tensor:
+        """x: (images, max_num_tiles, num_patches, hidden); updated in place when autograd allows."""
+        gate = self.gate.tanh()
+        x = _add_(x, (1 - gate) * self.embedding)
+        tile = self.tile_embedding(aspect_ratio_ids).view(x.shape)
+        return _add_(x, gate * tile)
+
+
+class MllamaVisionModel(nn.Module):
+    """pixel_values (B, images, tiles, C, H, W) -> (B, images, tiles, num_patches, vision_output_dim).
+
+    The last dimension is [global encoder output (hidden) | intermediate local outputs (hidden *
+    len(intermediate_layers_indices)), interleaved feature-major: index hidden + d * K + j holds
+    feature d of intermediate layer j], the layout the trained projector expects.
+    """
+
+    def __init__(self, config: MllamaVisionConfig) -> None:
+        super().__init__()
+        self.config = config
+        dim = config.hidden_size
+        self.num_patches = config.num_patches
+        self.tile_len = -(-self.num_patches // _PAD_MULTIPLE) * _PAD_MULTIPLE
+        self.patch_embedding = nn.Conv2d(config.num_channels, dim, kernel_size=config.patch_size,
+                                         stride=config.patch_size, bias=False)
+        self.class_embedding = nn.Parameter(torch.randn(dim) * dim**-0.5)
+        self.gated_positional_embedding = MllamaGatedPositionalEmbedding(config)
+        self.pre_tile_positional_embedding = MllamaTileEmbedding(config)
+        self.post_tile_positional_embedding = MllamaTileEmbedding(config)
+        self.layernorm_pre = nn.LayerNorm(dim, eps=_OUTER_NORM_EPS)
+        self.layernorm_post = nn.LayerNorm(dim, eps=_OUTER_NORM_EPS)
+        self.transformer = MllamaVisionEncoder(config, config.num_hidden_layers, gated=False)
+        self.global_transformer = MllamaVisionEncoder(config, config.num_global_layers, gated=True)
+        # local layer index -> the slots j it fills among the intermediate outputs
+        self._taps: dict[int, list[int]] = {}
+        for j, layer in enumerate(config.intermediate_layers_indices):
+            self._taps.setdefault(layer, []).append(j)
+
+    def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        batch, images, tiles = self._check_inputs(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        cfg = self.config
+        weight = self.patch_embedding.weight
+        m = batch * images
+        out_shape = (batch, images, tiles, self.num_patches, cfg.vision_output_dim)
+        real_tiles = aspect_ratio_mask.reshape(m, tiles) != 0
+        pixels = pixel_values.reshape(m, tiles, *pixel_values.shape[3:])
+        ids = aspect_ratio_ids.reshape(m).to(torch.long)
+        # Image slots without a real tile are padding: nothing downstream reads them, skip them.
+        keep = real_tiles.any(dim=1)
+        if m and bool(keep.all()):
+            return self._encode(pixels, ids, real_tiles)[:, :tiles].contiguous().view(out_shape)
+        out = torch.zeros(m, tiles, self.num_patches, cfg.vision_output_dim, dtype=weight.dtype, device=weight.device)
+        kept = keep.nonzero().squeeze(1)
+        if kept.numel():
+            out[kept] = self._encode(pixels[kept], ids[kept], real_tiles[kept])[:, :tiles]
+        return out.reshape(out_shape)
+
+    def _encode(self, pixels: torch.Tensor, ids: torch.Tensor, real_tiles: torch.Tensor) -> torch.Tensor:
+        """(m, tiles, C, H, W) -> (m, max_num_tiles, num_patches, vision_output_dim).
+
+        Fewer tiles than max_num_tiles are padded with zero tiles, as the image processor does.
+        """
+        cfg = self.config
+        weight = self.patch_embedding.weight
+        m, tiles = pixels.shape[:2]
+        max_tiles, dim, positions, tile_len = cfg.max_num_tiles, cfg.hidden_size, self.num_patches, self.tile_len
+        ids = ids.to(weight.device)
+
+        patches = self.patch_embedding(pixels.reshape(m * tiles, *pixels.shape[2:]).to(weight.device, weight.dtype))
+        x = patches.new_empty(m, max_tiles, positions, dim)
+        x[:, :tiles, 1:] = patches.flatten(2).transpose(1, 2).view(m, tiles, positions - 1, dim)
+        x[:, tiles:, 1:] = 0
+        # The pre-tile embedding goes on the patches only; the class token is prepended after it.
+        x[:, :, 1:] += self.pre_tile_positional_embedding(ids)
+        x[:, :, 0] = self.class_embedding
+        x = self.gated_positional_embedding(x, ids)
+        x = self.layernorm_pre(x)
+        x = F.pad(x, (0, 0, 0, tile_len - positions))  # (m, max_tiles, tile_len, dim), padding rows = 0
+
+        # Attention only cares which positions are real, so real tiles can be moved to the front
+        # (what tile_attention expects) and moved back at the end. The processor already puts them
+        # there, so this costs nothing in practice.
+        real_tiles = F.pad(real_tiles.to(torch.int8), (0, max_tiles - tiles)).to(x.device)
+        counts = real_tiles.sum(dim=1)
+        order = None
+        if not bool((real_tiles == (torch.arange(max_tiles, device=x.device) < counts[:, None])).all()):
+            order = torch.argsort(1 - real_tiles, dim=1, stable=True)  # (m, max_tiles)
+            rows = torch.arange(m, device=x.device)[:, None]
+            x = x[rows, order]
+        layout = TileLayout.from_counts(counts.tolist(), num_tiles=max_tiles, tile_len=tile_len, real_len=positions)
+
+        out = x.new_empty(m, max_tiles, positions, cfg.vision_output_dim)
+        # (m, tiles, positions, dim, K): intermediate slot j of feature d sits at dim + d * K + j.
+        intermediate = out[..., dim:].unflatten(-1, (dim, len(cfg.intermediate_layers_indices)))
+
+        def tap(i: int, h: torch.Tensor) -> None:
+            for j in self._taps.get(i, ()):
+                intermediate[..., j] = h.view(m, max_tiles, tile_len, dim)[:, :, :positions]
+
+        h = self.transformer(x.view(m, max_tiles * tile_len, dim), layout, after_layer=tap)
+        h = self.layernorm_post(h).view(m, max_tiles, tile_len, dim)
+        post = self.post_tile_positional_embedding(ids)
+        if order is not None:
+            post = post[rows, order]
+        h = _add_(h, post).view(m, max_tiles * tile_len, dim)
+        h = self.global_transformer(h, layout)
+        out[..., :dim] = h.view(m, max_tiles, tile_len, dim)[:, :, :positions]
+        if order is not None:
+            out[rows, order] = out.clone()
+        return out
+
+    def _check_inputs(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                      aspect_ratio_mask: torch.Tensor) -> tuple[int, int, int]:
+        cfg = self.config
+        for name, value in (("pixel_values", pixel_values), ("aspect_ratio_ids", aspect_ratio_ids),
+                            ("aspect_ratio_mask", aspect_ratio_mask)):
+            if not isinstance(value, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}")
+        if pixel_values.dim() != 6:
+            raise ValueError("pixel_values must have 6 dims (batch, images, tiles, channels, height, width), "
+                             f"got shape {tuple(pixel_values.shape)}")
+        if not pixel_values.is_floating_point():
+            raise ValueError(f"pixel_values must be a floating-point tensor, got {pixel_values.dtype}")
+        batch, images, tiles, channels, height, width = pixel_values.shape
+        if not 1 <= tiles <= cfg.max_num_tiles:
+            raise ValueError(f"pixel_values has {tiles} tiles per image; expected 1..max_num_tiles={cfg.max_num_tiles}")
+        if channels != cfg.num_channels:
+            raise ValueError(f"pixel_values has {channels} channels; expected num_channels={cfg.num_channels}")
+        if (height, width) != (cfg.image_size, cfg.image_size):
+            raise ValueError(f"pixel_values tiles are {height}x{width}; expected image_size "
+                             f"{cfg.image_size}x{cfg.image_size}")
+        if tuple(aspect_ratio_ids.shape) != (batch, images):
+            raise ValueError(f"aspect_ratio_ids must have shape (batch, images) = {(batch, images)}, "
+                             f"got {tuple(aspect_ratio_ids.shape)}")
+        if aspect_ratio_ids.is_floating_point() or aspect_ratio_ids.is_complex() or aspect_ratio_ids.dtype == torch.bool:
+            raise ValueError(f"aspect_ratio_ids must be an integer tensor, got {aspect_ratio_ids.dtype}")
+        if tuple(aspect_ratio_mask.shape) != (batch, images, tiles):
+            raise ValueError(f"aspect_ratio_mask must have shape (batch, images, tiles) = {(batch, images, tiles)}, "
+                             f"got {tuple(aspect_ratio_mask.shape)}")
+        if aspect_ratio_ids.numel():
+            low, high = int(aspect_ratio_ids.min()), int(aspect_ratio_ids.max())
+            if low < 0 or high > cfg.max_aspect_ratio_id:
+                raise ValueError(f"aspect_ratio_ids must be in 0..{cfg.max_aspect_ratio_id} (0 = padded image), "
+                                 f"got values in {low}..{high}")
+        if aspect_ratio_mask.numel() and not bool(((aspect_ratio_mask == 0) | (aspect_ratio_mask == 1)).all()):
+            raise ValueError("aspect_ratio_mask must hold only 0 (padded tile) and 1 (real tile)")
+        return batch, images, tiles

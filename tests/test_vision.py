@@ -1,0 +1,237 @@
+"""Vision encoder: parity with transformers' MllamaVisionModel, the mask-free attention, input checks."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllama.config import MllamaVisionConfig
+from mllama.vision import MllamaVisionModel, TileLayout, tile_attention
+
+hf_mllama = pytest.importorskip("transformers.models.mllama.modeling_mllama")
+hf_config = pytest.importorskip("transformers.models.mllama.configuration_mllama")
+
+KEYS_11B = Path("/work/shared/reference/keys-11b.txt")
+
+# Tiny configs chosen so the per-tile padding differs: 5 -> 8 (3 rows), 10 -> 16 (6), 65 -> 72 (7).
+CONFIGS = {
+    "tiles2-pad3": dict(hidden_size=32, attention_heads=2, intermediate_size=64, image_size=28, patch_size=14,
+                        num_hidden_layers=2, num_global_layers=1, intermediate_layers_indices=[0],
+                        max_num_tiles=2, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1]]),
+    # norm_eps far from 1e-5 shows that only the encoder layers use it, not layernorm_pre/post.
+    "tiles3-pad6": dict(hidden_size=48, attention_heads=4, intermediate_size=96, image_size=42, patch_size=14,
+                        num_hidden_layers=3, num_global_layers=2, intermediate_layers_indices=[2, 0],
+                        max_num_tiles=3, supported_aspect_ratios=[[1, 1], [1, 2], [2, 1], [1, 3], [3, 1]],
+                        norm_eps=0.1),
+    "tiles4-pad7": dict(hidden_size=64, attention_heads=4, intermediate_size=128, image_size=56, patch_size=7,
+                        num_hidden_layers=4, num_global_layers=2, intermediate_layers_indices=[1, 3, 1],
+                        max_num_tiles=4),
+}
+
+
+def make_config(name: str) -> MllamaVisionConfig:
+    fields = dict(CONFIGS[name])
+    fields["vision_output_dim"] = fields["hidden_size"] * (len(fields["intermediate_layers_indices"]) + 1)
+    return MllamaVisionConfig(**fields)
+
+
+def randomize_(model: torch.nn.Module, seed: int) -> None:
+    """Every parameter random and every gate clearly non-zero (they initialise to 0 / pi/4)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("gate") or name.endswith("gate_attn") or name.endswith("gate_ffn"):
+                sign = 1.0 if torch.rand(1, generator=gen).item() < 0.5 else -1.0
+                p.fill_(sign * (0.3 + 0.9 * torch.rand(1, generator=gen).item()))
+            elif "layernorm" in name:
+                base = 1.0 if name.endswith("weight") else 0.0
+                p.copy_(base + 0.2 * torch.randn(p.shape, generator=gen))
+            elif p.dim() >= 2 and "embedding" not in name:  # linear / conv weights
+                fan_in = p[0].numel()
+                p.copy_(torch.randn(p.shape, generator=gen) / fan_in**0.5)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
+
+
+def make_pair(name: str, seed: int = 0) -> tuple[MllamaVisionModel, torch.nn.Module, MllamaVisionConfig]:
+    cfg = make_config(name)
+    ref = hf_mllama.MllamaVisionModel(hf_config.MllamaVisionConfig(**cfg.to_dict())).eval()
+    randomize_(ref, seed)
+    ours = MllamaVisionModel(cfg).eval()
+    ours.load_state_dict(ref.state_dict(), strict=True)
+    return ours, ref, cfg
+
+
+def make_inputs(cfg: MllamaVisionConfig, masks: list[list[list[int]]], seed: int = 1):
+    """masks[b][i] = tile mask of image i of sample b (all-zero = padded image slot)."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, images, tiles = len(masks), len(masks[0]), len(masks[0][0])
+    pixels = torch.randn(batch, images, tiles, cfg.num_channels, cfg.image_size, cfg.image_size, generator=gen)
+    mask = torch.tensor(masks, dtype=torch.long)
+    ids = torch.randint(1, cfg.max_aspect_ratio_id + 1, (batch, images), generator=gen)
+    ids[mask.sum(-1) == 0] = 0
+    return pixels, ids, mask
+
+
+def reference(ref: torch.nn.Module, pixels, ids, mask) -> torch.Tensor:
+    with torch.no_grad():
+        return ref(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state
+
+
+def check_parity(ours, ref, cfg, masks, seed=1) -> float:
+    pixels, ids, mask = make_inputs(cfg, masks, seed)
+    with torch.no_grad():
+        got = ours(pixels, ids, mask)
+    want = reference(ref, pixels, ids, mask)
+    assert got.shape == want.shape == (*mask.shape, cfg.num_patches, cfg.vision_output_dim)
+    real = mask.sum(-1) > 0  # padded image slots are free to differ
+    diff = (got[real] - want[real]).abs().max().item()
+    assert diff <= 1e-4, f"max |diff| {diff}"
+    assert want[real].abs().max() > 0.1  # the comparison is not between near-zero tensors
+    return diff
+
+
+CASES = {
+    "tiles2-pad3": [
+        [[[1, 1], [1, 0]], [[1, 0], [0, 0]]],  # batch of 2; the second sample has a padded image slot
+        [[[1, 0]]],
+        [[[1, 1]]],
+    ],
+    "tiles3-pad6": [
+        [[[1, 1, 1], [1, 1, 0]], [[1, 0, 0], [0, 0, 0]]],
+        [[[1, 0, 1]], [[0, 1, 1]]],  # real tiles not in front: not produced by the processor, still exact
+        [[[1, 1, 0]]],
+    ],
+    "tiles4-pad7": [
+        [[[1, 1, 1, 1]], [[1, 1, 0, 0]]],
+        [[[1, 0, 0, 0], [1, 1, 1, 0]], [[1, 1, 1, 1], [0, 0, 0, 0]]],
+        [[[1, 1, 1, 1], [1, 1, 1, 1]]],
+    ],
+}
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_parity_with_transformers(name):
+    ours, ref, cfg = make_pair(name)
+    for seed, masks in enumerate(CASES[name]):
+        check_parity(ours, ref, cfg, masks, seed=seed + 1)
+
+
+def test_fewer_tiles_equal_zero_padded_tiles():
+    ours, ref, cfg = make_pair("tiles4-pad7", seed=3)
+    pixels, ids, mask = make_inputs(cfg, [[[1, 1, 0, 0]], [[1, 0, 0, 0]]], seed=5)
+    pixels[:, :, 2:] = 0  # what the image processor puts in padded tiles
+    want = reference(ref, pixels, ids, mask)[:, :, :2]
+    with torch.no_grad():
+        got = ours(pixels[:, :, :2].clone(), ids, mask[:, :, :2].clone())
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-4
+
+
+def test_image_independent_of_batch_mates():
+    ours, _, cfg = make_pair("tiles3-pad6", seed=4)
+    pixels, ids, mask = make_inputs(cfg, [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [0, 0, 0]]], seed=6)
+    with torch.no_grad():
+        together = ours(pixels, ids, mask)
+        for b, i in [(0, 0), (0, 1), (1, 0)]:
+            alone = ours(pixels[b:b + 1, i:i + 1], ids[b:b + 1, i:i + 1], mask[b:b + 1, i:i + 1])
+            assert (alone[0, 0] - together[b, i]).abs().max() <= 1e-5
+        assert torch.isfinite(together).all()  # the padded slot included
+
+
+def test_gradients_match_transformers():
+    ours, ref, cfg = make_pair("tiles2-pad3", seed=7)
+    pixels, ids, mask = make_inputs(cfg, [[[1, 1]], [[1, 0]]], seed=8)
+    weights = torch.randn(*mask.shape, cfg.num_patches, cfg.vision_output_dim)
+    (ours(pixels, ids, mask) * weights).sum().backward()
+    (ref(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state * weights).sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in ours.named_parameters():
+        want = ref_params[name].grad
+        assert (p.grad - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item()), name
+
+
+def dense_reference(q, k, v, real_tiles: list[int], tile_len: int, real_len: int) -> torch.Tensor:
+    """The trained formulation: one mask over all positions, blocking only pad<->pad pairs."""
+    m, _, length, _ = q.shape
+    pos = torch.arange(length) % tile_len
+    tile = torch.arange(length) // tile_len
+    pad = (pos >= real_len)[None] | (tile[None] >= torch.tensor(real_tiles)[:, None])  # (m, L)
+    allowed = ~(pad[:, :, None] & pad[:, None, :])  # (m, L, L)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None])
+
+
+@pytest.mark.parametrize("real_tiles", [[4], [1], [2, 2], [4, 1, 3], [3, 3, 4, 1, 1], [1, 4]])
+def test_tile_attention_equals_dense_mask(real_tiles):
+    gen = torch.Generator().manual_seed(len(real_tiles) * 10 + real_tiles[0])
+    tiles, tile_len, real_len, heads, head_dim = 4, 8, 5, 3, 16
+    m = len(real_tiles)
+    # Built as (m, L, heads, d) and transposed, as the attention module passes them.
+    q, k, v = (torch.randn(m, tiles * tile_len, heads, head_dim, generator=gen).transpose(1, 2) * 2 for _ in range(3))
+    layout = TileLayout.from_counts(real_tiles, num_tiles=tiles, tile_len=tile_len, real_len=real_len)
+    got = tile_attention(q, k, v, layout)
+    want = dense_reference(q, k, v, real_tiles, tile_len, real_len)
+    assert got.shape == want.shape
+    assert (got - want).abs().max() <= 1e-5
+    # Padding queries really are restricted: unmasked attention would differ there.
+    assert (F.scaled_dot_product_attention(q, k, v) - want).abs().max() > 1e-2
+
+
+def test_layout_rejects_images_without_real_tiles():
+    with pytest.raises(ValueError, match="real tiles"):
+        TileLayout.from_counts([2, 0], num_tiles=4, tile_len=8, real_len=5)
+
+
+def test_all_padded_batch_gives_zeros():
+    ours, _, cfg = make_pair("tiles2-pad3")
+    pixels, ids, mask = make_inputs(cfg, [[[0, 0]]])
+    with torch.no_grad():
+        out = ours(pixels, ids, mask)
+    assert out.shape == (1, 1, 2, cfg.num_patches, cfg.vision_output_dim)
+    assert (out == 0).all()
+
+
+def test_state_dict_names_match_checkpoint():
+    if not KEYS_11B.is_file():
+        pytest.skip(f"{KEYS_11B} not available")
+    want = {}
+    for line in KEYS_11B.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, shape = line.split("\t")[:2]
+        if name.startswith("vision_model."):
+            want[name.removeprefix("vision_model.")] = [int(s) for s in shape.strip("[]").split(",")]
+    with torch.device("meta"):
+        model = MllamaVisionModel(MllamaVisionConfig(image_size=560))
+    got = {k: list(v.shape) for k, v in model.state_dict().items()}
+    assert got == want
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda p, i, m: (p[0], i, m), "6 dims"),
+    (lambda p, i, m: (p.to(torch.int32), i, m), "floating-point"),
+    (lambda p, i, m: (torch.cat([p, p[:, :, :1]], 2), i, torch.cat([m, m[:, :, :1]], 2)), "max_num_tiles"),
+    (lambda p, i, m: (p[..., :14, :], i, m), "image_size"),
+    (lambda p, i, m: (p[:, :, :, :2], i, m), "num_channels"),
+    (lambda p, i, m: (p, i + 9, m), "aspect_ratio_ids must be in 0..8"),
+    (lambda p, i, m: (p, i - 9, m), "aspect_ratio_ids must be in"),
+    (lambda p, i, m: (p, i.float(), m), "integer"),
+    (lambda p, i, m: (p, i[:, None], m), "aspect_ratio_ids must have shape"),
+    (lambda p, i, m: (p, i, m[:, :, :2]), "aspect_ratio_mask must have shape"),
+    (lambda p, i, m: (p, i, m * 2), "only 0"),
+])
+def test_bad_inputs_raise(change, message):
+    cfg = make_config("tiles4-pad7")
+    model = MllamaVisionModel(cfg).eval()
+    pixels, ids, mask = make_inputs(cfg, [[[1, 1, 0, 0]], [[1, 0, 0, 0]]])
+    with pytest.raises(ValueError, match=message):
+        model(*change(pixels, ids, mask))
+
+
+def test_non_tensor_input_raises_type_error():
+    model = MllamaVisionModel(make_config("tiles2-pad3"))
+    with pytest.raises(TypeError, match="aspect_ratio_ids"):
+        model(torch.zeros(1, 1, 1, 3, 28, 28), [[1]], torch.ones(1, 1, 1))
