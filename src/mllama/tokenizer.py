@@ -131,11 +131,8 @@ class MllamaTokenizer:
         special_map = json.loads(map_file.read_text(encoding="utf-8")) if map_file else {}
         backend = Tokenizer.from_file(str(tok_file))
         tokens = {k: _token_content(config.get(k, special_map.get(k))) for k in ("bos_token", "eos_token", "pad_token")}
-        # An explicit add_bos_token/add_eos_token in the config rebuilds the post-processor, as transformers does.
-        if "add_bos_token" in config or "add_eos_token" in config:
-            backend.post_processor = _template_post_processor(
-                backend, tokens["bos_token"] if config.get("add_bos_token") else None,
-                tokens["eos_token"] if config.get("add_eos_token") else None)
+        # BOS/EOS insertion is whatever tokenizer.json's post-processor does; like transformers >= 5 we ignore
+        # add_bos_token/add_eos_token in the config when a tokenizer.json is present.
         chat_template = config.get("chat_template")
         if isinstance(chat_template, list):  # [{"name": ..., "template": ...}]
             chat_template = {t["name"]: t["template"] for t in chat_template}.get("default")
@@ -150,7 +147,7 @@ class MllamaTokenizer:
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self._tok.save(str(out / "tokenizer.json"))
-        config = {k: v for k, v in self.config.items() if k not in ("add_bos_token", "add_eos_token")}
+        config = dict(self.config)
         config["added_tokens_decoder"] = {
             str(i): {"content": t.content, "lstrip": t.lstrip, "normalized": t.normalized, "rstrip": t.rstrip,
                      "single_word": t.single_word, "special": t.special}
@@ -296,13 +293,6 @@ class MllamaTokenizer:
 
     def stream(self, *, skip_special_tokens: bool = False) -> "StreamDetokenizer":
         return StreamDetokenizer(self, skip_special_tokens=skip_special_tokens)
-
-
-def _template_post_processor(backend: Tokenizer, bos: str | None, eos: str | None) -> processors.TemplateProcessing:
-    single = " ".join([*([f"{bos}:0"] if bos else []), "$A:0", *([f"{eos}:0"] if eos else [])])
-    pair = single + " " + " ".join([*([f"{bos}:1"] if bos else []), "$B:1", *([f"{eos}:1"] if eos else [])])
-    specials = [(t, backend.token_to_id(t)) for t in dict.fromkeys(x for x in (bos, eos) if x)]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=specials)
 
 
 class StreamDetokenizer:

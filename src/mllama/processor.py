@@ -1,0 +1,290 @@
+"""Processor: prompts + images -> model inputs (ids, masks, tiles, dense cross-attention mask); chat template."""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from mllama.config import resolve_file
+from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil, load_image
+from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, to_tensors
+
+_IMAGE_KEYS = ("image", "url", "path", "base64")  # where a chat content block may carry its image
+
+
+def _is_image(x: Any) -> bool:
+    if isinstance(x, (str, os.PathLike)):  # path, URL or data URL: the image processor loads it
+        return True
+    if type(x).__module__.startswith("PIL.") and hasattr(x, "convert"):
+        return True
+    return hasattr(x, "ndim") and hasattr(x, "shape") and x.ndim in (2, 3)
+
+
+def _is_image_stack(x: Any) -> bool:
+    return hasattr(x, "ndim") and x.ndim == 4
+
+
+def nest_images(images: Any) -> list[list[Any]]:
+    """One image -> [[image]]; a flat list -> one sample; a list of lists (or 4-D stacks) -> one list per sample."""
+    if _is_image(images):
+        return [[images]]
+    if _is_image_stack(images):
+        return [list(images)]
+    if isinstance(images, (list, tuple)):
+        if all(isinstance(s, (list, tuple)) or _is_image_stack(s) for s in images) and len(images) > 0:
+            nested = [list(s) for s in images]
+            for i, sample in enumerate(nested):
+                for img in sample:
+                    if not _is_image(img):
+                        raise TypeError(f"images[{i}] holds a {type(img).__name__}, not an image "
+                                        "(PIL image, HxWxC / CxHxW array or tensor, path, URL)")
+            return nested
+        if len(images) > 0 and all(_is_image(img) for img in images):
+            return [list(images)]
+    raise TypeError(f"images must be an image, a list of images or a list of per-sample lists of images; "
+                    f"got {type(images).__name__}")
+
+
+def cross_attention_spans(ids: Sequence[int], image_token_id: int) -> list[tuple[int, int]]:
+    """[start, end) of the tokens that see each image: from its token to the next image's token, or to the end.
+
+    A run of adjacent image tokens shares the span of the run's last image, so text after a group of images
+    attends to the whole group; tokens before the first image see no image at all.
+    """
+    starts = [i for i, t in enumerate(ids) if t == image_token_id]
+    ends = starts[1:] + [len(ids)]
+    for k in range(len(starts) - 2, -1, -1):
+        if starts[k + 1] == starts[k] + 1:
+            ends[k] = ends[k + 1]
+    return list(zip(starts, ends))
+
+
+def dense_cross_attention_mask(input_ids: Sequence[Sequence[int]], num_tiles: Sequence[Sequence[int]], *,
+                               image_token_id: int, max_num_tiles: int) -> np.ndarray:
+    """(batch, seq, max_images, max_num_tiles) int64: 1 where a token may attend to a real tile of an image."""
+    spans = [cross_attention_spans(ids, image_token_id) for ids in input_ids]
+    length = max(len(ids) for ids in input_ids)
+    mask = np.zeros((len(input_ids), length, max((len(s) for s in spans), default=0), max_num_tiles), np.int64)
+    for b, (sample_spans, sample_tiles) in enumerate(zip(spans, num_tiles)):
+        for j, ((start, end), tiles) in enumerate(zip(sample_spans, sample_tiles)):
+            mask[b, start:end, j, :tiles] = 1
+    return mask
+
+
+def _plain(value: Any) -> Any:
+    """What a chat template may see: JSON-like data only (images and other objects become '<TypeName>')."""
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    for base in (bool, str, int, float):  # subclasses (enums, numpy scalars) lose their extra methods
+        if isinstance(value, base):
+            return base(value)
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, Mapping):
+        return {_plain(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, tuple):
+        return tuple(_plain(v) for v in value)
+    return f"<{type(value).__name__}>"
+
+
+@lru_cache(maxsize=16)
+def _compile_template(source: str) -> Any:
+    import jinja2
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        # jinja's own tojson HTML-escapes, which would change the prompt text
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+class MllamaProcessor:
+    """Pairs the image processor with the tokenizer, mirroring transformers' MllamaProcessor semantics."""
+
+    def __init__(self, image_processor: Any, tokenizer: MllamaTokenizer, chat_template: str | None = None) -> None:
+        if not isinstance(tokenizer, MllamaTokenizer):
+            raise TypeError(f"tokenizer must be an MllamaTokenizer, got {type(tokenizer).__name__}")
+        if tokenizer.image_token_id is None:
+            raise ValueError(f"the tokenizer has no {tokenizer.image_token!r} token")
+        if tokenizer.bos_token is None:
+            raise ValueError("the tokenizer has no bos_token")
+        self.image_processor = image_processor
+        self.tokenizer = tokenizer
+        self.chat_template = chat_template or tokenizer.chat_template or default_chat_template()
+        self.image_token, self.image_token_id = tokenizer.image_token, tokenizer.image_token_id
+        self.bos_token = tokenizer.bos_token
+        self.python_token = "<|python_tag|>"
+        self.python_token_id = tokenizer.convert_tokens_to_ids(self.python_token)
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
+                        use_fast: bool = True) -> "MllamaProcessor":
+        """`use_fast=False` picks the PIL/numpy image processor (transformers' flag); default is the torch one."""
+        image_cls = MllamaImageProcessor if use_fast else MllamaImageProcessorPil
+        tokenizer = MllamaTokenizer.from_pretrained(path, revision=revision)
+        local = Path(path).is_dir()
+        image_processor = image_cls.from_pretrained(path if local else resolve_file(
+            path, "preprocessor_config.json", revision=revision).parent)
+        # Same priority as transformers: legacy chat_template.json, then chat_template.jinja, then the tokenizer's.
+        template = None
+        legacy = resolve_file(path, "chat_template.json", revision=revision, required=False)
+        raw = resolve_file(path, "chat_template.jinja", revision=revision, required=False)
+        if legacy is not None:
+            template = json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
+        elif raw is not None:
+            template = raw.read_text(encoding="utf-8")
+        return cls(image_processor, tokenizer, chat_template=template)
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        self.tokenizer.save_pretrained(out)
+        self.image_processor.save_pretrained(out)
+        (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
+        if (out / "chat_template.json").exists():  # would shadow the .jinja file on load
+            (out / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}, indent=2),
+                                                    encoding="utf-8")
+
+    # ---- prompts + images -> inputs ----------------------------------------------------------------------------
+    def _with_bos(self, prompt: str) -> str:
+        """Exactly one BOS: keep a prompt that has one, else insert it after any leading image tokens."""
+        if self.bos_token in prompt:
+            return prompt
+        body, lead = prompt, 0
+        while body.startswith(self.image_token):
+            body, lead = body[len(self.image_token):], lead + 1
+        return self.image_token * lead + self.bos_token + body
+
+    def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, *,
+                 padding: bool | str = False, padding_side: str | None = None, truncation: bool | str = False,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 add_special_tokens: bool = True) -> BatchEncoding:
+        if images is None and text is None:
+            raise ValueError("MllamaProcessor needs text, images or both")
+        if return_tensors not in (None, "pt", "np"):
+            raise ValueError(f"return_tensors must be None, 'pt' or 'np', got {return_tensors!r}")
+        if text is not None:
+            if isinstance(text, str):
+                text = [text]
+            if not isinstance(text, (list, tuple)) or not text or not all(isinstance(t, str) for t in text):
+                raise TypeError(f"text must be a str or a non-empty list of str, got {type(text).__name__}")
+            text = [self._with_bos(t) for t in text]
+        nested = nest_images(images) if images is not None else None
+
+        if text is not None:
+            in_text = [t.count(self.image_token) for t in text]
+            if nested is None and any(in_text):
+                raise ValueError(f"the prompts hold {in_text} {self.image_token} tokens but no images were passed")
+            if nested is not None and in_text != [len(s) for s in nested]:
+                raise ValueError(f"each prompt needs one {self.image_token} token per image: found {in_text} "
+                                 f"{self.image_token} tokens per prompt and {[len(s) for s in nested]} images "
+                                 "per sample")
+
+        data: dict[str, Any] = {}
+        if text is not None:
+            # The BOS is already in the text; a tokenizer.json that prepends one itself would double it.
+            special = add_special_tokens and not self.tokenizer.adds_bos_token
+            data.update(self.tokenizer(text, add_special_tokens=special, padding=padding, padding_side=padding_side,
+                                       truncation=truncation, max_length=max_length))
+            kept = [ids.count(self.image_token_id) for ids in data["input_ids"]]
+            if kept != in_text:
+                raise ValueError(f"{self.image_token} token counts changed from {in_text} to {kept} during "
+                                 "tokenization (truncation?): raise max_length or disable truncation")
+        if nested is not None:
+            features = dict(self.image_processor(nested, return_tensors=return_tensors))
+            num_tiles = features.pop("num_tiles")
+            num_tiles = num_tiles.tolist() if hasattr(num_tiles, "tolist") else num_tiles
+            if text is not None:
+                data["cross_attention_mask"] = dense_cross_attention_mask(
+                    data["input_ids"], num_tiles, image_token_id=self.image_token_id,
+                    max_num_tiles=self.image_processor.max_image_tiles)
+            data.update(features)
+        return to_tensors(data, return_tensors)
+
+    # ---- chat template -----------------------------------------------------------------------------------------
+    def apply_chat_template(self, conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+                            *, add_generation_prompt: bool = False, tokenize: bool = False,
+                            return_dict: bool = False, return_tensors: str | None = None,
+                            padding: bool | str = False, chat_template: str | None = None,
+                            tools: list[dict[str, Any]] | None = None, date_string: str | None = None,
+                            template_kwargs: Mapping[str, Any] | None = None) -> Any:
+        """Render one conversation (-> str) or a batch (-> list[str]); with tokenize=True, run the processor
+        on the rendered prompts and the conversation's images (ids, or the full inputs when return_dict)."""
+        conversations, batched = self._normalize(conversation)
+        source = chat_template or self.chat_template
+        variables = {**self.tokenizer.special_tokens_map, **dict(template_kwargs or {})}
+        if date_string is not None:
+            variables["date_string"] = date_string
+        variables = _plain(variables)
+        template = _compile_template(source)
+        prompts = [template.render(messages=_plain(conv), tools=_plain(tools), documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+                   for conv in conversations]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        images = [[load_image(blk[k]) for m in conv if isinstance(m.get("content"), list) for blk in m["content"]
+                   if isinstance(blk, Mapping) and blk.get("type") == "image" for k in _IMAGE_KEYS if k in blk]
+                  for conv in conversations]
+        # A template that writes the BOS itself must not get another one from the tokenizer.
+        add_special = not prompts[0].startswith(self.bos_token)
+        out = self(images=images if any(images) else None, text=prompts, padding=padding,
+                   return_tensors=return_tensors, add_special_tokens=add_special)
+        return out if return_dict else out["input_ids"]
+
+    @staticmethod
+    def _normalize(conversation: Any) -> tuple[list[list[dict[str, Any]]], bool]:
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise TypeError("conversation must be a non-empty list of messages or a list of conversations")
+        batched = isinstance(conversation[0], (list, tuple))
+        conversations = list(conversation) if batched else [conversation]
+        out = []
+        for conv in conversations:
+            messages = []
+            for msg in conv:
+                if not isinstance(msg, Mapping) or "role" not in msg:
+                    raise TypeError(f"each message must be a dict with a 'role', got {msg!r:.80}")
+                msg = {k: v for k, v in msg.items() if v is not None}
+                if isinstance(msg.get("content"), list):  # OpenAI image_url blocks -> {"type": "image", "url"}
+                    msg["content"] = [
+                        {"type": "image", "url": b["image_url"].get("url", "") if isinstance(b["image_url"], Mapping)
+                         else b["image_url"]} if isinstance(b, Mapping) and b.get("type") == "image_url"
+                        and "image_url" in b else b for b in msg["content"]]
+                messages.append(msg)
+            out.append(messages)
+        return out, batched
+
+    # ---- decoding ----------------------------------------------------------------------------------------------
+    def decode(self, ids: Any, *, skip_special_tokens: bool = False) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False) -> list[str]:
+        return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
+
+    def post_process_image_text_to_text(self, generated: Any, *, skip_special_tokens: bool = True) -> list[str]:
+        return self.batch_decode(generated, skip_special_tokens=skip_special_tokens)
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["input_ids", "attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask",
+                "cross_attention_mask"]
+
+
+AutoProcessor = MllamaProcessor
