@@ -1,0 +1,513 @@
+"""Checkpoint I/O: load and save Llama 3.2-Vision weights in the safetensors layouts met in the wild.
+
+Loading builds the model on the meta device and fills every parameter straight from the files, so
+the weights are held in memory once. Tensors are read with plain file reads into memory we own
+rather than taken as safetensors' mmap views: such views keep every touched page of the shard
+mapped (and counted in RSS), and they silently change or crash (SIGBUS) when the checkpoint is
+later overwritten in place, e.g. by saving the model back to the directory it came from.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig
+from mllama.layers import rope_inv_freq
+
+SAFE_WEIGHTS_NAME = "model.safetensors"
+SAFE_INDEX_NAME = "model.safetensors.index.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
+# What from_pretrained downloads from the hub: configs, weights and tokenizer files, not the
+# original/consolidated.pth copy that the published repos also carry.
+HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
+PROGRESS_MIN_BYTES = 1 << 30
+
+# The one name table. Each row is (checkpoint prefix, in-memory prefix in
+# MllamaForConditionalGeneration). Loading takes the first row whose checkpoint prefix matches;
+# saving takes the first row whose in-memory prefix matches, so the hub layout rows come first.
+KEY_TABLE: list[tuple[str, str]] = [
+    # As published on the hub (transformers 4.45-4.51) and as transformers 5.x saves again.
+    ("language_model.lm_head.", "lm_head."),
+    ("language_model.model.", "model.language_model."),
+    ("vision_model.", "model.vision_model."),
+    ("multi_modal_projector.", "model.multi_modal_projector."),
+    # transformers >= 4.52 in-memory names, which some versions also wrote to disk: identity.
+    ("model.language_model.", "model.language_model."),
+    ("model.vision_model.", "model.vision_model."),
+    ("model.multi_modal_projector.", "model.multi_modal_projector."),
+    ("lm_head.", "lm_head."),
+    # MllamaForCausalLM checkpoints: the text decoder alone.
+    ("model.embed_tokens.", "model.language_model.embed_tokens."),
+    ("model.layers.", "model.language_model.layers."),
+    ("model.norm.", "model.language_model.norm."),
+]
+# MllamaForCausalLM holds the decoder as `model.*`; the vision tower and projector are not part of it.
+TEXT_ONLY_TABLE: list[tuple[str, str]] = [("model.language_model.", "model."), ("lm_head.", "lm_head.")]
+
+_DTYPES: dict[str, torch.dtype] = {
+    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
+    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
+    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_HEADER_BYTES = 100 << 20
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be loaded as it is."""
+
+
+class CheckpointMismatchError(CheckpointError):
+    """The checkpoint's tensors do not fit the model: every offending name is listed at once."""
+
+    def __init__(self, message: str, *, missing: dict[str, tuple[int, ...]],
+                 unexpected: dict[str, tuple[int, ...]],
+                 mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
+                 duplicated: dict[str, list[str]]) -> None:
+        super().__init__(message)
+        self.missing, self.unexpected, self.mismatched, self.duplicated = missing, unexpected, mismatched, duplicated
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A safetensors file or index that is not well formed (truncated, bad header, ...)."""
+
+
+class MissingShardError(CheckpointError, FileNotFoundError):
+    """The index names shard files that are not there."""
+
+
+class WrongModelTypeError(CheckpointError):
+    """config.json describes some other model than Llama 3.2-Vision (or the other Mllama class)."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives: file, absolute byte offset of its data, dtype and shape."""
+
+    file: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+
+def map_checkpoint_key(key: str, *, text_only: bool = False) -> tuple[str | None, bool]:
+    """(in-memory name, known) for a checkpoint key.
+
+    known is False when no layout of KEY_TABLE has the key. For text_only (MllamaForCausalLM) the
+    vision tower and projector are known but map to None: they are skipped, never read.
+    """
+    for disk, memory in KEY_TABLE:
+        if key.startswith(disk):
+            name = memory + key[len(disk):]
+            break
+    else:
+        return None, False
+    if not text_only:
+        return name, True
+    for full, text in TEXT_ONLY_TABLE:
+        if name.startswith(full):
+            return text + name[len(full):], True
+    return None, True
+
+
+def to_checkpoint_key(name: str, *, text_only: bool = False) -> str:
+    """The on-disk name of an in-memory parameter name, in the layout transformers 5.x saves."""
+    if text_only:  # MllamaForCausalLM is saved under its in-memory names, as transformers does.
+        return name
+    for disk, memory in KEY_TABLE:
+        if name.startswith(memory):
+            return disk + name[len(memory):]
+    raise ValueError(f"{name!r} is not a parameter name of MllamaForConditionalGeneration")
+
+
+def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parse and validate a safetensors header: ({name: TensorInfo}, metadata). Reads no tensor data."""
+    def bad(why: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(f"{path} is not a valid safetensors file: {why}")
+
+    size = path.stat().st_size
+    with open(path, "rb") as handle:
+        head = handle.read(8)
+        if len(head) < 8:
+            raise bad(f"only {size} bytes, shorter than the 8-byte header length")
+        header_len = int.from_bytes(head, "little")
+        if header_len > min(size - 8, _MAX_HEADER_BYTES):
+            raise bad(f"header length {header_len} does not fit in the {size}-byte file (truncated?)")
+        raw = handle.read(header_len)
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise bad(f"header is not JSON ({err})") from None
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    start = 8 + header_len
+    tensors: dict[str, TensorInfo] = {}
+    spans = []
+    for name, entry in header.items():
+        try:
+            dtype = _DTYPES[entry["dtype"]]
+            shape = tuple(int(d) for d in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise bad(f"tensor {name!r} has a malformed or unsupported entry {entry!r}") from None
+        nbytes = math.prod(shape) * dtype.itemsize
+        if min(shape, default=0) < 0 or end - begin != nbytes:
+            raise bad(f"tensor {name!r}: offsets {begin}..{end} do not hold {shape} {entry['dtype']}")
+        tensors[name] = TensorInfo(path, start + begin, nbytes, dtype, shape)
+        spans.append((begin, end, name))
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            raise bad(f"tensor {name!r} starts at {begin}, expected {position} (overlap or gap)")
+        position = end
+    if start + position != size:
+        raise bad(f"header describes {start + position} bytes but the file has {size} (truncated or padded)")
+    return tensors, metadata
+
+
+def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
+    """Every tensor of a single-file or sharded checkpoint; validates all headers, reads no data."""
+    index_file = directory / SAFE_INDEX_NAME
+    if index_file.is_file():
+        try:
+            weight_map = json.loads(index_file.read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
+            raise CorruptCheckpointError(f"{index_file} is not a safetensors index (no weight_map object)") from None
+        files = sorted(set(weight_map.values()))
+        odd = [f for f in files if not isinstance(f, str) or Path(f).name != f]
+        if odd:
+            raise CorruptCheckpointError(f"{index_file} names shard files outside its directory: {odd}")
+        absent = [f for f in files if not (directory / f).is_file()]
+        if absent:
+            raise MissingShardError(f"{index_file} refers to shard files missing from {directory}: {absent}")
+        headers = {f: read_safetensors_header(directory / f)[0] for f in files}
+        lost = [f"{k} ({f})" for k, f in weight_map.items() if k not in headers[f]]
+        if lost:
+            raise CorruptCheckpointError(f"{index_file} lists tensors that are not in their shard: {lost[:20]}")
+        return {k: headers[f][k] for k, f in weight_map.items()}
+    single = directory / SAFE_WEIGHTS_NAME
+    if single.is_file():
+        return read_safetensors_header(single)[0]
+    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
+    hint = f" (found {others}: only safetensors checkpoints are supported)" if others else ""
+    raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}{hint}")
+
+
+def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or the snapshot of a hub repo id downloaded via huggingface_hub."""
+    local = Path(path).expanduser()
+    if local.is_dir():
+        return local
+    if local.exists():
+        raise NotADirectoryError(f"{local} is a file; pass the checkpoint directory or a hub repo id")
+    text = str(path)
+    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
+        raise FileNotFoundError(f"{text} is neither a local directory nor a hub repo id (owner/name)")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+
+    try:
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
+        raise FileNotFoundError(f"{text} is not a local directory and the hub has no such repo/revision "
+                                f"(gated repos need `hf auth login`): {err}") from err
+
+
+def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
+    """torch.bfloat16, 'bfloat16', 'torch.bfloat16', 'bf16', 'fp32', ... -> a floating torch dtype."""
+    if isinstance(dtype, torch.dtype):
+        result = dtype
+    elif isinstance(dtype, str):
+        name = dtype.removeprefix("torch.")
+        name = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "fp64": "float64"}.get(name, name)
+        result = getattr(torch, name, None)
+        if not isinstance(result, torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}; use e.g. 'bfloat16', 'float16', 'float32' or 'auto'")
+    else:
+        raise TypeError(f"dtype must be a torch.dtype or a string, got {type(dtype).__name__}")
+    if not result.is_floating_point:
+        raise ValueError(f"dtype must be a floating type, got {result}")
+    return result
+
+
+def resolve_dtype(dtype: torch.dtype | str | None, config: Mapping[str, Any],
+                  tensors: Mapping[str, TensorInfo]) -> torch.dtype:
+    """None or 'auto' (transformers 5.x's default): the config's dtype, else the checkpoint's own."""
+    if dtype is not None and dtype != "auto":
+        return parse_dtype(dtype)
+    for source in (config, config.get("text_config") or {}):
+        name = source.get("dtype") or source.get("torch_dtype")
+        if name:
+            return parse_dtype(name)
+    for info in tensors.values():
+        if info.dtype.is_floating_point:
+            return info.dtype
+    return torch.get_default_dtype()
+
+
+def _read_config(directory: Path, *, text_only: bool) -> tuple[dict[str, Any], MllamaConfig | MllamaTextConfig]:
+    file = directory / CONFIG_NAME
+    if not file.is_file():
+        raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
+    try:
+        raw = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{file} is not a JSON object")
+    model_type = raw.get("model_type", "mllama")
+    try:
+        if model_type == "mllama":
+            return raw, MllamaConfig.from_dict(raw)
+        if model_type == MllamaTextConfig.model_type and text_only:
+            return raw, MllamaTextConfig.from_dict(raw)
+    except ValueError as err:
+        raise CheckpointError(f"{file}: {err}") from err
+    if model_type == MllamaTextConfig.model_type:
+        raise WrongModelTypeError(f"{file} is a text-only Mllama checkpoint ({model_type!r}); "
+                                  "load it with MllamaForCausalLM")
+    raise WrongModelTypeError(f"{file} has model_type {model_type!r}; expected 'mllama' (Llama 3.2-Vision)")
+
+
+def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: bool,
+          source: Path) -> dict[str, TensorInfo]:
+    """{in-memory name: where to read it}, or one CheckpointMismatchError naming every problem."""
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    transient = {name for name, _ in model.named_buffers()} - set(expected)
+    plan: dict[str, TensorInfo] = {}
+    origin: dict[str, list[str]] = {}
+    unexpected, mismatched = {}, {}
+    for key, info in tensors.items():
+        name, known = map_checkpoint_key(key, text_only=text_only)
+        if known and name is None or name in transient:
+            continue  # the vision side for a text-only model; recomputed buffers such as inv_freq
+        if name not in expected:
+            unexpected[key] = info.shape
+            continue
+        origin.setdefault(name, []).append(key)
+        if info.shape != expected[name]:
+            mismatched[name] = (info.shape, expected[name])
+        plan[name] = info
+    duplicated = {name: keys for name, keys in origin.items() if len(keys) > 1}
+    missing = {name: shape for name, shape in expected.items() if name not in origin}
+    if missing or unexpected or mismatched or duplicated:
+        lines = [f"  missing: {n} {list(s)}" for n, s in missing.items()]
+        lines += [f"  unexpected: {k} {list(s)}" for k, s in unexpected.items()]
+        lines += [f"  wrong shape: {n}: checkpoint {list(c)}, model {list(m)}" for n, (c, m) in mismatched.items()]
+        lines += [f"  duplicated: {n} from {keys}" for n, keys in duplicated.items()]
+        shown = lines[:60] + ([f"  ... and {len(lines) - 60} more"] if len(lines) > 60 else [])
+        raise CheckpointMismatchError(
+            f"checkpoint {source} does not fit {type(model).__name__}: {len(missing)} missing, "
+            f"{len(unexpected)} unexpected, {len(mismatched)} with the wrong shape, "
+            f"{len(duplicated)} duplicated\n" + "\n".join(shown),
+            missing=missing, unexpected=unexpected, mismatched=mismatched, duplicated=duplicated)
+    return plan
+
+
+def _read_tensor(handle: Any, info: TensorInfo) -> torch.Tensor:
+    out = torch.empty(info.shape, dtype=info.dtype)
+    if info.nbytes:
+        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
+        handle.seek(info.offset)
+        done = 0
+        while done < info.nbytes:
+            got = handle.readinto(buffer[done:])
+            if not got:
+                raise CorruptCheckpointError(f"{info.file} ended early (was it modified while loading?)")
+            done += got
+    return out
+
+
+def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: torch.device,
+                 progress: bool | None) -> dict[str, torch.Tensor]:
+    from tqdm.auto import tqdm
+
+    total = sum(info.nbytes for info in plan.values())
+    show = total >= PROGRESS_MIN_BYTES if progress is None else progress
+    order = sorted(plan.items(), key=lambda item: (str(item[1].file), item[1].offset))  # sequential reads
+    state: dict[str, torch.Tensor] = {}
+    handle, current = None, None
+    with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not show) as bar:
+        try:
+            for name, info in order:
+                if info.file != current:
+                    if handle is not None:
+                        handle.close()
+                    handle, current = open(info.file, "rb", buffering=0), info.file
+                tensor = _read_tensor(handle, info)
+                target = dtype if tensor.is_floating_point() else tensor.dtype
+                state[name] = tensor.to(device=device, dtype=target)  # no-op on CPU in the checkpoint dtype
+                del tensor
+                bar.update(info.nbytes)
+        finally:
+            if handle is not None:
+                handle.close()
+    return state
+
+
+def _rebuild_buffers(model: nn.Module, device: torch.device) -> None:
+    """Non-persistent buffers are not in checkpoints: recompute them from the config."""
+    for name, buffer in list(model.named_buffers()):
+        if not buffer.is_meta:
+            continue
+        owner_name, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if attr == "inv_freq":
+            text_config = getattr(model.config, "text_config", model.config)
+            setattr(owner, attr, rope_inv_freq(text_config).to(device))
+        else:
+            raise RuntimeError(f"no rule to rebuild the non-persistent buffer {name} after loading")
+
+
+def _read_generation_config(directory: Path) -> Any:
+    file = directory / GENERATION_CONFIG_NAME
+    if not file.is_file():
+        return None
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+    from mllama.generate import GenerationConfig
+
+    return GenerationConfig.from_dict(data)
+
+
+def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
+                    device: torch.device | str = "cpu", revision: str | None = None,
+                    progress: bool | None = None) -> Any:
+    """Load MllamaForConditionalGeneration or MllamaForCausalLM from a directory or hub repo id.
+
+    dtype: None or 'auto' as in transformers 5.x: the config's dtype (bfloat16 for the published
+    models), else the checkpoint's; or an explicit torch dtype / name. MllamaForCausalLM reads only
+    the text tensors of a full checkpoint. Everything is checked before any tensor data is read.
+    progress: None shows a bar for checkpoints of 1 GiB and more.
+    """
+    from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
+
+    if not (isinstance(cls, type) and issubclass(cls, (MllamaForConditionalGeneration, MllamaForCausalLM))):
+        raise TypeError(f"load_pretrained builds MllamaForConditionalGeneration or MllamaForCausalLM, got {cls!r}")
+    text_only = issubclass(cls, MllamaForCausalLM)
+    device = torch.device(device)
+    directory = resolve_checkpoint_dir(path, revision=revision)
+    raw_config, config = _read_config(directory, text_only=text_only)
+    tensors = checkpoint_tensors(directory)
+    target_dtype = resolve_dtype(dtype, raw_config, tensors)
+    with torch.device("meta"):
+        model = cls(config)
+    plan = _plan(model, tensors, text_only=text_only, source=directory)
+    state = _materialise(plan, dtype=target_dtype, device=device, progress=progress)
+    model.load_state_dict(state, strict=True, assign=True)
+    del state
+    _rebuild_buffers(model, device)
+    if isinstance(model.config, MllamaConfig):
+        model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
+    model.generation_config = _read_generation_config(directory)
+    return model.eval()
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(size: int | str) -> int:
+    """Bytes from an int or a string such as '500MB', '2GB' (powers of 10) or '1GiB' (powers of 2)."""
+    if isinstance(size, int) and not isinstance(size, bool):
+        value = size
+    elif isinstance(size, str):
+        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
+        if match is None:
+            raise ValueError(f"cannot read the size {size!r}; use bytes or e.g. '500MB', '5GB', '2GiB'")
+        value = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()])
+    else:
+        raise TypeError(f"max_shard_size must be an int or a string, got {type(size).__name__}")
+    if value <= 0:
+        raise ValueError(f"max_shard_size must be positive, got {size!r}")
+    return value
+
+
+def _generation_dict(generation_config: Any) -> dict[str, Any]:
+    if isinstance(generation_config, Mapping):
+        return dict(generation_config)
+    if hasattr(generation_config, "to_dict"):
+        return generation_config.to_dict()
+    if dataclasses.is_dataclass(generation_config):
+        return dataclasses.asdict(generation_config)
+    raise TypeError(f"cannot save a generation_config of type {type(generation_config).__name__}")
+
+
+def _write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
+                    max_shard_size: int | str = "5GB") -> None:
+    """Write config.json, safetensors weights in the hub layout and generation_config.json.
+
+    One model.safetensors when everything fits in max_shard_size, else model-0000i-of-0000N.safetensors
+    shards plus model.safetensors.index.json; stale weight files of an earlier save are removed.
+    """
+    from safetensors.torch import save_file
+
+    from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
+
+    if not isinstance(model, (MllamaForConditionalGeneration, MllamaForCausalLM)):
+        raise TypeError(f"save_pretrained saves Mllama models, got {type(model).__name__}")
+    text_only = isinstance(model, MllamaForCausalLM)
+    limit = parse_size(max_shard_size)
+    state = {to_checkpoint_key(k, text_only=text_only): t.detach() for k, t in model.state_dict().items()}
+    if any(t.is_meta for t in state.values()):
+        raise ValueError("the model has tensors on the meta device; materialise it before saving")
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key, tensor in state.items():  # greedy in model order; a tensor larger than the limit sits alone
+        nbytes = tensor.numel() * tensor.element_size()
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += nbytes
+    directory = Path(save_directory)
+    directory.mkdir(parents=True, exist_ok=True)
+
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype_name = str(floating[0] if floating else torch.get_default_dtype()).removeprefix("torch.")
+    config = model.config.to_dict()
+    config["dtype"] = config["torch_dtype"] = dtype_name
+    config["architectures"] = ["MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration"]
+    _write_json(directory / CONFIG_NAME, config)
+    if getattr(model, "generation_config", None) is not None:
+        _write_json(directory / GENERATION_CONFIG_NAME, _generation_dict(model.generation_config))
+
+    names = ([SAFE_WEIGHTS_NAME] if len(shards) == 1 else
+             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+    for name, keys in zip(names, shards):
+        tmp = directory / f".{name}.tmp"
+        # Written aside then renamed: a process that has the old file mmapped keeps its old inode.
+        save_file({k: state[k].to("cpu").contiguous() for k in keys}, tmp, metadata={"format": "pt"})
+        os.replace(tmp, directory / name)
+    if len(shards) > 1:
+        total = sum(t.numel() * t.element_size() for t in state.values())
+        _write_json(directory / SAFE_INDEX_NAME, {
+            "metadata": {"total_size": total, "total_parameters": sum(t.numel() for t in state.values())},
+            "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
+        })
+    stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+    keep = set(names) | ({SAFE_INDEX_NAME} if len(shards) > 1 else set())
+    for path in directory.iterdir():
+        if stale.fullmatch(path.name) and path.name not in keep:
+            path.unlink()
