@@ -234,10 +234,15 @@ class MllamaProcessor:
         if date_string is not None:
             variables["date_string"] = date_string
         variables = _plain(variables)
-        template = _compile_template(source)
-        prompts = [template.render(messages=_plain(conv), tools=_plain(tools), documents=None,
-                                   add_generation_prompt=add_generation_prompt, **variables)
-                   for conv in conversations]
+        import jinja2
+
+        try:
+            template = _compile_template(source)
+            prompts = [template.render(messages=_plain(conv), tools=_plain(tools), documents=None,
+                                       add_generation_prompt=add_generation_prompt, **variables)
+                       for conv in conversations]
+        except jinja2.TemplateError as err:  # includes the template's own raise_exception(...)
+            raise ValueError(f"chat template: {err}") from err
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [[load_image(blk[k]) for m in conv if isinstance(m.get("content"), list) for blk in m["content"]
