@@ -140,9 +140,7 @@ class MllamaProcessor:
         """`use_fast=False` picks the PIL/numpy image processor (transformers' flag); default is the torch one."""
         image_cls = MllamaImageProcessor if use_fast else MllamaImageProcessorPil
         tokenizer = MllamaTokenizer.from_pretrained(path, revision=revision)
-        local = Path(path).is_dir()
-        image_processor = image_cls.from_pretrained(path if local else resolve_file(
-            path, "preprocessor_config.json", revision=revision).parent)
+        image_processor = image_cls.from_pretrained(path, revision=revision)
         # Same priority as transformers: legacy chat_template.json, then chat_template.jinja, then the tokenizer's.
         template = None
         legacy = resolve_file(path, "chat_template.json", revision=revision, required=False)
