@@ -319,8 +319,8 @@ def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: boo
     return plan
 
 
-def _read_tensor(handle: Any, info: TensorInfo) -> torch.Tensor:
-    out = torch.empty(info.shape, dtype=info.dtype)
+def _read_into(handle: Any, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
+    """Fill `out` (a contiguous CPU tensor of info.nbytes bytes) with the tensor's bytes; returns it."""
     if info.nbytes:
         buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
         handle.seek(info.offset)
@@ -337,9 +337,17 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                  progress: bool | None) -> dict[str, torch.Tensor]:
     from tqdm.auto import tqdm
 
+    def target_dtype(info: TensorInfo) -> torch.dtype:
+        return dtype if info.dtype.is_floating_point else info.dtype
+
     total = sum(info.nbytes for info in plan.values())
     show = total >= PROGRESS_MIN_BYTES if progress is None else progress
     order = sorted(plan.items(), key=lambda item: (str(item[1].file), item[1].offset))  # sequential reads
+    # Tensors that must be converted (dtype or device) pass through one reused staging buffer, so
+    # the transient copies neither add up nor fragment the heap; the rest is read in place.
+    staged = [info.nbytes for info in plan.values() if device.type != "cpu" or target_dtype(info) != info.dtype]
+    staging = torch.empty(max(staged, default=0), dtype=torch.uint8,
+                          pin_memory=device.type == "cuda" and torch.cuda.is_available())
     state: dict[str, torch.Tensor] = {}
     handle, current = None, None
     with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not show) as bar:
@@ -349,10 +357,11 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                     if handle is not None:
                         handle.close()
                     handle, current = open(info.file, "rb", buffering=0), info.file
-                tensor = _read_tensor(handle, info)
-                target = dtype if tensor.is_floating_point() else tensor.dtype
-                state[name] = tensor.to(device=device, dtype=target)  # no-op on CPU in the checkpoint dtype
-                del tensor
+                if device.type == "cpu" and target_dtype(info) == info.dtype:
+                    state[name] = _read_into(handle, info, torch.empty(info.shape, dtype=info.dtype))
+                else:
+                    raw = _read_into(handle, info, staging[:info.nbytes]).view(info.dtype).view(info.shape)
+                    state[name] = raw.to(device=device, dtype=target_dtype(info), copy=True)
                 bar.update(info.nbytes)
         finally:
             if handle is not None:
