@@ -184,7 +184,8 @@ def _conversations(photos, image_file: Path) -> dict[str, list]:
         "image": [{"role": "user", "content": [{"type": "image", "image": photos["coffee"]},
                                                {"type": "text", "text": "What is in this image?"}]}],
         "multi_turn": [
-            {"role": "user", "content": [{"type": "text", "text": "Describe"}, {"type": "image", "path": str(image_file)},
+            {"role": "user", "content": [{"type": "text", "text": "Describe"},
+                                         {"type": "image", "path": str(image_file)},
                                          {"type": "text", "text": " and "}, {"type": "image", "url": data_url}]},
             {"role": "assistant", "content": [{"type": "text", "text": "A cup and some noise."}]},
             {"role": "user", "content": "And now?"}],

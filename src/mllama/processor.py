@@ -175,6 +175,9 @@ class MllamaProcessor:
                  padding: bool | str = False, padding_side: str | None = None, truncation: bool | str = False,
                  max_length: int | None = None, return_tensors: str | None = None,
                  add_special_tokens: bool = True) -> BatchEncoding:
+        """input_ids, attention_mask and, with images, pixel_values, aspect_ratio_ids, aspect_ratio_mask and
+        cross_attention_mask (batch, seq, images, tiles). `images` is one image, a flat list (one sample) or one
+        list per prompt (empty for a text-only prompt); each prompt needs one <|image|> per image."""
         if images is None and text is None:
             raise ValueError("MllamaProcessor needs text, images or both")
         if return_tensors not in (None, "pt", "np"):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import codecs
 import json
 import os
 from pathlib import Path
@@ -206,7 +205,7 @@ class MllamaTokenizer:
 
     @property
     def adds_bos_token(self) -> bool:
-        """Whether `encode(..., add_special_tokens=True)` prepends BOS (decided by the tokenizer.json post-processor)."""
+        """Whether `encode(..., add_special_tokens=True)` prepends BOS (tokenizer.json's post-processor decides)."""
         ids = self._tok.encode("", add_special_tokens=True).ids
         return bool(ids) and ids[0] == self.bos_token_id
 
