@@ -201,6 +201,10 @@ def test_causal_lm_only_checkpoint(hf_dirs, inputs, tmp_path):
         assert (theirs(input_ids=ids).logits - model(ids).logits).abs().max() <= TOL
     with pytest.raises(WrongModelTypeError, match="MllamaForCausalLM"):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
+    theirs.save_pretrained(tmp_path / "theirs")
+    assert disk_keys(tmp_path / "theirs") == keys
+    with torch.no_grad():
+        assert torch.equal(MllamaForCausalLM.from_pretrained(tmp_path / "theirs")(ids).logits, again(ids).logits)
 
 
 def test_mismatches_are_reported_together(hf_dirs, tmp_path):
@@ -291,3 +295,42 @@ def test_parse_size():
             parse_size(bad)
     with pytest.raises(TypeError):
         parse_size(1.5)  # type: ignore[arg-type]
+
+
+REFERENCE = Path("/work/shared/reference")
+
+
+@pytest.mark.parametrize("size", ["11b", "90b"])
+def test_published_key_lists_fit(size, tmp_path):
+    """The name table against every tensor of the published checkpoints, on meta-device models."""
+    keys, config = REFERENCE / f"keys-{size}.txt", REFERENCE / f"config-{size}.json"
+    if not keys.is_file() or not config.is_file():
+        pytest.skip(f"{keys} not available")
+    hub, memory = {}, {}
+    for line in keys.read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        name, shape, dtype, in_memory = line.split("\t")
+        info = weights.TensorInfo(tmp_path, 0, 0, weights._DTYPES[dtype], tuple(json.loads(shape)))
+        hub[name], memory[in_memory] = info, info
+    shutil.copy(config, tmp_path / "config.json")
+    raw, full_config = weights._read_config(tmp_path, text_only=False)
+    assert weights.resolve_dtype(None, raw, hub) == torch.bfloat16
+    with torch.device("meta"):
+        full = MllamaForConditionalGeneration(full_config)
+        text = MllamaForCausalLM(full_config)
+    for tensors in (hub, memory):
+        plan = weights._plan(full, tensors, text_only=False, source=tmp_path)
+        assert len(plan) == len(tensors)
+        text_plan = weights._plan(text, tensors, text_only=True, source=tmp_path)
+        assert set(text_plan) == set(text.state_dict())
+    assert {to_checkpoint_key(name) for name in full.state_dict()} == set(hub)
+
+
+def test_progress_bar_and_bad_class(hf_dirs, capsys):
+    weights.load_pretrained(MllamaForCausalLM, hf_dirs["single"], progress=True)
+    assert "Loading weights" in capsys.readouterr().err
+    weights.load_pretrained(MllamaForCausalLM, hf_dirs["single"])  # tiny: no bar by default
+    assert "Loading weights" not in capsys.readouterr().err
+    with pytest.raises(TypeError, match="MllamaForCausalLM"):
+        weights.load_pretrained(torch.nn.Linear, hf_dirs["single"])

@@ -9,7 +9,6 @@ later overwritten in place, e.g. by saving the model back to the directory it ca
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -132,6 +131,13 @@ def to_checkpoint_key(name: str, *, text_only: bool = False) -> str:
     raise ValueError(f"{name!r} is not a parameter name of MllamaForConditionalGeneration")
 
 
+def _load_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise CorruptCheckpointError(f"{file} is not valid JSON: {err}") from None
+
+
 def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parse and validate a safetensors header: ({name: TensorInfo}, metadata). Reads no tensor data."""
     def bad(why: str) -> CorruptCheckpointError:
@@ -182,12 +188,10 @@ def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
     """Every tensor of a single-file or sharded checkpoint; validates all headers, reads no data."""
     index_file = directory / SAFE_INDEX_NAME
     if index_file.is_file():
-        try:
-            weight_map = json.loads(index_file.read_text())["weight_map"]
-            if not isinstance(weight_map, dict):
-                raise TypeError
-        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError):
-            raise CorruptCheckpointError(f"{index_file} is not a safetensors index (no weight_map object)") from None
+        weight_map = _load_json(index_file)
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict):
+            raise CorruptCheckpointError(f"{index_file} is not a safetensors index (no weight_map object)")
         files = sorted(set(weight_map.values()))
         odd = [f for f in files if not isinstance(f, str) or Path(f).name != f]
         if odd:
@@ -219,12 +223,12 @@ def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = No
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
         raise FileNotFoundError(f"{text} is neither a local directory nor a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
         return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
-    except (RepositoryNotFoundError, RevisionNotFoundError) as err:
-        raise FileNotFoundError(f"{text} is not a local directory and the hub has no such repo/revision "
+    except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as err:
+        raise FileNotFoundError(f"{text} is not a local directory, and fetching it from the hub failed "
                                 f"(gated repos need `hf auth login`): {err}") from err
 
 
@@ -264,10 +268,7 @@ def _read_config(directory: Path, *, text_only: bool) -> tuple[dict[str, Any], M
     file = directory / CONFIG_NAME
     if not file.is_file():
         raise FileNotFoundError(f"{directory} has no {CONFIG_NAME}")
-    try:
-        raw = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
+    raw = _load_json(file)
     if not isinstance(raw, dict):
         raise CheckpointError(f"{file} is not a JSON object")
     model_type = raw.get("model_type", "mllama")
@@ -387,13 +388,9 @@ def _read_generation_config(directory: Path) -> Any:
     file = directory / GENERATION_CONFIG_NAME
     if not file.is_file():
         return None
-    try:
-        data = json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"{file} is not valid JSON: {err}") from None
     from mllama.generate import GenerationConfig
 
-    return GenerationConfig.from_dict(data)
+    return GenerationConfig.from_dict(_load_json(file))
 
 
 def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
@@ -449,16 +446,6 @@ def parse_size(size: int | str) -> int:
     return value
 
 
-def _generation_dict(generation_config: Any) -> dict[str, Any]:
-    if isinstance(generation_config, Mapping):
-        return dict(generation_config)
-    if hasattr(generation_config, "to_dict"):
-        return generation_config.to_dict()
-    if dataclasses.is_dataclass(generation_config):
-        return dataclasses.asdict(generation_config)
-    raise TypeError(f"cannot save a generation_config of type {type(generation_config).__name__}")
-
-
 def _write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
@@ -500,7 +487,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     config["architectures"] = ["MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration"]
     _write_json(directory / CONFIG_NAME, config)
     if getattr(model, "generation_config", None) is not None:
-        _write_json(directory / GENERATION_CONFIG_NAME, _generation_dict(model.generation_config))
+        generation = model.generation_config  # mllama.generate.GenerationConfig, or a plain dict
+        _write_json(directory / GENERATION_CONFIG_NAME,
+                    generation.to_dict() if hasattr(generation, "to_dict") else dict(generation))
 
     names = ([SAFE_WEIGHTS_NAME] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
