@@ -144,7 +144,9 @@ class _PretrainedMixin:
                         device_map: str | None = None, revision: str | None = None):
         from mllama.weights import load_pretrained
 
-        if device_map is not None and device_map not in ("cpu", "auto"):
+        if device_map == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        elif device_map is not None:
             device = device_map
         return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=device,
                                revision=revision)
@@ -153,6 +155,45 @@ class _PretrainedMixin:
         from mllama.weights import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size)
+
+    def generate(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+                 pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
+                 aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
+                 max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                 min_p: float | None = None, repetition_penalty: float | None = None,
+                 eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
+                 stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
+                 generator: torch.Generator | None = None, seed: int | None = None,
+                 generation_config=None, return_dict_in_generate: bool = False,
+                 output_logits: bool = False):
+        """Decode like transformers' generate: returns (B, prompt_len + new) token ids, or with
+        return_dict_in_generate an object with `.sequences` and the per-step `.logits`.
+
+        Defaults come from the checkpoint's generation_config.json; explicit arguments override them.
+        `seed` (or a `generator`) makes sampling reproducible.
+        """
+        from mllama.generate import generate, resolve_config
+
+        if input_ids is None:
+            raise ValueError("generate needs input_ids")
+        text_config = self.config.text_config if isinstance(self.config, MllamaConfig) else self.config
+        config = resolve_config(generation_config if generation_config is not None else self.generation_config,
+                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
+                                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                eos_token_id=eos_token_id, pad_token_id=pad_token_id,
+                                fallback_eos=text_config.eos_token_ids, fallback_pad=text_config.pad_token_id)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=input_ids.device).manual_seed(seed)
+        if isinstance(stop_strings, str):
+            stop_strings = [stop_strings]
+        if pixel_values is not None and not isinstance(self, MllamaForConditionalGeneration):
+            raise ValueError("MllamaForCausalLM is text-only; use MllamaForConditionalGeneration for images")
+        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                        aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                        cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
+                        tokenizer=tokenizer, streamer=streamer, generator=generator,
+                        output_logits=return_dict_in_generate or output_logits)
 
     @property
     def device(self) -> torch.device:

@@ -88,8 +88,8 @@ class MllamaTextModel(nn.Module):
         computed from `cross.states` are stored for later steps.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if mask is None and cache_start > 0:
-            raise ValueError("a mask is required when attending to cached tokens")
+        if mask is None and cache_start > 0 and x.shape[1] > 1:
+            raise ValueError("a mask is required when several new tokens attend to cached ones")
         cos, sin = self.rotary_emb(position_ids, x.dtype)
         for idx, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionDecoderLayer):
