@@ -1,0 +1,186 @@
+"""Command line: `mllama generate` (one answer, streamed) and `mllama chat` (interactive)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any, Sequence
+
+DEFAULT_MODEL = "demo"
+
+
+def default_model_dir() -> Path:
+    return Path(str(resources.files("mllama") / "assets" / "demo-model"))
+
+
+def example_image() -> Path:
+    return Path(str(resources.files("mllama") / "assets" / "example.png"))
+
+
+class CliError(Exception):
+    """A problem with the user's input, reported as one line without a traceback."""
+
+
+def _load(model: str, dtype: str) -> tuple[Any, Any]:
+    import torch
+
+    from mllama.model import MllamaForConditionalGeneration
+    from mllama.processor import MllamaProcessor
+
+    path = default_model_dir() if model == DEFAULT_MODEL else model
+    local = Path(path)
+    if (local.exists() or str(path).startswith((".", "/", "~"))) and not (local / "config.json").is_file():
+        raise CliError(f"{path} is not a model directory (no config.json found)")
+    try:
+        torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                       "float16": torch.float16}[dtype]
+        model_obj = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        processor = MllamaProcessor.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CliError(f"cannot load the model from {path}: {err}") from None
+    return model_obj, processor
+
+
+def _load_images(paths: Sequence[str]) -> list[Any]:
+    from mllama.image_processing import load_image
+
+    images = []
+    for path in paths:
+        if not path.startswith(("http://", "https://", "data:")) and not Path(path).is_file():
+            raise CliError(f"image not found: {path}")
+        try:
+            images.append(load_image(path))
+        except (OSError, ValueError) as err:
+            raise CliError(f"cannot read the image {path}: {err}") from None
+    return images
+
+
+def _answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: list[Any], args: argparse.Namespace,
+            *, raw_prompt: str | None = None) -> str:
+    """Stream one reply to stdout and return its text."""
+    from mllama.streamer import TextStreamer
+
+    if raw_prompt is not None:
+        text = raw_prompt
+    else:
+        try:
+            text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        except ValueError as err:
+            raise CliError(str(err)) from None
+    try:
+        inputs = processor(text=text, images=images or None, return_tensors="pt")
+    except (TypeError, ValueError) as err:
+        raise CliError(str(err)) from None
+    streamer = TextStreamer(processor, skip_prompt=True, skip_special_tokens=True)
+    do_sample = args.temperature > 0
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
+                            temperature=args.temperature if do_sample else None,
+                            top_p=args.top_p if do_sample else None, seed=args.seed, streamer=streamer)
+    return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+def _user_message(text: str, n_images: int) -> dict[str, Any]:
+    return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    images = _load_images(args.image or [])
+    model, processor = _load(args.model, args.dtype)
+    if args.raw:
+        prompt = args.prompt
+        if images and prompt.count("<|image|>") == 0:
+            prompt = "<|image|>" * len(images) + prompt
+        _answer(model, processor, [], images, args, raw_prompt=prompt)
+    else:
+        _answer(model, processor, [_user_message(args.prompt, len(images))], images, args)
+
+
+CHAT_HELP = "Commands: /image PATH (attach to your next message), /reset, /quit"
+
+
+def cmd_chat(args: argparse.Namespace) -> None:
+    model, processor = _load(args.model, args.dtype)
+    images: list[Any] = []
+    pending: list[Any] = []
+    messages: list[dict[str, Any]] = []
+    print(CHAT_HELP, file=sys.stderr)
+    for path in args.image or []:
+        pending += _load_images([path])
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            print(file=sys.stderr)
+            return
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            return
+        if line == "/reset":
+            images, pending, messages = [], [], []
+            print("(conversation cleared)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            path = line[len("/image"):].strip()
+            try:
+                pending += _load_images([path]) if path else []
+                print(f"(attached {path})" if path else "usage: /image PATH", file=sys.stderr)
+            except CliError as err:
+                print(f"error: {err}", file=sys.stderr)
+            continue
+        if line.startswith("/"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        messages.append(_user_message(line, len(pending)))
+        images += pending
+        pending = []
+        sys.stdout.write("assistant> ")
+        try:
+            reply = _answer(model, processor, messages, images, args)
+        except CliError as err:
+            messages.pop()
+            print(f"error: {err}", file=sys.stderr)
+            continue
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision: images + text in, text out.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--model", default=DEFAULT_MODEL,
+                        help="checkpoint directory or hub id (default: the tiny demo model shipped with mllama)")
+    common.add_argument("--image", action="append", metavar="PATH|URL", help="an image (repeatable)")
+    common.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    common.add_argument("--max-new-tokens", type=int, default=64)
+    common.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    common.add_argument("--top-p", type=float, default=0.9)
+    common.add_argument("--seed", type=int, default=None)
+    gen = sub.add_parser("generate", parents=[common], help="answer one prompt, streaming to stdout")
+    gen.add_argument("prompt")
+    gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    gen.set_defaults(func=cmd_generate)
+    chat = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat")
+    chat.set_defaults(func=cmd_chat)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.max_new_tokens < 1:
+        print("error: --max-new-tokens must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        args.func(args)
+    except CliError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
