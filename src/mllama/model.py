@@ -141,7 +141,7 @@ class _PretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         torch_dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                        device_map: str | None = None, revision: str | None = None):
+                        device_map: str | None = None, revision: str | None = None, progress: bool | None = None):
         from mllama.weights import load_pretrained
 
         if device_map == "auto":
@@ -149,7 +149,7 @@ class _PretrainedMixin:
         elif device_map is not None:
             device = device_map
         return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=device,
-                               revision=revision)
+                               revision=revision, progress=progress)
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
         from mllama.weights import save_pretrained
