@@ -1,0 +1,108 @@
+"""The fast Mllama image processor: batched torch resize with rescale, normalisation, padding and tiling fused.
+
+Images of the same size are resized together by `torch.nn.functional.interpolate` (antialiased, so
+downscaling averages like PIL's filters do). PIL's BILINEAR resize rounds to uint8 after each of its
+two passes; this one rounds once at the end, which leaves it within one uint8 level of PIL, i.e.
+within 1/255/min(image_std) (about 1.5e-2 for the published checkpoints) after normalisation. NEAREST
+reads the exact pixels PIL reads. BICUBIC, LANCZOS, BOX and HAMMING go through PIL per image, since
+torch has no kernel that stays within one level of them.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from mllama.image_processing import (
+    BatchFeature,
+    MllamaImageProcessorBase,
+    ReturnTensors,
+    _features,
+    pil_nearest_indices,
+    size_on_canvas,
+)
+
+_BILINEAR, _NEAREST = int(Image.Resampling.BILINEAR), int(Image.Resampling.NEAREST)
+
+
+def _resize_group(arrays: list[np.ndarray], height: int, width: int, resample: int,
+                  device: torch.device) -> torch.Tensor:
+    """Same-sized uint8 (H, W, 3) arrays -> (N, 3, height, width) on the 0..255 scale (uint8 or float32)."""
+    if resample not in (_BILINEAR, _NEAREST):
+        arrays = [np.asarray(Image.fromarray(a).resize((width, height), resample=resample)) for a in arrays]
+    batch = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)  # (N, 3, H, W) view of (N, H, W, 3)
+    in_height, in_width = batch.shape[-2:]
+    if (in_height, in_width) == (height, width):
+        return batch
+    if resample == _NEAREST:
+        rows = torch.from_numpy(pil_nearest_indices(in_height, height)).to(device)
+        cols = torch.from_numpy(pil_nearest_indices(in_width, width)).to(device)
+        return batch.index_select(2, rows).index_select(3, cols)
+    batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    return F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+
+
+def _write_tiles(dest: torch.Tensor, canvas: torch.Tensor, scale: list[float], shift: list[torch.Tensor]) -> None:
+    """Normalise the zero-padded `canvas` (3, rows*S, cols*S) into its tiles `dest` (rows*cols, 3, S, S).
+
+    Three per-channel calls with scalar operands: torch's fastest elementwise path, and few enough
+    calls that a busy machine's thread scheduling does not dominate.
+    """
+    tile = dest.shape[-1]
+    rows, cols = canvas.shape[1] // tile, canvas.shape[2] // tile
+    # (rows*cols, 3, S, S) seen as (3, rows, S, cols, S), the canvas's own layout
+    tiles = dest.view(rows, cols, 3, tile, tile).permute(2, 0, 3, 1, 4)
+    for channel in range(3):
+        source = canvas[channel].view(rows, tile, cols, tile)
+        torch.add(shift[channel], source, alpha=scale[channel], out=tiles[channel])
+
+
+class MllamaImageProcessor(MllamaImageProcessorBase):
+    """Batched torch implementation of the Mllama preprocessing; outputs torch tensors by default."""
+
+    def preprocess(self, images: Any, *, return_tensors: ReturnTensors = None, do_convert_rgb: bool | None = None,
+                   size: dict[str, int] | int | None = None, resample: int | None = None,
+                   do_rescale: bool | None = None, rescale_factor: float | None = None,
+                   do_normalize: bool | None = None, image_mean: float | Sequence[float] | None = None,
+                   image_std: float | Sequence[float] | None = None, max_image_tiles: int | None = None,
+                   do_resize: bool | None = None, do_pad: bool | None = None,
+                   input_data_format: str | None = None, device: str | torch.device | None = None) -> BatchFeature:
+        """Images -> pixel_values (B, I, T, 3, S, S) float32, aspect_ratio_ids (B, I), aspect_ratio_mask
+        (B, I, T), num_tiles (per-sample lists); I = most images in a sample, T = max_image_tiles.
+        `device` is where the resize and normalisation run and where the tensors end up."""
+        self._check_return_tensors(return_tensors)
+        s = self.settings(do_convert_rgb=do_convert_rgb, size=size, resample=resample, do_rescale=do_rescale,
+                          rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
+                          image_std=image_std, max_image_tiles=max_image_tiles, do_resize=do_resize, do_pad=do_pad)
+        target = torch.device(device) if device is not None else torch.device("cpu")
+        decoded = self._decode_batch(images, s, input_data_format)
+        grids, ids, mask = self._layout(decoded, s)
+        tile = s.tile_size
+        shape = (len(decoded), ids.shape[1], s.max_image_tiles, 3, tile, tile)
+        # On the CPU, numpy's zeros come from calloc: the pages of tiles no image uses are never
+        # written here, which saves most of the cost of this mostly-padding tensor.
+        pixels = torch.from_numpy(np.zeros(shape, np.float32)) if target.type == "cpu" else torch.zeros(shape, device=target)
+
+        # Images of one size (and value range) are resized by one call.
+        groups: dict[tuple[int, int, float], list[tuple[int, int]]] = {}
+        for b, sample in enumerate(decoded):
+            for j, (array, value_scale) in enumerate(sample):
+                groups.setdefault((array.shape[0], array.shape[1], value_scale), []).append((b, j))
+        # One affine map per channel from 0..255 levels to normalised values.
+        shift = [torch.tensor(-m / d, dtype=torch.float32, device=target) for m, d in zip(s.mean, s.std)]
+        for (in_height, in_width, value_scale), members in groups.items():
+            grid = grids[members[0][0]][members[0][1]]
+            height, width = size_on_canvas(in_height, in_width, grid[0] * tile, grid[1] * tile, tile)
+            resized = _resize_group([decoded[b][j][0] for b, j in members], height, width, s.resample, target)
+            # Zero padding at the bottom and right, before normalisation as in the reference.
+            canvas = F.pad(resized, (0, grid[1] * tile - width, 0, grid[0] * tile - height))
+            scale = [value_scale * s.rescale_factor / d for d in s.std]
+            for k, (b, j) in enumerate(members):
+                _write_tiles(pixels[b, j, : grid[0] * grid[1]], canvas[k], scale, shift)
+        return _features(pixels, ids, mask, grids, "pt" if return_tensors is None else return_tensors)
+
+    __call__ = preprocess
