@@ -131,12 +131,18 @@ def random_sample(rng: random.Random, *, kind: str | None = None, shape: str | N
                        question=rng.choice(QUESTIONS[kind]), answer=_answer(kind, shape, color, rng))
 
 
-def make_samples(n: int, *, seed: int, kind: str | None = None) -> list[ShapeSample]:
-    """`n` samples, fully determined by `seed`."""
+def make_samples(n: int, *, seed: int, kind: str | None = None,
+                 kind_weights: dict[str, float] | None = None) -> list[ShapeSample]:
+    """`n` samples, fully determined by `seed`; question kinds uniform, or drawn with `kind_weights`."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    if kind_weights is not None and (set(kind_weights) - set(KINDS) or min(kind_weights.values()) < 0):
+        raise ValueError(f"kind_weights must map kinds among {KINDS} to non-negative weights")
     rng = random.Random(seed)
-    return [random_sample(rng, kind=kind) for _ in range(n)]
+    if kind is not None or kind_weights is None:
+        return [random_sample(rng, kind=kind) for _ in range(n)]
+    names = sorted(kind_weights)
+    return [random_sample(rng, kind=rng.choices(names, [kind_weights[k] for k in names])[0]) for _ in range(n)]
 
 
 def iter_samples(*, seed: int, kind: str | None = None) -> Iterator[ShapeSample]:

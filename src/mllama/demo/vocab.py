@@ -8,9 +8,7 @@ vocab_size. Only the BPE merges are new: learnt from the demo's questions, answe
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Iterable
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
@@ -71,7 +69,4 @@ def train_demo_tokenizer(out_dir: str | os.PathLike, *, texts: Iterable[str] | N
     tokenizer = MllamaTokenizer(backend, bos_token=BOS, eos_token=EOS, pad_token=PAD, chat_template=template,
                                 model_max_length=131072, config=config)
     tokenizer.save_pretrained(out_dir)
-    # Processors read their template from chat_template.json (the published layout).
-    Path(out_dir, "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2) + "\n",
-                                                   encoding="utf-8")
     return MllamaTokenizer.from_pretrained(out_dir)
