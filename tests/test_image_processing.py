@@ -98,7 +98,8 @@ def check_all(images, settings: dict, **kwargs) -> tuple[float, float]:
     assert ours["pixel_values"].dtype == np.float32 and fast["pixel_values"].dtype == torch.float32
     assert_same_layout(ours, ref)
     assert_same_layout(fast, ref)
-    pil_diff, torch_diff = max_diff(ours["pixel_values"], ref["pixel_values"]), max_diff(fast["pixel_values"], ref["pixel_values"])
+    pil_diff = max_diff(ours["pixel_values"], ref["pixel_values"])
+    torch_diff = max_diff(fast["pixel_values"], ref["pixel_values"])
     assert pil_diff <= 1e-5, pil_diff
     assert torch_diff <= TORCH_ATOL, torch_diff
     return pil_diff, torch_diff
@@ -143,7 +144,8 @@ def test_torch_processor_groups_same_sized_images_correctly() -> None:
     batch = fast(samples)
     singles = [fast([images]) for images in samples]
     for sample, (images, single) in enumerate(zip(samples, singles)):
-        torch.testing.assert_close(batch["pixel_values"][sample, :len(images)], single["pixel_values"][0], rtol=0, atol=0)
+        torch.testing.assert_close(batch["pixel_values"][sample, :len(images)], single["pixel_values"][0],
+                                   rtol=0, atol=0)
         assert not batch["pixel_values"][sample, len(images):].any()
         torch.testing.assert_close(batch["aspect_ratio_ids"][sample, :len(images)], single["aspect_ratio_ids"][0])
     assert batch["num_tiles"] == [single["num_tiles"][0] for single in singles]
@@ -239,7 +241,8 @@ def test_geometry_matches_transformers() -> None:
             canvas = hf_module.get_optimal_tiled_canvas(height, width, max_tiles, tile)
             assert (grid[0] * tile, grid[1] * tile) == tuple(int(v) for v in canvas)
             expected = hf_module.get_image_size_fit_to_canvas(height, width, canvas[0], canvas[1], tile)
-            assert size_on_canvas(height, width, grid[0] * tile, grid[1] * tile, tile) == tuple(int(v) for v in expected)
+            ours = size_on_canvas(height, width, grid[0] * tile, grid[1] * tile, tile)
+            assert ours == tuple(int(v) for v in expected)
 
 
 def test_nearest_indices_match_pil() -> None:
@@ -299,7 +302,8 @@ def test_config_errors(tmp_path: Path) -> None:
         MllamaImageProcessorPil.from_pretrained(tmp_path)
     with pytest.raises(ValueError, match="image_processor_type"):
         MllamaImageProcessorPil.from_dict({"image_processor_type": "CLIPImageProcessor"})
-    for bad, match in [({"size": {"height": 448, "width": 560}}, "square"), ({"size": {"shortest_edge": 448}}, "height"),
+    for bad, match in [({"size": {"height": 448, "width": 560}}, "square"),
+                       ({"size": {"shortest_edge": 448}}, "height"),
                        ({"max_image_tiles": 0}, "max_image_tiles"), ({"do_pad": False}, "do_pad"),
                        ({"do_resize": False}, "do_resize"), ({"resample": 42}, "resample"),
                        ({"image_std": [0.5, 0.0, 0.5]}, "zeros"), ({"image_mean": [0.5, 0.5]}, "image_mean")]:
@@ -417,7 +421,8 @@ def test_load_image_errors(tmp_path: Path) -> None:
 def test_torch_processor_is_within_one_level_on_resized_photos() -> None:
     """Large downscales and upscales of real photos: the torch resize stays within one uint8 level."""
     settings = config(560, 4)
-    images = [[photo("retina.jpg")], [photo("astronaut.png").resize((2100, 1500))], [photo("rocket.jpg").resize((90, 61))]]
+    images = [[photo("retina.jpg")], [photo("astronaut.png").resize((2100, 1500))],
+              [photo("rocket.jpg").resize((90, 61))]]
     ours = MllamaImageProcessorPil.from_dict(settings)(images)
     fast = MllamaImageProcessor.from_dict(settings)(images)
     one_level = 1 / 255 / min(settings["image_std"])

@@ -151,7 +151,8 @@ def decode_image(image: ImageLike, *, do_convert_rgb: bool, data_format: str | N
             tensor = image.detach().cpu()
             image = (tensor.float() if tensor.dtype in (torch.bfloat16, torch.float16) else tensor).numpy()
         if not isinstance(image, np.ndarray):
-            raise TypeError(f"{where}: expected a PIL image, numpy array, torch tensor or path, got {type(image).__name__}")
+            raise TypeError(f"{where}: expected a PIL image, numpy array, torch tensor or path, "
+                            f"got {type(image).__name__}")
         if image.dtype.kind not in "uif":
             raise TypeError(f"{where}: unsupported image dtype {image.dtype}; use uint8, integer or float")
         if image.size == 0:

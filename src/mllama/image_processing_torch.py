@@ -1,11 +1,11 @@
-"""The fast Mllama image processor: batched torch resize with rescale, normalisation, padding and tiling fused.
+"""The fast Mllama image processor: batched torch resize, then rescale, normalisation and tiling in one pass.
 
-Images of the same size are resized together by `torch.nn.functional.interpolate` (antialiased, so
-downscaling averages like PIL's filters do). PIL's BILINEAR resize rounds to uint8 after each of its
-two passes; this one rounds once at the end, which leaves it within one uint8 level of PIL, i.e.
-within 1/255/min(image_std) (about 1.5e-2 for the published checkpoints) after normalisation. NEAREST
-reads the exact pixels PIL reads. BICUBIC, LANCZOS, BOX and HAMMING go through PIL per image, since
-torch has no kernel that stays within one level of them.
+Images of one size are resized together by `torch.nn.functional.interpolate` (bilinear, antialiased
+so that downscaling averages like PIL's filter does). PIL rounds to uint8 after each of its two
+resize passes; this resize does not round, which keeps it within one uint8 level of PIL, i.e.
+within 1/255/min(image_std) (0.0150 for the published checkpoints) after normalisation. NEAREST
+reads exactly the pixels PIL reads. BICUBIC, LANCZOS, BOX and HAMMING are resized by PIL, image
+by image, since torch has no kernel that stays within one level of them.
 """
 
 from __future__ import annotations
@@ -85,7 +85,10 @@ class MllamaImageProcessor(MllamaImageProcessorBase):
         shape = (len(decoded), ids.shape[1], s.max_image_tiles, 3, tile, tile)
         # On the CPU, numpy's zeros come from calloc: the pages of tiles no image uses are never
         # written here, which saves most of the cost of this mostly-padding tensor.
-        pixels = torch.from_numpy(np.zeros(shape, np.float32)) if target.type == "cpu" else torch.zeros(shape, device=target)
+        if target.type == "cpu":
+            pixels = torch.from_numpy(np.zeros(shape, np.float32))
+        else:
+            pixels = torch.zeros(shape, device=target)
 
         # Images of one size (and value range) are resized by one call.
         groups: dict[tuple[int, int, float], list[tuple[int, int]]] = {}
