@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tokenizers import Tokenizer, processors
 
 import llama_models
 from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil
@@ -31,15 +30,28 @@ PREPROCESSOR = {"do_convert_rgb": True, "do_normalize": True, "do_pad": True, "d
                 "rescale_factor": 1 / 255, "size": {"height": 56, "width": 56}}
 
 
-@pytest.fixture(scope="session")
-def pdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tok_dir = tmp_path_factory.getbasetemp() / "llama3_tokenizer"  # shared with test_tokenizer in one session
+def _processor_dir(tmp_path_factory: pytest.TempPathFactory, name: str, *, add_bos: bool) -> Path:
+    tok_dir = tmp_path_factory.getbasetemp() / name  # shared with test_tokenizer in one session
     if not (tok_dir / "tokenizer.json").exists():
-        convert_tiktoken_tokenizer(MODEL_FILE, tok_dir)
+        convert_tiktoken_tokenizer(MODEL_FILE, tok_dir, add_bos=add_bos)
     out = tmp_path_factory.mktemp("processor")
     shutil.copytree(tok_dir, out, dirs_exist_ok=True)
     (out / "preprocessor_config.json").write_text(json.dumps(PREPROCESSOR, indent=2))
     return out
+
+
+@pytest.fixture(scope="session")
+def pdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The parity tests' directory: a tokenizer that adds no BOS itself. With the published (BOS-adding)
+    tokenizer.json, transformers' processor puts a second BOS in front of its prompts, a transformers bug we
+    do not copy; `faithful_dir` shows our processor gives the published ids with that tokenizer."""
+    return _processor_dir(tmp_path_factory, "llama3_tokenizer_nobos", add_bos=False)
+
+
+@pytest.fixture(scope="session")
+def faithful_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The converter's default, BOS-adding tokenizer.json, as published."""
+    return _processor_dir(tmp_path_factory, "llama3_tokenizer", add_bos=True)
 
 
 @pytest.fixture(scope="session")
@@ -157,22 +169,29 @@ def test_cross_attention_mask_semantics(ours, photos) -> None:
     assert (out["cross_attention_mask"][0, first:, 0, :tiles] == 1).all()
 
 
-def test_bos_adding_tokenizer_still_gives_one_bos(pdir, tmp_path, photos) -> None:
-    """Whatever tokenizer.json does, exactly one BOS (transformers would prepend a second one here)."""
-    shutil.copytree(pdir, tmp_path / "bos")
-    backend = Tokenizer.from_file(str(tmp_path / "bos" / "tokenizer.json"))
-    bos = "<|begin_of_text|>"
-    backend.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 $B:1",
-                                                           special_tokens=[(bos, 128000)])
-    backend.save(str(tmp_path / "bos" / "tokenizer.json"))
-    proc = MllamaProcessor.from_pretrained(tmp_path / "bos", use_fast=False)
+def test_faithful_tokenizer_gives_published_ids(faithful_dir, pdir, photos) -> None:
+    """With the published, BOS-adding tokenizer.json: exactly one BOS, the published ids, and the same
+    inputs as the no-BOS variant, whatever the prompt (transformers prepends a second BOS here)."""
+    proc = MllamaProcessor.from_pretrained(faithful_dir, use_fast=False)
+    assert proc.tokenizer.adds_bos_token
+    assert proc.tokenizer.encode("If I had to write a haiku") == HAIKU_WITH_IMAGE[1:10]
     kw = dict(text="<|image|>If I had to write a haiku for this one", images=photos["tall"])
     assert proc(**kw)["input_ids"] == [HAIKU_WITH_IMAGE]
-    hf = transformers.MllamaProcessor.from_pretrained(tmp_path / "bos", backend="pil")
+    hf = transformers.MllamaProcessor.from_pretrained(faithful_dir, backend="pil")
     assert hf(**kw)["input_ids"] == [[128000, *HAIKU_WITH_IMAGE]]  # documents transformers' double BOS
+    plain = MllamaProcessor.from_pretrained(pdir, use_fast=False)
+    assert not plain.tokenizer.adds_bos_token
+    text = ["<|image|><|image|>Two pictures", "Text first <|image|> then", "no image", "<|begin_of_text|>x <|image|>"]
+    images = [[photos["tall"], photos["wide"]], [photos["coffee"]], [], [photos["wide"]]]
+    for extra in [dict(padding=True), dict(padding="max_length", max_length=12, truncation=True),
+                  dict(padding=True, padding_side="left", add_special_tokens=False)]:
+        assert_same(proc(text=text, images=images, return_tensors="pt", **extra),
+                    plain(text=text, images=images, return_tensors="pt", **extra))
     messages = [{"role": "user", "content": [{"type": "image", "image": photos["tall"]},
                                              {"type": "text", "text": "Hi"}]}]
-    assert proc.apply_chat_template(messages, tokenize=True) == hf.apply_chat_template(messages, tokenize=True)
+    ids = proc.apply_chat_template(messages, tokenize=True)
+    assert ids == plain.apply_chat_template(messages, tokenize=True) == hf.apply_chat_template(messages, tokenize=True)
+    assert ids[0].count(128000) == 1
 
 
 # ---- chat template ----------------------------------------------------------------------------------------------

@@ -5,13 +5,11 @@ from __future__ import annotations
 import base64
 import json
 import random
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer, processors
 
 import llama_models
 from mllama.tokenizer import (IMAGE_TOKEN, LLAMA3_SPLIT_PATTERN, MllamaTokenizer, StreamDetokenizer,
@@ -66,11 +64,15 @@ def _tiny_tiktoken(path: Path) -> Path:
 
 # ---- conversion -------------------------------------------------------------------------------------------------
 def test_published_ids_and_special_layout(tok: MllamaTokenizer) -> None:
-    # Like the published tokenizer.json, encoding adds no BOS itself: the processor / chat template write it.
-    assert not tok.adds_bos_token
-    assert tok.encode("If I had to write a haiku") == HAIKU[1:]
-    assert tok.encode(BOS + "If I had to write a haiku") == HAIKU
-    assert tok.encode(BOS + "Hello world! This is a test.") == HELLO
+    # Like the published tokenizer.json, encoding prepends BOS (a TemplateProcessing post-processor).
+    assert tok.adds_bos_token
+    assert tok.encode("If I had to write a haiku") == HAIKU
+    assert tok.encode("Hello world! This is a test.") == HELLO
+    assert tok.encode("If I had to write a haiku", add_special_tokens=False) == HAIKU[1:]
+    assert tok.encode(BOS + "Hello world! This is a test.", add_special_tokens=False) == HELLO
+    assert tok("If I had to write a haiku")["input_ids"] == HAIKU
+    # The published pair template puts a BOS before each sequence.
+    assert tok.backend_tokenizer.encode("Hello", "If").ids == [128000, 9906, 128000, 2746]
     expected = {"<|begin_of_text|>": 128000, "<|end_of_text|>": 128001, "<|finetune_right_pad_id|>": 128004,
                 "<|step_id|>": 128005, "<|start_header_id|>": 128006, "<|end_header_id|>": 128007,
                 "<|eom_id|>": 128008, "<|eot_id|>": 128009, "<|python_tag|>": 128010,
@@ -82,7 +84,7 @@ def test_published_ids_and_special_layout(tok: MllamaTokenizer) -> None:
     assert tok.all_special_ids == list(range(128000, 128257))
     assert tok.chat_template == default_chat_template()
     # Meta's own tokenizer calls 128011 <|image|>; here it is a reserved token and <|image|> is one token.
-    assert tok.encode("<|image|><|reserved_special_token_2|>") == [128256, 128011]
+    assert tok.encode("<|image|><|reserved_special_token_2|>", add_special_tokens=False) == [128256, 128011]
 
 
 def test_converted_files_match_published_layout(llama3_dir: Path) -> None:
@@ -101,6 +103,7 @@ def test_base_conversion_and_tiny_model(tmp_path: Path) -> None:
     base = convert_tiktoken_tokenizer(tiny, tmp_path / "base", instruct=False)
     assert base.eos_token == "<|end_of_text|>" and base.chat_template is None
     assert base.bos_token_id == 264 and base.image_token_id == 264 + 256
+    assert base.adds_bos_token and base.encode("hello") == [264, 259]
     assert not (tmp_path / "base" / "chat_template.json").exists()
     assert "chat_template" not in json.loads((tmp_path / "base" / "tokenizer_config.json").read_text())
     tiktoken = pytest.importorskip("tiktoken")
@@ -164,31 +167,40 @@ def test_batch_call_matches_transformers(tok: MllamaTokenizer, hf_tok, kwargs: d
         if hasattr(a, "dtype"):
             assert a.dtype == b.dtype
     single = tok("Hello world!")
-    assert single["input_ids"] == hf_tok("Hello world!")["input_ids"] and single.attention_mask == [1, 1, 1]
+    assert single["input_ids"] == hf_tok("Hello world!")["input_ids"] and single.attention_mask == [1, 1, 1, 1]
 
 
-def test_bos_adding_tokenizer_json(llama3_dir: Path, tmp_path: Path, hf_tok) -> None:
+def test_bos_follows_tokenizer_json(tok: MllamaTokenizer, hf_tok, tmp_path: Path) -> None:
     """Whether encode() adds BOS is decided by tokenizer.json's post-processor, as in transformers."""
-    shutil.copytree(llama3_dir, tmp_path / "bos")
-    backend = Tokenizer.from_file(str(tmp_path / "bos" / "tokenizer.json"))
-    backend.post_processor = processors.TemplateProcessing(single=f"{BOS}:0 $A:0", pair=f"{BOS}:0 $A:0 $B:1",
-                                                           special_tokens=[(BOS, 128000)])
-    backend.save(str(tmp_path / "bos" / "tokenizer.json"))
-    ours = MllamaTokenizer.from_pretrained(tmp_path / "bos")
-    theirs = type(hf_tok).from_pretrained(tmp_path / "bos")
-    assert ours.adds_bos_token
-    assert ours.encode("Hello world! This is a test.") == HELLO == theirs.encode("Hello world! This is a test.")
-    assert ours.encode("Hello", add_special_tokens=False) == [9906]
-    batch = ours(["Hello world! This is a test.", "hi"], truncation=True, max_length=3)
-    assert batch["input_ids"] == theirs(["Hello world! This is a test.", "hi"], truncation=True,
+    assert hf_tok.encode("Hello world! This is a test.") == HELLO
+    batch = tok(["Hello world! This is a test.", "hi"], truncation=True, max_length=3)
+    assert batch["input_ids"] == hf_tok(["Hello world! This is a test.", "hi"], truncation=True,
                                         max_length=3)["input_ids"] == [[128000, 9906, 1917], [128000, 6151]]
+    # The add_bos=False variant differs from the faithful files only in the post-processor.
+    tiny = _tiny_tiktoken(tmp_path / "tokenizer.model")
+    faithful = convert_tiktoken_tokenizer(tiny, tmp_path / "bos")
+    plain = convert_tiktoken_tokenizer(tiny, tmp_path / "plain", add_bos=False)
+    assert not plain.adds_bos_token and plain.encode("hello world") == [259, 263, 108, 100]
+    assert faithful.encode("hello world") == [264, 259, 263, 108, 100]
+    hf_plain = type(hf_tok).from_pretrained(tmp_path / "plain")
+    assert hf_plain.encode("hello world") == [259, 263, 108, 100] and hf_plain("hi")["input_ids"] == plain("hi")["input_ids"]
+    files = {}
+    for name in ("bos", "plain"):
+        data = json.loads((tmp_path / name / "tokenizer.json").read_text())
+        files[name] = (data.pop("post_processor"), data)
+    assert files["bos"][1] == files["plain"][1]
+    assert files["plain"][0] == {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": False,
+                                 "use_regex": True}
+    assert files["bos"][0]["processors"][0] == files["plain"][0]
+    assert [(p.name, p.read_bytes()) for p in sorted((tmp_path / "bos").iterdir()) if p.name != "tokenizer.json"] \
+        == [(p.name, p.read_bytes()) for p in sorted((tmp_path / "plain").iterdir()) if p.name != "tokenizer.json"]
 
 
 # ---- decoding and streaming -----------------------------------------------------------------------------------------
 def test_decode_round_trip_and_input_types(tok: MllamaTokenizer) -> None:
     for text in TEXTS + _random_texts(50, 2):
-        assert tok.decode(tok.encode(text)) == text
-    ids = tok.encode(BOS + "<|image|>Hi there<|eot_id|>")
+        assert tok.decode(tok.encode(text, add_special_tokens=False)) == text
+    ids = tok.encode(BOS + "<|image|>Hi there<|eot_id|>", add_special_tokens=False)
     assert tok.decode(ids) == BOS + "<|image|>Hi there<|eot_id|>"
     assert tok.decode(ids, skip_special_tokens=True) == "Hi there"
     assert tok.decode(torch.tensor(ids)) == tok.decode(np.array(ids)) == tok.decode(ids)
@@ -203,7 +215,7 @@ def test_decode_round_trip_and_input_types(tok: MllamaTokenizer) -> None:
 
 def test_stream_detokenizer_never_splits_characters(tok: MllamaTokenizer) -> None:
     text = "Emoji 🤖🎉👩‍👩‍👧 and CJK 中文字符 日本語 𝔘𝔫𝔦 done."
-    ids = tok.encode(text)
+    ids = tok.encode(text, add_special_tokens=False)
     # The text must really put multi-byte characters across token boundaries for this test to mean anything.
     assert any("\ufffd" in tok.decode([i]) for i in ids)
     for skip in (False, True):

@@ -355,12 +355,14 @@ def read_tiktoken_ranks(model_file: str | os.PathLike) -> dict[bytes, int]:
 
 
 def convert_tiktoken_tokenizer(model_file: str | os.PathLike, out_dir: str | os.PathLike, *,
-                               instruct: bool = True, chat_template: str | None = None) -> MllamaTokenizer:
+                               instruct: bool = True, chat_template: str | None = None,
+                               add_bos: bool = True) -> MllamaTokenizer:
     """Write an HF-layout tokenizer directory for Meta's tiktoken `tokenizer.model` and return it loaded.
 
     BPE merges are derived from the ranks: every split of a token into two tokens becomes a merge ranked by the
     merged token's rank (ties by the parts' ranks), so HF's lowest-rank-merge-first loop reproduces tiktoken.
-    Like the published files, the tokenizer adds no BOS itself; the processor / chat template insert it.
+    Like the published tokenizer.json, encoding prepends `<|begin_of_text|>` (the processor still makes exactly
+    one BOS); `add_bos=False` writes a variant whose encoding adds nothing.
     """
     if not Path(model_file).is_file():
         raise FileNotFoundError(f"no tiktoken model file at {model_file}")
@@ -383,15 +385,20 @@ def convert_tiktoken_tokenizer(model_file: str | os.PathLike, out_dir: str | os.
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
     ])
     backend.decoder = decoders.ByteLevel()
-    backend.post_processor = processors.ByteLevel(trim_offsets=False)
     specials = llama3_special_tokens() + [IMAGE_TOKEN]
     backend.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     if backend.token_to_id(IMAGE_TOKEN) != len(ranks) + _NUM_RESERVED:
         raise ValueError("special token ids came out misaligned with the base vocabulary")
+    bos = specials[0]
+    backend.post_processor = processors.Sequence([  # the published post-processor: BOS before each sequence
+        processors.ByteLevel(trim_offsets=False),
+        processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
+                                      special_tokens=[(bos, len(ranks))]),
+    ]) if add_bos else processors.ByteLevel(trim_offsets=False)
     config = {"clean_up_tokenization_spaces": True, "model_input_names": ["input_ids", "attention_mask"],
               "tokenizer_class": "PreTrainedTokenizerFast"}
     template = (chat_template or default_chat_template()) if instruct else chat_template
-    tokenizer = MllamaTokenizer(backend, bos_token="<|begin_of_text|>",
+    tokenizer = MllamaTokenizer(backend, bos_token=bos,
                                 eos_token="<|eot_id|>" if instruct else "<|end_of_text|>",
                                 pad_token="<|finetune_right_pad_id|>", chat_template=template,
                                 model_max_length=131072, config=config)
