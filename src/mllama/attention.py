@@ -33,7 +33,9 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.reshape(b, h, s, d)
 
 
-class TextSelfAttention(nn.Module):
+class _Projections(nn.Module):
+    """q/k/v/o projections shared by both attention kinds (checkpoint names q_proj ... o_proj)."""
+
     def __init__(self, config: MllamaTextConfig) -> None:
         super().__init__()
         self.num_heads = config.num_attention_heads
@@ -45,6 +47,8 @@ class TextSelfAttention(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
+
+class TextSelfAttention(_Projections):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
                 cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
         """x (B, S, hidden); mask bool (B, 1, S, T) or None for plain causal attention over x alone."""
@@ -59,17 +63,9 @@ class TextSelfAttention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-class TextCrossAttention(nn.Module):
+class TextCrossAttention(_Projections):
     def __init__(self, config: MllamaTextConfig) -> None:
-        super().__init__()
-        self.num_heads = config.num_attention_heads
-        self.num_kv_heads = config.num_key_value_heads
-        self.head_dim = config.head_dim
-        hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        super().__init__(config)
         self.q_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=config.rms_norm_eps)
 
