@@ -168,6 +168,11 @@ def test_batch_call_matches_transformers(tok: MllamaTokenizer, hf_tok, kwargs: d
             assert a.dtype == b.dtype
     single = tok("Hello world!")
     assert single["input_ids"] == hf_tok("Hello world!")["input_ids"] and single.attention_mask == [1, 1, 1, 1]
+    for return_tensors in ("pt", "np"):  # a single text still gets a batch dimension
+        ours, theirs = tok("Hello world!", return_tensors=return_tensors), hf_tok("Hello world!",
+                                                                              return_tensors=return_tensors)
+        assert ours["input_ids"].shape == theirs["input_ids"].shape == (1, 4)
+        assert ours["attention_mask"].tolist() == theirs["attention_mask"].tolist()
 
 
 def test_bos_follows_tokenizer_json(tok: MllamaTokenizer, hf_tok, tmp_path: Path) -> None:

@@ -240,11 +240,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
 def resolve_config(base: GenerationConfig | None, *, max_new_tokens: int | None, do_sample: bool | None,
                    temperature: float | None, top_k: int | None, top_p: float | None, min_p: float | None,
                    repetition_penalty: float | None, eos_token_id: int | list[int] | None,
-                   pad_token_id: int | None, fallback_eos: list[int], fallback_pad: int | None) -> GenerationConfig:
+                   pad_token_id: int | None, fallback_eos: list[int], fallback_pad: int | None,
+                   max_length: int | None = None) -> GenerationConfig:
     """The checkpoint's defaults overridden by whatever the caller passed explicitly."""
     config = base if base is not None else GenerationConfig(eos_token_id=fallback_eos or None,
                                                             pad_token_id=fallback_pad)
-    overrides = {"max_new_tokens": max_new_tokens, "do_sample": do_sample, "temperature": temperature,
-                 "top_k": top_k, "top_p": top_p, "min_p": min_p, "repetition_penalty": repetition_penalty,
-                 "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
+    overrides = {"max_new_tokens": max_new_tokens, "max_length": max_length, "do_sample": do_sample,
+                 "temperature": temperature, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+                 "repetition_penalty": repetition_penalty, "eos_token_id": eos_token_id, "pad_token_id": pad_token_id}
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})

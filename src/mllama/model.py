@@ -159,7 +159,7 @@ class _PretrainedMixin:
     def generate(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
                  pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
                  aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
-                 max_new_tokens: int | None = None, do_sample: bool | None = None,
+                 max_new_tokens: int | None = None, max_length: int | None = None, do_sample: bool | None = None,
                  temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                  min_p: float | None = None, repetition_penalty: float | None = None,
                  eos_token_id: int | list[int] | None = None, pad_token_id: int | None = None,
@@ -179,8 +179,9 @@ class _PretrainedMixin:
             raise ValueError("generate needs input_ids")
         text_config = self.config.text_config if isinstance(self.config, MllamaConfig) else self.config
         config = resolve_config(generation_config if generation_config is not None else self.generation_config,
-                                max_new_tokens=max_new_tokens, do_sample=do_sample, temperature=temperature,
-                                top_k=top_k, top_p=top_p, min_p=min_p, repetition_penalty=repetition_penalty,
+                                max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
+                                temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                                repetition_penalty=repetition_penalty,
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                 fallback_eos=text_config.eos_token_ids, fallback_pad=text_config.pad_token_id)
         if generator is None and seed is not None:

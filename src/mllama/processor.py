@@ -278,10 +278,13 @@ class MllamaProcessor:
         return out, batched
 
     # ---- decoding ----------------------------------------------------------------------------------------------
-    def decode(self, ids: Any, *, skip_special_tokens: bool = False) -> str:
+    def decode(self, ids: Any, *, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
+        """clean_up_tokenization_spaces is accepted for transformers' examples and ignored (see the tokenizer)."""
         return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
 
-    def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         return self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens)
 
     def post_process_image_text_to_text(self, generated: Any, *, skip_special_tokens: bool = True) -> list[str]:

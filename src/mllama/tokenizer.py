@@ -273,17 +273,19 @@ class MllamaTokenizer:
         data: dict[str, Any] = {"input_ids": ids_list}
         if return_attention_mask:
             data["attention_mask"] = masks
-        if single:
+        if single and return_tensors is None:  # tensors keep the batch dimension, as in transformers
             data = {k: v[0] for k, v in data.items()}
         return to_tensors(data, return_tensors)
 
     # ---- decoding -----------------------------------------------------------------------------------------------
-    def decode(self, ids: Any, *, skip_special_tokens: bool = False) -> str:
-        """Byte-level decode. The config's clean_up_tokenization_spaces is ignored: it corrupts BPE output
-        (transformers >= 5 skips it for BPE models too)."""
+    def decode(self, ids: Any, *, skip_special_tokens: bool = False,
+               clean_up_tokenization_spaces: bool | None = None) -> str:
+        """Byte-level decode. clean_up_tokenization_spaces (argument or config) is ignored: it corrupts BPE
+        output (transformers >= 5 skips it for BPE models too)."""
         return self._tok.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
 
-    def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False) -> list[str]:
+    def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False,
+                     clean_up_tokenization_spaces: bool | None = None) -> list[str]:
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
         if not isinstance(sequences, (list, tuple)):
@@ -407,3 +409,6 @@ def convert_tiktoken_tokenizer(model_file: str | os.PathLike, out_dir: str | os.
         Path(out_dir, "chat_template.json").write_text(json.dumps({"chat_template": template}, indent=2),
                                                        encoding="utf-8")
     return tokenizer
+
+
+AutoTokenizer = MllamaTokenizer
