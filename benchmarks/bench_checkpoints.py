@@ -1,0 +1,98 @@
+"""The random checkpoints `bench.py` measures, written once under benchmarks/_work/.
+
+"bench": full-width, reduced-depth Llama 3.2-Vision (about 2.2B parameters, 4.4 GB in bfloat16):
+the per-layer cost of the 11B model with 10 vision and 4 text layers.
+"tiny": a few-kB model whose generate is bound by per-step overhead, not by arithmetic.
+
+Both are written by mllama (transformers loads them too); every parameter is random and non-zero,
+gates included. No eos_token_id, so greedy decoding always runs for max_new_tokens.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from mllama import MllamaConfig, MllamaForConditionalGeneration
+
+WORK = Path(__file__).resolve().parent / "_work"
+
+ROPE_LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192}
+
+CONFIGS = {
+    "bench": {
+        "vision_config": {"hidden_size": 1280, "attention_heads": 16, "intermediate_size": 5120,
+                          "num_hidden_layers": 8, "num_global_layers": 2,
+                          "intermediate_layers_indices": [1, 3, 5, 6, 7], "image_size": 560, "patch_size": 14,
+                          "max_num_tiles": 4, "vision_output_dim": 7680},
+        "text_config": {"hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8,
+                        "intermediate_size": 14336, "num_hidden_layers": 4, "cross_attention_layers": [1],
+                        "vocab_size": 128256, "rope_theta": 500000.0, "rope_scaling": ROPE_LLAMA3,
+                        "max_position_embeddings": 131072, "bos_token_id": 128000, "eos_token_id": None,
+                        "pad_token_id": 128004},
+        "image_token_index": 128256,
+        "dtype": "bfloat16",
+    },
+    "tiny": {
+        "vision_config": {"hidden_size": 32, "attention_heads": 2, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_global_layers": 1, "intermediate_layers_indices": [0, 1],
+                          "image_size": 28, "patch_size": 14, "max_num_tiles": 4, "vision_output_dim": 96},
+        "text_config": {"hidden_size": 64, "num_attention_heads": 4, "num_key_value_heads": 2,
+                        "intermediate_size": 128, "num_hidden_layers": 4, "cross_attention_layers": [1],
+                        "vocab_size": 512, "rope_theta": 500000.0, "rope_scaling": ROPE_LLAMA3,
+                        "bos_token_id": 1, "eos_token_id": None, "pad_token_id": 0},
+        "image_token_index": 512,
+        "dtype": "float32",
+    },
+}
+
+
+def checkpoint_dir(name: str) -> Path:
+    return WORK / f"{name}-checkpoint"
+
+
+def _randomize(model: torch.nn.Module, *, dtype: torch.dtype, seed: int) -> None:
+    """Weights ~ N(0, 0.02); norm scales ~ 1; every gate 0.3..0.8 (zero gates would hide paths)."""
+    gen = torch.Generator().manual_seed(seed)
+    for module_name, module in model.named_modules():
+        for key, p in list(module._parameters.items()):
+            if p is None:
+                continue
+            name = f"{module_name}.{key}"
+            data = torch.empty(p.shape, dtype=dtype)
+            if "gate" in name and p.numel() == 1:
+                data.fill_(0.3 + 0.5 * torch.rand(1, generator=gen).item())
+            elif "norm" in name and name.endswith("weight"):
+                data.copy_(1 + 0.05 * torch.randn(p.shape, generator=gen))
+            else:
+                data.normal_(0, 0.02, generator=gen)
+            module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
+
+
+def ensure_checkpoint(name: str) -> Path:
+    """Write the checkpoint unless an identical one is already there; returns its directory."""
+    directory = checkpoint_dir(name)
+    spec = dict(CONFIGS[name])
+    dtype = getattr(torch, spec.pop("dtype"))
+    stamp = directory / "bench_spec.json"
+    if stamp.exists() and json.loads(stamp.read_text()) == CONFIGS[name]:
+        return directory
+    start = time.perf_counter()
+    config = MllamaConfig.from_dict(spec)
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    _randomize(model, dtype=dtype, seed=0)
+    for module in model.modules():  # non-persistent buffers (RoPE inverse frequencies) off the meta device
+        for key, buf in list(module._buffers.items()):
+            if buf is not None and buf.is_meta:
+                module._buffers[key] = torch.empty(buf.shape, dtype=buf.dtype)
+    model.save_pretrained(directory, max_shard_size="2GB")
+    stamp.write_text(json.dumps(CONFIGS[name]))
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {name} checkpoint: {params / 1e9:.3f}B parameters in {time.perf_counter() - start:.0f} s "
+          f"-> {directory}", flush=True)
+    return directory
