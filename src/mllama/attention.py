@@ -76,16 +76,18 @@ class TextCrossAttention(_Projections):
         v = self.v_proj(vision_states).view(b, n, self.num_kv_heads, self.head_dim).transpose(1, 2)
         return self.k_norm(k), v
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 text_row_mask: torch.Tensor) -> torch.Tensor:
-        """x (B, S, hidden); mask bool (B, 1, S, N); text_row_mask (B, S, 1), 0 where a row sees no image.
+        """x (B, S, hidden); mask bool (B, 1, S, N), or None when every row sees every vision token;
+        text_row_mask (B, S, 1), 0 where a row sees no image.
 
         Rows that may see no vision token get a zero output (Meta's reference semantics): their mask
         row is opened so the kernel stays finite, and the result is zeroed before o_proj.
         """
         b, s, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2))
-        mask = mask | (text_row_mask == 0).view(b, 1, s, 1)
+        if mask is not None:
+            mask = mask | (text_row_mask == 0).view(b, 1, s, 1)
         out = grouped_attention(q, kv[0], kv[1], mask)
         out = out.transpose(1, 2).reshape(b, s, -1) * text_row_mask
         return self.o_proj(out)

@@ -34,7 +34,8 @@ class DecoderCache:
 
     `length` counts filled self-attention slots. `cross_kv` maps a cross-attention layer index to
     its (k, v) of shape (B, H_kv, N_vision, D); `cross_mask` (B, 1, 1, N_vision) says which vision
-    tokens the rows may see during decoding, `text_row_mask` (B, 1, 1) whether they see any.
+    tokens the rows may see during decoding (None: all of them), `text_row_mask` (B, 1, 1) whether
+    they see any. `rope` holds cos, sin (max_len, head_dim) per position, filled by the engine.
     """
 
     def __init__(self, config: MllamaTextConfig, *, batch: int, max_len: int,
@@ -49,6 +50,7 @@ class DecoderCache:
         self.cross_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         self.cross_mask: torch.Tensor | None = None
         self.text_row_mask: torch.Tensor | None = None
+        self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def reorder(self, index: torch.Tensor) -> None:
         """Keep only the batch rows in `index` (used when finished rows are dropped)."""

@@ -178,6 +178,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
 
     dtype = text_model.embed_tokens.weight.dtype
     cache = DecoderCache(text_model.config, batch=b, max_len=s + max_new, dtype=dtype, device=device)
+    cache.rope = text_model.rotary_emb.table(s + max_new, dtype)
     valid = torch.ones(b, s + max_new, dtype=torch.bool, device=device)
     valid[:, :s] = attention_mask.bool()
     padded = not bool(valid[:, :s].all())
@@ -201,8 +202,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     finished = torch.zeros(b, dtype=torch.bool, device=device)
     seen = input_ids
     next_pos = positions[:, -1:] + 1
-    decode_cross = None if cross is None else CrossInputs(states=None, mask=cache.cross_mask,
-                                                          text_row_mask=cache.text_row_mask)
+    decode_cross = None
+    if cross is not None:
+        # Usually every row sees every packed vision token: then the decode steps need no mask.
+        sees_all = bool(cache.cross_mask.all())
+        decode_cross = CrossInputs(states=None, mask=None if sees_all else cache.cross_mask,
+                                   text_row_mask=cache.text_row_mask)
     steps = 0
     all_logits = []
     for step in range(max_new):

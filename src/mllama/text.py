@@ -18,12 +18,13 @@ class CrossInputs:
     """What the cross-attention layers see for one forward.
 
     states: projected vision tokens (B, N, hidden), or None when K/V are already in the cache.
-    mask: bool (B, 1, S, N), True where a text row may attend to a vision token.
+    mask: bool (B, 1, S, N), True where a text row may attend to a vision token; None when every row
+    may attend to every vision token (then text_row_mask is all ones).
     text_row_mask: (B, S, 1) in the activation dtype, 0 for rows that see no vision token at all.
     """
 
     states: torch.Tensor | None
-    mask: torch.Tensor
+    mask: torch.Tensor | None
     text_row_mask: torch.Tensor
 
 
@@ -52,7 +53,7 @@ class CrossAttentionDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.cross_attn_mlp_gate = nn.Parameter(torch.zeros(1))
 
-    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor,
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
                 text_row_mask: torch.Tensor) -> torch.Tensor:
         attn = self.cross_attn(self.input_layernorm(x), kv, mask, text_row_mask)
         x = x + self.cross_attn_attn_gate.tanh() * attn
@@ -90,7 +91,10 @@ class MllamaTextModel(nn.Module):
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if mask is None and cache_start > 0 and x.shape[1] > 1:
             raise ValueError("a mask is required when several new tokens attend to cached ones")
-        cos, sin = self.rotary_emb(position_ids, x.dtype)
+        if cache is not None and cache.rope is not None:
+            cos, sin = cache.rope[0][position_ids], cache.rope[1][position_ids]  # (B, S, head_dim)
+        else:
+            cos, sin = self.rotary_emb(position_ids, x.dtype)
         for idx, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionDecoderLayer):
                 if cross is None:
