@@ -1,9 +1,10 @@
 """The fast Mllama image processor: batched torch resize, then rescale, normalisation and tiling in one pass.
 
 Images of one size are resized together by `torch.nn.functional.interpolate` (bilinear, antialiased
-so that downscaling averages like PIL's filter does). PIL rounds to uint8 after each of its two
-resize passes; this resize does not round, which keeps it within one uint8 level of PIL, i.e.
-within 1/255/min(image_std) (0.0150 for the published checkpoints) after normalisation. NEAREST
+so that downscaling averages like PIL's filter does), on uint8 pixels as PIL does: torch's uint8
+kernel is several times faster than its float one. Its fixed-point weights round differently from
+PIL's, which keeps it within one uint8 level of PIL, i.e. within 1/255/min(image_std) (0.0150 for
+the published checkpoints) after normalisation. NEAREST
 reads exactly the pixels PIL reads. BICUBIC, LANCZOS, BOX and HAMMING are resized by PIL, image
 by image, since torch has no kernel that stays within one level of them.
 """
@@ -31,7 +32,7 @@ _BILINEAR, _NEAREST = int(Image.Resampling.BILINEAR), int(Image.Resampling.NEARE
 
 def _resize_group(arrays: list[np.ndarray], height: int, width: int, resample: int,
                   device: torch.device) -> torch.Tensor:
-    """Same-sized uint8 (H, W, 3) arrays -> (N, 3, height, width) on the 0..255 scale (uint8 or float32)."""
+    """Same-sized uint8 (H, W, 3) arrays -> uint8 (N, 3, height, width)."""
     if resample not in (_BILINEAR, _NEAREST):
         arrays = [np.asarray(Image.fromarray(a).resize((width, height), resample=resample)) for a in arrays]
     batch = torch.from_numpy(np.stack(arrays)).to(device).permute(0, 3, 1, 2)  # (N, 3, H, W) view of (N, H, W, 3)
@@ -42,7 +43,7 @@ def _resize_group(arrays: list[np.ndarray], height: int, width: int, resample: i
         rows = torch.from_numpy(pil_nearest_indices(in_height, height)).to(device)
         cols = torch.from_numpy(pil_nearest_indices(in_width, width)).to(device)
         return batch.index_select(2, rows).index_select(3, cols)
-    batch = batch.to(torch.float32, memory_format=torch.contiguous_format)
+    # `batch` is channels-last, the layout of torch's vectorised uint8 antialiased kernel.
     return F.interpolate(batch, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
