@@ -168,30 +168,38 @@ def is_gate(name: str) -> bool:
 
 
 @torch.no_grad()
-def init_for_training(model: nn.Module, *, seed: int, std: float | None = None, gate_value: float = 0.1) -> None:
-    """Seeded fresh weights: normal(0, std) matrices and embeddings, unit norms, zero biases.
+def init_for_training(model: nn.Module, *, seed: int, gate_value: float = 0.1) -> None:
+    """Seeded fresh weights for training from scratch.
 
-    The global vision layers' gates start at pi/4 (Meta's init). The other gates (cross-attention,
-    positional embeddings) get `gate_value` rather than the zero the real model started from, so the
-    very first backward already reaches the vision tower and the cross-attention layers through them.
+    Linear, conv and embedding layers get PyTorch's default init (fan-in scaled), norms are ones/zeros,
+    free-standing embeddings (class token, patch positions) normal with std hidden**-0.5. (The 0.02
+    normal of the published configs' initializer_range trains tiny models far more slowly.) The
+    global vision layers' gates start at pi/4 (Meta's init); the other gates (cross-attention,
+    positional embeddings) at `gate_value` rather than the real model's zero, so that the very first
+    backward already reaches the vision tower and the cross-attention layers through them.
     """
-    config = getattr(model, "config", None)
-    if std is None:
-        std = getattr(getattr(config, "text_config", config), "initializer_range", 0.02)
-    generator = torch.Generator().manual_seed(seed)
-    for name, param in sorted(model.named_parameters()):
-        leaf = name.rsplit(".", 1)[-1]
-        owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        if leaf in ("gate_attn", "gate_ffn"):
-            param.fill_(math.pi / 4)
-        elif is_gate(name):
-            param.fill_(gate_value)
-        elif isinstance(owner, nn.LayerNorm) or (leaf == "weight" and param.dim() == 1):
-            param.fill_(1.0 if leaf == "weight" else 0.0)
-        elif leaf == "bias":
-            param.zero_()
-        else:
-            param.copy_(torch.randn(param.shape, generator=generator) * std)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        owners = {}
+        for module_name, module in model.named_modules():
+            if hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+                for param_name, _ in module.named_parameters(recurse=False):
+                    owners[f"{module_name}.{param_name}" if module_name else param_name] = module
+        for name, param in model.named_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            if leaf in ("gate_attn", "gate_ffn"):
+                param.fill_(math.pi / 4)
+            elif is_gate(name):
+                param.fill_(gate_value)
+            elif name in owners:
+                continue
+            elif leaf == "weight" and param.dim() == 1:  # RMSNorm
+                param.fill_(1.0)
+            elif leaf == "bias":
+                param.zero_()
+            else:
+                param.normal_(0.0, param.shape[-1] ** -0.5)
 
 
 # ---- the loop ---------------------------------------------------------------------------------------------------
@@ -243,9 +251,9 @@ class TrainResult:
     seconds: float = 0.0
 
 
-def train(model: MllamaForConditionalGeneration, batches: Iterable[Batch], *, config: TrainConfig,
-          evaluate: Callable[[MllamaForConditionalGeneration], dict[str, Any]] | None = None,
-          save: Callable[[MllamaForConditionalGeneration, int], None] | None = None,
+def train(model: nn.Module, batches: Iterable[Batch], *, config: TrainConfig,
+          evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
+          save: Callable[[nn.Module, int], None] | None = None,
           log: Callable[[str], None] | None = print) -> TrainResult:
     """Run `config.steps` optimizer steps over `batches` (dicts of model inputs with `labels`)."""
     torch.manual_seed(config.seed)
