@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mllama.batch import BatchFeature
 from mllama.config import resolve_file
 from mllama.image_loading import decode_image, load_image, nest_images
 
@@ -43,26 +44,6 @@ IMAGE_PROCESSOR_TYPE = "MllamaImageProcessor"
 _ACCEPTED_TYPES = (IMAGE_PROCESSOR_TYPE, "MllamaImageProcessorPil", "MllamaImageProcessorFast")
 _RESAMPLE_FILTERS = {int(f) for f in Image.Resampling}
 ReturnTensors = Literal["pt", "np"] | None
-
-
-class BatchFeature(dict):
-    """A dict of model inputs with attribute access (`features.pixel_values`)."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device: str | torch.device | None = None, *, dtype: torch.dtype | None = None) -> "BatchFeature":
-        """Move tensors to `device`; `dtype` applies to floating-point tensors only."""
-        out = BatchFeature()
-        for key, value in self.items():
-            if isinstance(value, torch.Tensor):
-                cast = dtype if dtype is not None and value.is_floating_point() else None
-                value = value.to(device=device, dtype=cast)
-            out[key] = value
-        return out
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
+from mllama.batch import BatchEncoding
 from mllama.config import resolve_file
 
 # Llama 3 pre-tokenizer split pattern (a fact shared by tiktoken's `tokenizer.model` and the HF files).
@@ -36,19 +37,6 @@ def llama3_special_tokens() -> list[str]:
 
 def default_chat_template() -> str:
     return TEMPLATE_PATH.read_text(encoding="utf-8")
-
-
-class BatchEncoding(dict):
-    """A dict of model inputs with attribute access and `.to(device)` for tensor values."""
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
-
-    def to(self, device: Any) -> "BatchEncoding":
-        return BatchEncoding({k: v.to(device) if hasattr(v, "to") else v for k, v in self.items()})
 
 
 def to_tensors(data: dict[str, Any], return_tensors: str | None) -> BatchEncoding:
