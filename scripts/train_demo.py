@@ -17,6 +17,7 @@ import torch
 
 from mllama.demo.recipe import DEMO_MODEL_DIR, EXAMPLE_IMAGE, Recipe, evaluate, example_image, train_demo
 from mllama.demo.shapes import make_samples
+from mllama.train import greedy_answers
 
 
 def main() -> None:
@@ -33,12 +34,17 @@ def main() -> None:
     start = time.perf_counter()
     model, processor, _ = train_demo(args.out, recipe=recipe, log=lambda line: print(line, flush=True))
     trained = time.perf_counter() - start
-    example_image(args.example)
+    example = example_image(args.example)
     size = sum(p.stat().st_size for p in args.out.iterdir())
     samples = make_samples(200, seed=99, kind="describe")
     right, blank = evaluate(model, processor, samples), evaluate(model, processor, samples, blank=True)
     print(f"trained in {trained:.0f}s; {sum(p.numel() for p in model.parameters()):,} parameters, "
           f"{size / 2**20:.1f} MiB on disk")
+    from PIL import Image
+
+    question = "What is in this image?"
+    answer = greedy_answers(model, processor, [Image.open(example).convert("RGB")], [question])[0]
+    print(f"{example.name}: {question} -> {answer}")
     print(f"200 fresh images: shape+colour {right.both:.1%} (shape {right.shape:.1%}, colour {right.color:.1%}); "
           f"blank images: shape {blank.shape:.1%}, colour {blank.color:.1%}")
 

@@ -1,6 +1,6 @@
 """How the shipped demo model is built: tokenizer, processor, tiny config, data, training, checkpoint.
 
-The model is the real Llama 3.2-Vision architecture at a tiny size: 56-px tiles of 4 x 4 patches,
+The model is the real Llama 3.2-Vision architecture at a tiny size: 70-px tiles of 5 x 5 patches,
 up to 4 tiles per image with every supported aspect ratio, local + gated global vision layers with
 intermediate-layer taps, and a text decoder with tanh-gated cross-attention layers. Everything is
 seeded, so `scripts/train_demo.py` reproduces the shipped files on the same torch build.
@@ -9,7 +9,6 @@ seeded, so `scripts/train_demo.py` reproduces the shipped files on the same torc
 from __future__ import annotations
 
 import random
-import shutil
 import tempfile
 import time
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama.config import MllamaConfig
-from mllama.demo.shapes import COLORS, QUESTIONS, SHAPES, ShapeSample, blank_image, make_samples, parse_answer
+from mllama.demo.shapes import (COLORS, QUESTIONS, SHAPES, ShapeSample, blank_image, iter_samples, make_samples,
+                                parse_answer)
 from mllama.demo.vocab import train_demo_tokenizer
 from mllama.image_processing import MllamaImageProcessor
 from mllama.model import CausalLMOutput, MllamaForConditionalGeneration
@@ -34,7 +34,7 @@ ASSETS = Path(__file__).resolve().parent.parent / "assets"
 DEMO_MODEL_DIR = ASSETS / "demo-model"
 EXAMPLE_IMAGE = ASSETS / "example.png"
 
-TILE_SIZE = 56
+TILE_SIZE = 70
 MAX_TILES = 4
 # CLIP normalisation, as the real checkpoints use.
 IMAGE_MEAN = [0.48145466, 0.4578275, 0.40821073]
@@ -71,7 +71,7 @@ def demo_config(tokenizer: MllamaTokenizer, *, tile_size: int = TILE_SIZE) -> Ml
 
 
 def build_processor(directory: str | Path, *, tile_size: int = TILE_SIZE) -> MllamaProcessor:
-    """Train the tokenizer into `directory` and pair it with a 56-px-tile image processor."""
+    """Train the tokenizer into `directory` and pair it with an image processor for the demo's tiles."""
     tokenizer = train_demo_tokenizer(directory)
     image_processor = MllamaImageProcessor(size={"height": tile_size, "width": tile_size},
                                            max_image_tiles=MAX_TILES, image_mean=IMAGE_MEAN, image_std=IMAGE_STD,
@@ -79,9 +79,17 @@ def build_processor(directory: str | Path, *, tile_size: int = TILE_SIZE) -> Mll
     return MllamaProcessor(image_processor, tokenizer)
 
 
-def batch_pool(samples: Sequence[ShapeSample], collator: VQACollator, *, batch_size: int) -> list[Batch]:
-    """Collate once: image preprocessing costs about as much as a training step of this model."""
-    return [collator(samples[i:i + batch_size]) for i in range(0, len(samples) - batch_size + 1, batch_size)]
+def batch_pool(samples: Iterator[ShapeSample], collator: VQACollator, *, batches: int, batch_size: int
+               ) -> tuple[list[Batch], list[torch.Tensor]]:
+    """Collate `batches` batches once (image preprocessing costs about as much as a training step of
+    this model), keeping no images; also returns each batch's (shape, colour) class labels."""
+    colors = sorted(COLORS)
+    pool, labels = [], []
+    for _ in range(batches):
+        rows = [next(samples) for _ in range(batch_size)]
+        pool.append(collator(rows))
+        labels.append(torch.tensor([[SHAPES.index(s.shape), colors.index(s.color)] for s in rows]))
+    return pool, labels
 
 
 def cycle(pool: Sequence[Batch], *, seed: int) -> Iterator[Batch]:
@@ -156,29 +164,23 @@ class VisionProbe(nn.Module):
         return CausalLMOutput(logits=logits, loss=loss)
 
 
-def probe_batches(pool: Sequence[Batch], samples: Sequence[ShapeSample], *, batch_size: int) -> list[Batch]:
-    """The pool's image inputs with (shape, colour) class labels; pool batch i holds samples[i*B:(i+1)*B]."""
-    colors = sorted(COLORS)
-    out = []
-    for i, batch in enumerate(pool):
-        rows = samples[i * batch_size:(i + 1) * batch_size]
-        labels = torch.tensor([[SHAPES.index(s.shape), colors.index(s.color)] for s in rows])
-        out.append({k: batch[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")} |
-                   {"labels": labels})
-    return out
+def probe_batches(pool: Sequence[Batch], labels: Sequence[torch.Tensor]) -> list[Batch]:
+    """The pool's image inputs with their (shape, colour) class labels."""
+    keys = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+    return [{k: batch[k] for k in keys} | {"labels": y} for batch, y in zip(pool, labels)]
 
 
 @dataclass
 class Recipe:
     tile_size: int = TILE_SIZE
-    vision_steps: int = 600
+    vision_steps: int = 800
     vision_lr: float = 3e-3
-    steps: int = 1800
+    steps: int = 800
     batch_size: int = 32
     pool_batches: int = 250
     lr: float = 2e-3
     warmup_steps: int = 100
-    eval_every: int = 300
+    eval_every: int = 200
     eval_samples: int = 100
     # Colour is learnt in a few hundred steps, shape takes far longer: ask about shape more often.
     kind_weights: tuple[tuple[str, float], ...] = (("shape", 0.35), ("describe", 0.45), ("color", 0.2))
@@ -186,7 +188,7 @@ class Recipe:
 
 def train_demo(out_dir: str | Path, *, recipe: Recipe | None = None, log: Callable[[str], None] = print
                ) -> tuple[MllamaForConditionalGeneration, MllamaProcessor, TrainResult]:
-    """Build, train and save the demo model into `out_dir` (replaced). Seeded end to end."""
+    """Build, train and save the demo model into `out_dir` (files of the same names are overwritten)."""
     recipe = recipe or Recipe()
     random.seed(TRAIN_SEED)
     torch.manual_seed(INIT_SEED)
@@ -199,11 +201,9 @@ def train_demo(out_dir: str | Path, *, recipe: Recipe | None = None, log: Callab
     log(f"model: {sum(p.numel() for p in model.parameters()):,} parameters")
 
     collator = VQACollator(processor)
-    samples = make_samples(recipe.pool_batches * recipe.batch_size, seed=TRAIN_SEED,
-                           kind_weights=dict(recipe.kind_weights))
-    pool = batch_pool(samples, collator, batch_size=recipe.batch_size)
-    probe_pool = probe_batches(pool, samples, batch_size=recipe.batch_size)
-    del samples
+    samples = iter_samples(seed=TRAIN_SEED, kind_weights=dict(recipe.kind_weights))
+    pool, labels = batch_pool(samples, collator, batches=recipe.pool_batches, batch_size=recipe.batch_size)
+    probe_pool = probe_batches(pool, labels)
     held_out = make_samples(recipe.eval_samples, seed=EVAL_SEED, kind="describe")
     held_batches = eval_batches(processor, held_out)
     log(f"data: {len(pool)} batches of {recipe.batch_size} in {time.perf_counter() - start:.0f}s")
@@ -227,8 +227,6 @@ def train_demo(out_dir: str | Path, *, recipe: Recipe | None = None, log: Callab
                                eval_every=recipe.eval_every, seed=INIT_SEED)
     result = train(model, cycle(pool, seed=TRAIN_SEED), config=config_train, evaluate=metrics, log=log)
     out = Path(out_dir)
-    if out.exists():
-        shutil.rmtree(out)
     gen = generation_config_for(processor.tokenizer, do_sample=False, max_new_tokens=32)
     save_checkpoint(model, processor, out, generation_config=gen)
     result.seconds = time.perf_counter() - start

@@ -136,20 +136,25 @@ def make_samples(n: int, *, seed: int, kind: str | None = None,
     """`n` samples, fully determined by `seed`; question kinds uniform, or drawn with `kind_weights`."""
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
+    stream = iter_samples(seed=seed, kind=kind, kind_weights=kind_weights)
+    return [next(stream) for _ in range(n)]
+
+
+def iter_samples(*, seed: int, kind: str | None = None,
+                 kind_weights: dict[str, float] | None = None) -> Iterator[ShapeSample]:
+    """An endless seeded stream of samples; its first n items are `make_samples(n, ...)`."""
+    if kind is not None and kind not in KINDS:
+        raise ValueError(f"unknown question kind {kind!r}; choose one of {KINDS}")
     if kind_weights is not None and (set(kind_weights) - set(KINDS) or min(kind_weights.values()) < 0):
         raise ValueError(f"kind_weights must map kinds among {KINDS} to non-negative weights")
     rng = random.Random(seed)
-    if kind is not None or kind_weights is None:
-        return [random_sample(rng, kind=kind) for _ in range(n)]
-    names = sorted(kind_weights)
-    return [random_sample(rng, kind=rng.choices(names, [kind_weights[k] for k in names])[0]) for _ in range(n)]
-
-
-def iter_samples(*, seed: int, kind: str | None = None) -> Iterator[ShapeSample]:
-    """An endless seeded stream of samples."""
-    rng = random.Random(seed)
+    names = sorted(kind_weights or {})
+    weights = [kind_weights[k] for k in names] if kind_weights else []
     while True:
-        yield random_sample(rng, kind=kind)
+        if kind is not None or not kind_weights:
+            yield random_sample(rng, kind=kind)
+        else:
+            yield random_sample(rng, kind=rng.choices(names, weights)[0])
 
 
 def requestion(sample: ShapeSample, rng: random.Random, *, kind: str | None = None) -> ShapeSample:
