@@ -90,6 +90,21 @@ def test_other_questions(model, processor):
     assert sum(parse_answer(a)[0] is not None for a in answers[30:]) <= 3
 
 
+def test_transformers_tokenizer_agrees(processor):
+    transformers = pytest.importorskip("transformers")
+    hf = transformers.AutoTokenizer.from_pretrained(DEMO_MODEL_DIR)
+    tok = processor.tokenizer
+    assert len(hf) == len(tok)
+    assert (hf.bos_token, hf.eos_token, hf.pad_token) == ("<|begin_of_text|>", "<|eot_id|>", "<|finetune_right_pad_id|>")
+    for name in ("<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>",
+                 "<|eom_id|>", "<|finetune_right_pad_id|>", "<|python_tag|>", "<|step_id|>", "<|image|>"):
+        assert hf.convert_tokens_to_ids(name) == tok.convert_tokens_to_ids(name) is not None, name
+    for text in ("A red circle.", "<|image|>What colour is the shape?", "Ünïcode, digits 12345 and\n\nnewlines!"):
+        assert hf(text).input_ids == tok.encode(text), text
+        assert hf.decode(tok.encode(text), skip_special_tokens=True) == tok.decode(tok.encode(text),
+                                                                                    skip_special_tokens=True)
+
+
 def test_transformers_reads_the_checkpoint(model, processor, fresh):
     transformers = pytest.importorskip("transformers")
     hf_processor = transformers.AutoProcessor.from_pretrained(DEMO_MODEL_DIR)

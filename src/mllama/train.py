@@ -14,7 +14,7 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, Sequence
 
@@ -28,7 +28,7 @@ _CACHE_LIMIT = 1 << 16
 
 
 class Processor(Protocol):
-    """What training needs from a processor (ours and transformers' both fit)."""
+    """What training needs from a processor: `mllama.processor.MllamaProcessor` (exactly one BOS per row)."""
 
     tokenizer: Any
 
@@ -396,8 +396,3 @@ def greedy_answers(model: MllamaForConditionalGeneration, processor: Processor, 
             answers.append(processor.tokenizer.decode(row, skip_special_tokens=True).strip())
     model.train(was_training)
     return answers
-
-
-def save_train_log(result: TrainResult, path: str | os.PathLike, *, config: TrainConfig) -> None:
-    Path(path).write_text(json.dumps({"config": asdict(config), "seconds": result.seconds,
-                                      "losses": result.losses, "evals": result.evals}, indent=1) + "\n")
