@@ -348,37 +348,17 @@ def prompt_batch(processor: Processor, images: Sequence[Any], questions: Sequenc
 @torch.no_grad()
 def greedy_decode(model: MllamaForConditionalGeneration, batch: Batch, *, stop_ids: Sequence[int],
                   max_new_tokens: int = 16) -> list[list[int]]:
-    """Greedy continuation of a left-padded prompt batch, each row cut before its first stop id.
-
-    A plain loop over `forward` without a KV cache: the vision tokens are computed once and reused,
-    the short text is recomputed each step. Meant for evaluating small models.
-    """
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    if bool((mask[:, -1] == 0).any()):
-        raise ValueError("greedy_decode needs left-padded prompts")
+    """Greedy continuation of a left-padded prompt batch (the generation engine), each row cut
+    before its first stop id."""
     if not stop_ids:
         raise ValueError("stop_ids must name at least one token")
-    stops = torch.tensor(sorted(set(stop_ids)))
-    cross_mask = batch["cross_attention_mask"]
-    states = model.model.encode_images(batch["pixel_values"], batch["aspect_ratio_ids"], batch["aspect_ratio_mask"])
-    done = torch.zeros(ids.shape[0], dtype=torch.bool)
-    new: list[torch.Tensor] = []
-    for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, attention_mask=mask, cross_attention_mask=cross_mask, position_ids=positions,
-                       cross_attention_states=states).logits[:, -1]
-        token = torch.where(done, stops[0], logits.argmax(-1))
-        new.append(token)
-        done |= torch.isin(token, stops)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        # Generated tokens see the same image tiles as the last prompt token.
-        cross_mask = torch.cat([cross_mask, cross_mask[:, -1:]], dim=1)
-        if bool(done.all()):
-            break
-    stop_set = set(stops.tolist())
-    rows = torch.stack(new, dim=1).tolist()
-    return [row[:next((i for i, t in enumerate(row) if t in stop_set), len(row))] for row in rows]
+    stops = sorted(set(stop_ids))
+    keys = ("attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+    out = model.generate(batch["input_ids"], **{k: batch[k] for k in keys if k in batch},
+                         max_new_tokens=max_new_tokens, do_sample=False, repetition_penalty=1.0,
+                         eos_token_id=stops, pad_token_id=stops[0])
+    rows = out[:, batch["input_ids"].shape[1]:].tolist()
+    return [row[:next((i for i, t in enumerate(row) if t in stops), len(row))] for row in rows]
 
 
 def greedy_answers(model: MllamaForConditionalGeneration, processor: Processor, images: Sequence[Any],
