@@ -10,6 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+import mllama.safetensors_io as safetensors_io
 import mllama.weights as weights
 from mllama.config import MllamaConfig
 from mllama.layers import rope_inv_freq
@@ -311,7 +312,7 @@ def test_published_key_lists_fit(size, tmp_path):
         if line.startswith("#"):
             continue
         name, shape, dtype, in_memory = line.split("\t")
-        info = weights.TensorInfo(tmp_path, 0, 0, weights._DTYPES[dtype], tuple(json.loads(shape)))
+        info = safetensors_io.TensorInfo(tmp_path, 0, 0, safetensors_io._DTYPES[dtype], tuple(json.loads(shape)))
         hub[name], memory[in_memory] = info, info
     shutil.copy(config, tmp_path / "config.json")
     raw, full_config = weights._read_config(tmp_path, text_only=False)

@@ -10,11 +10,9 @@ later overwritten in place, e.g. by saving the model back to the directory it ca
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +21,11 @@ from torch import nn
 
 from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig
 from mllama.layers import rope_inv_freq
+# The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
+from mllama.safetensors_io import (SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError,  # noqa: F401
+                                   CheckpointMismatchError, CorruptCheckpointError, MissingShardError,
+                                   TensorInfo, WrongModelTypeError, _load_json, _read_into, checkpoint_tensors)
 
-SAFE_WEIGHTS_NAME = "model.safetensors"
-SAFE_INDEX_NAME = "model.safetensors.index.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 # What from_pretrained downloads from the hub: configs, weights and tokenizer files, not the
 # original/consolidated.pth copy that the published repos also carry.
@@ -54,53 +54,6 @@ KEY_TABLE: list[tuple[str, str, str | None]] = [
     ("model.norm.", "model.language_model.norm.", "model.norm."),
 ]
 
-_DTYPES: dict[str, torch.dtype] = {
-    "BOOL": torch.bool, "U8": torch.uint8, "I8": torch.int8, "I16": torch.int16, "U16": torch.uint16,
-    "I32": torch.int32, "U32": torch.uint32, "I64": torch.int64, "U64": torch.uint64, "F16": torch.float16,
-    "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
-}
-_MAX_HEADER_BYTES = 100 << 20
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be loaded as it is."""
-
-
-class CheckpointMismatchError(CheckpointError):
-    """The checkpoint's tensors do not fit the model: every offending name is listed at once."""
-
-    def __init__(self, message: str, *, missing: dict[str, tuple[int, ...]],
-                 unexpected: dict[str, tuple[int, ...]],
-                 mismatched: dict[str, tuple[tuple[int, ...], tuple[int, ...]]],
-                 duplicated: dict[str, list[str]]) -> None:
-        super().__init__(message)
-        self.missing, self.unexpected, self.mismatched, self.duplicated = missing, unexpected, mismatched, duplicated
-
-
-class CorruptCheckpointError(CheckpointError):
-    """A safetensors file or index that is not well formed (truncated, bad header, ...)."""
-
-
-class MissingShardError(CheckpointError, FileNotFoundError):
-    """The index names shard files that are not there."""
-
-
-class WrongModelTypeError(CheckpointError):
-    """config.json describes some other model than Llama 3.2-Vision (or the other Mllama class)."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor lives: file, absolute byte offset of its data, dtype and shape."""
-
-    file: Path
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
-
-
 def map_checkpoint_key(key: str, *, text_only: bool = False) -> tuple[str | None, bool]:
     """(in-memory name, known) for a checkpoint key.
 
@@ -122,87 +75,6 @@ def to_checkpoint_key(name: str, *, text_only: bool = False) -> str:
         if name.startswith(full):
             return disk + name[len(full):]
     raise ValueError(f"{name!r} is not a parameter name of MllamaForConditionalGeneration")
-
-
-def _load_json(file: Path) -> Any:
-    try:
-        return json.loads(file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CorruptCheckpointError(f"{file} is not valid JSON: {err}") from None
-
-
-def read_safetensors_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header: ({name: TensorInfo}, metadata). Reads no tensor data."""
-    def bad(why: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(f"{path} is not a valid safetensors file: {why}")
-
-    size = path.stat().st_size
-    with open(path, "rb") as handle:
-        head = handle.read(8)
-        if len(head) < 8:
-            raise bad(f"only {size} bytes, shorter than the 8-byte header length")
-        header_len = int.from_bytes(head, "little")
-        if header_len > min(size - 8, _MAX_HEADER_BYTES):
-            raise bad(f"header length {header_len} does not fit in the {size}-byte file (truncated?)")
-        raw = handle.read(header_len)
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise bad(f"header is not JSON ({err})") from None
-    if not isinstance(header, dict):
-        raise bad("header is not a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
-    start = 8 + header_len
-    tensors: dict[str, TensorInfo] = {}
-    spans = []
-    for name, entry in header.items():
-        try:
-            dtype = _DTYPES[entry["dtype"]]
-            shape = tuple(int(d) for d in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise bad(f"tensor {name!r} has a malformed or unsupported entry {entry!r}") from None
-        nbytes = math.prod(shape) * dtype.itemsize
-        if min(shape, default=0) < 0 or end - begin != nbytes:
-            raise bad(f"tensor {name!r}: offsets {begin}..{end} do not hold {shape} {entry['dtype']}")
-        tensors[name] = TensorInfo(path, start + begin, nbytes, dtype, shape)
-        spans.append((begin, end, name))
-    position = 0
-    for begin, end, name in sorted(spans):
-        if begin != position:
-            raise bad(f"tensor {name!r} starts at {begin}, expected {position} (overlap or gap)")
-        position = end
-    if start + position != size:
-        raise bad(f"header describes {start + position} bytes but the file has {size} (truncated or padded)")
-    return tensors, metadata
-
-
-def checkpoint_tensors(directory: Path) -> dict[str, TensorInfo]:
-    """Every tensor of a single-file or sharded checkpoint; validates all headers, reads no data."""
-    index_file = directory / SAFE_INDEX_NAME
-    if index_file.is_file():
-        weight_map = _load_json(index_file)
-        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
-        if not isinstance(weight_map, dict):
-            raise CorruptCheckpointError(f"{index_file} is not a safetensors index (no weight_map object)")
-        files = sorted(set(weight_map.values()))
-        odd = [f for f in files if not isinstance(f, str) or Path(f).name != f]
-        if odd:
-            raise CorruptCheckpointError(f"{index_file} names shard files outside its directory: {odd}")
-        absent = [f for f in files if not (directory / f).is_file()]
-        if absent:
-            raise MissingShardError(f"{index_file} refers to shard files missing from {directory}: {absent}")
-        headers = {f: read_safetensors_header(directory / f)[0] for f in files}
-        lost = [f"{k} ({f})" for k, f in weight_map.items() if k not in headers[f]]
-        if lost:
-            raise CorruptCheckpointError(f"{index_file} lists tensors that are not in their shard: {lost[:20]}")
-        return {k: headers[f][k] for k, f in weight_map.items()}
-    single = directory / SAFE_WEIGHTS_NAME
-    if single.is_file():
-        return read_safetensors_header(single)[0]
-    others = sorted(p.name for p in directory.iterdir() if p.suffix in (".bin", ".pth", ".pt"))
-    hint = f" (found {others}: only safetensors checkpoints are supported)" if others else ""
-    raise FileNotFoundError(f"{directory} has neither {SAFE_WEIGHTS_NAME} nor {SAFE_INDEX_NAME}{hint}")
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = None) -> Path:
@@ -311,20 +183,6 @@ def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: boo
             f"{len(duplicated)} duplicated\n" + "\n".join(shown),
             missing=missing, unexpected=unexpected, mismatched=mismatched, duplicated=duplicated)
     return plan
-
-
-def _read_into(handle: Any, info: TensorInfo, out: torch.Tensor) -> torch.Tensor:
-    """Fill `out` (a contiguous CPU tensor of info.nbytes bytes) with the tensor's bytes; returns it."""
-    if info.nbytes:
-        buffer = memoryview(out.reshape(-1).view(torch.uint8).numpy())
-        handle.seek(info.offset)
-        done = 0
-        while done < info.nbytes:
-            got = handle.readinto(buffer[done:])
-            if not got:
-                raise CorruptCheckpointError(f"{info.file} ended early (was it modified while loading?)")
-            done += got
-    return out
 
 
 def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: torch.device,
