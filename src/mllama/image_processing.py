@@ -271,27 +271,44 @@ class MllamaImageProcessorBase:
         if return_tensors not in (None, "pt", "np"):
             raise ValueError(f"return_tensors must be 'pt', 'np' or None, got {return_tensors!r}")
 
-
-class MllamaImageProcessorPil(MllamaImageProcessorBase):
-    """The reference pipeline with PIL and numpy, one image at a time; outputs numpy by default."""
-
     def preprocess(self, images: Any, *, return_tensors: ReturnTensors = None, do_convert_rgb: bool | None = None,
                    size: dict[str, int] | int | None = None, resample: int | None = None,
                    do_rescale: bool | None = None, rescale_factor: float | None = None,
                    do_normalize: bool | None = None, image_mean: float | Sequence[float] | None = None,
                    image_std: float | Sequence[float] | None = None, max_image_tiles: int | None = None,
                    do_resize: bool | None = None, do_pad: bool | None = None,
-                   input_data_format: str | None = None) -> BatchFeature:
+                   input_data_format: str | None = None, device: str | torch.device | None = None) -> BatchFeature:
         """Images -> pixel_values (B, I, T, 3, S, S) float32, aspect_ratio_ids (B, I), aspect_ratio_mask
-        (B, I, T), num_tiles (per-sample lists); I = most images in a sample, T = max_image_tiles."""
+        (B, I, T), num_tiles (per-sample lists); I = most images in a sample, T = max_image_tiles.
+        `device` (torch class only) is where the resize and normalisation run and the tensors end up."""
         self._check_return_tensors(return_tensors)
         s = self.settings(do_convert_rgb=do_convert_rgb, size=size, resample=resample, do_rescale=do_rescale,
                           rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
                           image_std=image_std, max_image_tiles=max_image_tiles, do_resize=do_resize, do_pad=do_pad)
         decoded = self._decode_batch(images, s, input_data_format)
         grids, ids, mask = self._layout(decoded, s)
+        pixels = self._pixels(decoded, grids, ids.shape[1], s, device=device)
+        return _features(pixels, ids, mask, grids, return_tensors or self.default_tensors)
+
+    __call__ = preprocess
+
+    default_tensors = "np"
+
+    def _pixels(self, decoded: list[list[tuple[np.ndarray, float]]], grids: list[list[tuple[int, int]]],
+                max_images: int, s: Settings, *, device: str | torch.device | None) -> np.ndarray | torch.Tensor:
+        """(B, max_images, max_image_tiles, 3, S, S) normalised tiles: what the two classes do differently."""
+        raise NotImplementedError
+
+
+class MllamaImageProcessorPil(MllamaImageProcessorBase):
+    """The reference pipeline with PIL and numpy, one image at a time; outputs numpy by default."""
+
+    def _pixels(self, decoded: list[list[tuple[np.ndarray, float]]], grids: list[list[tuple[int, int]]],
+                max_images: int, s: Settings, *, device: str | torch.device | None) -> np.ndarray:
+        if device is not None:
+            raise ValueError("MllamaImageProcessorPil runs on the CPU; use MllamaImageProcessor for device=")
         tile = s.tile_size
-        pixels = np.zeros((len(decoded), ids.shape[1], s.max_image_tiles, 3, tile, tile), dtype=np.float32)
+        pixels = np.zeros((len(decoded), max_images, s.max_image_tiles, 3, tile, tile), dtype=np.float32)
         mean = np.asarray(s.mean, dtype=np.float32)[:, None, None]
         std = np.asarray(s.std, dtype=np.float32)[:, None, None]
         for b, sample in enumerate(decoded):
@@ -312,9 +329,7 @@ class MllamaImageProcessorPil(MllamaImageProcessorBase):
                 # (3, rows*S, cols*S) -> (rows*cols, 3, S, S), tiles in row-major order
                 tiles = image.reshape(3, rows, tile, cols, tile).transpose(1, 3, 0, 2, 4)
                 pixels[b, j, : rows * cols] = tiles.reshape(rows * cols, 3, tile, tile)
-        return _features(pixels, ids, mask, grids, "np" if return_tensors is None else return_tensors)
-
-    __call__ = preprocess
+        return pixels
 
 
 def _features(pixels: np.ndarray | torch.Tensor, ids: np.ndarray, mask: np.ndarray,

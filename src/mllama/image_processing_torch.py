@@ -11,21 +11,12 @@ by image, since torch has no kernel that stays within one level of them.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mllama.image_processing import (
-    BatchFeature,
-    MllamaImageProcessorBase,
-    ReturnTensors,
-    _features,
-    pil_nearest_indices,
-    size_on_canvas,
-)
+from mllama.image_processing import MllamaImageProcessorBase, Settings, pil_nearest_indices, size_on_canvas
 
 _BILINEAR, _NEAREST = int(Image.Resampling.BILINEAR), int(Image.Resampling.NEAREST)
 
@@ -65,25 +56,13 @@ def _write_tiles(dest: torch.Tensor, canvas: torch.Tensor, scale: list[float], s
 class MllamaImageProcessor(MllamaImageProcessorBase):
     """Batched torch implementation of the Mllama preprocessing; outputs torch tensors by default."""
 
-    def preprocess(self, images: Any, *, return_tensors: ReturnTensors = None, do_convert_rgb: bool | None = None,
-                   size: dict[str, int] | int | None = None, resample: int | None = None,
-                   do_rescale: bool | None = None, rescale_factor: float | None = None,
-                   do_normalize: bool | None = None, image_mean: float | Sequence[float] | None = None,
-                   image_std: float | Sequence[float] | None = None, max_image_tiles: int | None = None,
-                   do_resize: bool | None = None, do_pad: bool | None = None,
-                   input_data_format: str | None = None, device: str | torch.device | None = None) -> BatchFeature:
-        """Images -> pixel_values (B, I, T, 3, S, S) float32, aspect_ratio_ids (B, I), aspect_ratio_mask
-        (B, I, T), num_tiles (per-sample lists); I = most images in a sample, T = max_image_tiles.
-        `device` is where the resize and normalisation run and where the tensors end up."""
-        self._check_return_tensors(return_tensors)
-        s = self.settings(do_convert_rgb=do_convert_rgb, size=size, resample=resample, do_rescale=do_rescale,
-                          rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
-                          image_std=image_std, max_image_tiles=max_image_tiles, do_resize=do_resize, do_pad=do_pad)
+    default_tensors = "pt"
+
+    def _pixels(self, decoded: list[list[tuple[np.ndarray, float]]], grids: list[list[tuple[int, int]]],
+                max_images: int, s: Settings, *, device: str | torch.device | None) -> torch.Tensor:
         target = torch.device(device) if device is not None else torch.device("cpu")
-        decoded = self._decode_batch(images, s, input_data_format)
-        grids, ids, mask = self._layout(decoded, s)
         tile = s.tile_size
-        shape = (len(decoded), ids.shape[1], s.max_image_tiles, 3, tile, tile)
+        shape = (len(decoded), max_images, s.max_image_tiles, 3, tile, tile)
         # On the CPU, numpy's zeros come from calloc: the pages of tiles no image uses are never
         # written here, which saves most of the cost of this mostly-padding tensor.
         if target.type == "cpu":
@@ -107,6 +86,5 @@ class MllamaImageProcessor(MllamaImageProcessorBase):
             scale = [value_scale * s.rescale_factor / d for d in s.std]
             for k, (b, j) in enumerate(members):
                 _write_tiles(pixels[b, j, : grid[0] * grid[1]], canvas[k], scale, shift)
-        return _features(pixels, ids, mask, grids, "pt" if return_tensors is None else return_tensors)
+        return pixels
 
-    __call__ = preprocess
