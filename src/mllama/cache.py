@@ -32,16 +32,14 @@ class KVCache:
 class DecoderCache:
     """Everything the text decoder keeps between steps of one request batch.
 
-    `length` counts filled self-attention slots. `cross_kv` maps a cross-attention layer index to
-    its (k, v) of shape (B, H_kv, N_vision, D); `cross_mask` (B, 1, 1, N_vision) says which vision
-    tokens the rows may see during decoding (None: all of them), `text_row_mask` (B, 1, 1) whether
-    they see any. `rope` holds cos, sin (max_len, head_dim) per position, filled by the engine.
+    `cross_kv` maps a cross-attention layer index to its (k, v) of shape (B, H_kv, N_vision, D);
+    `cross_mask` (B, 1, 1, N_vision) says which vision tokens the rows may see during decoding
+    (None: all of them), `text_row_mask` (B, 1, 1) whether they see any. `rope` holds cos, sin
+    (max_len, head_dim) per position, filled by the engine.
     """
 
     def __init__(self, config: MllamaTextConfig, *, batch: int, max_len: int,
                  dtype: torch.dtype, device: torch.device | str) -> None:
-        self.max_len = max_len
-        self.length = 0
         cross = set(config.cross_attention_layers)
         self.self_kv = {
             i: KVCache(batch, config.num_key_value_heads, max_len, config.head_dim, dtype=dtype, device=device)
@@ -51,13 +49,3 @@ class DecoderCache:
         self.cross_mask: torch.Tensor | None = None
         self.text_row_mask: torch.Tensor | None = None
         self.rope: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def reorder(self, index: torch.Tensor) -> None:
-        """Keep only the batch rows in `index` (used when finished rows are dropped)."""
-        for kv in self.self_kv.values():
-            kv.k, kv.v = kv.k[index], kv.v[index]
-        self.cross_kv = {i: (k[index], v[index]) for i, (k, v) in self.cross_kv.items()}
-        if self.cross_mask is not None:
-            self.cross_mask = self.cross_mask[index]
-        if self.text_row_mask is not None:
-            self.text_row_mask = self.text_row_mask[index]
