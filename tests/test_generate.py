@@ -191,3 +191,39 @@ def test_bad_generate_inputs():
         ours.generate(inputs["input_ids"], attention_mask=torch.ones(1, 2, dtype=torch.long))
     with pytest.raises(ValueError, match="batch size 1"):
         ours.generate(torch.ones(2, 3, dtype=torch.long), streamer=object())
+
+
+def test_compiled_decode_matches_eager_on_a_left_padded_batch():
+    _, ours = hf_pair("b", seed=17)
+    inputs, _ = _mixed_batch()
+    kwargs = dict(max_new_tokens=12, eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)
+    eager = ours.generate(**inputs, **kwargs)
+    compiled = ours.generate(**inputs, **kwargs, compile=True)
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.logits, eager.logits):
+        assert (a - b).abs().max().item() <= 1e-5
+    # A second request of another length reuses the graph (same batch size, same cache bucket).
+    shorter = {k: v[:, 1:] if k in ("input_ids", "attention_mask", "cross_attention_mask") else v
+               for k, v in inputs.items()}
+    assert torch.equal(ours.generate(**shorter, **kwargs, compile=True).sequences,
+                       ours.generate(**shorter, **kwargs).sequences)
+
+
+def test_bf16_decode_kernel_matches_f_linear_decode(monkeypatch):
+    from mllama import cpu_kernels
+
+    if not cpu_kernels.gemv_available():
+        pytest.skip("no bf16 decode kernel on this machine")
+    _, ours = hf_pair("a", seed=18)
+    ours = ours.to(torch.bfloat16)
+    inputs = _inputs("a", [[2]], [[0]], 6, seed=7)
+    inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
+    kwargs = dict(max_new_tokens=16, eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)
+    with_kernel = ours.generate(**inputs, **kwargs)
+    compiled = ours.generate(**inputs, **kwargs, compile=True)  # the kernel as an opaque op in the graph
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    without = ours.generate(**inputs, **kwargs)
+    assert torch.equal(with_kernel.sequences, without.sequences)
+    assert torch.equal(compiled.sequences, without.sequences)
+    for a, b in zip(with_kernel.logits, without.logits):
+        assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()

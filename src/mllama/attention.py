@@ -8,7 +8,7 @@ from torch import nn
 
 from mllama.cache import KVCache
 from mllama.config import MllamaTextConfig
-from mllama.layers import RMSNorm, apply_rotary
+from mllama.layers import Linear, RMSNorm, apply_rotary
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -42,15 +42,15 @@ class _Projections(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
 
 class TextSelfAttention(_Projections):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
-                cache: KVCache | None = None, cache_start: int = 0) -> torch.Tensor:
+                cache: KVCache | None = None, cache_start: int | torch.Tensor = 0) -> torch.Tensor:
         """x (B, S, hidden); mask bool (B, 1, S, T) or None for plain causal attention over x alone."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)

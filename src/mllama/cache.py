@@ -19,8 +19,17 @@ class KVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
-    def update(self, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write (B, H_kv, S, D) at slots [start, start + S) and return the filled prefix."""
+    def update(self, start: int | torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write (B, H_kv, S, D) at slots [start, start + S) and return the filled prefix.
+
+        With `start` a 0-d tensor (the compiled decode step, whose shapes must not change from step
+        to step) the whole buffer is returned; the caller's mask hides the slots not yet written.
+        """
+        if isinstance(start, torch.Tensor):
+            index = start + torch.arange(k.shape[2], device=k.device)
+            self.k.index_copy_(2, index, k)
+            self.v.index_copy_(2, index, v)
+            return self.k, self.v
         end = start + k.shape[2]
         if end > self.k.shape[2]:
             raise ValueError(f"KV cache overflow: {end} slots needed, {self.k.shape[2]} allocated")

@@ -77,7 +77,8 @@ def _answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: 
     do_sample = args.temperature > 0
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                             temperature=args.temperature if do_sample else None,
-                            top_p=args.top_p if do_sample else None, seed=args.seed, streamer=streamer)
+                            top_p=args.top_p if do_sample else None, seed=args.seed, streamer=streamer,
+                            compile=args.compile)
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -158,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     common.add_argument("--top-p", type=float, default=0.9)
     common.add_argument("--seed", type=int, default=None)
+    common.add_argument("--compile", action="store_true",
+                        help="torch.compile the decode step (slow first call, faster decoding after)")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt, streaming to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")

@@ -129,6 +129,32 @@ def encode_vision(model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids
     return VisionContext(states=states.reshape(b, packed * patches, hidden), tile_mask=tile_mask)
 
 
+def _decode_step(text_model: MllamaTextModel, lm_head: nn.Module, token: torch.Tensor, position: torch.Tensor,
+                 slot: torch.Tensor, valid: torch.Tensor, cache: DecoderCache,
+                 cross: CrossInputs | None) -> torch.Tensor:
+    """One decode step with shapes that never change: token, position (B, 1); slot a 0-d tensor.
+
+    Attends over the whole preallocated cache; slots after `slot` (and left padding) are masked.
+    """
+    mask = valid[:, None, None, :] & (torch.arange(valid.shape[1], device=valid.device) <= slot)
+    hidden = text_model(token, position_ids=position, mask=mask, cross=cross, cache=cache, cache_start=slot)
+    return lm_head(hidden[:, -1])
+
+
+_compiled_decode_step = None
+# A compiled decode step sees a cache rounded up to a multiple of this, so prompts of similar
+# length reuse one compiled graph instead of compiling a new one per length.
+COMPILED_CACHE_MULTIPLE = 256
+
+
+def compiled_decode_step():
+    """_decode_step through torch.compile (inductor), built on first use and shared by all calls."""
+    global _compiled_decode_step
+    if _compiled_decode_step is None:
+        _compiled_decode_step = torch.compile(_decode_step, dynamic=False, fullgraph=True)
+    return _compiled_decode_step
+
+
 def _stop_string_hit(text: str, stop_strings: list[str]) -> bool:
     return any(stop in text for stop in stop_strings)
 
@@ -139,10 +165,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
              aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
              config: GenerationConfig, stop_strings: list[str] | None = None, tokenizer: _Decoder | None = None,
              streamer: Streamer | None = None, generator: torch.Generator | None = None,
-             output_logits: bool = False) -> torch.Tensor | GenerateOutput:
+             output_logits: bool = False, compile: bool = False) -> torch.Tensor | GenerateOutput:
     """Prompt (B, S) -> (B, S + new) token ids; finished rows are filled with the pad id.
 
     With output_logits, returns a GenerateOutput that also holds the raw (B, V) logits of each step.
+    With compile, the decode steps run through torch.compile: the first call for a given batch
+    size and cache length compiles (tens of seconds), later ones reuse the graph.
     """
     text_model: MllamaTextModel = model.model.language_model if hasattr(model.model, "language_model") \
         else model.model
@@ -177,9 +205,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         vision = encode_vision(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
 
     dtype = text_model.embed_tokens.weight.dtype
-    cache = DecoderCache(text_model.config, batch=b, max_len=s + max_new, dtype=dtype, device=device)
-    cache.rope = text_model.rotary_emb.table(s + max_new, dtype)
-    valid = torch.ones(b, s + max_new, dtype=torch.bool, device=device)
+    max_len = s + max_new
+    if compile:
+        max_len = -(-max_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+    cache = DecoderCache(text_model.config, batch=b, max_len=max_len, dtype=dtype, device=device)
+    cache.rope = text_model.rotary_emb.table(max_len, dtype)
+    valid = torch.ones(b, max_len, dtype=torch.bool, device=device)
     valid[:, :s] = attention_mask.bool()
     padded = not bool(valid[:, :s].all())
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -208,6 +239,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         sees_all = bool(cache.cross_mask.all())
         decode_cross = CrossInputs(states=None, mask=None if sees_all else cache.cross_mask,
                                    text_row_mask=cache.text_row_mask)
+    step_fn = compiled_decode_step() if compile else None
+    slot_tensor = torch.zeros((), dtype=torch.long, device=device)
     steps = 0
     all_logits = []
     for step in range(max_new):
@@ -231,10 +264,15 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         if config.repetition_penalty != 1.0:
             seen = torch.cat([input_ids, out[:, :steps]], dim=1)
         slot = s + step
-        step_mask = valid[:, None, None, : slot + 1] if padded else None
-        hidden = text_model(token[:, None], position_ids=next_pos, mask=step_mask, cross=decode_cross,
-                            cache=cache, cache_start=slot)
-        logits = model.lm_head(hidden[:, -1])
+        if step_fn is not None:
+            slot_tensor.fill_(slot)
+            logits = step_fn(text_model, model.lm_head, token[:, None], next_pos, slot_tensor, valid, cache,
+                             decode_cross)
+        else:
+            step_mask = valid[:, None, None, : slot + 1] if padded else None
+            hidden = text_model(token[:, None], position_ids=next_pos, mask=step_mask, cross=decode_cross,
+                                cache=cache, cache_start=slot)
+            logits = model.lm_head(hidden[:, -1])
         next_pos = next_pos + 1
     if streamer is not None:
         streamer.end()

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama.config import MllamaConfig, MllamaTextConfig
+from mllama.layers import Linear
 from mllama.text import CrossInputs, MllamaTextModel
 from mllama.vision import MllamaVisionModel
 
@@ -166,12 +167,13 @@ class _PretrainedMixin:
                  stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  generation_config=None, return_dict_in_generate: bool = False,
-                 output_logits: bool = False):
+                 output_logits: bool = False, compile: bool = False):
         """Decode like transformers' generate: returns (B, prompt_len + new) token ids, or with
         return_dict_in_generate an object with `.sequences` and the per-step `.logits`.
 
         Defaults come from the checkpoint's generation_config.json; explicit arguments override them.
-        `seed` (or a `generator`) makes sampling reproducible.
+        `seed` (or a `generator`) makes sampling reproducible. `compile` runs the decode steps through
+        torch.compile (the first call per batch size and cache length compiles, tens of seconds).
         """
         from mllama.generate import generate, resolve_config
 
@@ -194,7 +196,7 @@ class _PretrainedMixin:
                         aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
                         cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
                         tokenizer=tokenizer, streamer=streamer, generator=generator,
-                        output_logits=return_dict_in_generate or output_logits)
+                        output_logits=return_dict_in_generate or output_logits, compile=compile)
 
     @property
     def device(self) -> torch.device:
@@ -210,7 +212,7 @@ class MllamaForConditionalGeneration(_PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.model = MllamaModel(config)
-        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_config = None
 
     def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
@@ -239,7 +241,7 @@ class MllamaForCausalLM(_PretrainedMixin, nn.Module):
             config = config.text_config
         self.config = config
         self.model = MllamaTextModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
 
     def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,

@@ -37,7 +37,7 @@ class SelfAttentionDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
-                cache: DecoderCache | None, layer_idx: int, cache_start: int) -> torch.Tensor:
+                cache: DecoderCache | None, layer_idx: int, cache_start: int | torch.Tensor) -> torch.Tensor:
         kv = cache.self_kv[layer_idx] if cache is not None else None
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=kv, cache_start=cache_start)
         return x + self.mlp(self.post_attention_layernorm(x))
@@ -79,7 +79,7 @@ class MllamaTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor, mask: torch.Tensor | None = None, cross: CrossInputs | None = None,
-                cache: DecoderCache | None = None, cache_start: int = 0) -> torch.Tensor:
+                cache: DecoderCache | None = None, cache_start: int | torch.Tensor = 0) -> torch.Tensor:
         """Run the decoder.
 
         position_ids (B, S) are RoPE positions. mask: bool (B, 1, S, cache_start + S), True = attend;
@@ -89,7 +89,7 @@ class MllamaTextModel(nn.Module):
         computed from `cross.states` are stored for later steps.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if mask is None and cache_start > 0 and x.shape[1] > 1:
+        if x.shape[1] > 1 and mask is None and cache_start > 0:
             raise ValueError("a mask is required when several new tokens attend to cached ones")
         if cache is not None and cache.rope is not None:
             cos, sin = cache.rope[0][position_ids], cache.rope[1][position_ids]  # (B, S, head_dim)

@@ -1,0 +1,104 @@
+"""The bf16 decode kernel (cpu_kernels.py, csrc/gemv_bf16.c): values, dispatch and fallbacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllama import cpu_kernels
+from mllama.layers import Linear
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.gemv_available(), reason="no C compiler or x86 SIMD here")
+
+
+def _levels() -> list[int]:
+    return [lvl for lvl in (1, 2) if lvl <= cpu_kernels._level]
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (1, 7, 33), (3, 130, 100), (4, 257, 4096), (2, 9, 14336), (1, 1, 1)])
+def test_gemv_matches_float64_reference(m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    ref = x.double() @ w.double().T
+    scale = (x.double().abs() @ w.double().abs().T)  # bound on the rounding error of any order of summation
+    assert _levels(), "the kernel loaded but reports no usable instruction set"
+    for level in _levels():
+        out = cpu_kernels.gemv_float32(x, w, level=level)
+        assert out.shape == (m, n) and out.dtype == torch.float32
+        assert ((out.double() - ref).abs() <= 1e-6 * scale + 1e-30).all(), f"level {level}"
+
+
+@needs_kernel
+def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 1, 96, generator=gen).bfloat16()
+    w = torch.randn(40, 96, generator=gen).bfloat16()
+    out = cpu_kernels.gemv_bf16(x, w)
+    assert out.shape == (2, 1, 40) and out.dtype == torch.bfloat16
+    ref = F.linear(x.float(), w.float()).bfloat16()
+    # Both accumulate in float32 and round once: at most one bf16 step apart.
+    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-7 + 1e-6).all()
+    with pytest.raises(ValueError, match="features"):
+        cpu_kernels.gemv_bf16(x, w[:, :50])
+
+
+@needs_kernel
+def test_linear_uses_kernel_only_for_few_rows_without_autograd():
+    layer = Linear(64, 48, bias=True).bfloat16()
+    with torch.no_grad():
+        layer.bias.normal_()
+    few = torch.randn(1, 3, 64).bfloat16()
+    many = torch.randn(1, 5, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
+        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+    out = layer(few)  # autograd on: F.linear, with a gradient
+    assert torch.equal(out, F.linear(few, layer.weight, layer.bias))
+    out.float().sum().backward()
+    assert layer.weight.grad is not None
+    with torch.no_grad():  # float32 never goes through the bf16 kernel
+        layer32 = Linear(64, 48).float()
+        x32 = few.float()
+        assert torch.equal(layer32(x32), F.linear(x32, layer32.weight, layer32.bias))
+
+
+def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
+    monkeypatch.setattr(cpu_kernels, "_lib", None)
+    monkeypatch.setattr(cpu_kernels, "_level", 0)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    monkeypatch.setenv("MLLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.delenv("MLLAMA_NO_KERNELS", raising=False)
+    with pytest.warns(RuntimeWarning, match="kernel unavailable"):
+        assert not cpu_kernels.gemv_available()
+    layer = Linear(8, 4, bias=False).bfloat16()
+    x = torch.randn(1, 8).bfloat16()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every call
+        assert torch.equal(layer(x), F.linear(x, layer.weight))
+    with pytest.raises(RuntimeError, match="not available"):
+        cpu_kernels.gemv_bf16(x, layer.weight)
+    assert not list(tmp_path.rglob("*.so"))
+
+
+def test_env_switch_disables_kernel():
+    code = "from mllama import cpu_kernels; print(cpu_kernels.gemv_available())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={"MLLAMA_NO_KERNELS": "1", "PATH": "/usr/bin:/bin"})
+    assert out.stdout.strip() == "False"
+
+
+@needs_kernel
+def test_build_goes_to_cache_and_is_reused(monkeypatch, tmp_path):
+    monkeypatch.setenv("MLLAMA_CACHE", str(tmp_path))
+    first = cpu_kernels._build(cpu_kernels.SOURCE)
+    assert first.exists() and first.is_relative_to(tmp_path)
+    stamp = first.stat().st_mtime_ns
+    assert cpu_kernels._build(cpu_kernels.SOURCE) == first and first.stat().st_mtime_ns == stamp
