@@ -2,7 +2,8 @@
 
     python benchmarks/bench_phases.py PHASE IMPL '{"checkpoint": ..., ...}'
 
-IMPL is "hf" (transformers, the reference) or "ours" (mllama); for "preprocess" also "ours-pil".
+IMPL is "hf" (transformers, the reference) or "ours" (mllama); for "generate" and "tiny" also
+"ours-compiled" (generate(compile=True)), for "preprocess" also "ours-pil".
 Prints one JSON line with the results.
 """
 
@@ -99,11 +100,17 @@ class TokenClock:
         pass
 
 
-def timed_generate(model, inputs: dict[str, torch.Tensor], new_tokens: int) -> tuple[float, float, int]:
+def generate_kwargs(impl: str) -> dict[str, Any]:
+    """"ours-compiled" is mllama with its torch.compile'd decode step."""
+    return {"compile": True} if impl == "ours-compiled" else {}
+
+
+def timed_generate(model, inputs: dict[str, torch.Tensor], new_tokens: int, impl: str) -> tuple[float, float, int]:
     """(time to first new token, decode tokens/s after it, tokens generated)."""
     clock = TokenClock()
     start = time.perf_counter()
-    out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=clock)
+    out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False, streamer=clock,
+                         **generate_kwargs(impl))
     generated = out.shape[1] - inputs["input_ids"].shape[1]
     ttft = clock.times[1] - start
     decode = (len(clock.times) - 2) / (clock.times[-1] - clock.times[1]) if len(clock.times) > 2 else float("nan")
@@ -166,18 +173,22 @@ def phase_vision(impl: str, args: dict[str, Any]) -> dict[str, Any]:
 def phase_generate(impl: str, args: dict[str, Any]) -> dict[str, Any]:
     model = load_model(impl, args["checkpoint"])
     inputs = prompt_inputs(args["checkpoint"], text_tokens=args["prompt_tokens"], photo_name=args["photo"])
-    if args.get("warmup"):
-        timed_generate(model, inputs, 2)
+    result: dict[str, Any] = {}
+    if args.get("warmup") or impl == "ours-compiled":
+        start = time.perf_counter()
+        timed_generate(model, inputs, 2, impl)  # the compiled variant compiles its decode step here
+        result["warmup_seconds"] = time.perf_counter() - start
     ttfts, rates = [], []
     for _ in range(args.get("repeats", 2)):
-        ttft, rate, generated = timed_generate(model, inputs, args["new_tokens"])
+        ttft, rate, generated = timed_generate(model, inputs, args["new_tokens"], impl)
         ttfts.append(ttft)
         rates.append(rate)
-    result = {"ttft": min(ttfts), "decode_tps": max(rates), "generated": generated,
-              "prompt_len": int(inputs["input_ids"].shape[1]), "tiles": int(inputs["aspect_ratio_mask"].sum())}
-    # Time to first token with a one-tile image as well (three padded tiles go through the encoder).
-    small = prompt_inputs(args["checkpoint"], text_tokens=args["prompt_tokens"], photo_name=ONE_TILE_PHOTO)
-    result["ttft_1tile"] = min(timed_generate(model, small, 1)[0] for _ in range(args.get("repeats", 2)))
+    result.update({"ttft": min(ttfts), "decode_tps": max(rates), "generated": generated,
+                   "prompt_len": int(inputs["input_ids"].shape[1]), "tiles": int(inputs["aspect_ratio_mask"].sum())})
+    if impl != "ours-compiled":
+        # Time to first token with a one-tile image as well (three padded tiles go through the encoder).
+        small = prompt_inputs(args["checkpoint"], text_tokens=args["prompt_tokens"], photo_name=ONE_TILE_PHOTO)
+        result["ttft_1tile"] = min(timed_generate(model, small, 1, impl)[0] for _ in range(args.get("repeats", 2)))
     return result
 
 
@@ -185,11 +196,13 @@ def phase_generate(impl: str, args: dict[str, Any]) -> dict[str, Any]:
 def phase_tiny(impl: str, args: dict[str, Any]) -> dict[str, Any]:
     model = load_model(impl, args["checkpoint"])
     inputs = prompt_inputs(args["checkpoint"], text_tokens=args["prompt_tokens"], photo_name=ONE_TILE_PHOTO)
-    new = args["new_tokens"]
-    model.generate(**inputs, max_new_tokens=new, do_sample=False)  # warm-up
-    generated = model.generate(**inputs, max_new_tokens=new, do_sample=False).shape[1] - inputs["input_ids"].shape[1]
-    seconds = best_of(lambda: model.generate(**inputs, max_new_tokens=new, do_sample=False), args.get("repeats", 5))
-    return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds}
+    kwargs = {"max_new_tokens": args["new_tokens"], "do_sample": False, **generate_kwargs(impl)}
+    start = time.perf_counter()
+    model.generate(**inputs, **kwargs)  # warm-up (and compilation for "ours-compiled")
+    warmup = time.perf_counter() - start
+    generated = model.generate(**inputs, **kwargs).shape[1] - inputs["input_ids"].shape[1]
+    seconds = best_of(lambda: model.generate(**inputs, **kwargs), args.get("repeats", 5))
+    return {"seconds": seconds, "generated": generated, "tokens_per_s": generated / seconds, "warmup_seconds": warmup}
 
 
 def phase_preprocess(impl: str, args: dict[str, Any]) -> dict[str, Any]:
