@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from mllama.cache import DecoderCache
+from mllama.cpu_kernels import gemv_available
 from mllama.model import _check_ids, cross_attention_inputs, self_attention_mask
 from mllama.sampling import select_next
 from mllama.text import CrossInputs, MllamaTextModel
@@ -141,21 +142,36 @@ def _decode_step(text_model: MllamaTextModel, lm_head: nn.Module, token: torch.T
     return lm_head(hidden[:, -1])
 
 
-_compiled_decode_step = None
 # A compiled decode step sees a cache rounded up to a multiple of this, so prompts of similar
 # length reuse one compiled graph instead of compiling a new one per length.
 COMPILED_CACHE_MULTIPLE = 256
 
 
-def compiled_decode_step():
-    """_decode_step through torch.compile (inductor), built on first use and shared by all calls."""
-    global _compiled_decode_step
-    if _compiled_decode_step is None:
-        # cpp_wrapper: the graph's kernels are called from generated C++ rather than Python, which
-        # took a tiny model's decode step from about 400 to 300 us on the project's machine.
-        _compiled_decode_step = torch.compile(_decode_step, dynamic=False, fullgraph=True,
-                                              options={"cpp_wrapper": True})
-    return _compiled_decode_step
+def _step_with_cpp_wrapper(*args):
+    return _decode_step(*args)
+
+
+def _step_with_python_wrapper(*args):
+    return _decode_step(*args)
+
+
+_compiled_steps: dict[bool, Any] = {}
+
+
+def compiled_decode_step(*, uses_kernel: bool):
+    """_decode_step through torch.compile (inductor), built on first use and shared by all calls.
+
+    Inductor's C++ wrapper calls the graph's kernels from generated C++ instead of Python, which
+    took a tiny float32 model's decode step from about 400 to 300 us on the project's machine; but
+    it calls a Python custom op (the bf16 decode kernel) so slowly that bf16 decoding of the bench
+    model fell from 12.7 to 8.8 tokens/s. So models that decode through the kernel get the Python
+    wrapper. The two wrappers are separate functions because torch.compile caches per function.
+    """
+    if uses_kernel not in _compiled_steps:
+        fn = _step_with_python_wrapper if uses_kernel else _step_with_cpp_wrapper
+        _compiled_steps[uses_kernel] = torch.compile(fn, dynamic=False, fullgraph=True,
+                                                     options={"cpp_wrapper": not uses_kernel})
+    return _compiled_steps[uses_kernel]
 
 
 def _stop_string_hit(text: str, stop_strings: list[str]) -> bool:
@@ -242,7 +258,9 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         sees_all = bool(cache.cross_mask.all())
         decode_cross = CrossInputs(states=None, mask=None if sees_all else cache.cross_mask,
                                    text_row_mask=cache.text_row_mask)
-    step_fn = compiled_decode_step() if compile else None
+    step_fn = None
+    if compile:
+        step_fn = compiled_decode_step(uses_kernel=dtype == torch.bfloat16 and gemv_available())
     slot_tensor = torch.zeros((), dtype=torch.long, device=device)
     steps = 0
     all_logits = []
