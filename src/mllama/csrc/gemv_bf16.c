@@ -1,15 +1,18 @@
 /* Matrix-vector products for decoding: out (M, N) float32 = x (M, K) bf16 @ w (N, K) bf16 ^T, M small.
  *
  * Decoding one token reads every weight once, so its speed is the rate at which the weights stream
- * from memory. Each thread takes a contiguous range of weight rows and reads each row once as one
- * sequential stream, reusing it (from L1) for the M input rows. Four independent accumulators
- * per row hide the latency of the multiply-adds. Accumulation is in float32, as in the library GEMM.
- * Built at first use by mllama/cpu_kernels.py; the OpenMP runtime is the one torch already loaded
- * (same soname), so both share one thread pool.
+ * from memory. Threads take blocks of 8 weight rows (dynamically, so a thread slowed by another
+ * process does not hold the rest back) and read the 8 rows side by side, one accumulator each;
+ * measured on the project's AMD EPYC this streamed faster than one row at a time or 2-4 rows.
+ * The block is then reused (from cache) for each of the M input rows. Accumulation is in float32,
+ * as in the library GEMM. Built at first use by mllama/cpu_kernels.py; the OpenMP runtime is the
+ * one torch already loaded (same soname), so both share one thread pool.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <string.h>
+
+#define BLOCK 8
 
 static float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
@@ -18,48 +21,52 @@ static float bf16_to_float(uint16_t v) {
     return f;
 }
 
-/* AVX-512 BF16: vdpbf16ps multiplies pairs of bf16 and adds both products to float32 lanes. */
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-static float dot_avx512bf16(const uint16_t *x, const uint16_t *w, int64_t k) {
-    __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 128 <= k; i += 128) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++)
-            acc[u] = _mm512_dpbf16_ps(acc[u], (__m512bh)_mm512_loadu_si512(w + i + 32 * u),
-                                      (__m512bh)_mm512_loadu_si512(x + i + 32 * u));
+/* AVX-512 BF16: vdpbf16ps multiplies pairs of bf16 and adds both products to float32 lanes.
+ * ROWS rows of w starting at w, against x; the last partial vector of 32 is masked. */
+#define DEFINE_AVX512(NAME, ROWS)                                                                   \
+    __attribute__((target("avx512f,avx512bw,avx512bf16")))                                          \
+    static void NAME(const uint16_t *x, const uint16_t *w, float *out, int64_t k) {                  \
+        __m512 acc[ROWS];                                                                           \
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();                                \
+        for (int64_t i = 0; i < k; i += 32) {                                                       \
+            const __mmask32 take = k - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (k - i)) - 1); \
+            __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(take, x + i);                          \
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++)                                  \
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_maskz_loadu_epi16(take, w + r * k + i), xv); \
+        }                                                                                           \
+        for (int r = 0; r < ROWS; r++) out[r] = _mm512_reduce_add_ps(acc[r]);                       \
     }
-    for (; i < k; i += 32) {  /* the last < 128 values, the final partial vector masked */
-        const __mmask32 take = k - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (k - i)) - 1);
-        acc[0] = _mm512_dpbf16_ps(acc[0], (__m512bh)_mm512_maskz_loadu_epi16(take, w + i),
-                                  (__m512bh)_mm512_maskz_loadu_epi16(take, x + i));
-    }
-    return _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])));
-}
+DEFINE_AVX512(rows_avx512bf16_block, BLOCK)
+DEFINE_AVX512(rows_avx512bf16_one, 1)
 
-/* AVX2 + FMA: widen bf16 to float32 (a 16-bit shift) and fused multiply-add. */
+/* AVX2 + FMA: widen bf16 to float32 (a 16-bit shift) and fused multiply-add; scalar tail. */
 __attribute__((target("avx2,fma")))
-static __m256 widen(const uint16_t *p) {
+static inline __m256 widen(const uint16_t *p) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
 }
 
-__attribute__((target("avx2,fma")))
-static float dot_avx2(const uint16_t *x, const uint16_t *w, int64_t k) {
-    __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
-    int64_t i = 0;
-    for (; i + 32 <= k; i += 32) {
-#pragma GCC unroll 4
-        for (int u = 0; u < 4; u++) acc[u] = _mm256_fmadd_ps(widen(w + i + 8 * u), widen(x + i + 8 * u), acc[u]);
+#define DEFINE_AVX2(NAME, ROWS)                                                                     \
+    __attribute__((target("avx2,fma")))                                                             \
+    static void NAME(const uint16_t *x, const uint16_t *w, float *out, int64_t k) {                  \
+        __m256 acc[ROWS];                                                                           \
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm256_setzero_ps();                                \
+        const int64_t main_k = k - k % 8;                                                           \
+        for (int64_t i = 0; i < main_k; i += 8) {                                                   \
+            __m256 xv = widen(x + i);                                                               \
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++)                                  \
+                acc[r] = _mm256_fmadd_ps(widen(w + r * k + i), xv, acc[r]);                         \
+        }                                                                                           \
+        for (int r = 0; r < ROWS; r++) {                                                            \
+            __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1)); \
+            s = _mm_hadd_ps(s, s);                                                                  \
+            s = _mm_hadd_ps(s, s);                                                                  \
+            float total = _mm_cvtss_f32(s);                                                         \
+            for (int64_t i = main_k; i < k; i++) total += bf16_to_float(x[i]) * bf16_to_float(w[r * k + i]); \
+            out[r] = total;                                                                         \
+        }                                                                                           \
     }
-    for (; i + 8 <= k; i += 8) acc[0] = _mm256_fmadd_ps(widen(w + i), widen(x + i), acc[0]);
-    __m256 sum8 = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(sum8), _mm256_extractf128_ps(sum8, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    float total = _mm_cvtss_f32(s);
-    for (; i < k; i++) total += bf16_to_float(x[i]) * bf16_to_float(w[i]);
-    return total;
-}
+DEFINE_AVX2(rows_avx2_block, BLOCK)
+DEFINE_AVX2(rows_avx2_one, 1)
 
 /* Which instruction set this CPU can run: 2 = AVX-512 BF16, 1 = AVX2 + FMA, 0 = neither. */
 int mllama_gemv_level(void) {
@@ -71,10 +78,29 @@ int mllama_gemv_level(void) {
 
 void mllama_gemv_bf16(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                       int threads, int level) {
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t row = 0; row < n; row++) {
-        for (int64_t j = 0; j < m; j++)
-            out[j * n + row] = level == 2 ? dot_avx512bf16(x + j * k, w + row * k, k)
-                                          : dot_avx2(x + j * k, w + row * k, k);
+    const int64_t blocks = n / BLOCK;
+#pragma omp parallel num_threads(threads)
+    {
+        float part[BLOCK];
+#pragma omp for schedule(dynamic, 64) nowait
+        for (int64_t b = 0; b < blocks; b++) {
+            const int64_t row = b * BLOCK;
+            for (int64_t j = 0; j < m; j++) {
+                if (level == 2)
+                    rows_avx512bf16_block(x + j * k, w + row * k, part, k);
+                else
+                    rows_avx2_block(x + j * k, w + row * k, part, k);
+                memcpy(out + j * n + row, part, sizeof part);
+            }
+        }
+#pragma omp for schedule(static)
+        for (int64_t row = blocks * BLOCK; row < n; row++) {  /* the last n % BLOCK rows */
+            for (int64_t j = 0; j < m; j++) {
+                if (level == 2)
+                    rows_avx512bf16_one(x + j * k, w + row * k, out + j * n + row, k);
+                else
+                    rows_avx2_one(x + j * k, w + row * k, out + j * n + row, k);
+            }
+        }
     }
 }
