@@ -150,8 +150,6 @@ def main() -> None:
         gen_args = {"checkpoint": bench_dir, "repeats": args.repeats, "new_tokens": args.new_tokens + 1,
                     "prompt_tokens": args.prompt_tokens, "photo": "hubble_deep_field.jpg", "warmup": args.warmup}
         both("generate", gen_args, impls=("hf", "ours", "ours-compiled"))
-        if "bandwidth" in phases:  # again, right after decode: the limit under the load decode saw
-            r["bandwidth/after"] = run_phase("bandwidth", "ours", {**common, "repeats": 10})
     if "tiny" in phases:
         tiny_args = {"checkpoint": tiny_dir, "repeats": 5, "new_tokens": args.tiny_new_tokens, "prompt_tokens": 16}
         both("tiny", tiny_args, impls=("hf", "ours", "ours-compiled"))
@@ -166,6 +164,10 @@ def main() -> None:
         rows.append((metric, hf, ours, f"{ratio:.2f}x" if ratio == ratio else "-", target,
                      "yes" if ok else "NO"))
 
+    if "bandwidth" in phases:
+        rates = r["bandwidth/ours"]["readers_GBps"]
+        row("memory read bandwidth at the start, GB/s (" + ", ".join(f"{k} {v:.1f}" for k, v in rates.items()) + ")",
+            "-", f"{max(rates.values()):.1f} GB/s", float("nan"), "-", True)
     if "load" in phases:
         hf, ours = r["load/hf"], r["load/ours"]
         row("from_pretrained time (bf16, files in page cache; transformers maps them lazily)",
@@ -197,17 +199,17 @@ def main() -> None:
             ratio = res["decode_tps"] / hf["decode_tps"]
             row(f"decode tokens/s (bf16, {args.new_tokens} tokens){label}", fmt(hf["decode_tps"], "tok/s"),
                 fmt(res["decode_tps"], "tok/s"), ratio, ">= 1.6x", ratio >= 1.6)
-        if "bandwidth" in phases:
-            bandwidth = max(r["bandwidth/ours"]["read_GBps"], r["bandwidth/after"]["read_GBps"]) * 1e9
-            patches = (CONFIGS["bench"]["vision_config"]["image_size"]
-                       // CONFIGS["bench"]["vision_config"]["patch_size"]) ** 2 + 1
-            per_token = decode_bytes_per_token(CONFIGS["bench"], context=ours["prompt_len"] + args.new_tokens,
-                                               vision_tokens=ours["tiles"] * patches)
-            limit = bandwidth / per_token
-            for label, res in (("", ours), (", compile=True", compiled)):
-                row(f"decode / bandwidth limit ({bandwidth / 1e9:.1f} GB/s / {per_token / 1e9:.2f} GB per token "
-                    f"= {limit:.2f} tok/s){label}", f"{hf['decode_tps'] / limit:.0%}",
-                    f"{res['decode_tps'] / limit:.0%}", float("nan"), ">= 85%", res["decode_tps"] / limit >= 0.85)
+        patches = (CONFIGS["bench"]["vision_config"]["image_size"]
+                   // CONFIGS["bench"]["vision_config"]["patch_size"]) ** 2 + 1
+        per_token = decode_bytes_per_token(CONFIGS["bench"], context=ours["prompt_len"] + args.new_tokens,
+                                           vision_tokens=ours["tiles"] * patches)
+        # Each run against the bandwidth its own process measured right after decoding.
+        for label, res in (("", ours), (", compile=True", compiled)):
+            limit, hf_limit = res["read_GBps"] * 1e9 / per_token, hf["read_GBps"] * 1e9 / per_token
+            row(f"decode / bandwidth limit ({per_token / 1e9:.2f} GB per token; read bandwidth after decoding "
+                f"{hf['read_GBps']:.1f} GB/s for transformers, {res['read_GBps']:.1f} GB/s for mllama){label}",
+                f"{hf['decode_tps'] / hf_limit:.0%}", f"{res['decode_tps'] / limit:.0%}", float("nan"), ">= 85%",
+                res["decode_tps"] / limit >= 0.85)
     if "tiny" in phases:
         for key, label in (("tiny", f"{r['tiny/ours']['threads']} threads"), ("tiny1", "1 thread")):
             hf = r[f"{key}/hf"]

@@ -227,3 +227,16 @@ def test_bf16_decode_kernel_matches_f_linear_decode(monkeypatch):
     assert torch.equal(compiled.sequences, without.sequences)
     for a, b in zip(with_kernel.logits, without.logits):
         assert (a - b).abs().max().item() <= 0.05 * b.abs().max().item()
+
+
+def test_fast_vision_is_exact_for_full_images_and_differs_for_padded_ones():
+    _, ours = hf_pair("b", seed=19)  # config b: up to 4 tiles
+    kwargs = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)
+    full = _inputs("b", [[4]], [[0]], 6, seed=8)
+    assert torch.equal(ours.generate(**full, **kwargs, fast_vision=True).sequences,
+                       ours.generate(**full, **kwargs).sequences)
+    padded = _inputs("b", [[1]], [[0]], 6, seed=8)
+    fast = ours.generate(**padded, **kwargs, fast_vision=True)
+    exact = ours.generate(**padded, **kwargs)
+    assert fast.sequences.shape == exact.sequences.shape
+    assert (fast.logits[0] - exact.logits[0]).abs().max().item() > 1e-4

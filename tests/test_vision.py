@@ -235,3 +235,43 @@ def test_non_tensor_input_raises_type_error():
     model = MllamaVisionModel(make_config("tiles2-pad3"))
     with pytest.raises(TypeError, match="aspect_ratio_ids"):
         model(torch.zeros(1, 1, 1, 3, 28, 28), [[1]], torch.ones(1, 1, 1))
+
+
+def _alone(model: MllamaVisionModel, name: str, n: int, ratios: list[list[int]]) -> MllamaVisionModel:
+    """The same weights in a model whose tiles are only the first n: what encoding n real tiles alone means.
+    `ratios` must list the aspect ratios in the same order as the full config does up to the ones used."""
+    fields = {**CONFIGS[name], "max_num_tiles": n, "supported_aspect_ratios": ratios}
+    fields["vision_output_dim"] = fields["hidden_size"] * (len(fields["intermediate_layers_indices"]) + 1)
+    small = MllamaVisionModel(MllamaVisionConfig(**fields)).eval()
+    full, rows = model.config, small.config.max_aspect_ratio_id + 1
+    state = dict(model.state_dict())
+    for key in ("pre_tile_positional_embedding.embedding.weight", "post_tile_positional_embedding.embedding.weight",
+                "gated_positional_embedding.tile_embedding.weight"):
+        state[key] = state[key][:rows].view(rows, full.max_num_tiles, -1)[:, :n].reshape(rows, -1)
+    small.load_state_dict(state, strict=True)
+    return small
+
+
+@pytest.mark.parametrize("n,ratio_id,ratios", [(1, 1, [[1, 1]]), (2, 2, [[1, 1], [1, 2], [2, 1]])])
+def test_skip_padded_tiles_encodes_the_real_tiles_alone(n, ratio_id, ratios):
+    ours, _, cfg = make_pair("tiles3-pad6", seed=7)
+    pixels, _, _ = make_inputs(cfg, [[[1, 1, 1]]], seed=8)
+    ids = torch.tensor([[ratio_id]])
+    mask = torch.tensor([[[1] * n + [0] * (3 - n)]])
+    with torch.no_grad():
+        fast = ours(pixels, ids, mask, skip_padded_tiles=True)
+        exact = ours(pixels, ids, mask)
+        alone = _alone(ours, "tiles3-pad6", n, ratios)(pixels[:, :, :n], ids, torch.ones(1, 1, n, dtype=torch.long))
+    assert (fast[:, :, :n] - alone).abs().max().item() <= 1e-5
+    assert not fast[:, :, n:].any()  # padded tiles carry nothing
+    # Not exact: as trained, real patches also attend to the padded tiles.
+    assert (fast[:, :, :n] - exact[:, :, :n]).abs().max().item() > 1e-3
+
+
+def test_skip_padded_tiles_changes_nothing_without_padded_tiles():
+    ours, _, cfg = make_pair("tiles3-pad6", seed=9)
+    pixels, ids, mask = make_inputs(cfg, [[[1, 1, 1], [1, 1, 0]], [[1, 1, 1], [0, 0, 0]]], seed=3)
+    with torch.no_grad():
+        fast, exact = ours(pixels, ids, mask, skip_padded_tiles=True), ours(pixels, ids, mask)
+    assert torch.equal(fast[:, 0], exact[:, 0]) and torch.equal(fast[1, 1], exact[1, 1])
+    assert not torch.equal(fast[0, 1], exact[0, 1])

@@ -78,7 +78,7 @@ def _answer(model: Any, processor: Any, messages: list[dict[str, Any]], images: 
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=do_sample,
                             temperature=args.temperature if do_sample else None,
                             top_p=args.top_p if do_sample else None, seed=args.seed, streamer=streamer,
-                            compile=args.compile)
+                            compile=args.compile, fast_vision=args.fast_vision)
     return processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
 
 
@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=None)
     common.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (slow first call, faster decoding after)")
+    common.add_argument("--fast-vision", action="store_true",
+                        help="skip padded tiles in the vision encoder (faster, not exact)")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt, streaming to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")

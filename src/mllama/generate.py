@@ -94,7 +94,8 @@ class VisionContext:
 
 
 def encode_vision(model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                  aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor) -> VisionContext | None:
+                  aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor, *,
+                  fast_vision: bool = False) -> VisionContext | None:
     b, s, n_img, n_tiles = cross_attention_mask.shape
     if pixel_values.shape[:3] != (b, n_img, n_tiles):
         raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but cross_attention_mask "
@@ -109,7 +110,8 @@ def encode_vision(model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids
     dtype = mm.multi_modal_projector.weight.dtype
     vision = mm.vision_model(pixel_values[used_images].unsqueeze(1).to(dtype),  # (n, 1, T, C, H, W)
                              aspect_ratio_ids[used_images].unsqueeze(1),
-                             aspect_ratio_mask[used_images].unsqueeze(1))[:, 0]  # (n, T, P, D_vision)
+                             aspect_ratio_mask[used_images].unsqueeze(1),
+                             skip_padded_tiles=fast_vision)[:, 0]  # (n, T, P, D_vision)
     # Per row, the flat (image * N_tiles + tile) indices of its visible tiles, padded to `packed`.
     tile_index = torch.zeros(b, packed, dtype=torch.long, device=visible.device)
     image_rows = torch.full((b, n_img), -1, dtype=torch.long, device=visible.device)
@@ -184,12 +186,14 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
              aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
              config: GenerationConfig, stop_strings: list[str] | None = None, tokenizer: _Decoder | None = None,
              streamer: Streamer | None = None, generator: torch.Generator | None = None,
-             output_logits: bool = False, compile: bool = False) -> torch.Tensor | GenerateOutput:
+             output_logits: bool = False, compile: bool = False,
+             fast_vision: bool = False) -> torch.Tensor | GenerateOutput:
     """Prompt (B, S) -> (B, S + new) token ids; finished rows are filled with the pad id.
 
     With output_logits, returns a GenerateOutput that also holds the raw (B, V) logits of each step.
     With compile, the decode steps run through torch.compile: the first call for a given batch
-    size and cache length compiles (tens of seconds), later ones reuse the graph.
+    size and cache length compiles (tens of seconds), later ones reuse the graph. fast_vision encodes
+    only the real tiles of each image (not exact; see MllamaVisionModel.forward).
     """
     text_model: MllamaTextModel = model.model.language_model if hasattr(model.model, "language_model") \
         else model.model
@@ -221,7 +225,8 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         if cross_attention_mask.shape[:2] != (b, s):
             raise ValueError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, "
                              f"expected ({b}, {s}, N_images, N_tiles)")
-        vision = encode_vision(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+        vision = encode_vision(model, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask,
+                               fast_vision=fast_vision)
 
     dtype = text_model.embed_tokens.weight.dtype
     max_len = s + max_new

@@ -167,13 +167,15 @@ class _PretrainedMixin:
                  stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  generation_config=None, return_dict_in_generate: bool = False,
-                 output_logits: bool = False, compile: bool = False):
+                 output_logits: bool = False, compile: bool = False, fast_vision: bool = False):
         """Decode like transformers' generate: returns (B, prompt_len + new) token ids, or with
         return_dict_in_generate an object with `.sequences` and the per-step `.logits`.
 
         Defaults come from the checkpoint's generation_config.json; explicit arguments override them.
         `seed` (or a `generator`) makes sampling reproducible. `compile` runs the decode steps through
         torch.compile (the first call per batch size and cache length compiles, tens of seconds).
+        `fast_vision` skips the padded tiles in the vision encoder: faster for images of fewer than
+        max_num_tiles tiles, but not exact (benchmarks/RESULTS.md reports its logit drift).
         """
         from mllama.generate import generate, resolve_config
 
@@ -196,7 +198,8 @@ class _PretrainedMixin:
                         aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
                         cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
                         tokenizer=tokenizer, streamer=streamer, generator=generator,
-                        output_logits=return_dict_in_generate or output_logits, compile=compile)
+                        output_logits=return_dict_in_generate or output_logits, compile=compile,
+                        fast_vision=fast_vision)
 
     @property
     def device(self) -> torch.device:

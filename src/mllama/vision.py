@@ -259,7 +259,10 @@ class MllamaVisionModel(nn.Module):
             self._taps.setdefault(layer, []).append(j)
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+                aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False) -> torch.Tensor:
+        """skip_padded_tiles: encode each image's real tiles only (padded tiles' outputs are zeros).
+        Not exact: as trained, real patches also attend to the padded tiles' positions. The speed-up
+        and the logit drift it causes are measured by benchmarks/bench_fast_vision.py."""
         batch, images, tiles = self._check_inputs(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         cfg = self.config
         weight = self.patch_embedding.weight
@@ -271,14 +274,15 @@ class MllamaVisionModel(nn.Module):
         # Image slots without a real tile are padding: nothing downstream reads them, skip them.
         keep = real_tiles.any(dim=1)
         if m and bool(keep.all()):
-            return self._encode(pixels, ids, real_tiles)[:, :tiles].contiguous().view(out_shape)
+            return self._encode(pixels, ids, real_tiles, skip_padded_tiles)[:, :tiles].contiguous().view(out_shape)
         out = torch.zeros(m, tiles, self.num_patches, cfg.vision_output_dim, dtype=weight.dtype, device=weight.device)
         kept = keep.nonzero().squeeze(1)
         if kept.numel():
-            out[kept] = self._encode(pixels[kept], ids[kept], real_tiles[kept])[:, :tiles]
+            out[kept] = self._encode(pixels[kept], ids[kept], real_tiles[kept], skip_padded_tiles)[:, :tiles]
         return out.reshape(out_shape)
 
-    def _encode(self, pixels: torch.Tensor, ids: torch.Tensor, real_tiles: torch.Tensor) -> torch.Tensor:
+    def _encode(self, pixels: torch.Tensor, ids: torch.Tensor, real_tiles: torch.Tensor,
+                skip_padded_tiles: bool) -> torch.Tensor:
         """(m, tiles, C, H, W) -> (m, max_num_tiles, num_patches, vision_output_dim).
 
         Fewer tiles than max_num_tiles are padded with zero tiles, as the image processor does.
@@ -310,26 +314,41 @@ class MllamaVisionModel(nn.Module):
             order = torch.argsort(1 - real_tiles, dim=1, stable=True)  # (m, max_tiles)
             rows = torch.arange(m, device=x.device)[:, None]
             x = x[rows, order]
-        layout = TileLayout.from_counts(counts.tolist(), num_tiles=max_tiles, tile_len=tile_len, real_len=positions)
+        post = self.post_tile_positional_embedding(ids)  # (m, max_tiles, 1, dim)
+        if order is not None:
+            post = post[rows, order]
+        if not skip_padded_tiles:
+            layout = TileLayout.from_counts(counts.tolist(), num_tiles=max_tiles, tile_len=tile_len,
+                                            real_len=positions)
+            out = self._encoders(x, post, layout)
+        else:
+            out = x.new_zeros(m, max_tiles, positions, cfg.vision_output_dim)
+            for n in counts.unique().tolist():  # images with n real tiles: encode those n tiles alone
+                group = (counts == n).nonzero().squeeze(1)
+                layout = TileLayout.from_counts([n] * len(group), num_tiles=n, tile_len=tile_len, real_len=positions)
+                out[group, :n] = self._encoders(x[group, :n], post[group, :n], layout)
+        if order is not None:
+            out[rows, order] = out.clone()
+        return out
 
-        out = x.new_empty(m, max_tiles, positions, cfg.vision_output_dim)
-        # (m, tiles, positions, dim, K): intermediate slot j of feature d sits at dim + d * K + j.
+    def _encoders(self, x: torch.Tensor, post: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+        """Embedded tiles x (m, t, tile_len, dim) -> (m, t, num_patches, vision_output_dim)."""
+        cfg = self.config
+        m, t, tile_len, dim = x.shape
+        positions = self.num_patches
+        out = x.new_empty(m, t, positions, cfg.vision_output_dim)
+        # (m, t, positions, dim, K): intermediate slot j of feature d sits at dim + d * K + j.
         intermediate = out[..., dim:].unflatten(-1, (dim, len(cfg.intermediate_layers_indices)))
 
         def tap(i: int, h: torch.Tensor) -> None:
             for j in self._taps.get(i, ()):
-                intermediate[..., j] = h.view(m, max_tiles, tile_len, dim)[:, :, :positions]
+                intermediate[..., j] = h.view(m, t, tile_len, dim)[:, :, :positions]
 
-        h = self.transformer(x.view(m, max_tiles * tile_len, dim), layout, after_layer=tap)
-        h = self.layernorm_post(h).view(m, max_tiles, tile_len, dim)
-        post = self.post_tile_positional_embedding(ids)
-        if order is not None:
-            post = post[rows, order]
-        h = _add_(h, post).view(m, max_tiles * tile_len, dim)
+        h = self.transformer(x.reshape(m, t * tile_len, dim), layout, after_layer=tap)
+        h = self.layernorm_post(h).view(m, t, tile_len, dim)
+        h = _add_(h, post).view(m, t * tile_len, dim)
         h = self.global_transformer(h, layout)
-        out[..., :dim] = h.view(m, max_tiles, tile_len, dim)[:, :, :positions]
-        if order is not None:
-            out[rows, order] = out.clone()
+        out[..., :dim] = h.view(m, t, tile_len, dim)[:, :, :positions]
         return out
 
     def _check_inputs(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
