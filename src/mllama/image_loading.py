@@ -98,7 +98,8 @@ def _pil_to_rgb_array(image: Image.Image) -> np.ndarray:
             rgba = image.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             image = Image.alpha_composite(white, rgba)
-        return np.asarray(image.convert("RGB"))
+        # convert() copies even an RGB image; np.asarray copies anyway, so skip the extra copy.
+        return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
     except (ValueError, OSError) as err:
         raise ValueError(f"cannot convert a PIL image of mode {image.mode!r} to RGB: {err}") from None
 
