@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import math
+import mmap
 import os
 import platform
 import shutil
@@ -86,6 +88,26 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.shape[:-1].numel() <= MAX_ROWS
             and not torch.is_grad_enabled() and gemv_available())
+
+
+# Tensors at least this large get their own huge-page mapping (one transparent huge page is 2 MiB).
+HUGE_PAGE_MIN_BYTES = 2 * 2**20
+
+
+def fresh_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
+    """A new CPU tensor in its own zero-filled anonymous mapping, backed by transparent huge pages
+    where the kernel grants them on request (MADV_HUGEPAGE). Small or elsewhere: torch.zeros.
+
+    Streaming a weight matrix through the decode kernel is 5-20% faster from huge pages (fewer TLB
+    misses; measured interleaved on the project's machine), and writing into fresh memory costs
+    fewer page faults. Pages never written are never allocated.
+    """
+    nbytes = math.prod(shape) * dtype.itemsize
+    if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return torch.zeros(shape, dtype=dtype)
+    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    memory.madvise(mmap.MADV_HUGEPAGE)
+    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
 
 
 @torch.library.custom_op("mllama::gemv_bf16", mutates_args=())

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllama.cpu_kernels import fresh_zeros
 from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig
 from mllama.layers import rope_inv_freq
 # The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
@@ -210,7 +211,7 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                         handle.close()
                     handle, current = open(info.file, "rb", buffering=0), info.file
                 if device.type == "cpu" and target_dtype(info) == info.dtype:
-                    state[name] = _read_into(handle, info, torch.empty(info.shape, dtype=info.dtype))
+                    state[name] = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
                 else:
                     raw = _read_into(handle, info, staging[:info.nbytes]).view(info.dtype).view(info.shape)
                     state[name] = raw.to(device=device, dtype=target_dtype(info), copy=True)
