@@ -102,3 +102,13 @@ def test_build_goes_to_cache_and_is_reused(monkeypatch, tmp_path):
     assert first.exists() and first.is_relative_to(tmp_path)
     stamp = first.stat().st_mtime_ns
     assert cpu_kernels._build(cpu_kernels.SOURCE) == first and first.stat().st_mtime_ns == stamp
+
+
+@pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((1024, 1100), torch.bfloat16), ((0, 4), torch.float32)])
+def test_fresh_zeros_is_a_writable_zero_tensor(shape, dtype):
+    t = cpu_kernels.fresh_zeros(shape, dtype)
+    assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
+    assert not t.any()
+    if t.numel():
+        t[-1, -1] = 3
+        assert t.sum().item() == 3
