@@ -263,10 +263,10 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         sees_all = bool(cache.cross_mask.all())
         decode_cross = CrossInputs(states=None, mask=None if sees_all else cache.cross_mask,
                                    text_row_mask=cache.text_row_mask)
-    step_fn = None
+    step_fn, slot_tensor = None, None
     if compile:
         step_fn = compiled_decode_step(uses_kernel=dtype == torch.bfloat16 and gemv_available())
-    slot_tensor = torch.zeros((), dtype=torch.long, device=device)
+        slot_tensor = torch.zeros((), dtype=torch.long, device=device)  # refilled in place each step
     steps = 0
     all_logits = []
     for step in range(max_new):
@@ -290,7 +290,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         if config.repetition_penalty != 1.0:
             seen = torch.cat([input_ids, out[:, :steps]], dim=1)
         slot = s + step
-        if step_fn is not None:
+        if step_fn is not None and slot_tensor is not None:
             slot_tensor.fill_(slot)
             logits = step_fn(text_model, model.lm_head, token[:, None], next_pos, slot_tensor, valid, cache,
                              decode_cross)
