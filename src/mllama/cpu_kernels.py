@@ -3,9 +3,8 @@
 Decoding one token reads every weight once, so tokens/s is set by how fast the weights stream from
 memory. On the project's AMD EPYC (AVX-512 BF16) torch 2.13's bf16 `F.linear` with one row streams
 them at 16-17 GB/s, csrc/gemv_bf16.c at 30-38 GB/s (the machine reads 33-51 GB/s; see
-benchmarks/RESULTS.md). The C file is
-compiled with the system C compiler into a per-user cache the first time it is needed (about a
-second) and called through ctypes. Without a compiler, on a CPU with neither AVX-512 BF16 nor AVX2,
+benchmarks/RESULTS.md). The C file is compiled with the system C compiler into a per-user cache
+the first time it is needed (about a second) and called through ctypes. Without a compiler, on a CPU with neither AVX-512 BF16 nor AVX2,
 or with MLLAMA_NO_KERNELS=1, everything falls back to `F.linear`.
 
 `gemv_bf16` is a torch custom op, so a torch.compile'd decode step keeps it as one opaque call.
