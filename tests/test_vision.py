@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from mllama.config import MllamaVisionConfig
 from mllama.vision import MllamaVisionModel, TileLayout, tile_attention
+from tiny import tap_layer_inputs
 
 hf_mllama = pytest.importorskip("transformers.models.mllama.modeling_mllama")
 hf_config = pytest.importorskip("transformers.models.mllama.configuration_mllama")
@@ -60,6 +61,7 @@ def make_pair(name: str, seed: int = 0) -> tuple[MllamaVisionModel, torch.nn.Mod
     cfg = make_config(name)
     ref = hf_mllama.MllamaVisionModel(hf_config.MllamaVisionConfig(**cfg.to_dict())).eval()
     randomize_(ref, seed)
+    tap_layer_inputs(ref)
     ours = MllamaVisionModel(cfg).eval()
     ours.load_state_dict(ref.state_dict(), strict=True)
     return ours, ref, cfg

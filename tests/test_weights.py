@@ -18,6 +18,8 @@ from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 from mllama.weights import (CheckpointMismatchError, CorruptCheckpointError, MissingShardError,
                             WrongModelTypeError, map_checkpoint_key, parse_size, to_checkpoint_key)
 
+from tiny import tap_layer_inputs
+
 transformers = pytest.importorskip("transformers")
 
 VOCAB = 120
@@ -46,6 +48,7 @@ def hf_model():
     with torch.no_grad():
         for param in model.parameters():  # every gate non-zero, nothing left at its init value
             param.copy_(torch.randn_like(param) * 0.3 + 0.1)
+    tap_layer_inputs(model)
     return model
 
 
@@ -136,6 +139,7 @@ def test_save_loads_in_transformers(max_shard_size, hf_dirs, inputs, reference, 
         assert set(index["weight_map"].values()) == {s.name for s in shards}
     assert disk_keys(tmp_path) == disk_keys(hf_dirs["single"])  # the hub layout
     theirs = transformers.MllamaForConditionalGeneration.from_pretrained(tmp_path).eval()
+    tap_layer_inputs(theirs)
     with torch.no_grad():
         assert (theirs(**inputs).logits - reference).abs().max() <= TOL
     assert theirs.generation_config.eos_token_id == 2

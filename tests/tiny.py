@@ -55,8 +55,40 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
 
 
+def tap_layer_inputs(hf_model: torch.nn.Module) -> list:
+    """Make transformers' vision encoders tap layer inputs, as Meta's reference does.
+
+    transformers 5.x fills `hidden_states[i]` of the local encoder with the output of layer i, so
+    `intermediate_layers_indices` picks states one layer late. Rewritten here to (input of layer 0,
+    output of layer 0, ...), i.e. `hidden_states[i]` = what layer i receives. Idempotent: a model
+    hooked already is left alone. Returns the new hook handles.
+    """
+    handles = []
+    for module in hf_model.modules():
+        if type(module).__name__ != "MllamaVisionModel" or getattr(module.transformer, "_taps_inputs", False):
+            continue
+
+        def inputs_as_states(encoder, args, kwargs, output):
+            first = args[0] if args else kwargs["hidden_states"]
+            output.hidden_states = (first,) + tuple(output.hidden_states[:-1])
+            return output
+
+        handle = module.transformer.register_forward_hook(inputs_as_states, with_kwargs=True)
+        module.transformer._taps_inputs = True
+        handles.append((module.transformer, handle))
+    return handles
+
+
+def untap(handles: list) -> None:
+    for encoder, handle in handles:
+        handle.remove()
+        encoder._taps_inputs = False
+
+
 def hf_pair(name: str, seed: int = 0):
-    """(transformers model, our model) with identical random weights, float32, eval mode."""
+    """(transformers model, our model) with identical random weights, float32, eval mode.
+
+    The transformers model taps vision layer inputs (`tap_layer_inputs`), as Meta's reference does."""
     import transformers
 
     from mllama import MllamaForConditionalGeneration
@@ -64,6 +96,7 @@ def hf_pair(name: str, seed: int = 0):
     config = tiny_config(name)
     hf = transformers.MllamaForConditionalGeneration(transformers.MllamaConfig.from_dict(config.to_dict()))
     randomize_(hf, seed)
+    tap_layer_inputs(hf)
     ours = MllamaForConditionalGeneration(config)
     ours.load_state_dict(hf.state_dict(), strict=True)
     return hf.eval(), ours.eval()
@@ -101,8 +134,9 @@ def cross_mask(tiles: list[list[int]], image_positions: list[list[int]], seq_len
 
 
 class MetaSemantics:
-    """Make a transformers model follow Meta's reference: the cross-attention output of text rows
-    that may see no image is zero (transformers lets them attend to every vision token).
+    """Make a transformers model follow Meta's reference where the two differ: the cross-attention
+    output of text rows that may see no image is zero (transformers lets them attend to every vision
+    token), and the vision taps are layer inputs (`tap_layer_inputs`).
 
     Set `.cross_attention_mask` (B, S, N_images, N_tiles) before each forward call."""
 
@@ -110,6 +144,7 @@ class MetaSemantics:
         self.cross_attention_mask: torch.Tensor | None = None
         self._hooks = [layer.cross_attn.register_forward_hook(self._zero_blind_rows)
                        for layer in hf.model.language_model.layers if hasattr(layer, "cross_attn")]
+        self._taps = tap_layer_inputs(hf)
 
     def _zero_blind_rows(self, module, args, output):
         rows = self.cross_attention_mask.flatten(2).any(-1)[:, -output[0].shape[1]:]
@@ -121,3 +156,4 @@ class MetaSemantics:
     def __exit__(self, *exc) -> None:
         for hook in self._hooks:
             hook.remove()
+        untap(self._taps)

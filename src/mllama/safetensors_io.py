@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -157,3 +158,65 @@ def _read_into(handle: Any, info: TensorInfo, out: torch.Tensor) -> torch.Tensor
                 raise CorruptCheckpointError(f"{info.file} ended early (was it modified while loading?)")
             done += got
     return out
+
+
+class ShardWriter:
+    """The one writer of safetensors checkpoints: tensors are added one at a time and written as
+    they fill shards of at most `max_shard_size` bytes (greedy in the order given; a tensor larger
+    than the limit sits alone), so a streaming caller holds one shard in memory at most.
+
+    `close()` names the files as transformers does: model.safetensors when everything fit in one,
+    else model-0000i-of-0000N.safetensors plus model.safetensors.index.json; weight files of an
+    earlier save in the directory are removed. Shards are written aside and renamed into place,
+    so a process that has an old file mapped keeps its old inode.
+    """
+
+    def __init__(self, directory: Path, *, max_shard_size: int) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.limit = max_shard_size
+        self._pending: dict[str, torch.Tensor] = {}
+        self._pending_bytes = 0
+        self._written: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+        self.total_parameters = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        if name in self._pending or any(name in keys for _, keys in self._written):
+            raise ValueError(f"tensor {name!r} written twice")
+        nbytes = tensor.numel() * tensor.element_size()
+        if self._pending and self._pending_bytes + nbytes > self.limit:
+            self._flush()
+        self._pending[name] = tensor.detach().to("cpu").contiguous()
+        self._pending_bytes += nbytes
+        self.total_bytes += nbytes
+        self.total_parameters += tensor.numel()
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.directory / f".shard-{len(self._written) + 1:05d}.safetensors.tmp"
+        save_file(self._pending, tmp, metadata={"format": "pt"})
+        self._written.append((tmp, list(self._pending)))
+        self._pending, self._pending_bytes = {}, 0
+
+    def close(self) -> list[str]:
+        """Write what is pending, put the files in place; returns the weight file names."""
+        if self._pending or not self._written:
+            self._flush()
+        count = len(self._written)
+        names = ([SAFE_WEIGHTS_NAME] if count == 1 else
+                 [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)])
+        for (tmp, _), name in zip(self._written, names):
+            tmp.replace(self.directory / name)
+        keep = set(names)
+        if count > 1:
+            index = {"metadata": {"total_size": self.total_bytes, "total_parameters": self.total_parameters},
+                     "weight_map": {k: name for (_, keys), name in zip(self._written, names) for k in keys}}
+            (self.directory / SAFE_INDEX_NAME).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+            keep.add(SAFE_INDEX_NAME)
+        stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
+        for path in self.directory.iterdir():
+            if stale.fullmatch(path.name) and path.name not in keep:
+                path.unlink()
+        return names

@@ -2,7 +2,10 @@
 
 Each tile is cut into patches plus a class token; every image (all of its tiles at once) goes
 through 32 plain ("local") layers and 8 tanh-gated ("global") layers. The output concatenates the
-global encoder's last state with the states after a few chosen local layers.
+global encoder's last state with the inputs of a few chosen local layers (`intermediate_layers_indices`:
+index i is what local layer i receives, index 0 the embedded tiles). Meta's reference taps layer
+inputs, and so did the transformers version that wrote the published configs; transformers 5.x
+taps layer outputs, one layer late.
 
 Padding, as trained: every tile's positions are zero-padded to a multiple of 8 after
 `layernorm_pre`, and the tiles beyond an image's tile count are padding as a whole. Attention is
@@ -183,12 +186,12 @@ class MllamaVisionEncoder(nn.Module):
         self.layers = nn.ModuleList(MllamaVisionEncoderLayer(config, gated=gated) for _ in range(num_layers))
 
     def forward(self, x: torch.Tensor, layout: TileLayout, *,
-                after_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
-        """`after_layer(i, x)` sees each layer's output before the next layer may overwrite it."""
+                before_layer: Callable[[int, torch.Tensor], None] | None = None) -> torch.Tensor:
+        """`before_layer(i, x)` sees what layer i receives, before that layer may overwrite it in place."""
         for i, layer in enumerate(self.layers):
+            if before_layer is not None:
+                before_layer(i, x)
             x = layer(x, layout)
-            if after_layer is not None:
-                after_layer(i, x)
         return x
 
 
@@ -232,9 +235,10 @@ class MllamaGatedPositionalEmbedding(nn.Module):
 class MllamaVisionModel(nn.Module):
     """pixel_values (B, images, tiles, C, H, W) -> (B, images, tiles, num_patches, vision_output_dim).
 
-    The last dimension is [global encoder output (hidden) | intermediate local outputs (hidden *
+    The last dimension is [global encoder output (hidden) | intermediate local states (hidden *
     len(intermediate_layers_indices)), interleaved feature-major: index hidden + d * K + j holds
-    feature d of intermediate layer j], the layout the trained projector expects.
+    feature d of the input of local layer intermediate_layers_indices[j]], the layout the trained
+    projector expects.
     """
 
     def __init__(self, config: MllamaVisionConfig) -> None:
@@ -253,7 +257,7 @@ class MllamaVisionModel(nn.Module):
         self.layernorm_post = nn.LayerNorm(dim, eps=_OUTER_NORM_EPS)
         self.transformer = MllamaVisionEncoder(config, config.num_hidden_layers, gated=False)
         self.global_transformer = MllamaVisionEncoder(config, config.num_global_layers, gated=True)
-        # local layer index -> the slots j it fills among the intermediate outputs
+        # local layer index -> the slots j its input fills among the intermediate outputs
         self._taps: dict[int, list[int]] = {}
         for j, layer in enumerate(config.intermediate_layers_indices):
             self._taps.setdefault(layer, []).append(j)
@@ -344,7 +348,7 @@ class MllamaVisionModel(nn.Module):
             for j in self._taps.get(i, ()):
                 intermediate[..., j] = h.view(m, t, tile_len, dim)[:, :, :positions]
 
-        h = self.transformer(x.reshape(m, t * tile_len, dim), layout, after_layer=tap)
+        h = self.transformer(x.reshape(m, t * tile_len, dim), layout, before_layer=tap)
         h = self.layernorm_post(h).view(m, t, tile_len, dim)
         h = _add_(h, post).view(m, t * tile_len, dim)
         h = self.global_transformer(h, layout)

@@ -25,7 +25,8 @@ from mllama.layers import rope_inv_freq
 # The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
 from mllama.safetensors_io import (SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError,  # noqa: F401
                                    CheckpointMismatchError, CorruptCheckpointError, MissingShardError,
-                                   TensorInfo, WrongModelTypeError, _load_json, _read_into, checkpoint_tensors)
+                                   ShardWriter, TensorInfo, WrongModelTypeError, _load_json, _read_into,
+                                   checkpoint_tensors)
 
 GENERATION_CONFIG_NAME = "generation_config.json"
 # What from_pretrained downloads from the hub: configs, weights and tokenizer files, not the
@@ -304,13 +305,8 @@ def _write_json(path: Path, data: Any) -> None:
 
 def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
                     max_shard_size: int | str = "5GB") -> None:
-    """Write config.json, safetensors weights in the hub layout and generation_config.json.
-
-    One model.safetensors when everything fits in max_shard_size, else model-0000i-of-0000N.safetensors
-    shards plus model.safetensors.index.json; stale weight files of an earlier save are removed.
-    """
-    from safetensors.torch import save_file
-
+    """Write config.json, safetensors weights in the hub layout (see `ShardWriter`) and
+    generation_config.json."""
     from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 
     if not isinstance(model, (MllamaForConditionalGeneration, MllamaForCausalLM)):
@@ -320,44 +316,25 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     state = {to_checkpoint_key(k, text_only=text_only): t.detach() for k, t in model.state_dict().items()}
     if any(t.is_meta for t in state.values()):
         raise ValueError("the model has tensors on the meta device; materialise it before saving")
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key, tensor in state.items():  # greedy in model order; a tensor larger than the limit sits alone
-        nbytes = tensor.numel() * tensor.element_size()
-        if shards[-1] and size + nbytes > limit:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
-
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    dtype_name = str(floating[0] if floating else torch.get_default_dtype()).removeprefix("torch.")
-    config = model.config.to_dict()
-    config["dtype"] = config["torch_dtype"] = dtype_name
-    config["architectures"] = ["MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration"]
-    _write_json(directory / CONFIG_NAME, config)
+    write_model_config(directory, model.config, dtype=floating[0] if floating else torch.get_default_dtype(),
+                       architecture="MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration")
     if getattr(model, "generation_config", None) is not None:
         generation = model.generation_config  # mllama.generate.GenerationConfig, or a plain dict
         _write_json(directory / GENERATION_CONFIG_NAME,
                     generation.to_dict() if hasattr(generation, "to_dict") else dict(generation))
+    writer = ShardWriter(directory, max_shard_size=limit)
+    for key, tensor in state.items():
+        writer.add(key, tensor)
+    writer.close()
 
-    names = ([SAFE_WEIGHTS_NAME] if len(shards) == 1 else
-             [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
-    for name, keys in zip(names, shards):
-        tmp = directory / f".{name}.tmp"
-        # Written aside then renamed: a process that has the old file mmapped keeps its old inode.
-        save_file({k: state[k].to("cpu").contiguous() for k in keys}, tmp, metadata={"format": "pt"})
-        os.replace(tmp, directory / name)
-    if len(shards) > 1:
-        total = sum(t.numel() * t.element_size() for t in state.values())
-        _write_json(directory / SAFE_INDEX_NAME, {
-            "metadata": {"total_size": total, "total_parameters": sum(t.numel() for t in state.values())},
-            "weight_map": {k: name for name, keys in zip(names, shards) for k in keys},
-        })
-    stale = re.compile(r"model(-\d{5}-of-\d{5})?\.safetensors|model\.safetensors\.index\.json")
-    keep = set(names) | ({SAFE_INDEX_NAME} if len(shards) > 1 else set())
-    for path in directory.iterdir():
-        if stale.fullmatch(path.name) and path.name not in keep:
-            path.unlink()
+
+def write_model_config(directory: Path, config: MllamaConfig | MllamaTextConfig, *, dtype: torch.dtype,
+                       architecture: str) -> None:
+    """config.json with the weights' dtype under both names that readers look for."""
+    data = config.to_dict()
+    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
+    data["architectures"] = [architecture]
+    _write_json(Path(directory) / CONFIG_NAME, data)
