@@ -1,4 +1,5 @@
-"""Command line: `mllama generate` (one answer, streamed) and `mllama chat` (interactive)."""
+"""Command line: `mllama generate` (one answer, streamed), `mllama chat` (interactive) and
+`mllama convert-meta` (Meta's original checkpoints to the HF layout)."""
 
 from __future__ import annotations
 
@@ -147,6 +148,17 @@ def cmd_chat(args: argparse.Namespace) -> None:
         messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
 
 
+def cmd_convert_meta(args: argparse.Namespace) -> None:
+    from mllama.convert_meta import convert_meta_checkpoint
+
+    try:
+        convert_meta_checkpoint(args.input_dir, args.output_dir, instruct=args.instruct, image_size=args.image_size,
+                                dtype=None if args.dtype == "auto" else args.dtype,
+                                max_shard_size=args.max_shard_size)
+    except (OSError, ValueError) as err:
+        raise CliError(str(err)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision: images + text in, text out.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -169,12 +181,26 @@ def build_parser() -> argparse.ArgumentParser:
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat")
     chat.set_defaults(func=cmd_chat)
+    convert = sub.add_parser("convert-meta", help="convert Meta's original checkpoint (consolidated.*.pth, params.json, "
+                                                  "tokenizer.model) into an HF-layout directory")
+    convert.add_argument("input_dir")
+    convert.add_argument("output_dir", help="created; must not exist or be empty")
+    kind = convert.add_mutually_exclusive_group()
+    kind.add_argument("--instruct", dest="instruct", action="store_const", const=True, default=None,
+                      help="an Instruct model: its eos ids, sampling defaults and chat template")
+    kind.add_argument("--base", dest="instruct", action="store_const", const=False,
+                      help="a base model (default: guessed from the directory name)")
+    convert.add_argument("--image-size", type=int, default=None,
+                         help="tile size in pixels (default: the checkpoint's; another one resizes the position tables)")
+    convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    convert.add_argument("--max-shard-size", default="5GB")
+    convert.set_defaults(func=cmd_convert_meta)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    if args.max_new_tokens < 1:
+    if getattr(args, "max_new_tokens", 1) < 1:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     try:
