@@ -214,8 +214,11 @@ def test_bf16_decode_kernel_matches_f_linear_decode(monkeypatch):
 
     if not cpu_kernels.gemv_available():
         pytest.skip("no bf16 decode kernel on this machine")
+    from mllama.linear import DecodeLinear, apply_cpu_kernels
+
     _, ours = hf_pair("a", seed=18)
-    ours = ours.to(torch.bfloat16)
+    ours = apply_cpu_kernels(ours.to(torch.bfloat16))  # what from_pretrained does
+    assert isinstance(ours.lm_head, DecodeLinear)
     inputs = _inputs("a", [[2]], [[0]], 6, seed=7)
     inputs["pixel_values"] = inputs["pixel_values"].bfloat16()
     kwargs = dict(max_new_tokens=16, eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from mllama import cpu_kernels
-from mllama.layers import Linear
+from mllama.linear import DecodeLinear, apply_cpu_kernels, swap_linears
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.gemv_available(), reason="no C compiler or x86 SIMD here")
 
@@ -36,6 +36,40 @@ def test_gemv_matches_float64_reference(m, n, k):
 
 
 @needs_kernel
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8, 15, 16, 17, 31, 32])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (24, 64)])
+def test_small_row_bf16_kernel_matches_float64(m, n, k):
+    """csrc/gemm_small.c (the AVX2 path of batched decode steps) on odd shapes: k not a multiple of 32
+    or of the cache block, n not a multiple of the 24-row work item or of the 8/4/3-row tiles."""
+    if not cpu_kernels.quant_kernels_available():
+        pytest.skip("no AVX2 kernels here")
+    gen = torch.Generator().manual_seed(m * 7 + n + k)
+    x = torch.randn(m, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    ref = x.double() @ w.double().T
+    bound = 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-30
+    out = cpu_kernels.small_gemm(x, "bf16", w)
+    assert out.shape == (m, n) and ((out.double() - ref).abs() <= bound).all()
+    if m <= cpu_kernels.MAX_ROWS:  # the op the model calls, on the AVX2 path
+        assert ((cpu_kernels.gemv_float32(x, w, level=1).double() - ref).abs() <= bound).all()
+
+
+def test_apply_cpu_kernels_swaps_plain_linears_and_keeps_state():
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Sequential(torch.nn.Linear(6, 4, bias=False)))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.randn(3, 8)
+    before = model(x)
+    apply_cpu_kernels(model)
+    assert type(model[0]) is DecodeLinear and type(model[1][0]) is DecodeLinear
+    assert model.state_dict().keys() == state.keys()
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+    assert torch.equal(model(x), before)  # float32: F.linear as before
+    assert swap_linears(model, lambda name, lin: None) == []
+    assert swap_linears(model, lambda name, lin: torch.nn.Identity() if name == "0" else None) == ["0"]
+    assert isinstance(model[0], torch.nn.Identity)
+
+
+@needs_kernel
 def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(2, 1, 96, generator=gen).bfloat16()
@@ -51,11 +85,11 @@ def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
 
 @needs_kernel
 def test_linear_uses_kernel_only_for_few_rows_without_autograd():
-    layer = Linear(64, 48, bias=True).bfloat16()
+    layer = DecodeLinear(64, 48, bias=True).bfloat16()
     with torch.no_grad():
         layer.bias.normal_()
-    few = torch.randn(1, 3, 64).bfloat16()
-    many = torch.randn(1, 5, 64).bfloat16()
+    few = torch.randn(1, cpu_kernels.MAX_ROWS, 64).bfloat16()
+    many = torch.randn(1, cpu_kernels.MAX_ROWS + 1, 64).bfloat16()
     with torch.no_grad():
         assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
@@ -64,7 +98,7 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd():
     out.float().sum().backward()
     assert layer.weight.grad is not None
     with torch.no_grad():  # float32 never goes through the bf16 kernel
-        layer32 = Linear(64, 48).float()
+        layer32 = DecodeLinear(64, 48).float()
         x32 = few.float()
         assert torch.equal(layer32(x32), F.linear(x32, layer32.weight, layer32.bias))
 
@@ -76,9 +110,9 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     monkeypatch.setenv("MLLAMA_CACHE", str(tmp_path))
     monkeypatch.setenv("CC", "false")
     monkeypatch.delenv("MLLAMA_NO_KERNELS", raising=False)
-    with pytest.warns(RuntimeWarning, match="kernel unavailable"):
+    with pytest.warns(RuntimeWarning, match="kernels unavailable"):
         assert not cpu_kernels.gemv_available()
-    layer = Linear(8, 4, bias=False).bfloat16()
+    layer = DecodeLinear(8, 4, bias=False).bfloat16()
     x = torch.randn(1, 8).bfloat16()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("error")  # warned once, not at every call

@@ -8,7 +8,7 @@ from torch import nn
 
 from mllama.cache import KVCache
 from mllama.config import MllamaTextConfig
-from mllama.layers import Linear, RMSNorm, apply_rotary
+from mllama.layers import RMSNorm, apply_rotary
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -58,10 +58,10 @@ class _Projections(nn.Module):
         self.num_kv_heads = config.num_key_value_heads
         self.head_dim = config.head_dim
         hidden = config.hidden_size
-        self.q_proj = Linear(hidden, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = Linear(self.num_heads * self.head_dim, hidden, bias=False)
+        self.q_proj = nn.Linear(hidden, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
 
 class TextSelfAttention(_Projections):

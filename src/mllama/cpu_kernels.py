@@ -1,4 +1,5 @@
-"""A bf16 matrix-vector kernel for CPU decoding, built from csrc/gemv_bf16.c on first use.
+"""CPU decode kernels, built from csrc/ on first use: bf16 (csrc/gemv_bf16.c) and small-row
+products against bf16, int8 and int4 weights (csrc/gemm_small.c, used by mllama.quantize).
 
 Decoding one token reads every weight once, so tokens/s is set by how fast the weights stream from
 memory. On the project's AMD EPYC (AVX-512 BF16) torch 2.13's bf16 `F.linear` with one row streams
@@ -7,7 +8,9 @@ benchmarks/RESULTS.md). The C file is compiled with the system C compiler into a
 the first time it is needed (about a second) and called through ctypes. Without a compiler, on a CPU with neither AVX-512 BF16 nor AVX2,
 or with MLLAMA_NO_KERNELS=1, everything falls back to `F.linear`.
 
-`gemv_bf16` is a torch custom op, so a torch.compile'd decode step keeps it as one opaque call.
+`gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops, so a torch.compile'd decode step
+keeps each as one opaque call. Up to MAX_ROWS rows (a batched decode step of the engine) each weight
+is read from memory once per call; beyond that the library GEMM reuses weights from cache as well.
 """
 
 from __future__ import annotations
@@ -27,11 +30,15 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
-MAX_ROWS = 4  # beyond a few rows the GEMM kernels win (weights are reused from cache there)
+SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
+MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
+MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
 
 _lib: ctypes.CDLL | None = None
+_small: ctypes.CDLL | None = None
 _level = 0
 _tried = False
+_FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
 
 def _cache_dir() -> Path:
@@ -42,7 +49,7 @@ def _cache_dir() -> Path:
 def _build(source: Path) -> Path:
     """Compile `source` into the cache (keyed by its hash) unless already there; returns the .so path."""
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"gemv_bf16-{digest}-{platform.machine()}.so"
+    target = _cache_dir() / f"{source.stem}-{digest}-{platform.machine()}.so"
     if target.exists():
         return target
     compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
@@ -61,20 +68,26 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _level, _tried
+    global _lib, _small, _level, _tried
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
     try:
         lib = ctypes.CDLL(str(_build(SOURCE)))
+        small = ctypes.CDLL(str(_build(SMALL_SOURCE)))
     except (OSError, RuntimeError) as err:
-        warnings.warn(f"mllama: bf16 decode kernel unavailable, using F.linear ({err})", RuntimeWarning,
+        warnings.warn(f"mllama: decode kernels unavailable, using F.linear ({err})", RuntimeWarning,
                       stacklevel=3)
         return
     lib.mllama_gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.mllama_gemv_bf16.restype = None
+    small.mllama_gemm_small.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+                                        + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
+                                                                   ctypes.c_int])
+    small.mllama_gemm_small.restype = ctypes.c_int
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
+    _small = small if _lib is not None and small.mllama_gemm_small_level() else None
 
 
 def gemv_available() -> bool:
@@ -126,6 +139,8 @@ def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> tor
     """(M, K) bf16 x (N, K) bf16 -> (M, N) float32 with the given instruction set (2 or 1; tests use both)."""
     if _lib is None or level > _level or level < 1:
         raise RuntimeError(f"kernel level {level} not available (this CPU: {_level})")
+    if level == 1 and rows.shape[0] > 1:  # AVX2: the tiled kernel reuses each widened weight for 4 rows
+        return small_gemm(rows, "bf16", weight)
     rows, weight = rows.contiguous(), weight.contiguous()
     out = torch.empty(rows.shape[0], weight.shape[0], dtype=torch.float32)
     _lib.mllama_gemv_bf16(rows.data_ptr(), weight.data_ptr(), out.data_ptr(), rows.shape[0], weight.shape[0],
@@ -136,3 +151,72 @@ def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> tor
 @gemv_bf16.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+def quant_kernels_available() -> bool:
+    """Whether csrc/gemm_small.c (int8 and int4 decode products) runs here (AVX2 + FMA)."""
+    return gemv_available() and _small is not None
+
+
+def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
+               offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor:
+    """(M, K) rows of any float dtype x weights in `fmt` (see csrc/gemm_small.c) -> (M, N) float32.
+
+    bf16: weight (N, K) bf16. int8: weight (N, K) int8, scale (N,). int4: weight (N, Kp / 2) uint8
+    with Kp = K rounded up to group_size, scale and offset (N, Kp / group_size). Scales are float32
+    or bf16. M is at most MAX_QUANT_ROWS.
+    """
+    if _small is None:
+        raise RuntimeError("the small-row decode kernels are not available on this machine")
+    m, k = rows.shape
+    n = weight.shape[0]
+    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    if not 1 <= m <= MAX_QUANT_ROWS or k > k_row or (fmt != "int4" and k != k_row):
+        raise ValueError(f"small_gemm: {m} rows of {k} features against a {fmt} weight of shape {tuple(weight.shape)}")
+    m_pad = m if m == 1 else m + m % 2  # the kernel tiles rows in pairs and fours
+    if m_pad == m and k == k_row and rows.dtype == torch.float32 and rows.is_contiguous():
+        x = rows
+    else:
+        x = rows.new_zeros((m_pad, k_row), dtype=torch.float32)
+        x[:m, :k] = rows
+    params = [p for p in (scale, offset) if p is not None]
+    scale_bf16 = bool(params) and params[0].dtype == torch.bfloat16
+    if any(p.dtype != (torch.bfloat16 if scale_bf16 else torch.float32) or not p.is_contiguous() for p in params):
+        raise ValueError("small_gemm: scales and offsets must be contiguous, all float32 or all bf16")
+    out = torch.empty(m_pad, n, dtype=torch.float32)
+    weight = weight.contiguous()
+    rc = _small.mllama_gemm_small(_FORMATS[fmt], x.data_ptr(), m_pad, n, k_row, weight.data_ptr(),
+                                  scale.data_ptr() if scale is not None else None,
+                                  offset.data_ptr() if offset is not None else None,
+                                  int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"small_gemm: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
+    return out[:m]
+
+
+@torch.library.custom_op("mllama::linear_int8", mutates_args=())
+def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """(..., K) float x int8 (N, K) with per-row scale (N,) -> (..., N) in x's dtype."""
+    k = x.shape[-1]
+    out = small_gemm(x.reshape(-1, k), "int8", weight, scale)
+    return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
+@linear_int8.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+@torch.library.custom_op("mllama::linear_int4", mutates_args=())
+def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                group_size: int) -> torch.Tensor:
+    """(..., K) float x int4 weights (packed as in csrc/gemm_small.c) -> (..., N) in x's dtype."""
+    k = x.shape[-1]
+    out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
+    return out.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
+
+
+@linear_int4.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])

@@ -9,22 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama.config import MllamaTextConfig
-from mllama.cpu_kernels import gemv_bf16, use_gemv
-
-
-class Linear(nn.Linear):
-    """nn.Linear (same parameters and state-dict names) that decodes through the bf16 CPU kernel.
-
-    A product with a few rows (a decode step) in bf16 on the CPU, outside autograd, runs through
-    cpu_kernels.gemv_bf16, which streams the weight about twice as fast as F.linear; everything else
-    calls F.linear.
-    """
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_gemv(x, self.weight):
-            out = gemv_bf16(x, self.weight)
-            return out if self.bias is None else out + self.bias
-        return F.linear(x, self.weight, self.bias)
 
 
 class RMSNorm(nn.Module):
@@ -46,9 +30,9 @@ class TextMLP(nn.Module):
 
     def __init__(self, hidden_size: int, intermediate_size: int) -> None:
         super().__init__()
-        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

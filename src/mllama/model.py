@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mllama.config import MllamaConfig, MllamaTextConfig
-from mllama.layers import Linear
 from mllama.text import CrossInputs, MllamaTextModel
 from mllama.vision import MllamaVisionModel
 
@@ -142,7 +142,12 @@ class _PretrainedMixin:
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         torch_dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                        device_map: str | None = None, revision: str | None = None, progress: bool | None = None):
+                        device_map: str | None = None, revision: str | None = None, progress: bool | None = None,
+                        quantization: str | None = None, quantization_config: Any = None):
+        """Load a checkpoint directory or hub repo id (see weights.load_pretrained). quantization:
+        'int8' or 'int4' (or a mllama.quantize.QuantizationConfig) quantizes the linears while
+        loading; quantization_config takes the same as a dict or a transformers-style config."""
+        from mllama.quantize import resolve_quantization
         from mllama.weights import load_pretrained
 
         if device_map == "auto":
@@ -150,7 +155,8 @@ class _PretrainedMixin:
         elif device_map is not None:
             device = device_map
         return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=device,
-                               revision=revision, progress=progress)
+                               revision=revision, progress=progress,
+                               quantization=resolve_quantization(quantization, quantization_config))
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
         from mllama.weights import save_pretrained
@@ -215,7 +221,7 @@ class MllamaForConditionalGeneration(_PretrainedMixin, nn.Module):
         super().__init__()
         self.config = config
         self.model = MllamaModel(config)
-        self.lm_head = Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_config = None
 
     def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
@@ -244,7 +250,7 @@ class MllamaForCausalLM(_PretrainedMixin, nn.Module):
             config = config.text_config
         self.config = config
         self.model = MllamaTextModel(config)
-        self.lm_head = Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
 
     def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +22,8 @@ from torch import nn
 from mllama.cpu_kernels import fresh_zeros
 from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig
 from mllama.layers import rope_inv_freq
+from mllama.linear import apply_cpu_kernels
+from mllama.quantize import QuantizationConfig, prepare_for_loading
 # The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
 from mllama.safetensors_io import (SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError,  # noqa: F401
                                    CheckpointMismatchError, CorruptCheckpointError, MissingShardError,
@@ -187,8 +189,14 @@ def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: boo
     return plan
 
 
+ConvertHook = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
+
+
 def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: torch.device,
-                 progress: bool | None) -> dict[str, torch.Tensor]:
+                 progress: bool | None, convert: ConvertHook | None = None) -> dict[str, torch.Tensor]:
+    """Read every planned tensor. `convert` (the load-time transform's per-tensor hook) turns each
+    tensor just read into the tensors the model holds instead, e.g. a float weight into its int4
+    form, so the unconverted tensors never accumulate."""
     from tqdm.auto import tqdm
 
     def target_dtype(info: TensorInfo) -> torch.dtype:
@@ -212,10 +220,15 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                         handle.close()
                     handle, current = open(info.file, "rb", buffering=0), info.file
                 if device.type == "cpu" and target_dtype(info) == info.dtype:
-                    state[name] = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
+                    tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
                 else:
                     raw = _read_into(handle, info, staging[:info.nbytes]).view(info.dtype).view(info.shape)
-                    state[name] = raw.to(device=device, dtype=target_dtype(info), copy=True)
+                    tensor = raw.to(device=device, dtype=target_dtype(info), copy=True)
+                if convert is None:
+                    state[name] = tensor
+                else:
+                    state.update((key, value.to(device)) for key, value in convert(name, tensor).items())
+                del tensor
                 bar.update(info.nbytes)
         finally:
             if handle is not None:
@@ -246,15 +259,35 @@ def _read_generation_config(directory: Path) -> Any:
     return GenerationConfig.from_dict(_load_json(file))
 
 
+def _checkpoint_quantization(raw_config: dict[str, Any], config: Any, source: Path) -> QuantizationConfig | None:
+    """The format of an already quantized checkpoint (config.json's quantization_config), or None.
+    The entry is taken off the config object: the model's `quantization_config` is the one record."""
+    data = raw_config.get("quantization_config")
+    config.extra.pop("quantization_config", None)
+    if data is None:
+        return None
+    try:
+        found = QuantizationConfig.from_dict(data)
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"{source / CONFIG_NAME}: quantization_config: {err}") from err
+    if data.get("quant_method", "mllama") != "mllama":
+        raise CheckpointError(f"{source / CONFIG_NAME}: weights quantized by {data['quant_method']!r} cannot be "
+                              "read; load the bf16 checkpoint with quantization=... instead")
+    return found
+
+
 def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu", revision: str | None = None,
-                    progress: bool | None = None) -> Any:
+                    progress: bool | None = None, quantization: QuantizationConfig | None = None) -> Any:
     """Load MllamaForConditionalGeneration or MllamaForCausalLM from a directory or hub repo id.
 
     dtype: None or 'auto' as in transformers 5.x: the config's dtype (bfloat16 for the published
     models), else the checkpoint's; or an explicit torch dtype / name. MllamaForCausalLM reads only
     the text tensors of a full checkpoint. Everything is checked before any tensor data is read.
     progress: None shows a bar for checkpoints of 1 GiB and more.
+    quantization: quantize the linears while reading (mllama.quantize; each weight is quantized as
+    it is read, so the float model is never held whole). A checkpoint saved quantized loads as such.
+    Plain linears get the CPU decode kernel (linear.apply_cpu_kernels).
     """
     from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 
@@ -266,11 +299,22 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     raw_config, config = _read_config(directory, text_only=text_only)
     tensors = checkpoint_tensors(directory)
     target_dtype = resolve_dtype(dtype, raw_config, tensors)
+    stored = _checkpoint_quantization(raw_config, config, directory)
+    if stored is not None and quantization is not None and quantization != stored:
+        raise ValueError(f"{directory} is already quantized as {stored}; it cannot be loaded as {quantization}")
     with torch.device("meta"):
         model = cls(config)
-    plan = _plan(model, tensors, text_only=text_only, source=directory)
-    state = _materialise(plan, dtype=target_dtype, device=device, progress=progress)
+    convert = None
+    if stored is not None:  # the checkpoint holds the quantized tensors: plan against them
+        prepare_for_loading(model, stored, dtype=target_dtype)
+        plan = _plan(model, tensors, text_only=text_only, source=directory)
+    else:  # plan against the float layout, then swap in the quantized modules the hook fills
+        plan = _plan(model, tensors, text_only=text_only, source=directory)
+        if quantization is not None:
+            convert = prepare_for_loading(model, quantization, dtype=target_dtype)
+    state = _materialise(plan, dtype=target_dtype, device=device, progress=progress, convert=convert)
     model.load_state_dict(state, strict=True, assign=True)
+    apply_cpu_kernels(model)
     del state
     _rebuild_buffers(model, device)
     if isinstance(model.config, MllamaConfig):
@@ -319,8 +363,10 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     directory = Path(save_directory)
     directory.mkdir(parents=True, exist_ok=True)
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    quantization = getattr(model, "quantization_config", None)
     write_model_config(directory, model.config, dtype=floating[0] if floating else torch.get_default_dtype(),
-                       architecture="MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration")
+                       architecture="MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration",
+                       quantization=quantization.to_dict() if quantization is not None else None)
     if getattr(model, "generation_config", None) is not None:
         generation = model.generation_config  # mllama.generate.GenerationConfig, or a plain dict
         _write_json(directory / GENERATION_CONFIG_NAME,
@@ -332,9 +378,13 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
 
 
 def write_model_config(directory: Path, config: MllamaConfig | MllamaTextConfig, *, dtype: torch.dtype,
-                       architecture: str) -> None:
-    """config.json with the weights' dtype under both names that readers look for."""
+                       architecture: str, quantization: dict[str, Any] | None = None) -> None:
+    """config.json with the weights' dtype under both names that readers look for, and the
+    quantized format (mllama.quantize) if the weights are quantized."""
     data = config.to_dict()
     data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
     data["architectures"] = [architecture]
+    data.pop("quantization_config", None)
+    if quantization is not None:
+        data["quantization_config"] = quantization
     _write_json(Path(directory) / CONFIG_NAME, data)

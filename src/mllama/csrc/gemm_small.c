@@ -1,0 +1,188 @@
+/* Products with few rows (decode steps, 1 to 32 rows) against bf16, int8 or int4 weights, AVX2 + FMA:
+ *   out (M, N) float32 = x (M, K) float32 @ dequant(W) ^T,   W stored (N, K) row-major.
+ *
+ * Weight formats (the same bytes as in memory and in mllama's quantized checkpoints):
+ *   bf16: plain. int8: symmetric per output row, w = q * scale[n].
+ *   int4: K padded to a multiple of the group (32, 64, 128 or 256); each run of 32 values is 16
+ *         bytes, byte j holding value j in its low nibble and value 16 + j in its high nibble;
+ *         w = q * scale[n, g] + offset[n, g] for q in 0..15 (asymmetric, one scale and offset per group).
+ * Scales and offsets are float32 or bf16 (`scale_bf16`).
+ *
+ * Decoding is memory bound for one row: each weight must stream from memory once, and be turned
+ * into float32 once. With several rows the work per weight grows, so each dequantized vector of 8
+ * weights is reused for up to 4 rows of x from registers (tiles of 8x1, 4x2 or 3x4 weight rows x x
+ * rows). K is walked in cache blocks of KC so the rows of x being read stay in L1/L2 while a block
+ * of RB weight rows is swept, and every weight byte is read from memory once per call. Threads take
+ * blocks of RB weight rows dynamically (a thread slowed by another process does not hold the rest
+ * back). Built at first use by mllama/cpu_kernels.py; the OpenMP runtime is the one torch loaded.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+
+#define RB 24      /* weight rows per work item: a multiple of 8, 4 and 3 */
+#define KC 1024    /* k values per cache block: a multiple of 32 */
+#define MMAX 32    /* most rows of x per call */
+
+enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
+
+typedef struct {
+    const void *w;       /* weights */
+    const void *scale;   /* int8: (N,), int4: (N, K / group) */
+    const void *offset;  /* int4: (N, K / group) */
+    int64_t k;           /* values per weight row (for int4 already padded) */
+    int64_t group;       /* int4 group size */
+    int scale_bf16;      /* scales and offsets are bf16 (else float32) */
+} wdesc;
+
+static inline float bf16_to_float(uint16_t v) {
+    uint32_t bits = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+static inline float param(const void *base, int64_t i, int is_bf16) {
+    return is_bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
+}
+
+/* 32 consecutive weights of row `row` from column i (a multiple of 32), as 4 x 8 float32. */
+__attribute__((target("avx2,fma")))
+static inline void load32_bf16(const wdesc *d, int64_t row, int64_t i, __m256 *v) {
+    const uint16_t *p = (const uint16_t *)d->w + row * d->k + i;
+    for (int q = 0; q < 4; q++) {
+        __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(p + 8 * q)));
+        v[q] = _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
+    }
+}
+
+__attribute__((target("avx2,fma")))
+static inline void load32_int8(const wdesc *d, int64_t row, int64_t i, __m256 *v) {
+    const int8_t *p = (const int8_t *)d->w + row * d->k + i;
+    for (int q = 0; q < 4; q++)
+        v[q] = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * q))));
+}
+
+__attribute__((target("avx2,fma")))
+static inline void load32_int4(const wdesc *d, int64_t row, int64_t i, __m256 *v) {
+    const __m128i packed = _mm_loadu_si128((const __m128i *)((const uint8_t *)d->w + row * (d->k / 2) + i / 2));
+    const __m128i nibble = _mm_set1_epi8(0x0F);
+    const __m128i lo = _mm_and_si128(packed, nibble);
+    const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), nibble);
+    const int64_t g = row * (d->k / d->group) + i / d->group;
+    const __m256 s = _mm256_set1_ps(param(d->scale, g, d->scale_bf16));
+    const __m256 z = _mm256_set1_ps(param(d->offset, g, d->scale_bf16));
+    v[0] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), s, z);
+    v[1] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), s, z);
+    v[2] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), s, z);
+    v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, z);
+}
+
+/* One weight value as float (for the k % 32 tail of bf16 and int8; int4 rows have no tail). */
+static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
+    if (fmt == FMT_BF16) return bf16_to_float(((const uint16_t *)d->w)[row * d->k + i]);
+    return (float)((const int8_t *)d->w)[row * d->k + i];
+}
+
+/* R weight rows from `row` x M rows of x, over columns [k0, k1); adds into tot[r * MMAX + j]
+ * (vectors whose lanes are summed at the end). kmain: where the 32-wide part ends. */
+#define DEFINE_TILE(FMT, NAME, R, M)                                                                 \
+    __attribute__((target("avx2,fma")))                                                             \
+    static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain, \
+                     __m256 *tot) {                                                                 \
+        __m256 acc[R][M];                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_ps();                            \
+        const int64_t stop = k1 < kmain ? k1 : kmain;                                               \
+        for (int64_t i = k0; i < stop; i += 32) {                                                   \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+                __m256 wv[4];                                                                       \
+                load32_##FMT(d, row + r, i, wv);                                                    \
+                _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)                                 \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++)                             \
+                        acc[r][j] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + j * d->k + i + 8 * q), acc[r][j]); \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int j = 0; j < M; j++) {                                                           \
+                float tail = 0.0f;                                                                  \
+                for (int64_t i = stop > k0 ? stop : k0; i < k1; i++)                                \
+                    tail += load1(d, FMT_##FMT, row + r, i) * x[j * d->k + i];                      \
+                tot[r * MMAX + j] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX + j], acc[r][j]),      \
+                                                  _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));       \
+            }                                                                                       \
+    }
+
+#define FMT_bf16 FMT_BF16
+#define FMT_int8 FMT_INT8
+#define FMT_int4 FMT_INT4
+#define DEFINE_TILES(FMT)                                                                           \
+    DEFINE_TILE(FMT, FMT##_8x1, 8, 1) DEFINE_TILE(FMT, FMT##_1x1, 1, 1)                            \
+    DEFINE_TILE(FMT, FMT##_4x2, 4, 2) DEFINE_TILE(FMT, FMT##_1x2, 1, 2)                            \
+    DEFINE_TILE(FMT, FMT##_3x4, 3, 4) DEFINE_TILE(FMT, FMT##_1x4, 1, 4)
+DEFINE_TILES(bf16)
+DEFINE_TILES(int8)
+DEFINE_TILES(int4)
+
+typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t, int64_t, __m256 *);
+
+/* tiles[fmt][0..2]: the wide tile for 1, 2 and 4 rows of x; [3..5]: the one-weight-row tile. */
+static const tile_fn TILES[3][6] = {
+    {bf16_8x1, bf16_4x2, bf16_3x4, bf16_1x1, bf16_1x2, bf16_1x4},
+    {int8_8x1, int8_4x2, int8_3x4, int8_1x1, int8_1x2, int8_1x4},
+    {int4_8x1, int4_4x2, int4_3x4, int4_1x1, int4_1x2, int4_1x4},
+};
+static const int TILE_ROWS[3] = {8, 4, 3};
+
+__attribute__((target("avx2,fma")))
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* 1 when this CPU runs the kernels (AVX2 + FMA), else 0. */
+int mllama_gemm_small_level(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+/* x: (m, k) float32, m in 1..MMAX and even unless 1 (the caller pads with zero rows); for int4 k is
+ * the padded row length. Returns 0, or -1 for arguments the kernel does not take. */
+__attribute__((target("avx2,fma")))
+int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, const void *w,
+                      const void *scale, const void *offset, int scale_bf16, int64_t group, float *out,
+                      int threads) {
+    if (fmt < 0 || fmt > 2 || m < 1 || m > MMAX || (m > 1 && m % 2) || n < 1 || k < 1) return -1;
+    if (fmt == FMT_INT4 && (group < 32 || group % 32 || k % group)) return -1;
+    const wdesc d = {w, scale, offset, k, group, scale_bf16};
+    const int64_t kmain = fmt == FMT_INT4 ? k : k - k % 32;
+    const int64_t blocks = (n + RB - 1) / RB;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256 tot[RB * MMAX];
+        const int64_t row0 = b * RB;
+        const int64_t rows = n - row0 < RB ? n - row0 : RB;
+        for (int64_t t = 0; t < rows * MMAX; t++) tot[t] = _mm256_setzero_ps();
+        for (int64_t k0 = 0; k0 < k; k0 += KC) {
+            const int64_t k1 = k - k0 < KC ? k : k0 + KC;
+            for (int64_t j0 = 0; j0 < m;) {
+                const int kind = m == 1 ? 0 : m - j0 >= 4 ? 2 : 1;
+                const int step = kind == 0 ? 1 : kind == 1 ? 2 : 4;
+                const int wide = TILE_ROWS[kind];
+                int64_t r = 0;
+                for (; r + wide <= rows; r += wide)
+                    TILES[fmt][kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                for (; r < rows; r++)
+                    TILES[fmt][3 + kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                j0 += step;
+            }
+        }
+        for (int64_t r = 0; r < rows; r++) {
+            const float rescale = fmt == FMT_INT8 ? param(scale, row0 + r, scale_bf16) : 1.0f;
+            for (int64_t j = 0; j < m; j++) out[j * n + row0 + r] = hsum(tot[r * MMAX + j]) * rescale;
+        }
+    }
+    return 0;
+}
