@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama.cache import KVCache
+from mllama.cache import KVWindow
 from mllama.config import MllamaTextConfig
 from mllama.layers import RMSNorm, apply_rotary
 
@@ -66,15 +66,16 @@ class _Projections(nn.Module):
 
 class TextSelfAttention(_Projections):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
-                cache: KVCache | None = None, cache_start: int | torch.Tensor = 0) -> torch.Tensor:
-        """x (B, S, hidden); mask bool (B, 1, S, T) or None for plain causal attention over x alone."""
+                cache: KVWindow | None = None, layer_idx: int = 0) -> torch.Tensor:
+        """x (B, S, hidden); mask bool (B, 1, S, T) over the keys the cache window reads, or None for
+        plain causal attention over x alone (nothing cached before it)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(cache_start, k, v)
+            k, v = cache.update(layer_idx, k, v)
         out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 

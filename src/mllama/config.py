@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 CONFIG_NAME = "config.json"
+GENERATION_CONFIG_NAME = "generation_config.json"
 
 DEFAULT_ASPECT_RATIOS = [[1, 1], [1, 2], [1, 3], [1, 4], [2, 1], [2, 2], [3, 1], [4, 1]]
 KNOWN_ROPE_TYPES = ("default", "llama3")
@@ -332,3 +333,44 @@ PRESETS: dict[str, dict[str, Any]] = {
     "90b": {"vision_config": {"image_size": 560}, "text_config": _text_preset(100, 8192, 64, 28672, _INSTRUCT_EOS)},
     "90b-base": {"vision_config": {"image_size": 560}, "text_config": _text_preset(100, 8192, 64, 28672, 128001)},
 }
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding defaults, read from a checkpoint's generation_config.json (transformers' field names)."""
+
+    max_new_tokens: int | None = None
+    max_length: int = 20
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int | None = 50
+    top_p: float = 1.0
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+    pad_token_id: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in names},
+                   extra={k: v for k, v in data.items() if k not in names})
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
+        return cls.from_dict(json.loads((Path(path) / GENERATION_CONFIG_NAME).read_text()))
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dict(self.extra)
+        out.update({f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"})
+        return {k: v for k, v in out.items() if v is not None}
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        Path(directory, GENERATION_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama.config import MllamaConfig, MllamaTextConfig
-from mllama.text import CrossInputs, MllamaTextModel
+from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
+from mllama.text import check_ids as _check_ids
 from mllama.vision import MllamaVisionModel
 
 IGNORE_INDEX = -100
@@ -21,38 +22,6 @@ IGNORE_INDEX = -100
 class CausalLMOutput:
     logits: torch.Tensor
     loss: torch.Tensor | None = None
-
-
-def self_attention_mask(attention_mask: torch.Tensor | None, *, query_len: int, start: int = 0,
-                        batch: int, device: torch.device) -> torch.Tensor | None:
-    """Bool (B, 1, S, T) causal mask over slots [0, start + S) that also hides padded keys.
-
-    Returns None when plain causal attention is exact (no padding, nothing cached). Every query may
-    always see itself, so padded rows stay finite and never poison other rows with NaNs.
-    """
-    total = start + query_len
-    if attention_mask is None and start == 0:
-        return None
-    query_slots = torch.arange(start, total, device=device)[:, None]
-    key_slots = torch.arange(total, device=device)[None, :]
-    mask = (key_slots <= query_slots)[None, None].expand(batch, 1, query_len, total)
-    if attention_mask is not None:
-        if attention_mask.shape[-1] < total:
-            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, {total} needed")
-        valid = attention_mask[:, None, None, :total].bool()
-        mask = mask & (valid | (key_slots == query_slots)[None, None])
-    return mask
-
-
-def cross_attention_inputs(cross_attention_mask: torch.Tensor, *, num_patches: int,
-                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, S, N_images, N_tiles) 0/1 tile mask -> bool (B, 1, S, N_images * N_tiles * num_patches)
-    token mask and (B, S, 1) text-row mask (0 for rows that see no tile)."""
-    b, s = cross_attention_mask.shape[:2]
-    tiles = cross_attention_mask.bool().reshape(b, s, -1)
-    mask = tiles.repeat_interleave(num_patches, dim=-1).unsqueeze(1)
-    rows = tiles.any(dim=-1, keepdim=True).to(dtype)
-    return mask, rows
 
 
 class MllamaModel(nn.Module):
@@ -110,13 +79,6 @@ class MllamaModel(nn.Module):
         mask = self_attention_mask(attention_mask, query_len=s, batch=b, device=ref.device)
         return self.language_model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
                                    mask=mask, cross=cross)
-
-
-def _check_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
-    if input_ids.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
-    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= num_embeddings):
-        raise ValueError(f"input_ids out of range: ids must lie in [0, {num_embeddings})")
 
 
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, image_token_id: int | None) -> torch.Tensor:

@@ -1,70 +1,122 @@
-"""Next-token selection as small pure functions over (B, V) logits."""
+"""Next-token selection over (B, V) logits with settings per row.
+
+Every setting is a (B,) tensor so one batched step serves requests with different settings; a
+neutral value turns a filter off for its row (temperature 0: greedy, top_k 0, top_p 1, min_p 0,
+repetition_penalty 1). The filters run in transformers' order: repetition penalty, temperature,
+top-k, top-p, min-p. Randomness comes from one uniform number per sampled row and step, drawn from
+that row's own generator, so a seeded request samples the same tokens whatever else is batched.
+"""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 
-def apply_repetition_penalty(logits: torch.Tensor, seen: torch.Tensor, penalty: float) -> torch.Tensor:
-    """CTRL-style penalty on every id in `seen` (B, T): positive logits divided, negative multiplied.
+@dataclass
+class SamplingTensors:
+    """Per-row settings (B,) on the logits' device; build with `from_rows`."""
 
-    Ids past the logits (the <|image|> token lives beyond the lm_head) are ignored.
-    """
-    if penalty == 1.0:
-        return logits
+    temperature: torch.Tensor
+    top_k: torch.Tensor
+    top_p: torch.Tensor
+    min_p: torch.Tensor
+    repetition_penalty: torch.Tensor
+
+    @classmethod
+    def from_rows(cls, rows: list[tuple[float, int, float, float, float]], *,
+                  device: torch.device | str = "cpu") -> "SamplingTensors":
+        """rows: (temperature, top_k, top_p, min_p, repetition_penalty) per row."""
+        cols = list(zip(*rows)) if rows else [(), (), (), (), ()]
+        floats = [torch.tensor(c, dtype=torch.float32, device=device) for c in cols]
+        return cls(temperature=floats[0], top_k=torch.tensor(cols[1], dtype=torch.long, device=device),
+                   top_p=floats[2], min_p=floats[3], repetition_penalty=floats[4])
+
+
+def mark_seen(presence: torch.Tensor, ids: torch.Tensor) -> None:
+    """Set presence[b, id] for every id of row b in ids (B, T) that has a logit (the <|image|> id
+    lies past the lm_head and has none)."""
+    ids = ids.reshape(presence.shape[0], -1)
+    in_vocab = ids < presence.shape[1]
+    rows = torch.arange(ids.shape[0], device=ids.device)[:, None].expand_as(ids)
+    presence.index_put_((rows[in_vocab], ids[in_vocab]), torch.ones((), dtype=torch.bool, device=ids.device))
+
+
+def apply_repetition_penalty(logits: torch.Tensor, presence: torch.Tensor, penalty: torch.Tensor) -> torch.Tensor:
+    """CTRL-style penalty on every id a row has seen (presence (B, V) bool): positive logits are
+    divided by the row's penalty, negative ones multiplied."""
+    p = penalty[:, None]
+    penalized = torch.where(logits < 0, logits * p, logits / p)
+    return torch.where(presence & (p != 1.0), penalized, logits)
+
+
+def apply_temperature(logits: torch.Tensor, temperature: torch.Tensor) -> torch.Tensor:
+    """Rows with temperature 0 are greedy and left as they are."""
+    t = temperature[:, None]
+    return torch.where(t > 0, logits / torch.where(t > 0, t, 1.0), logits)
+
+
+def apply_top_k(logits: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     vocab = logits.shape[-1]
-    in_vocab = seen < vocab
-    present = torch.zeros_like(logits, dtype=torch.bool)
-    present.scatter_(1, torch.where(in_vocab, seen, 0), in_vocab)
-    if not bool(in_vocab.all()):  # id 0 was a stand-in above: mark it only where it really occurs
-        present[:, 0] = (seen == 0).any(dim=1)
-    penalized = torch.where(logits < 0, logits * penalty, logits / penalty)
-    return torch.where(present, penalized, logits)
-
-
-def apply_temperature(logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    return logits if temperature == 1.0 else logits / temperature
-
-
-def apply_top_k(logits: torch.Tensor, k: int | None) -> torch.Tensor:
-    if not k or k >= logits.shape[-1]:
+    active = (k > 0) & (k < vocab)
+    if not bool(active.any()):
         return logits
-    kth = torch.topk(logits, k, dim=-1).values[..., -1:]
-    return logits.masked_fill(logits < kth, float("-inf"))
+    k_max = int(torch.where(active, k, 1).max())
+    top = torch.topk(logits, k_max, dim=-1).values  # (B, k_max), descending
+    kth = top.gather(1, (torch.where(active, k, 1) - 1)[:, None])
+    return logits.masked_fill(active[:, None] & (logits < kth), float("-inf"))
 
 
-def apply_top_p(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+def apply_top_p(logits: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
     """Keep the smallest set of most likely ids whose probability reaches p (at least one id)."""
-    if p is None or p >= 1.0:
+    active = p < 1.0
+    if not bool(active.any()):
         return logits
     sorted_logits, order = torch.sort(logits, dim=-1, descending=False)
     cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    drop = cumulative <= (1 - p)
+    drop = (cumulative <= (1 - p)[:, None]) & active[:, None]
     drop[..., -1] = False
     return logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
 
 
-def apply_min_p(logits: torch.Tensor, min_p: float | None) -> torch.Tensor:
-    """Drop ids whose probability is below min_p times the top probability."""
-    if not min_p:
+def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """Drop ids whose probability is below min_p times the row's top probability."""
+    active = min_p > 0
+    if not bool(active.any()):
         return logits
     probs = logits.softmax(dim=-1)
-    threshold = min_p * probs.max(dim=-1, keepdim=True).values
-    return logits.masked_fill(probs < threshold, float("-inf"))
+    threshold = min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+    return logits.masked_fill(active[:, None] & (probs < threshold), float("-inf"))
 
 
-def select_next(logits: torch.Tensor, *, seen: torch.Tensor | None = None, do_sample: bool = False,
-                temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                min_p: float | None = None, repetition_penalty: float = 1.0,
-                generator: torch.Generator | None = None) -> torch.Tensor:
-    """(B, V) logits -> (B,) next ids. Greedy unless do_sample; the order of filters follows transformers."""
+def filtered_logits(logits: torch.Tensor, settings: SamplingTensors,
+                    presence: torch.Tensor | None = None) -> torch.Tensor:
+    """Penalty, temperature and the three filters applied to float32 copies of (B, V) logits."""
     logits = logits.float()
-    if seen is not None:
-        logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    if not do_sample:
-        return logits.argmax(dim=-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-    logits = apply_min_p(apply_top_p(apply_top_k(apply_temperature(logits, temperature), top_k), top_p), min_p)
-    probs = logits.softmax(dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+    if presence is not None:
+        logits = apply_repetition_penalty(logits, presence, settings.repetition_penalty)
+    logits = apply_temperature(logits, settings.temperature)
+    return apply_min_p(apply_top_p(apply_top_k(logits, settings.top_k), settings.top_p), settings.min_p)
+
+
+def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: torch.Tensor | None = None,
+                generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
+    """(B, V) logits -> (B,) next ids: argmax for rows with temperature 0, else a draw from the
+    filtered distribution with the row's generator (None: torch's default generator)."""
+    logits = filtered_logits(logits, settings, presence)
+    greedy = logits.argmax(dim=-1)
+    sampled = settings.temperature > 0
+    if not bool(sampled.any()):
+        return greedy
+    rows = sampled.nonzero().squeeze(1).tolist()
+    gens = generators if generators is not None else [None] * logits.shape[0]
+    u = torch.stack([torch.rand((), generator=gens[r], dtype=torch.float64, device=logits.device) for r in rows])
+    # Inverse CDF: the first id whose cumulative probability exceeds u (right=True skips ids of
+    # probability zero, which add nothing to the sum).
+    cdf = logits[rows].double().softmax(dim=-1).cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    drawn = torch.minimum(drawn, (cdf < cdf[:, -1:]).sum(dim=-1))  # rounding at the top end
+    out = greedy.clone()
+    out[rows] = drawn
+    return out

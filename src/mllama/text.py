@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from mllama.attention import TextCrossAttention, TextSelfAttention
-from mllama.cache import DecoderCache
+from mllama.cache import KVWindow
 from mllama.config import MllamaTextConfig
 from mllama.layers import RMSNorm, RotaryEmbedding, TextMLP
 
@@ -17,7 +17,8 @@ from mllama.layers import RMSNorm, RotaryEmbedding, TextMLP
 class CrossInputs:
     """What the cross-attention layers see for one forward.
 
-    states: projected vision tokens (B, N, hidden), or None when K/V are already in the cache.
+    states: projected vision tokens (B, N, hidden) from which each layer computes its K/V, or None
+    when `kv` holds them already: cross layer index -> (k, v) of shape (B, H_kv, N, D).
     mask: bool (B, 1, S, N), True where a text row may attend to a vision token; None when every row
     may attend to every vision token (then text_row_mask is all ones).
     text_row_mask: (B, S, 1) in the activation dtype, 0 for rows that see no vision token at all.
@@ -26,6 +27,46 @@ class CrossInputs:
     states: torch.Tensor | None
     mask: torch.Tensor | None
     text_row_mask: torch.Tensor
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+
+def check_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
+    if input_ids.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+    if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= num_embeddings):
+        raise ValueError(f"input_ids out of range: ids must lie in [0, {num_embeddings})")
+
+
+def self_attention_mask(attention_mask: torch.Tensor | None, *, query_len: int, start: int = 0,
+                        batch: int, device: torch.device) -> torch.Tensor | None:
+    """Bool (B, 1, S, T) causal mask over slots [0, start + S) that also hides padded keys.
+
+    Returns None when plain causal attention is exact (no padding, nothing cached). Every query may
+    always see itself, so padded rows stay finite and never poison other rows with NaNs.
+    """
+    total = start + query_len
+    if attention_mask is None and start == 0:
+        return None
+    query_slots = torch.arange(start, total, device=device)[:, None]
+    key_slots = torch.arange(total, device=device)[None, :]
+    mask = (key_slots <= query_slots)[None, None].expand(batch, 1, query_len, total)
+    if attention_mask is not None:
+        if attention_mask.shape[-1] < total:
+            raise ValueError(f"attention_mask covers {attention_mask.shape[-1]} tokens, {total} needed")
+        valid = attention_mask[:, None, None, :total].bool()
+        mask = mask & (valid | (key_slots == query_slots)[None, None])
+    return mask
+
+
+def cross_attention_inputs(cross_attention_mask: torch.Tensor, *, num_patches: int,
+                           dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, S, N_images, N_tiles) 0/1 tile mask -> bool (B, 1, S, N_images * N_tiles * num_patches)
+    token mask and (B, S, 1) text-row mask (0 for rows that see no tile)."""
+    b, s = cross_attention_mask.shape[:2]
+    tiles = cross_attention_mask.bool().reshape(b, s, -1)
+    mask = tiles.repeat_interleave(num_patches, dim=-1).unsqueeze(1)
+    rows = tiles.any(dim=-1, keepdim=True).to(dtype)
+    return mask, rows
 
 
 class SelfAttentionDecoderLayer(nn.Module):
@@ -37,9 +78,8 @@ class SelfAttentionDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
-                cache: DecoderCache | None, layer_idx: int, cache_start: int | torch.Tensor) -> torch.Tensor:
-        kv = cache.self_kv[layer_idx] if cache is not None else None
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=kv, cache_start=cache_start)
+                cache: KVWindow | None, layer_idx: int) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer_idx=layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -79,40 +119,32 @@ class MllamaTextModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, *, inputs_embeds: torch.Tensor | None = None,
                 position_ids: torch.Tensor, mask: torch.Tensor | None = None, cross: CrossInputs | None = None,
-                cache: DecoderCache | None = None, cache_start: int | torch.Tensor = 0) -> torch.Tensor:
+                cache: KVWindow | None = None) -> torch.Tensor:
         """Run the decoder.
 
-        position_ids (B, S) are RoPE positions. mask: bool (B, 1, S, cache_start + S), True = attend;
-        None means plain causal attention (only valid when nothing precedes these tokens).
-        cross: None skips the cross-attention layers, which is exact for text that sees no image.
-        With a cache, K/V are written at slots [cache_start, cache_start + S) and cross-attention K/V
-        computed from `cross.states` are stored for later steps.
+        position_ids (B, S) are RoPE positions. mask: bool (B, 1, S, T) with T the keys the forward
+        sees (`cache.length` with a cache, else S), True = attend; None means plain causal attention
+        (only valid when nothing precedes these tokens). cross: None skips the cross-attention
+        layers, which is exact for text that sees no image. With a cache window, K/V of the new
+        tokens are written where it says and attention reads the window.
         """
         x = self.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
-        if x.shape[1] > 1 and mask is None and cache_start > 0:
+        if mask is None and cache is not None and x.shape[1] > 1 and cache.length > x.shape[1]:
             raise ValueError("a mask is required when several new tokens attend to cached ones")
-        if cache is not None and cache.rope is not None:
-            cos, sin = cache.rope[0][position_ids], cache.rope[1][position_ids]  # (B, S, head_dim)
-        else:
-            cos, sin = self.rotary_emb(position_ids, x.dtype)
+        if cross is not None and cross.states is None and cross.kv is None:
+            raise ValueError("cross-attention needs vision states or their K/V")
+        cos, sin = self.rotary_emb(position_ids, x.dtype)
         for idx, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionDecoderLayer):
                 if cross is None:
                     continue
-                kv = self._cross_kv(layer, idx, cross, cache)
+                kv = cross.kv[idx] if cross.kv is not None else layer.cross_attn.vision_kv(cross.states)
                 x = layer(x, kv, cross.mask, cross.text_row_mask)
             else:
-                x = layer(x, cos, sin, mask, cache=cache, layer_idx=idx, cache_start=cache_start)
+                x = layer(x, cos, sin, mask, cache=cache, layer_idx=idx)
         return self.norm(x)
 
-    @staticmethod
-    def _cross_kv(layer: CrossAttentionDecoderLayer, idx: int, cross: CrossInputs,
-                  cache: DecoderCache | None) -> tuple[torch.Tensor, torch.Tensor]:
-        if cross.states is not None:
-            kv = layer.cross_attn.vision_kv(cross.states)
-            if cache is not None:
-                cache.cross_kv[idx] = kv
-            return kv
-        if cache is None or idx not in cache.cross_kv:
-            raise ValueError("cross-attention needs vision states or cached vision K/V")
-        return cache.cross_kv[idx]
+    def cross_kv(self, states: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Projected vision tokens (B, N, hidden) -> every cross layer's (k, v) (B, H_kv, N, D)."""
+        return {idx: layer.cross_attn.vision_kv(states) for idx, layer in enumerate(self.layers)
+                if isinstance(layer, CrossAttentionDecoderLayer)}

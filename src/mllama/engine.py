@@ -1,0 +1,449 @@
+"""The engine: continuous batching of requests over the slots of one KV cache.
+
+Each request owns a slot: its prompt and generated tokens sit at positions 0.. of that slot, and
+its own cross-attention K/V (its images, visible tiles only) live beside it. Every `step()` runs one
+batched decode forward for all decoding slots, then one bounded piece of a new request's work
+(one image through the vision tower, or one chunk of its prompt), so a long prompt or a large
+image never freezes the running streams. Decoding slots are kept at the front of the cache
+([0, n)): a finished request's slot is refilled by moving the last one in, so a step reads one
+contiguous view. Requests beyond max_slots wait in a FIFO queue.
+
+The model only runs forwards; the engine owns the cache, the slots, scheduling and sampling.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import threading
+
+import torch
+from torch import nn
+
+from mllama.cache import KVCache, KVWindow
+from mllama.cpu_kernels import gemv_available
+from mllama.request import Event, Request, RequestHandle, SamplingParams
+from mllama.sampling import SamplingTensors, mark_seen, select_next
+from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
+from mllama.tokenizer import StreamDetokenizer
+from mllama.vision_cache import ImageCache, RequestVision, VisionJob
+
+
+class _Sequence:
+    """Engine-side state of one request."""
+
+    def __init__(self, handle: RequestHandle, prompt: torch.Tensor, params: SamplingParams,
+                 generator: torch.Generator | None, vision_job: VisionJob | None,
+                 detok: StreamDetokenizer | None) -> None:
+        self.handle, self.prompt, self.params, self.generator = handle, prompt, params, generator
+        self.vision_job = vision_job
+        self.vision: RequestVision | None = None
+        self.detok = detok
+        self.tail = ""  # end of the text so far, where a stop string could have begun
+        self.prefilled = 0  # prompt tokens whose K/V are in the slot
+        self.cached = 0  # all tokens whose K/V are in the slot
+        self.next_token = -1  # sampled, not yet in the cache
+        self.generated = 0
+        self.presence: torch.Tensor | None = None  # (1, V) ids seen, for the repetition penalty
+
+    @property
+    def setting_row(self) -> tuple[float, int, float, float, float]:
+        p = self.params
+        return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
+
+
+class Engine:
+    """Serve many requests with one model: `submit()` returns a handle streaming Events;
+    `step()` advances every request by one token (and new ones by a bounded amount of prefill);
+    `start()` runs steps in a background thread until `stop()`.
+
+    max_slots: requests decoded together; max_len: positions per slot (prompt + generated tokens);
+    tokenizer (anything with `decode(ids, skip_special_tokens=)`): needed for text and stop strings;
+    prefill_chunk: prompt tokens per step while other requests decode; image_cache_bytes: budget of
+    the LRU of encoded images (0 disables it); fast_vision: encode only real tiles (not exact);
+    compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
+    vision-token width, attending over the whole max_len under a length mask.
+    """
+
+    def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
+                 prefill_chunk: int = 256, image_cache_bytes: int = 1 << 30, fast_vision: bool = False,
+                 compile: bool = False) -> None:
+        if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
+            raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
+                             f"{max_len}, {prefill_chunk}")
+        self.model = model
+        self.text_model: MllamaTextModel = getattr(model.model, "language_model", model.model)
+        self.lm_head = model.lm_head
+        self.has_vision = hasattr(model.model, "vision_model")
+        self.max_slots, self.max_len, self.prefill_chunk = max_slots, max_len, prefill_chunk
+        self.tokenizer, self.fast_vision = tokenizer, fast_vision
+        embed = self.text_model.embed_tokens.weight
+        self.dtype, self.device = embed.dtype, embed.device
+        self.vocab = self.text_model.config.vocab_size
+        layers = list(self.text_model.layers)
+        self_attn = [i for i, layer in enumerate(layers) if not isinstance(layer, CrossAttentionDecoderLayer)]
+        attn = layers[self_attn[0]].self_attn
+        self.compile = compile
+        # A compiled step pads its rows up to a bucket; the padding rows write into one spare slot.
+        self.kv = KVCache(layers=self_attn, slots=max_slots + compile, heads=attn.num_kv_heads, max_len=max_len,
+                          head_dim=attn.head_dim, dtype=self.dtype, device=self.device)
+        self.image_cache = ImageCache(image_cache_bytes)
+        self._presence = torch.zeros(max_slots, self.vocab, dtype=torch.bool, device=self.device)
+        self._queue: collections.deque[_Sequence] = collections.deque()
+        self._incoming: _Sequence | None = None  # in vision encode or prefill, at slot len(_decoding)
+        self._decoding: list[_Sequence] = []  # index = slot
+        self._cancels: set[int] = set()
+        self._ids = itertools.count()
+        self._lock = threading.Lock()  # queue and cancels, touched by submitting threads
+        self._step_lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._batch_dirty = True
+        self._cross: CrossInputs | None = None
+        self._settings: SamplingTensors | None = None
+
+    # ---- public API -----------------------------------------------------------------------------
+    def submit(self, request: Request) -> RequestHandle:
+        """Queue a request; its Events stream through the returned handle. Validates it first."""
+        params = request.sampling
+        params.validate()
+        prompt = torch.as_tensor(request.input_ids)
+        if prompt.dim() != 1 or prompt.numel() == 0:
+            raise ValueError(f"input_ids must be a non-empty 1-d sequence, got shape {tuple(prompt.shape)}")
+        check_ids(prompt, self.text_model.embed_tokens.num_embeddings)
+        if prompt.numel() > self.max_len:
+            raise ValueError(f"prompt of {prompt.numel()} tokens does not fit max_len={self.max_len}")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop_strings need an engine tokenizer= to decode the output")
+        job = self._vision_job(request, prompt.numel())
+        handle = RequestHandle(self, next(self._ids))
+        generator = request.generator
+        if generator is None and params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        detok = StreamDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens) \
+            if self.tokenizer is not None else None
+        seq = _Sequence(handle, prompt.to(self.device, torch.long), params, generator, job, detok)
+        with self._lock:
+            self._queue.append(seq)
+            self._wake.notify_all()
+        return handle
+
+    def cancel(self, handle: RequestHandle) -> None:
+        """End a request at the next step (its slot is free after that step); no-op once finished."""
+        with self._lock:
+            self._cancels.add(handle.id)
+            self._wake.notify_all()
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self._queue or self._incoming is not None or self._decoding or self._cancels)
+
+    @property
+    def num_decoding(self) -> int:
+        return len(self._decoding)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._queue)
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def start(self) -> None:
+        """Run steps in a daemon thread whenever there is work."""
+        if self._thread is not None:
+            raise RuntimeError("engine thread already started")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="mllama-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        if self._thread is None:
+            return
+        with self._lock:
+            self._stopping = True
+            self._wake.notify_all()
+        self._thread.join()
+        self._thread = None
+
+    def step(self) -> bool:
+        """One decode step for all decoding requests plus one piece of a new request's work.
+        Returns whether there was anything to do."""
+        with self._step_lock, torch.inference_mode():
+            try:
+                return self._step()
+            except BaseException as error:
+                self._fail_all(error)
+                raise
+
+    # ---- scheduling -----------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stopping and not self.has_work:
+                    self._wake.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except Exception:  # already delivered to the requests' handles
+                pass
+
+    def _step(self) -> bool:
+        self._apply_cancels()
+        self._admit()
+        worked = False
+        if self._decoding:
+            self._decode()
+            worked = True
+        if self._incoming is not None:
+            worked = True
+            self._prepare_piece()
+            while self._incoming is not None and not self._decoding:  # nobody to stall: go on
+                self._prepare_piece()
+        return worked
+
+    def _vision_job(self, request: Request, length: int) -> VisionJob | None:
+        if request.pixel_values is None:
+            return None
+        if not self.has_vision:
+            raise ValueError("this model is text-only; it cannot take images")
+        parts = (request.aspect_ratio_ids, request.aspect_ratio_mask, request.cross_attention_mask)
+        if any(p is None for p in parts):
+            raise ValueError("pixel_values needs aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
+        cam = request.cross_attention_mask
+        if cam.dim() != 3 or cam.shape[0] != length:
+            raise ValueError(f"cross_attention_mask has shape {tuple(cam.shape)}, expected "
+                             f"({length}, N_images, N_tiles)")
+        return VisionJob(self.model, request.pixel_values.to(self.device), request.aspect_ratio_ids.to(self.device),
+                         request.aspect_ratio_mask.to(self.device), cam.to(self.device),
+                         cache=self.image_cache if self.image_cache.max_bytes else None,
+                         fast_vision=self.fast_vision)
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._incoming is not None or not self._queue or len(self._decoding) >= self.max_slots:
+                return
+            seq = self._queue.popleft()
+        if seq.vision_job is not None:
+            seq.vision_job.lookup()
+        self._incoming = seq
+
+    def _apply_cancels(self) -> None:
+        with self._lock:
+            cancels, self._cancels = self._cancels, set()
+            queued = [s for s in self._queue if s.handle.id in cancels]
+            for seq in queued:
+                self._queue.remove(seq)
+        for seq in queued:
+            self._finish(seq, "cancelled", Event(token=None))
+        if self._incoming is not None and self._incoming.handle.id in cancels:
+            seq, self._incoming = self._incoming, None
+            self._finish(seq, "cancelled", Event(token=None))
+        gone = [slot for slot, seq in enumerate(self._decoding) if seq.handle.id in cancels]
+        for slot in gone:
+            self._finish(self._decoding[slot], "cancelled", Event(token=None))
+        self._free(gone)
+
+    def _free(self, slots: list[int]) -> None:
+        """Release decoding slots, moving the last slot into each hole (highest first, so the last
+        slot is always a live one)."""
+        if not slots:
+            return
+        old_end = len(self._decoding)
+        for slot in sorted(slots, reverse=True):
+            last = len(self._decoding) - 1
+            if slot != last:
+                moved = self._decoding[last]
+                self.kv.move(last, slot, moved.cached)
+                self._presence[slot] = self._presence[last]
+                self._decoding[slot] = moved
+            self._decoding.pop()
+        seq = self._incoming
+        if seq is not None and seq.prefilled:  # its partial prompt follows the decoding slots
+            self.kv.move(old_end, len(self._decoding), seq.prefilled)
+        self._batch_dirty = True
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            seqs = list(self._queue) + ([self._incoming] if self._incoming else []) + self._decoding
+            self._queue.clear()
+        self._incoming, self._decoding, self._batch_dirty = None, [], True
+        for seq in seqs:
+            seq.handle._fail(error)
+
+    # ---- work -----------------------------------------------------------------------------------
+    def _prepare_piece(self) -> None:
+        """One bounded piece of the incoming request: an image through the vision tower, or a chunk
+        of its prompt (the last chunk also samples its first token)."""
+        seq = self._incoming
+        job = seq.vision_job
+        if job is not None:
+            if not job.finished:
+                job.run_one()
+                return
+            seq.vision, seq.vision_job = job.result(), None
+        slot = len(self._decoding)
+        start = seq.prefilled
+        end = min(start + self.prefill_chunk, seq.prompt.numel())
+        positions = torch.arange(start, end, device=self.device)[None]
+        window = KVWindow(self.kv, slots=torch.tensor([slot], device=self.device), positions=positions,
+                          first=slot, length=end)
+        mask = None
+        if start:  # causal over the whole slot so far
+            keys = torch.arange(end, device=self.device)
+            mask = (keys[None, :] <= positions[0, :, None])[None, None]
+        cross = None
+        if seq.vision is not None:
+            vmask, rows = seq.vision.cross_rows(start, end, self.dtype)
+            if bool(rows.any()):  # rows that see no image are exact identities in cross layers
+                cross = CrossInputs(states=None, mask=vmask, text_row_mask=rows, kv=seq.vision.kv)
+        hidden = self.text_model(seq.prompt[start:end][None], position_ids=positions, mask=mask, cross=cross,
+                                 cache=window)
+        seq.prefilled = seq.cached = end
+        if end < seq.prompt.numel():
+            return
+        self._incoming = None
+        logits = self.lm_head(hidden[:, -1])
+        if seq.params.repetition_penalty != 1.0:
+            seq.presence = torch.zeros(1, self.vocab, dtype=torch.bool, device=self.device)
+            mark_seen(seq.presence, seq.prompt[None])
+        settings = SamplingTensors.from_rows([seq.setting_row], device=self.device)
+        token = select_next(logits, settings, presence=seq.presence, generators=[seq.generator])
+        if not self._emit(seq, int(token[0]), logits[0]):
+            self._presence[slot] = False
+            if seq.presence is not None:
+                self._presence[slot] = seq.presence[0]
+            self._decoding.append(seq)
+            self._batch_dirty = True
+
+    def _decode(self) -> None:
+        seqs = self._decoding
+        n = len(seqs)
+        rows = min(1 << (n - 1).bit_length(), self.max_slots) if self.compile else n
+        if self._batch_dirty:
+            self._rebuild_batch(rows)
+        tokens = torch.tensor([[s.next_token] for s in seqs] + [[0]] * (rows - n), device=self.device)
+        positions = torch.tensor([[s.cached] for s in seqs] + [[0]] * (rows - n), device=self.device)
+        slots = torch.arange(rows, device=self.device)
+        slots[n:] = self.max_slots  # padding rows of a compiled step write into the spare slot
+        length = self.max_len if self.compile else max(s.cached for s in seqs) + 1
+        mask = None
+        if self.compile or any(s.cached + 1 != length for s in seqs):
+            mask = (torch.arange(length, device=self.device)[None] < positions + 1)[:, None, None]
+        window = KVWindow(self.kv, slots=slots, positions=positions, first=0, length=length)
+        step = _compiled_forward(self.dtype == torch.bfloat16 and gemv_available()) if self.compile else _forward
+        logits = step(self.text_model, self.lm_head, tokens, positions, mask, self._cross, window)[:n]
+        for s in seqs:
+            s.cached += 1
+        penalized = any(s.params.repetition_penalty != 1.0 for s in seqs)
+        presence = self._presence[:n] if penalized else None
+        if penalized:
+            mark_seen(presence, tokens)
+        chosen = select_next(logits, self._settings, presence=presence, generators=[s.generator for s in seqs])
+        done = [slot for slot, (seq, token) in enumerate(zip(seqs, chosen.tolist()))
+                if self._emit(seq, token, logits[slot])]
+        self._free(done)
+
+    def _rebuild_batch(self, n: int) -> None:
+        """Per-row settings and the cross-attention K/V of the decoding slots, padded to the widest
+        row and to n rows, rebuilt only when the set of decoding requests (or their order) changes."""
+        seqs = self._decoding
+        self._settings = SamplingTensors.from_rows([s.setting_row for s in seqs], device=self.device)
+        self._batch_dirty = False
+        self._cross = None
+        visions = [s.vision for s in seqs] + [None] * (n - len(seqs))
+        sees = [v is not None and bool(v.decode_tiles.any()) for v in visions]
+        if not any(sees):
+            return  # no row sees an image: skipping the cross layers is exact
+        width = max(v.tokens for v, see in zip(visions, sees) if see)
+        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        mask = torch.zeros(n, width, dtype=torch.bool, device=self.device)
+        for row, (v, see) in enumerate(zip(visions, sees)):
+            if not see:
+                continue
+            mask[row, :v.tokens] = v.decode_tiles.repeat_interleave(v.patches)
+            for layer, (k, val) in v.kv.items():
+                if layer not in kv:
+                    shape = (n, k.shape[1], width, k.shape[3])
+                    kv[layer] = (k.new_zeros(shape), val.new_zeros(shape))
+                kv[layer][0][row, :, :v.tokens] = k[0]
+                kv[layer][1][row, :, :v.tokens] = val[0]
+        rows = torch.tensor(sees, dtype=self.dtype, device=self.device)[:, None, None]
+        self._cross = CrossInputs(states=None, mask=None if bool(mask.all()) else mask[:, None, None],
+                                  text_row_mask=rows, kv=kv)
+
+    def _emit(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
+        """Deliver one sampled token; returns whether the request has finished."""
+        params = seq.params
+        seq.next_token = token
+        seq.generated += 1
+        event = Event(token=token)
+        if params.logprobs is not None:
+            logprobs = logits.float().log_softmax(dim=-1)
+            event.logprob = float(logprobs[token])
+            if params.logprobs:
+                top = torch.topk(logprobs, min(params.logprobs, logprobs.numel()))
+                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
+        if params.return_logits:
+            event.logits = logits.float().clone()
+        text = seq.detok.put(token) if seq.detok is not None else ""
+        reason = None
+        if token in params.stop_token_ids:
+            reason = "stop"
+        elif params.stop_strings:
+            window = seq.tail + text
+            if any(stop in window for stop in params.stop_strings):
+                reason = "stop"
+            keep = max(len(stop) for stop in params.stop_strings) - 1
+            seq.tail = window[-keep:] if keep else ""
+        if reason is None and (seq.generated >= params.max_tokens or seq.cached >= self.max_len):
+            reason = "length"
+        event.text = text
+        if reason is not None:
+            self._finish(seq, reason, event)
+        else:
+            seq.handle._push(event)
+        return reason is not None
+
+    def _finish(self, seq: _Sequence, reason: str, event: Event) -> None:
+        if seq.detok is not None:
+            event.text += seq.detok.finish()
+        event.finish_reason = reason
+        seq.handle._push(event)
+
+
+def _forward(text_model: MllamaTextModel, lm_head: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
+             mask: torch.Tensor | None, cross: CrossInputs | None, window: KVWindow) -> torch.Tensor:
+    """One decode forward: tokens, positions (B, 1) -> logits (B, V)."""
+    hidden = text_model(tokens, position_ids=positions, mask=mask, cross=cross, cache=window)
+    return lm_head(hidden[:, -1])
+
+
+def _forward_cpp_wrapper(*args):
+    return _forward(*args)
+
+
+def _forward_python_wrapper(*args):
+    return _forward(*args)
+
+
+_compiled: dict[bool, object] = {}
+
+
+def _compiled_forward(uses_kernel: bool):
+    """_forward through torch.compile (inductor), built on first use and shared by all engines.
+
+    Inductor's C++ wrapper calls the graph's kernels from generated C++ instead of Python (a tiny
+    float32 model's step went from about 400 to 300 us), but calls a Python custom op (the bf16
+    decode kernel) so slowly that bf16 decoding of the bench model fell from 12.7 to 8.8 tokens/s;
+    so models that decode through the kernel get the Python wrapper. Two functions, because
+    torch.compile caches per function.
+    """
+    if uses_kernel not in _compiled:
+        fn = _forward_python_wrapper if uses_kernel else _forward_cpp_wrapper
+        _compiled[uses_kernel] = torch.compile(fn, dynamic=False, fullgraph=True,
+                                               options={"cpp_wrapper": not uses_kernel})
+    return _compiled[uses_kernel]

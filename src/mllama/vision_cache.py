@@ -1,0 +1,168 @@
+"""Cross-attention K/V of one request's images, encoded image by image and kept in an LRU cache.
+
+Only tiles that some prompt token can see are kept: padded tiles, images nobody looks at and tiles
+the cross-attention mask hides carry no information, so dropping them is exact. K/V are per vision
+token (a linear map and a norm), so the K/V of a request are the concatenation of its images' K/V:
+an image seen before (same preprocessed tiles) costs no vision encode and no K/V projection.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class RequestVision:
+    """kv: cross layer -> (k, v) (1, H_kv, K * P, D) for the K visible tiles of P tokens each.
+    tile_mask (S, K) bool: which tile each prompt token sees; decode tokens see what the last sees."""
+
+    kv: KV
+    tile_mask: torch.Tensor
+    patches: int
+
+    def cross_rows(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """(mask (1, 1, S', K * P) or None when every row sees every token, text_row_mask (1, S', 1))
+        for prompt rows [start, end)."""
+        tiles = self.tile_mask[start:end]
+        rows = tiles.any(dim=-1)[None, :, None].to(dtype)
+        if bool(tiles.all()):
+            return None, rows
+        return tiles.repeat_interleave(self.patches, dim=-1)[None, None], rows
+
+    @property
+    def decode_tiles(self) -> torch.Tensor:
+        return self.tile_mask[-1]
+
+    @property
+    def tokens(self) -> int:
+        return self.tile_mask.shape[1] * self.patches
+
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+
+
+class ImageCache:
+    """LRU map from an image's hash to its per-layer K/V (H_kv, T_real * P, D), within a byte budget."""
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise ValueError(f"image cache budget must be >= 0 bytes, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._items: OrderedDict[bytes, tuple[KV, int]] = OrderedDict()
+
+    def get(self, key: bytes) -> KV | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+            return None
+        self.hits += 1
+        self._items.move_to_end(key)
+        return item[0]
+
+    def put(self, key: bytes, kv: KV) -> None:
+        size = sum(k.nbytes + v.nbytes for k, v in kv.values())
+        if size > self.max_bytes or key in self._items:
+            return
+        while self.bytes + size > self.max_bytes:
+            _, (_, old) = self._items.popitem(last=False)
+            self.bytes -= old
+        self._items[key] = (kv, size)
+        self.bytes += size
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+def image_key(pixels: torch.Tensor, aspect_ratio_id: int, real: torch.Tensor, *, fast_vision: bool) -> bytes:
+    """Hash of one preprocessed image: its real tiles' pixels, aspect ratio and tile mask."""
+    h = hashlib.blake2b(digest_size=20)
+    h.update(f"{aspect_ratio_id}|{real.int().tolist()}|{fast_vision}|{pixels.dtype}|{tuple(pixels.shape)}".encode())
+    h.update(pixels[real].contiguous().view(torch.uint8).numpy().tobytes() if pixels.device.type == "cpu"
+             else pixels[real].contiguous().view(torch.uint8).cpu().numpy().tobytes())
+    return h.digest()
+
+
+class VisionJob:
+    """The vision work of one request, done one image per `run_one()` call so an engine can
+    interleave it with decode steps; `result()` assembles the request's RequestVision."""
+
+    def __init__(self, model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                 aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor, *,
+                 cache: ImageCache | None, fast_vision: bool) -> None:
+        n_img, n_tiles = cross_attention_mask.shape[1:]
+        if pixel_values.shape[:2] != (n_img, n_tiles) or aspect_ratio_mask.shape != (n_img, n_tiles) \
+                or aspect_ratio_ids.shape != (n_img,):
+            raise ValueError(f"images of a request must be pixel_values ({n_img}, {n_tiles}, C, H, W), "
+                             f"aspect_ratio_ids ({n_img},), aspect_ratio_mask ({n_img}, {n_tiles}) to match "
+                             f"cross_attention_mask {tuple(cross_attention_mask.shape)}; got "
+                             f"{tuple(pixel_values.shape)}, {tuple(aspect_ratio_ids.shape)}, "
+                             f"{tuple(aspect_ratio_mask.shape)}")
+        self.model, self.cache, self.fast_vision = model, cache, fast_vision
+        self.pixels, self.ids = pixel_values, aspect_ratio_ids
+        self.real = aspect_ratio_mask.bool()
+        self.cross_mask = cross_attention_mask.bool()
+        self.visible = self.cross_mask.any(dim=0) & self.real  # (N_img, N_tiles)
+        self.images = self.visible.any(dim=-1).nonzero().squeeze(1).tolist()
+        self.keys = {j: image_key(pixel_values[j], int(aspect_ratio_ids[j]), self.real[j], fast_vision=fast_vision)
+                     for j in self.images}
+        self.done: dict[int, KV] = {}
+        self.pending = list(self.images)
+
+    def lookup(self) -> None:
+        """Take what the image cache holds; done when the job starts, so that a request queued behind
+        another with the same image finds it encoded."""
+        for j in self.pending:
+            hit = self.cache.get(self.keys[j]) if self.cache is not None else None
+            if hit is not None:
+                self.done[j] = hit
+        self.pending = [j for j in self.pending if j not in self.done]
+
+    @property
+    def finished(self) -> bool:
+        return not self.pending
+
+    def run_one(self) -> None:
+        """Encode the next image not found in the cache: vision tower, projector, cross K/V."""
+        j = self.pending.pop(0)
+        mm = self.model.model
+        dtype = mm.multi_modal_projector.weight.dtype
+        vision = mm.vision_model(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
+                                 self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
+        tiles = mm.multi_modal_projector(vision[0, 0][self.real[j]])  # (T_real, P, hidden)
+        kv = mm.language_model.cross_kv(tiles.reshape(1, -1, tiles.shape[-1]))
+        kv = {i: (k[0], v[0]) for i, (k, v) in kv.items()}  # (H_kv, T_real * P, D)
+        self.done[j] = kv
+        if self.cache is not None:
+            self.cache.put(self.keys[j], kv)
+
+    def result(self) -> RequestVision | None:
+        if self.pending:
+            raise RuntimeError("vision job not finished")
+        if not self.images:
+            return None
+        patches = self.model.model.vision_model.num_patches
+        pieces: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        flat = []
+        n_tiles = self.visible.shape[1]
+        for j in self.images:
+            real_index = self.real[j].long().cumsum(0) - 1  # tile -> its row among the image's real tiles
+            for t in self.visible[j].nonzero().squeeze(1).tolist():
+                r = int(real_index[t])
+                for i, (k, v) in self.done[j].items():
+                    pieces.setdefault(i, []).append((k[:, r * patches:(r + 1) * patches],
+                                                     v[:, r * patches:(r + 1) * patches]))
+                flat.append(j * n_tiles + t)
+        kv = {i: (torch.cat([k for k, _ in p], dim=1)[None], torch.cat([v for _, v in p], dim=1)[None])
+              for i, p in pieces.items()}
+        tile_mask = self.cross_mask.reshape(self.cross_mask.shape[0], -1)[:, flat]
+        return RequestVision(kv=kv, tile_mask=tile_mask, patches=patches)
