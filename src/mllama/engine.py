@@ -21,7 +21,6 @@ import torch
 from torch import nn
 
 from mllama.cache import KVCache, KVWindow
-from mllama.cpu_kernels import gemv_available
 from mllama.request import Event, Request, RequestHandle, SamplingParams
 from mllama.sampling import SamplingTensors, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
@@ -84,6 +83,9 @@ class Engine:
         self_attn = [i for i, layer in enumerate(layers) if not isinstance(layer, CrossAttentionDecoderLayer)]
         attn = layers[self_attn[0]].self_attn
         self.compile = compile
+        # Linears swapped for kernel or quantized modules call custom ops (see _compiled_forward).
+        self._custom_linears = any(type(m).__module__ in ("mllama.linear", "mllama.quantize")
+                                   for m in model.modules())
         # A compiled step pads its rows up to a bucket; the padding rows write into one spare slot.
         self.kv = KVCache(layers=self_attn, slots=max_slots + compile, heads=attn.num_kv_heads, max_len=max_len,
                           head_dim=attn.head_dim, dtype=self.dtype, device=self.device)
@@ -334,7 +336,7 @@ class Engine:
         if self.compile or any(s.cached + 1 != length for s in seqs):
             mask = (torch.arange(length, device=self.device)[None] < positions + 1)[:, None, None]
         window = KVWindow(self.kv, slots=slots, positions=positions, first=0, length=length)
-        step = _compiled_forward(self.dtype == torch.bfloat16 and gemv_available()) if self.compile else _forward
+        step = _compiled_forward(self._custom_linears) if self.compile else _forward
         logits = step(self.text_model, self.lm_head, tokens, positions, mask, self._cross, window)[:n]
         for s in seqs:
             s.cached += 1

@@ -1,0 +1,357 @@
+"""The engine: requests batched at random steps equal each request alone; slots, queue, cancel,
+seeded sampling, stop strings, image cache, chunked prefill, streams from threads and asyncio."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from dataclasses import replace
+
+import pytest
+import torch
+
+from mllama.engine import Engine
+from mllama.request import Request, SamplingParams
+from mllama.vision_cache import ImageCache
+from tiny import cross_mask, hf_pair, random_images, tiny_config
+
+MAX_LEN = 64
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: hf_pair(name, seed=31)[1] for name in ("a", "b")}
+
+
+def _request(name: str, *, length: int, tiles: list[int] = (), image_at: list[int] = (), seed: int = 0,
+             extra_image_slot: bool = False, **params) -> Request:
+    """A prompt of random ids (BOS first, <|image|> at image_at) with images of the given tile counts."""
+    config = tiny_config(name)
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, config.text_config.vocab_size, (length,), generator=gen)
+    ids[0] = 1
+    for pos in image_at:
+        ids[pos] = config.image_token_index
+    params.setdefault("return_logits", True)
+    request = Request(input_ids=ids, sampling=SamplingParams(**params))
+    if tiles:
+        images = random_images(config, [list(tiles)], seed=seed)
+        cam = cross_mask([list(tiles)], [list(image_at)], length, config.vision_config.max_num_tiles)[0]
+        pv, ar_ids, ar_mask = images["pixel_values"][0], images["aspect_ratio_ids"][0], images["aspect_ratio_mask"][0]
+        if extra_image_slot:  # a padded image slot, as a batch with more images in another row has
+            pv, ar_ids = torch.cat([pv, torch.zeros_like(pv[:1])]), torch.cat([ar_ids, torch.zeros(1, dtype=torch.long)])
+            ar_mask, cam = torch.cat([ar_mask, torch.zeros_like(ar_mask[:1])]), torch.cat([cam, torch.zeros_like(cam[:, :1])], 1)
+        request.pixel_values, request.aspect_ratio_ids, request.aspect_ratio_mask = pv, ar_ids, ar_mask
+        request.cross_attention_mask = cam
+    return request
+
+
+def _alone(model, request: Request, **engine_kwargs) -> tuple[list[int], torch.Tensor]:
+    kwargs = dict(max_slots=1, max_len=MAX_LEN, prefill_chunk=1000) | engine_kwargs
+    events = list(Engine(model, **kwargs).submit(request))
+    tokens = [e.token for e in events if e.token is not None]
+    logits = torch.stack([e.logits for e in events if e.logits is not None]) if events[0].logits is not None else None
+    return tokens, logits
+
+
+def _run_schedule(engine: Engine, schedule: list[tuple[int, Request]]):
+    """Submit each request at its step; step until all are done. Returns the handles in order."""
+    pending = sorted(schedule, key=lambda x: x[0])
+    handles, step = [], 0
+    while pending or engine.has_work:
+        while pending and pending[0][0] <= step:
+            handles.append(engine.submit(pending.pop(0)[1]))
+        engine.step()
+        step += 1
+    return handles
+
+
+def _mixed_requests(name: str, rng: random.Random) -> list[Request]:
+    max_tiles = tiny_config(name).vision_config.max_num_tiles
+    out = []
+    for i in range(7):
+        length = rng.randint(3, 14)
+        kind = i % 4
+        tiles, at = [], []
+        if kind == 1:  # one image, maybe with padded tiles, maybe after some text
+            tiles, at = [rng.randint(1, max_tiles)], [rng.randint(1, length - 1)]
+        elif kind == 2:  # two images
+            first = rng.randint(1, length - 2)
+            tiles, at = [rng.randint(1, max_tiles), rng.randint(1, max_tiles)], [first, rng.randint(first + 1, length - 1)]
+        elif kind == 3 and length > 3:  # one image plus a padded image slot
+            tiles, at = [max_tiles], [1]
+        out.append(_request(name, length=length, tiles=tiles, image_at=at, seed=100 + i,
+                            extra_image_slot=kind == 3, max_tokens=rng.randint(1, 12)))
+    return out
+
+
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_requests_at_random_steps_equal_each_request_alone(models, name):
+    model = models[name]
+    rng = random.Random(7)
+    requests = _mixed_requests(name, rng)
+    schedule = [(rng.randint(0, 12), r) for r in requests]
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3)
+    handles = _run_schedule(engine, schedule)
+    by_request = {id(r): h for (_, r), h in zip(sorted(schedule, key=lambda x: x[0]), handles)}
+    for request in requests:
+        events = list(by_request[id(request)])
+        tokens = [e.token for e in events]
+        logits = torch.stack([e.logits for e in events])
+        ref_tokens, ref_logits = _alone(model, request)
+        assert tokens == ref_tokens
+        assert len(tokens) == request.sampling.max_tokens
+        assert (logits - ref_logits).abs().max().item() <= 1e-5
+    assert engine.num_decoding == 0 and not engine.has_work
+
+
+def test_engine_alone_equals_full_uncached_forward(models):
+    model = models["b"]
+    request = _request("b", length=9, tiles=[3, 2], image_at=[2, 5], seed=3, max_tokens=6)
+    tokens, logits = _alone(model, request, prefill_chunk=4)
+    seq = torch.cat([request.input_ids, torch.tensor(tokens)])
+    s = request.input_ids.numel()
+    cam = request.cross_attention_mask
+    for step in range(len(tokens)):
+        n = s + step
+        full_cam = torch.cat([cam, cam[-1:].expand(step, -1, -1)])
+        with torch.no_grad():
+            ref = model(seq[None, :n], pixel_values=request.pixel_values[None],
+                        aspect_ratio_ids=request.aspect_ratio_ids[None],
+                        aspect_ratio_mask=request.aspect_ratio_mask[None],
+                        cross_attention_mask=full_cam[None]).logits[0, -1]
+        assert (ref - logits[step]).abs().max().item() <= 1e-5
+
+
+def test_chunked_prefill_equals_monolithic_prefill(models):
+    model = models["a"]
+    request = _request("a", length=20, tiles=[2], image_at=[6], seed=4, max_tokens=5)
+    tokens, logits = _alone(model, request, prefill_chunk=1000)
+    for chunk in (1, 3, 7):
+        chunked_tokens, chunked_logits = _alone(model, request, prefill_chunk=chunk)
+        assert chunked_tokens == tokens
+        assert (chunked_logits - logits).abs().max().item() <= 1e-5
+
+
+def test_seeded_sampling_is_independent_of_the_batch(models):
+    model = models["a"]
+    sampled = dict(temperature=1.3, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.3, max_tokens=12)
+    target = _request("a", length=6, tiles=[1], image_at=[1], seed=5, **sampled)
+    target.sampling.seed = 1234
+    alone, _ = _alone(model, target)
+    others = [_request("a", length=4 + i, seed=50 + i, temperature=1.0, max_tokens=8 + i) for i in range(3)]
+    others.append(_request("a", length=5, tiles=[2], image_at=[2], seed=60, max_tokens=10))
+    engine = Engine(model, max_slots=4, max_len=MAX_LEN, prefill_chunk=2)
+    handles = _run_schedule(engine, [(0, others[0]), (1, others[1]), (2, target), (3, others[2]), (9, others[3])])
+    assert handles[2].result() == alone
+    other_seed = replace(target, sampling=replace(target.sampling, seed=999))
+    assert _alone(model, other_seed)[0] != alone
+
+
+def test_queue_beyond_max_slots_is_fifo(models):
+    model = models["a"]
+    requests = [_request("a", length=5 + i, seed=70 + i, max_tokens=4) for i in range(4)]
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN)
+    handles = [engine.submit(r) for r in requests]
+    assert engine.num_waiting == 4
+    first_token_step = {}
+    step = 0
+    while engine.has_work:
+        engine.step()
+        step += 1
+        assert engine.num_decoding <= 2
+        for i, h in enumerate(handles):
+            if h.tokens and i not in first_token_step:
+                first_token_step[i] = step
+    assert [first_token_step[i] for i in range(4)] == sorted(first_token_step.values())
+    assert first_token_step[2] > first_token_step[1]
+    for r, h in zip(requests, handles):
+        assert h.result() == _alone(model, r)[0]
+
+
+def test_cancel_frees_the_slot_within_one_step(models):
+    model = models["b"]
+    requests = [_request("b", length=6 + i, tiles=[i + 1] if i % 2 else [], image_at=[1] if i % 2 else [],
+                         seed=80 + i, max_tokens=20) for i in range(3)]
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN)
+    handles = [engine.submit(r) for r in requests]
+    for _ in range(6):
+        engine.step()
+    assert engine.num_decoding == 2 and engine.num_waiting == 1
+    handles[0].cancel()
+    engine.step()
+    assert handles[0].finish_reason == "cancelled"
+    assert engine.num_waiting == 0  # the queued request took the freed slot in that same step
+    # The request moved into the freed slot and the newcomer still decode exactly as alone.
+    for r, h in zip(requests[1:], handles[1:]):
+        assert h.result() == _alone(model, r)[0]
+    assert len(handles[0].tokens) < 20
+    handles[0].cancel()  # cancelling a finished request is harmless
+    assert not engine.step()
+
+
+def test_stop_ids_and_max_len_finish_requests(models):
+    model = models["a"]
+    request = _request("a", length=5, seed=90, max_tokens=12)
+    free, _ = _alone(model, request)
+    stop = free[4]
+    stopped = replace(request, sampling=replace(request.sampling, stop_token_ids=(stop,)))
+    handle = Engine(model, max_slots=1, max_len=MAX_LEN).submit(stopped)
+    assert handle.result() == free[:free.index(stop) + 1] and handle.finish_reason == "stop"
+    short = Engine(model, max_slots=1, max_len=8).submit(request)
+    assert short.result() == free[:4] and short.finish_reason == "length"  # 5 prompt + 3 decoded fill 8
+
+
+class _PairDecoder:
+    """Every id decodes to two letters, so a two-letter stop string can straddle two tokens."""
+
+    def decode(self, ids, *, skip_special_tokens: bool = False) -> str:
+        return "".join("abcdefgh"[i % 8] + "ABCDEFGH"[(i // 8) % 8] for i in ids)
+
+
+def test_stop_string_split_across_tokens(models):
+    model = models["a"]
+    request = _request("a", length=5, seed=91, max_tokens=12, skip_special_tokens=False)
+    free, _ = _alone(model, request)
+    text = _PairDecoder().decode(free)
+    stop = text[5:7]  # second letter of token 2, first of token 3
+    first = text.index(stop)
+    assert first % 2 == 1, "test needs a stop string that straddles two tokens"
+    end_token = (first + 1) // 2 + 1
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, tokenizer=_PairDecoder())
+    handle = engine.submit(replace(request, sampling=replace(request.sampling, stop_strings=(stop,))))
+    events = list(handle)
+    assert [e.token for e in events] == free[:end_token]
+    assert events[-1].finish_reason == "stop"
+    assert "".join(e.text for e in events) == _PairDecoder().decode(free[:end_token])
+
+
+def test_logprobs_of_chosen_and_top_tokens(models):
+    model = models["a"]
+    request = _request("a", length=6, seed=92, max_tokens=4, logprobs=3)
+    for event in Engine(model, max_slots=1, max_len=MAX_LEN).submit(request):
+        reference = event.logits.log_softmax(-1)
+        assert event.logprob == pytest.approx(reference[event.token].item(), abs=1e-6)
+        assert [i for i, _ in event.top_logprobs] == reference.topk(3).indices.tolist()
+        assert event.top_logprobs[0][0] == event.token  # greedy picks the most likely id
+
+
+def test_image_cache_reuses_encoded_images_exactly(models):
+    model = models["b"]
+    first = _request("b", length=7, tiles=[3], image_at=[1], seed=93, max_tokens=6)
+    follow_up = _request("b", length=10, tiles=[3], image_at=[1], seed=93, max_tokens=6)
+    follow_up.input_ids[3:] = torch.arange(10, 17)  # another question about the same image
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN)
+    engine.submit(first).result()
+    assert engine.image_cache.misses == 1 and len(engine.image_cache) == 1
+    tokens, logits = [], []
+    for event in engine.submit(follow_up):
+        tokens.append(event.token)
+        logits.append(event.logits)
+    assert engine.image_cache.hits == 1
+    fresh_tokens, fresh_logits = _alone(model, follow_up, image_cache_bytes=0)
+    assert tokens == fresh_tokens
+    assert (torch.stack(logits) - fresh_logits).abs().max().item() <= 1e-5
+
+
+def test_image_cache_evicts_least_recently_used_within_budget():
+    kv = {0: (torch.zeros(10), torch.zeros(10))}  # 80 bytes an entry
+    cache = ImageCache(max_bytes=200)
+    cache.put(b"a", kv)
+    cache.put(b"b", kv)
+    assert cache.get(b"a") is kv  # a is now the most recent
+    cache.put(b"c", kv)
+    assert cache.get(b"b") is None and cache.get(b"a") is kv and cache.get(b"c") is kv
+    assert cache.bytes == 160
+    cache.put(b"huge", {0: (torch.zeros(100), torch.zeros(100))})  # over the budget: not kept
+    assert cache.get(b"huge") is None and len(cache) == 2
+    with pytest.raises(ValueError, match="budget"):
+        ImageCache(-1)
+
+
+def test_streams_from_threads_and_asyncio(models):
+    model = models["a"]
+    requests = [_request("a", length=4 + i, tiles=[1] if i == 1 else [], image_at=[1] if i == 1 else [],
+                         seed=94 + i, max_tokens=6 + i) for i in range(3)]
+    expected = [_alone(model, r)[0] for r in requests]
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN)
+    engine.start()
+    try:
+        results: dict[int, list[int]] = {}
+        threads = [threading.Thread(target=lambda i=i: results.update({i: [e.token for e in engine.submit(requests[i])]}))
+                   for i in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert [results[i] for i in range(3)] == expected
+
+        async def consume(request: Request) -> list[int]:
+            return [event.token async for event in engine.submit(request)]
+
+        async def main():
+            return await asyncio.gather(*(consume(r) for r in requests))
+
+        assert asyncio.run(main()) == expected
+    finally:
+        engine.stop()
+    assert not engine.running
+
+
+def test_asyncio_without_a_thread_drives_the_engine(models):
+    model = models["a"]
+    request = _request("a", length=5, seed=97, max_tokens=5)
+    engine = Engine(model, max_slots=1, max_len=MAX_LEN)
+
+    async def main():
+        return [event.token async for event in engine.submit(request)]
+
+    assert asyncio.run(main()) == _alone(model, request)[0]
+
+
+def test_bad_requests(models):
+    from mllama import MllamaForCausalLM
+
+    model = models["a"]
+    engine = Engine(model, max_slots=1, max_len=16)
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.submit(Request(input_ids=[]))
+    with pytest.raises(ValueError, match="1-d"):
+        engine.submit(Request(input_ids=torch.ones(2, 3, dtype=torch.long)))
+    with pytest.raises(TypeError, match="integer"):
+        engine.submit(Request(input_ids=torch.ones(3)))
+    with pytest.raises(ValueError, match="out of range"):
+        engine.submit(Request(input_ids=[1, 500]))
+    with pytest.raises(ValueError, match="max_len"):
+        engine.submit(Request(input_ids=list(range(1, 18))))
+    for bad in (dict(temperature=-1.0), dict(top_p=0.0), dict(top_k=-1), dict(max_tokens=0), dict(min_p=2.0),
+                dict(repetition_penalty=0.0), dict(logprobs=-1)):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            engine.submit(Request(input_ids=[1, 2], sampling=SamplingParams(**bad)))
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.submit(Request(input_ids=[1, 2], sampling=SamplingParams(stop_strings=("x",))))
+    good = _request("a", length=6, tiles=[2], image_at=[1], seed=98)
+    with pytest.raises(ValueError, match="cross_attention_mask"):
+        engine.submit(replace(good, cross_attention_mask=good.cross_attention_mask[:3]))
+    with pytest.raises(ValueError, match="aspect_ratio"):
+        engine.submit(replace(good, aspect_ratio_ids=None))
+    with pytest.raises(ValueError, match="images of a request"):
+        engine.submit(replace(good, pixel_values=good.pixel_values[:, :1]))
+    lm = MllamaForCausalLM(tiny_config("a"))
+    with pytest.raises(ValueError, match="text-only"):
+        Engine(lm, max_slots=1, max_len=16).submit(good)
+    with pytest.raises(ValueError, match="max_slots"):
+        Engine(model, max_slots=0, max_len=16)
+    assert not engine.has_work  # nothing bad was queued
+
+
+def test_text_only_model_serves_requests(models):
+    from mllama import MllamaForCausalLM
+
+    full = models["a"]
+    lm = MllamaForCausalLM(tiny_config("a")).eval()
+    lm.load_state_dict({k.replace("model.language_model.", "model."): v for k, v in full.state_dict().items()
+                        if k.startswith("model.language_model.") or k == "lm_head.weight"})
+    request = _request("a", length=7, seed=99, max_tokens=6)
+    assert _alone(lm, request)[0] == _alone(full, request)[0]
