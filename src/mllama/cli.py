@@ -1,5 +1,6 @@
 """Command line: `mllama generate` (one answer, streamed), `mllama chat` (interactive) and
-`mllama convert-meta` (Meta's original checkpoints to the HF layout)."""
+`mllama convert-meta` (Meta's original checkpoints to the HF layout) and `mllama quantize`
+(a checkpoint to int8 or int4 weights)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_MODEL = "demo"
+DEFAULT_GROUP_SIZE = 64  # mllama.quantize.DEFAULT_GROUP_SIZE (not imported: the CLI starts without torch)
 
 
 def default_model_dir() -> Path:
@@ -24,7 +26,7 @@ class CliError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
-def _load(model: str, dtype: str) -> tuple[Any, Any]:
+def _load(model: str, dtype: str, quantize: str | None = None) -> tuple[Any, Any]:
     import torch
 
     from mllama.model import MllamaForConditionalGeneration
@@ -37,7 +39,7 @@ def _load(model: str, dtype: str) -> tuple[Any, Any]:
     try:
         torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
-        model_obj = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype)
+        model_obj = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, quantization=quantize)
         processor = MllamaProcessor.from_pretrained(path)
     except (OSError, ValueError) as err:
         raise CliError(f"cannot load the model from {path}: {err}") from None
@@ -89,7 +91,7 @@ def _user_message(text: str, n_images: int) -> dict[str, Any]:
 
 def cmd_generate(args: argparse.Namespace) -> None:
     images = _load_images(args.image or [])
-    model, processor = _load(args.model, args.dtype)
+    model, processor = _load(args.model, args.dtype, args.quantize)
     if args.raw:
         prompt = args.prompt
         if images and prompt.count("<|image|>") == 0:
@@ -103,7 +105,7 @@ CHAT_HELP = "Commands: /image PATH (attach to your next message), /reset, /quit"
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model, processor = _load(args.model, args.dtype)
+    model, processor = _load(args.model, args.dtype, args.quantize)
     images: list[Any] = []
     pending: list[Any] = []
     messages: list[dict[str, Any]] = []
@@ -159,6 +161,36 @@ def cmd_convert_meta(args: argparse.Namespace) -> None:
         raise CliError(str(err)) from None
 
 
+def cmd_quantize(args: argparse.Namespace) -> None:
+    """Load IN quantizing while reading (never the whole float model in memory), save the quantized
+    tensors and config to OUT, and copy the tokenizer and processor files alongside."""
+    import json
+    import shutil
+
+    from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
+    from mllama.quantize import QuantizationConfig
+
+    source, target = Path(args.input_dir), Path(args.output_dir)
+    if not (source / "config.json").is_file():
+        raise CliError(f"{source} is not a model directory (no config.json found)")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise CliError(f"{target} exists and is not an empty directory")
+    try:
+        config = QuantizationConfig(mode=args.mode, group_size=args.group_size, vision=args.vision,
+                                    lm_head=args.lm_head)
+        text_only = json.loads((source / "config.json").read_text()).get("model_type") == "mllama_text_model"
+        cls = MllamaForCausalLM if text_only else MllamaForConditionalGeneration
+        model = cls.from_pretrained(source, dtype=None if args.dtype == "auto" else args.dtype,
+                                    quantization=config)
+        model.save_pretrained(target, max_shard_size=args.max_shard_size)
+    except (OSError, ValueError) as err:
+        raise CliError(str(err)) from None
+    for file in sorted(source.iterdir()):
+        weights = file.suffix == ".safetensors" or file.name.endswith(".index.json") or file.name == "config.json"
+        if file.is_file() and not weights and not (target / file.name).exists():
+            shutil.copy2(file, target / file.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision: images + text in, text out.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -175,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the decode step (slow first call, faster decoding after)")
     common.add_argument("--fast-vision", action="store_true",
                         help="skip padded tiles in the vision encoder (faster, not exact)")
+    common.add_argument("--quantize", choices=["int8", "int4"], default=None,
+                        help="quantize the linear weights while loading (less memory, faster decoding)")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt, streaming to stdout")
     gen.add_argument("prompt")
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
@@ -195,6 +229,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     convert.add_argument("--max-shard-size", default="5GB")
     convert.set_defaults(func=cmd_convert_meta)
+    quant = sub.add_parser("quantize", help="write an int8 or int4 copy of a checkpoint (loads without re-quantizing)")
+    quant.add_argument("input_dir")
+    quant.add_argument("output_dir", help="created; must not exist or be empty")
+    mode = quant.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--int8", dest="mode", action="store_const", const="int8",
+                      help="int8 weights, one scale per output channel")
+    mode.add_argument("--int4", dest="mode", action="store_const", const="int4",
+                      help="int4 weights, a scale and offset per group of --group-size values")
+    quant.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size: 32, 64, 128 or 256")
+    quant.add_argument("--vision", action="store_true", help="quantize the vision encoder's linears too")
+    quant.add_argument("--lm-head", action="store_true", help="quantize lm_head too")
+    quant.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                       help="dtype of scales, embeddings and everything not quantized")
+    quant.add_argument("--max-shard-size", default="5GB")
+    quant.set_defaults(func=cmd_quantize)
     return parser
 
 

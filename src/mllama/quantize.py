@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
 import torch
@@ -48,6 +48,7 @@ class QuantizationConfig:
     and lm_head are quantized too (the text decoder and projector always are)."""
 
     mode: str
+    _: KW_ONLY
     group_size: int = DEFAULT_GROUP_SIZE
     vision: bool = False
     lm_head: bool = False

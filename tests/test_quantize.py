@@ -1,0 +1,258 @@
+"""Weight-only int8 / int4 quantization (quantize.py, csrc/gemm_small.c): values against float64
+references, the load-time transform, checkpoints, generation, bad input."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mllama import cpu_kernels
+from mllama.cli import main as cli_main
+from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
+from mllama.quantize import (Int4Linear, Int8Linear, QuantizationConfig, dequantize_model, quantize_int4,
+                             quantize_model, quantize_weight, resolve_quantization)
+from mllama.weights import CheckpointMismatchError
+from tiny import randomize_, random_images, tiny_config
+
+needs_kernels = pytest.mark.skipif(not cpu_kernels.quant_kernels_available(), reason="no AVX2 kernels here")
+
+
+def _reference_weight(module: torch.nn.Module) -> torch.Tensor:
+    """The dequantized weight in float64, computed here from the documented storage format."""
+    if isinstance(module, Int8Linear):
+        return module.weight.double() * module.weight_scale.double()[:, None]
+    packed = module.weight_packed.long()
+    n = packed.shape[0]
+    blocks = packed.view(n, -1, 16)
+    q = torch.cat((blocks & 15, blocks >> 4), dim=2).view(n, -1).double()  # per 32: low nibbles, then high
+    g = module.group_size
+    w = q * module.weight_scale.double().repeat_interleave(g, 1) + module.weight_offset.double().repeat_interleave(g, 1)
+    return w[:, :module.in_features]
+
+
+def _quantized_linear(mode: str, n: int, k: int, *, group_size: int = 64, dtype=torch.float32, bias=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    linear = torch.nn.Linear(k, n, bias=bias).to(dtype)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen) * 0.1 + 0.02 * torch.randn(n, 1, generator=gen))
+        if bias:
+            linear.bias.copy_(torch.randn(n, generator=gen))
+    holder = torch.nn.Sequential(linear)
+    quantize_model(holder, QuantizationConfig(mode=mode, group_size=group_size))
+    return linear, holder[0]
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (24, 64), (3, 300)])
+def test_quantization_error_is_within_half_a_step(mode, group, n, k):
+    linear, q = _quantized_linear(mode, n, k, group_size=group, seed=n + k)
+    w = linear.weight.double()
+    err = (w - _reference_weight(q)).abs()
+    if mode == "int8":
+        step = q.weight_scale.double()[:, None].expand(n, k)
+        assert q.weight.abs().max() <= 127
+    else:
+        step = q.weight_scale.double().repeat_interleave(group, 1)[:, :k]
+        assert q.weight_packed.shape == (n, -(-k // group) * group // 2)
+    assert (err <= step * 0.5 * (1 + 1e-3) + 1e-7).all()
+    # the module's own dequantize (used for prefill) is the same weight
+    assert torch.allclose(q.dequantize(torch.float64), _reference_weight(q), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
+    """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile;
+    1..32 rows go through the kernel, 33 rows and autograd through dequantize + F.linear."""
+    _, q = _quantized_linear(mode, n, k, group_size=group, dtype=dtype, bias=True, seed=3)
+    w = _reference_weight(q)
+    gen = torch.Generator().manual_seed(n * k)
+    for rows in (1, 2, 3, 4, 5, 16, 17, 32, 33):
+        x = torch.randn(rows, k, generator=gen).to(dtype)
+        ref = x.double() @ w.T + q.bias.double()
+        bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
+        if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
+            bound = bound + ref.abs() * 2**-7 + q.bias.double().abs() * 2**-8
+            if rows > cpu_kernels.MAX_QUANT_ROWS:  # prefill: the weight itself is dequantized to bf16
+                bound = bound + 2**-8 * (x.double().abs() @ w.abs().T)
+        with torch.no_grad():
+            out = q(x)
+        assert out.dtype == dtype and out.shape == (rows, n)
+        assert ((out.double() - ref).abs() <= bound).all(), f"{rows} rows"
+    x = torch.randn(2, 3, k, generator=gen).to(dtype).requires_grad_()
+    out = q(x)  # autograd: the dequantized path, differentiable in x
+    out.float().sum().backward()
+    assert x.grad is not None and out.shape == (2, 3, n)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_kernel_is_used_for_decode_rows(mode, monkeypatch):
+    _, q = _quantized_linear(mode, 40, 96)
+    op = cpu_kernels.linear_int8 if mode == "int8" else cpu_kernels.linear_int4
+    calls = []
+    monkeypatch.setattr(cpu_kernels, f"linear_{mode}", lambda *a: calls.append(1) or op(*a))
+    with torch.no_grad():
+        q(torch.randn(1, 96))
+        q(torch.randn(cpu_kernels.MAX_QUANT_ROWS, 96))
+        assert len(calls) == 2
+        q(torch.randn(cpu_kernels.MAX_QUANT_ROWS + 1, 96))
+    assert len(calls) == 2
+
+
+def _tiny_model(name: str = "a", *, seed: int = 0, dtype=torch.float32) -> MllamaForConditionalGeneration:
+    model = MllamaForConditionalGeneration(tiny_config(name))
+    randomize_(model, seed)
+    return model.to(dtype).eval()
+
+
+def test_targets_text_and_projector_not_vision_or_lm_head_by_default():
+    model = quantize_model(_tiny_model(), "int4")
+    text = model.model.language_model
+    for module in (text.layers[0].self_attn.q_proj, text.layers[0].mlp.down_proj, text.layers[1].cross_attn.k_proj,
+                   text.layers[1].mlp.gate_proj, model.model.multi_modal_projector):
+        assert isinstance(module, Int4Linear)
+    assert type(model.lm_head) is torch.nn.Linear
+    assert type(model.model.vision_model.transformer.layers[0].self_attn.q_proj) is torch.nn.Linear
+    assert text.embed_tokens.weight.dtype == torch.float32
+    full = quantize_model(_tiny_model(), QuantizationConfig(mode="int8", vision=True, lm_head=True))
+    assert not [n for n, m in full.named_modules() if isinstance(m, torch.nn.Linear)]
+    with pytest.raises(ValueError, match="already quantized"):
+        quantize_model(full, "int4")
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_save_load_round_trip_and_quantize_on_load(mode, tmp_path, monkeypatch):
+    source, out = tmp_path / "float", tmp_path / "quant"
+    _tiny_model("b", seed=1).save_pretrained(source)  # hidden 48: int4 rows padded to the group
+    on_load = MllamaForConditionalGeneration.from_pretrained(source, quantization=mode)
+    after = quantize_model(MllamaForConditionalGeneration.from_pretrained(source), mode)
+    assert on_load.state_dict().keys() == after.state_dict().keys()
+    for key, value in after.state_dict().items():
+        assert torch.equal(on_load.state_dict()[key], value), key
+    on_load.save_pretrained(out)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["mode"] == mode
+
+    import mllama.quantize
+
+    def no_requantizing(*args, **kwargs):
+        raise AssertionError("a quantized checkpoint was quantized again")
+
+    monkeypatch.setattr(mllama.quantize, "quantize_weight", no_requantizing)
+    loaded = MllamaForConditionalGeneration.from_pretrained(out)
+    assert loaded.quantization_config == on_load.quantization_config
+    for key, value in on_load.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    ids = torch.tensor([[1, 5, 9, 22, 40, 7]])
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, on_load(ids).logits)
+    text = MllamaForCausalLM.from_pretrained(out)  # the text half of the quantized checkpoint
+    assert text.quantization_config.mode == mode
+    with pytest.raises(ValueError, match="already quantized"):
+        MllamaForConditionalGeneration.from_pretrained(out, quantization="int8" if mode == "int4" else "int4")
+
+
+@pytest.mark.parametrize("mode,name,dtype", [("int8", "a", torch.float32), ("int4", "a", torch.float32),
+                                             ("int4", "c", torch.float32), ("int4", "a", torch.bfloat16)])
+def test_generate_matches_eager_dequantized_weights(mode, name, dtype):
+    """Decode through the kernels vs the same quantized weights dequantized into plain nn.Linear."""
+    quantized = quantize_model(_tiny_model(name, seed=5, dtype=dtype), mode)
+    reference = dequantize_model(copy.deepcopy(quantized))
+    assert not any(isinstance(m, (Int8Linear, Int4Linear)) for m in reference.modules())
+    config = quantized.config
+    images = random_images(config, [[1], [2]], seed=3)
+    images["pixel_values"] = images["pixel_values"].to(dtype)
+    image_token = config.image_token_index
+    ids = torch.tensor([[image_token, 5, 9, 11, 3, 4], [image_token, 7, 8, 6, 12, 13]])
+    cross = torch.zeros(2, 6, 1, config.vision_config.max_num_tiles, dtype=torch.long)
+    cross[0, :, 0, :1] = 1
+    cross[1, :, 0, :2] = 1
+    kwargs = dict(max_new_tokens=10, eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)
+    a = quantized.generate(ids, cross_attention_mask=cross, **images, **kwargs)
+    b = reference.generate(ids, cross_attention_mask=cross, **images, **kwargs)
+    assert torch.equal(a.sequences, b.sequences)
+    tol = 1e-4 if dtype == torch.float32 else 0.05
+    for x, y in zip(a.logits, b.logits):
+        assert (x - y).abs().max().item() <= tol * y.abs().max().item()
+
+
+def test_cli_quantize_writes_a_checkpoint_that_loads_as_quantized(tmp_path, capsys):
+    source = tmp_path / "float"
+    _tiny_model("a", seed=2).save_pretrained(source)
+    (source / "tokenizer.json").write_text("{}")
+    assert cli_main(["quantize", str(source), str(tmp_path / "q"), "--int4", "--group-size", "32", "--lm-head"]) == 0
+    assert (tmp_path / "q" / "tokenizer.json").read_text() == "{}"
+    loaded = MllamaForConditionalGeneration.from_pretrained(tmp_path / "q")
+    assert loaded.quantization_config == QuantizationConfig(mode="int4", group_size=32, lm_head=True)
+    assert isinstance(loaded.lm_head, Int4Linear)
+    expected = MllamaForConditionalGeneration.from_pretrained(source, quantization=loaded.quantization_config)
+    for key, value in expected.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+    assert cli_main(["quantize", str(source), str(tmp_path / "q"), "--int8"]) == 1
+    assert "not an empty directory" in capsys.readouterr().err
+    assert cli_main(["quantize", str(source), str(tmp_path / "r"), "--int4", "--group-size", "48"]) == 1
+    assert "group_size" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["quantize", str(source), str(tmp_path / "s")])  # neither --int8 nor --int4
+
+
+def test_bad_input_is_named(tmp_path):
+    with pytest.raises(ValueError, match="unknown quantization mode 'int3'"):
+        QuantizationConfig(mode="int3")
+    with pytest.raises(ValueError, match="group_size must be one of"):
+        QuantizationConfig(mode="int4", group_size=48)
+    with pytest.raises(ValueError, match="not both"):
+        resolve_quantization("int8", {"quant_method": "mllama", "mode": "int8"})
+    with pytest.raises(ValueError, match="quant_method 'gptq'"):
+        resolve_quantization(None, {"quant_method": "gptq", "bits": 4})
+    with pytest.raises(TypeError, match="quantization must be"):
+        resolve_quantization(8, None)
+    with pytest.raises(ValueError, match="2-D floating"):
+        quantize_weight(torch.ones(4, 4, dtype=torch.int32), QuantizationConfig("int8"))
+    source, broken = tmp_path / "float", tmp_path / "broken"
+    model = _tiny_model("a")
+    model.save_pretrained(source)
+    with pytest.raises(ValueError, match="unknown quantization mode"):
+        MllamaForConditionalGeneration.from_pretrained(source, quantization="int2")
+    quantize_model(model, "int8").save_pretrained(broken)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(broken / "model.safetensors")
+    del state["language_model.model.layers.0.self_attn.q_proj.weight_scale"]
+    save_file(state, broken / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(CheckpointMismatchError, match=r"missing: .*q_proj\.weight_scale"):
+        MllamaForConditionalGeneration.from_pretrained(broken)
+
+
+def test_transformers_style_configs_map():
+    assert resolve_quantization(None, {"quant_method": "torchao", "quant_type": "int4_weight_only",
+                                       "quant_type_kwargs": {"group_size": 128}}) == QuantizationConfig("int4", group_size=128)
+    assert resolve_quantization(None, {"quant_method": "torchao", "quant_type": "int8_weight_only"}).mode == "int8"
+    assert resolve_quantization(None, {"quant_method": "bitsandbytes", "load_in_8bit": True}).mode == "int8"
+    assert resolve_quantization(None, {"quant_method": "bitsandbytes", "load_in_4bit": True}).mode == "int4"
+
+    class TransformersLike:
+        def to_dict(self):
+            return {"quant_method": "torchao", "quant_type": "int4_weight_only", "quant_type_kwargs": {"group_size": 32}}
+
+    assert resolve_quantization(None, TransformersLike()) == QuantizationConfig("int4", group_size=32)
+    config = QuantizationConfig("int4", group_size=256, vision=True)
+    assert QuantizationConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="does not map"):
+        resolve_quantization(None, {"quant_method": "torchao", "quant_type": "float8_weight_only"})
+
+
+def test_int4_packing_layout_is_the_documented_one():
+    values = (torch.arange(64) // 2) % 16  # one group of 64 per row, every level 0..15 used
+    out = quantize_int4(values.float().repeat(2, 1), group_size=64)
+    assert torch.equal(out["weight_scale"], torch.ones(2, 1)) and torch.equal(out["weight_offset"], torch.zeros(2, 1))
+    packed = out["weight_packed"][0].tolist()
+    # byte j of each 32-value run: value j in the low nibble, value 16 + j in the high nibble
+    expected = [int(values[32 * r + j]) | int(values[32 * r + 16 + j]) << 4 for r in range(2) for j in range(16)]
+    assert packed == expected
