@@ -36,7 +36,7 @@ class MllamaModel(nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                       aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
-        dtype = self.multi_modal_projector.weight.dtype
+        dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = self.vision_model(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
         b = vision.shape[0]
         return self.multi_modal_projector(vision).reshape(b, -1, self.config.text_config.hidden_size)
