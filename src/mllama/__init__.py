@@ -1,10 +1,12 @@
 """mllama: a standalone, faithful and fast implementation of Llama 3.2-Vision."""
 
 from mllama.config import MllamaConfig, MllamaTextConfig, MllamaVisionConfig
-from mllama.generate import GenerationConfig
+from mllama.config import GenerationConfig
+from mllama.engine import Engine
 from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil
 from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration, MllamaModel
 from mllama.processor import AutoProcessor, MllamaProcessor
+from mllama.request import Event, Request, RequestHandle, SamplingParams
 from mllama.streamer import TextIteratorStreamer, TextStreamer
 from mllama.text import MllamaTextModel
 from mllama.tokenizer import AutoTokenizer, MllamaTokenizer
@@ -13,6 +15,8 @@ from mllama.vision import MllamaVisionModel
 __all__ = [
     "AutoProcessor",
     "AutoTokenizer",
+    "Engine",
+    "Event",
     "GenerationConfig",
     "MllamaConfig",
     "MllamaForCausalLM",
@@ -26,6 +30,9 @@ __all__ = [
     "MllamaTokenizer",
     "MllamaVisionConfig",
     "MllamaVisionModel",
+    "Request",
+    "RequestHandle",
+    "SamplingParams",
     "TextIteratorStreamer",
     "TextStreamer",
 ]

@@ -206,7 +206,7 @@ def convert_meta_checkpoint(input_dir: str | os.PathLike, output_dir: str | os.P
 def _write_companions(directory: Path, config: MllamaConfig, source: Path, *, instruct: bool,
                       log: Callable[[str], None]) -> None:
     """generation_config.json, preprocessor_config.json and (with tokenizer.model) the tokenizer files."""
-    from mllama.generate import GenerationConfig
+    from mllama.config import GenerationConfig
     from mllama.image_processing import MllamaImageProcessor
     from mllama.tokenizer import convert_tiktoken_tokenizer
 

@@ -135,7 +135,7 @@ class VisionJob:
         """Encode the next image not found in the cache: vision tower, projector, cross K/V."""
         j = self.pending.pop(0)
         mm = self.model.model
-        dtype = mm.multi_modal_projector.weight.dtype
+        dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = mm.vision_model(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
         tiles = mm.multi_modal_projector(vision[0, 0][self.real[j]])  # (T_real, P, hidden)

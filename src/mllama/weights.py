@@ -254,7 +254,7 @@ def _read_generation_config(directory: Path) -> Any:
     file = directory / GENERATION_CONFIG_NAME
     if not file.is_file():
         return None
-    from mllama.generate import GenerationConfig
+    from mllama.config import GenerationConfig
 
     return GenerationConfig.from_dict(_load_json(file))
 
@@ -368,7 +368,7 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
                        architecture="MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration",
                        quantization=quantization.to_dict() if quantization is not None else None)
     if getattr(model, "generation_config", None) is not None:
-        generation = model.generation_config  # mllama.generate.GenerationConfig, or a plain dict
+        generation = model.generation_config  # mllama.config.GenerationConfig, or a plain dict
         _write_json(directory / GENERATION_CONFIG_NAME,
                     generation.to_dict() if hasattr(generation, "to_dict") else dict(generation))
     writer = ShardWriter(directory, max_shard_size=limit)
