@@ -3,7 +3,8 @@
     python benchmarks/load_memory.py [--mb 400]
 
 Writes a random checkpoint of about --mb megabytes (bfloat16, sharded), then loads it in fresh
-subprocesses (so each peak is its own) as bfloat16 (dtype "auto") and as float32.
+subprocesses (so each peak is its own) as bfloat16 (dtype "auto"), as float32, and as bfloat16
+quantized on load to int8 and int4 (mllama.quantize; the float weights are never held whole).
 """
 
 from __future__ import annotations
@@ -36,10 +37,14 @@ with torch.device("meta"):
     torch.nn.Embedding(4, 4).weight.mul(2)
 base = status('VmHWM')
 start = time.perf_counter()
-model = load_pretrained(MllamaForConditionalGeneration, sys.argv[1], dtype=sys.argv[2], progress=False)
+from mllama.quantize import QuantizationConfig
+quantization = None if sys.argv[3] == "none" else QuantizationConfig(sys.argv[3])
+model = load_pretrained(MllamaForConditionalGeneration, sys.argv[1], dtype=sys.argv[2], progress=False,
+                        quantization=quantization)
 seconds = time.perf_counter() - start
 weights = sum(t.numel() * t.element_size() for t in model.state_dict().values())
-print(json.dumps({"dtype": sys.argv[2], "weights": weights, "peak_over_baseline": status('VmHWM') - base,
+print(json.dumps({"dtype": sys.argv[2] + ("" if quantization is None else " " + sys.argv[3]), "weights": weights,
+                  "peak_over_baseline": status('VmHWM') - base,
                   "meta_imports": base - cold,
                   "rss_after_over_baseline": status('VmRSS') - base, "seconds": seconds}))
 """
@@ -67,12 +72,12 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as directory:
         build(args.mb, directory)
-        for dtype in ("auto", "float32"):
-            out = subprocess.run([sys.executable, "-c", CHILD, directory, dtype], check=True,
+        for dtype, quantization in (("auto", "none"), ("float32", "none"), ("auto", "int8"), ("auto", "int4")):
+            out = subprocess.run([sys.executable, "-c", CHILD, directory, dtype, quantization], check=True,
                                  capture_output=True, text=True).stdout
             result = json.loads(out.strip().splitlines()[-1])
             mib = {k: round(v / 2**20, 1) for k, v in result.items() if k not in ("dtype", "seconds")}
-            print(f"dtype={result['dtype']:8s} weights {mib['weights']} MiB, peak RSS over baseline "
+            print(f"dtype={result['dtype']:10s} weights {mib['weights']} MiB, peak RSS over baseline "
                   f"{mib['peak_over_baseline']} MiB (x{result['peak_over_baseline'] / result['weights']:.3f}), "
                   f"RSS after {mib['rss_after_over_baseline']} MiB, {result['seconds']:.2f} s "
                   f"(+{mib['meta_imports']} MiB one-off for torch's meta-kernel imports)")

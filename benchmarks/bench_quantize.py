@@ -1,0 +1,158 @@
+"""Weight-only int8 / int4 (mllama.quantize): accuracy against bf16 and decode speed. Figures go to
+benchmarks/RESULTS.md by hand (the machine is shared; ratios measured in one run, interleaved).
+
+  python benchmarks/bench_quantize.py accuracy   # demo model: logit drift, answers changed, accuracy
+  python benchmarks/bench_quantize.py kernels    # one linear: Gweights/s of each kernel, 1/4/16 rows
+  python benchmarks/bench_quantize.py decode     # bench-shaped text decoder: tokens/s bf16 vs int8 / int4
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+
+import torch
+import torch.nn.functional as F
+
+from mllama import cpu_kernels
+from mllama.cli import default_model_dir
+from mllama.quantize import QuantizationConfig, quantize_int4, quantize_int8, quantize_model
+
+VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("int4", group_size=32),
+            "int4 g64": QuantizationConfig("int4", group_size=64),
+            "int4 g128": QuantizationConfig("int4", group_size=128)}
+
+
+def accuracy(n_images: int, seed: int) -> None:
+    from mllama.demo.recipe import eval_batches, score
+    from mllama.demo.shapes import make_samples
+    from mllama.model import MllamaForConditionalGeneration
+    from mllama.processor import MllamaProcessor
+    from mllama.train import generation_config_for, greedy_decode
+
+    directory = default_model_dir()
+    processor = MllamaProcessor.from_pretrained(directory)
+    samples = make_samples(n_images, seed=seed)
+    batches = eval_batches(processor, samples, batch_size=100)
+    stops = generation_config_for(processor.tokenizer)["eos_token_id"]
+    base = MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16)
+
+    def run(model):
+        logits, answers = [], []
+        with torch.no_grad():
+            for batch in batches:
+                keys = ("attention_mask", "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+                logits.append(model(batch["input_ids"], **{k: batch[k] for k in keys}).logits[:, -1].float())
+                answers += [processor.tokenizer.decode(r, skip_special_tokens=True)
+                            for r in greedy_decode(model, batch, stop_ids=stops, max_new_tokens=12)]
+        return torch.cat(logits), answers
+
+    ref_logits, ref_answers = run(base)
+    print(f"bf16: accuracy (shape and colour) {score(ref_answers, samples).both:.1%} on {n_images} images (seed {seed})")
+    for name, config in VARIANTS.items():
+        model = MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, quantization=config)
+        logits, answers = run(model)
+        drift = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
+        kl = F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean")
+        changed = sum(a != b for a, b in zip(answers, ref_answers)) / n_images
+        print(f"{name}: max|d|/max|logit| {drift:.4f}, mean KL(bf16 || q) {kl.item():.2e}, answers changed "
+              f"{changed:.1%}, accuracy {score(answers, samples).both:.1%}", flush=True)
+
+
+def _best(fn, reps: int) -> float:
+    fn()
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        best = min(best, (time.perf_counter() - start) / reps)
+    return best
+
+
+def kernels(n: int, k: int, rounds: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    w = (torch.randn(n, k, generator=gen) * 0.02).bfloat16()
+    q8, q4 = quantize_int8(w), quantize_int4(w, group_size=64)
+    torch_int4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(torch.randint(0, 16, (n, k), dtype=torch.int32), 2)
+    scales_zeros = torch.rand(k // 64, n, 2).bfloat16()
+    print(f"weight {n} x {k}, {torch.get_num_threads()} threads; G weights/s (best of 3 x reps), {rounds} rounds interleaved")
+    for rows in (1, 4, 16):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        cases = {
+            "bf16 F.linear": lambda: F.linear(x, w),
+            "bf16 kernel": lambda: cpu_kernels.gemv_bf16(x, w),
+            "int8 ours": lambda: cpu_kernels.linear_int8(x, q8["weight"], q8["weight_scale"]),
+            "int8 torch": lambda: torch.ops.aten._weight_int8pack_mm(x, q8["weight"], q8["weight_scale"]),
+            "int4 ours": lambda: cpu_kernels.linear_int4(x, q4["weight_packed"], q4["weight_scale"],
+                                                         q4["weight_offset"], 64),
+            "int4 torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, torch_int4, 64, scales_zeros),
+        }
+        rates = {name: [] for name in cases}
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                rates[name].append(n * k / _best(fn, 5) / 1e9)
+        base = max(rates["bf16 kernel"])
+        print(f"  {rows:2d} rows: " + ", ".join(f"{name} {max(r):.2f} ({max(r) / base:.2f}x)" for name, r in rates.items()),
+              flush=True)
+
+
+def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
+    from mllama.config import MllamaTextConfig
+    from mllama.linear import apply_cpu_kernels
+    from mllama.model import MllamaForCausalLM
+
+    config = MllamaTextConfig.from_dict({
+        "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
+        "num_hidden_layers": layers, "cross_attention_layers": [1], "vocab_size": 128256, "rope_theta": 500000.0,
+        "bos_token_id": 128000, "eos_token_id": None, "pad_token_id": 128004})
+    with torch.device("meta"):
+        base = MllamaForCausalLM(config)
+    gen = torch.Generator().manual_seed(0)
+    state = {name: (torch.randn(t.shape, generator=gen) * 0.02).bfloat16() for name, t in base.state_dict().items()}
+    base.load_state_dict(state, assign=True)
+    del state
+    base = apply_cpu_kernels(base.eval())
+    models = {"bf16": base}
+    for name, config_ in {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4"),
+                          "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
+                          "int4 g64 + lm_head": QuantizationConfig("int4", lm_head=True)}.items():
+        models[name] = quantize_model(copy.deepcopy(base), config_)
+    prompt = torch.randint(0, 128000, (1, 16), generator=gen)
+    rates = {name: [] for name in models}
+    for _ in range(rounds):
+        for name, model in models.items():
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
+            first = time.perf_counter() - start
+            start = time.perf_counter()
+            model.generate(prompt, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0)
+            rates[name].append(new_tokens / (time.perf_counter() - start - first))
+    base_rate = max(rates["bf16"])
+    print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, best of {rounds} interleaved rounds")
+    for name, r in rates.items():
+        print(f"  {name}: {max(r):.2f} tok/s ({max(r) / base_rate:.2f}x bf16); all rounds {[round(v, 2) for v in r]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["accuracy", "kernels", "decode"])
+    parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=20261130, help="fresh images (not the training seeds)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--n", type=int, default=14336)
+    parser.add_argument("--k", type=int, default=4096)
+    args = parser.parse_args()
+    if args.what == "accuracy":
+        accuracy(args.images, args.seed)
+    elif args.what == "kernels":
+        kernels(args.n, args.k, args.rounds)
+    else:
+        decode_bench(args.layers, args.new_tokens, args.rounds)
+
+
+if __name__ == "__main__":
+    main()
