@@ -316,43 +316,39 @@ def test_missing_params_and_weights_are_named(fake, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def _expect_error(tmp_path: Path, shards, params, match: str) -> None:
-    source = write_meta_dir(tmp_path / "src", shards, params)
+def _with(state: dict, key: str, value: torch.Tensor) -> dict:
+    return {**state, key: value}
+
+
+def _shards_with(state: dict, rank: int, key: str, change) -> list[dict]:
+    shards = split_like_fairscale(state, 2)
+    shards[rank][key] = change(shards[rank][key])
+    return shards
+
+
+BAD_CHECKPOINTS = {
+    "unknown key": (lambda sd: [_with(sd, "text_model.extra_head.weight", torch.zeros(2))],
+                    r"unknown tensor 'text_model\.extra_head\.weight'"),
+    "shards that do not fit": (
+        lambda sd: _shards_with(sd, 1, "text_model.layers.2.feed_forward.w2.weight", lambda t: torch.zeros(31, 24)),
+        r"consolidated\.01\.pth: 'text_model\.layers\.2\.feed_forward\.w2\.weight'"),
+    "replicated tensor differs between ranks": (
+        lambda sd: _shards_with(sd, 1, "text_model.norm.weight", lambda t: t + 1),
+        r"consolidated\.01\.pth: 'text_model\.norm\.weight' should be the same"),
+    "shard count that does not divide the heads": (lambda sd: [sd, sd, sd], "3 model-parallel shards do not divide"),
+    "shape the model does not have": (lambda sd: [_with(sd, "text_model.layers.1.ffn_norm.weight", torch.ones(31))],
+                                      r"text_model\.layers\.1\.ffn_norm\.weight.*shape \[31\]"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CHECKPOINTS))
+def test_bad_checkpoint_is_named_and_nothing_is_written(case, fake, tmp_path):
+    sd, params = fake
+    make_shards, match = BAD_CHECKPOINTS[case]
+    source = write_meta_dir(tmp_path / "src", make_shards(sd), params)
     with pytest.raises(MetaCheckpointError, match=match):
         convert_meta_checkpoint(source, tmp_path / "out", instruct=True, log=lambda line: None)
-    assert not (tmp_path / "out").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no temporary directory left behind
-
-
-def test_unknown_key_is_named(fake, tmp_path):
-    sd, params = fake
-    _expect_error(tmp_path, [{**sd, "text_model.extra_head.weight": torch.zeros(2)}], params,
-                  r"unknown tensor 'text_model\.extra_head\.weight'")
-
-
-def test_mismatched_shard_shapes_name_file_and_key(fake, tmp_path):
-    sd, params = fake
-    shards = split_like_fairscale(sd, 2)
-    shards[1]["text_model.layers.2.feed_forward.w2.weight"] = torch.zeros(31, 24)
-    _expect_error(tmp_path, shards, params, r"consolidated\.01\.pth: 'text_model\.layers\.2\.feed_forward\.w2\.weight'")
-
-
-def test_replicated_tensor_that_differs_between_ranks(fake, tmp_path):
-    sd, params = fake
-    shards = split_like_fairscale(sd, 2)
-    shards[1]["text_model.norm.weight"] = shards[1]["text_model.norm.weight"] + 1
-    _expect_error(tmp_path, shards, params, r"consolidated\.01\.pth: 'text_model\.norm\.weight' should be the same")
-
-
-def test_shard_count_that_does_not_divide_the_heads(fake, tmp_path):
-    sd, params = fake
-    _expect_error(tmp_path, [sd, sd, sd], params, "3 model-parallel shards do not divide")
-
-
-def test_wrong_shape_against_the_model_is_named(fake, tmp_path):
-    sd, params = fake
-    _expect_error(tmp_path, [{**sd, "text_model.layers.1.ffn_norm.weight": torch.ones(31)}], params,
-                  r"text_model\.layers\.1\.ffn_norm\.weight.*shape \[31\]")
+    assert [p.name for p in tmp_path.iterdir()] == ["src"]  # no output, no temporary directory left behind
 
 
 def test_pickled_objects_are_refused_unread(tmp_path, fake):
