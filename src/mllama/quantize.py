@@ -345,11 +345,6 @@ def prepare_for_loading(model: nn.Module, config: QuantizationConfig, *,
     return convert
 
 
-def prepare_quantized(model: nn.Module, config: QuantizationConfig, *, dtype: torch.dtype) -> None:
-    """For a checkpoint already quantized: swap in the empty modules its tensors fill directly."""
-    prepare_for_loading(model, config, dtype=dtype)
-
-
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized linear by a plain nn.Linear with its dequantized weights (the eager
     reference the tests compare against); returns the model."""
