@@ -1,6 +1,7 @@
 """Command line: `mllama generate` (one answer, streamed), `mllama chat` (interactive) and
-`mllama convert-meta` (Meta's original checkpoints to the HF layout) and `mllama quantize`
-(a checkpoint to int8 or int4 weights)."""
+`mllama convert-meta` (Meta's original checkpoints to the HF layout), `mllama quantize`
+(a checkpoint to int8 or int4 weights) and `mllama serve` (the OpenAI-compatible API and chat page;
+needs the `serve` extra)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 DEFAULT_MODEL = "demo"
+API_KEY_ENV = "MLLAMA_API_KEY"  # mllama serve reads the API key from it when --api-key is not given
 DEFAULT_GROUP_SIZE = 64  # mllama.quantize.DEFAULT_GROUP_SIZE (not imported: the CLI starts without torch)
 
 
@@ -191,6 +193,35 @@ def cmd_quantize(args: argparse.Namespace) -> None:
             shutil.copy2(file, target / file.name)
 
 
+def cmd_serve(args: argparse.Namespace) -> None:
+    try:
+        from mllama.server_run import serve
+    except ImportError as err:
+        raise CliError(f"mllama serve needs the serve extra: pip install 'mllama[serve]' ({err})") from None
+    serve(args)
+
+
+def _serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of `mllama serve` (read by mllama.server_run.serve)."""
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--max-slots", type=int, default=8, help="requests decoded together")
+    parser.add_argument("--max-len", type=int, default=None,
+                        help="tokens per request, prompt and answer (default: 4096 or the model's limit)")
+    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
+    parser.add_argument("--api-key", default=None,
+                        help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
+    parser.add_argument("--served-model-name", default=None, help="the model id reported by /v1/models")
+    parser.add_argument("--allow-private-image-urls", action="store_true",
+                        help="let image URLs point at loopback, private and link-local addresses")
+    parser.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
+    parser.add_argument("--image-timeout", type=float, default=10.0, help="seconds to fetch one image URL")
+    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
+    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
+                        help="seconds to let running requests finish after SIGTERM before cancelling them")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision: images + text in, text out.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -244,6 +275,12 @@ def build_parser() -> argparse.ArgumentParser:
                        help="dtype of scales, embeddings and everything not quantized")
     quant.add_argument("--max-shard-size", default="5GB")
     quant.set_defaults(func=cmd_quantize)
+    serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page (needs mllama[serve])")
+    for flag in ("--model", "--dtype", "--compile", "--fast-vision", "--quantize"):
+        action = next(a for a in common._actions if flag in a.option_strings)
+        serve._add_action(action)
+    _serve_arguments(serve)
+    serve.set_defaults(func=cmd_serve)
     return parser
 
 

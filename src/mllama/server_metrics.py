@@ -1,0 +1,45 @@
+"""Prometheus metrics of one server (its own registry, so several servers can live in one process)."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+disable_created_metrics()  # no *_created samples: they double the page and nobody graphs them
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+_STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class ServerMetrics:
+    """Counters and histograms updated by the request handlers; slot and queue gauges read the
+    engine when scraped."""
+
+    def __init__(self, *, slots_in_use: Callable[[], float], queue_depth: Callable[[], float],
+                 max_slots: int) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("mllama_requests", "HTTP API requests by endpoint and status code",
+                                ["endpoint", "status"], registry=r)
+        self.finished = Counter("mllama_generations_finished", "Generations ended, by finish reason",
+                                ["reason"], registry=r)
+        self.prompt_tokens = Counter("mllama_prompt_tokens", "Prompt tokens of accepted generations", registry=r)
+        self.generation_tokens = Counter("mllama_generation_tokens", "Tokens generated", registry=r)
+        self.running = Gauge("mllama_requests_running", "API requests being served (waiting or generating)",
+                             registry=r)
+        Gauge("mllama_slots_in_use", "Engine slots holding a decoding request", registry=r
+              ).set_function(slots_in_use)
+        Gauge("mllama_queue_depth", "Generations waiting for a slot", registry=r).set_function(queue_depth)
+        Gauge("mllama_slots", "Engine slots in all", registry=r).set(max_slots)
+        self.ttft = Histogram("mllama_time_to_first_token_seconds", "From request arrival to its first token",
+                              buckets=_LATENCY_BUCKETS, registry=r)
+        self.inter_token = Histogram("mllama_inter_token_latency_seconds", "Between consecutive tokens of a generation",
+                                     buckets=_STEP_BUCKETS, registry=r)
+        self.e2e = Histogram("mllama_request_duration_seconds", "From request arrival to its last token",
+                             buckets=_LATENCY_BUCKETS, registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
