@@ -134,6 +134,47 @@ def test_chunked_prefill_equals_monolithic_prefill(models):
         assert (chunked_logits - logits).abs().max().item() <= 1e-5
 
 
+def test_vision_in_layer_pieces_between_decode_steps_equals_whole_images(models):
+    model = models["b"]
+    running = _request("b", length=5, seed=40, max_tokens=30)
+    request = _request("b", length=8, tiles=[3, 4], image_at=[1, 4], seed=41, max_tokens=5)
+    whole_tokens, whole_logits = _alone(model, request, vision_piece_layers=None)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_piece_layers=1, image_cache_bytes=0)
+    first = engine.submit(running)
+    engine.step()
+    second = engine.submit(request)
+    steps = 0
+    while not second.tokens:
+        before = len(first.tokens)
+        engine.step()
+        steps += 1
+        assert len(first.tokens) == before + 1  # the running stream got a token at every step
+    # 6 vision layers per image (4 local + 2 global), one per step, then one prompt chunk.
+    assert steps == 2 * 6 + 1
+    events = list(second)
+    assert [e.token for e in events] == whole_tokens
+    assert (torch.stack([e.logits for e in events]) - whole_logits).abs().max().item() <= 1e-5
+
+
+def test_cancel_during_a_paused_vision_forward(models):
+    model = models["b"]
+    running = _request("b", length=5, seed=42, max_tokens=30)
+    request = _request("b", length=8, tiles=[2], image_at=[1], seed=43, max_tokens=5)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_piece_layers=1)
+    first = engine.submit(running)
+    engine.step()
+    second = engine.submit(request)
+    engine.step()
+    engine.step()  # the image's vision forward is now paused after its first layers
+    assert any(t.name == "mllama-vision" for t in threading.enumerate())
+    second.cancel()
+    engine.step()
+    assert second.finish_reason == "cancelled" and second.tokens == []
+    assert not any(t.name == "mllama-vision" for t in threading.enumerate())
+    assert first.result() == _alone(model, running)[0]
+    assert _alone(model, request)[0] == _alone(model, request, vision_piece_layers=None)[0]
+
+
 def test_seeded_sampling_is_independent_of_the_batch(models):
     model = models["a"]
     sampled = dict(temperature=1.3, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.3, max_tokens=12)

@@ -58,15 +58,16 @@ class Engine:
 
     max_slots: requests decoded together; max_len: positions per slot (prompt + generated tokens);
     tokenizer (anything with `decode(ids, skip_special_tokens=)`): needed for text and stop strings;
-    prefill_chunk: prompt tokens per step while other requests decode; image_cache_bytes: budget of
+    prefill_chunk: prompt tokens per step while other requests decode; vision_piece_layers: vision
+    encoder layers of a new image per step (None: a whole image per step); image_cache_bytes: budget of
     the LRU of encoded images (0 disables it); fast_vision: encode only real tiles (not exact);
     compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
     vision-token width, attending over the whole max_len under a length mask.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
-                 prefill_chunk: int = 256, image_cache_bytes: int = 1 << 30, fast_vision: bool = False,
-                 compile: bool = False) -> None:
+                 prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
+                 fast_vision: bool = False, compile: bool = False) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
@@ -75,7 +76,7 @@ class Engine:
         self.lm_head = model.lm_head
         self.has_vision = hasattr(model.model, "vision_model")
         self.max_slots, self.max_len, self.prefill_chunk = max_slots, max_len, prefill_chunk
-        self.tokenizer, self.fast_vision = tokenizer, fast_vision
+        self.tokenizer, self.fast_vision, self.vision_piece_layers = tokenizer, fast_vision, vision_piece_layers
         embed = self.text_model.embed_tokens.weight
         self.dtype, self.device = embed.dtype, embed.device
         self.vocab = self.text_model.config.vocab_size
@@ -222,7 +223,7 @@ class Engine:
         return VisionJob(self.model, request.pixel_values.to(self.device), request.aspect_ratio_ids.to(self.device),
                          request.aspect_ratio_mask.to(self.device), cam.to(self.device),
                          cache=self.image_cache if self.image_cache.max_bytes else None,
-                         fast_vision=self.fast_vision)
+                         fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers)
 
     def _admit(self) -> None:
         with self._lock:
@@ -243,6 +244,8 @@ class Engine:
             self._finish(seq, "cancelled", Event(token=None))
         if self._incoming is not None and self._incoming.handle.id in cancels:
             seq, self._incoming = self._incoming, None
+            if seq.vision_job is not None:
+                seq.vision_job.abort()
             self._finish(seq, "cancelled", Event(token=None))
         gone = [slot for slot, seq in enumerate(self._decoding) if seq.handle.id in cancels]
         for slot in gone:
@@ -272,6 +275,8 @@ class Engine:
         with self._lock:
             seqs = list(self._queue) + ([self._incoming] if self._incoming else []) + self._decoding
             self._queue.clear()
+        if self._incoming is not None and self._incoming.vision_job is not None:
+            self._incoming.vision_job.abort()
         self._incoming, self._decoding, self._batch_dirty = None, [], True
         for seq in seqs:
             seq.handle._fail(error)
@@ -284,7 +289,7 @@ class Engine:
         job = seq.vision_job
         if job is not None:
             if not job.finished:
-                job.run_one()
+                job.run_piece()
                 return
             seq.vision, seq.vision_job = job.result(), None
         slot = len(self._decoding)

@@ -107,7 +107,7 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     if compile:
         max_len = -(-max_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
     engine = Engine(model, max_slots=b, max_len=max_len, tokenizer=tokenizer if stop_strings else None, prefill_chunk=max(s, 1),
-                    image_cache_bytes=0, fast_vision=fast_vision, compile=compile)
+                    vision_piece_layers=None, image_cache_bytes=0, fast_vision=fast_vision, compile=compile)
     params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits)
     handles = []
     for row in range(b):

@@ -9,6 +9,7 @@ an image seen before (same preprocessed tiles) costs no vision encode and no K/V
 from __future__ import annotations
 
 import hashlib
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -92,13 +93,90 @@ def image_key(pixels: torch.Tensor, aspect_ratio_id: int, real: torch.Tensor, *,
     return h.digest()
 
 
+class _PausableRun:
+    """Runs fn() in a worker thread that pauses before vision encoder layers, so the vision forward
+    of one image can be done a few layers at a time between decode steps without restructuring
+    the vision model. Only one of the two threads runs at a time (a handoff, not parallelism).
+
+    resume(n) lets the worker run until it is about to start its (n+1)-th layer from here, or ends;
+    returns whether fn() has returned. abort() unwinds a paused worker.
+    """
+
+    class _Aborted(Exception):
+        pass
+
+    def __init__(self, fn, layers: list[nn.Module]) -> None:
+        self._fn = fn
+        self._cond = threading.Condition()
+        self._budget = 0
+        self._worker_turn = False
+        self._aborted = False
+        self.done = False
+        self.result = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._main, name="mllama-vision", daemon=True)
+        self._hooks = [layer.register_forward_pre_hook(self._before_layer) for layer in layers]
+
+    def _before_layer(self, module: nn.Module, args) -> None:
+        if threading.current_thread() is not self._thread:
+            return  # the model used elsewhere meanwhile: not ours to pause
+        with self._cond:
+            if self._budget == 0:
+                self._worker_turn = False
+                self._cond.notify_all()
+                self._cond.wait_for(lambda: self._worker_turn)
+            if self._aborted:
+                raise self._Aborted
+            self._budget -= 1
+
+    def _main(self) -> None:
+        try:
+            with torch.inference_mode():
+                self.result = self._fn()
+        except self._Aborted:
+            pass
+        except BaseException as error:  # handed to the engine's thread by resume()
+            self._error = error
+        finally:
+            with self._cond:
+                self.done, self._worker_turn = True, False
+                self._cond.notify_all()
+
+    def resume(self, layers: int) -> bool:
+        with self._cond:
+            self._budget, self._worker_turn = layers, True
+            if not self._thread.is_alive() and not self.done:
+                self._thread.start()
+            self._cond.notify_all()
+            self._cond.wait_for(lambda: not self._worker_turn)
+        if self.done:
+            self._close()
+            if self._error is not None:
+                raise self._error
+        return self.done
+
+    def abort(self) -> None:
+        with self._cond:
+            self._aborted, self._worker_turn = True, True
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+        self._close()
+
+    def _close(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+
 class VisionJob:
-    """The vision work of one request, done one image per `run_one()` call so an engine can
-    interleave it with decode steps; `result()` assembles the request's RequestVision."""
+    """The vision work of one request, done a piece per `run_piece()` call so an engine can
+    interleave it with decode steps: `piece_layers` vision encoder layers of one image (None: a
+    whole image). `result()` assembles the request's RequestVision."""
 
     def __init__(self, model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                  aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor, *,
-                 cache: ImageCache | None, fast_vision: bool) -> None:
+                 cache: ImageCache | None, fast_vision: bool, piece_layers: int | None = None) -> None:
         n_img, n_tiles = cross_attention_mask.shape[1:]
         if pixel_values.shape[:2] != (n_img, n_tiles) or aspect_ratio_mask.shape != (n_img, n_tiles) \
                 or aspect_ratio_ids.shape != (n_img,):
@@ -108,6 +186,10 @@ class VisionJob:
                              f"{tuple(pixel_values.shape)}, {tuple(aspect_ratio_ids.shape)}, "
                              f"{tuple(aspect_ratio_mask.shape)}")
         self.model, self.cache, self.fast_vision = model, cache, fast_vision
+        if piece_layers is not None and piece_layers < 1:
+            raise ValueError(f"piece_layers must be >= 1 or None, got {piece_layers}")
+        self.piece_layers = piece_layers
+        self._run: _PausableRun | None = None
         self.pixels, self.ids = pixel_values, aspect_ratio_ids
         self.real = aspect_ratio_mask.bool()
         self.cross_mask = cross_attention_mask.bool()
@@ -131,19 +213,38 @@ class VisionJob:
     def finished(self) -> bool:
         return not self.pending
 
-    def run_one(self) -> None:
-        """Encode the next image not found in the cache: vision tower, projector, cross K/V."""
-        j = self.pending.pop(0)
+    def run_piece(self) -> None:
+        """Advance the next image not found in the cache by one piece."""
+        j = self.pending[0]
+        if self.piece_layers is None:
+            self.done[j] = self._encode(j)
+        else:
+            if self._run is None:
+                vision = self.model.model.vision_model
+                layers = list(vision.transformer.layers) + list(vision.global_transformer.layers)
+                self._run = _PausableRun(lambda: self._encode(j), layers)
+            if not self._run.resume(self.piece_layers):
+                return
+            self.done[j], self._run = self._run.result, None
+        self.pending.pop(0)
+        if self.cache is not None:
+            self.cache.put(self.keys[j], self.done[j])
+
+    def abort(self) -> None:
+        """Stop a vision forward paused half way (the request was cancelled)."""
+        if self._run is not None:
+            self._run.abort()
+            self._run = None
+
+    def _encode(self, j: int) -> KV:
+        """Vision tower, projector and every cross layer's K/V of image j's real tiles."""
         mm = self.model.model
         dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = mm.vision_model(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
         tiles = mm.multi_modal_projector(vision[0, 0][self.real[j]])  # (T_real, P, hidden)
         kv = mm.language_model.cross_kv(tiles.reshape(1, -1, tiles.shape[-1]))
-        kv = {i: (k[0], v[0]) for i, (k, v) in kv.items()}  # (H_kv, T_real * P, D)
-        self.done[j] = kv
-        if self.cache is not None:
-            self.cache.put(self.keys[j], kv)
+        return {i: (k[0], v[0]) for i, (k, v) in kv.items()}  # (H_kv, T_real * P, D)
 
     def result(self) -> RequestVision | None:
         if self.pending:
