@@ -159,7 +159,7 @@ class ApiServer:
         limit = body.token_limit
         return SamplingParams(max_tokens=min(limit, room) if limit else room,
                               seed=None if body.seed is None else body.seed + index,
-                              stop_token_ids=self.options.stop_token_ids, stop_strings=tuple(body.stop),
+                              stop_token_ids=() if body.ignore_eos else self.options.stop_token_ids, stop_strings=tuple(body.stop),
                               logprobs=body.logprob_count, **settings)
 
     async def _generate(self, request: HTTPRequest, body: Any, prompt: Prompt, *, chat: bool) -> Response:

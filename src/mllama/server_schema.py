@@ -2,7 +2,8 @@
 
 Every model forbids fields it does not know, so a field mllama does not implement (tools,
 response_format, logit_bias, ...) is a 400 that names it rather than something silently ignored.
-Besides OpenAI's fields, both endpoints take `top_k`, `min_p` and `repetition_penalty`, and
+Besides OpenAI's fields, both endpoints take `top_k`, `min_p`, `repetition_penalty` and
+`ignore_eos` (generate up to max_tokens whatever the model's end-of-turn tokens say), and
 `/v1/completions` takes `images`: a list of image URLs (data: or http(s)), one per `<|image|>` in
 the prompt, in order.
 """
@@ -87,6 +88,7 @@ class _Sampling(_Strict):
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     user: str | None = None
+    ignore_eos: bool = False
 
     @field_validator("stop")
     @classmethod
