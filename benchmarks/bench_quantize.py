@@ -118,7 +118,8 @@ def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
     for name, config_ in {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4"),
                           "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
                           "int4 g64 + lm_head": QuantizationConfig("int4", lm_head=True)}.items():
-        models[name] = quantize_model(copy.deepcopy(base), config_)
+        shared = {id(p): p for p in (base.model.embed_tokens.weight, base.lm_head.weight)}  # not copied
+        models[name] = quantize_model(copy.deepcopy(base, shared), config_)
     prompt = torch.randint(0, 128000, (1, 16), generator=gen)
     rates = {name: [] for name in models}
     for _ in range(rounds):
