@@ -87,7 +87,7 @@ class Server:
         deadline = time.monotonic() + timeout
         while True:
             m = self.metrics()
-            if m["mllama_slots_in_use"] == 0 and m["mllama_queue_depth"] == 0:
+            if m["mllama_slots_in_use"] == m["mllama_queue_depth"] == m["mllama_generations_active"] == 0:
                 return m
             assert time.monotonic() < deadline, f"the server is not idle: {m}"
             time.sleep(0.05)
@@ -506,7 +506,7 @@ def test_fifty_concurrent_clients_answer_as_alone(server):
     for kind, text in results:
         assert text == alone[kind], (kind, text, alone[kind])
     m = server.wait_idle(timeout=5)
-    assert m["mllama_slots_in_use"] == 0 and m["mllama_queue_depth"] == 0 and m["mllama_requests_running"] == 0
+    assert m["mllama_slots_in_use"] == 0 and m["mllama_queue_depth"] == 0 and m["mllama_generations_active"] == 0
     assert m['mllama_time_to_first_token_seconds_count'] >= 100
     assert not any('status="500"' in name for name in m), "no request may end in a 500"
 

@@ -57,10 +57,10 @@ class ApiServer:
     def __init__(self, engine: Engine, processor: MllamaProcessor, *, options: ServerOptions) -> None:
         self.engine, self.processor, self.options = engine, processor, options
         self.builder = PromptBuilder(processor)
-        self.metrics = ServerMetrics(slots_in_use=lambda: engine.num_decoding, queue_depth=lambda: engine.num_waiting,
-                                     max_slots=engine.max_slots)
         self.draining = False
-        self.active: set[RequestHandle] = set()
+        self.active: set[RequestHandle] = set()  # engine requests of this server not yet released
+        self.metrics = ServerMetrics(slots_in_use=lambda: engine.num_decoding, queue_depth=lambda: engine.num_waiting,
+                                     active=lambda: len(self.active), max_slots=engine.max_slots)
         self.created = int(time.time())
         routes = [Route("/", self.page), Route("/health", self.health), Route("/metrics", self.prometheus),
                   Route("/v1/models", self.models), Route("/v1/models/{model:path}", self.model_info),
@@ -190,13 +190,12 @@ class ApiServer:
             await asyncio.wait([collect, gone], return_when=asyncio.FIRST_COMPLETED)
         finally:
             gone.cancel()
-            if not collect.done():  # the client went away: free the slots
+            if not collect.done():  # the client went away
                 collect.cancel()
-                self._release(handles)
-        if not collect.done() or collect.cancelled():
+            self._release(handles)  # frees the slots of unfinished choices
+        if collect.cancelled():
             return Response(status_code=499)
         collect.result()  # raises the generation's APIError, if any
-        self._release(handles)
         usage = _usage(len(prompt.input_ids) * body.n, sum(len(c.handle.tokens) for c in choices))
         if chat:
             out = [{"index": c.index, "message": {"role": "assistant", "content": c.text},
@@ -293,7 +292,6 @@ class ApiServer:
     async def _guarded(self, endpoint: str, request: HTTPRequest,
                        handler: Callable[[HTTPRequest], Awaitable[Response]]) -> Response:
         """Authentication, the metrics and OpenAI-shaped errors around one API handler."""
-        self.metrics.running.inc()
         try:
             self._authenticate(request)
             if self.draining and request.method == "POST":
@@ -301,8 +299,6 @@ class ApiServer:
             response = await handler(request)
         except APIError as err:
             response = JSONResponse(err.body(), status_code=err.status)
-        finally:
-            self.metrics.running.dec()
         self.metrics.requests.labels(endpoint, str(response.status_code)).inc()
         return response
 

@@ -19,7 +19,7 @@ class ServerMetrics:
     engine when scraped."""
 
     def __init__(self, *, slots_in_use: Callable[[], float], queue_depth: Callable[[], float],
-                 max_slots: int) -> None:
+                 active: Callable[[], float], max_slots: int) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("mllama_requests", "HTTP API requests by endpoint and status code",
@@ -28,8 +28,8 @@ class ServerMetrics:
                                 ["reason"], registry=r)
         self.prompt_tokens = Counter("mllama_prompt_tokens", "Prompt tokens of accepted generations", registry=r)
         self.generation_tokens = Counter("mllama_generation_tokens", "Tokens generated", registry=r)
-        self.running = Gauge("mllama_requests_running", "API requests being served (waiting or generating)",
-                             registry=r)
+        Gauge("mllama_generations_active", "Generations submitted by the API and not yet ended (waiting, being "
+              "prepared or decoding)", registry=r).set_function(active)
         Gauge("mllama_slots_in_use", "Engine slots holding a decoding request", registry=r
               ).set_function(slots_in_use)
         Gauge("mllama_queue_depth", "Generations waiting for a slot", registry=r).set_function(queue_depth)
