@@ -604,3 +604,11 @@ def test_chat_page_in_a_browser(server, tmp_path):
         assert browser.find_elements(By.CSS_SELECTOR, ".msg") == []
     finally:
         browser.quit()
+
+
+@pytest.mark.parametrize("flags, words", [(["--max-slots", "0"], "--max-slots must be at least 1"),
+                                          (["--model", "/nonexistent/model"], "not a model directory")])
+def test_serve_command_line_errors(flags, words):
+    done = subprocess.run([sys.executable, "-m", "mllama.cli", "serve", "--port", str(_free_port()), *flags],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and words in done.stderr and "Traceback" not in done.stderr

@@ -194,11 +194,26 @@ def cmd_quantize(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    import os
+
     try:
+        from mllama.image_fetch import ImagePolicy
         from mllama.server_run import serve
     except ImportError as err:
         raise CliError(f"mllama serve needs the serve extra: pip install 'mllama[serve]' ({err})") from None
-    serve(args)
+    for name in ("max_slots", "max_queue", "max_len", "max_body_bytes", "max_image_bytes"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    model, processor = _load(args.model, args.dtype, args.quantize)
+    serve(model, processor, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
+          model_name=args.served_model_name or ("mllama-demo" if args.model == DEFAULT_MODEL else args.model),
+          api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_queue=args.max_queue,
+          max_body_bytes=args.max_body_bytes,
+          images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
+                             allow_private=args.allow_private_image_urls),
+          shutdown_timeout=args.shutdown_timeout, compile=args.compile, fast_vision=args.fast_vision,
+          log_level=args.log_level)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:

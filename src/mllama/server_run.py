@@ -9,9 +9,7 @@ second signal exits at once.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import os
 import signal
 import time
 from types import FrameType
@@ -21,6 +19,7 @@ import uvicorn
 
 from mllama.engine import Engine
 from mllama.image_fetch import ImagePolicy
+from mllama.processor import MllamaProcessor
 from mllama.server import ApiServer, ServerOptions
 
 log = logging.getLogger("mllama.server")
@@ -75,35 +74,27 @@ def default_sampling(model: Any) -> tuple[dict[str, Any], tuple[int, ...]]:
     return defaults, tuple(config.eos_token_ids)
 
 
-def serve(args: argparse.Namespace) -> None:
-    """Run the server until a signal; `args` as parsed by `mllama serve` (see mllama.cli)."""
-    from mllama.cli import API_KEY_ENV, DEFAULT_MODEL, CliError, _load
-
-    api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
-    for name in ("max_slots", "max_queue", "max_len", "max_body_bytes", "max_image_bytes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
-    model, processor = _load(args.model, args.dtype, args.quantize)
+def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 8,
+          max_len: int | None = None, model_name: str = "mllama", api_key: str | None = None, max_queue: int = 256,
+          max_body_bytes: int = 64 * 1024 * 1024, images: ImagePolicy | None = None, shutdown_timeout: float = 30.0,
+          compile: bool = False, fast_vision: bool = False, log_level: str = "info") -> None:
+    """Serve a loaded model until SIGTERM or Ctrl-C (see the module docstring and ServerOptions).
+    max_len: tokens per request, prompt and answer (default: 4096 or the model's limit)."""
+    logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     positions = model.config.text_config.max_position_embeddings
-    max_len = min(args.max_len or 4096, positions)
-    engine = Engine(model, max_slots=args.max_slots, max_len=max_len, tokenizer=processor.tokenizer,
-                    compile=args.compile, fast_vision=args.fast_vision)
+    max_len = min(max_len or 4096, positions)
+    engine = Engine(model, max_slots=max_slots, max_len=max_len, tokenizer=processor.tokenizer, compile=compile,
+                    fast_vision=fast_vision)
     defaults, stop_ids = default_sampling(model)
-    name = args.served_model_name or ("mllama-demo" if args.model == DEFAULT_MODEL else args.model)
-    options = ServerOptions(model_name=name, api_key=api_key, max_queue=args.max_queue,
-                            max_body_bytes=args.max_body_bytes,
-                            images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
-                                               allow_private=args.allow_private_image_urls),
-                            defaults=defaults, stop_token_ids=stop_ids)
+    options = ServerOptions(model_name=model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
+                            images=images or ImagePolicy(), defaults=defaults, stop_token_ids=stop_ids)
     api = ApiServer(engine, processor, options=options)
-    config = uvicorn.Config(api.app, host=args.host, port=args.port, log_level=args.log_level,
-                            timeout_graceful_shutdown=5, access_log=args.log_level == "debug")
-    server = _Uvicorn(config, api, args.shutdown_timeout)
+    config = uvicorn.Config(api.app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5,
+                            access_log=log_level == "debug")
+    server = _Uvicorn(config, api, shutdown_timeout)
     engine.start()
-    log.info("serving %s on http://%s:%d (%d slots, context %d)%s", name, args.host, args.port, args.max_slots,
-             max_len, ", API key required" if api_key else "")
+    log.info("serving %s on http://%s:%d (%d slots, context %d)%s", model_name, host, port, max_slots, max_len,
+             ", API key required" if api_key else "")
     try:
         server.run()
     finally:
