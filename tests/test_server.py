@@ -268,6 +268,20 @@ def test_usage_counts_and_logprobs(server, processor):
         assert entry.top_logprobs[0].token == entry.token and entry.logprob == pytest.approx(tops[0])
 
 
+def test_several_images_in_one_conversation(server, processor):
+    circle = _shape_uri("circle", "green", 3)
+    messages = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": EXAMPLE_URI}},
+                                             {"type": "image_url", "image_url": {"url": circle}},
+                                             {"type": "text", "text": QUESTION}]}]
+    reply = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=8)
+    images = [Image.open(io.BytesIO(EXAMPLE)).convert("RGB"),
+              Image.open(io.BytesIO(base64.b64decode(circle.split(",", 1)[1]))).convert("RGB")]
+    local = [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": QUESTION}]}]
+    ids = processor(text=processor.apply_chat_template(local, add_generation_prompt=True), images=images)
+    assert reply.usage.prompt_tokens == len(ids["input_ids"][0])
+    assert reply.choices[0].message.content
+
+
 def test_multi_turn_equals_local_generate(server, processor):
     from mllama import MllamaForConditionalGeneration
 
