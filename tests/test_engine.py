@@ -175,6 +175,30 @@ def test_cancel_during_a_paused_vision_forward(models):
     assert _alone(model, request)[0] == _alone(model, request, vision_piece_layers=None)[0]
 
 
+def test_prefill_sized_by_a_time_budget_equals_alone(models):
+    model = models["a"]
+    running = _request("a", length=4, seed=44, max_tokens=40)
+    request = _request("a", length=40, tiles=[2], image_at=[3], seed=45, max_tokens=6)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, prefill_budget_s=1e-9)  # smallest chunks: 8 tokens
+    first = engine.submit(running)
+    engine.step()
+    second = engine.submit(request)
+    steps = 0
+    while not second.tokens:
+        engine.step()
+        steps += 1
+    # One step for the vision forward (3 + 1 layers), then 8-token chunks: the rate was measured
+    # on the first request's prefill already.
+    assert steps == 1 + 40 // 8
+    events = list(second)
+    ref_tokens, ref_logits = _alone(model, request)
+    assert [e.token for e in events] == ref_tokens
+    assert (torch.stack([e.logits for e in events]) - ref_logits).abs().max().item() <= 1e-5
+    first.cancel()
+    with pytest.raises(ValueError, match="prefill_budget_s"):
+        Engine(model, max_slots=1, max_len=8, prefill_budget_s=0.0)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(models):
     model = models["a"]
     sampled = dict(temperature=1.3, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.3, max_tokens=12)

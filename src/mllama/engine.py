@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 
 import torch
 from torch import nn
@@ -59,7 +60,10 @@ class Engine:
     max_slots: requests decoded together; max_len: positions per slot (prompt + generated tokens);
     tokenizer (anything with `decode(ids, skip_special_tokens=)`): needed for text and stop strings;
     prefill_chunk: prompt tokens per step while other requests decode; vision_piece_layers: vision
-    encoder layers of a new image per step (None: a whole image per step); image_cache_bytes: budget of
+    encoder layers of a new image per step (None: a whole image per step); prefill_budget_s: if set,
+    while others decode a prompt chunk is sized from the measured prefill rate to take about this
+    long (at most prefill_chunk tokens; results equal to within float rounding, as any chunking);
+    image_cache_bytes: budget of
     the LRU of encoded images (0 disables it); fast_vision: encode only real tiles (not exact);
     compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
     vision-token width, attending over the whole max_len under a length mask.
@@ -67,7 +71,7 @@ class Engine:
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
                  prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
-                 fast_vision: bool = False, compile: bool = False) -> None:
+                 prefill_budget_s: float | None = None, fast_vision: bool = False, compile: bool = False) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
@@ -76,6 +80,10 @@ class Engine:
         self.lm_head = model.lm_head
         self.has_vision = hasattr(model.model, "vision_model")
         self.max_slots, self.max_len, self.prefill_chunk = max_slots, max_len, prefill_chunk
+        if prefill_budget_s is not None and prefill_budget_s <= 0:
+            raise ValueError(f"prefill_budget_s must be > 0 or None, got {prefill_budget_s}")
+        self.prefill_budget_s = prefill_budget_s
+        self._prefill_s_per_token: float | None = None  # measured, for prefill_budget_s
         self.tokenizer, self.fast_vision, self.vision_piece_layers = tokenizer, fast_vision, vision_piece_layers
         embed = self.text_model.embed_tokens.weight
         self.dtype, self.device = embed.dtype, embed.device
@@ -294,7 +302,8 @@ class Engine:
             seq.vision, seq.vision_job = job.result(), None
         slot = len(self._decoding)
         start = seq.prefilled
-        end = min(start + self.prefill_chunk, seq.prompt.numel())
+        end = min(start + self._chunk_size(), seq.prompt.numel())
+        started = time.perf_counter()
         positions = torch.arange(start, end, device=self.device)[None]
         window = KVWindow(self.kv, slots=torch.tensor([slot], device=self.device), positions=positions,
                           first=slot, length=end)
@@ -310,6 +319,10 @@ class Engine:
         hidden = self.text_model(seq.prompt[start:end][None], position_ids=positions, mask=mask, cross=cross,
                                  cache=window)
         seq.prefilled = seq.cached = end
+        if self.prefill_budget_s is not None:
+            rate = (time.perf_counter() - started) / (end - start)
+            old = self._prefill_s_per_token
+            self._prefill_s_per_token = rate if old is None else 0.5 * (old + rate)
         if end < seq.prompt.numel():
             return
         self._incoming = None
@@ -325,6 +338,13 @@ class Engine:
                 self._presence[slot] = seq.presence[0]
             self._decoding.append(seq)
             self._batch_dirty = True
+
+    def _chunk_size(self) -> int:
+        if self.prefill_budget_s is None or not self._decoding:
+            return self.prefill_chunk
+        if self._prefill_s_per_token is None:  # no measurement yet: a small first chunk
+            return min(self.prefill_chunk, 16)
+        return max(8, min(self.prefill_chunk, int(self.prefill_budget_s / self._prefill_s_per_token)))
 
     def _decode(self) -> None:
         seqs = self._decoding
