@@ -526,17 +526,22 @@ def test_fifty_concurrent_clients_answer_as_alone(server):
 
 
 def test_sigterm_drains_then_exits_cleanly():
-    s = Server("--max-slots", "2", "--shutdown-timeout", "6")
+    """After SIGTERM: new requests get 503, a short running request finishes, work still running after
+    --shutdown-timeout is cancelled (its stream ends with an error), and the process exits with 0."""
+    s = Server("--max-slots", "2", "--shutdown-timeout", "8")
     try:
         url = s.base + "/v1/completions"
         body = {"prompt": "hello", "ignore_eos": True, "stream": True}
-        with httpx.Client(timeout=60) as http, \
-                http.stream("POST", url, json={**body, "max_tokens": 60}) as short, \
-                http.stream("POST", url, json={**body, "max_tokens": 5000}) as long:
-            short_lines, long_lines = short.iter_lines(), long.iter_lines()
+        with httpx.Client(timeout=60) as http, contextlib.ExitStack() as streams:
+            short = streams.enter_context(http.stream("POST", url, json={**body, "max_tokens": 20}))
+            short_lines = short.iter_lines()
             next(line for line in short_lines if line.startswith("data:"))
+            # Eight choices of 2000 tokens on the one slot left: far more than 8 s of work on any machine.
+            long = streams.enter_context(http.stream("POST", url, json={**body, "max_tokens": 2000, "n": 8}))
+            long_lines = long.iter_lines()
             next(line for line in long_lines if line.startswith("data:"))
             s.proc.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
             time.sleep(0.3)
             _error(httpx.post(url, json={"prompt": "hi"}, timeout=10), 503)
             assert httpx.get(s.base + "/health").status_code == 503
@@ -545,6 +550,7 @@ def test_sigterm_drains_then_exits_cleanly():
             rest = [line[6:] for line in long_lines if line.startswith("data: ")]
             assert rest[-1] == "[DONE]" and "shutting down" in json.loads(rest[-2])["error"]["message"]
         assert s.proc.wait(30) == 0
+        assert time.monotonic() - signalled < 25  # the 8 s drain, then a prompt exit
     finally:
         s.stop()
 
