@@ -116,10 +116,10 @@ def ttft_alone(model, request) -> float:
     return time.perf_counter() - start
 
 
-def stall(model, *, new: int) -> dict:
+def stall(model, *, new: int, budget: float | None) -> dict:
     from mllama import Engine
 
-    engine = Engine(model, max_slots=8, max_len=1024)
+    engine = Engine(model, max_slots=8, max_len=1024, prefill_budget_s=budget)
     for i in range(4):
         engine.submit(text_request(i, length=32, new=10_000 // 10))
     steps = []
@@ -153,14 +153,25 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--parts", default="streams,stall", help="comma-separated: streams, stall")
+    parser.add_argument("--prefill-budget", type=float, default=1.0,
+                        help="Engine(prefill_budget_s=) in the stall part; 0 for fixed 128-token chunks")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
     ours, hf = build(getattr(torch, args.dtype))
     length, new = args.prompt_tokens, args.new_tokens
     engine_throughput(ours, 1, length=length, new=4)  # warm-up
-    hf_rate = hf_one_at_a_time(hf, requests=3, length=length, new=new)
     print(f"model: {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters, {args.dtype}, "
           f"{torch.get_num_threads()} threads; prompts {length} tokens, {new} new tokens each")
+    parts = args.parts.split(",")
+    if "streams" in parts:
+        streams_part(ours, hf, length=length, new=new)
+    if "stall" in parts:
+        stall_part(ours, new=new, budget=args.prefill_budget or None)
+
+
+def streams_part(ours, hf, *, length: int, new: int) -> None:
+    hf_rate = hf_one_at_a_time(hf, requests=3, length=length, new=new)
     print(f"transformers, one request at a time: {hf_rate:.1f} tokens/s")
     one = None
     for streams in (1, 4, 16):
@@ -168,10 +179,13 @@ def main() -> None:
         one = one or rate
         print(f"engine, {streams:2d} streams: {rate:6.1f} tokens/s aggregate ({rate / hf_rate:4.1f}x transformers, "
               f"{rate / one:4.1f}x one stream); steady decode {steady:6.1f} tokens/s")
+
+
+def stall_part(ours, *, new: int, budget: float | None) -> None:
     alone = ttft_alone(ours, image_request(7, length=300, new=new))
-    s = stall(ours, new=new)
-    print(f"4 streams decoding, median step {s['median_step'] * 1e3:.0f} ms; a 4-tile image request with a "
-          f"300-token prompt arrives: longest step while it is prepared {s['max_step_during'] * 1e3:.0f} ms "
+    s = stall(ours, new=new, budget=budget)
+    print(f"prefill_budget_s={budget}: 4 streams decoding, median step {s['median_step'] * 1e3:.0f} ms; "
+          f"a 4-tile image request with a 300-token prompt arrives: longest step while it is prepared {s['max_step_during'] * 1e3:.0f} ms "
           f"({s['steps_during']} steps); its time to first token {s['ttft']:.2f} s vs {alone:.2f} s on an idle "
           f"engine ({s['ttft'] / alone - 1:+.0%})")
     print(f"follow-up question about the same image (image cache, {s['cache_hits']} hit): time to first token "

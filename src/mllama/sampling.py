@@ -104,11 +104,14 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
                 generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) next ids: argmax for rows with temperature 0, else a draw from the
     filtered distribution with the row's generator (None: torch's default generator)."""
+    sampled = settings.temperature > 0
+    if not bool(sampled.any()):  # all greedy: temperature and the filters cannot change the argmax
+        logits = logits.float()
+        if presence is not None:
+            logits = apply_repetition_penalty(logits, presence, settings.repetition_penalty)
+        return logits.argmax(dim=-1)
     logits = filtered_logits(logits, settings, presence)
     greedy = logits.argmax(dim=-1)
-    sampled = settings.temperature > 0
-    if not bool(sampled.any()):
-        return greedy
     rows = sampled.nonzero().squeeze(1).tolist()
     gens = generators if generators is not None else [None] * logits.shape[0]
     u = torch.stack([torch.rand((), generator=gens[r], dtype=torch.float64, device=logits.device) for r in rows])
