@@ -6,6 +6,7 @@ so rows are exactly what they would be alone; the outputs are put back into one 
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -68,13 +69,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     MllamaVisionModel.forward).
     """
     text_model = getattr(model.model, "language_model", model.model)
+    check_ids(input_ids, text_model.embed_tokens.num_embeddings)
     if input_ids.dim() != 2:
         raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    check_ids(input_ids, text_model.embed_tokens.num_embeddings)
     b, s = input_ids.shape
-    if s == 0:
-        raise ValueError("the prompt is empty")
-    max_new = config.max_new_tokens if config.max_new_tokens is not None else max(config.max_length - s, 0)
+    if s == 0 or b == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): need a prompt of at least one token")
+    max_new = new_token_budget(config, prompt_len=s, max_positions=text_model.config.max_position_embeddings)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer= to decode the output")
@@ -103,12 +104,13 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     lengths = real.sum(dim=1)
     if not bool((lengths > 0).all()):
         raise ValueError("a row of attention_mask has no real token")
-    max_len = int(lengths.max()) + max_new
+    max_len = min(int(lengths.max()) + max_new, text_model.config.max_position_embeddings)
     if compile:
         max_len = -(-max_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
+    params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits)
+    params.validate()  # before the cache is allocated
     engine = Engine(model, max_slots=b, max_len=max_len, tokenizer=tokenizer if stop_strings else None, prefill_chunk=max(s, 1),
                     vision_piece_layers=None, image_cache_bytes=0, fast_vision=fast_vision, compile=compile)
-    params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits)
     handles = []
     for row in range(b):
         keep = real[row]
@@ -144,6 +146,36 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
         rows = [e[step].logits if step < len(e) else zero for e in events]
         logits.append(torch.stack(rows).to(input_ids.device))
     return GenerateOutput(sequences, tuple(logits))
+
+
+def new_token_budget(config: GenerationConfig, *, prompt_len: int, max_positions: int) -> int:
+    """How many tokens generate() may add: max_new_tokens, else max_length - prompt_len, refusing
+    impossible values and trimmed (with a warning) to the model's max_position_embeddings, so the cache
+    is never sized for tokens that cannot be generated."""
+    max_new, max_length = config.max_new_tokens, config.max_length
+    if prompt_len > max_positions:
+        raise ValueError(f"the prompt has {prompt_len} tokens, more than the model's max_position_embeddings "
+                         f"({max_positions}); shorten it")
+    if max_new is not None:
+        if isinstance(max_new, bool) or not isinstance(max_new, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new).__name__} {max_new!r}")
+        if max_new < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+        if max_new > max_positions:
+            raise ValueError(f"max_new_tokens={max_new} can never be reached: the model has "
+                             f"max_position_embeddings={max_positions} positions for prompt and output together")
+    else:
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__} {max_length!r}")
+        if prompt_len >= max_length:  # transformers raises the same
+            raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length} (prompt + "
+                             "output): raise max_length, or better set max_new_tokens")
+        max_new = max_length - prompt_len
+    if prompt_len + max_new > max_positions:
+        warnings.warn(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings "
+                      f"({max_positions}); generating at most {max_positions - prompt_len} tokens", stacklevel=3)
+        max_new = max_positions - prompt_len
+    return max_new
 
 
 def resolve_config(base: GenerationConfig | None, *, max_new_tokens: int | None, do_sample: bool | None,

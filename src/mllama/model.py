@@ -12,7 +12,7 @@ from torch import nn
 
 from mllama.config import MllamaConfig, MllamaTextConfig
 from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
-from mllama.text import check_ids as _check_ids
+from mllama.text import check_forward_inputs
 from mllama.vision import MllamaVisionModel
 
 IGNORE_INDEX = -100
@@ -47,14 +47,11 @@ class MllamaModel(nn.Module):
                 position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
                 cross_attention_states: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence forward without cache; returns final hidden states (B, S, hidden)."""
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        b, s = check_forward_inputs(input_ids, inputs_embeds, hidden_size=self.config.text_config.hidden_size,
+                                    num_embeddings=self.language_model.embed_tokens.num_embeddings)
         if pixel_values is not None and cross_attention_states is not None:
             raise ValueError("pass pixel_values or cross_attention_states, not both")
         ref = input_ids if input_ids is not None else inputs_embeds
-        b, s = ref.shape[:2]
-        if input_ids is not None:
-            _check_ids(input_ids, self.language_model.embed_tokens.num_embeddings)
         if pixel_values is not None:
             if aspect_ratio_ids is None or aspect_ratio_mask is None:
                 raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
@@ -84,6 +81,9 @@ class MllamaModel(nn.Module):
 def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, image_token_id: int | None) -> torch.Tensor:
     """Mean next-token cross-entropy; -100 and the image token are never trained on."""
     vocab = logits.shape[-1]
+    if not isinstance(labels, torch.Tensor) or labels.shape != logits.shape[:2]:
+        raise ValueError(f"labels must be a tensor shaped like input_ids {tuple(logits.shape[:2])}, got "
+                         f"{tuple(labels.shape) if isinstance(labels, torch.Tensor) else type(labels).__name__}")
     labels = labels.to(logits.device)
     if image_token_id is not None:
         labels = labels.masked_fill(labels == image_token_id, IGNORE_INDEX)
@@ -218,12 +218,9 @@ class MllamaForCausalLM(_PretrainedMixin, nn.Module):
     def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
                 inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
-        if (input_ids is None) == (inputs_embeds is None):
-            raise ValueError("pass exactly one of input_ids or inputs_embeds")
+        b, s = check_forward_inputs(input_ids, inputs_embeds, hidden_size=self.config.hidden_size,
+                                    num_embeddings=self.model.embed_tokens.num_embeddings)
         ref = input_ids if input_ids is not None else inputs_embeds
-        b, s = ref.shape[:2]
-        if input_ids is not None:
-            _check_ids(input_ids, self.model.embed_tokens.num_embeddings)
         if position_ids is None:
             position_ids = torch.arange(s, device=ref.device)[None].expand(b, s)
         mask = self_attention_mask(attention_mask, query_len=s, batch=b, device=ref.device)

@@ -31,10 +31,38 @@ class CrossInputs:
 
 
 def check_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
+    if not isinstance(input_ids, torch.Tensor):
+        raise TypeError(f"input_ids must be a torch.Tensor of shape (batch, seq), got {type(input_ids).__name__} "
+                        "(wrap a list with torch.tensor([...]))")
     if input_ids.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
     if input_ids.numel() and (input_ids.min() < 0 or input_ids.max() >= num_embeddings):
         raise ValueError(f"input_ids out of range: ids must lie in [0, {num_embeddings})")
+
+
+def check_forward_inputs(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, *,
+                         num_embeddings: int, hidden_size: int) -> tuple[int, int]:
+    """Exactly one of input_ids (B, S) or inputs_embeds (B, S, hidden), non-empty; returns (B, S)."""
+    if (input_ids is None) == (inputs_embeds is None):
+        raise ValueError("pass exactly one of input_ids or inputs_embeds")
+    if input_ids is not None:
+        check_ids(input_ids, num_embeddings)
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be 2-D (batch, seq), got shape {tuple(input_ids.shape)}; "
+                             "add a batch dimension with input_ids[None]")
+        ref = input_ids
+    else:
+        if not isinstance(inputs_embeds, torch.Tensor) or not inputs_embeds.is_floating_point():
+            raise TypeError("inputs_embeds must be a floating-point torch.Tensor (batch, seq, hidden)")
+        if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != hidden_size:
+            raise ValueError(f"inputs_embeds must be (batch, seq, hidden_size={hidden_size}), "
+                             f"got shape {tuple(inputs_embeds.shape)}")
+        ref = inputs_embeds
+    b, s = ref.shape[:2]
+    if b == 0 or s == 0:
+        raise ValueError(f"{'input_ids' if input_ids is not None else 'inputs_embeds'} is empty "
+                         f"(shape {tuple(ref.shape)}); need at least one sequence of at least one token")
+    return b, s
 
 
 def self_attention_mask(attention_mask: torch.Tensor | None, *, query_len: int, start: int = 0,
