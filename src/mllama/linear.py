@@ -60,6 +60,10 @@ class DecodeLinear(nn.Linear):
             return out if self.bias is None else out + self.bias
         return F.linear(x, self.weight, self.bias)
 
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T without the bias (a row-parallel layer adds it once, after its all-reduce)."""
+        return gemv_bf16(x, self.weight) if use_gemv(x, self.weight) else F.linear(x, self.weight)
+
 
 def apply_cpu_kernels(model: nn.Module) -> nn.Module:
     """Swap every plain nn.Linear of `model` for a DecodeLinear, in place; returns `model`.

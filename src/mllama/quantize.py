@@ -197,6 +197,13 @@ class _QuantizedLinear(nn.Module):
                 and 0 < x.shape[:-1].numel() <= cpu_kernels.MAX_QUANT_ROWS
                 and not (torch.is_grad_enabled() and x.requires_grad) and cpu_kernels.quant_kernels_available())
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.product(x)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -224,12 +231,11 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
         self._init_bias(bias, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias."""
         if self._use_kernel(x):
-            out = cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
-        else:
-            out = F.linear(x, self.dequantize(x.dtype))
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+            return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
+        return F.linear(x, self.dequantize(x.dtype))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale, dtype=dtype or self.weight_scale.dtype)
@@ -251,13 +257,12 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=dtype, device=device))
         self._init_bias(bias, dtype, device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias."""
         if self._use_kernel(x):
-            out = cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset,
-                                          self.group_size)
-        else:
-            out = F.linear(x, self.dequantize(x.dtype))
-        return out if self.bias is None else out + self.bias.to(out.dtype)
+            return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset,
+                                           self.group_size)
+        return F.linear(x, self.dequantize(x.dtype))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return dequantize_int4(self.weight_packed, self.weight_scale, self.weight_offset,
@@ -304,6 +309,8 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | str) -> nn.Mod
         config = QuantizationConfig(mode=config)
     if getattr(model, "quantization_config", None) is not None:
         raise ValueError(f"the model is already quantized ({model.quantization_config.mode})")
+    if getattr(model, "tensor_parallel", None) is not None:
+        raise ValueError("quantize the model before splitting it with mllama.tp.tensor_parallel, not after")
 
     def replace(name: str, linear: nn.Linear) -> nn.Module | None:
         if isinstance(linear, _QuantizedLinear) or not is_target(name, config):
