@@ -160,3 +160,36 @@ def test_dead_rank_fails_instead_of_hanging(tmp_path):
     assert "crash" not in results[0], results[0].get("crash")
     assert results[0]["err/dead"] != "no error"
     assert results[0]["dead_seconds"] < 60
+
+
+def test_torchrun_generate_matches_single_process(capsys):
+    """`torchrun --nproc-per-node 2 -m mllama generate` on the demo model (its 4 heads, 2 K/V heads and
+    MLPs split; 743-token vocabulary replicated): rank 0 prints the answer of a plain run, once."""
+    import os
+    import subprocess
+
+    from mllama.cli import example_image, main
+
+    args = ["generate", "Describe the image.", "--image", str(example_image()), "--max-new-tokens", "10",
+            "--dtype", "float32"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    assert expected.strip()
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), "-m", "mllama", *args],
+                         capture_output=True, text=True, timeout=JOIN_TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout == expected
+
+
+def test_torchrun_rejects_chat():
+    import os
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(RANK="0", WORLD_SIZE="2")  # what torchrun sets; rejected before any process group is joined
+    run = subprocess.run([sys.executable, "-m", "mllama", "chat"], capture_output=True, text=True, timeout=60,
+                         env=env, stdin=subprocess.DEVNULL)
+    assert run.returncode == 1
+    assert "does not run under torchrun yet" in run.stderr

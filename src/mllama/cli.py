@@ -41,11 +41,29 @@ def _load(model: str, dtype: str, quantize: str | None = None) -> tuple[Any, Any
     try:
         torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
-        model_obj = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, quantization=quantize)
+        world = tp_world_size()
+        if world > 1:  # started by torchrun: every rank loads its slices of the model
+            from mllama.tp_load import init_distributed, load_tensor_parallel
+
+            init_distributed()
+            model_obj = load_tensor_parallel(MllamaForConditionalGeneration, path, dtype=torch_dtype,
+                                             quantization=quantize, world_size=world)
+        else:
+            model_obj = MllamaForConditionalGeneration.from_pretrained(path, dtype=torch_dtype, quantization=quantize)
         processor = MllamaProcessor.from_pretrained(path)
-    except (OSError, ValueError) as err:
+    except (OSError, ValueError, RuntimeError) as err:
         raise CliError(f"cannot load the model from {path}: {err}") from None
     return model_obj, processor
+
+
+def tp_world_size() -> int:
+    """The number of ranks torchrun started (WORLD_SIZE), 1 for a plain run."""
+    import os
+
+    try:
+        return int(os.environ.get("WORLD_SIZE", "1"))
+    except ValueError:
+        raise CliError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not a number") from None
 
 
 def _load_images(paths: Sequence[str]) -> list[Any]:
@@ -305,12 +323,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("error: --max-new-tokens must be at least 1", file=sys.stderr)
         return 2
     try:
+        if tp_world_size() > 1:
+            return _main_tensor_parallel(args)
         args.func(args)
     except CliError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
+    return 0
+
+
+def _main_tensor_parallel(args: argparse.Namespace) -> int:
+    """`torchrun --nproc-per-node N -m mllama generate ...`: every rank runs the same command on its
+    slices of the model (mllama.tp); only rank 0 writes the answer."""
+    import os
+
+    if args.command != "generate":
+        raise CliError(f"`mllama {args.command}` does not run under torchrun yet; tensor parallelism supports "
+                       "`generate` (and the Python API: mllama.tp_load.load_tensor_parallel)")
+    rank = int(os.environ.get("RANK", "0"))
+    quiet = open(os.devnull, "w") if rank != 0 else None
+    stdout = sys.stdout
+    try:
+        if quiet is not None:
+            sys.stdout = quiet
+        args.func(args)
+    finally:
+        sys.stdout = stdout
+        if quiet is not None:
+            quiet.close()
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 
