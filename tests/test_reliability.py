@@ -4,6 +4,8 @@ crashes deep inside torch, or allocations sized by a absurd argument (issue 14).
 from __future__ import annotations
 
 import copy
+import threading
+import time
 import warnings
 
 import pytest
@@ -30,7 +32,7 @@ IDS = torch.tensor([[1, 5, 6, 7]])
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(max_new_tokens=-1), ValueError, "max_new_tokens must be >= 0"),
-    (dict(max_new_tokens=1.5), TypeError, "max_new_tokens must be an int"),
+    (dict(max_new_tokens=1.5), TypeError, "max_new_tokens: expected int"),
     (dict(max_new_tokens=10**9), ValueError, "max_new_tokens=1000000000 can never be reached"),
     (dict(max_new_tokens=2, do_sample=True, top_k=-1), ValueError, "top_k must be >= 0"),
     (dict(max_new_tokens=2, do_sample=True, min_p=1.5), ValueError, r"min_p must be in \[0, 1\]"),
@@ -41,7 +43,7 @@ IDS = torch.tensor([[1, 5, 6, 7]])
     (dict(max_new_tokens=2, do_sample=True, temperature=-1.0), ValueError, "temperature must be > 0"),
     (dict(max_new_tokens=2, repetition_penalty=0.0), ValueError, "repetition_penalty must be > 0"),
     (dict(max_new_tokens=2, repetition_penalty=-1.0), ValueError, "repetition_penalty must be > 0"),
-    (dict(max_new_tokens=2, top_k=2.5, do_sample=True), TypeError, "top_k must be an int"),
+    (dict(max_new_tokens=2, top_k=2.5, do_sample=True), TypeError, "top_k: expected int"),
     (dict(max_length=3), ValueError, "the prompt has 4 tokens but max_length is 3"),
     (dict(max_length=4), ValueError, "the prompt has 4 tokens but max_length is 4"),
 ])
@@ -105,3 +107,127 @@ def test_forward_rejects_bad_inputs(model, kwargs, error, match, causal):
     target = MllamaForCausalLM(model.config) if causal else model
     with pytest.raises(error, match=match):
         target(**kwargs)
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(text_config={"hidden_size": "96"}), r"MllamaTextConfig.hidden_size: expected int, got str '96'"),
+    (dict(text_config="oops"), "MllamaConfig.text_config: expected MllamaTextConfig, got str 'oops'"),
+    (dict(text_config={"hidden_size": 0}), "MllamaTextConfig.hidden_size: must be >= 1, got 0"),
+    (dict(text_config={"num_attention_heads": 0}), "MllamaTextConfig.num_attention_heads: must be >= 1"),
+    (dict(text_config={"vocab_size": -5}), "MllamaTextConfig.vocab_size: must be >= 1"),
+    (dict(text_config={"num_hidden_layers": 10**6}), r"MllamaTextConfig.num_hidden_layers: 1000000 is outside \[0, 1024\]"),
+    (dict(text_config={"rms_norm_eps": "x"}), "MllamaTextConfig.rms_norm_eps: expected float"),
+    (dict(text_config={"cross_attention_layers": [1, "4"]}), "MllamaTextConfig.cross_attention_layers: expected"),
+    (dict(vision_config={"patch_size": 0}), "MllamaVisionConfig.patch_size: must be >= 1"),
+    (dict(vision_config={"attention_heads": 0}), "MllamaVisionConfig.attention_heads: must be >= 1"),
+    (dict(vision_config={"max_num_tiles": True}), "MllamaVisionConfig.max_num_tiles: expected int"),
+    (dict(image_token_index=None), "MllamaConfig.image_token_index: expected int"),
+])
+def test_bad_configs_are_named_before_anything_is_built(tmp_path, change, match):
+    data = copy.deepcopy(CONFIGS["a"])
+    for key, value in change.items():
+        if isinstance(value, dict):
+            data[key].update(value)
+        else:
+            data[key] = value
+    with pytest.raises(TypeError if "expected" in match else ValueError, match=match):
+        MllamaConfig.from_dict(data)
+    import json
+    (tmp_path / "config.json").write_text(json.dumps(data))
+    with pytest.raises(ValueError, match="config.json: " + match):
+        MllamaConfig.from_pretrained(tmp_path)
+
+
+def test_config_files_that_are_not_objects(tmp_path):
+    (tmp_path / "config.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="config.json: expected a JSON object"):
+        MllamaConfig.from_pretrained(tmp_path)
+    with pytest.raises(TypeError, match="needs a dict"):
+        MllamaConfig.from_dict("oops")
+
+
+@pytest.mark.parametrize("content, match", [
+    ('{"max_new_tokens": "5"}', "GenerationConfig.max_new_tokens: expected int | None, got str '5'"),
+    ('{"temperature": "hot"}', "GenerationConfig.temperature: expected float"),
+    ('{"eos_token_id": [1, "2"]}', "GenerationConfig.eos_token_id"),
+    ('{"do_sample": "yes"}', "GenerationConfig.do_sample: expected bool"),
+    ("[]", "must be a JSON object"),
+    ("{oops", "generation_config.json"),
+])
+def test_generation_config_with_wrong_types_fails_at_load_naming_the_field(tmp_path, model, content, match):
+    from mllama.config import GenerationConfig
+
+    model.save_pretrained(tmp_path)
+    (tmp_path / "generation_config.json").write_text(content)
+    with pytest.raises(ValueError, match="generation_config.json"):
+        GenerationConfig.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+class _Detok:
+    def put(self, ids):
+        time.sleep(0.05)  # a slow consumer's pace, so the cancel lands long before max_new_tokens
+        return "".join(f"<{i}>" for i in ids)
+
+    def finish(self):
+        return ""
+
+
+class _FakeTokenizer:
+    def stream(self, *, skip_special_tokens: bool = False) -> _Detok:
+        return _Detok()
+
+
+def _consume_in_thread(streamer, *, stop_after: int | None = None) -> dict:
+    """Iterate the streamer in a thread (so a hang fails the test instead of blocking it)."""
+    seen: dict = {"chunks": []}
+
+    def consume():
+        try:
+            for chunk in streamer:
+                seen["chunks"].append(chunk)
+                if stop_after is not None and len(seen["chunks"]) == stop_after:
+                    streamer.cancel()
+        except BaseException as error:  # noqa: BLE001 - the test inspects it
+            seen["error"] = error
+
+    thread = threading.Thread(target=consume, daemon=True)
+    thread.start()
+    seen["thread"] = thread
+    return seen
+
+
+def test_iterator_streamer_consumer_gets_the_generate_error_instead_of_blocking(model):
+    from mllama import TextIteratorStreamer
+
+    for timeout in (None, 30.0):
+        streamer = TextIteratorStreamer(_FakeTokenizer(), timeout=timeout)
+        seen = _consume_in_thread(streamer)
+        with pytest.raises(ValueError, match="top_p must be in"):
+            model.generate(IDS, max_new_tokens=3, do_sample=True, top_p=7.0, streamer=streamer)
+        seen["thread"].join(timeout=30)
+        assert not seen["thread"].is_alive(), "the consumer is still blocked"
+        assert isinstance(seen["error"], ValueError) and "top_p" in str(seen["error"])
+
+
+def test_iterator_streamer_consumer_can_cancel_generation(model):
+    from mllama import TextIteratorStreamer
+
+    streamer = TextIteratorStreamer(_FakeTokenizer(), skip_prompt=True)
+    seen = _consume_in_thread(streamer, stop_after=2)
+    out = model.generate(IDS, max_new_tokens=25, eos_token_id=[], streamer=streamer)
+    seen["thread"].join(timeout=30)
+    assert not seen["thread"].is_alive() and "error" not in seen
+    assert IDS.shape[1] + 2 <= out.shape[1] < IDS.shape[1] + 25
+    full = model.generate(IDS, max_new_tokens=25, eos_token_id=[])
+    assert torch.equal(out, full[:, :out.shape[1]])
+
+
+def test_sampling_params_check_types():
+    from mllama import SamplingParams
+
+    with pytest.raises(TypeError, match="max_tokens must be an int"):
+        SamplingParams(max_tokens=2.5).validate()
+    with pytest.raises(TypeError, match="temperature must be a real number"):
+        SamplingParams(temperature=float("nan")).validate()

@@ -28,6 +28,56 @@ def _fail(cls_name: str, name: str, message: str) -> None:
     raise ValueError(f"{cls_name}.{name}: {message}")
 
 
+# Sizes that must be >= 1, and a ceiling far above any real checkpoint, so that a mistyped config
+# (num_hidden_layers: 100000) is refused before gigabytes are allocated for it.
+_POSITIVE = ("hidden_size", "num_hidden_layers", "attention_heads", "num_channels", "intermediate_size",
+             "vision_output_dim", "image_size", "patch_size", "max_num_tiles", "vocab_size", "num_attention_heads",
+             "num_key_value_heads", "max_position_embeddings")
+_CEILINGS = {"num_hidden_layers": 1024, "num_global_layers": 1024, "hidden_size": 1 << 17,
+             "intermediate_size": 1 << 19, "vocab_size": 1 << 22, "max_num_tiles": 64, "image_size": 1 << 14,
+             "max_position_embeddings": 1 << 24}
+
+
+def _matches(value: Any, kind: str) -> bool:
+    """Does a JSON value fit one alternative of a field annotation (as a string: 'int', 'list[int]', ...)?"""
+    if kind == "None":
+        return value is None
+    if kind == "Any":
+        return True
+    if kind == "int":
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind == "float":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+    if kind in ("str", "bool"):
+        return isinstance(value, {"str": str, "bool": bool}[kind])
+    if kind.startswith("list[") and kind.endswith("]"):
+        return isinstance(value, (list, tuple)) and all(_matches(v, kind[5:-1]) for v in value)
+    if kind.startswith("dict["):
+        return isinstance(value, dict)
+    return value is None or isinstance(value, dict) or type(value).__name__ == kind  # a nested config
+
+
+def check_field_types(obj: Any) -> None:
+    """Every dataclass field of `obj` of its annotated JSON type, sizes >= 1 and under their ceilings;
+    a ValueError naming Class.field and what it got otherwise (validation before anything is built)."""
+    cls_name = type(obj).__name__
+    for f in dataclasses.fields(obj):
+        if f.name == "extra":
+            continue
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if f.name in ("image_size", "patch_size"):
+            kinds.append("list[int]")
+        if not any(_matches(value, kind) for kind in kinds):
+            raise TypeError(f"{cls_name}.{f.name}: expected {f.type}, got {type(value).__name__} {value!r}")
+        sizes = value if isinstance(value, list) and f.name in ("image_size", "patch_size") else [value]
+        for size in sizes:
+            if f.name in _POSITIVE and isinstance(size, int) and size < 1:
+                _fail(cls_name, f.name, f"must be >= 1, got {size}")
+            if f.name in _CEILINGS and isinstance(size, int) and not 0 <= size <= _CEILINGS[f.name]:
+                _fail(cls_name, f.name, f"{size} is outside [0, {_CEILINGS[f.name]}]; is the config corrupt?")
+
+
 class _ConfigIO:
     """Dict/JSON round trip shared by the three configs."""
 
@@ -41,6 +91,8 @@ class _ConfigIO:
 
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> Any:
+        if not isinstance(config, dict):
+            raise TypeError(f"{cls.__name__}.from_dict needs a dict (a JSON object), got {type(config).__name__}")
         known, extra = {}, {}
         names = cls._field_names()
         for key, value in config.items():
@@ -98,6 +150,7 @@ class MllamaVisionConfig(_ConfigIO):
             self.intermediate_layers_indices = [3, 7, 15, 23, 30]
         if self.supported_aspect_ratios is None:
             self.supported_aspect_ratios = copy.deepcopy(DEFAULT_ASPECT_RATIOS)
+        check_field_types(self)
         for key in ("image_size", "patch_size"):
             value = getattr(self, key)
             if isinstance(value, (list, tuple)):
@@ -167,6 +220,7 @@ class MllamaTextConfig(_ConfigIO):
         name = type(self).__name__
         if self.cross_attention_layers is None:
             self.cross_attention_layers = [3, 8, 13, 18, 23, 28, 33, 38]
+        check_field_types(self)
         self._merge_rope(name)
         if self.hidden_size % self.num_attention_heads:
             _fail(name, "num_attention_heads",
@@ -234,6 +288,7 @@ class MllamaConfig(_ConfigIO):
     aliases: ClassVar[dict[str, str]] = {"image_token_id": "image_token_index", "dtype": "torch_dtype"}
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         if self.vision_config is None:
             self.vision_config = MllamaVisionConfig()
         elif isinstance(self.vision_config, dict):
@@ -276,9 +331,14 @@ class MllamaConfig(_ConfigIO):
             data = json.loads(Path(config_file).read_text())
         except json.JSONDecodeError as err:
             raise ValueError(f"{config_file} is not valid JSON: {err}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
         if data.get("model_type") not in (None, "mllama"):
             raise ValueError(f"{config_file}: model_type is {data.get('model_type')!r}, expected 'mllama'")
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"{config_file}: {err}") from None
 
     @classmethod
     def preset(cls, name: str) -> "MllamaConfig":
@@ -352,15 +412,24 @@ class GenerationConfig:
     pad_token_id: int | None = None
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
+    def __post_init__(self) -> None:
+        check_field_types(self)
+
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "GenerationConfig":
+        if not isinstance(data, dict):
+            raise TypeError(f"a generation config must be a JSON object, got {type(data).__name__}")
         names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
         return cls(**{k: v for k, v in data.items() if k in names},
                    extra={k: v for k, v in data.items() if k not in names})
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike) -> "GenerationConfig":
-        return cls.from_dict(json.loads((Path(path) / GENERATION_CONFIG_NAME).read_text()))
+        file = Path(path) / GENERATION_CONFIG_NAME
+        try:
+            return cls.from_dict(json.loads(file.read_text()))
+        except (ValueError, TypeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{file}: {err}") from None
 
     def to_dict(self) -> dict[str, Any]:
         out = dict(self.extra)

@@ -7,6 +7,7 @@ so rows are exactly what they would be alone; the outputs are put back into one 
 from __future__ import annotations
 
 import warnings
+import warnings
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -67,7 +68,28 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     the first call for a given batch size and cache length compiles (tens of seconds), later ones
     reuse the graph. fast_vision encodes only the real tiles of each image (not exact; see
     MllamaVisionModel.forward).
+
+    A streamer with a `fail(error)` method is told of any error (so a consumer in another thread is
+    not left waiting); one whose `cancelled` attribute turns true ends generation at the next step.
     """
+    try:
+        return _generate(model, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                         aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                         cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
+                         tokenizer=tokenizer, streamer=streamer, generator=generator, output_logits=output_logits,
+                         compile=compile, fast_vision=fast_vision)
+    except BaseException as error:
+        if streamer is not None and hasattr(streamer, "fail"):
+            streamer.fail(error)
+        raise
+
+
+def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None,
+              pixel_values: torch.Tensor | None, aspect_ratio_ids: torch.Tensor | None,
+              aspect_ratio_mask: torch.Tensor | None, cross_attention_mask: torch.Tensor | None,
+              config: GenerationConfig, stop_strings: list[str] | None, tokenizer: _Decoder | None,
+              streamer: Streamer | None, generator: torch.Generator | None, output_logits: bool, compile: bool,
+              fast_vision: bool) -> torch.Tensor | GenerateOutput:
     text_model = getattr(model.model, "language_model", model.model)
     check_ids(input_ids, text_model.embed_tokens.num_embeddings)
     if input_ids.dim() != 2:
@@ -123,7 +145,12 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     if streamer is not None:
         streamer.put(input_ids.cpu())
     events: list[list] = [[] for _ in range(b)]
+    cancelled = False
     while engine.has_work:
+        if not cancelled and getattr(streamer, "cancelled", False):
+            cancelled = True
+            for handle in handles:
+                handle.cancel()
         engine.step()
         for row, handle in enumerate(handles):
             for event in handle.poll():
@@ -140,12 +167,42 @@ def generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch
     sequences = torch.cat([input_ids, out], dim=1)
     if not output_logits:
         return sequences
-    zero = torch.zeros_like(events[0][0].logits)
+    zero = next((torch.zeros_like(e[0].logits) for e in events if e), None)
     logits = []
     for step in range(steps):
         rows = [e[step].logits if step < len(e) else zero for e in events]
         logits.append(torch.stack(rows).to(input_ids.device))
     return GenerateOutput(sequences, tuple(logits))
+
+
+def new_token_budget(config: GenerationConfig, *, prompt_len: int, max_positions: int) -> int:
+    """How many tokens generate() may add: max_new_tokens, else max_length - prompt_len, refusing
+    impossible values and trimmed (with a warning) to the model's max_position_embeddings, so the cache
+    is never sized for tokens that cannot be generated."""
+    max_new, max_length = config.max_new_tokens, config.max_length
+    if prompt_len > max_positions:
+        raise ValueError(f"the prompt has {prompt_len} tokens, more than the model's max_position_embeddings "
+                         f"({max_positions}); shorten it")
+    if max_new is not None:
+        if isinstance(max_new, bool) or not isinstance(max_new, int):
+            raise TypeError(f"max_new_tokens must be an int, got {type(max_new).__name__} {max_new!r}")
+        if max_new < 0:
+            raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
+        if max_new > max_positions:
+            raise ValueError(f"max_new_tokens={max_new} can never be reached: the model has "
+                             f"max_position_embeddings={max_positions} positions for prompt and output together")
+    else:
+        if isinstance(max_length, bool) or not isinstance(max_length, int):
+            raise TypeError(f"max_length must be an int, got {type(max_length).__name__} {max_length!r}")
+        if prompt_len >= max_length:  # transformers raises the same
+            raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length} (prompt + "
+                             "output): raise max_length, or better set max_new_tokens")
+        max_new = max_length - prompt_len
+    if prompt_len + max_new > max_positions:
+        warnings.warn(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings "
+                      f"({max_positions}); generating at most {max_positions - prompt_len} tokens", stacklevel=3)
+        max_new = max_positions - prompt_len
+    return max_new
 
 
 def new_token_budget(config: GenerationConfig, *, prompt_len: int, max_positions: int) -> int:

@@ -24,6 +24,7 @@ class TextStreamer:
         self.file = file
         self._detok = self.tokenizer.stream(skip_special_tokens=skip_special_tokens)
         self._prompt_pending = True
+        self.cancelled = False
 
     def put(self, value: torch.Tensor) -> None:
         ids = value.reshape(-1).tolist()
@@ -63,6 +64,16 @@ class TextIteratorStreamer(TextStreamer):
         if final:
             self._queue.put(self._STOP)
 
+    def fail(self, error: BaseException) -> None:
+        """Called by generate() when it fails: the consumer's next() raises that error instead of
+        waiting forever (or raising queue.Empty) for text that will never come."""
+        self._queue.put(_Failure(error))
+
+    def cancel(self) -> None:
+        """Ask the generate() feeding this streamer to stop at its next step (for a consumer that
+        stops reading early); the iteration then ends normally."""
+        self.cancelled = True
+
     def __iter__(self) -> "TextIteratorStreamer":
         return self
 
@@ -70,4 +81,11 @@ class TextIteratorStreamer(TextStreamer):
         item = self._queue.get(timeout=self.timeout)
         if item is self._STOP:
             raise StopIteration
+        if isinstance(item, _Failure):
+            raise item.error  # the generate thread's own exception, e.g. a ValueError naming an argument
         return item
+
+
+class _Failure:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error

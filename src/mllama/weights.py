@@ -256,7 +256,11 @@ def _read_generation_config(directory: Path) -> Any:
         return None
     from mllama.config import GenerationConfig
 
-    return GenerationConfig.from_dict(_load_json(file))
+    data = _load_json(file)
+    try:
+        return GenerationConfig.from_dict(data)
+    except (ValueError, TypeError) as err:  # a wrong field type, named by check_field_types
+        raise ValueError(f"{file}: {err}") from None
 
 
 def _checkpoint_quantization(raw_config: dict[str, Any], config: Any, source: Path) -> QuantizationConfig | None:
