@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mllama.config import MllamaConfig, MllamaTextConfig
+from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
+from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
 from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
 from mllama.text import check_forward_inputs
 from mllama.vision import MllamaVisionModel
@@ -18,13 +19,55 @@ from mllama.vision import MllamaVisionModel
 IGNORE_INDEX = -100
 
 
-@dataclass
-class CausalLMOutput:
-    logits: torch.Tensor
-    loss: torch.Tensor | None = None
+__all__ = ["CausalLMOutput", "CausalLMOutputWithPast", "BaseModelOutputWithPast", "MllamaModel",
+           "MllamaForConditionalGeneration", "MllamaForCausalLM"]
 
 
-class MllamaModel(nn.Module):
+def check_forward_options(*, past_key_values: Any, output_attentions: bool | None) -> None:
+    """transformers' forward options that mllama's full-sequence forward cannot honour, as errors."""
+    if past_key_values is not None:
+        raise ValueError("past_key_values: mllama's forward runs the whole sequence without a KV cache; pass "
+                         "the full input_ids (generate() and Engine keep their own caches)")
+    if output_attentions:
+        raise ValueError("output_attentions=True is not supported: attention runs in fused kernels that never "
+                         "materialise the attention weights")
+
+
+def run_collecting(text_model: MllamaTextModel, run: Callable[[], torch.Tensor], *, inputs_embeds: torch.Tensor | None,
+                   output_hidden_states: bool | None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Run the decoder; with output_hidden_states also (embeddings, each run layer's output, ..., final
+    normed states) as transformers returns them (skipped cross-attention layers add no entry)."""
+    if not output_hidden_states:
+        return run(), None
+    states, remove = record_hidden_states(text_model.layers, text_model.embed_tokens)
+    try:
+        hidden = run()
+    finally:
+        remove()
+    if inputs_embeds is not None:
+        states.insert(0, inputs_embeds)
+    return hidden, tuple(states[:-1]) + (hidden,)
+
+
+def lm_output(lm_head: nn.Module, hidden: torch.Tensor, states: tuple[torch.Tensor, ...] | None, *,
+              labels: torch.Tensor | None, logits_to_keep: int | torch.Tensor, image_token_id: int | None,
+              return_dict: bool | None) -> CausalLMOutputWithPast | tuple[torch.Tensor, ...]:
+    """logits (of the last `logits_to_keep` positions, or those indexed; 0 = all), loss, the output object."""
+    if isinstance(logits_to_keep, int):
+        if logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be >= 0, got {logits_to_keep}")
+        kept = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+    else:
+        kept = hidden[:, logits_to_keep]
+    if labels is not None and kept.shape[1] != hidden.shape[1]:
+        raise ValueError("labels need the logits of every position; leave logits_to_keep at 0 when training")
+    logits = lm_head(kept)
+    loss = causal_lm_loss(logits, labels, image_token_id=image_token_id) if labels is not None else None
+    out = CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=states)
+    return out if return_dict is not False else out.to_tuple()
+
+
+class MllamaModel(TrainingSurfaceMixin, nn.Module):
     def __init__(self, config: MllamaConfig) -> None:
         super().__init__()
         self.config = config
@@ -41,11 +84,54 @@ class MllamaModel(nn.Module):
         b = vision.shape[0]
         return self.multi_modal_projector(vision).reshape(b, -1, self.config.text_config.hidden_size)
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
-                aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
-                position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
-                cross_attention_states: torch.Tensor | None = None) -> torch.Tensor:
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **options: Any) -> "MllamaModel":
+        """The backbone of a full checkpoint (no lm_head), as transformers' MllamaModel.from_pretrained;
+        takes MllamaForConditionalGeneration.from_pretrained's keywords."""
+        full = MllamaForConditionalGeneration.from_pretrained(path, **options)
+        model = full.model
+        model.name_or_path = full.name_or_path
+        return model
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        return False
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.language_model.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.language_model.embed_tokens = value
+
+    def get_output_embeddings(self) -> None:
+        return None
+
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                aspect_ratio_mask: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
+                cross_attention_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None,
+                use_cache: bool | None = None, *, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None,
+                return_dict: bool | None = None) -> BaseModelOutputWithPast | tuple[torch.Tensor, ...]:
+        """Full-sequence forward without cache; `.last_hidden_state` is the final normed (B, S, hidden).
+        Positional arguments follow transformers' order. use_cache is accepted and has no effect."""
+        check_forward_options(past_key_values=past_key_values, output_attentions=output_attentions)
+        hidden, states = run_collecting(
+            self.language_model, lambda: self.hidden(
+                input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                cross_attention_mask=cross_attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                cross_attention_states=cross_attention_states),
+            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        out = BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=states)
+        return out if return_dict is not False else out.to_tuple()
+
+    def hidden(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
+               pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
+               aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
+               position_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,
+               cross_attention_states: torch.Tensor | None = None) -> torch.Tensor:
         """Full-sequence forward without cache; returns final hidden states (B, S, hidden)."""
         b, s = check_forward_inputs(input_ids, inputs_embeds, hidden_size=self.config.text_config.hidden_size,
                                     num_embeddings=self.language_model.embed_tokens.num_embeddings)
@@ -53,6 +139,10 @@ class MllamaModel(nn.Module):
             raise ValueError("pass pixel_values or cross_attention_states, not both")
         ref = input_ids if input_ids is not None else inputs_embeds
         if pixel_values is not None:
+            if not pixel_values.is_floating_point():
+                raise ValueError(f"pixel_values is an integer tensor of shape {tuple(pixel_values.shape)}; "
+                                 "positional arguments follow transformers' order (input_ids, pixel_values, "
+                                 "aspect_ratio_mask, aspect_ratio_ids, attention_mask): pass attention_mask=...")
             if aspect_ratio_ids is None or aspect_ratio_mask is None:
                 raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
             cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
@@ -96,29 +186,44 @@ def causal_lm_loss(logits: torch.Tensor, labels: torch.Tensor, *, image_token_id
     return F.cross_entropy(shift_logits, shift_labels, ignore_index=IGNORE_INDEX)
 
 
-class _PretrainedMixin:
+class _PretrainedMixin(TrainingSurfaceMixin):
     """from_pretrained / save_pretrained / generate, delegated to their own modules."""
 
     config: MllamaConfig
+    name_or_path: str = ""
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                         torch_dtype: torch.dtype | str | None = None, device: torch.device | str = "cpu",
-                        device_map: str | None = None, revision: str | None = None, progress: bool | None = None,
-                        quantization: str | None = None, quantization_config: Any = None):
+                        device_map: Any = None, revision: str | None = None, progress: bool | None = None,
+                        quantization: str | None = None, quantization_config: Any = None, config: Any = None,
+                        attn_implementation: str | None = None, low_cpu_mem_usage: bool | None = None,
+                        token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
+                        local_files_only: bool = False, force_download: bool = False, max_memory: Any = None,
+                        use_safetensors: bool | None = None, trust_remote_code: bool | None = None):
         """Load a checkpoint directory or hub repo id (see weights.load_pretrained). quantization:
         'int8' or 'int4' (or a mllama.quantize.QuantizationConfig) quantizes the linears while
-        loading; quantization_config takes the same as a dict or a transformers-style config."""
+        loading; quantization_config takes the same as a dict or a transformers-style config.
+
+        transformers' keywords: device_map ("auto", "sequential", a device, or a dict mapping
+        everything to one device), config (used instead of config.json), token / cache_dir /
+        local_files_only / force_download (hub downloads). attn_implementation, low_cpu_mem_usage,
+        max_memory, use_safetensors=False and trust_remote_code are accepted; where they cannot
+        apply, a warning (once) says why (see hf_surface.load_options)."""
         from mllama.quantize import resolve_quantization
         from mllama.weights import load_pretrained
 
-        if device_map == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        elif device_map is not None:
-            device = device_map
-        return load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=device,
-                               revision=revision, progress=progress,
-                               quantization=resolve_quantization(quantization, quantization_config))
+        options = load_options(device=device, device_map=device_map, attn_implementation=attn_implementation,
+                               low_cpu_mem_usage=low_cpu_mem_usage, token=token, cache_dir=cache_dir,
+                               local_files_only=local_files_only, force_download=force_download,
+                               max_memory=max_memory, use_safetensors=use_safetensors,
+                               trust_remote_code=trust_remote_code)
+        model = load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=options.device,
+                                revision=revision, progress=progress,
+                                quantization=resolve_quantization(quantization, quantization_config),
+                                config=config, hub=options.hub)
+        model.name_or_path = str(path)
+        return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
         from mllama.weights import save_pretrained
@@ -160,7 +265,7 @@ class _PretrainedMixin:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
-        if pixel_values is not None and not isinstance(self, MllamaForConditionalGeneration):
+        if pixel_values is not None and not hasattr(self.model, "vision_model"):
             raise ValueError("MllamaForCausalLM is text-only; use MllamaForConditionalGeneration for images")
         return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                         aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
@@ -186,21 +291,28 @@ class MllamaForConditionalGeneration(_PretrainedMixin, nn.Module):
         self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
         self.generation_config = None
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
-                pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
-                aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None,
-                cross_attention_states: torch.Tensor | None = None) -> CausalLMOutput:
-        hidden = self.model(input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
-                            cross_attention_mask=cross_attention_mask, position_ids=position_ids,
-                            inputs_embeds=inputs_embeds, cross_attention_states=cross_attention_states)
-        logits = self.lm_head(hidden)
-        loss = None
-        if labels is not None:
-            loss = causal_lm_loss(logits, labels, image_token_id=self.config.image_token_index)
-        return CausalLMOutput(logits=logits, loss=loss)
+    def forward(self, input_ids: torch.Tensor | None = None, pixel_values: torch.Tensor | None = None,
+                aspect_ratio_mask: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
+                cross_attention_states: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
+                past_key_values: Any = None, inputs_embeds: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, use_cache: bool | None = None,
+                logits_to_keep: int | torch.Tensor = 0, *, output_hidden_states: bool | None = None,
+                output_attentions: bool | None = None,
+                return_dict: bool | None = None) -> CausalLMOutputWithPast | tuple[torch.Tensor, ...]:
+        """Full-sequence forward, positional arguments in transformers' order. Returns a dict-like
+        output (`out.logits`, `out["logits"]`, `out[0]`, `out.to_tuple()`), or its tuple with
+        return_dict=False. use_cache is accepted and has no effect (no cache is returned)."""
+        check_forward_options(past_key_values=past_key_values, output_attentions=output_attentions)
+        hidden, states = run_collecting(
+            self.model.language_model, lambda: self.model.hidden(
+                input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                cross_attention_mask=cross_attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds,
+                cross_attention_states=cross_attention_states),
+            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        return lm_output(self.lm_head, hidden, states, labels=labels, logits_to_keep=logits_to_keep,
+                         image_token_id=self.config.image_token_index, return_dict=return_dict)
 
 
 class MllamaForCausalLM(_PretrainedMixin, nn.Module):
@@ -215,16 +327,23 @@ class MllamaForCausalLM(_PretrainedMixin, nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.generation_config = None
 
-    def forward(self, input_ids: torch.Tensor | None = None, *, attention_mask: torch.Tensor | None = None,
-                labels: torch.Tensor | None = None, position_ids: torch.Tensor | None = None,
-                inputs_embeds: torch.Tensor | None = None) -> CausalLMOutput:
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, *, past_key_values: Any = None,
+                inputs_embeds: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                use_cache: bool | None = None, logits_to_keep: int | torch.Tensor = 0,
+                output_hidden_states: bool | None = None, output_attentions: bool | None = None,
+                return_dict: bool | None = None) -> CausalLMOutputWithPast | tuple[torch.Tensor, ...]:
+        """Text-only forward (see MllamaForConditionalGeneration.forward for the output)."""
+        check_forward_options(past_key_values=past_key_values, output_attentions=output_attentions)
         b, s = check_forward_inputs(input_ids, inputs_embeds, hidden_size=self.config.hidden_size,
                                     num_embeddings=self.model.embed_tokens.num_embeddings)
         ref = input_ids if input_ids is not None else inputs_embeds
         if position_ids is None:
             position_ids = torch.arange(s, device=ref.device)[None].expand(b, s)
         mask = self_attention_mask(attention_mask, query_len=s, batch=b, device=ref.device)
-        hidden = self.model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids, mask=mask)
-        logits = self.lm_head(hidden)
-        loss = causal_lm_loss(logits, labels, image_token_id=None) if labels is not None else None
-        return CausalLMOutput(logits=logits, loss=loss)
+        hidden, states = run_collecting(
+            self.model, lambda: self.model(input_ids, inputs_embeds=inputs_embeds, position_ids=position_ids,
+                                           mask=mask),
+            inputs_embeds=inputs_embeds, output_hidden_states=output_hidden_states)
+        return lm_output(self.lm_head, hidden, states, labels=labels, logits_to_keep=logits_to_keep,
+                         image_token_id=None, return_dict=return_dict)

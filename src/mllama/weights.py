@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from mllama.cpu_kernels import fresh_zeros
+from mllama.hf_surface import override_config
 from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
@@ -81,8 +82,10 @@ def to_checkpoint_key(name: str, *, text_only: bool = False) -> str:
     raise ValueError(f"{name!r} is not a parameter name of MllamaForConditionalGeneration")
 
 
-def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local checkpoint directory, or the snapshot of a hub repo id downloaded via huggingface_hub."""
+def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = None,
+                           hub: Mapping[str, Any] | None = None) -> Path:
+    """A local checkpoint directory, or the snapshot of a hub repo id downloaded via huggingface_hub.
+    hub: extra snapshot_download keywords (token, cache_dir, local_files_only, force_download)."""
     local = Path(path).expanduser()
     if local.is_dir():
         return local
@@ -95,7 +98,7 @@ def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = No
     from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS))
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **(hub or {})))
     except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as err:
         raise FileNotFoundError(f"{text} is not a local directory, and fetching it from the hub failed "
                                 f"(gated repos need `hf auth login`): {err}") from err
@@ -282,7 +285,8 @@ def _checkpoint_quantization(raw_config: dict[str, Any], config: Any, source: Pa
 
 def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu", revision: str | None = None,
-                    progress: bool | None = None, quantization: QuantizationConfig | None = None) -> Any:
+                    progress: bool | None = None, quantization: QuantizationConfig | None = None,
+                    config: Any = None, hub: Mapping[str, Any] | None = None) -> Any:
     """Load MllamaForConditionalGeneration or MllamaForCausalLM from a directory or hub repo id.
 
     dtype: None or 'auto' as in transformers 5.x: the config's dtype (bfloat16 for the published
@@ -292,6 +296,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     quantization: quantize the linears while reading (mllama.quantize; each weight is quantized as
     it is read, so the float model is never held whole). A checkpoint saved quantized loads as such.
     Plain linears get the CPU decode kernel (linear.apply_cpu_kernels).
+    config: a config (MllamaConfig, or anything with to_dict()) used instead of the checkpoint's
+    config.json, as transformers' `config=`. hub: see resolve_checkpoint_dir.
     """
     from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 
@@ -299,8 +305,11 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
         raise TypeError(f"load_pretrained builds MllamaForConditionalGeneration or MllamaForCausalLM, got {cls!r}")
     text_only = issubclass(cls, MllamaForCausalLM)
     device = torch.device(device)
-    directory = resolve_checkpoint_dir(path, revision=revision)
+    directory = resolve_checkpoint_dir(path, revision=revision, hub=hub)
+    override = config
     raw_config, config = _read_config(directory, text_only=text_only)
+    if override is not None:
+        raw_config, config = override_config(override, raw_config, text_only=text_only)
     tensors = checkpoint_tensors(directory)
     target_dtype = resolve_dtype(dtype, raw_config, tensors)
     stored = _checkpoint_quantization(raw_config, config, directory)
