@@ -231,3 +231,64 @@ def test_sampling_params_check_types():
         SamplingParams(max_tokens=2.5).validate()
     with pytest.raises(TypeError, match="temperature must be a real number"):
         SamplingParams(temperature=float("nan")).validate()
+
+
+@pytest.fixture(scope="module")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
+    import base64
+
+    from mllama.tokenizer import convert_tiktoken_tokenizer
+
+    root = tmp_path_factory.mktemp("tok")
+    tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]
+    (root / "t.model").write_text("".join(f"{base64.b64encode(t).decode()} {i}\n" for i, t in enumerate(tokens)))
+    convert_tiktoken_tokenizer(root / "t.model", root / "out")
+    return root / "out"
+
+
+def test_decode_refuses_ids_outside_the_vocabulary(tokenizer_dir):
+    from mllama.tokenizer import MllamaTokenizer
+
+    tok = MllamaTokenizer.from_pretrained(tokenizer_dir)
+    assert tok.decode([104, 105]) == "hi"
+    for bad in ([-1], [len(tok)], [2**70], [104, 10**6]):
+        with pytest.raises(ValueError, match=r"token ids must lie in \[0, "):
+            tok.decode(bad)
+    with pytest.raises(ValueError, match="token ids must lie"):
+        tok.batch_decode([[104], [-3]])
+    with pytest.raises(ValueError, match="token ids must lie"):
+        tok.stream().put([-1])
+
+
+def test_lone_surrogates_are_named(tokenizer_dir):
+    from mllama.tokenizer import MllamaTokenizer
+
+    tok = MllamaTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(ValueError, match="lone surrogate '\\\\ud800' at index 1"):
+        tok.encode("a\ud800b")
+    with pytest.raises(ValueError, match="lone surrogate"):
+        tok(["fine", "a\udfffb"])
+
+
+@pytest.mark.parametrize("name, content, match", [
+    ("tokenizer.json", "{not json", "tokenizer.json is not a valid tokenizer.json"),
+    ("tokenizer.json", '{"version": "1.0"}', "tokenizer.json is not a valid tokenizer.json"),
+    ("tokenizer_config.json", "{oops", "tokenizer_config.json is not valid JSON"),
+    ("tokenizer_config.json", "[1]", "tokenizer_config.json must hold a JSON object"),
+    ("tokenizer_config.json", '{"bos_token": 5}', "tokenizer_config.json .*unreadable special token entry 5"),
+    ("special_tokens_map.json", "\xff\xfe", "special_tokens_map.json is not valid JSON"),
+    ("chat_template.json", "{oops", "chat_template.json is not valid JSON"),
+    ("chat_template.json", '{"template": "x"}', "chat_template.json must hold"),
+])
+def test_corrupt_tokenizer_files_are_named(tmp_path, tokenizer_dir, name, content, match):
+    import shutil
+
+    from mllama import MllamaProcessor
+    from mllama.image_processing import MllamaImageProcessor
+
+    target = tmp_path / "ckpt"
+    shutil.copytree(tokenizer_dir, target)
+    MllamaImageProcessor().save_pretrained(target)
+    (target / name).write_text(content, encoding="latin-1")
+    with pytest.raises(ValueError, match=match):
+        MllamaProcessor.from_pretrained(target)

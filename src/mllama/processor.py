@@ -13,7 +13,7 @@ import numpy as np
 
 from mllama.config import resolve_file
 from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil, load_image
-from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, to_tensors
+from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors
 
 _IMAGE_KEYS = ("image", "url", "path", "base64")  # where a chat content block may carry its image
 
@@ -146,7 +146,9 @@ class MllamaProcessor:
         legacy = resolve_file(path, "chat_template.json", revision=revision, required=False)
         raw = resolve_file(path, "chat_template.jinja", revision=revision, required=False)
         if legacy is not None:
-            template = json.loads(legacy.read_text(encoding="utf-8"))["chat_template"]
+            template = read_json_object(legacy).get("chat_template")
+            if not isinstance(template, str):
+                raise ValueError(f"{legacy} must hold {{\"chat_template\": \"<jinja text>\"}}, got {template!r:.80}")
         elif raw is not None:
             template = raw.read_text(encoding="utf-8")
         return cls(image_processor, tokenizer, chat_template=template)

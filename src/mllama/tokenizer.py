@@ -72,6 +72,35 @@ def _token_content(value: Any) -> str | None:
     raise ValueError(f"unreadable special token entry {value!r}")
 
 
+def read_json_object(file: Path) -> dict[str, Any]:
+    """A JSON object from `file`; a ValueError naming the file when it is not valid UTF-8 JSON or not an object."""
+    try:
+        data = json.loads(Path(file).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"{file} is not valid JSON: {err}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+def check_text(text: str, *, name: str = "text") -> None:
+    """Text the tokenizer can encode: a str that is valid Unicode (no lone surrogates)."""
+    if not isinstance(text, str):
+        raise TypeError(f"{name} must be a str, got {type(text).__name__}")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise ValueError(f"{name} contains a lone surrogate {text[err.start]!r} at index {err.start}, which is "
+                         "not valid Unicode; decode your bytes with errors='replace' first") from None
+
+
+def _check_id_range(ids: list[int], size: int) -> list[int]:
+    if ids and (min(ids) < 0 or max(ids) >= size):
+        bad = [i for i in ids if not 0 <= i < size][:5]
+        raise ValueError(f"token ids must lie in [0, {size}) (the vocabulary), got {bad}")
+    return ids
+
+
 def _as_id_list(ids: Any) -> list[int]:
     if isinstance(ids, (int, np.integer)):
         return [int(ids)]
@@ -114,10 +143,16 @@ class MllamaTokenizer:
         cfg_file = resolve_file(path, "tokenizer_config.json", revision=revision, required=False)
         map_file = resolve_file(path, "special_tokens_map.json", revision=revision, required=False)
         jinja_file = resolve_file(path, "chat_template.jinja", revision=revision, required=False)
-        config = json.loads(cfg_file.read_text(encoding="utf-8")) if cfg_file else {}
-        special_map = json.loads(map_file.read_text(encoding="utf-8")) if map_file else {}
-        backend = Tokenizer.from_file(str(tok_file))
-        tokens = {k: _token_content(config.get(k, special_map.get(k))) for k in ("bos_token", "eos_token", "pad_token")}
+        config = read_json_object(cfg_file) if cfg_file else {}
+        special_map = read_json_object(map_file) if map_file else {}
+        try:
+            backend = Tokenizer.from_file(str(tok_file))
+        except Exception as err:  # the tokenizers library raises plain Exception for a malformed file
+            raise ValueError(f"{tok_file} is not a valid tokenizer.json: {str(err)[:200]}") from None
+        try:
+            tokens = {k: _token_content(config.get(k, special_map.get(k))) for k in ("bos_token", "eos_token", "pad_token")}
+        except ValueError as err:
+            raise ValueError(f"{cfg_file} / {map_file}: {err}") from None
         # BOS/EOS insertion is whatever tokenizer.json's post-processor does; like transformers >= 5 we ignore
         # add_bos_token/add_eos_token in the config when a tokenizer.json is present.
         chat_template = config.get("chat_template")
@@ -211,6 +246,7 @@ class MllamaTokenizer:
     def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
+        check_text(text)
         return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def __call__(self, text: str | Sequence[str], *, add_special_tokens: bool = True,
@@ -221,6 +257,8 @@ class MllamaTokenizer:
         texts = [text] if single else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a str or a list of str")
+        for t in texts:
+            check_text(t)
         pad_mode = {True: "longest", False: None, "longest": "longest", "max_length": "max_length",
                     "do_not_pad": None}.get(padding, "bad")
         if pad_mode == "bad":
@@ -270,7 +308,7 @@ class MllamaTokenizer:
                clean_up_tokenization_spaces: bool | None = None) -> str:
         """Byte-level decode. clean_up_tokenization_spaces (argument or config) is ignored: it corrupts BPE
         output (transformers >= 5 skips it for BPE models too)."""
-        return self._tok.decode(_as_id_list(ids), skip_special_tokens=skip_special_tokens)
+        return self._tok.decode(_check_id_range(_as_id_list(ids), len(self)), skip_special_tokens=skip_special_tokens)
 
     def batch_decode(self, sequences: Any, *, skip_special_tokens: bool = False,
                      clean_up_tokenization_spaces: bool | None = None) -> list[str]:
@@ -278,7 +316,8 @@ class MllamaTokenizer:
             sequences = sequences.tolist()
         if not isinstance(sequences, (list, tuple)):
             raise TypeError(f"batch_decode expects a list of id sequences, got {type(sequences).__name__}")
-        return self._tok.decode_batch([_as_id_list(s) for s in sequences], skip_special_tokens=skip_special_tokens)
+        return self._tok.decode_batch([_check_id_range(_as_id_list(s), len(self)) for s in sequences],
+                                      skip_special_tokens=skip_special_tokens)
 
     def stream(self, *, skip_special_tokens: bool = False) -> "StreamDetokenizer":
         return StreamDetokenizer(self, skip_special_tokens=skip_special_tokens)
