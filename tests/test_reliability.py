@@ -4,6 +4,14 @@ crashes deep inside torch, or allocations sized by a absurd argument (issue 14).
 from __future__ import annotations
 
 import copy
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import stat
+import subprocess
+import sys
 import threading
 import time
 import warnings
@@ -292,3 +300,66 @@ def test_corrupt_tokenizer_files_are_named(tmp_path, tokenizer_dir, name, conten
     (target / name).write_text(content, encoding="latin-1")
     with pytest.raises(ValueError, match=match):
         MllamaProcessor.from_pretrained(target)
+
+
+needs_cc = pytest.mark.skipif(not (shutil.which("gcc") or shutil.which("cc")), reason="no C compiler")
+_C = "int mllama_answer(void) { return 42; }\n"
+
+
+@needs_cc
+def test_kernel_cache_is_private_hashed_and_rebuilds_a_corrupt_file(tmp_path):
+    from mllama.kernel_cache import build_kernel
+
+    source = tmp_path / "answer.c"
+    source.write_text(_C)
+    cache = tmp_path / "cache" / "kernels"
+    built = build_kernel(source, cache_dir=cache, flags=("-O1",))
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    record = built.with_suffix(".so.sha256")
+    assert record.read_text().strip() == hashlib.sha256(built.read_bytes()).hexdigest()
+    assert ctypes.CDLL(str(built)).mllama_answer() == 42
+    good = built.read_bytes()
+    # A corrupt (or planted) library under the right name is rebuilt, not loaded and not warned about forever.
+    built.write_bytes(b"\x7fELF garbage")
+    assert build_kernel(source, cache_dir=cache, flags=("-O1",)) == built
+    assert built.read_bytes() == good
+    # A library from before the hash was recorded is rebuilt too.
+    record.unlink()
+    build_kernel(source, cache_dir=cache, flags=("-O1",))
+    assert record.is_file()
+
+
+@needs_cc
+def test_kernel_cache_refuses_unsafe_permissions(tmp_path):
+    from mllama.kernel_cache import KernelCacheError, build_kernel
+
+    source = tmp_path / "answer.c"
+    source.write_text(_C)
+    cache = tmp_path / "kernels"
+    built = build_kernel(source, cache_dir=cache, flags=("-O1",))
+    os.chmod(cache, 0o777)  # ours but too open: tightened back to 0700 before use
+    build_kernel(source, cache_dir=cache, flags=("-O1",))
+    assert stat.S_IMODE(os.stat(cache).st_mode) == 0o700
+    os.chmod(built, 0o777)  # a library anyone could have rewritten is refused
+    with pytest.raises(KernelCacheError, match="writable by group or others"):
+        build_kernel(source, cache_dir=cache, flags=("-O1",))
+    os.chmod(built, 0o700)
+    built.unlink()
+    os.symlink(tmp_path / "elsewhere.so", built)  # so is a symlink planted under the library's name
+    with pytest.raises(KernelCacheError, match="not a plain file"):
+        build_kernel(source, cache_dir=cache, flags=("-O1",))
+
+
+def test_cpu_kernels_fall_back_when_the_cache_is_unsafe(tmp_path):
+    code = ("import warnings; warnings.simplefilter('always')\n"
+            "from mllama import cpu_kernels\nprint(cpu_kernels.gemv_available())")
+    cache = tmp_path / "someone_elses"
+    cache.mkdir()
+    env = {**os.environ, "MLLAMA_CACHE": str(tmp_path / "trap")}
+    (tmp_path / "trap" / "mllama").mkdir(parents=True)
+    os.symlink(cache, tmp_path / "trap" / "mllama" / "kernels")  # the cache dir itself is a symlink
+    env.pop("MLLAMA_NO_KERNELS", None)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert out.stdout.strip() == "False"
+        assert "refusing kernel cache entry" in out.stderr

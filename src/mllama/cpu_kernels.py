@@ -4,9 +4,11 @@ products against bf16, int8 and int4 weights (csrc/gemm_small.c, used by mllama.
 Decoding one token reads every weight once, so tokens/s is set by how fast the weights stream from
 memory. On the project's AMD EPYC (AVX-512 BF16) torch 2.13's bf16 `F.linear` with one row streams
 them at 16-17 GB/s, csrc/gemv_bf16.c at 30-38 GB/s (the machine reads 33-51 GB/s; see
-benchmarks/RESULTS.md). The C file is compiled with the system C compiler into a per-user cache
-the first time it is needed (about a second) and called through ctypes. Without a compiler, on a CPU with neither AVX-512 BF16 nor AVX2,
-or with MLLAMA_NO_KERNELS=1, everything falls back to `F.linear`.
+benchmarks/RESULTS.md). The C file is compiled with the system C compiler into a private per-user
+cache (mllama.kernel_cache: 0700, owner and SHA-256 checked before loading) the first time it is
+needed (about a second) and called through ctypes. Without a compiler, on a CPU with neither
+AVX-512 BF16 nor AVX2, with an unsafe cache, or with MLLAMA_NO_KERNELS=1, everything falls back to
+`F.linear`.
 
 `gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops, so a torch.compile'd decode step
 keeps each as one opaque call. Up to MAX_ROWS rows (a batched decode step of the engine) each weight
@@ -16,18 +18,16 @@ is read from memory once per call; beyond that the library GEMM reuses weights f
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import math
 import mmap
 import os
 import platform
-import shutil
-import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
 import torch
+
+from mllama.kernel_cache import build_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
@@ -41,30 +41,9 @@ _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
 
-def _cache_dir() -> Path:
-    root = os.environ.get("MLLAMA_CACHE") or os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(root) / "mllama" / "kernels"
-
-
 def _build(source: Path) -> Path:
-    """Compile `source` into the cache (keyed by its hash) unless already there; returns the .so path."""
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
-    target = _cache_dir() / f"{source.stem}-{digest}-{platform.machine()}.so"
-    if target.exists():
-        return target
-    compiler = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if compiler is None:
-        raise RuntimeError("no C compiler (gcc or cc) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    # Build under a temporary name and rename, so concurrent first uses never load a partial file.
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        partial = Path(tmp) / target.name
-        cmd = [compiler, "-O3", "-shared", "-fPIC", "-fopenmp", str(source), "-o", str(partial)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(partial, target)
-    return target
+    """Compile `source` into the private, verified cache of mllama.kernel_cache; the .so path."""
+    return build_kernel(source)
 
 
 def _load() -> None:
