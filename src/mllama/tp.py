@@ -174,11 +174,14 @@ class _VocabParallel:
         world = dist.get_world_size(self.tp_group)
         flat = local.reshape(-1, local.shape[-1]).contiguous()  # (rows, V / world)
         gathered = flat.new_empty(world * flat.shape[0], flat.shape[1])
-        dist.all_gather_into_tensor(gathered, flat, group=self.tp_group)
+        _all_gather(gathered, flat, group=self.tp_group)
         # (world, rows, V / world) -> (rows, world, V / world): rank r's columns follow rank r - 1's
         full = gathered.view(world, flat.shape[0], -1).transpose(0, 1).reshape(flat.shape[0], -1)
         return full.view(*local.shape[:-1], -1)
 
+
+# all_gather_single replaces all_gather_into_tensor (deprecated) in newer torch releases.
+_all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 _CLASSES: dict[tuple[type, type], type] = {}
 
