@@ -5,7 +5,8 @@ the per-layer cost of the 11B model with 10 vision and 4 text layers.
 "tiny": a few-kB model whose generate is bound by per-step overhead, not by arithmetic.
 
 Both are written by mllama (transformers loads them too); every parameter is random and non-zero,
-gates included. No eos_token_id, so greedy decoding always runs for max_new_tokens.
+gates included. "bench" also gets the real Llama 3 tokenizer and the published image-processor
+settings, so it can be served (bench_serve.py --model). No eos_token_id, so greedy decoding always runs for max_new_tokens.
 """
 
 from __future__ import annotations
@@ -73,6 +74,20 @@ def _randomize(model: torch.nn.Module, *, dtype: torch.dtype, seed: int) -> None
             module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
 
 
+def _write_processor_files(directory: Path, *, tile: int) -> None:
+    """The real Llama 3 tokenizer (Meta's tokenizer.model as llama-models ships it) with the Instruct
+    chat template, and the published preprocessor settings, so prompts and images can be served."""
+    import llama_models
+
+    from mllama.image_processing import MllamaImageProcessor
+    from mllama.meta_layout import CLIP_MEAN, CLIP_STD
+    from mllama.tokenizer import convert_tiktoken_tokenizer
+
+    convert_tiktoken_tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", directory)
+    MllamaImageProcessor(size={"height": tile, "width": tile}, resample=2, image_mean=CLIP_MEAN, image_std=CLIP_STD,
+                         max_image_tiles=4).save_pretrained(directory)
+
+
 def ensure_checkpoint(name: str) -> Path:
     """Write the checkpoint unless an identical one is already there; returns its directory."""
     directory = checkpoint_dir(name)
@@ -91,6 +106,8 @@ def ensure_checkpoint(name: str) -> Path:
             if buf is not None and buf.is_meta:
                 module._buffers[key] = torch.empty(buf.shape, dtype=buf.dtype)
     model.save_pretrained(directory, max_shard_size="2GB")
+    if name == "bench":
+        _write_processor_files(directory, tile=spec["vision_config"]["image_size"])
     stamp.write_text(json.dumps(CONFIGS[name]))
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {name} checkpoint: {params / 1e9:.3f}B parameters in {time.perf_counter() - start:.0f} s "
