@@ -12,6 +12,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mllama.config import resolve_file
+from mllama.image_processing import PREPROCESSOR_CONFIG_NAME
 from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil, load_image
 from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors
 
@@ -116,6 +117,9 @@ def _compile_template(source: str) -> Any:
     return env.from_string(source)
 
 
+PROCESSOR_CONFIG_NAME = "processor_config.json"
+
+
 class MllamaProcessor:
     """Pairs the image processor with the tokenizer, mirroring transformers' MllamaProcessor semantics."""
 
@@ -140,9 +144,19 @@ class MllamaProcessor:
         """`use_fast=False` picks the PIL/numpy image processor (transformers' flag); default is the torch one."""
         image_cls = MllamaImageProcessor if use_fast else MllamaImageProcessorPil
         tokenizer = MllamaTokenizer.from_pretrained(path, revision=revision)
-        image_processor = image_cls.from_pretrained(path, revision=revision)
-        # Same priority as transformers: legacy chat_template.json, then chat_template.jinja, then the tokenizer's.
         template = None
+        if resolve_file(path, PREPROCESSOR_CONFIG_NAME, revision=revision, required=False) is not None:
+            image_processor = image_cls.from_pretrained(path, revision=revision)
+        else:  # transformers 5.x saves the processor as one processor_config.json
+            combined = resolve_file(path, PROCESSOR_CONFIG_NAME, revision=revision, required=False)
+            if combined is None:
+                raise FileNotFoundError(f"{path} has neither {PREPROCESSOR_CONFIG_NAME} nor {PROCESSOR_CONFIG_NAME}")
+            data = read_json_object(combined)
+            if not isinstance(data.get("image_processor"), dict):
+                raise ValueError(f"{combined} has no \"image_processor\" object")
+            image_processor = image_cls.from_dict(data["image_processor"])
+            template = data.get("chat_template")
+        # Same priority as transformers: legacy chat_template.json, then chat_template.jinja, then the tokenizer's.
         legacy = resolve_file(path, "chat_template.json", revision=revision, required=False)
         raw = resolve_file(path, "chat_template.jinja", revision=revision, required=False)
         if legacy is not None:
@@ -157,7 +171,11 @@ class MllamaProcessor:
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         self.tokenizer.save_pretrained(out)
-        self.image_processor.save_pretrained(out)
+        saved = self.image_processor.save_pretrained(out)
+        # transformers' AutoProcessor reads processor_class to build the full processor, not a bare tokenizer.
+        data = read_json_object(saved)
+        data["processor_class"] = "MllamaProcessor"
+        saved.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
         if (out / "chat_template.json").exists():  # would shadow the .jinja file on load
             (out / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}, indent=2),
@@ -213,6 +231,9 @@ class MllamaProcessor:
                                  "tokenization (truncation?): raise max_length or disable truncation")
         if nested is not None:
             features = dict(self.image_processor(nested, return_tensors=return_tensors))
+            if return_tensors is None:  # transformers gives numpy image arrays here, lists only for text
+                features = {k: v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v
+                            for k, v in features.items()}
             num_tiles = features.pop("num_tiles")
             num_tiles = num_tiles.tolist() if hasattr(num_tiles, "tolist") else num_tiles
             if text is not None:
