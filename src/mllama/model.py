@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any, Callable
 
@@ -9,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama.config import MllamaConfig, MllamaTextConfig
+from mllama.config import GenerationConfig, MllamaConfig, MllamaTextConfig
+from mllama.generation_compat import (HARMLESS, NEUTRAL, GenerateDecoderOnlyOutput, as_generation_config,
+                                      check_scores, check_unsupported, repeat_rows, with_model_tokens)
 from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
 from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
 from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
@@ -240,7 +243,8 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                  stop_strings: str | list[str] | None = None, tokenizer=None, streamer=None,
                  generator: torch.Generator | None = None, seed: int | None = None,
                  generation_config=None, return_dict_in_generate: bool = False,
-                 output_logits: bool = False, compile: bool = False, fast_vision: bool = False):
+                 output_logits: bool = False, output_scores: bool = False, num_return_sequences: int | None = None,
+                 compile: bool = False, fast_vision: bool = False, **generation_kwargs: Any):
         """Decode like transformers' generate: returns (B, prompt_len + new) token ids, or with
         return_dict_in_generate an object with `.sequences` and the per-step `.logits`.
 
@@ -249,30 +253,62 @@ class _PretrainedMixin(TrainingSurfaceMixin):
         torch.compile (the first call per batch size and cache length compiles, tens of seconds).
         `fast_vision` skips the padded tiles in the vision encoder: faster for images of fewer than
         max_num_tiles tiles, but not exact (benchmarks/RESULTS.md reports its logit drift).
+
+        transformers compatibility: generation_config may be transformers' GenerationConfig (a config
+        without eos/pad ids keeps the model's); num_return_sequences repeats each row (sampling only);
+        output_scores gives `.scores` (greedy without penalties). Other transformers GenerationConfig
+        fields are accepted as keywords: num_beams > 1 raises (no beam search), the rest that would
+        change the output (min_new_tokens, no_repeat_ngram_size, ...) warn that they are ignored.
         """
         from mllama.generate import generate, resolve_config
 
         if input_ids is None:
             raise ValueError("generate needs input_ids")
         text_config = self.config.text_config if isinstance(self.config, MllamaConfig) else self.config
-        config = resolve_config(generation_config if generation_config is not None else self.generation_config,
+        base = self.generation_config
+        if generation_config is not None:  # transformers' or ours; without eos/pad ids it keeps the model's
+            base = with_model_tokens(as_generation_config(generation_config), model_default=self.generation_config,
+                                     fallback_eos=text_config.eos_token_ids, fallback_pad=text_config.pad_token_id)
+        if generation_kwargs:
+            unknown = sorted(set(generation_kwargs) - HARMLESS - set(NEUTRAL))
+            if unknown:
+                raise TypeError(f"generate() got unexpected keyword arguments {unknown}")
+            if base is None:
+                base = with_model_tokens(GenerationConfig(), model_default=None, fallback_eos=text_config.eos_token_ids,
+                                         fallback_pad=text_config.pad_token_id)
+            base = dataclasses.replace(base, extra={**base.extra, **generation_kwargs})
+        config = resolve_config(base,
                                 max_new_tokens=max_new_tokens, max_length=max_length, do_sample=do_sample,
                                 temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                                 repetition_penalty=repetition_penalty,
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                 fallback_eos=text_config.eos_token_ids, fallback_pad=text_config.pad_token_id)
+        check_unsupported(config)
+        if output_scores:
+            check_scores(config)
+        count = num_return_sequences if num_return_sequences is not None else config.extra.get("num_return_sequences", 1)
+        if count != 1 and not config.do_sample:
+            raise ValueError(f"num_return_sequences={count} needs do_sample=True: greedy decoding would return "
+                             "the same sequence each time (transformers refuses this too)")
+        input_ids, attention_mask, pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask = (
+            repeat_rows(count, input_ids, attention_mask, pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                        cross_attention_mask))
         if generator is None and seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         if isinstance(stop_strings, str):
             stop_strings = [stop_strings]
         if pixel_values is not None and not hasattr(self.model, "vision_model"):
             raise ValueError("MllamaForCausalLM is text-only; use MllamaForConditionalGeneration for images")
-        return generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                        aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
-                        cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
-                        tokenizer=tokenizer, streamer=streamer, generator=generator,
-                        output_logits=return_dict_in_generate or output_logits, compile=compile,
-                        fast_vision=fast_vision)
+        out = generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                       aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                       cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
+                       tokenizer=tokenizer, streamer=streamer, generator=generator,
+                       output_logits=return_dict_in_generate or output_logits or output_scores, compile=compile,
+                       fast_vision=fast_vision)
+        if isinstance(out, torch.Tensor):
+            return out
+        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits,
+                                         scores=out.logits if output_scores else None)
 
     @property
     def device(self) -> torch.device:

@@ -1,0 +1,82 @@
+"""generate() with transformers' options and config objects, against transformers (issue 13, item 5)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+from mllama import GenerationConfig
+from tiny import hf_pair
+
+IDS = torch.tensor([[1, 5, 6, 7], [1, 9, 4, 3]])
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return hf_pair("b", seed=3)  # eos ids [2, 3]
+
+
+def _ref(hf, **kwargs):
+    return hf.generate(input_ids=IDS, attention_mask=torch.ones_like(IDS), do_sample=False, eos_token_id=[2, 3],
+                       pad_token_id=0, **kwargs)
+
+
+def test_transformers_generation_config_object(pair):
+    import transformers
+
+    hf, ours = pair
+    ref = _ref(hf, max_new_tokens=12)
+    out = ours.generate(IDS, generation_config=transformers.GenerationConfig(max_new_tokens=12, do_sample=False))
+    assert torch.equal(out, ref)
+    assert (ref[:, 4:] == 2).any() or (ref[:, 4:] == 3).any()  # an EOS is hit: the model's ids were kept
+
+
+def test_explicit_mllama_config_keeps_the_models_eos(pair):
+    hf, ours = pair
+    ours.generation_config = GenerationConfig(eos_token_id=[2, 3], pad_token_id=0, max_new_tokens=4)
+    try:
+        out = ours.generate(IDS, generation_config=GenerationConfig(max_new_tokens=12))
+    finally:
+        ours.generation_config = None
+    assert torch.equal(out, _ref(hf, max_new_tokens=12))
+
+
+def test_unimplemented_options_warn_or_refuse(pair):
+    _, ours = pair
+    with pytest.warns(UserWarning, match="no_repeat_ngram_size"):
+        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=2)
+    with pytest.warns(UserWarning, match="min_new_tokens"):
+        ours.generate(IDS, generation_config={"max_new_tokens": 2, "min_new_tokens": 2})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # neutral values and options that do not change the tokens
+        ours.generate(IDS, max_new_tokens=2, num_beams=1, use_cache=True, min_new_tokens=None)
+    with pytest.raises(NotImplementedError, match="beam search"):
+        ours.generate(IDS, max_new_tokens=2, num_beams=3)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        ours.generate(IDS, max_new_tokens=2, not_an_option=1)
+
+
+def test_num_return_sequences(pair):
+    _, ours = pair
+    out = ours.generate(IDS, max_new_tokens=5, do_sample=True, num_return_sequences=3, seed=0)
+    assert out.shape[0] == 6
+    assert torch.equal(out[:3, :4], IDS[:1].expand(3, 4)) and torch.equal(out[3:, :4], IDS[1:].expand(3, 4))
+    assert len({tuple(row.tolist()) for row in out[:3]}) > 1  # sampled independently
+    with pytest.raises(ValueError, match="do_sample"):
+        ours.generate(IDS, max_new_tokens=2, num_return_sequences=2)
+
+
+def test_scores_and_dict_output_match_transformers(pair):
+    hf, ours = pair
+    ref = _ref(hf, max_new_tokens=3, output_scores=True, output_logits=True, return_dict_in_generate=True)
+    out = ours.generate(IDS, max_new_tokens=3, output_scores=True, output_logits=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref.sequences) and torch.equal(out[0], out["sequences"])
+    assert len(out.scores) == len(ref.scores) == 3
+    for a, b in zip(out.scores, ref.scores):
+        assert (a - b).abs().max() <= 1e-4
+    for a, b in zip(out.logits, ref.logits):
+        assert (a - b).abs().max() <= 1e-4
+    with pytest.raises(NotImplementedError, match="output_logits"):
+        ours.generate(IDS, max_new_tokens=2, do_sample=True, output_scores=True, return_dict_in_generate=True)
