@@ -17,6 +17,7 @@ from PIL import Image
 from transformers.models.mllama import image_processing_pil_mllama as hf_module
 from transformers.models.mllama.image_processing_pil_mllama import MllamaImageProcessorPil as HFProcessor
 
+from mllama.image_guard import ImageLimits
 from mllama.image_processing import (
     BatchFeature,
     MllamaImageProcessor,
@@ -412,8 +413,10 @@ def test_load_image_errors(tmp_path: Path) -> None:
         load_image("data:image/png,rawbytes")
     with pytest.raises(ValueError, match="data URL is not a readable image"):
         load_image("data:image/png;base64," + base64.b64encode(b"hello").decode())
-    with pytest.raises(ValueError, match="could not download"):
+    with pytest.raises(ValueError, match="non-public address 127.0.0.1"):
         load_image("http://127.0.0.1:9/image.png", timeout=2)
+    with pytest.raises(ValueError, match="could not download"):
+        load_image("http://127.0.0.1:9/image.png", limits=ImageLimits(allow_private=True, timeout=2))
     with pytest.raises(TypeError, match="expected a PIL image"):
         load_image(3.5)  # type: ignore[arg-type]
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import ctypes
 import hashlib
+import http.server
+import io
 import os
 import platform
 import shutil
@@ -14,10 +16,12 @@ import subprocess
 import sys
 import threading
 import time
+import tracemalloc
 import warnings
 
 import pytest
 import torch
+from PIL import Image
 
 from mllama import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGeneration
 from tiny import CONFIGS
@@ -363,3 +367,139 @@ def test_cpu_kernels_fall_back_when_the_cache_is_unsafe(tmp_path):
     if platform.machine() in ("x86_64", "AMD64"):
         assert out.stdout.strip() == "False"
         assert "refusing kernel cache entry" in out.stderr
+
+
+# ---- images: URLs on a local server only (127.0.0.1), local files, bombs, formats ----------------------------
+def _png(size=(8, 6), mode="RGB") -> bytes:
+    buf = io.BytesIO()
+    Image.new(mode, size).save(buf, "PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture()
+def image_server():
+    """A 127.0.0.1 server: /ok.png, /drip (a byte every 0.2 s), /endless (no length), /page (HTML), /hop."""
+    hits: list[str] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            hits.append(self.path)
+            if self.path == "/hop":
+                self.send_response(302)
+                self.send_header("Location", "/ok.png")
+                self.end_headers()
+                return
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            try:
+                if self.path == "/ok.png":
+                    self.wfile.write(_png())
+                elif self.path == "/drip":
+                    for byte in _png() * 100:
+                        self.wfile.write(bytes([byte]))
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                elif self.path == "/endless":
+                    self.wfile.write(_png()[:16])
+                    for _ in range(10_000):
+                        self.wfile.write(b"\0" * 65536)
+                elif self.path == "/page":
+                    self.wfile.write(b"<html>" + b" " * 5_000_000)
+            except OSError:
+                pass  # the client gave up, as it should
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_port}", hits
+    server.shutdown()
+    server.server_close()
+
+
+def test_image_urls_to_loopback_are_refused_before_connecting(image_server):
+    from mllama.image_loading import load_image
+
+    base, hits = image_server
+    for url in (f"{base}/ok.png", base.replace("127.0.0.1", "localhost") + "/ok.png", "http://[::1]/x.png",
+                "http://169.254.169.254/latest/meta-data", "http://10.0.0.1/x.png", "http://192.168.1.1/x.png"):
+        with pytest.raises(ValueError, match="non-public address"):
+            load_image(url)
+    assert hits == []
+
+
+def test_image_urls_when_private_addresses_are_allowed(image_server):
+    from mllama.image_guard import ImageLimits
+    from mllama.image_loading import load_image
+
+    base, hits = image_server
+    allow = ImageLimits(allow_private=True)
+    assert load_image(base.replace("http://", "HTTP://") + "/ok.png", limits=allow).size == (8, 6)
+    assert load_image(f"{base}/hop", limits=allow).size == (8, 6)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match="took longer than 1 s"):
+        load_image(f"{base}/drip", limits=ImageLimits(allow_private=True, timeout=1.0))
+    assert time.monotonic() - start < 3
+    with pytest.raises(ValueError, match="larger than the limit of 1000000 bytes"):
+        load_image(f"{base}/endless", limits=ImageLimits(allow_private=True, max_bytes=1_000_000))
+    with pytest.raises(ValueError, match="not an image in an accepted format"):
+        load_image(f"{base}/page", limits=allow)
+    with pytest.raises(ValueError, match="must be http: or https:"):
+        from mllama.image_guard import fetch_image_bytes
+        fetch_image_bytes("file:///etc/passwd", allow)
+
+
+def test_local_images_are_identified_before_being_read_and_bombs_refused(tmp_path):
+    from mllama.image_guard import ImageLimits
+    from mllama.image_loading import load_image
+
+    big = tmp_path / "big.png"
+    with open(big, "wb") as f:
+        f.truncate(200 * 2**20)  # 200 MB of zeros named .png
+    tracemalloc.start()
+    with pytest.raises(ValueError, match="not an image in an accepted format"):
+        load_image(big)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 5 * 2**20
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(_png((7000, 7000), mode="1"))  # 49 M pixels, a few KB on disk
+    with pytest.raises(ValueError, match="more than the budget of 40000000"):
+        load_image(bomb)
+    small = tmp_path / "small.png"
+    small.write_bytes(_png((300, 200)))
+    with pytest.raises(ValueError, match="60000 pixels, more than the budget of 1000"):
+        load_image(small, limits=ImageLimits(max_pixels=1000))
+    assert load_image(small, limits=ImageLimits(max_pixels=60_000)).size == (300, 200)
+
+
+def test_only_plain_image_formats_are_opened(tmp_path):
+    from mllama.image_fetch import ImageInputError, ImagePolicy, open_image
+    from mllama.image_loading import load_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    (tmp_path / "x.eps").write_bytes(eps)
+    with pytest.raises(ValueError, match="not an image in an accepted format"):
+        load_image(tmp_path / "x.eps")
+    with pytest.raises(ImageInputError):
+        open_image(eps, ImagePolicy())
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        buf = io.BytesIO()
+        Image.new("RGB", (5, 4)).save(buf, fmt)
+        assert load_image(buf.getvalue()).size == (5, 4)
+
+
+def test_local_paths_can_be_refused_without_revealing_whether_they_exist(tmp_path):
+    from mllama.image_guard import ImageLimits
+    from mllama.image_loading import load_image
+
+    (tmp_path / "there.png").write_bytes(_png())
+    messages = []
+    for name in ("there.png", "missing.png"):
+        with pytest.raises(ValueError) as info:
+            load_image(str(tmp_path / name), limits=ImageLimits(allow_local=False))
+        messages.append(str(info.value).replace(name, "NAME"))
+    assert messages[0] == messages[1] and "local paths are not allowed" in messages[0]

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import httpx
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from mllama.image_guard import ACCEPTED_FORMATS
+
 
 class ImageInputError(ValueError):
     """An image that cannot be used; `status` is 413 when it is too large, else 400."""
@@ -67,7 +69,7 @@ def decode_data_uri(url: str, policy: ImagePolicy) -> bytes:
 
 def open_image(data: bytes, policy: ImagePolicy) -> Image.Image:
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)  # not EPS & co (Ghostscript)
         if image.width * image.height > policy.max_pixels:
             raise ImageInputError(f"the image has {image.width}x{image.height} pixels, more than the limit of "
                                   f"{policy.max_pixels}", status=413)

@@ -10,52 +10,49 @@ from __future__ import annotations
 
 import base64
 import binascii
-import io
 import os
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
+
+from mllama.image_guard import ImageLimits, default_limits, fetch_image_bytes, open_limited
+from mllama.image_guard import is_url
 
 ImageLike = Any  # PIL.Image.Image | np.ndarray | torch.Tensor | str | os.PathLike
 
 
 
-def load_image(source: str | os.PathLike | bytes | Image.Image, *, timeout: float = 10.0) -> Image.Image:
+def load_image(source: str | os.PathLike | bytes | Image.Image, *, timeout: float = 10.0,
+               limits: ImageLimits | None = None) -> Image.Image:
     """Open an image from a PIL image, a local path, an http(s) URL, a data URL or base64 text.
 
     Like the reference loader, the EXIF orientation is applied and the result is converted to RGB
-    (an alpha channel is dropped, not composited).
+    (an alpha channel is dropped, not composited). `limits` (mllama.image_guard.ImageLimits) bounds
+    what is read: URLs to public addresses only, one deadline (`timeout` when limits is None), a byte
+    limit while downloading, a pixel budget checked before decoding, PNG/JPEG/WebP/GIF/BMP/TIFF only,
+    local paths unless allow_local=False.
     """
+    limits = limits if limits is not None else default_limits(timeout=timeout)
     if isinstance(source, Image.Image):
-        image = source
-    elif isinstance(source, bytes):
-        image = _open_bytes(source, "the given bytes")
-    elif isinstance(source, (str, os.PathLike)):
+        return ImageOps.exif_transpose(source).convert("RGB")
+    if isinstance(source, bytes):
+        return open_limited(source, what="the given bytes", limits=limits)
+    if isinstance(source, (str, os.PathLike)):
         text = os.fspath(source)
         if not isinstance(text, str):
             raise TypeError(f"load_image: bytes paths are not supported, got {source!r}")
-        image = _open_source(text, timeout=timeout, may_be_text=isinstance(source, str))
-    else:
-        raise TypeError(f"load_image: expected a PIL image, a path, a URL or base64 text, got {type(source).__name__}")
-    return ImageOps.exif_transpose(image).convert("RGB")
+        return _open_source(text, limits=limits, may_be_text=isinstance(source, str))
+    raise TypeError(f"load_image: expected a PIL image, a path, a URL or base64 text, got {type(source).__name__}")
 
 
-def _open_source(text: str, *, timeout: float, may_be_text: bool) -> Image.Image:
+def _open_source(text: str, *, limits: ImageLimits, may_be_text: bool) -> Image.Image:
     short = text if len(text) <= 80 else text[:77] + "..."
-    if may_be_text and text.startswith(("http://", "https://")):
-        try:
-            request = urllib.request.Request(text, headers={"User-Agent": "mllama"})
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                data = response.read()
-        except (urllib.error.URLError, OSError, ValueError) as err:
-            raise ValueError(f"load_image: could not download {text}: {err}") from None
-        return _open_bytes(data, text)
-    if may_be_text and text.startswith("data:"):
+    if may_be_text and is_url(text):
+        return open_limited(fetch_image_bytes(text, limits), what=short, limits=limits)
+    if may_be_text and text[:5].lower() == "data:":
         header, _, payload = text.partition(",")
         if not header.endswith(";base64"):
             raise ValueError(f"load_image: only base64 data URLs are supported, got {short!r}")
@@ -63,32 +60,31 @@ def _open_source(text: str, *, timeout: float, may_be_text: bool) -> Image.Image
             data = base64.b64decode(payload)
         except (binascii.Error, ValueError) as err:
             raise ValueError(f"load_image: the data URL's base64 payload does not decode: {err}") from None
-        return _open_bytes(data, "the data URL")
+        return open_limited(data, what="the data URL", limits=limits)
+    if not limits.allow_local:  # never touch the file system, so the error tells nothing about it
+        if may_be_text:
+            try:
+                return open_limited(base64.b64decode(text, validate=True), what="base64 text", limits=limits)
+            except (binascii.Error, ValueError):
+                pass
+        raise ValueError(f"load_image: {short!r} is not an http(s) URL, a data URL or base64 image data "
+                         "(local paths are not allowed here)")
     path = Path(text)
     try:
         is_file, exists = path.is_file(), path.exists()
     except OSError:  # e.g. base64 text longer than a file name may be
         is_file = exists = False
     if is_file:
-        return _open_bytes(path.read_bytes(), str(path))
+        return open_limited(path, what=str(path), limits=limits)
     if exists:
         raise ValueError(f"load_image: {text} is not a file")
     if may_be_text:
         try:
-            return _open_bytes(base64.b64decode(text, validate=True), "base64 text")
+            return open_limited(base64.b64decode(text, validate=True), what="base64 text", limits=limits)
         except (binascii.Error, ValueError):
             pass
     raise FileNotFoundError(f"load_image: {short!r} is neither an existing file, an http(s) URL, "
                             "a data URL nor base64-encoded image data")
-
-
-def _open_bytes(data: bytes, what: str) -> Image.Image:
-    try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise ValueError(f"load_image: {what} is not a readable image: {err}") from None
-    return image
 
 
 def _pil_to_rgb_array(image: Image.Image) -> np.ndarray:

@@ -1,0 +1,193 @@
+"""Guarded image input for the library's `load_image`: URLs, local files and bytes under limits.
+
+URLs (http/https, scheme case-insensitive) are fetched only from public addresses unless
+`allow_private`: every address the host resolves to must be global, and the connection goes to the
+address that was checked (the name is kept for the Host header, SNI and the certificate), so a
+second DNS answer cannot point the fetch elsewhere. Redirects are checked the same way. The whole
+fetch has one deadline, the body a byte limit enforced while streaming, and the first bytes must be
+one of the accepted image formats before the rest is read. Images are opened only as
+ACCEPTED_FORMATS (not every format PIL registers: EPS, for one, runs Ghostscript), and refused above
+a pixel budget before their pixels are decoded. Uses only the standard library (httpx is the
+server's optional dependency; mllama.image_fetch is the server's async twin of this module).
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import ipaddress
+import os
+import socket
+import ssl
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+__all__ = ["ACCEPTED_FORMATS", "ImageLimits", "default_limits", "fetch_image_bytes", "is_url", "open_limited"]
+
+ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
+_MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
+          (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+@dataclass(frozen=True)
+class ImageLimits:
+    """max_pixels: width * height above which an image is refused (raise it for huge scans; the
+    default can be set with MLLAMA_MAX_IMAGE_PIXELS). max_bytes: largest URL download. timeout: the
+    deadline of a whole URL fetch, redirects included. allow_private: fetch from loopback, private and
+    link-local addresses too. allow_local: read local paths (the library default; the server refuses)."""
+
+    max_pixels: int = 40_000_000
+    max_bytes: int = 20 * 1024 * 1024
+    timeout: float = 10.0
+    max_redirects: int = 3
+    allow_private: bool = False
+    allow_local: bool = True
+
+
+def default_limits(*, timeout: float = 10.0) -> ImageLimits:
+    raw = os.environ.get("MLLAMA_MAX_IMAGE_PIXELS")
+    if raw is None:
+        return ImageLimits(timeout=timeout)
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"MLLAMA_MAX_IMAGE_PIXELS must be a positive integer, got {raw!r}")
+    return ImageLimits(timeout=timeout, max_pixels=int(raw))
+
+
+def is_url(text: str) -> bool:
+    return text[:8].lower().startswith(("http://", "https://"))
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The accepted format whose signature `head` starts with (WebP: RIFF....WEBP), else None."""
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    return next((name for magic, name in _MAGIC if head.startswith(magic)), None)
+
+
+def open_limited(source: bytes | Path, *, what: str, limits: ImageLimits) -> Image.Image:
+    """Identify (header only), check the pixel budget, then decode; EXIF orientation applied, RGB."""
+    handle: BinaryIO = io.BytesIO(source) if isinstance(source, bytes) else open(source, "rb")  # noqa: SIM115
+    try:
+        try:
+            image = Image.open(handle, formats=ACCEPTED_FORMATS)
+        except UnidentifiedImageError:
+            raise ValueError(f"load_image: {what} is not a readable image: not an image in an accepted format "
+                             f"({', '.join(ACCEPTED_FORMATS)})") from None
+        except (OSError, SyntaxError, ValueError) as err:  # a truncated or malformed header
+            raise ValueError(f"load_image: {what} is not a readable image: {err}") from None
+        pixels = image.width * image.height
+        if pixels > limits.max_pixels:
+            raise ValueError(f"load_image: {what} has {image.width}x{image.height} = {pixels} pixels, more than the "
+                             f"budget of {limits.max_pixels} (raise it with ImageLimits(max_pixels=...) or "
+                             "MLLAMA_MAX_IMAGE_PIXELS)")
+        try:
+            image.load()
+            return ImageOps.exif_transpose(image).convert("RGB")
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+            raise ValueError(f"load_image: {what} is not a readable image: {err}") from None
+    finally:
+        handle.close()
+
+
+def _public(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_global and not (mapped or address).is_multicast
+
+
+class _PinnedHTTPS(http.client.HTTPSConnection):
+    """HTTPS to a checked address, with the host name for SNI and the certificate."""
+
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout, context=ssl.create_default_context())
+        self._address = address
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self._address, self.port), self.timeout)
+        self.sock = self._context.wrap_socket(sock, server_hostname=self.host)  # type: ignore[attr-defined]
+
+
+class _PinnedHTTP(http.client.HTTPConnection):
+    def __init__(self, host: str, address: str, port: int, timeout: float) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._address = address
+
+    def connect(self) -> None:
+        self.sock = socket.create_connection((self._address, self.port), self.timeout)
+
+
+def _resolve(url: str, limits: ImageLimits) -> tuple[urllib.parse.SplitResult, str]:
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        raise ValueError(f"load_image: image URLs must be http: or https:, got {parts.scheme or 'no'} scheme")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"load_image: the image URL {url!r:.100} has no host")
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except (socket.gaierror, UnicodeError, ValueError) as err:
+        raise ValueError(f"load_image: cannot resolve the image URL's host {host!r}: {err}") from None
+    addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
+    if not limits.allow_private:
+        for address in addresses:
+            if not _public(address):
+                raise ValueError(f"load_image: the image URL's host {host!r} resolves to the non-public address "
+                                 f"{address}; pass ImageLimits(allow_private=True) to allow it")
+    return parts._replace(scheme=scheme), str(addresses[0])
+
+
+def fetch_image_bytes(url: str, limits: ImageLimits) -> bytes:
+    """The body of an image URL, under one deadline, a byte limit and a format check on its first bytes."""
+    deadline = time.monotonic() + limits.timeout
+
+    def remaining() -> float:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ValueError(f"load_image: fetching {url!r:.100} took longer than {limits.timeout:g} s")
+        return left
+
+    for _ in range(limits.max_redirects + 1):
+        parts, address = _resolve(url, limits)
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
+        conn = cls(parts.hostname or "", address, port, remaining())
+        try:
+            path = parts.path or "/"
+            conn.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers={"User-Agent": "mllama"})
+            sock = conn.sock  # kept: the connection drops it once a Connection: close response is read
+            response = conn.getresponse()
+            if response.status in (301, 302, 303, 307, 308) and response.getheader("location"):
+                url = urllib.parse.urljoin(url, response.getheader("location"))
+                continue
+            if response.status != 200:
+                raise ValueError(f"load_image: {url!r:.100} answered HTTP {response.status}")
+            declared = response.getheader("content-length")
+            if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
+                raise ValueError(f"load_image: {url!r:.100} is larger than the limit of {limits.max_bytes} bytes")
+            body = bytearray()
+            while True:
+                sock.settimeout(remaining())  # type: ignore[union-attr]
+                chunk = response.read1(min(65536, limits.max_bytes + 1 - len(body)) or 1)  # one recv: deadline checked
+                if not chunk:
+                    break
+                body += chunk
+                if len(body) > limits.max_bytes:
+                    raise ValueError(f"load_image: {url!r:.100} is larger than the limit of {limits.max_bytes} bytes")
+                if len(body) >= 12 and len(body) - len(chunk) < 12 and sniff_format(bytes(body[:12])) is None:
+                    raise ValueError(f"load_image: {url!r:.100} is not an image in an accepted format "
+                                     f"({', '.join(ACCEPTED_FORMATS)})")
+                remaining()
+            return bytes(body)
+        except TimeoutError:
+            raise ValueError(f"load_image: fetching {url!r:.100} took longer than {limits.timeout:g} s") from None
+        except (OSError, http.client.HTTPException) as err:
+            raise ValueError(f"load_image: could not download {url!r:.100}: {err}") from None
+        finally:
+            conn.close()
+    raise ValueError(f"load_image: {url!r:.100} redirects more than {limits.max_redirects} times")
