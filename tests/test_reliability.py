@@ -503,3 +503,16 @@ def test_local_paths_can_be_refused_without_revealing_whether_they_exist(tmp_pat
             load_image(str(tmp_path / name), limits=ImageLimits(allow_local=False))
         messages.append(str(info.value).replace(name, "NAME"))
     assert messages[0] == messages[1] and "local paths are not allowed" in messages[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+def test_cuda_without_cuda_is_a_named_error(tmp_path, model):
+    from mllama.image_processing import MllamaImageProcessor
+
+    model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="device='cuda' but CUDA is not available"):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path, device="cuda")
+    with pytest.raises(ValueError, match="device='cuda:0' but CUDA is not available"):
+        MllamaImageProcessor()(Image.new("RGB", (20, 20)), device="cuda:0")
+    with pytest.raises(ValueError, match="device='gpu7' is not a device"):
+        MllamaImageProcessor()(Image.new("RGB", (20, 20)), device="gpu7")

@@ -37,6 +37,7 @@ from PIL import Image
 
 from mllama.batch import BatchFeature
 from mllama.config import resolve_file
+from mllama.devices import check_device
 from mllama.image_loading import decode_image, load_image, nest_images
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"
@@ -282,6 +283,8 @@ class MllamaImageProcessorBase:
         (B, I, T), num_tiles (per-sample lists); I = most images in a sample, T = max_image_tiles.
         `device` (torch class only) is where the resize and normalisation run and the tensors end up."""
         self._check_return_tensors(return_tensors)
+        if device is not None:
+            device = check_device(device)
         s = self.settings(do_convert_rgb=do_convert_rgb, size=size, resample=resample, do_rescale=do_rescale,
                           rescale_factor=rescale_factor, do_normalize=do_normalize, image_mean=image_mean,
                           image_std=image_std, max_image_tiles=max_image_tiles, do_resize=do_resize, do_pad=do_pad)

@@ -299,12 +299,13 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     config: a config (MllamaConfig, or anything with to_dict()) used instead of the checkpoint's
     config.json, as transformers' `config=`. hub: see resolve_checkpoint_dir.
     """
+    from mllama.devices import check_device
     from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 
     if not (isinstance(cls, type) and issubclass(cls, (MllamaForConditionalGeneration, MllamaForCausalLM))):
         raise TypeError(f"load_pretrained builds MllamaForConditionalGeneration or MllamaForCausalLM, got {cls!r}")
     text_only = issubclass(cls, MllamaForCausalLM)
-    device = torch.device(device)
+    device = check_device(device)  # before anything is read or allocated
     directory = resolve_checkpoint_dir(path, revision=revision, hub=hub)
     override = config
     raw_config, config = _read_config(directory, text_only=text_only)
