@@ -516,3 +516,30 @@ def test_cuda_without_cuda_is_a_named_error(tmp_path, model):
         MllamaImageProcessor()(Image.new("RGB", (20, 20)), device="cuda:0")
     with pytest.raises(ValueError, match="device='gpu7' is not a device"):
         MllamaImageProcessor()(Image.new("RGB", (20, 20)), device="gpu7")
+
+
+def _image_inputs(model, pixel_values):
+    b, s = 1, 4
+    return dict(input_ids=IDS, pixel_values=pixel_values, aspect_ratio_ids=torch.tensor([[1]]),
+                aspect_ratio_mask=torch.tensor([[[1, 0]]]), cross_attention_mask=torch.ones(b, s, 1, 2, dtype=torch.long))
+
+
+def test_nan_and_uint8_pixel_values_are_refused(model):
+    good = torch.randn(1, 1, 2, 3, 28, 28)
+    bad = good.clone()
+    bad[0, 0, 0, 0, 3, 3] = float("nan")
+    for call in (lambda kw: model(**kw), lambda kw: model.generate(**kw, max_new_tokens=2)):
+        with pytest.raises(ValueError, match="pixel_values holds 1 NaN/Inf values"):
+            call(_image_inputs(model, bad))
+        with pytest.raises((TypeError, ValueError), match="pixel_values"):
+            call(_image_inputs(model, (good.abs() * 50).to(torch.uint8)))
+    assert model(**_image_inputs(model, good)).logits.isfinite().all()
+
+
+def test_nan_weights_are_refused_at_load(tmp_path):
+    broken = _model()
+    with torch.no_grad():
+        broken.model.language_model.norm.weight.fill_(float("nan"))
+    broken.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=r"NaN/Inf values in model.language_model.norm.weight \(64 of 64\)"):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path)

@@ -14,6 +14,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from mllama.checks import check_pixel_values
 from mllama.config import GENERATION_CONFIG_NAME, GenerationConfig
 from mllama.engine import Engine
 from mllama.request import Request, SamplingParams
@@ -109,6 +110,7 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     images = None
     if pixel_values is not None:
+        check_pixel_values(pixel_values)
         if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
             raise ValueError("pixel_values needs aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
         if cross_attention_mask.shape[:2] != (b, s):

@@ -16,6 +16,7 @@ from mllama.generation_compat import (HARMLESS, NEUTRAL, GenerateDecoderOnlyOutp
 from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
 from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
 from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
+from mllama.checks import check_pixel_values
 from mllama.text import check_forward_inputs
 from mllama.vision import MllamaVisionModel
 
@@ -82,6 +83,7 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                       aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
+        check_pixel_values(pixel_values)
         dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = self.vision_model(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
         b = vision.shape[0]

@@ -299,6 +299,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     config: a config (MllamaConfig, or anything with to_dict()) used instead of the checkpoint's
     config.json, as transformers' `config=`. hub: see resolve_checkpoint_dir.
     """
+    from mllama.checks import check_finite_parameters
     from mllama.devices import check_device
     from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 
@@ -328,6 +329,7 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
             convert = prepare_for_loading(model, quantization, dtype=target_dtype)
     state = _materialise(plan, dtype=target_dtype, device=device, progress=progress, convert=convert)
     model.load_state_dict(state, strict=True, assign=True)
+    check_finite_parameters(model, source=directory)
     apply_cpu_kernels(model)
     del state
     _rebuild_buffers(model, device)

@@ -1,0 +1,33 @@
+"""Cheap finiteness and dtype checks at load and input time, so NaN/Inf or raw bytes never turn
+silently into garbage output."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+__all__ = ["check_finite_parameters", "check_pixel_values"]
+
+
+def check_pixel_values(pixel_values: torch.Tensor) -> None:
+    """pixel_values as the image processor makes them: a finite floating-point tensor."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if not pixel_values.is_floating_point():
+        raise TypeError(f"pixel_values must be the image processor's normalized floats, got {pixel_values.dtype} "
+                        "(raw image bytes?); pass the images through MllamaProcessor or MllamaImageProcessor")
+    if not bool(torch.isfinite(pixel_values).all()):
+        bad = int((~torch.isfinite(pixel_values)).sum())
+        raise ValueError(f"pixel_values holds {bad} NaN/Inf values")
+
+
+@torch.no_grad()
+def check_finite_parameters(model: nn.Module, *, source: object) -> None:
+    """Every floating parameter and buffer finite (one reduction each); names the bad ones otherwise."""
+    bad = []
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and not tensor.is_meta and not bool(torch.isfinite(tensor).all()):
+            bad.append(f"{name} ({int((~torch.isfinite(tensor)).sum())} of {tensor.numel()})")
+    if bad:
+        raise ValueError(f"{source}: NaN/Inf values in {', '.join(bad[:8])}{' ...' if len(bad) > 8 else ''}; "
+                         "the checkpoint is corrupt")
