@@ -543,3 +543,17 @@ def test_nan_weights_are_refused_at_load(tmp_path):
     broken.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"NaN/Inf values in model.language_model.norm.weight \(64 of 64\)"):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_mistyped_local_paths_say_they_were_looked_up_on_the_hub(tmp_path, monkeypatch):
+    from mllama import MllamaProcessor
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # no request leaves the machine
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.chdir(tmp_path)
+    for load in (MllamaForConditionalGeneration.from_pretrained, MllamaConfig.from_pretrained,
+                 MllamaProcessor.from_pretrained):
+        with pytest.raises(FileNotFoundError,
+                           match=r"'checkpoints/llama-vision' is not a local path .* looked up as a repo id in the "
+                                 r"local hub cache only \(HF_HUB_OFFLINE is set\)"):
+            load("checkpoints/llama-vision")

@@ -59,7 +59,7 @@ def _matches(value: Any, kind: str) -> bool:
 
 def check_field_types(obj: Any) -> None:
     """Every dataclass field of `obj` of its annotated JSON type, sizes >= 1 and under their ceilings;
-    a ValueError naming Class.field and what it got otherwise (validation before anything is built)."""
+    a TypeError (wrong type) or ValueError (bad size) naming Class.field otherwise, before anything is built."""
     cls_name = type(obj).__name__
     for f in dataclasses.fields(obj):
         if f.name == "extra":
@@ -365,14 +365,32 @@ def resolve_file(path: str | os.PathLike, filename: str, *, revision: str | None
     if text.count("/") != 1 or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"{text} is neither a local directory nor a hub repo id (owner/name)")
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     try:
-        return Path(hf_hub_download(text, filename, revision=revision))
-    except EntryNotFoundError:
-        if required:
-            raise FileNotFoundError(f"hub repo {text} has no {filename}") from None
-        return None
+        return Path(hf_hub_download(text, filename, revision=revision, local_files_only=hub_offline()))
+    except Exception as err:  # not found, gated, offline, no network
+        if isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
+            if required:  # the repo is there, the file is not
+                raise FileNotFoundError(f"hub repo {text} has no {filename}") from None
+            return None
+        if not required and hub_offline():
+            return None
+        raise FileNotFoundError(hub_lookup_failed(text, err)) from err
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def hub_lookup_failed(text: str, err: BaseException) -> str:
+    """The error for a name that is no local path and could not be had from the hub: a mistyped local
+    path looks like a repo id, so say plainly that it was looked up remotely."""
+    where = "in the local hub cache only (HF_HUB_OFFLINE is set)" if hub_offline() else "on the Hugging Face hub"
+    return (f"{text!r} is not a local path (relative to {os.getcwd()}), so it was looked up as a repo id "
+            f"{where}, and that failed: {type(err).__name__}: {str(err)[:300]} "
+            "(gated repos need `hf auth login`)")
 
 
 def _text_preset(layers: int, hidden: int, heads: int, inter: int, eos: int | list[int]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import nn
 
 from mllama.cpu_kernels import fresh_zeros
 from mllama.hf_surface import override_config
-from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig
+from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed, hub_offline
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig, prepare_for_loading
@@ -95,13 +95,14 @@ def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = No
     if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
         raise FileNotFoundError(f"{text} is neither a local directory nor a hub repo id (owner/name)")
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
+    options = dict(hub or {})
+    if hub_offline():
+        options["local_files_only"] = True
     try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **(hub or {})))
-    except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as err:
-        raise FileNotFoundError(f"{text} is not a local directory, and fetching it from the hub failed "
-                                f"(gated repos need `hf auth login`): {err}") from err
+        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **options))
+    except Exception as err:  # not found, gated, offline, no network: all mean "no such checkpoint here"
+        raise FileNotFoundError(hub_lookup_failed(text, err)) from err
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
