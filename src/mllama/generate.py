@@ -7,7 +7,6 @@ so rows are exactly what they would be alone; the outputs are put back into one 
 from __future__ import annotations
 
 import warnings
-import warnings
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -175,36 +174,6 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
         rows = [e[step].logits if step < len(e) else zero for e in events]
         logits.append(torch.stack(rows).to(input_ids.device))
     return GenerateOutput(sequences, tuple(logits))
-
-
-def new_token_budget(config: GenerationConfig, *, prompt_len: int, max_positions: int) -> int:
-    """How many tokens generate() may add: max_new_tokens, else max_length - prompt_len, refusing
-    impossible values and trimmed (with a warning) to the model's max_position_embeddings, so the cache
-    is never sized for tokens that cannot be generated."""
-    max_new, max_length = config.max_new_tokens, config.max_length
-    if prompt_len > max_positions:
-        raise ValueError(f"the prompt has {prompt_len} tokens, more than the model's max_position_embeddings "
-                         f"({max_positions}); shorten it")
-    if max_new is not None:
-        if isinstance(max_new, bool) or not isinstance(max_new, int):
-            raise TypeError(f"max_new_tokens must be an int, got {type(max_new).__name__} {max_new!r}")
-        if max_new < 0:
-            raise ValueError(f"max_new_tokens must be >= 0, got {max_new}")
-        if max_new > max_positions:
-            raise ValueError(f"max_new_tokens={max_new} can never be reached: the model has "
-                             f"max_position_embeddings={max_positions} positions for prompt and output together")
-    else:
-        if isinstance(max_length, bool) or not isinstance(max_length, int):
-            raise TypeError(f"max_length must be an int, got {type(max_length).__name__} {max_length!r}")
-        if prompt_len >= max_length:  # transformers raises the same
-            raise ValueError(f"the prompt has {prompt_len} tokens but max_length is {max_length} (prompt + "
-                             "output): raise max_length, or better set max_new_tokens")
-        max_new = max_length - prompt_len
-    if prompt_len + max_new > max_positions:
-        warnings.warn(f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new}) exceeds max_position_embeddings "
-                      f"({max_positions}); generating at most {max_positions - prompt_len} tokens", stacklevel=3)
-        max_new = max_positions - prompt_len
-    return max_new
 
 
 def new_token_budget(config: GenerationConfig, *, prompt_len: int, max_positions: int) -> int:
