@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mllama import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGeneration, MllamaModel
-from tiny import hf_pair, random_images, cross_mask, tiny_config
+from tiny import cross_mask, hf_pair, random_images, tap_layer_inputs, tiny_config
 
 TOL = 1e-4
 
@@ -183,3 +183,57 @@ def test_causal_lm_positional_mask_matches_transformers(saved):
     assert (out.logits - ref.logits)[mask.bool()].abs().max() <= TOL
     assert len(out.hidden_states) == len(ref.hidden_states)
     assert (out.hidden_states[-1] - ref.hidden_states[-1])[mask.bool()].abs().max() <= TOL
+
+
+# ---- 8. entry points ----
+
+def test_entry_points_and_pipeline_attributes(pair, saved):
+    import transformers
+
+    import mllama
+
+    hf, ours = pair
+    inputs = _image_inputs()
+    assert mllama.AutoModelForImageTextToText.from_pretrained(saved).__class__ is MllamaForConditionalGeneration
+    assert mllama.AutoModelForCausalLM is MllamaForCausalLM and mllama.AutoModel is MllamaModel
+    backbone = MllamaModel.from_pretrained(saved, dtype=torch.float32)
+    ref_backbone = transformers.MllamaModel.from_pretrained(saved).eval()
+    tap_layer_inputs(ref_backbone)  # Meta's vision taps (layer inputs), as in every comparison
+    with torch.no_grad():
+        out, ref = backbone(**inputs), ref_backbone(**inputs)
+        assert (out.last_hidden_state - ref.last_hidden_state).abs().max() <= TOL
+        assert torch.equal(backbone(**inputs, return_dict=False)[0], out[0])
+    assert backbone.name_or_path == str(saved) and not hasattr(backbone, "lm_head")
+
+    vision = mllama.MllamaVisionModel.from_pretrained(saved, dtype=torch.float32)
+    ref_vision = transformers.MllamaVisionModel.from_pretrained(saved).eval()
+    tap_layer_inputs(ref_vision)
+    args = (inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    with torch.no_grad():
+        assert (vision(*args) - ref_vision(*args).last_hidden_state).abs().max() <= TOL
+
+    loaded = MllamaForConditionalGeneration.from_pretrained(saved)
+    ref_loaded = transformers.MllamaForConditionalGeneration.from_pretrained(saved)
+    assert loaded.config.architectures == ref_loaded.config.architectures == ["MllamaForConditionalGeneration"]
+    assert loaded.config.get_text_config() is loaded.config.text_config
+    assert loaded.config.get_text_config().vocab_size == ref_loaded.config.get_text_config().vocab_size
+    assert loaded.can_generate() and loaded.name_or_path == str(saved)
+
+
+# ---- 9. torch.compile ----
+
+def test_vision_input_checks_do_not_break_the_compiled_graph(pair):
+    import torch._dynamo
+
+    _, ours = pair
+    inputs = _image_inputs()
+    args = (inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
+    explained = torch._dynamo.explain(ours.model.vision_model)(*args)
+    frames = [frame.name for reason in explained.break_reasons for frame in reason.user_stack]
+    assert "_check_inputs" not in frames
+    # The remaining breaks read the per-image tile counts on the host (the exact tile layout).
+    assert explained.graph_break_count <= 4
+    torch._dynamo.reset()
+    compiled = torch.compile(ours.model.vision_model)
+    with torch.no_grad():
+        assert (compiled(*args) - ours.model.vision_model(*args)).abs().max() <= 1e-5

@@ -12,7 +12,17 @@ from mllama.text import MllamaTextModel
 from mllama.tokenizer import AutoTokenizer, MllamaTokenizer
 from mllama.vision import MllamaVisionModel
 
+# transformers' auto classes pick these for an mllama checkpoint: `AutoModelForImageTextToText.from_pretrained(...)`.
+AutoModelForImageTextToText = MllamaForConditionalGeneration
+AutoModelForCausalLM = MllamaForCausalLM
+AutoModel = MllamaModel
+AutoConfig = MllamaConfig
+
 __all__ = [
+    "AutoConfig",
+    "AutoModel",
+    "AutoModelForCausalLM",
+    "AutoModelForImageTextToText",
     "AutoProcessor",
     "AutoTokenizer",
     "Engine",

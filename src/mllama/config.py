@@ -89,6 +89,15 @@ class _ConfigIO:
     def _field_names(cls) -> set[str]:
         return {f.name for f in dataclasses.fields(cls) if f.name != "extra"}  # type: ignore[arg-type]
 
+    @property
+    def architectures(self) -> list[str] | None:
+        """The model classes config.json names (transformers' attribute; None for a config built in code)."""
+        return self.extra.get("architectures")  # type: ignore[attr-defined]
+
+    def get_text_config(self, decoder: bool | None = None) -> Any:
+        """The text decoder's config (transformers' accessor): text_config, or this config itself."""
+        return getattr(self, "text_config", self)
+
     @classmethod
     def from_dict(cls, config: dict[str, Any]) -> Any:
         if not isinstance(config, dict):

@@ -17,8 +17,9 @@ same attention is computed exactly without one (see `tile_attention`).
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -262,6 +263,18 @@ class MllamaVisionModel(nn.Module):
         for j, layer in enumerate(config.intermediate_layers_indices):
             self._taps.setdefault(layer, []).append(j)
 
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **options: Any) -> "MllamaVisionModel":
+        """The vision tower of a full checkpoint, for feature extraction (transformers'
+        MllamaVisionModel.from_pretrained); takes MllamaForConditionalGeneration.from_pretrained's
+        keywords. forward returns the (B, images, tiles, patches, vision_output_dim) tensor itself."""
+        from mllama.model import MllamaForConditionalGeneration  # at call time, as weights.load_pretrained does
+
+        full = MllamaForConditionalGeneration.from_pretrained(path, **options)
+        vision = full.model.vision_model
+        vision.name_or_path = full.name_or_path
+        return vision
+
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False) -> torch.Tensor:
         """skip_padded_tiles: encode each image's real tiles only (padded tiles' outputs are zeros).
@@ -383,6 +396,8 @@ class MllamaVisionModel(nn.Module):
         if tuple(aspect_ratio_mask.shape) != (batch, images, tiles):
             raise ValueError(f"aspect_ratio_mask must have shape (batch, images, tiles) = {(batch, images, tiles)}, "
                              f"got {tuple(aspect_ratio_mask.shape)}")
+        if torch.compiler.is_compiling():  # value checks read tensors on the host: a graph break each
+            return batch, images, tiles
         if aspect_ratio_ids.numel():
             low, high = int(aspect_ratio_ids.min()), int(aspect_ratio_ids.max())
             if low < 0 or high > cfg.max_aspect_ratio_id:
