@@ -557,3 +557,41 @@ def test_mistyped_local_paths_say_they_were_looked_up_on_the_hub(tmp_path, monke
                            match=r"'checkpoints/llama-vision' is not a local path .* looked up as a repo id in the "
                                  r"local hub cache only \(HF_HUB_OFFLINE is set\)"):
             load("checkpoints/llama-vision")
+
+
+@pytest.mark.parametrize("template, match", [
+    ("{{ 10**1000000000 }}", "past the size budget"),
+    ("{{ 10**100000 }}", "chat template failed: ValueError"),
+    ("{{ 'a' * (10**20) }}", "past the size budget"),
+    ("{{ [1] * 10**9 }}", "past the size budget"),
+    ("{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}", "longer than"),
+    ("{% for i in range(99999) %}{{ 'x' * 9999 }}{% endfor %}", "size budget"),
+    ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    ("{{ raise_exception('nope') }}", "chat template: nope"),
+    ("{% for %}", "chat template"),
+    ("{{ ''.__class__.__mro__ }}", "chat template"),
+])
+def test_chat_template_failures_and_budgets(tokenizer_dir, template, match):
+    from mllama import MllamaProcessor
+    from mllama import chat_template
+
+    processor = _processor(tokenizer_dir)
+    start = time.monotonic()
+    with pytest.raises(ValueError, match=match):
+        old = chat_template.TEMPLATE_SECONDS
+        chat_template.TEMPLATE_SECONDS = 1.0
+        try:
+            processor.apply_chat_template([{"role": "user", "content": "hi"}], chat_template=template)
+        finally:
+            chat_template.TEMPLATE_SECONDS = old
+    assert time.monotonic() - start < 10
+    assert isinstance(processor, MllamaProcessor)
+
+
+def _processor(tokenizer_dir):
+    from mllama import MllamaProcessor
+    from mllama.image_processing import MllamaImageProcessor
+
+    if not (tokenizer_dir / "preprocessor_config.json").exists():
+        MllamaImageProcessor().save_pretrained(tokenizer_dir)
+    return MllamaProcessor.from_pretrained(tokenizer_dir)

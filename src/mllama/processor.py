@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 import os
-from datetime import datetime
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from mllama.chat_template import render_template
 from mllama.config import resolve_file
 from mllama.image_processing import PREPROCESSOR_CONFIG_NAME
 from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil, load_image
@@ -94,27 +93,6 @@ def _plain(value: Any) -> Any:
     if isinstance(value, tuple):
         return tuple(_plain(v) for v in value)
     return f"<{type(value).__name__}>"
-
-
-@lru_cache(maxsize=16)
-def _compile_template(source: str) -> Any:
-    import jinja2
-    from jinja2.ext import loopcontrols
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message: str) -> None:
-        raise jinja2.exceptions.TemplateError(message)
-
-    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-               sort_keys: bool = False) -> str:
-        # jinja's own tojson HTML-escapes, which would change the prompt text
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
-    env.filters["tojson"] = tojson
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
 
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
@@ -258,15 +236,10 @@ class MllamaProcessor:
         if date_string is not None:
             variables["date_string"] = date_string
         variables = _plain(variables)
-        import jinja2
-
-        try:
-            template = _compile_template(source)
-            prompts = [template.render(messages=_plain(conv), tools=_plain(tools), documents=None,
-                                       add_generation_prompt=add_generation_prompt, **variables)
-                       for conv in conversations]
-        except jinja2.TemplateError as err:  # includes the template's own raise_exception(...)
-            raise ValueError(f"chat template: {err}") from err
+        # Sandboxed, under a time and size budget; every failure is a ValueError (mllama.chat_template).
+        prompts = [render_template(source, messages=_plain(conv), tools=_plain(tools), documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables)
+                   for conv in conversations]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [[load_image(blk[k]) for m in conv if isinstance(m.get("content"), list) for blk in m["content"]

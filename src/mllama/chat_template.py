@@ -1,0 +1,102 @@
+"""Chat templates rendered in jinja's immutable sandbox under a time and size budget.
+
+A chat template comes with a checkpoint, so it is untrusted code: the sandbox keeps it from
+reaching Python internals, and the budget keeps it from looping for minutes or building gigabytes.
+The render stops with a ValueError after TEMPLATE_SECONDS or TEMPLATE_MAX_CHARS of output; `*` and
+`**` that would build a string/list or an integer past the size budget are refused before they
+run; every other error a template raises (OverflowError, TypeError, ...) is wrapped in a ValueError
+that says it came from the chat template. Raise the module constants for unusual templates.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime
+from functools import lru_cache
+from typing import Any
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+__all__ = ["TEMPLATE_MAX_CHARS", "TEMPLATE_SECONDS", "compile_template", "render_template"]
+
+TEMPLATE_SECONDS = 5.0
+TEMPLATE_MAX_CHARS = 10_000_000
+_state = threading.local()
+
+
+class _OverBudget(jinja2.TemplateError):
+    pass
+
+
+def _check_time() -> None:
+    deadline = getattr(_state, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise _OverBudget(f"rendering took longer than {TEMPLATE_SECONDS:g} s (mllama.chat_template.TEMPLATE_SECONDS)")
+
+
+class _BudgetedSandbox(ImmutableSandboxedEnvironment):
+    """Checks the deadline at every call the template makes (loops that call nothing are bounded by
+    the sandbox's own range limit) and bounds `*` and `**` before they run."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
+        _check_time()
+        return super().call(__context, __obj, *args, **kwargs)
+
+    def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
+        _check_time()
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > TEMPLATE_MAX_CHARS:
+                    raise _OverBudget(f"{len(seq)} * {count} items is past the size budget of {TEMPLATE_MAX_CHARS}")
+        if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
+            if right * abs(left).bit_length() > 8 * TEMPLATE_MAX_CHARS:
+                raise _OverBudget(f"{left} ** {right} is past the size budget")
+        return super().call_binop(context, operator, left, right)
+
+
+@lru_cache(maxsize=16)
+def compile_template(source: str) -> jinja2.Template:
+    def raise_exception(message: str) -> None:
+        raise jinja2.exceptions.TemplateError(message)
+
+    def tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+               sort_keys: bool = False) -> str:
+        # jinja's own tojson HTML-escapes, which would change the prompt text
+        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+
+    env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as err:
+        raise ValueError(f"chat template: {err}") from err
+
+
+def render_template(source: str, **variables: Any) -> str:
+    """The template rendered with `variables`; a ValueError for any failure, including the budget."""
+    template = compile_template(source)
+    _state.deadline = time.monotonic() + TEMPLATE_SECONDS
+    pieces, size = [], 0
+    try:
+        for piece in template.generate(**variables):
+            size += len(piece)
+            if size > TEMPLATE_MAX_CHARS:
+                raise _OverBudget(f"the output passed the size budget of {TEMPLATE_MAX_CHARS} characters "
+                                  "(mllama.chat_template.TEMPLATE_MAX_CHARS)")
+            _check_time()
+            pieces.append(piece)
+    except jinja2.TemplateError as err:  # includes the template's own raise_exception(...)
+        raise ValueError(f"chat template: {err}") from err
+    except (ArithmeticError, TypeError, ValueError, LookupError, AttributeError, RecursionError, MemoryError) as err:
+        raise ValueError(f"chat template failed: {type(err).__name__}: {err}") from err
+    finally:
+        _state.deadline = None
+    return "".join(pieces)
