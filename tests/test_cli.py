@@ -77,3 +77,53 @@ def test_chat_keeps_the_conversation(monkeypatch, capsys):
 def test_default_model_is_shipped():
     assert (default_model_dir() / "config.json").is_file()
     assert (default_model_dir() / "tokenizer.json").is_file()
+
+
+def test_chat_multiline_help_bye_and_ctrl_c(monkeypatch, capsys):
+    """ollama habits: \"\"\" multi-line messages, /help, Ctrl-C stops the reply (not the session), /bye."""
+    import mllama.cli as cli
+
+    lines = iter(["/help", '"""What shape', 'is this?"""', "What color is the shape?", "/bye", "never read"])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    asked = []
+    real_answer = cli._answer
+
+    def answer(model, processor, messages, images, args, **kw):
+        asked.append(messages[-1]["content"][-1]["text"])
+        if len(asked) == 1:
+            raise KeyboardInterrupt  # Ctrl-C while the first reply streams
+        return real_answer(model, processor, messages, images, args, **kw)
+
+    monkeypatch.setattr(cli, "_answer", answer)
+    assert main(["chat", "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert asked == ["What shape\nis this?", "What color is the shape?"]
+    assert "(stopped)" in err and err.count("/bye") >= 2  # the banner and /help
+    assert next(lines) == "never read"
+
+
+def test_read_message_forms():
+    from mllama.cli_chat import read_message
+
+    def reader(*lines):
+        it = iter(lines)
+        return lambda prompt: next(it)
+
+    assert read_message(reader("  hi  ")) == "hi"
+    assert read_message(reader('"""one line"""')) == "one line"
+    assert read_message(reader('"""', "a", "b", '"""')) == "a\nb"
+
+
+def test_prompt_from_stdin_and_version(monkeypatch, capsys):
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("What shape is this?\n"))
+    assert main(["generate", "--image", str(example_image()), "--max-new-tokens", "8", "-"]) == 0
+    out = capsys.readouterr().out.lower()
+    assert any(shape in out for shape in SHAPES), out
+    monkeypatch.setattr("sys.stdin", io.StringIO("  \n"))
+    assert main(["generate", "-"]) == 1
+    assert "empty" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0 and capsys.readouterr().out.startswith("mllama ")

@@ -11,6 +11,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Sequence
 
+from mllama.cli_chat import CHAT_HELP, enable_line_editing, read_message
+
 DEFAULT_MODEL = "demo"
 API_KEY_ENV = "MLLAMA_API_KEY"  # mllama serve reads the API key from it when --api-key is not given
 DEFAULT_GROUP_SIZE = 64  # mllama.quantize.DEFAULT_GROUP_SIZE (not imported: the CLI starts without torch)
@@ -110,6 +112,10 @@ def _user_message(text: str, n_images: int) -> dict[str, Any]:
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    if args.prompt == "-":  # the prompt from stdin: `echo "..." | mllama generate -`
+        args.prompt = sys.stdin.read().strip()
+        if not args.prompt:
+            raise CliError("the prompt read from stdin is empty")
     images = _load_images(args.image or [])
     model, processor = _load(args.model, args.dtype, args.quantize)
     if args.raw:
@@ -121,27 +127,31 @@ def cmd_generate(args: argparse.Namespace) -> None:
         _answer(model, processor, [_user_message(args.prompt, len(images))], images, args)
 
 
-CHAT_HELP = "Commands: /image PATH (attach to your next message), /reset, /quit"
-
-
 def cmd_chat(args: argparse.Namespace) -> None:
     model, processor = _load(args.model, args.dtype, args.quantize)
     images: list[Any] = []
     pending: list[Any] = []
     messages: list[dict[str, Any]] = []
+    enable_line_editing()
     print(CHAT_HELP, file=sys.stderr)
     for path in args.image or []:
         pending += _load_images([path])
     while True:
         try:
-            line = input("you> ").strip()
+            line = read_message()
         except EOFError:
             print(file=sys.stderr)
             return
+        except KeyboardInterrupt:
+            print("\n(use Ctrl-D or /bye to leave)", file=sys.stderr)
+            continue
         if not line:
             continue
-        if line in ("/quit", "/exit"):
+        if line in ("/quit", "/exit", "/bye"):
             return
+        if line in ("/help", "/?"):
+            print(CHAT_HELP, file=sys.stderr)
+            continue
         if line == "/reset":
             images, pending, messages = [], [], []
             print("(conversation cleared)", file=sys.stderr)
@@ -166,6 +176,10 @@ def cmd_chat(args: argparse.Namespace) -> None:
         except CliError as err:
             messages.pop()
             print(f"error: {err}", file=sys.stderr)
+            continue
+        except KeyboardInterrupt:  # stops this reply; the conversation goes on without the question
+            messages.pop()
+            print("\n(stopped)", file=sys.stderr)
             continue
         messages.append({"role": "assistant", "content": [{"type": "text", "text": reply}]})
 
@@ -255,8 +269,18 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("mllama")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mllama", description="Llama 3.2-Vision: images + text in, text out.")
+    parser.add_argument("--version", action="version", version=f"mllama {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--model", default=DEFAULT_MODEL,
@@ -274,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="quantize the linear weights while loading (less memory, faster decoding)")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt, streaming to stdout")
-    gen.add_argument("prompt")
+    gen.add_argument("prompt", help='the question; "-" reads it from stdin')
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
     gen.set_defaults(func=cmd_generate)
     chat = sub.add_parser("chat", parents=[common], help="interactive multi-turn chat")
