@@ -93,8 +93,9 @@ class Engine:
         attn = layers[self_attn[0]].self_attn
         self.compile = compile
         # Linears swapped for kernel or quantized modules call custom ops (see _compiled_forward).
+        # So do the collectives of a tensor-parallel model (mllama.tp), which the C++ wrapper cannot call.
         self._custom_linears = any(type(m).__module__ in ("mllama.linear", "mllama.quantize")
-                                   for m in model.modules())
+                                   for m in model.modules()) or getattr(model, "tensor_parallel", None) is not None
         # A compiled step pads its rows up to a bucket; the padding rows write into one spare slot.
         self.kv = KVCache(layers=self_attn, slots=max_slots + compile, heads=attn.num_kv_heads, max_len=max_len,
                           head_dim=attn.head_dim, dtype=self.dtype, device=self.device)
