@@ -19,6 +19,7 @@ import time
 import tracemalloc
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -595,3 +596,49 @@ def _processor(tokenizer_dir):
     if not (tokenizer_dir / "preprocessor_config.json").exists():
         MllamaImageProcessor().save_pretrained(tokenizer_dir)
     return MllamaProcessor.from_pretrained(tokenizer_dir)
+
+
+def test_tile_count_must_match_the_model(model):
+    three = torch.randn(1, 1, 3, 3, 28, 28)  # a processor with max_image_tiles=3 against max_num_tiles=2
+    inputs = _image_inputs(model, three)
+    inputs["aspect_ratio_mask"] = torch.ones(1, 1, 3, dtype=torch.long)
+    inputs["cross_attention_mask"] = torch.ones(1, 4, 1, 3, dtype=torch.long)
+    with pytest.raises(ValueError, match="max_num_tiles=2"):
+        model(**inputs)
+    with pytest.raises(ValueError, match="max_num_tiles=2"):
+        model.generate(**inputs, max_new_tokens=2)
+
+
+def test_right_padded_batches_warn_and_rows_stay_exact(model):
+    ids = torch.tensor([[1, 5, 6, 7], [1, 5, 0, 0]])
+    mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]])
+    with pytest.warns(UserWarning, match="right padding detected"):
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=3, eos_token_id=[])
+    alone = model.generate(ids[1:, :2], max_new_tokens=3, eos_token_id=[])
+    assert torch.equal(out[1, 4:], alone[0, 2:])
+
+
+def test_text_only_prompts_accept_empty_image_lists_and_mid_prompt_bos_warns(tokenizer_dir):
+    processor = _processor(tokenizer_dir)
+    plain = processor(text="hello", return_tensors="pt")
+    empty = processor(text="hello", images=[[]], return_tensors="pt")
+    assert set(empty) == set(plain) and torch.equal(empty["input_ids"], plain["input_ids"])
+    assert "pixel_values" not in processor(text=["a", "b"], images=[[], []], padding=True, return_tensors="pt")
+    bos = processor.tokenizer.bos_token
+    with pytest.warns(UserWarning, match="does not start with it"):
+        processor(text=f"hi {bos} there")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        processor(text=f"{bos}hi there")
+        processor(text=f"{processor.image_token}{bos}hi", images=[[Image.new("RGB", (20, 20))]])
+
+
+@pytest.mark.parametrize("mode, array", [("I;16", np.full((20, 20), 40000, dtype=np.uint16)),
+                                         ("F", np.full((20, 20), 0.5, dtype=np.float32))])
+def test_16_bit_and_float_pil_images_warn(mode, array):
+    from mllama.image_processing import MllamaImageProcessor
+
+    image = Image.fromarray(array)
+    assert image.mode == mode
+    with pytest.warns(UserWarning, match=f"mode '{mode}' is converted to RGB by clipping"):
+        MllamaImageProcessor()(image)

@@ -9,10 +9,16 @@ from torch import nn
 __all__ = ["check_finite_parameters", "check_pixel_values"]
 
 
-def check_pixel_values(pixel_values: torch.Tensor) -> None:
-    """pixel_values as the image processor makes them: a finite floating-point tensor."""
+def check_pixel_values(pixel_values: torch.Tensor, *, max_num_tiles: int | None = None) -> None:
+    """pixel_values as the image processor makes them: a finite floating-point tensor with the
+    model's max_num_tiles tiles per image (B, N_images, N_tiles, C, H, W)."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(f"pixel_values must be a torch.Tensor, got {type(pixel_values).__name__}")
+    if max_num_tiles is not None and (pixel_values.dim() != 6 or pixel_values.shape[2] != max_num_tiles):
+        raise ValueError(f"pixel_values of shape {tuple(pixel_values.shape)} must be (batch, images, "
+                         f"max_num_tiles={max_num_tiles}, channels, height, width): the image processor's "
+                         "max_image_tiles must equal the model's vision_config.max_num_tiles, or the aspect-ratio "
+                         "ids mean different tile layouts")
     if not pixel_values.is_floating_point():
         raise TypeError(f"pixel_values must be the image processor's normalized floats, got {pixel_values.dtype} "
                         "(raw image bytes?); pass the images through MllamaProcessor or MllamaImageProcessor")

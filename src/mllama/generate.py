@@ -109,7 +109,8 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
         raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
     images = None
     if pixel_values is not None:
-        check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, max_num_tiles=getattr(model.config, "vision_config", None)
+                           and model.config.vision_config.max_num_tiles)
         if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
             raise ValueError("pixel_values needs aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
         if cross_attention_mask.shape[:2] != (b, s):
@@ -125,6 +126,10 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
 
     real = attention_mask.bool()
     lengths = real.sum(dim=1)
+    if b > 1 and bool((~real[:, -1]).any()):
+        warnings.warn("right padding detected in attention_mask: each row is still generated from its own real "
+                      "tokens, but its new tokens follow the padding in the returned sequences; pad on the "
+                      "left (padding_side='left') for the transformers layout", stacklevel=3)
     if not bool((lengths > 0).all()):
         raise ValueError("a row of attention_mask has no real token")
     max_len = min(int(lengths.max()) + max_new, text_model.config.max_position_embeddings)

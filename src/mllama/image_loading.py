@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,11 @@ def _open_source(text: str, *, limits: ImageLimits, may_be_text: bool) -> Image.
 
 def _pil_to_rgb_array(image: Image.Image) -> np.ndarray:
     """RGB uint8 (H, W, 3); transparency (alpha band or a transparent palette entry) goes onto white."""
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        # transformers converts these the same way (PIL clips to 0..255, no scaling); kept for
+        # compatibility, but a 16-bit scan or float image comes out mostly black or white.
+        warnings.warn(f"a PIL image of mode {image.mode!r} is converted to RGB by clipping its values to 0..255, "
+                      "not by scaling them (as transformers does); scale it to 8 bits first", stacklevel=4)
     try:
         if "A" in image.getbands() or image.info.get("transparency") is not None:
             rgba = image.convert("RGBA")

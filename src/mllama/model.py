@@ -83,7 +83,7 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                       aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
-        check_pixel_values(pixel_values)
+        check_pixel_values(pixel_values, max_num_tiles=self.config.vision_config.max_num_tiles)
         dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = self.vision_model(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
         b = vision.shape[0]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -163,6 +164,12 @@ class MllamaProcessor:
     def _with_bos(self, prompt: str) -> str:
         """Exactly one BOS: keep a prompt that has one, else insert it after any leading image tokens."""
         if self.bos_token in prompt:
+            head = prompt
+            while head.startswith(self.image_token):
+                head = head[len(self.image_token):]
+            if not head.startswith(self.bos_token):  # transformers keeps such a prompt as it is, too
+                warnings.warn(f"the prompt contains {self.bos_token} but does not start with it, so no BOS is "
+                              f"added in front (as in transformers): {prompt[:60]!r}", stacklevel=3)
             return prompt
         body, lead = prompt, 0
         while body.startswith(self.image_token):
@@ -187,6 +194,8 @@ class MllamaProcessor:
                 raise TypeError(f"text must be a str or a non-empty list of str, got {type(text).__name__}")
             text = [self._with_bos(t) for t in text]
         nested = nest_images(images) if images is not None else None
+        if nested is not None and text is not None and not any(nested):
+            nested = None  # images=[[]] (or [[], []]): text-only prompts, as documented
 
         if text is not None:
             in_text = [t.count(self.image_token) for t in text]
