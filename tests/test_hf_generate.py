@@ -6,9 +6,9 @@ import warnings
 
 import pytest
 import torch
+from tiny import hf_pair
 
 from mllama import GenerationConfig
-from tiny import hf_pair
 
 IDS = torch.tensor([[1, 5, 6, 7], [1, 9, 4, 3]])
 

@@ -7,9 +7,14 @@ import warnings
 
 import pytest
 import torch
-
-from mllama import MllamaConfig, MllamaForCausalLM, MllamaForConditionalGeneration, MllamaModel
 from tiny import cross_mask, hf_pair, random_images, tap_layer_inputs, tiny_config
+
+from mllama import (
+    MllamaConfig,
+    MllamaForCausalLM,
+    MllamaForConditionalGeneration,
+    MllamaModel,
+)
 
 TOL = 1e-4
 
@@ -39,7 +44,7 @@ def _image_inputs(seq_len: int = 7):
 # ---- 1. from_pretrained keywords ----
 
 def test_from_pretrained_transformers_keywords(pair, saved):
-    hf, ours = pair
+    _, ours = pair
     inputs = _image_inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # these need no warning: they mean what mllama does anyway
@@ -192,7 +197,6 @@ def test_entry_points_and_pipeline_attributes(pair, saved):
 
     import mllama
 
-    hf, ours = pair
     inputs = _image_inputs()
     assert mllama.AutoModelForImageTextToText.from_pretrained(saved).__class__ is MllamaForConditionalGeneration
     assert mllama.AutoModelForCausalLM is MllamaForCausalLM and mllama.AutoModel is MllamaModel

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import hf_pair
 
 from mllama import MllamaForConditionalGeneration, MllamaModel
-from tiny import hf_pair
 
 TOL = 1e-4
 
@@ -124,7 +124,7 @@ def test_peft_causal_lm_task_and_all_linear(tmp_path):
         return peft_model, names
 
     peft_ours, ours_names = wrapped(ours, exclude_modules=["lm_head"])
-    peft_hf, hf_names = wrapped(hf)
+    _, hf_names = wrapped(hf)
     # peft drops the output layer from all-linear only for transformers' PreTrainedModel; with mllama
     # exclude_modules=["lm_head"] gives exactly transformers' set (README: Fine-tuning with peft).
     assert ours_names == hf_names and "lm_head" not in str(ours_names)

@@ -3,8 +3,7 @@ messages between triple quotes, /help and /bye. The command itself is cli.cmd_ch
 
 from __future__ import annotations
 
-from typing import Callable
-
+from collections.abc import Callable
 
 CHAT_HELP = ('Commands: /image PATH (attach to your next message), /reset, /help, /bye (or /quit, Ctrl-D).\n'
              'Start a message with """ to write several lines, end it with """. Ctrl-C stops a reply.')

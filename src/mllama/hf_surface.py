@@ -10,8 +10,9 @@ from __future__ import annotations
 import functools
 import types
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 from torch import nn

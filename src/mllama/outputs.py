@@ -8,7 +8,8 @@ were given, else `logits`), `out.to_tuple()`, `dict(out)`. transformers' Trainer
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Iterator
+from collections.abc import Iterator
+from typing import Any, ClassVar
 
 import torch
 

@@ -13,6 +13,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_token
 
 from mllama.batch import BatchEncoding
 from mllama.config import resolve_file
+from mllama.tokenizer_extras import TokenizerSurfaceMixin
 
 # Llama 3 pre-tokenizer split pattern (a fact shared by tiktoken's `tokenizer.model` and the HF files).
 LLAMA3_SPLIT_PATTERN = (
@@ -113,7 +114,7 @@ def _as_id_list(ids: Any) -> list[int]:
     return list(ids)
 
 
-class MllamaTokenizer:
+class MllamaTokenizer(TokenizerSurfaceMixin):
     """Wraps a `tokenizers.Tokenizer`; special tokens come from the checkpoint files, never from hard-coded ids."""
 
     def __init__(self, tokenizer: Tokenizer, *, bos_token: str | None, eos_token: str | None,
@@ -243,11 +244,13 @@ class MllamaTokenizer:
         return [self._tok.id_to_token(i) for i in _as_id_list(ids)]
 
     # ---- encoding -----------------------------------------------------------------------------------------------
-    def encode(self, text: str, *, add_special_tokens: bool = True) -> list[int]:
+    def encode(self, text: str, *, add_special_tokens: bool = True, return_tensors: str | None = None) -> Any:
+        """Token ids; with return_tensors ("pt"/"np") a (1, n) tensor/array, as in transformers."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         check_text(text)
-        return self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        return ids if return_tensors is None else to_tensors({"input_ids": [ids]}, return_tensors)["input_ids"]
 
     def __call__(self, text: str | Sequence[str], *, add_special_tokens: bool = True,
                  padding: bool | str = False, padding_side: str | None = None,

@@ -268,7 +268,8 @@ class MllamaVisionModel(nn.Module):
         """The vision tower of a full checkpoint, for feature extraction (transformers'
         MllamaVisionModel.from_pretrained); takes MllamaForConditionalGeneration.from_pretrained's
         keywords. forward returns the (B, images, tiles, patches, vision_output_dim) tensor itself."""
-        from mllama.model import MllamaForConditionalGeneration  # at call time, as weights.load_pretrained does
+        # Imported at call time, as weights.load_pretrained does.
+        from mllama.model import MllamaForConditionalGeneration
 
         full = MllamaForConditionalGeneration.from_pretrained(path, **options)
         vision = full.model.vision_model

@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed, hub_offline
 from mllama.cpu_kernels import fresh_zeros
 from mllama.hf_surface import override_config
-from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed, hub_offline
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig, prepare_for_loading

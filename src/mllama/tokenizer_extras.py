@@ -1,0 +1,91 @@
+"""More of transformers' tokenizer surface for MllamaTokenizer: tokenize, pad, add_tokens,
+add_special_tokens, all_special_tokens. Mixed into MllamaTokenizer (tokenizer.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from tokenizers import AddedToken
+
+SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
+
+
+class TokenizerSurfaceMixin:
+    """Needs `_tok` (a tokenizers.Tokenizer), `_special_ids`, `padding_side` and the special token names."""
+
+    _tok: Any
+    _special_ids: set[int]
+
+    @property
+    def all_special_tokens(self) -> list[str]:
+        return [self._tok.id_to_token(i) for i in sorted(self._special_ids)]
+
+    def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[str]:
+        """The token strings of `text` (byte-level BPE pieces, as transformers' tokenize returns them)."""
+        if not isinstance(text, str):
+            raise TypeError(f"tokenize expects a str, got {type(text).__name__}")
+        return self._tok.encode(text, add_special_tokens=add_special_tokens).tokens
+
+    def add_tokens(self, new_tokens: str | Sequence[str], special_tokens: bool = False) -> int:
+        """Add tokens to the vocabulary; returns how many were new. Resize the model's embeddings after."""
+        tokens = [new_tokens] if isinstance(new_tokens, str) else list(new_tokens)
+        if not all(isinstance(t, str) and t for t in tokens):
+            raise TypeError("add_tokens takes non-empty strings")
+        before = self._tok.get_vocab_size(with_added_tokens=True)
+        wrapped = [AddedToken(t, special=special_tokens, normalized=not special_tokens) for t in tokens]
+        added = (self._tok.add_special_tokens(wrapped) if special_tokens else self._tok.add_tokens(wrapped))
+        if special_tokens:
+            self._special_ids.update(self._tok.token_to_id(t) for t in tokens)
+        return min(added, self._tok.get_vocab_size(with_added_tokens=True) - before) if added else 0
+
+    def add_special_tokens(self, special_tokens_dict: Mapping[str, Any]) -> int:
+        """{"pad_token": "<pad>", "additional_special_tokens": [...]} as in transformers; returns how many
+        tokens were new. Named roles (bos/eos/pad) point at the given tokens afterwards."""
+        added = 0
+        for key, value in special_tokens_dict.items():
+            if key == "additional_special_tokens":
+                added += self.add_tokens(list(value), special_tokens=True)
+            elif key in SPECIAL_TOKEN_KEYS:
+                token = str(value)
+                added += self.add_tokens([token], special_tokens=True)
+                if key != "unk_token":
+                    setattr(self, key, token)
+            else:
+                raise ValueError(f"unknown special token role {key!r}; use one of {SPECIAL_TOKEN_KEYS} or "
+                                 "'additional_special_tokens'")
+        return added
+
+    def pad(self, encoded_inputs: Any, *, padding: bool | str = True, max_length: int | None = None,
+            padding_side: str | None = None, return_tensors: str | None = None,
+            return_attention_mask: bool = True) -> Any:
+        """Pad already tokenized inputs: a list of {"input_ids": [...]} dicts or one dict of lists."""
+        from mllama.tokenizer import to_tensors
+
+        if isinstance(encoded_inputs, Mapping):
+            rows = [dict(zip(encoded_inputs, values)) for values in zip(*encoded_inputs.values())]
+        else:
+            rows = [dict(row) for row in encoded_inputs]
+        if not rows or any("input_ids" not in row for row in rows):
+            raise ValueError("pad needs a non-empty list of inputs, each with input_ids")
+        ids = [list(map(int, row["input_ids"])) for row in rows]
+        masks = [list(map(int, row.get("attention_mask", [1] * len(r)))) for row, r in zip(rows, ids)]
+        longest = max(len(r) for r in ids)
+        target = {True: longest, "longest": longest, "max_length": max_length, False: None,
+                  "do_not_pad": None}.get(padding, "bad")
+        if target == "bad" or (padding == "max_length" and max_length is None):
+            raise ValueError(f"padding must be True, False, 'longest' or 'max_length' (with max_length), "
+                             f"got {padding!r}")
+        side = padding_side or self.padding_side  # type: ignore[attr-defined]
+        pad_id = self.pad_token_id  # type: ignore[attr-defined]
+        if target is not None:
+            if pad_id is None and any(len(r) < target for r in ids):
+                raise ValueError("padding needs a pad_token, and this tokenizer has none")
+            for i, row in enumerate(ids):
+                fill = max(0, target - len(row))
+                ids[i] = [pad_id] * fill + row if side == "left" else row + [pad_id] * fill
+                masks[i] = [0] * fill + masks[i] if side == "left" else masks[i] + [0] * fill
+        data: dict[str, Any] = {"input_ids": ids}
+        if return_attention_mask:
+            data["attention_mask"] = masks
+        return to_tensors(data, return_tensors)
