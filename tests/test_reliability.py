@@ -642,3 +642,22 @@ def test_16_bit_and_float_pil_images_warn(mode, array):
     assert image.mode == mode
     with pytest.warns(UserWarning, match=f"mode '{mode}' is converted to RGB by clipping"):
         MllamaImageProcessor()(image)
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    from mllama.cli import default_model_dir, main
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(default_model_dir(), model_dir)
+    (model_dir / "tokenizer.json").write_text("{corrupt")
+    assert main(["generate", "--model", str(model_dir), "hi"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1 and "tokenizer.json" in err
+
+
+def test_cli_piped_into_head_stops_quietly():
+    cmd = (f"set -o pipefail; {sys.executable} -m mllama generate --max-new-tokens 40 'Describe it.' "
+           "| head -c 1 > /dev/null")
+    out = subprocess.run(["bash", "-c", cmd], capture_output=True, text=True, timeout=300)
+    assert "Traceback" not in out.stderr and "BrokenPipe" not in out.stderr, out.stderr
+    assert out.returncode in (0, 141)

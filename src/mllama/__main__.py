@@ -2,6 +2,9 @@
 
 import sys
 
-from mllama.cli import main
+try:
+    from mllama.cli import main
+except KeyboardInterrupt:  # Ctrl-C while torch is still importing: no traceback
+    sys.exit(130)
 
 sys.exit(main())

@@ -6,6 +6,7 @@ needs the `serve` extra)."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from importlib import resources
 from pathlib import Path
@@ -355,6 +356,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:  # piped into `head`: stop quietly, and keep Python's exit flush quiet too
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141
+    except Exception as err:  # noqa: BLE001 - one line for the user; MLLAMA_TRACEBACK=1 for developers
+        if os.environ.get("MLLAMA_TRACEBACK"):
+            raise
+        message = " ".join(str(err).split())[:1000] or type(err).__name__
+        print(f"error: {message} ({type(err).__name__}; MLLAMA_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+        return 1
     return 0
 
 
