@@ -71,3 +71,32 @@ def test_batch_feature_to_dtype_device_and_data():
         inputs.to(torch.bfloat16, torch.float16)
     with pytest.raises(TypeError, match="device"):
         inputs.to(1.5)
+
+
+CONVERSATION = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What shape is this?"}]},
+                {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
+
+
+def test_chat_template_options_like_transformers():
+    import transformers
+
+    ours = mllama.AutoProcessor.from_pretrained(DEMO)
+    theirs = transformers.AutoProcessor.from_pretrained(DEMO)
+    kwargs = {"continue_final_message": True}
+    assert ours.apply_chat_template(CONVERSATION, **kwargs) == theirs.apply_chat_template(CONVERSATION, **kwargs)
+    assert ours.apply_chat_template(CONVERSATION, **kwargs).endswith("It is a")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        ours.apply_chat_template(CONVERSATION, continue_final_message=True, add_generation_prompt=True)
+    batch = [[{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+             [{"role": "user", "content": [{"type": "text", "text": "How many sides does a square have?"}]}]]
+    for side in ("left", "right"):
+        got = ours.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                       padding=True, padding_side=side, return_tensors="pt")
+        ref = theirs.apply_chat_template(batch, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                         padding=True, padding_side=side, return_tensors="pt")
+        assert torch.equal(got["input_ids"], ref["input_ids"]), side
+        assert torch.equal(got["attention_mask"], ref["attention_mask"]), side
+    left = mllama.AutoProcessor.from_pretrained(DEMO, padding_side="left")
+    assert left.tokenizer.padding_side == "left"
+    no_mask = ours(text=["hi", "a longer text"], padding=True, return_attention_mask=False, return_tensors="pt")
+    assert "attention_mask" not in no_mask and no_mask["input_ids"].shape[0] == 2

@@ -99,6 +99,18 @@ def _plain(value: Any) -> Any:
 PROCESSOR_CONFIG_NAME = "processor_config.json"
 
 
+def _cut_after_final_message(prompt: str, conversation: Sequence[Mapping[str, Any]]) -> str:
+    """The rendered prompt up to the end of the last message's text (what follows is its end of turn)."""
+    content = conversation[-1].get("content")
+    if isinstance(content, list):
+        texts = [blk.get("text", "") for blk in content if isinstance(blk, Mapping) and blk.get("type") == "text"]
+        content = texts[-1] if texts else ""
+    text = str(content or "").strip()
+    if not text or text not in prompt:
+        raise ValueError("continue_final_message needs a last message with text that the template renders")
+    return prompt[:prompt.rindex(text) + len(text)]
+
+
 class MllamaProcessor:
     """Pairs the image processor with the tokenizer, mirroring transformers' MllamaProcessor semantics."""
 
@@ -118,9 +130,10 @@ class MllamaProcessor:
         self.python_token_id = tokenizer.convert_tokens_to_ids(self.python_token)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None,
-                        use_fast: bool = True) -> "MllamaProcessor":
-        """`use_fast=False` picks the PIL/numpy image processor (transformers' flag); default is the torch one."""
+    def from_pretrained(cls, path: str | os.PathLike, *, revision: str | None = None, use_fast: bool = True,
+                        padding_side: str | None = None) -> "MllamaProcessor":
+        """`use_fast=False` picks the PIL/numpy image processor (transformers' flag); default is the torch one.
+        padding_side ('left'/'right') sets the tokenizer's default, as transformers' keyword does."""
         image_cls = MllamaImageProcessor if use_fast else MllamaImageProcessorPil
         tokenizer = MllamaTokenizer.from_pretrained(path, revision=revision)
         template = None
@@ -144,6 +157,10 @@ class MllamaProcessor:
                 raise ValueError(f"{legacy} must hold {{\"chat_template\": \"<jinja text>\"}}, got {template!r:.80}")
         elif raw is not None:
             template = raw.read_text(encoding="utf-8")
+        if padding_side is not None:
+            if padding_side not in ("left", "right"):
+                raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+            tokenizer.padding_side = padding_side
         return cls(image_processor, tokenizer, chat_template=template)
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
@@ -179,7 +196,7 @@ class MllamaProcessor:
     def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, *,
                  padding: bool | str = False, padding_side: str | None = None, truncation: bool | str = False,
                  max_length: int | None = None, return_tensors: str | None = None,
-                 add_special_tokens: bool = True) -> BatchEncoding:
+                 add_special_tokens: bool = True, return_attention_mask: bool = True) -> BatchEncoding:
         """input_ids, attention_mask and, with images, pixel_values, aspect_ratio_ids, aspect_ratio_mask and
         cross_attention_mask (batch, seq, images, tiles). `images` is one image, a flat list (one sample) or one
         list per prompt (empty for a text-only prompt); each prompt needs one <|image|> per image."""
@@ -228,6 +245,8 @@ class MllamaProcessor:
                     data["input_ids"], num_tiles, image_token_id=self.image_token_id,
                     max_num_tiles=self.image_processor.max_image_tiles)
             data.update(features)
+        if not return_attention_mask:
+            data.pop("attention_mask", None)
         return to_tensors(data, return_tensors)
 
     # ---- chat template -----------------------------------------------------------------------------------------
@@ -236,9 +255,15 @@ class MllamaProcessor:
                             return_dict: bool = False, return_tensors: str | None = None,
                             padding: bool | str = False, chat_template: str | None = None,
                             tools: list[dict[str, Any]] | None = None, date_string: str | None = None,
-                            template_kwargs: Mapping[str, Any] | None = None) -> Any:
+                            template_kwargs: Mapping[str, Any] | None = None, continue_final_message: bool = False,
+                            padding_side: str | None = None, return_attention_mask: bool = True) -> Any:
         """Render one conversation (-> str) or a batch (-> list[str]); with tokenize=True, run the processor
-        on the rendered prompts and the conversation's images (ids, or the full inputs when return_dict)."""
+        on the rendered prompts and the conversation's images (ids, or the full inputs when return_dict).
+        continue_final_message: end the prompt right after the last message's text (no end of turn), so
+        the model continues it, e.g. a prefilled assistant answer."""
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set: the first "
+                             "continues the last message, the second starts a new one")
         conversations, batched = self._normalize(conversation)
         source = chat_template or self.chat_template
         variables = {**self.tokenizer.special_tokens_map, **dict(template_kwargs or {})}
@@ -249,6 +274,8 @@ class MllamaProcessor:
         prompts = [render_template(source, messages=_plain(conv), tools=_plain(tools), documents=None,
                                    add_generation_prompt=add_generation_prompt, **variables)
                    for conv in conversations]
+        if continue_final_message:
+            prompts = [_cut_after_final_message(prompt, conv) for prompt, conv in zip(prompts, conversations)]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [[load_image(blk[k]) for m in conv if isinstance(m.get("content"), list) for blk in m["content"]
@@ -256,8 +283,9 @@ class MllamaProcessor:
                   for conv in conversations]
         # A template that writes the BOS itself must not get another one from the tokenizer.
         add_special = not prompts[0].startswith(self.bos_token)
-        out = self(images=images if any(images) else None, text=prompts, padding=padding,
-                   return_tensors=return_tensors, add_special_tokens=add_special)
+        out = self(images=images if any(images) else None, text=prompts, padding=padding, padding_side=padding_side,
+                   return_tensors=return_tensors, add_special_tokens=add_special,
+                   return_attention_mask=return_attention_mask)
         return out if return_dict else out["input_ids"]
 
     @staticmethod
