@@ -54,3 +54,17 @@ def test_pad_like_transformers(pair, side):
     as_dict = ours.pad({"input_ids": [r["input_ids"] for r in rows]}, padding="max_length", max_length=20,
                        padding_side=side)
     assert [len(r) for r in as_dict["input_ids"]] == [20, 20]
+
+
+def test_tokenizer_apply_chat_template_like_transformers(pair):
+    theirs, ours = pair
+    chat = [{"role": "user", "content": "How many sides does a square have?"}]
+    for kwargs in ({"tokenize": False, "add_generation_prompt": True}, {"add_generation_prompt": True},
+                   {"tokenize": False, "continue_final_message": True}):
+        ref = theirs.apply_chat_template(chat, date_string="26 Jul 2024", **kwargs)
+        got = ours.apply_chat_template(chat, date_string="26 Jul 2024", **kwargs)
+        if not isinstance(ref, str) and hasattr(ref, "keys"):
+            ref = ref["input_ids"]
+        assert got == ref, kwargs
+    ids = ours.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
+    assert ids.shape[0] == 1 and ids[0, 0].item() == ours.bos_token_id and (ids == ours.bos_token_id).sum() == 1

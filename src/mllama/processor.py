@@ -12,9 +12,9 @@ import numpy as np
 
 from mllama.chat_template import render_template
 from mllama.config import resolve_file
-from mllama.image_processing import PREPROCESSOR_CONFIG_NAME
-from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil, load_image
+from mllama.image_processing import PREPROCESSOR_CONFIG_NAME, MllamaImageProcessor, MllamaImageProcessorPil, load_image
 from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors
+from mllama.tokenizer_extras import cut_after_final_message
 
 _IMAGE_KEYS = ("image", "url", "path", "base64")  # where a chat content block may carry its image
 
@@ -97,18 +97,6 @@ def _plain(value: Any) -> Any:
 
 
 PROCESSOR_CONFIG_NAME = "processor_config.json"
-
-
-def _cut_after_final_message(prompt: str, conversation: Sequence[Mapping[str, Any]]) -> str:
-    """The rendered prompt up to the end of the last message's text (what follows is its end of turn)."""
-    content = conversation[-1].get("content")
-    if isinstance(content, list):
-        texts = [blk.get("text", "") for blk in content if isinstance(blk, Mapping) and blk.get("type") == "text"]
-        content = texts[-1] if texts else ""
-    text = str(content or "").strip()
-    if not text or text not in prompt:
-        raise ValueError("continue_final_message needs a last message with text that the template renders")
-    return prompt[:prompt.rindex(text) + len(text)]
 
 
 class MllamaProcessor:
@@ -275,7 +263,7 @@ class MllamaProcessor:
                                    add_generation_prompt=add_generation_prompt, **variables)
                    for conv in conversations]
         if continue_final_message:
-            prompts = [_cut_after_final_message(prompt, conv) for prompt, conv in zip(prompts, conversations)]
+            prompts = [cut_after_final_message(prompt, conv) for prompt, conv in zip(prompts, conversations)]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [[load_image(blk[k]) for m in conv if isinstance(m.get("content"), list) for blk in m["content"]

@@ -11,6 +11,18 @@ from tokenizers import AddedToken
 SPECIAL_TOKEN_KEYS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
+def cut_after_final_message(prompt: str, conversation: Sequence[Mapping[str, Any]]) -> str:
+    """The rendered prompt up to the end of the last message's text (what follows is its end of turn)."""
+    content = conversation[-1].get("content")
+    if isinstance(content, list):
+        texts = [blk.get("text", "") for blk in content if isinstance(blk, Mapping) and blk.get("type") == "text"]
+        content = texts[-1] if texts else ""
+    text = str(content or "").strip()
+    if not text or text not in prompt:
+        raise ValueError("continue_final_message needs a last message with text that the template renders")
+    return prompt[:prompt.rindex(text) + len(text)]
+
+
 class TokenizerSurfaceMixin:
     """Needs `_tok` (a tokenizers.Tokenizer), `_special_ids`, `padding_side` and the special token names."""
 
@@ -20,6 +32,37 @@ class TokenizerSurfaceMixin:
     @property
     def all_special_tokens(self) -> list[str]:
         return [self._tok.id_to_token(i) for i in sorted(self._special_ids)]
+
+    def apply_chat_template(self, conversation: Sequence[Mapping[str, Any]] | Sequence[Sequence[Mapping[str, Any]]],
+                            *, tokenize: bool = True, add_generation_prompt: bool = False,
+                            continue_final_message: bool = False, return_tensors: str | None = None,
+                            return_dict: bool = False, padding: bool | str = False, padding_side: str | None = None,
+                            chat_template: str | None = None, tools: list[dict[str, Any]] | None = None,
+                            date_string: str | None = None) -> Any:
+        """transformers' tokenizer.apply_chat_template for text conversations: the rendered prompt(s), or
+        with tokenize=True (the default, as in transformers) their ids (the template writes the BOS)."""
+        from mllama.chat_template import render_template
+        from mllama.tokenizer import default_chat_template
+
+        if continue_final_message and add_generation_prompt:
+            raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
+        if not isinstance(conversation, (list, tuple)) or not conversation:
+            raise TypeError("conversation must be a non-empty list of messages or a list of conversations")
+        batched = isinstance(conversation[0], (list, tuple))
+        conversations = [list(c) for c in conversation] if batched else [list(conversation)]
+        source = chat_template or self.chat_template or default_chat_template()  # type: ignore[attr-defined]
+        variables = dict(self.special_tokens_map)  # type: ignore[attr-defined]
+        if date_string is not None:
+            variables["date_string"] = date_string
+        prompts = [render_template(source, messages=conv, tools=tools, documents=None,
+                                   add_generation_prompt=add_generation_prompt, **variables) for conv in conversations]
+        if continue_final_message:
+            prompts = [cut_after_final_message(p, c) for p, c in zip(prompts, conversations)]
+        if not tokenize:
+            return prompts if batched else prompts[0]
+        out = self(prompts if batched else prompts[0], add_special_tokens=False, padding=padding,  # type: ignore[operator]
+                   padding_side=padding_side, return_tensors=return_tensors)
+        return out if return_dict else out["input_ids"]
 
     def tokenize(self, text: str, *, add_special_tokens: bool = False) -> list[str]:
         """The token strings of `text` (byte-level BPE pieces, as transformers' tokenize returns them)."""
