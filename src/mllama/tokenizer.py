@@ -244,18 +244,33 @@ class MllamaTokenizer(TokenizerSurfaceMixin):
         return [self._tok.id_to_token(i) for i in _as_id_list(ids)]
 
     # ---- encoding -----------------------------------------------------------------------------------------------
-    def encode(self, text: str, *, add_special_tokens: bool = True, return_tensors: str | None = None) -> Any:
-        """Token ids; with return_tensors ("pt"/"np") a (1, n) tensor/array, as in transformers."""
+    def _backend(self, split_special_tokens: bool) -> Tokenizer:
+        """The tokenizer, or a private copy that encodes special-token text as plain text."""
+        if not split_special_tokens:
+            return self._tok
+        plain = getattr(self, "_plain_tok", None)
+        if plain is None:
+            plain = Tokenizer.from_str(self._tok.to_str())
+            plain.encode_special_tokens = True
+            self._plain_tok = plain
+        return plain
+
+    def encode(self, text: str, *, add_special_tokens: bool = True, return_tensors: str | None = None,
+               split_special_tokens: bool = False) -> Any:
+        """Token ids; with return_tensors ("pt"/"np") a (1, n) tensor/array, as in transformers.
+        split_special_tokens (as in transformers): special-token text such as `<|eot_id|>` written in
+        `text` is encoded as ordinary text, so user-typed text cannot inject control tokens."""
         if not isinstance(text, str):
             raise TypeError(f"encode expects a str, got {type(text).__name__}")
         check_text(text)
-        ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
+        ids = self._backend(split_special_tokens).encode(text, add_special_tokens=add_special_tokens).ids
         return ids if return_tensors is None else to_tensors({"input_ids": [ids]}, return_tensors)["input_ids"]
 
     def __call__(self, text: str | Sequence[str], *, add_special_tokens: bool = True,
                  padding: bool | str = False, padding_side: str | None = None,
                  truncation: bool | str = False, max_length: int | None = None,
-                 return_tensors: str | None = None, return_attention_mask: bool = True) -> BatchEncoding:
+                 return_tensors: str | None = None, return_attention_mask: bool = True,
+                 split_special_tokens: bool = False) -> BatchEncoding:
         single = isinstance(text, str)
         texts = [text] if single else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
@@ -277,7 +292,7 @@ class MllamaTokenizer(TokenizerSurfaceMixin):
         if (do_truncate or pad_mode == "max_length") and limit is None:
             raise ValueError("truncation / padding='max_length' need max_length")
 
-        encodings = self._tok.encode_batch(list(texts), add_special_tokens=False)
+        encodings = self._backend(split_special_tokens).encode_batch(list(texts), add_special_tokens=False)
         ids_list = []
         for enc in encodings:
             if do_truncate:
