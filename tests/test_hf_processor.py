@@ -100,3 +100,21 @@ def test_chat_template_options_like_transformers():
     assert left.tokenizer.padding_side == "left"
     no_mask = ours(text=["hi", "a longer text"], padding=True, return_attention_mask=False, return_tensors="pt")
     assert "attention_mask" not in no_mask and no_mask["input_ids"].shape[0] == 2
+
+
+def test_images_kwargs_like_transformers():
+    import transformers
+
+    ours = mllama.AutoProcessor.from_pretrained(DEMO)
+    theirs = transformers.AutoProcessor.from_pretrained(DEMO)
+    big = Image.fromarray(np.random.default_rng(1).integers(0, 255, (200, 90, 3), dtype=np.uint8))
+    options = {"images_kwargs": {"max_image_tiles": 2}, "add_special_tokens": False, "return_tensors": "pt"}
+    got, ref = ours(images=big, text=PROMPT, **options), theirs(images=big, text=PROMPT, **options)
+    assert got["pixel_values"].shape == ref["pixel_values"].shape and got["pixel_values"].shape[2] == 2
+    # transformers keeps the configured 4 tiles in cross_attention_mask (extra columns all zero); mllama
+    # sizes it like pixel_values, so the two always agree.
+    assert not ref["cross_attention_mask"][..., 2:].any()
+    ref["cross_attention_mask"] = ref["cross_attention_mask"][..., :2]
+    _same(got, ref)
+    with pytest.raises(TypeError):
+        ours(images=big, text=PROMPT, images_kwargs={"not_an_option": 1})

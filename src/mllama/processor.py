@@ -184,7 +184,8 @@ class MllamaProcessor:
     def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, *,
                  padding: bool | str = False, padding_side: str | None = None, truncation: bool | str = False,
                  max_length: int | None = None, return_tensors: str | None = None,
-                 add_special_tokens: bool = True, return_attention_mask: bool = True) -> BatchEncoding:
+                 add_special_tokens: bool = True, return_attention_mask: bool = True,
+                 images_kwargs: Mapping[str, Any] | None = None) -> BatchEncoding:
         """input_ids, attention_mask and, with images, pixel_values, aspect_ratio_ids, aspect_ratio_mask and
         cross_attention_mask (batch, seq, images, tiles). `images` is one image, a flat list (one sample) or one
         list per prompt (empty for a text-only prompt); each prompt needs one <|image|> per image."""
@@ -222,7 +223,8 @@ class MllamaProcessor:
                 raise ValueError(f"{self.image_token} token counts changed from {in_text} to {kept} during "
                                  "tokenization (truncation?): raise max_length or disable truncation")
         if nested is not None:
-            features = dict(self.image_processor(nested, return_tensors=return_tensors))
+            # images_kwargs: the image processor's own options for this call (max_image_tiles, size, ...).
+            features = dict(self.image_processor(nested, return_tensors=return_tensors, **dict(images_kwargs or {})))
             if return_tensors is None:  # transformers gives numpy image arrays here, lists only for text
                 features = {k: v.numpy() if hasattr(v, "numpy") and not isinstance(v, np.ndarray) else v
                             for k, v in features.items()}
@@ -231,7 +233,7 @@ class MllamaProcessor:
             if text is not None:
                 data["cross_attention_mask"] = dense_cross_attention_mask(
                     data["input_ids"], num_tiles, image_token_id=self.image_token_id,
-                    max_num_tiles=self.image_processor.max_image_tiles)
+                    max_num_tiles=(images_kwargs or {}).get("max_image_tiles") or self.image_processor.max_image_tiles)
             data.update(features)
         if not return_attention_mask:
             data.pop("attention_mask", None)
