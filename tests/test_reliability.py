@@ -675,3 +675,18 @@ def test_split_special_tokens_keeps_typed_control_tokens_as_text(tokenizer_dir):
     assert tok.decode(safe) == typed
     batch = tok([typed, "ok"], add_special_tokens=False, split_special_tokens=True)["input_ids"]
     assert batch[0] == safe and eot in tok([typed], add_special_tokens=False)["input_ids"][0]
+
+
+def test_integer_typed_weights_are_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from mllama.safetensors_io import CorruptCheckpointError
+
+    _model().save_pretrained(tmp_path)
+    shard = next(tmp_path.glob("*.safetensors"))
+    state = load_file(shard)
+    key = next(k for k in state if k.endswith("model.norm.weight"))  # the final norm, in the file's layout
+    state[key] = torch.ones(64, dtype=torch.int32)
+    save_file(state, shard, metadata={"format": "pt"})
+    with pytest.raises(CorruptCheckpointError, match=r"integer dtype: model.language_model.norm.weight \(torch.int32\)"):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path)

@@ -190,6 +190,12 @@ def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: boo
             f"{len(unexpected)} unexpected, {len(mismatched)} with the wrong shape, "
             f"{len(duplicated)} duplicated\n" + "\n".join(shown),
             missing=missing, unexpected=unexpected, mismatched=mismatched, duplicated=duplicated)
+    floating = {name for name, t in model.state_dict().items() if t.is_floating_point()}
+    integral = [f"{name} ({info.dtype})" for name, info in plan.items()
+                if name in floating and not info.dtype.is_floating_point]
+    if integral:
+        raise CorruptCheckpointError(f"checkpoint {source} stores floating-point weights with an integer dtype: "
+                                     f"{', '.join(integral[:8])}{' ...' if len(integral) > 8 else ''}")
     return plan
 
 
