@@ -96,6 +96,14 @@ def test_tp2_int8_matches_tp1_int8(runs):
         _compare(results[rank]["int8"], reference_int8, f"int8 rank {rank}")
 
 
+def test_tp2_int4_matches_tp1_int4(runs):
+    results, _, _ = runs
+    reference = tp_worker.logits_only(tp_worker.build_int4_friendly())
+    for rank in range(WORLD):
+        _compare(results[rank]["int4"], reference, f"int4 rank {rank}")
+        assert "int4 groups must not straddle ranks" in results[rank]["err/int4"]
+
+
 def test_sliced_loading_matches(runs):
     results, reference, reference_int8 = runs
     for rank in range(WORLD):

@@ -25,6 +25,26 @@ def build(name: str = "a"):
     return model.eval()
 
 
+def build_int4_friendly(group_size: int = 32):
+    """Config "a" resized so that every row-split input (64-wide o_proj / projector halves, the
+    128-wide MLP halves) holds whole int4 groups of 32 on each of 2 ranks; quantized to int4."""
+    from mllama import MllamaForConditionalGeneration
+    from mllama.quantize import QuantizationConfig, quantize_model
+
+    config = tiny_config("a")
+    config.text_config.intermediate_size = 128
+    config.vision_config.intermediate_layers_indices = [0]
+    config.vision_config.vision_output_dim = 64
+    model = MllamaForConditionalGeneration(config)
+    randomize_(model, SEED)
+    return quantize_model(model.eval(), QuantizationConfig("int4", group_size=group_size))
+
+
+def logits_only(model) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        return {f"logits/{name}": model(**inputs).logits for name, inputs in batches(model.config).items()}
+
+
 def batches(config) -> dict[str, dict[str, torch.Tensor]]:
     """The forward inputs compared between TP=1 and TP=2: one image each, several images, text
     only, and a mixed batch (a padded text-only row beside a row with two images)."""
@@ -118,6 +138,8 @@ def scenario_main(out: dict[str, Any], work: Path) -> None:
     out["err/world"] = _error(lambda: load_tensor_parallel(MllamaForConditionalGeneration, work / "float",
                                                            world_size=4))
     out["err/twice"] = _error(lambda: tensor_parallel(model))
+    out["int4"] = logits_only(tensor_parallel(build_int4_friendly()))
+    out["err/int4"] = _error(lambda: tensor_parallel(build_int4_friendly(group_size=64)))  # 32 | 64 straddles
     mqa = tiny_config("a")
     mqa.text_config.num_key_value_heads = 1  # one K/V head: replicated on both ranks
     replicated = MllamaForConditionalGeneration(mqa)

@@ -137,7 +137,7 @@ def tensor_slice(shard: Shard, shape: tuple[int, ...], in_features: int, where: 
         return None  # bias or per-row scale of a row-parallel layer: every rank holds it whole
     width = shape[1]
     if shard.start * width % in_features or shard.stop * width % in_features:
-        raise ValueError(f"{where}: a tensor of shape {list(shape)} cannot be cut at input column {shard.start} "
+        raise ValueError(f"{where}: a tensor of shape {list(shape)} cannot be cut at input columns {shard.start}..{shard.stop} "
                          f"(int4 groups must not straddle ranks: in_features / world_size must be a multiple "
                          f"of the group size)")
     return TensorSlice(1, shard.start * width // in_features, shard.stop * width // in_features)
