@@ -142,3 +142,11 @@ def test_peft_causal_lm_task_and_all_linear(tmp_path):
         assert (loaded(**batch).logits - peft_ours.eval()(**batch).logits).abs().max() <= TOL
         generated = peft_ours.generate(input_ids=batch["input_ids"][:1], max_new_tokens=3, do_sample=False)
     assert generated.shape == (1, 9)
+    # The adapter file loads into mllama without peft (merged), with transformers+peft's logits.
+    merged = MllamaForConditionalGeneration.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    names = merged.load_adapter(tmp_path / "adapter")
+    assert len(names) == len(hf_names)
+    with torch.no_grad():
+        assert (merged(**batch).logits - loaded(**batch).logits).abs().max() <= TOL
+    with pytest.raises(FileNotFoundError, match="adapter_config.json"):
+        merged.load_adapter(tmp_path / "base")

@@ -8,6 +8,7 @@ Lower layer: never imports mllama.model.
 from __future__ import annotations
 
 import functools
+import os
 import types
 import warnings
 from collections.abc import Mapping
@@ -211,6 +212,14 @@ class TrainingSurfaceMixin:
         handle = self.__dict__.pop("_require_grads_hook", None)
         if handle is not None:
             handle.remove()
+
+    def load_adapter(self, peft_model_id: str | os.PathLike, adapter_name: str | None = None) -> list[str]:
+        """Merge a LoRA adapter saved by peft (a local directory) into the weights; returns the merged
+        module names. Unlike transformers' load_adapter the adapter is not kept apart: it cannot be
+        disabled (load the base model again for that)."""
+        from mllama.adapters import merge_lora
+
+        return merge_lora(self, peft_model_id)  # type: ignore[arg-type]
 
     # ---- bookkeeping ----
     def num_parameters(self, only_trainable: bool = False, exclude_embeddings: bool = False) -> int:
