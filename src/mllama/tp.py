@@ -262,7 +262,8 @@ def tensor_parallel(model: nn.Module, *, group: dist.ProcessGroup | None = None)
     nothing else refers to the full tensors. Quantize first (mllama.quantize.quantize_model), then
     split: the int8 and int4 modules are sliced like plain linears (int4 needs in_features / world
     of every row-parallel layer to be a multiple of the group size). After this, every forward is a
-    collective: all ranks must run the same forwards in the same order.
+    collective: all ranks must run the same forwards in the same order. Inference only: the
+    collectives are not differentiated, so the parameters are frozen (requires_grad False).
     """
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError(f"the model is split already ({model.tensor_parallel})")
@@ -270,4 +271,4 @@ def tensor_parallel(model: nn.Module, *, group: dist.ProcessGroup | None = None)
     shards, heads = shard_plan(model, world_size=world, rank=rank)
     shard_modules(model, shards, heads, group=group)
     model.tensor_parallel = TPInfo(world, rank, vocab_parallel=shards.get("lm_head", Shard("", 0, 0)).kind == "vocab")
-    return model
+    return model.requires_grad_(False)

@@ -189,4 +189,4 @@ def load_tensor_parallel(cls: type, path: str | os.PathLike, *, dtype: torch.dty
     if hasattr(model.config, "torch_dtype"):
         model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
     model.generation_config = _read_generation_config(directory)
-    return model.eval()
+    return model.eval().requires_grad_(False)  # inference only (see mllama.tp.tensor_parallel)
