@@ -68,3 +68,18 @@ def test_tokenizer_apply_chat_template_like_transformers(pair):
         assert got == ref, kwargs
     ids = ours.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt")
     assert ids.shape[0] == 1 and ids[0, 0].item() == ours.bos_token_id and (ids == ours.bos_token_id).sum() == 1
+
+
+def test_text_target_and_offsets_like_transformers(pair):
+    theirs, ours = pair
+    for text, target in (("Question: sides?", "Three."), (["hi", "How many sides?"], ["A", "Four sides."])):
+        got = ours(text, text_target=target, return_offsets_mapping=True)
+        ref = theirs(text, text_target=target, return_offsets_mapping=True)
+        assert got["labels"] == ref["labels"] and got["input_ids"] == ref["input_ids"]
+        assert [list(map(tuple, r)) for r in ([got["offset_mapping"]] if isinstance(text, str) else got["offset_mapping"])] \
+            == [list(map(tuple, r)) for r in ([ref["offset_mapping"]] if isinstance(text, str) else ref["offset_mapping"])]
+    padded = ours(["hi", "How many sides?"], padding=True, padding_side="left", return_offsets_mapping=True,
+                  return_tensors="pt")
+    ref = theirs(["hi", "How many sides?"], padding=True, padding_side="left", return_offsets_mapping=True,
+                 return_tensors="pt")
+    assert torch.equal(padded["offset_mapping"], ref["offset_mapping"])

@@ -270,8 +270,13 @@ class MllamaTokenizer(TokenizerSurfaceMixin):
                  padding: bool | str = False, padding_side: str | None = None,
                  truncation: bool | str = False, max_length: int | None = None,
                  return_tensors: str | None = None, return_attention_mask: bool = True,
-                 split_special_tokens: bool = False) -> BatchEncoding:
+                 split_special_tokens: bool = False, text_target: str | Sequence[str] | None = None,
+                 return_offsets_mapping: bool = False) -> BatchEncoding:
+        """transformers' tokenizer call. text_target adds `labels` (the targets' ids, encoded alike);
+        return_offsets_mapping adds each token's (start, end) characters ((0, 0) for special/padding)."""
         single = isinstance(text, str)
+        if text_target is not None and isinstance(text_target, str) != single:
+            raise ValueError("text and text_target must both be one str or both lists")
         texts = [text] if single else text
         if not isinstance(texts, (list, tuple)) or not all(isinstance(t, str) for t in texts):
             raise TypeError("text must be a str or a list of str")
@@ -293,7 +298,7 @@ class MllamaTokenizer(TokenizerSurfaceMixin):
             raise ValueError("truncation / padding='max_length' need max_length")
 
         encodings = self._backend(split_special_tokens).encode_batch(list(texts), add_special_tokens=False)
-        ids_list = []
+        ids_list, offsets = [], []
         for enc in encodings:
             if do_truncate:
                 budget = limit - (self._tok.num_special_tokens_to_add(False) if add_special_tokens else 0)
@@ -303,6 +308,7 @@ class MllamaTokenizer(TokenizerSurfaceMixin):
             if add_special_tokens:
                 enc = self._tok.post_process(enc, add_special_tokens=True)
             ids_list.append(enc.ids)
+            offsets.append([tuple(o) for o in enc.offsets])
         masks = [[1] * len(ids) for ids in ids_list]
         if pad_mode is not None:
             target = limit if pad_mode == "max_length" else max(len(ids) for ids in ids_list)
@@ -314,9 +320,18 @@ class MllamaTokenizer(TokenizerSurfaceMixin):
                     pads, zeros = [self.pad_token_id] * fill, [0] * fill
                     ids_list[i] = pads + ids if side == "left" else ids + pads
                     masks[i] = zeros + masks[i] if side == "left" else masks[i] + zeros
+                    blank = [(0, 0)] * fill
+                    offsets[i] = blank + offsets[i] if side == "left" else offsets[i] + blank
         data: dict[str, Any] = {"input_ids": ids_list}
         if return_attention_mask:
             data["attention_mask"] = masks
+        if return_offsets_mapping:
+            data["offset_mapping"] = offsets
+        if text_target is not None:
+            targets = [text_target] if single else list(text_target)
+            data["labels"] = self(targets, add_special_tokens=add_special_tokens, padding=padding,
+                                  padding_side=padding_side, truncation=truncation, max_length=max_length,
+                                  split_special_tokens=split_special_tokens)["input_ids"]
         if single and return_tensors is None:  # tensors keep the batch dimension, as in transformers
             data = {k: v[0] for k, v in data.items()}
         return to_tensors(data, return_tensors)
