@@ -690,3 +690,15 @@ def test_integer_typed_weights_are_named(tmp_path):
     save_file(state, shard, metadata={"format": "pt"})
     with pytest.raises(CorruptCheckpointError, match=r"integer dtype: model.language_model.norm.weight \(torch.int32\)"):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_engine_refuses_nan_pixel_values(model):
+    from mllama import Engine, Request
+
+    engine = Engine(model, max_slots=1, max_len=16)
+    pixels = torch.full((1, 2, 3, 28, 28), float("nan"))
+    request = Request(input_ids=torch.tensor([96, 1, 5]), pixel_values=pixels, aspect_ratio_ids=torch.tensor([1]),
+                      aspect_ratio_mask=torch.tensor([[1, 0]]), cross_attention_mask=torch.ones(3, 1, 2))
+    with pytest.raises(ValueError, match="NaN/Inf"):
+        engine.submit(request)
+    assert not engine.has_work

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from mllama.cache import KVCache, KVWindow
+from mllama.checks import check_pixel_values
 from mllama.request import Event, Request, RequestHandle, SamplingParams
 from mllama.sampling import SamplingTensors, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
@@ -128,6 +129,8 @@ class Engine:
             raise ValueError(f"prompt of {prompt.numel()} tokens does not fit max_len={self.max_len}")
         if params.stop_strings and self.tokenizer is None:
             raise ValueError("stop_strings need an engine tokenizer= to decode the output")
+        if request.pixel_values is not None:  # finite floats, before any vision work is queued
+            check_pixel_values(request.pixel_values)
         job = self._vision_job(request, prompt.numel())
         handle = RequestHandle(self, next(self._ids))
         generator = request.generator
