@@ -30,7 +30,10 @@ NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "min
            "force_words_ids": None, "renormalize_logits": False, "constraints": None, "forced_bos_token_id": None,
            "forced_eos_token_id": None, "exponential_decay_length_penalty": None, "suppress_tokens": None,
            "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None, "watermarking_config": None,
-           "penalty_alpha": None, "top_h": None, "top_n_sigma": None}
+           "penalty_alpha": None, "top_h": None, "top_n_sigma": None, "logits_processor": None,
+           "stopping_criteria": None, "prefix_allowed_tokens_fn": None, "assistant_model": None}
+# Caller code that would silently not run: refused rather than warned about.
+REFUSED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model")
 
 
 def as_generation_config(config: Any) -> GenerationConfig:
@@ -65,7 +68,8 @@ def unsupported_fields(config: GenerationConfig) -> dict[str, Any]:
         if key in HARMLESS or key.startswith("_"):
             continue
         if key in NEUTRAL:
-            if value != NEUTRAL[key]:
+            empty = NEUTRAL[key] is None and isinstance(value, (list, tuple, dict)) and not value
+            if value != NEUTRAL[key] and not empty:  # an empty LogitsProcessorList is no processor
                 found[key] = value
         elif value not in (None, False, {}, []):
             found[key] = value
@@ -78,6 +82,10 @@ def check_unsupported(config: GenerationConfig) -> None:
     if fields.get("num_beams", 1) != 1 or fields.get("num_beam_groups", 1) != 1:
         raise NotImplementedError(f"num_beams={fields.get('num_beams', 1)}: beam search is not implemented in "
                                   "mllama; use greedy (the default) or sampling (do_sample=True)")
+    hooks = [key for key in REFUSED if key in fields]
+    if hooks:
+        raise NotImplementedError(f"{hooks}: mllama decodes in its engine and cannot run caller hooks; use "
+                                  "stop_strings / eos_token_id to stop, or the Engine API for custom sampling")
     if fields:
         warnings.warn(f"generation options ignored by mllama (not implemented): {fields}", UserWarning, stacklevel=3)
 
