@@ -325,7 +325,10 @@ def test_kernel_cache_is_private_hashed_and_rebuilds_a_corrupt_file(tmp_path):
     assert ctypes.CDLL(str(built)).mllama_answer() == 42
     good = built.read_bytes()
     # A corrupt (or planted) library under the right name is rebuilt, not loaded and not warned about forever.
-    built.write_bytes(b"\x7fELF garbage")
+    # Put in place by rename: writing into the file this process has mapped would crash it (SIGBUS) at exit.
+    planted = built.with_name("planted.tmp")
+    planted.write_bytes(b"\x7fELF garbage")
+    os.replace(planted, built)
     assert build_kernel(source, cache_dir=cache, flags=("-O1",)) == built
     assert built.read_bytes() == good
     # A library from before the hash was recorded is rebuilt too.
