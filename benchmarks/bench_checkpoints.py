@@ -56,22 +56,23 @@ def checkpoint_dir(name: str) -> Path:
     return WORK / f"{name}-checkpoint"
 
 
-def _randomize(model: torch.nn.Module, *, dtype: torch.dtype, seed: int) -> None:
-    """Weights ~ N(0, 0.02); norm scales ~ 1; every gate 0.3..0.8 (zero gates would hide paths)."""
-    gen = torch.Generator().manual_seed(seed)
+def _randomize(model: torch.nn.Module, *, dtype: torch.dtype, seed: int, device: str = "cpu") -> None:
+    """Weights ~ N(0, 0.02); norm scales ~ 1; every gate 0.3..0.8 (zero gates would hide paths).
+    Drawn on `device` (other values than the CPU's, but much faster on a GPU), kept on the CPU."""
+    gen = torch.Generator(device=device).manual_seed(seed)
     for module_name, module in model.named_modules():
         for key, p in list(module._parameters.items()):
             if p is None:
                 continue
             name = f"{module_name}.{key}"
-            data = torch.empty(p.shape, dtype=dtype)
+            data = torch.empty(p.shape, dtype=dtype, device=device)
             if "gate" in name and p.numel() == 1:
-                data.fill_(0.3 + 0.5 * torch.rand(1, generator=gen).item())
+                data.fill_(0.3 + 0.5 * torch.rand(1, generator=gen, device=device).item())
             elif "norm" in name and name.endswith("weight"):
-                data.copy_(1 + 0.05 * torch.randn(p.shape, generator=gen))
+                data.copy_(1 + 0.05 * torch.randn(p.shape, generator=gen, device=device))
             else:
                 data.normal_(0, 0.02, generator=gen)
-            module._parameters[key] = torch.nn.Parameter(data, requires_grad=False)
+            module._parameters[key] = torch.nn.Parameter(data.cpu(), requires_grad=False)
 
 
 def _write_processor_files(directory: Path, *, tile: int) -> None:
@@ -88,27 +89,30 @@ def _write_processor_files(directory: Path, *, tile: int) -> None:
                          max_image_tiles=4).save_pretrained(directory)
 
 
-def ensure_checkpoint(name: str) -> Path:
-    """Write the checkpoint unless an identical one is already there; returns its directory."""
+def ensure_checkpoint(name: str, *, processor_files: bool = True, init_device: str = "cpu") -> Path:
+    """Write the checkpoint unless an identical one is already there; returns its directory.
+    processor_files=False leaves out the tokenizer and image-processor files (they need llama-models,
+    which a GPU machine may lack; the model's own benchmarks do not read them). init_device: where
+    the random weights are drawn when the checkpoint has to be written."""
     directory = checkpoint_dir(name)
     spec = dict(CONFIGS[name])
     dtype = getattr(torch, spec.pop("dtype"))
     stamp = directory / "bench_spec.json"
     if stamp.exists() and json.loads(stamp.read_text()) == CONFIGS[name]:
-        if name == "bench" and not (directory / "tokenizer.json").is_file():  # written by an older version
+        if processor_files and name == "bench" and not (directory / "tokenizer.json").is_file():  # an older version
             _write_processor_files(directory, tile=spec["vision_config"]["image_size"])
         return directory
     start = time.perf_counter()
     config = MllamaConfig.from_dict(spec)
     with torch.device("meta"):
         model = MllamaForConditionalGeneration(config)
-    _randomize(model, dtype=dtype, seed=0)
+    _randomize(model, dtype=dtype, seed=0, device=init_device)
     for module in model.modules():  # non-persistent buffers (RoPE inverse frequencies) off the meta device
         for key, buf in list(module._buffers.items()):
             if buf is not None and buf.is_meta:
                 module._buffers[key] = torch.empty(buf.shape, dtype=buf.dtype)
     model.save_pretrained(directory, max_shard_size="2GB")
-    if name == "bench":
+    if name == "bench" and processor_files:
         _write_processor_files(directory, tile=spec["vision_config"]["image_size"])
     stamp.write_text(json.dumps(CONFIGS[name]))
     params = sum(p.numel() for p in model.parameters())

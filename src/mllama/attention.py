@@ -5,10 +5,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mllama.cache import KVWindow
 from mllama.config import MllamaTextConfig
 from mllama.layers import RMSNorm, apply_rotary
+
+
+# cuDNN's attention builds an execution plan for every new shape (about 12 ms on an H200), and
+# eager decoding meets a new key length at every step; the other CUDA kernels need no plan.
+_CUDA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, is_causal: bool) -> torch.Tensor:
+    if q.is_cuda and not torch.compiler.is_compiling():  # compiled steps have fixed shapes
+        with sdpa_kernel(_CUDA_BACKENDS):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -27,12 +40,11 @@ def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
         if groups > 1:  # a causal mask cannot be folded; repeat K/V instead (prefill only)
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal and mask is None)
+        return _sdpa(q, k, v, mask, is_causal and mask is None)
     q = q.reshape(b, h_kv, groups * s, d)  # heads g*H_kv.. are contiguous per K/V head
     if mask is not None:
         mask = mask.unsqueeze(2).expand(b, 1, groups, s, mask.shape[-1]).reshape(b, 1, groups * s, -1)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-    return out.reshape(b, h, s, d)
+    return _sdpa(q, k, v, mask, False).reshape(b, h, s, d)
 
 
 def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:

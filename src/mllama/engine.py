@@ -474,6 +474,10 @@ def _compiled_forward(uses_kernel: bool):
     torch.compile caches per function.
     """
     if uses_kernel not in _compiled:
+        # One graph per (model, slot bucket, dtype): a process serving one model with 64 slots needs 7,
+        # but one that builds several models or engines (a benchmark, a notebook) passes dynamo's
+        # default of 8 and fullgraph=True turns that into a hard failure.
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         fn = _forward_python_wrapper if uses_kernel else _forward_cpp_wrapper
         _compiled[uses_kernel] = torch.compile(fn, dynamic=False, fullgraph=True,
                                                options={"cpp_wrapper": not uses_kernel})

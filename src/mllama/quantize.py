@@ -149,7 +149,8 @@ def quantize_int4(weight: torch.Tensor, *, group_size: int) -> dict[str, torch.T
     packed = cpu_kernels.fresh_zeros((n, kp // 2), torch.uint8)
     scale = torch.empty(n, groups, dtype=weight.dtype)
     offset = torch.empty(n, groups, dtype=weight.dtype)
-    real = (torch.arange(kp) < k).view(groups, group_size)  # padding beyond K is left out of min/max
+    # Padding beyond K is left out of min/max. On the weight's device: loading onto a GPU quantizes there.
+    real = (torch.arange(kp, device=weight.device) < k).view(groups, group_size)
     for start in range(0, n, _CHUNK_ROWS):
         w = F.pad(weight[start:start + _CHUNK_ROWS].float(), (0, kp - k)).view(-1, groups, group_size)
         lo = torch.where(real, w, torch.inf).amin(dim=2)
