@@ -48,12 +48,14 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, *flags: str) -> None:
+    """`mllama serve` in a subprocess; launcher: the command before `serve` (e.g. torchrun's)."""
+
+    def __init__(self, *flags: str, launcher: tuple[str, ...] = (sys.executable, "-m", "mllama.cli")) -> None:
         self.port = _free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile(prefix="mllama-serve-", suffix=".log", delete=False)
         env = {k: v for k, v in os.environ.items() if k != "MLLAMA_API_KEY"}
-        self.proc = subprocess.Popen([sys.executable, "-m", "mllama.cli", "serve", "--port", str(self.port),
+        self.proc = subprocess.Popen([*launcher, "serve", "--port", str(self.port),
                                       "--log-level", "warning", *flags], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env)
         deadline = time.monotonic() + 180

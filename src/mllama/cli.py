@@ -239,6 +239,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     model, processor = _load(args.model, args.dtype, args.quantize)
+    world = tp_world_size()
+    if world > 1 and int(os.environ.get("RANK", "0")) != 0:
+        from mllama.server_run import follow_server
+
+        follow_server(model, processor, max_slots=args.max_slots, max_len=args.max_len, compile=args.compile,
+                      fast_vision=args.fast_vision)
+        return
     serve(model, processor, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
           model_name=args.served_model_name or ("mllama-demo" if args.model == DEFAULT_MODEL else args.model),
           api_key=args.api_key or os.environ.get(API_KEY_ENV) or None, max_queue=args.max_queue,
@@ -246,7 +253,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
                              allow_private=args.allow_private_image_urls),
           shutdown_timeout=args.shutdown_timeout, compile=args.compile, fast_vision=args.fast_vision,
-          log_level=args.log_level)
+          log_level=args.log_level, tensor_parallel=world > 1)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -373,9 +380,9 @@ def _main_tensor_parallel(args: argparse.Namespace) -> int:
     slices of the model (mllama.tp); only rank 0 writes the answer."""
     import os
 
-    if args.command != "generate":
+    if args.command not in ("generate", "serve"):
         raise CliError(f"`mllama {args.command}` does not run under torchrun yet; tensor parallelism supports "
-                       "`generate` (and the Python API: mllama.tp_load.load_tensor_parallel)")
+                       "`generate` and `serve` (and the Python API: mllama.tp_load.load_tensor_parallel)")
     rank = int(os.environ.get("RANK", "0"))
     quiet = open(os.devnull, "w") if rank != 0 else None
     stdout = sys.stdout
