@@ -201,3 +201,50 @@ def test_torchrun_rejects_chat():
                          env=env, stdin=subprocess.DEVNULL)
     assert run.returncode == 1
     assert "does not run under torchrun yet" in run.stderr
+
+
+TP_PLAN_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from mllama import MllamaForConditionalGeneration
+from mllama.cli import default_model_dir
+model = MllamaForConditionalGeneration.from_pretrained(default_model_dir(), dtype=torch.float32, tp_plan="auto", tp_size=2)
+ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
+with torch.inference_mode():
+    logits = model(input_ids=ids).logits
+    tokens = model.generate(input_ids=ids, max_new_tokens=6, do_sample=False)
+if dist.get_rank() == 0:
+    torch.save({"logits": logits, "tokens": tokens,
+                "rows": model.model.language_model.layers[0].mlp.gate_proj.weight.shape[0]}, sys.argv[1])
+dist.destroy_process_group()
+"""
+
+
+def test_from_pretrained_tp_plan_auto_under_torchrun(tmp_path):
+    """transformers' idiom `from_pretrained(..., tp_plan="auto")` under torchrun: each rank loads its
+    slices; logits within 1e-5 of the unsplit model and the same greedy tokens."""
+    import os
+    import subprocess
+
+    from mllama.cli import default_model_dir
+
+    script, out = tmp_path / "tp_plan.py", tmp_path / "out.pt"
+    script.write_text(TP_PLAN_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                          "--master-port", str(_free_port()), str(script), str(out)],
+                         capture_output=True, text=True, timeout=JOIN_TIMEOUT_S, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = torch.load(out)
+    full = MllamaForConditionalGeneration.from_pretrained(default_model_dir(), dtype=torch.float32)
+    ids = torch.tensor([[1, 5, 9, 22, 7, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(got["logits"], full(input_ids=ids).logits, rtol=TOL, atol=TOL)
+        assert torch.equal(got["tokens"], full.generate(input_ids=ids, max_new_tokens=6, do_sample=False))
+    assert got["rows"] * 2 == full.model.language_model.layers[0].mlp.gate_proj.weight.shape[0]  # really split
+
+
+def test_tp_plan_rejects_other_plans():
+    from mllama.cli import default_model_dir
+
+    with pytest.raises(ValueError, match="tp_plan must be 'auto'"):
+        MllamaForConditionalGeneration.from_pretrained(default_model_dir(), tp_plan="colwise")

@@ -205,7 +205,8 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                         attn_implementation: str | None = None, low_cpu_mem_usage: bool | None = None,
                         token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, force_download: bool = False, max_memory: Any = None,
-                        use_safetensors: bool | None = None, trust_remote_code: bool | None = None):
+                        use_safetensors: bool | None = None, trust_remote_code: bool | None = None,
+                        tp_plan: str | None = None, tp_size: int | None = None):
         """Load a checkpoint directory or hub repo id (see weights.load_pretrained). quantization:
         'int8' or 'int4' (or a mllama.quantize.QuantizationConfig) quantizes the linears while
         loading; quantization_config takes the same as a dict or a transformers-style config.
@@ -214,7 +215,11 @@ class _PretrainedMixin(TrainingSurfaceMixin):
         everything to one device), config (used instead of config.json), token / cache_dir /
         local_files_only / force_download (hub downloads). attn_implementation, low_cpu_mem_usage,
         max_memory, use_safetensors=False and trust_remote_code are accepted; where they cannot
-        apply, a warning (once) says why (see hf_surface.load_options)."""
+        apply, a warning (once) says why (see hf_surface.load_options).
+
+        tp_plan="auto" (as transformers, under torchrun): joins the process group torchrun describes
+        and loads this rank's slices of the model (mllama.tp_load); tp_size, if given, must equal
+        the world size."""
         from mllama.quantize import resolve_quantization
         from mllama.weights import load_pretrained
 
@@ -223,10 +228,23 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                                local_files_only=local_files_only, force_download=force_download,
                                max_memory=max_memory, use_safetensors=use_safetensors,
                                trust_remote_code=trust_remote_code)
+        quant = resolve_quantization(quantization, quantization_config)
+        if tp_plan is not None:
+            if tp_plan != "auto":
+                raise ValueError(f"tp_plan must be 'auto' (mllama's split, see mllama.tp) or None, got {tp_plan!r}")
+            if config is not None or revision is not None:
+                raise ValueError("tp_plan='auto' loads config.json from a local checkpoint directory; "
+                                 "config= and revision= are not supported with it")
+            from mllama.tp_load import init_distributed, load_tensor_parallel
+
+            init_distributed()
+            model = load_tensor_parallel(cls, path, dtype=dtype if dtype is not None else torch_dtype,
+                                         device=options.device, quantization=quant, world_size=tp_size)
+            model.name_or_path = str(path)
+            return model
         model = load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=options.device,
-                                revision=revision, progress=progress,
-                                quantization=resolve_quantization(quantization, quantization_config),
-                                config=config, hub=options.hub)
+                                revision=revision, progress=progress, quantization=quant, config=config,
+                                hub=options.hub)
         model.name_or_path = str(path)
         return model
 
