@@ -14,7 +14,6 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,11 +22,10 @@ from torch import nn
 
 from mllama.cpu_kernels import fresh_zeros
 from mllama.linear import apply_cpu_kernels
-from mllama.quantize import QuantizationConfig, prepare_for_loading
-from mllama.safetensors_io import TensorInfo, _read_into, checkpoint_tensors
+from mllama.quantize import QuantizationConfig
+from mllama.safetensors_io import TensorInfo, _read_into
 from mllama.tp import Shard, TensorSlice, TPInfo, shard_modules, shard_plan, tensor_slice, world_of
-from mllama.weights import (_checkpoint_quantization, _plan, _read_config, _read_generation_config,
-                            _rebuild_buffers, resolve_checkpoint_dir, resolve_dtype)
+from mllama.weights import finish_loading, prepare_model, resolve_checkpoint_dir
 
 DEFAULT_TIMEOUT_S = 300.0
 _COLUMN_READ_BYTES = 16 << 20  # rows read at a time when a rank needs some columns of a tensor
@@ -145,10 +143,6 @@ def load_tensor_parallel(cls: type, path: str | os.PathLike, *, dtype: torch.dty
     scales cover each rank's columns only.) world_size: the number of ranks the caller expects; a
     ValueError when the group has another size (e.g. torchrun started with the wrong --nproc-per-node).
     """
-    from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
-
-    if not (isinstance(cls, type) and issubclass(cls, (MllamaForConditionalGeneration, MllamaForCausalLM))):
-        raise TypeError(f"load_tensor_parallel builds MllamaForConditionalGeneration or MllamaForCausalLM, got {cls!r}")
     world, rank = world_of(group)
     if world_size is not None and world_size != world:
         raise ValueError(f"tensor parallelism over {world_size} ranks was asked for, but the process group has "
@@ -158,35 +152,17 @@ def load_tensor_parallel(cls: type, path: str | os.PathLike, *, dtype: torch.dty
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank % max(torch.cuda.device_count(), 1))))
     if isinstance(quantization, str):
         quantization = QuantizationConfig(mode=quantization)
-    text_only = issubclass(cls, MllamaForCausalLM)
     directory = resolve_checkpoint_dir(path)
-    raw_config, config = _read_config(directory, text_only=text_only)
-    tensors = checkpoint_tensors(directory)
-    target_dtype = resolve_dtype(dtype, raw_config, tensors)
-    stored = _checkpoint_quantization(raw_config, config, directory)
-    if stored is not None and quantization is not None and quantization != stored:
-        raise ValueError(f"{directory} is already quantized as {stored}; it cannot be loaded as {quantization}")
-    with torch.device("meta"):
-        model = cls(config)
-    convert = None
-    if stored is not None:
-        prepare_for_loading(model, stored, dtype=target_dtype)
-        plan = _plan(model, tensors, text_only=text_only, source=Path(directory))
-    else:
-        plan = _plan(model, tensors, text_only=text_only, source=Path(directory))
-        if quantization is not None:
-            convert = prepare_for_loading(model, quantization, dtype=target_dtype)
+    setup = prepare_model(cls, directory, dtype=dtype, quantization=quantization, who="load_tensor_parallel")
+    model = setup.model
     if device.type == "cpu":
         apply_cpu_kernels(model)  # before splitting: row-parallel layers keep the kernel class as base
     shards, heads = shard_plan(model, world_size=world, rank=rank)
-    slices = _slices(model, plan, shards)
+    slices = _slices(model, setup.plan, shards)
     shard_modules(model, shards, heads, group=group)
-    state = _read_state(plan, slices, dtype=target_dtype, device=device, convert=convert)
+    state = _read_state(setup.plan, slices, dtype=setup.dtype, device=device, convert=setup.convert)
     model.load_state_dict(state, strict=True, assign=True)
     del state
-    _rebuild_buffers(model, device)
     model.tensor_parallel = TPInfo(world, rank, vocab_parallel=shards.get("lm_head", Shard("", 0, 0)).kind == "vocab")
-    if hasattr(model.config, "torch_dtype"):
-        model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
-    model.generation_config = _read_generation_config(directory)
+    finish_loading(model, directory, dtype=setup.dtype, device=device)
     return model.eval().requires_grad_(False)  # inference only (see mllama.tp.tensor_parallel)

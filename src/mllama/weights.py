@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -308,24 +309,49 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     """
     from mllama.checks import check_finite_parameters
     from mllama.devices import check_device
+
+    device = check_device(device)  # before anything is read or allocated
+    directory = resolve_checkpoint_dir(path, revision=revision, hub=hub)
+    setup = prepare_model(cls, directory, dtype=dtype, quantization=quantization, config=config, who="load_pretrained")
+    state = _materialise(setup.plan, dtype=setup.dtype, device=device, progress=progress, convert=setup.convert)
+    model = setup.model
+    model.load_state_dict(state, strict=True, assign=True)
+    check_finite_parameters(model, source=directory)
+    apply_cpu_kernels(model)
+    del state
+    return finish_loading(model, directory, dtype=setup.dtype, device=device)
+
+
+@dataclass
+class LoadSetup:
+    """A model built on the meta device with its quantized modules in place, and what to read into it."""
+
+    model: Any
+    plan: Any  # [(parameter name, checkpoint tensor)], see _plan
+    convert: Callable[[str, torch.Tensor], dict[str, torch.Tensor]] | None  # quantize-on-read hook
+    dtype: torch.dtype
+
+
+def prepare_model(cls: type, directory: Path, *, dtype: torch.dtype | str | None,
+                  quantization: QuantizationConfig | None, config: Any = None, who: str) -> LoadSetup:
+    """The load steps before any tensor data is read, shared by load_pretrained and the tensor-parallel
+    loader (mllama.tp_load): read and check config.json (or `config`), pick the dtype, build on the
+    meta device, swap in quantized modules, and plan which checkpoint tensor fills each parameter."""
     from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 
     if not (isinstance(cls, type) and issubclass(cls, (MllamaForConditionalGeneration, MllamaForCausalLM))):
-        raise TypeError(f"load_pretrained builds MllamaForConditionalGeneration or MllamaForCausalLM, got {cls!r}")
+        raise TypeError(f"{who} builds MllamaForConditionalGeneration or MllamaForCausalLM, got {cls!r}")
     text_only = issubclass(cls, MllamaForCausalLM)
-    device = check_device(device)  # before anything is read or allocated
-    directory = resolve_checkpoint_dir(path, revision=revision, hub=hub)
-    override = config
-    raw_config, config = _read_config(directory, text_only=text_only)
-    if override is not None:
-        raw_config, config = override_config(override, raw_config, text_only=text_only)
+    raw_config, model_config = _read_config(directory, text_only=text_only)
+    if config is not None:
+        raw_config, model_config = override_config(config, raw_config, text_only=text_only)
     tensors = checkpoint_tensors(directory)
     target_dtype = resolve_dtype(dtype, raw_config, tensors)
-    stored = _checkpoint_quantization(raw_config, config, directory)
+    stored = _checkpoint_quantization(raw_config, model_config, directory)
     if stored is not None and quantization is not None and quantization != stored:
         raise ValueError(f"{directory} is already quantized as {stored}; it cannot be loaded as {quantization}")
     with torch.device("meta"):
-        model = cls(config)
+        model = cls(model_config)
     convert = None
     if stored is not None:  # the checkpoint holds the quantized tensors: plan against them
         prepare_for_loading(model, stored, dtype=target_dtype)
@@ -334,14 +360,14 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
         plan = _plan(model, tensors, text_only=text_only, source=directory)
         if quantization is not None:
             convert = prepare_for_loading(model, quantization, dtype=target_dtype)
-    state = _materialise(plan, dtype=target_dtype, device=device, progress=progress, convert=convert)
-    model.load_state_dict(state, strict=True, assign=True)
-    check_finite_parameters(model, source=directory)
-    apply_cpu_kernels(model)
-    del state
+    return LoadSetup(model, plan, convert, target_dtype)
+
+
+def finish_loading(model: Any, directory: Path, *, dtype: torch.dtype, device: torch.device) -> Any:
+    """After the weights are in: non-persistent buffers, the config's dtype, generation_config."""
     _rebuild_buffers(model, device)
     if isinstance(model.config, MllamaConfig):
-        model.config.torch_dtype = str(target_dtype).removeprefix("torch.")
+        model.config.torch_dtype = str(dtype).removeprefix("torch.")
     model.generation_config = _read_generation_config(directory)
     return model.eval()
 
