@@ -146,3 +146,46 @@ def test_fresh_zeros_is_a_writable_zero_tensor(shape, dtype):
     if t.numel():
         t[-1, -1] = 3
         assert t.sum().item() == 3
+
+
+@pytest.mark.parametrize("rows, n, bias", [(48, 3000, True), (130, 1029, False), (64, 17, True)])
+def test_wide_fp32_linear_matches_float64_rounded_once(rows, n, bias):
+    """Many-row bf16 products as blocked float32 GEMMs: within one bf16 rounding of the float64 product,
+    over block edges (n not a multiple of WIDE_BLOCK) and with a bias."""
+    from mllama.linear import wide_fp32_linear
+
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(2, rows // 2, 96, generator=gen).bfloat16()
+    w = torch.randn(n, 96, generator=gen).bfloat16()
+    b = torch.randn(n, generator=gen).bfloat16() if bias else None
+    got = wide_fp32_linear(x, w, b)
+    ref = x.double() @ w.double().T + (b.double() if bias else 0)
+    assert got.dtype == torch.bfloat16 and got.shape == (2, rows // 2, n)
+    # One rounding of the float32 sum: relative error within bf16's half ulp (2^-9), plus float32 noise.
+    torch.testing.assert_close(got.double(), ref, rtol=2 ** -8, atol=1e-5)
+
+
+def test_decode_linear_routes_many_bf16_rows_through_float32_without_native_bf16(monkeypatch):
+    from mllama import linear
+
+    layer = DecodeLinear.from_linear(torch.nn.Linear(64, 40, dtype=torch.bfloat16))
+    x = torch.randn(60, 64).bfloat16()
+    calls = []
+    real = linear.wide_fp32_linear
+    monkeypatch.setattr(linear, "wide_fp32_linear", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)
+    with torch.no_grad():
+        wide = layer(x)
+        assert calls == [1]
+        layer(x[:linear.WIDE_MIN_ROWS - 1])  # too few rows
+        assert calls == [1]
+    monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)
+    with torch.no_grad():
+        native = layer(x)
+    assert calls == [1]
+    torch.testing.assert_close(wide.float(), native.float(), rtol=2 ** -7, atol=1e-2)
+    # autograd keeps F.linear (gradients flow through the weight as usual)
+    monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)
+    layer.weight.requires_grad_(True)
+    layer(x).float().sum().backward()
+    assert calls == [1] and layer.weight.grad is not None

@@ -9,6 +9,8 @@ the meta device before its weights are read (weights.load_pretrained does that f
 
 from __future__ import annotations
 
+import functools
+import platform
 from collections.abc import Callable
 
 import torch
@@ -36,12 +38,54 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module
     return swapped
 
 
+WIDE_MIN_ROWS = 48  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
+WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a time
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512_BF16 or AMX on x86). On x86
+    without them torch's bf16 GEMM is several times slower than float32 (benchmarks/RESULTS.md).
+    Other architectures, and machines whose flags cannot be read, are left to torch."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as info:
+            flags = next((line for line in info if line.startswith("flags")), "")
+    except OSError:
+        return True
+    return not flags or any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+
+def use_wide_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A bf16 product of many rows (prefill, vision) on a CPU without native bf16, outside autograd."""
+    return (not torch.compiler.is_compiling()  # inductor compiles its own GEMMs
+            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and x.shape[:-1].numel() >= WIDE_MIN_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not cpu_has_native_bf16())
+
+
+def wide_fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) for bf16 x and weight, computed as float32 GEMMs over blocks of output
+    features and rounded to bf16 once, as a bf16 GEMM accumulating in float32 does. Converting a block
+    of weights costs far less than the GEMM it feeds; blocks bound the float32 copy's memory."""
+    flat = x.reshape(-1, x.shape[-1]).float()  # (rows, in)
+    out = torch.empty(flat.shape[0], weight.shape[0], dtype=torch.bfloat16)
+    for start in range(0, weight.shape[0], WIDE_BLOCK):
+        stop = start + WIDE_BLOCK
+        part_bias = bias[start:stop].float() if bias is not None else None
+        out[:, start:stop] = F.linear(flat, weight[start:stop].float(), part_bias)
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class DecodeLinear(nn.Linear):
-    """nn.Linear (same parameters, same state-dict names) whose decode steps use the bf16 CPU kernel.
+    """nn.Linear (same parameters, same state-dict names) with faster bf16 products on CPUs.
 
     A product with at most cpu_kernels.MAX_ROWS rows in bf16 on the CPU, outside autograd, runs
     through cpu_kernels.gemv_bf16, which streams the weight about twice as fast as F.linear with few
-    rows; everything else (prefill, float32, autograd, no kernel here) calls F.linear.
+    rows; one of WIDE_MIN_ROWS or more on a CPU without native bf16 runs as float32 GEMMs
+    (wide_fp32_linear); everything else (float32, autograd, GPU) calls F.linear.
     """
 
     @classmethod
@@ -58,11 +102,15 @@ class DecodeLinear(nn.Linear):
         if use_gemv(x, self.weight):
             out = gemv_bf16(x, self.weight)
             return out if self.bias is None else out + self.bias
+        if use_wide_fp32(x, self.weight):
+            return wide_fp32_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T without the bias (a row-parallel layer adds it once, after its all-reduce)."""
-        return gemv_bf16(x, self.weight) if use_gemv(x, self.weight) else F.linear(x, self.weight)
+        if use_gemv(x, self.weight):
+            return gemv_bf16(x, self.weight)
+        return wide_fp32_linear(x, self.weight) if use_wide_fp32(x, self.weight) else F.linear(x, self.weight)
 
 
 def apply_cpu_kernels(model: nn.Module) -> nn.Module:
