@@ -349,7 +349,10 @@ def test_special_tokens_typed_by_a_user_stay_text(server):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": typed}], max_tokens=1)
     plain = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
     plain.encode_special_tokens = True
-    extra = len(plain.encode(typed, add_special_tokens=False).ids) - len(plain.encode("x", add_special_tokens=False).ids)
+    # Each typed token is encoded as text on its own (transformers' sanitize_control_tokens), "assistant" as usual.
+    pieces = ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "<|image|>"]
+    extra = sum(len(plain.encode(p, add_special_tokens=False).ids) for p in pieces) - len(
+        plain.encode("x", add_special_tokens=False).ids)
     assert extra > 10
     assert reply.usage.prompt_tokens == base.usage.prompt_tokens + extra
 
