@@ -429,8 +429,8 @@ def test_image_urls_fetched_under_limits(small_server, images_site):
         reply = client.chat.completions.create(model=MODEL, messages=_ask(site + path))
         assert "triangle" in reply.choices[0].message.content
     url = small_server.base + "/v1/chat/completions"
-    for path, status, words in [("/loop", 400, "redirects more than"), ("/page.html", 400, "content type"),
-                                ("/missing.png", 400, "HTTP 404"), ("/slow.png", 400, "timed out"),
+    for path, status, words in [("/loop", 400, "redirects more than"), ("/page.html", 400, "accepted format"),
+                                ("/missing.png", 400, "HTTP 404"), ("/slow.png", 400, "took longer than 1.5 s"),
                                 ("/big.png", 413, "larger than the limit")]:
         message = _error(httpx.post(url, json={"messages": _ask(site + path)}, timeout=30), status,
                          "messages[0].content[0].image_url.url")

@@ -202,3 +202,56 @@ def test_the_lazy_package_still_exports_every_name():
     assert set(mllama.__all__) <= set(dir(mllama))
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         mllama.Nope  # noqa: B018
+
+
+# ---- image URLs: one guarded fetcher for the library and the server ---------------------------------------------
+def test_the_server_fetches_through_the_library_guard(monkeypatch):
+    import asyncio
+
+    from mllama import image_fetch, image_guard
+
+    seen = []
+
+    def guard(url, limits, *, deadline=None):
+        seen.append((url, limits, deadline))
+        raise image_guard.ImageInputError("refused by the guard", status=413)
+
+    monkeypatch.setattr(image_fetch, "fetch_image_bytes", guard)
+    policy = image_fetch.ImagePolicy(timeout=2.0, max_bytes=10)
+    start = time.monotonic()
+    with pytest.raises(image_guard.ImageInputError, match="refused by the guard") as err:
+        asyncio.run(image_fetch.load_image_url("https://example.com/a.png", policy))
+    assert err.value.status == 413 and seen[0][:2] == ("https://example.com/a.png", policy)
+    assert start < seen[0][2] <= time.monotonic() + 2.0
+    assert isinstance(policy, image_guard.ImageLimits) and not policy.allow_local
+
+
+def test_a_fetch_past_its_deadline_does_not_connect():
+    """A fetch that waited in the server's pool past its request's deadline fails without a connection."""
+    from mllama.image_guard import ImageInputError, ImageLimits, fetch_image_bytes
+
+    with pytest.raises(ImageInputError, match="took longer than 10 s"):
+        fetch_image_bytes("http://127.0.0.1:9/x.png", ImageLimits(allow_private=True), deadline=time.monotonic() - 1)
+    with pytest.raises(ImageInputError, match="could not download"):  # the same URL in time: a refused connection
+        fetch_image_bytes("http://127.0.0.1:9/x.png", ImageLimits(allow_private=True, timeout=2))
+
+
+def test_image_refusals_carry_the_http_status():
+    import asyncio
+    import base64
+    import io
+
+    from PIL import Image
+
+    from mllama.image_fetch import ImageInputError, ImagePolicy, load_image_url
+
+    buf = io.BytesIO()
+    Image.new("RGB", (40, 30)).save(buf, "PNG")
+    uri = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    assert asyncio.run(load_image_url(uri, ImagePolicy())).size == (40, 30)
+    with pytest.raises(ImageInputError, match="1200 pixels, more than the budget of 1000") as err:
+        asyncio.run(load_image_url(uri, ImagePolicy(max_pixels=1000)))
+    assert err.value.status == 413
+    with pytest.raises(ImageInputError, match="must be http: or https:") as err:
+        asyncio.run(load_image_url("file:///etc/passwd", ImagePolicy()))
+    assert err.value.status == 400
