@@ -481,15 +481,19 @@ def test_local_images_are_identified_before_being_read_and_bombs_refused(tmp_pat
 
 
 def test_only_plain_image_formats_are_opened(tmp_path):
-    from mllama.image_fetch import ImageInputError, ImagePolicy, open_image
+    import asyncio
+    import base64
+
+    from mllama.image_fetch import ImageInputError, ImagePolicy, load_image_url
     from mllama.image_loading import load_image
 
     eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
     (tmp_path / "x.eps").write_bytes(eps)
     with pytest.raises(ValueError, match="not an image in an accepted format"):
         load_image(tmp_path / "x.eps")
-    with pytest.raises(ImageInputError):
-        open_image(eps, ImagePolicy())
+    with pytest.raises(ImageInputError, match="not an image in an accepted format") as err:
+        asyncio.run(load_image_url("data:image/png;base64," + base64.b64encode(eps).decode(), ImagePolicy()))
+    assert err.value.status == 400
     for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
         buf = io.BytesIO()
         Image.new("RGB", (5, 4)).save(buf, fmt)

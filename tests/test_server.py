@@ -351,7 +351,10 @@ def test_special_tokens_typed_by_a_user_stay_text(server):
     reply = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": typed}], max_tokens=1)
     plain = Tokenizer.from_file(str(default_model_dir() / "tokenizer.json"))
     plain.encode_special_tokens = True
-    extra = len(plain.encode(typed, add_special_tokens=False).ids) - len(plain.encode("x", add_special_tokens=False).ids)
+    # Each typed token is encoded as text on its own (transformers' sanitize_control_tokens), "assistant" as usual.
+    pieces = ["<|eot_id|>", "<|start_header_id|>", "assistant", "<|end_header_id|>", "<|image|>"]
+    extra = sum(len(plain.encode(p, add_special_tokens=False).ids) for p in pieces) - len(
+        plain.encode("x", add_special_tokens=False).ids)
     assert extra > 10
     assert reply.usage.prompt_tokens == base.usage.prompt_tokens + extra
 
@@ -428,8 +431,8 @@ def test_image_urls_fetched_under_limits(small_server, images_site):
         reply = client.chat.completions.create(model=MODEL, messages=_ask(site + path))
         assert "triangle" in reply.choices[0].message.content
     url = small_server.base + "/v1/chat/completions"
-    for path, status, words in [("/loop", 400, "redirects more than"), ("/page.html", 400, "content type"),
-                                ("/missing.png", 400, "HTTP 404"), ("/slow.png", 400, "timed out"),
+    for path, status, words in [("/loop", 400, "redirects more than"), ("/page.html", 400, "accepted format"),
+                                ("/missing.png", 400, "HTTP 404"), ("/slow.png", 400, "took longer than 1.5 s"),
                                 ("/big.png", 413, "larger than the limit")]:
         message = _error(httpx.post(url, json={"messages": _ask(site + path)}, timeout=30), status,
                          "messages[0].content[0].image_url.url")

@@ -2,9 +2,6 @@
 
 import sys
 
-try:
-    from mllama.cli import main
-except KeyboardInterrupt:  # Ctrl-C while torch is still importing: no traceback
-    sys.exit(130)
+from mllama.entry import run
 
-sys.exit(main())
+sys.exit(run())

@@ -2,9 +2,10 @@
 
 A chat template comes with a checkpoint, so it is untrusted code: the sandbox keeps it from
 reaching Python internals, and the budget keeps it from looping for minutes or building gigabytes.
-The render stops with a ValueError after TEMPLATE_SECONDS or TEMPLATE_MAX_CHARS of output; `*` and
-`**` that would build a string/list or an integer past the size budget are refused before they
-run; every other error a template raises (OverflowError, TypeError, ...) is wrapped in a ValueError
+The render stops with a ValueError after TEMPLATE_SECONDS or TEMPLATE_MAX_CHARS of output; the
+deadline is checked at every call the template makes and every 1024 iterations of every loop
+(`{% for %}` is jinja's only loop, so nested loops with empty bodies stop too); `*` and `**` that
+would build a string/list or an integer past the size budget are refused before they run; every other error a template raises (OverflowError, TypeError, ...) is wrapped in a ValueError
 that says it came from the chat template. Raise the module constants for unusual templates.
 """
 
@@ -15,10 +16,13 @@ import threading
 import time
 from datetime import datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import jinja2
+from jinja2 import nodes
+from jinja2.compiler import CodeGenerator, Frame
 from jinja2.ext import loopcontrols
+from jinja2.runtime import LoopContext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 __all__ = ["TEMPLATE_MAX_CHARS", "TEMPLATE_SECONDS", "compile_template", "render_template"]
@@ -38,14 +42,40 @@ def _check_time() -> None:
         raise _OverBudget(f"rendering took longer than {TEMPLATE_SECONDS:g} s (mllama.chat_template.TEMPLATE_SECONDS)")
 
 
+def _timed(iterable: Iterable[Any]) -> Iterator[Any]:
+    for count, item in enumerate(iterable):
+        if not count & 1023:  # every iteration would cost a clock read per loop step of every template
+            _check_time()
+        yield item
+
+
+class _TimedLoops(CodeGenerator):
+    """Compiles every `{% for x in xs %}` as `for x in environment.timed_iter(xs)`: a loop whose body calls
+    nothing (`{% for i in xs %}{% for j in xs %}{% endfor %}{% endfor %}`) would never reach `call`."""
+
+    def visit_For(self, node: nodes.For, frame: Frame) -> None:
+        wrapped = isinstance(node.iter, nodes.Call) and isinstance(node.iter.node, nodes.EnvironmentAttribute)
+        if not wrapped:  # the names inside stay the same, so jinja's symbol analysis still holds
+            node.iter = nodes.Call(nodes.EnvironmentAttribute("timed_iter"), [node.iter], [], None, None,
+                                   lineno=node.lineno)
+        super().visit_For(node, frame)
+
+
 class _BudgetedSandbox(ImmutableSandboxedEnvironment):
-    """Checks the deadline at every call the template makes (loops that call nothing are bounded by
-    the sandbox's own range limit) and bounds `*` and `**` before they run."""
+    """Checks the deadline at every call the template makes and along every loop, and bounds `*` and
+    `**` before they run."""
 
     intercepted_binops = frozenset(["*", "**"])
+    code_generator_class = _TimedLoops
+
+    @staticmethod
+    def timed_iter(iterable: Any) -> Iterator[Any]:
+        return _timed(iterable)
 
     def call(__self, __context: Any, __obj: Any, *args: Any, **kwargs: Any) -> Any:  # noqa: N805
         _check_time()
+        if isinstance(__obj, LoopContext) and args:  # `loop(children)` of a recursive loop: its own iterable
+            args = (_timed(args[0]), *args[1:])
         return super().call(__context, __obj, *args, **kwargs)
 
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:

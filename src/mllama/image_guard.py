@@ -7,8 +7,9 @@ second DNS answer cannot point the fetch elsewhere. Redirects are checked the sa
 fetch has one deadline, the body a byte limit enforced while streaming, and the first bytes must be
 one of the accepted image formats before the rest is read. Images are opened only as
 ACCEPTED_FORMATS (not every format PIL registers: EPS, for one, runs Ghostscript), and refused above
-a pixel budget before their pixels are decoded. Uses only the standard library (httpx is the
-server's optional dependency; mllama.image_fetch is the server's async twin of this module).
+a pixel budget before their pixels are decoded. Uses only the standard library; the server runs the
+same fetch in worker threads (mllama.image_fetch). Every refusal is an ImageInputError, a ValueError
+whose `status` is 413 for an image over a size limit and 400 otherwise (the server's HTTP status).
 """
 
 from __future__ import annotations
@@ -27,11 +28,20 @@ from typing import BinaryIO
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ACCEPTED_FORMATS", "ImageLimits", "default_limits", "fetch_image_bytes", "is_url", "open_limited"]
+__all__ = ["ACCEPTED_FORMATS", "ImageInputError", "ImageLimits", "default_limits", "fetch_image_bytes", "is_url",
+           "open_limited"]
 
 ACCEPTED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF")
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"),
           (b"BM", "BMP"), (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"))
+
+
+class ImageInputError(ValueError):
+    """An image that cannot be used; `status` is 413 when it is too large, else 400."""
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 @dataclass(frozen=True)
@@ -76,20 +86,24 @@ def open_limited(source: bytes | Path, *, what: str, limits: ImageLimits) -> Ima
         try:
             image = Image.open(handle, formats=ACCEPTED_FORMATS)
         except UnidentifiedImageError:
-            raise ValueError(f"load_image: {what} is not a readable image: not an image in an accepted format "
-                             f"({', '.join(ACCEPTED_FORMATS)})") from None
+            raise ImageInputError(f"{what} is not a readable image: not an image in an accepted format "
+                                  f"({', '.join(ACCEPTED_FORMATS)})") from None
+        except Image.DecompressionBombError as err:
+            raise ImageInputError(f"{what} is too large: {err}", status=413) from None
         except (OSError, SyntaxError, ValueError) as err:  # a truncated or malformed header
-            raise ValueError(f"load_image: {what} is not a readable image: {err}") from None
+            raise ImageInputError(f"{what} is not a readable image: {err}") from None
         pixels = image.width * image.height
         if pixels > limits.max_pixels:
-            raise ValueError(f"load_image: {what} has {image.width}x{image.height} = {pixels} pixels, more than the "
-                             f"budget of {limits.max_pixels} (raise it with ImageLimits(max_pixels=...) or "
-                             "MLLAMA_MAX_IMAGE_PIXELS)")
+            raise ImageInputError(f"{what} has {image.width}x{image.height} = {pixels} pixels, more than the budget "
+                                  f"of {limits.max_pixels} (raise it with ImageLimits(max_pixels=...) or "
+                                  "MLLAMA_MAX_IMAGE_PIXELS)", status=413)
         try:
             image.load()
             return ImageOps.exif_transpose(image).convert("RGB")
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-            raise ValueError(f"load_image: {what} is not a readable image: {err}") from None
+        except Image.DecompressionBombError as err:
+            raise ImageInputError(f"{what} is too large: {err}", status=413) from None
+        except (OSError, ValueError, SyntaxError) as err:
+            raise ImageInputError(f"{what} is not a readable image: {err}") from None
     finally:
         handle.close()
 
@@ -124,32 +138,38 @@ def _resolve(url: str, limits: ImageLimits) -> tuple[urllib.parse.SplitResult, s
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
-        raise ValueError(f"load_image: image URLs must be http: or https:, got {parts.scheme or 'no'} scheme")
+        raise ImageInputError(f"image URLs must be http: or https:, got {parts.scheme or 'no'} scheme")
     host = parts.hostname
     if not host:
-        raise ValueError(f"load_image: the image URL {url!r:.100} has no host")
+        raise ImageInputError(f"the image URL {url!r:.100} has no host")
     try:
         port = parts.port or (443 if scheme == "https" else 80)
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError, ValueError) as err:
-        raise ValueError(f"load_image: cannot resolve the image URL's host {host!r}: {err}") from None
+        raise ImageInputError(f"cannot resolve the image URL's host {host!r}: {err}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
     if not limits.allow_private:
         for address in addresses:
             if not _public(address):
-                raise ValueError(f"load_image: the image URL's host {host!r} resolves to the non-public address "
-                                 f"{address}; pass ImageLimits(allow_private=True) to allow it")
+                raise ImageInputError(f"the image URL's host {host!r} resolves to the non-public address {address}, "
+                                      "which is refused unless allowed (ImageLimits(allow_private=True); "
+                                      "mllama serve --allow-private-image-urls)")
     return parts._replace(scheme=scheme), str(addresses[0])
 
 
-def fetch_image_bytes(url: str, limits: ImageLimits) -> bytes:
-    """The body of an image URL, under one deadline, a byte limit and a format check on its first bytes."""
-    deadline = time.monotonic() + limits.timeout
+def fetch_image_bytes(url: str, limits: ImageLimits, *, deadline: float | None = None) -> bytes:
+    """The body of an image URL, under one deadline, a byte limit and a format check on its first bytes.
+    deadline: a time.monotonic() value to use instead of now + limits.timeout (a fetch that waited in a
+    queue keeps the deadline of its request)."""
+    deadline = time.monotonic() + limits.timeout if deadline is None else deadline
+
+    def timed_out() -> ImageInputError:
+        return ImageInputError(f"fetching {url!r:.100} took longer than {limits.timeout:g} s")
 
     def remaining() -> float:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ValueError(f"load_image: fetching {url!r:.100} took longer than {limits.timeout:g} s")
+            raise timed_out()
         return left
 
     for _ in range(limits.max_redirects + 1):
@@ -166,10 +186,10 @@ def fetch_image_bytes(url: str, limits: ImageLimits) -> bytes:
                 url = urllib.parse.urljoin(url, response.getheader("location"))
                 continue
             if response.status != 200:
-                raise ValueError(f"load_image: {url!r:.100} answered HTTP {response.status}")
+                raise ImageInputError(f"{url!r:.100} answered HTTP {response.status}")
             declared = response.getheader("content-length")
             if declared is not None and declared.isdigit() and int(declared) > limits.max_bytes:
-                raise ValueError(f"load_image: {url!r:.100} is larger than the limit of {limits.max_bytes} bytes")
+                raise ImageInputError(f"{url!r:.100} is larger than the limit of {limits.max_bytes} bytes", status=413)
             body = bytearray()
             while True:
                 sock.settimeout(remaining())  # type: ignore[union-attr]
@@ -178,16 +198,17 @@ def fetch_image_bytes(url: str, limits: ImageLimits) -> bytes:
                     break
                 body += chunk
                 if len(body) > limits.max_bytes:
-                    raise ValueError(f"load_image: {url!r:.100} is larger than the limit of {limits.max_bytes} bytes")
+                    raise ImageInputError(f"{url!r:.100} is larger than the limit of {limits.max_bytes} bytes",
+                                          status=413)
                 if len(body) >= 12 and len(body) - len(chunk) < 12 and sniff_format(bytes(body[:12])) is None:
-                    raise ValueError(f"load_image: {url!r:.100} is not an image in an accepted format "
-                                     f"({', '.join(ACCEPTED_FORMATS)})")
+                    raise ImageInputError(f"{url!r:.100} is not an image in an accepted format "
+                                          f"({', '.join(ACCEPTED_FORMATS)})")
                 remaining()
             return bytes(body)
         except TimeoutError:
-            raise ValueError(f"load_image: fetching {url!r:.100} took longer than {limits.timeout:g} s") from None
+            raise timed_out() from None
         except (OSError, http.client.HTTPException) as err:
-            raise ValueError(f"load_image: could not download {url!r:.100}: {err}") from None
+            raise ImageInputError(f"could not download {url!r:.100}: {err}") from None
         finally:
             conn.close()
-    raise ValueError(f"load_image: {url!r:.100} redirects more than {limits.max_redirects} times")
+    raise ImageInputError(f"{url!r:.100} redirects more than {limits.max_redirects} times")

@@ -12,6 +12,7 @@ import numpy as np
 
 from mllama.chat_template import render_template
 from mllama.config import resolve_file
+from mllama.control_tokens import control_tokens, encode_marked, mark_control_tokens
 from mllama.image_processing import PREPROCESSOR_CONFIG_NAME, MllamaImageProcessor, MllamaImageProcessorPil, load_image
 from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors
 from mllama.tokenizer_extras import cut_after_final_message
@@ -181,14 +182,57 @@ class MllamaProcessor:
             body, lead = body[len(self.image_token):], lead + 1
         return self.image_token * lead + self.bos_token + body
 
+    def _ids_with_bos(self, texts: Sequence[str], mode: str) -> list[list[int]]:
+        """Ids of texts whose special tokens are not (all) tokens, with exactly one BOS, placed as `_with_bos`
+        places it; a BOS counts only where it is the token."""
+        rows = []
+        for text in texts:
+            ids = (encode_marked(self.tokenizer, text) if mode == "marked" else
+                   self.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True))
+            if self.tokenizer.bos_token_id not in ids:
+                lead = next((i for i, t in enumerate(ids) if t != self.image_token_id), len(ids))
+                ids.insert(lead, self.tokenizer.bos_token_id)
+            rows.append(ids)
+        return rows
+
+    def _pad(self, ids: list[list[int]], *, padding: bool | str, padding_side: str | None, truncation: bool | str,
+             max_length: int | None) -> dict[str, Any]:
+        """Truncation and padding of ready ids, as the tokenizer applies them to text."""
+        if truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"unsupported truncation {truncation!r}")
+        if truncation not in (False, "do_not_truncate"):
+            limit = max_length if max_length is not None else self.tokenizer.model_max_length
+            if limit is None:
+                raise ValueError("truncation needs max_length")
+            left = self.tokenizer.truncation_side == "left"
+            ids = [row[len(row) - limit:] if left and len(row) > limit else row[:limit] for row in ids]
+        if padding in (False, "do_not_pad"):
+            return {"input_ids": ids, "attention_mask": [[1] * len(row) for row in ids]}
+        return dict(self.tokenizer.pad({"input_ids": ids}, padding=padding, max_length=max_length,
+                                       padding_side=padding_side))
+
     def __call__(self, images: Any = None, text: str | Sequence[str] | None = None, *,
                  padding: bool | str = False, padding_side: str | None = None, truncation: bool | str = False,
                  max_length: int | None = None, return_tensors: str | None = None,
                  add_special_tokens: bool = True, return_attention_mask: bool = True,
-                 images_kwargs: Mapping[str, Any] | None = None) -> BatchEncoding:
+                 split_special_tokens: bool = False, images_kwargs: Mapping[str, Any] | None = None) -> BatchEncoding:
         """input_ids, attention_mask and, with images, pixel_values, aspect_ratio_ids, aspect_ratio_mask and
         cross_attention_mask (batch, seq, images, tiles). `images` is one image, a flat list (one sample) or one
-        list per prompt (empty for a text-only prompt); each prompt needs one <|image|> per image."""
+        list per prompt (empty for a text-only prompt); each prompt needs one <|image|> per image.
+        split_special_tokens (the tokenizer's option): special-token text in `text`, `<|image|>` included, is
+        encoded as ordinary text, for prompts that are untrusted text as a whole (the BOS is still the token);
+        for chats see apply_chat_template(sanitize_control_tokens=True)."""
+        return self._process(images, text, mode="plain" if split_special_tokens else "parse", padding=padding,
+                             padding_side=padding_side, truncation=truncation, max_length=max_length,
+                             return_tensors=return_tensors, add_special_tokens=add_special_tokens,
+                             return_attention_mask=return_attention_mask, images_kwargs=images_kwargs)
+
+    def _process(self, images: Any, text: str | Sequence[str] | None, *, mode: str, padding: bool | str,
+                 padding_side: str | None, truncation: bool | str, max_length: int | None,
+                 return_tensors: str | None, add_special_tokens: bool, return_attention_mask: bool,
+                 images_kwargs: Mapping[str, Any] | None) -> BatchEncoding:
+        """mode: "parse" (special tokens written in the text are tokens), "plain" (none are) or "marked" (text
+        rendered from inputs marked by mllama.control_tokens)."""
         if images is None and text is None:
             raise ValueError("MllamaProcessor needs text, images or both")
         if return_tensors not in (None, "pt", "np"):
@@ -198,27 +242,33 @@ class MllamaProcessor:
                 text = [text]
             if not isinstance(text, (list, tuple)) or not text or not all(isinstance(t, str) for t in text):
                 raise TypeError(f"text must be a str or a non-empty list of str, got {type(text).__name__}")
-            text = [self._with_bos(t) for t in text]
         nested = nest_images(images) if images is not None else None
         if nested is not None and text is not None and not any(nested):
             nested = None  # images=[[]] (or [[], []]): text-only prompts, as documented
 
+        data: dict[str, Any] = {}
         if text is not None:
-            in_text = [t.count(self.image_token) for t in text]
+            ids = None if mode == "parse" else self._ids_with_bos(text, mode)
+            # Only image tokens that are tokens count: typed `<|image|>` text is none in the other modes.
+            in_text = ([t.count(self.image_token) for t in text] if ids is None else
+                       [row.count(self.image_token_id) for row in ids])
             if nested is None and any(in_text):
                 raise ValueError(f"the prompts hold {in_text} {self.image_token} tokens but no images were passed")
             if nested is not None and in_text != [len(s) for s in nested]:
                 raise ValueError(f"each prompt needs one {self.image_token} token per image: found {in_text} "
                                  f"{self.image_token} tokens per prompt and {[len(s) for s in nested]} images "
-                                 "per sample")
-
-        data: dict[str, Any] = {}
-        if text is not None:
-            # The BOS is already in the text; a tokenizer.json that prepends one itself would double it.
-            special = add_special_tokens and not self.tokenizer.adds_bos_token
-            data.update(self.tokenizer(text, add_special_tokens=special, padding=padding, padding_side=padding_side,
-                                       truncation=truncation, max_length=max_length))
-            kept = [ids.count(self.image_token_id) for ids in data["input_ids"]]
+                                 "per sample" + (" (split_special_tokens=True encodes the text's <|image|> as "
+                                                 "text)" if mode == "plain" else ""))
+            if ids is None:
+                # The BOS is already in the text; a tokenizer.json that prepends one itself would double it.
+                special = add_special_tokens and not self.tokenizer.adds_bos_token
+                data.update(self.tokenizer([self._with_bos(t) for t in text], add_special_tokens=special,
+                                           padding=padding, padding_side=padding_side, truncation=truncation,
+                                           max_length=max_length))
+            else:
+                data.update(self._pad(ids, padding=padding, padding_side=padding_side, truncation=truncation,
+                                      max_length=max_length))
+            kept = [row.count(self.image_token_id) for row in data["input_ids"]]
             if kept != in_text:
                 raise ValueError(f"{self.image_token} token counts changed from {in_text} to {kept} during "
                                  "tokenization (truncation?): raise max_length or disable truncation")
@@ -246,26 +296,38 @@ class MllamaProcessor:
                             padding: bool | str = False, chat_template: str | None = None,
                             tools: list[dict[str, Any]] | None = None, date_string: str | None = None,
                             template_kwargs: Mapping[str, Any] | None = None, continue_final_message: bool = False,
-                            padding_side: str | None = None, return_attention_mask: bool = True) -> Any:
+                            padding_side: str | None = None, return_attention_mask: bool = True,
+                            sanitize_control_tokens: bool = False) -> Any:
         """Render one conversation (-> str) or a batch (-> list[str]); with tokenize=True, run the processor
         on the rendered prompts and the conversation's images (ids, or the full inputs when return_dict).
         continue_final_message: end the prompt right after the last message's text (no end of turn), so
-        the model continues it, e.g. a prefilled assistant answer."""
+        the model continues it, e.g. a prefilled assistant answer.
+        sanitize_control_tokens (transformers' option; needs tokenize=True): control tokens written in the
+        messages, tools and template variables are encoded as ordinary text, so only the template's own are
+        tokens; a typed `<|image|>` is text and needs no image (mllama.control_tokens)."""
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set: the first "
                              "continues the last message, the second starts a new one")
+        if sanitize_control_tokens and not tokenize:
+            raise ValueError("sanitize_control_tokens=True needs tokenize=True: the markers it puts in the prompt "
+                             "only mean something to its encoding")
         conversations, batched = self._normalize(conversation)
         source = chat_template or self.chat_template
-        variables = {**self.tokenizer.special_tokens_map, **dict(template_kwargs or {})}
+        extra = dict(template_kwargs or {})
         if date_string is not None:
-            variables["date_string"] = date_string
-        variables = _plain(variables)
+            extra["date_string"] = date_string
+        rendered, rendered_tools = conversations, tools
+        if sanitize_control_tokens:  # the tokenizer's own variables (bos_token, ...) stay tokens
+            tokens = control_tokens(self.tokenizer, source)
+            rendered = [mark_control_tokens(conv, tokens) for conv in conversations]
+            rendered_tools, extra = mark_control_tokens(tools, tokens), mark_control_tokens(extra, tokens)
+        variables = _plain({**self.tokenizer.special_tokens_map, **extra})
         # Sandboxed, under a time and size budget; every failure is a ValueError (mllama.chat_template).
-        prompts = [render_template(source, messages=_plain(conv), tools=_plain(tools), documents=None,
+        prompts = [render_template(source, messages=_plain(conv), tools=_plain(rendered_tools), documents=None,
                                    add_generation_prompt=add_generation_prompt, **variables)
-                   for conv in conversations]
+                   for conv in rendered]
         if continue_final_message:
-            prompts = [cut_after_final_message(prompt, conv) for prompt, conv in zip(prompts, conversations)]
+            prompts = [cut_after_final_message(prompt, conv) for prompt, conv in zip(prompts, rendered)]
         if not tokenize:
             return prompts if batched else prompts[0]
         images = [[load_image(blk[k]) for m in conv if isinstance(m.get("content"), list) for blk in m["content"]
@@ -273,9 +335,11 @@ class MllamaProcessor:
                   for conv in conversations]
         # A template that writes the BOS itself must not get another one from the tokenizer.
         add_special = not prompts[0].startswith(self.bos_token)
-        out = self(images=images if any(images) else None, text=prompts, padding=padding, padding_side=padding_side,
-                   return_tensors=return_tensors, add_special_tokens=add_special,
-                   return_attention_mask=return_attention_mask)
+        out = self._process(images if any(images) else None, prompts,
+                            mode="marked" if sanitize_control_tokens else "parse", padding=padding,
+                            padding_side=padding_side, truncation=False, max_length=None,
+                            return_tensors=return_tensors, add_special_tokens=add_special,
+                            return_attention_mask=return_attention_mask, images_kwargs=None)
         return out if return_dict else out["input_ids"]
 
     @staticmethod

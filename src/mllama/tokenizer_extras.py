@@ -38,11 +38,14 @@ class TokenizerSurfaceMixin:
                             continue_final_message: bool = False, return_tensors: str | None = None,
                             return_dict: bool = False, padding: bool | str = False, padding_side: str | None = None,
                             chat_template: str | None = None, tools: list[dict[str, Any]] | None = None,
-                            date_string: str | None = None) -> Any:
+                            date_string: str | None = None, sanitize_control_tokens: bool = False) -> Any:
         """transformers' tokenizer.apply_chat_template for text conversations: the rendered prompt(s), or
-        with tokenize=True (the default, as in transformers) their ids (the template writes the BOS)."""
+        with tokenize=True (the default, as in transformers) their ids (the template writes the BOS).
+        sanitize_control_tokens: control tokens in the messages, tools and date_string are encoded as text
+        (mllama.control_tokens; needs tokenize=True)."""
         from mllama.chat_template import render_template
-        from mllama.tokenizer import default_chat_template
+        from mllama.control_tokens import control_tokens, encode_marked, mark_control_tokens
+        from mllama.tokenizer import BatchEncoding, default_chat_template
 
         if continue_final_message and add_generation_prompt:
             raise ValueError("continue_final_message and add_generation_prompt cannot both be set")
@@ -51,15 +54,27 @@ class TokenizerSurfaceMixin:
         batched = isinstance(conversation[0], (list, tuple))
         conversations = [list(c) for c in conversation] if batched else [list(conversation)]
         source = chat_template or self.chat_template or default_chat_template()  # type: ignore[attr-defined]
-        variables = dict(self.special_tokens_map)  # type: ignore[attr-defined]
-        if date_string is not None:
-            variables["date_string"] = date_string
+        if sanitize_control_tokens and not tokenize:
+            raise ValueError("sanitize_control_tokens=True needs tokenize=True")
+        extra = {} if date_string is None else {"date_string": date_string}
+        if sanitize_control_tokens:
+            tokens = control_tokens(self, source)  # type: ignore[arg-type]
+            conversations = [mark_control_tokens(c, tokens) for c in conversations]
+            tools, extra = mark_control_tokens(tools, tokens), mark_control_tokens(extra, tokens)
+        variables = {**self.special_tokens_map, **extra}  # type: ignore[attr-defined]
         prompts = [render_template(source, messages=conv, tools=tools, documents=None,
                                    add_generation_prompt=add_generation_prompt, **variables) for conv in conversations]
         if continue_final_message:
             prompts = [cut_after_final_message(p, c) for p, c in zip(prompts, conversations)]
         if not tokenize:
             return prompts if batched else prompts[0]
+        if sanitize_control_tokens:
+            rows = [encode_marked(self, p) for p in prompts]  # type: ignore[arg-type]
+            out = self.pad({"input_ids": rows}, padding=padding, padding_side=padding_side,
+                           return_tensors=return_tensors)
+            if not batched and return_tensors is None:  # one conversation: flat lists, as the tokenizer call gives
+                out = BatchEncoding({key: value[0] for key, value in out.items()})
+            return out if return_dict else out["input_ids"]
         out = self(prompts if batched else prompts[0], add_special_tokens=False, padding=padding,  # type: ignore[operator]
                    padding_side=padding_side, return_tensors=return_tensors)
         return out if return_dict else out["input_ids"]
