@@ -45,10 +45,10 @@ def test_explicit_mllama_config_keeps_the_models_eos(pair):
 
 def test_unimplemented_options_warn_or_refuse(pair):
     _, ours = pair
-    with pytest.warns(UserWarning, match="no_repeat_ngram_size"):
-        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=2)
-    with pytest.warns(UserWarning, match="min_new_tokens"):
-        ours.generate(IDS, generation_config={"max_new_tokens": 2, "min_new_tokens": 2})
+    with pytest.warns(UserWarning, match="typical_p"):
+        ours.generate(IDS, max_new_tokens=2, typical_p=0.5)
+    with pytest.warns(UserWarning, match="encoder_no_repeat_ngram_size"):
+        ours.generate(IDS, generation_config={"max_new_tokens": 2, "encoder_no_repeat_ngram_size": 2})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neutral values and options that do not change the tokens
         ours.generate(IDS, max_new_tokens=2, num_beams=1, use_cache=True, min_new_tokens=None, logits_processor=[])
@@ -82,3 +82,39 @@ def test_scores_and_dict_output_match_transformers(pair):
         assert (a - b).abs().max() <= 1e-4
     with pytest.raises(NotImplementedError, match="output_logits"):
         ours.generate(IDS, max_new_tokens=2, do_sample=True, output_scores=True, return_dict_in_generate=True)
+
+
+def test_min_new_tokens_and_min_length_match_transformers(pair):
+    hf, ours = pair
+    free = _ref(hf, max_new_tokens=16)
+    first_eos = [next(i for i, t in enumerate(row[4:].tolist()) if t in (2, 3)) for row in free]
+    assert min(first_eos) < 5  # without the rule a row stops early
+    for options in ({"min_new_tokens": 9}, {"min_length": 13}):
+        ref = _ref(hf, max_new_tokens=16, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # implemented: nothing to warn about
+            out = ours.generate(IDS, max_new_tokens=16, **options)
+        assert torch.equal(out, ref), options
+        assert not ((ref[:, 4:13] == 2) | (ref[:, 4:13] == 3)).any() and not torch.equal(ref, free)
+
+
+def test_no_repeat_ngram_size_matches_transformers_on_a_batch(pair):
+    hf, ours = pair
+    ids = torch.tensor([[1, 5, 6, 7, 5, 6], [1, 9, 4, 3, 8, 8], [1, 11, 12, 11, 12, 11]])
+    for n in (1, 2, 3):
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=[2, 3],
+                          pad_token_id=0, max_new_tokens=14, no_repeat_ngram_size=n)
+        out = ours.generate(ids, max_new_tokens=14, no_repeat_ngram_size=n)
+        assert torch.equal(out, ref), n
+    free = ours.generate(ids, max_new_tokens=14)
+    assert not torch.equal(free, ours.generate(ids, max_new_tokens=14, no_repeat_ngram_size=2))
+
+
+def test_rules_refuse_bad_values_and_scores(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        ours.generate(IDS, max_new_tokens=2, min_new_tokens=-1)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=1.5)
+    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
+        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=2, output_scores=True, return_dict_in_generate=True)

@@ -24,7 +24,7 @@ from torch import nn
 from mllama.cache import KVCache, KVWindow
 from mllama.checks import check_pixel_values
 from mllama.request import Event, Request, RequestHandle, SamplingParams
-from mllama.sampling import SamplingTensors, mark_seen, select_next
+from mllama.sampling import NgramBans, SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
 from mllama.tokenizer import StreamDetokenizer
 from mllama.vision_cache import ImageCache, RequestVision, VisionJob
@@ -46,6 +46,15 @@ class _Sequence:
         self.next_token = -1  # sampled, not yet in the cache
         self.generated = 0
         self.presence: torch.Tensor | None = None  # (1, V) ids seen, for the repetition penalty
+        n = params.no_repeat_ngram_size
+        self.ngrams = NgramBans(n, prompt.tolist()) if n else None
+
+    def banned(self) -> list[int]:
+        """Ids this request may not choose next (min_tokens, no_repeat_ngram_size)."""
+        ids = self.ngrams.banned() if self.ngrams is not None else []
+        if self.generated < self.params.min_tokens:
+            ids = ids + list(self.params.stop_token_ids)
+        return ids
 
     @property
     def setting_row(self) -> tuple[float, int, float, float, float]:
@@ -335,7 +344,8 @@ class Engine:
             seq.presence = torch.zeros(1, self.vocab, dtype=torch.bool, device=self.device)
             mark_seen(seq.presence, seq.prompt[None])
         settings = SamplingTensors.from_rows([seq.setting_row], device=self.device)
-        token = select_next(logits, settings, presence=seq.presence, generators=[seq.generator])
+        token = select_next(ban_ids(logits, [seq.banned()]), settings, presence=seq.presence,
+                            generators=[seq.generator])
         if not self._emit(seq, int(token[0]), logits[0]):
             self._presence[slot] = False
             if seq.presence is not None:
@@ -373,7 +383,9 @@ class Engine:
         presence = self._presence[:n] if penalized else None
         if penalized:
             mark_seen(presence, tokens)
-        chosen = select_next(logits, self._settings, presence=presence, generators=[s.generator for s in seqs])
+        # Bans act on the choice only: events keep the raw logits (logprobs, return_logits).
+        chosen = select_next(ban_ids(logits, [s.banned() for s in seqs]), self._settings, presence=presence,
+                             generators=[s.generator for s in seqs])
         done = [slot for slot, (seq, token) in enumerate(zip(seqs, chosen.tolist()))
                 if self._emit(seq, token, logits[slot])]
         self._free(done)
@@ -411,6 +423,8 @@ class Engine:
         params = seq.params
         seq.next_token = token
         seq.generated += 1
+        if seq.ngrams is not None:
+            seq.ngrams.append(token)
         event = Event(token=token)
         if params.logprobs is not None:
             logprobs = logits.float().log_softmax(dim=-1)

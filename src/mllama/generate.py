@@ -42,11 +42,24 @@ class _Decoder(Protocol):
 COMPILED_CACHE_MULTIPLE = 256
 
 
+def token_rules(config: GenerationConfig, *, prompt_len: int) -> tuple[int, int]:
+    """(min_tokens, no_repeat_ngram_size) from transformers' fields. min_length counts the prompt
+    (its padded length in a batch, as transformers counts it); min_new_tokens does not."""
+    extra = config.extra
+    values = {k: extra.get(k) for k in ("min_new_tokens", "min_length", "no_repeat_ngram_size")}
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    min_tokens = max(values["min_new_tokens"] or 0, (values["min_length"] or 0) - prompt_len, 0)
+    return min_tokens, values["no_repeat_ngram_size"] or 0
+
+
 def _sampling(config: GenerationConfig, *, max_new: int, stop_strings: list[str] | None,
-              output_logits: bool) -> SamplingParams:
+              output_logits: bool, prompt_len: int) -> SamplingParams:
     if config.do_sample and config.temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {config.temperature}")
-    return SamplingParams(max_tokens=max_new, temperature=config.temperature if config.do_sample else 0.0,
+    min_tokens, ngram = token_rules(config, prompt_len=prompt_len)
+    return SamplingParams(min_tokens=min_tokens, no_repeat_ngram_size=ngram, max_tokens=max_new, temperature=config.temperature if config.do_sample else 0.0,
                           top_k=config.top_k or 0, top_p=config.top_p if config.top_p is not None else 1.0,
                           min_p=config.min_p or 0.0, repetition_penalty=config.repetition_penalty,
                           stop_token_ids=tuple(config.eos_token_ids), stop_strings=tuple(stop_strings or ()),
@@ -135,7 +148,8 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
     max_len = min(int(lengths.max()) + max_new, text_model.config.max_position_embeddings)
     if compile:
         max_len = -(-max_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-    params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits)
+    params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits,
+                       prompt_len=s)
     params.validate()  # before the cache is allocated
     engine = Engine(model, max_slots=b, max_len=max_len, tokenizer=tokenizer if stop_strings else None, prefill_chunk=max(s, 1),
                     vision_piece_layers=None, image_cache_bytes=0, fast_vision=fast_vision, compile=compile)

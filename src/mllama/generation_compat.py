@@ -32,6 +32,8 @@ NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "min
            "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None, "watermarking_config": None,
            "penalty_alpha": None, "top_h": None, "top_n_sigma": None, "logits_processor": None,
            "stopping_criteria": None, "prefix_allowed_tokens_fn": None, "assistant_model": None}
+# Fields of NEUTRAL that mllama implements (generate.token_rules, beam_search): never warned about.
+IMPLEMENTED = {"min_new_tokens", "min_length", "no_repeat_ngram_size"}
 # Caller code that would silently not run: refused rather than warned about.
 REFUSED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model")
 
@@ -65,7 +67,7 @@ def unsupported_fields(config: GenerationConfig) -> dict[str, Any]:
     """Fields of the config mllama ignores that are set away from their neutral value."""
     found = {}
     for key, value in config.extra.items():
-        if key in HARMLESS or key.startswith("_"):
+        if key in HARMLESS or key in IMPLEMENTED or key.startswith("_"):
             continue
         if key in NEUTRAL:
             empty = NEUTRAL[key] is None and isinstance(value, (list, tuple, dict)) and not value
@@ -102,9 +104,11 @@ class GenerateDecoderOnlyOutput(ModelOutput):
 
 
 def check_scores(config: GenerationConfig) -> None:
-    if config.do_sample or config.repetition_penalty != 1.0:
-        raise NotImplementedError("output_scores is only available for greedy decoding without repetition_penalty "
-                                  "(where scores are the raw logits); use output_logits=True for the raw logits")
+    rules = [k for k in ("min_new_tokens", "min_length", "no_repeat_ngram_size") if config.extra.get(k)]
+    if config.do_sample or config.repetition_penalty != 1.0 or rules:
+        raise NotImplementedError("output_scores is only available for greedy decoding without do_sample, "
+                                  "repetition_penalty, min_new_tokens, min_length or no_repeat_ngram_size (where "
+                                  "scores are the raw logits); use output_logits=True for the raw logits")
 
 
 def repeat_rows(count: int, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:
