@@ -52,8 +52,6 @@ def test_unimplemented_options_warn_or_refuse(pair):
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neutral values and options that do not change the tokens
         ours.generate(IDS, max_new_tokens=2, num_beams=1, use_cache=True, min_new_tokens=None, logits_processor=[])
-    with pytest.raises(NotImplementedError, match="beam search"):
-        ours.generate(IDS, max_new_tokens=2, num_beams=3)
     with pytest.raises(NotImplementedError, match="stopping_criteria"):
         ours.generate(IDS, max_new_tokens=2, stopping_criteria=[lambda *a: True])
     with pytest.raises(TypeError, match="unexpected keyword"):

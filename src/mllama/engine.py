@@ -27,7 +27,7 @@ from mllama.request import Event, Request, RequestHandle, SamplingParams
 from mllama.sampling import NgramBans, SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
 from mllama.tokenizer import StreamDetokenizer
-from mllama.vision_cache import ImageCache, RequestVision, VisionJob
+from mllama.vision_cache import ImageCache, RequestVision, VisionJob, decode_cross
 
 
 class _Sequence:
@@ -396,27 +396,8 @@ class Engine:
         seqs = self._decoding
         self._settings = SamplingTensors.from_rows([s.setting_row for s in seqs], device=self.device)
         self._batch_dirty = False
-        self._cross = None
         visions = [s.vision for s in seqs] + [None] * (n - len(seqs))
-        sees = [v is not None and bool(v.decode_tiles.any()) for v in visions]
-        if not any(sees):
-            return  # no row sees an image: skipping the cross layers is exact
-        width = max(v.tokens for v, see in zip(visions, sees) if see)
-        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        mask = torch.zeros(n, width, dtype=torch.bool, device=self.device)
-        for row, (v, see) in enumerate(zip(visions, sees)):
-            if not see:
-                continue
-            mask[row, :v.tokens] = v.decode_tiles.repeat_interleave(v.patches)
-            for layer, (k, val) in v.kv.items():
-                if layer not in kv:
-                    shape = (n, k.shape[1], width, k.shape[3])
-                    kv[layer] = (k.new_zeros(shape), val.new_zeros(shape))
-                kv[layer][0][row, :, :v.tokens] = k[0]
-                kv[layer][1][row, :, :v.tokens] = val[0]
-        rows = torch.tensor(sees, dtype=self.dtype, device=self.device)[:, None, None]
-        self._cross = CrossInputs(states=None, mask=None if bool(mask.all()) else mask[:, None, None],
-                                  text_row_mask=rows, kv=kv)
+        self._cross = decode_cross(visions, dtype=self.dtype, device=self.device)
 
     def _emit(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         """Deliver one sampled token; returns whether the request has finished."""

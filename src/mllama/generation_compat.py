@@ -33,7 +33,7 @@ NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "min
            "penalty_alpha": None, "top_h": None, "top_n_sigma": None, "logits_processor": None,
            "stopping_criteria": None, "prefix_allowed_tokens_fn": None, "assistant_model": None}
 # Fields of NEUTRAL that mllama implements (generate.token_rules, beam_search): never warned about.
-IMPLEMENTED = {"min_new_tokens", "min_length", "no_repeat_ngram_size"}
+IMPLEMENTED = {"min_new_tokens", "min_length", "no_repeat_ngram_size", "num_beams"}
 # Caller code that would silently not run: refused rather than warned about.
 REFUSED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model")
 
@@ -79,11 +79,12 @@ def unsupported_fields(config: GenerationConfig) -> dict[str, Any]:
 
 
 def check_unsupported(config: GenerationConfig) -> None:
-    """Beam search is refused (it would silently be greedy); other unimplemented fields warn."""
+    """Group beam search is refused (it would silently be plain beam search); other unimplemented
+    fields warn."""
     fields = unsupported_fields(config)
-    if fields.get("num_beams", 1) != 1 or fields.get("num_beam_groups", 1) != 1:
-        raise NotImplementedError(f"num_beams={fields.get('num_beams', 1)}: beam search is not implemented in "
-                                  "mllama; use greedy (the default) or sampling (do_sample=True)")
+    if fields.get("num_beam_groups", 1) != 1:
+        raise NotImplementedError(f"num_beam_groups={fields['num_beam_groups']}: diverse (group) beam search is not "
+                                  "implemented in mllama; use num_beam_groups=1")
     hooks = [key for key in REFUSED if key in fields]
     if hooks:
         raise NotImplementedError(f"{hooks}: mllama decodes in its engine and cannot run caller hooks; use "
