@@ -85,7 +85,7 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
         """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
         check_pixel_values(pixel_values, max_num_tiles=self.config.vision_config.max_num_tiles)
         dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
-        vision = self.vision_model(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
+        vision = self.vision_model.features(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
         b = vision.shape[0]
         return self.multi_modal_projector(vision).reshape(b, -1, self.config.text_config.hidden_size)
 

@@ -267,7 +267,7 @@ class VisionJob:
         """Vision tower, projector and every cross layer's K/V of image j's real tiles."""
         mm = self.model.model
         dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
-        vision = mm.vision_model(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
+        vision = mm.vision_model.features(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
         tiles = mm.multi_modal_projector(vision[0, 0][self.real[j]])  # (T_real, P, hidden)
         kv = mm.language_model.cross_kv(tiles.reshape(1, -1, tiles.shape[-1]))
