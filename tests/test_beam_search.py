@@ -93,6 +93,38 @@ def test_text_only_batch_and_causal_lm_match_transformers():
     assert torch.equal(plain, ref.sequences[::3])  # one sequence per prompt by default
 
 
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, max_new_tokens=10, repetition_penalty=1.3),
+    dict(num_beams=3, max_length=12, num_return_sequences=2),
+    dict(num_beams=2, max_new_tokens=8, min_length=10),
+    dict(num_beams=3, max_new_tokens=6, output_logits=True),
+], ids=["repetition-penalty", "max-length", "min-length", "logits"])
+def test_text_only_options_match_transformers(options):
+    hf, ours = hf_pair("b", seed=3)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 9, 4, 3]])
+    common = dict(input_ids=ids, attention_mask=torch.ones_like(ids), eos_token_id=[2, 3], pad_token_id=0,
+                  output_scores=True, return_dict_in_generate=True, **options)
+    with torch.no_grad():
+        ref = hf.generate(do_sample=False, **common)
+    out = ours.generate(**common)
+    _assert_same(ref, out)
+    if options.get("output_logits"):
+        assert len(out.logits) == len(ref.logits)
+        assert max((a - b).abs().max() for a, b in zip(out.logits, ref.logits)) <= 1e-4
+
+
+def test_transformers_generation_config_with_beams():
+    import transformers
+
+    hf, ours = hf_pair("b", seed=3)
+    ids = torch.tensor([[1, 5, 6, 7], [1, 9, 4, 3]])
+    config = transformers.GenerationConfig(num_beams=3, max_new_tokens=8, num_return_sequences=2, eos_token_id=[2, 3],
+                                           pad_token_id=0)
+    with torch.no_grad():
+        ref = hf.generate(input_ids=ids, generation_config=config)
+    assert ref.shape[0] == 4 and torch.equal(ours.generate(ids, generation_config=config), ref)
+
+
 def test_left_padded_batch_rows_equal_each_row_alone():
     hf, ours = hf_pair("b", seed=3)
     config = tiny_config("b")
