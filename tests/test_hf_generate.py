@@ -114,5 +114,23 @@ def test_rules_refuse_bad_values_and_scores(pair):
         ours.generate(IDS, max_new_tokens=2, min_new_tokens=-1)
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=1.5)
-    with pytest.raises(NotImplementedError, match="no_repeat_ngram_size"):
-        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=2, output_scores=True, return_dict_in_generate=True)
+    with pytest.raises(NotImplementedError, match="do_sample"):
+        ours.generate(IDS, max_new_tokens=2, do_sample=True, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("options", [dict(min_new_tokens=6, no_repeat_ngram_size=2), dict(repetition_penalty=1.4)],
+                         ids=["rules", "penalty"])
+def test_greedy_scores_with_rules_match_transformers(pair, options):
+    hf, ours = pair
+    ref = _ref(hf, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **options)
+    out = ours.generate(IDS, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, ref.sequences) and len(out.scores) == len(ref.scores)
+    banned = 0
+    for t, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        running = ~((ref.sequences[:, 4:4 + t] == 2) | (ref.sequences[:, 4:4 + t] == 3)).any(dim=1)
+        a, b = a[running], b[running]  # mllama leaves finished rows' scores at zero
+        finite = b.isfinite()
+        banned += int((~finite).sum())
+        assert torch.equal(a.isfinite(), finite) and (a[finite] - b[finite]).abs().max() <= 1e-4
+    assert banned > 0 or "repetition_penalty" in options  # the rules forbade ids at some step
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(out.scores, out.logits)) or banned

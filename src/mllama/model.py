@@ -12,7 +12,8 @@ from torch import nn
 
 from mllama.config import GenerationConfig, MllamaConfig, MllamaTextConfig
 from mllama.generation_compat import (HARMLESS, NEUTRAL, GenerateDecoderOnlyOutput, as_generation_config,
-                                      check_scores, check_unsupported, repeat_rows, with_model_tokens)
+                                      check_scores, check_unsupported, greedy_scores, repeat_rows,
+                                      with_model_tokens)
 from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
 from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
 from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
@@ -258,7 +259,7 @@ class _PretrainedMixin(TrainingSurfaceMixin):
 
         transformers compatibility: generation_config may be transformers' GenerationConfig (a config
         without eos/pad ids keeps the model's); num_return_sequences repeats each row (sampling only);
-        output_scores gives `.scores` (greedy without penalties). min_new_tokens, min_length,
+        output_scores gives `.scores` (greedy or beam search). min_new_tokens, min_length,
         no_repeat_ngram_size and beam search (num_beams > 1, length_penalty, early_stopping,
         num_return_sequences <= num_beams; see mllama.beam_search) follow transformers. Other
         transformers fields that would change the output warn that they are ignored.
@@ -320,8 +321,8 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                        fast_vision=fast_vision)
         if isinstance(out, torch.Tensor):
             return out
-        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits,
-                                         scores=out.logits if output_scores else None)
+        scores = greedy_scores(out.logits, out.sequences, attention_mask, config) if output_scores else None
+        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits, scores=scores)
 
     @property
     def device(self) -> torch.device:
