@@ -64,8 +64,14 @@ def test_beam_search_matches_transformers(case, options):
 def test_some_beams_end_early_and_the_search_stops_early(case):
     hf, ours, inputs = case
     s = inputs["input_ids"].shape[1]
-    ref, out = _both(hf, ours, inputs, num_beams=4, max_new_tokens=12, num_return_sequences=2, length_penalty=-0.5)
+    encodes = []
+    hook = ours.model.vision_model.patch_embedding.register_forward_hook(lambda *a: encodes.append(1))
+    try:
+        ref, out = _both(hf, ours, inputs, num_beams=4, max_new_tokens=12, num_return_sequences=2, length_penalty=-0.5)
+    finally:
+        hook.remove()
     _assert_same(ref, out)
+    assert len(encodes) == inputs["pixel_values"].shape[0]  # each prompt's one image once, not once per beam
     ended = (ref.sequences[:, s:] == EOS).any(dim=1)
     assert ended.any()  # EOS finished some returned hypotheses before max_new_tokens
     ref, out = _both(hf, ours, inputs, num_beams=2, max_new_tokens=12, early_stopping=True)

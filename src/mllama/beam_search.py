@@ -124,6 +124,8 @@ class _Decoder:
 
     def reorder(self, sources: torch.Tensor) -> None:
         """Slot i takes the cache of slot sources[i] (beams that survive, possibly several times)."""
+        if torch.equal(sources, torch.arange(sources.numel(), device=sources.device)):
+            return  # every beam continued itself: nothing moves
         length = int(self.lengths.max()) + self.cached
         for buffers in (self.kv.k, self.kv.v):
             for buf in buffers.values():
@@ -293,13 +295,15 @@ def generate_beams(model: nn.Module, input_ids: torch.Tensor, *, attention_mask:
                             no_repeat_ngram_size=ngram, repetition_penalty=config.repetition_penalty)
     settings.validate()
     real = attention_mask.bool()
+    # The embedding's device: lm_head may be a quantized module without a plain weight.
+    device = getattr(model.model, "language_model", model.model).embed_tokens.weight.device
     prompts = []
     for row in range(b):
         keep = real[row]
         row_images = None
         if images is not None:
             row_images = (images[0][row], images[1][row], images[2][row], images[3][row][keep])
-        prompts.append(encode_prompt(model, input_ids[row][keep].to(model.lm_head.weight.device), row_images))
+        prompts.append(encode_prompt(model, input_ids[row][keep].to(device), row_images))
     result = beam_search(model, prompts, settings, keep_scores=output_scores and return_dict,
                          keep_logits=output_logits and return_dict)
     r = num_return_sequences
