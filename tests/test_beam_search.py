@@ -167,3 +167,4 @@ def test_bad_beam_options_are_refused(case):
         ours.generate(**inputs, num_beams=4, num_beam_groups=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="num_beams"):
         ours.generate(**inputs, num_beams=0, max_new_tokens=2)
+    assert torch.equal(ours.generate(**inputs, num_beams=2, max_new_tokens=0), inputs["input_ids"])

@@ -72,8 +72,8 @@ class BeamSettings:
         lp = self.length_penalty
         if isinstance(lp, bool) or not isinstance(lp, (int, float)) or lp != lp:
             raise ValueError(f"length_penalty must be a real number, got {lp!r}")
-        if self.max_new < 1:
-            raise ValueError(f"beam search needs at least one new token, got max_new_tokens={self.max_new}")
+        if self.max_new < 0:
+            raise ValueError(f"max_new must be >= 0, got {self.max_new}")
 
 
 @dataclass
@@ -170,6 +170,8 @@ class BeamResult:
 def beam_search(model: nn.Module, prompts: list[_Prompt], settings: BeamSettings, *, keep_scores: bool = False,
                 keep_logits: bool = False) -> BeamResult:
     settings.validate()
+    if settings.max_new < 1:
+        raise ValueError("beam search needs a budget of at least one new token")
     s, b, n, steps = settings, len(prompts), settings.num_beams, settings.max_new
     decoder = _Decoder(model, prompts, n, steps)
     device = decoder.device
@@ -294,6 +296,9 @@ def generate_beams(model: nn.Module, input_ids: torch.Tensor, *, attention_mask:
                             num_return_sequences=num_return_sequences, min_tokens=min_tokens,
                             no_repeat_ngram_size=ngram, repetition_penalty=config.repetition_penalty)
     settings.validate()
+    if max_new == 0:  # nothing to search: the prompts as they are, as greedy generate returns them
+        sequences = input_ids.repeat_interleave(num_return_sequences, dim=0)
+        return GenerateBeamDecoderOnlyOutput(sequences=sequences) if return_dict else sequences
     real = attention_mask.bool()
     # The embedding's device: lm_head may be a quantized module without a plain weight.
     device = getattr(model.model, "language_model", model.model).embed_tokens.weight.device
