@@ -90,7 +90,8 @@ def test_dtype_aliases():
     (lambda: MllamaVisionConfig(max_num_tiles=2), "supported_aspect_ratios"),
     (lambda: MllamaVisionConfig(image_size=500), "patch_size"),
     (lambda: MllamaVisionConfig(vision_output_dim=1280), "vision_output_dim"),
-    (lambda: MllamaConfig(image_token_index=5), "image_token_index"),
+    (lambda: MllamaConfig(image_token_index=128256 + 8), "image_token_index"),
+    (lambda: MllamaConfig(image_token_index=-1), "image_token_index"),
     (lambda: MllamaConfig.from_dict({"text_config": {"num_hidden_layers": 2}}), "cross_attention_layers"),
 ])
 def test_inconsistent_fields_raise_naming_the_field(make, field):

@@ -420,3 +420,44 @@ def test_text_only_model_serves_requests(models):
                         if k.startswith("model.language_model.") or k == "lm_head.weight"})
     request = _request("a", length=7, seed=99, max_tokens=6)
     assert _alone(lm, request)[0] == _alone(full, request)[0]
+
+
+def _repeats_an_ngram(ids: list[int], n: int) -> bool:
+    grams = [tuple(ids[i:i + n]) for i in range(len(ids) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_min_tokens_and_no_repeat_ngram_rules_batched_equal_alone(models):
+    model = models["a"]
+    base = [_request("a", length=n, tiles=t, image_at=at, seed=120 + i, max_tokens=14)
+            for i, (n, t, at) in enumerate([(5, [], []), (7, [2], [1]), (4, [], []), (9, [1], [3])])]
+    free = [_alone(model, r)[0] for r in base]
+    ruled = []
+    for i, (request, tokens) in enumerate(zip(base, free)):
+        stop = tokens[1]  # unconstrained, the request would stop after two tokens
+        if i % 2:
+            params = replace(request.sampling, stop_token_ids=(stop,), min_tokens=6, no_repeat_ngram_size=2)
+        else:
+            params = replace(request.sampling, stop_token_ids=(stop,), min_tokens=6)
+        ruled.append(replace(request, sampling=params))
+    alone = [_alone(model, r)[0] for r in ruled]
+    for request, tokens, before in zip(ruled, alone, free):
+        stop = request.sampling.stop_token_ids[0]
+        assert before[1] == stop and len(tokens) >= 6 and stop not in tokens[:6]  # unconstrained it stops at 2
+        assert len(tokens) == 14 or tokens[-1] == stop
+        if request.sampling.no_repeat_ngram_size:
+            assert not _repeats_an_ngram(request.input_ids.tolist() + tokens, 2)
+    # the unconstrained odd requests do repeat a bigram, so the ban was exercised
+    assert any(_repeats_an_ngram(r.input_ids.tolist() + _alone(model, replace(
+        r, sampling=replace(r.sampling, no_repeat_ngram_size=0, min_tokens=6)))[0], 2) for r in ruled[1::2])
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3)
+    handles = _run_schedule(engine, [(0, ruled[0]), (0, ruled[1]), (2, ruled[2]), (3, ruled[3])])
+    assert [h.tokens for h in handles] == alone
+
+
+def test_bad_rule_params(models):
+    engine = Engine(models["a"], max_slots=1, max_len=MAX_LEN)
+    with pytest.raises(ValueError, match="min_tokens"):
+        engine.submit(Request(input_ids=[1, 5], sampling=SamplingParams(min_tokens=-1)))
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        engine.submit(Request(input_ids=[1, 5], sampling=SamplingParams(no_repeat_ngram_size=-2)))

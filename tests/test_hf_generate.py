@@ -45,15 +45,13 @@ def test_explicit_mllama_config_keeps_the_models_eos(pair):
 
 def test_unimplemented_options_warn_or_refuse(pair):
     _, ours = pair
-    with pytest.warns(UserWarning, match="no_repeat_ngram_size"):
-        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=2)
-    with pytest.warns(UserWarning, match="min_new_tokens"):
-        ours.generate(IDS, generation_config={"max_new_tokens": 2, "min_new_tokens": 2})
+    with pytest.warns(UserWarning, match="typical_p"):
+        ours.generate(IDS, max_new_tokens=2, typical_p=0.5)
+    with pytest.warns(UserWarning, match="encoder_no_repeat_ngram_size"):
+        ours.generate(IDS, generation_config={"max_new_tokens": 2, "encoder_no_repeat_ngram_size": 2})
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # neutral values and options that do not change the tokens
         ours.generate(IDS, max_new_tokens=2, num_beams=1, use_cache=True, min_new_tokens=None, logits_processor=[])
-    with pytest.raises(NotImplementedError, match="beam search"):
-        ours.generate(IDS, max_new_tokens=2, num_beams=3)
     with pytest.raises(NotImplementedError, match="stopping_criteria"):
         ours.generate(IDS, max_new_tokens=2, stopping_criteria=[lambda *a: True])
     with pytest.raises(TypeError, match="unexpected keyword"):
@@ -82,3 +80,57 @@ def test_scores_and_dict_output_match_transformers(pair):
         assert (a - b).abs().max() <= 1e-4
     with pytest.raises(NotImplementedError, match="output_logits"):
         ours.generate(IDS, max_new_tokens=2, do_sample=True, output_scores=True, return_dict_in_generate=True)
+
+
+def test_min_new_tokens_and_min_length_match_transformers(pair):
+    hf, ours = pair
+    free = _ref(hf, max_new_tokens=16)
+    first_eos = [next(i for i, t in enumerate(row[4:].tolist()) if t in (2, 3)) for row in free]
+    assert min(first_eos) < 5  # without the rule a row stops early
+    for options in ({"min_new_tokens": 9}, {"min_length": 13}):
+        ref = _ref(hf, max_new_tokens=16, **options)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # implemented: nothing to warn about
+            out = ours.generate(IDS, max_new_tokens=16, **options)
+        assert torch.equal(out, ref), options
+        assert not ((ref[:, 4:13] == 2) | (ref[:, 4:13] == 3)).any() and not torch.equal(ref, free)
+
+
+def test_no_repeat_ngram_size_matches_transformers_on_a_batch(pair):
+    hf, ours = pair
+    ids = torch.tensor([[1, 5, 6, 7, 5, 6], [1, 9, 4, 3, 8, 8], [1, 11, 12, 11, 12, 11]])
+    for n in (1, 2, 3):
+        ref = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), do_sample=False, eos_token_id=[2, 3],
+                          pad_token_id=0, max_new_tokens=14, no_repeat_ngram_size=n)
+        out = ours.generate(ids, max_new_tokens=14, no_repeat_ngram_size=n)
+        assert torch.equal(out, ref), n
+    free = ours.generate(ids, max_new_tokens=14)
+    assert not torch.equal(free, ours.generate(ids, max_new_tokens=14, no_repeat_ngram_size=2))
+
+
+def test_rules_refuse_bad_values_and_scores(pair):
+    _, ours = pair
+    with pytest.raises(ValueError, match="min_new_tokens"):
+        ours.generate(IDS, max_new_tokens=2, min_new_tokens=-1)
+    with pytest.raises(ValueError, match="no_repeat_ngram_size"):
+        ours.generate(IDS, max_new_tokens=2, no_repeat_ngram_size=1.5)
+    with pytest.raises(NotImplementedError, match="do_sample"):
+        ours.generate(IDS, max_new_tokens=2, do_sample=True, output_scores=True, return_dict_in_generate=True)
+
+
+@pytest.mark.parametrize("options", [dict(min_new_tokens=6, no_repeat_ngram_size=2), dict(repetition_penalty=1.4)],
+                         ids=["rules", "penalty"])
+def test_greedy_scores_with_rules_match_transformers(pair, options):
+    hf, ours = pair
+    ref = _ref(hf, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **options)
+    out = ours.generate(IDS, max_new_tokens=6, output_scores=True, return_dict_in_generate=True, **options)
+    assert torch.equal(out.sequences, ref.sequences) and len(out.scores) == len(ref.scores)
+    banned = 0
+    for t, (a, b) in enumerate(zip(out.scores, ref.scores)):
+        running = ~((ref.sequences[:, 4:4 + t] == 2) | (ref.sequences[:, 4:4 + t] == 3)).any(dim=1)
+        a, b = a[running], b[running]  # mllama leaves finished rows' scores at zero
+        finite = b.isfinite()
+        banned += int((~finite).sum())
+        assert torch.equal(a.isfinite(), finite) and (a[finite] - b[finite]).abs().max() <= 1e-4
+    assert banned > 0 or "repetition_penalty" in options  # the rules forbade ids at some step
+    assert any((a - b).abs().max() > 1e-3 for a, b in zip(out.scores, out.logits)) or banned

@@ -214,7 +214,14 @@ def test_entry_points_and_pipeline_attributes(pair, saved):
     tap_layer_inputs(ref_vision)
     args = (inputs["pixel_values"], inputs["aspect_ratio_ids"], inputs["aspect_ratio_mask"])
     with torch.no_grad():
-        assert (vision(*args) - ref_vision(*args).last_hidden_state).abs().max() <= TOL
+        out, ref = vision(*args), ref_vision(*args)
+        assert (out.last_hidden_state - ref.last_hidden_state).abs().max() <= TOL
+        # the output object as transformers': same fields set, out[0] / out["last_hidden_state"], tuples
+        assert list(out.keys()) == list(ref.keys()) == ["last_hidden_state"]
+        assert out[0] is out["last_hidden_state"] is out.last_hidden_state and out.hidden_states is None
+        assert len(out.to_tuple()) == len(ref.to_tuple()) == 1
+        assert torch.equal(vision(*args, return_dict=False)[0], out[0])
+        assert torch.equal(vision.features(*args), out[0])
 
     loaded = MllamaForConditionalGeneration.from_pretrained(saved)
     ref_loaded = transformers.MllamaForConditionalGeneration.from_pretrained(saved)
@@ -240,4 +247,4 @@ def test_vision_input_checks_do_not_break_the_compiled_graph(pair):
     torch._dynamo.reset()
     compiled = torch.compile(ours.model.vision_model)
     with torch.no_grad():
-        assert (compiled(*args) - ours.model.vision_model(*args)).abs().max() <= 1e-5
+        assert (compiled(*args)[0] - ours.model.vision_model(*args)[0]).abs().max() <= 1e-5

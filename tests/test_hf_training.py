@@ -56,7 +56,9 @@ def test_embeddings_counts_and_footprint_match_transformers():
     assert ours.num_parameters(only_trainable=True) == 0
 
 
-def test_resize_token_embeddings_like_transformers():
+def test_resize_token_embeddings_like_transformers(tmp_path):
+    import transformers
+
     hf, ours = hf_pair("a", seed=3)
     old_in, old_out = ours.get_input_embeddings().weight.clone(), ours.lm_head.weight.clone()
     for model in (hf, ours):
@@ -71,6 +73,23 @@ def test_resize_token_embeddings_like_transformers():
     ids = torch.tensor([[1, 5, 109]])
     with torch.no_grad():
         assert ours(ids).logits.shape == (1, 3, 110)
+    saved = tmp_path / "resized"
+    ours.save_pretrained(saved)
+    hf_saved = tmp_path / "hf-resized"
+    hf.save_pretrained(hf_saved)
+    ids = torch.tensor([[1, 5, 96, 109, 7]])  # a new id, and <|image|> now inside the vocabulary
+    with torch.no_grad():
+        want = ours(ids).logits
+        # ours -> ours and ours -> transformers: config's vocab_size follows, logits equal
+        back = MllamaForConditionalGeneration.from_pretrained(saved)
+        assert back.config.text_config.vocab_size == 110 and back.lm_head.weight.shape == (110, 64)
+        assert torch.equal(back(ids).logits, want)
+        ref = transformers.MllamaForConditionalGeneration.from_pretrained(saved).eval()
+        assert ref.config.text_config.vocab_size == 110
+        assert (ref(input_ids=ids).logits - want).abs().max() <= TOL
+        # transformers' own save of its resized model (vocab_size rows, which it cannot load itself)
+        theirs = MllamaForConditionalGeneration.from_pretrained(hf_saved)
+        assert torch.equal(theirs(ids).logits, hf(input_ids=ids).logits)
     ours.resize_token_embeddings(99, pad_to_multiple_of=8)
     assert ours.get_input_embeddings().num_embeddings == 104
     with pytest.raises(ValueError, match="image"):

@@ -114,3 +114,21 @@ def test_draws_follow_the_distribution_and_skip_zero_probability_ids():
     assert counts[1] == 0 and counts[4] == 0
     for i in (0, 2, 3):  # three standard deviations of a binomial at n=3000
         assert abs(counts[i] - probs[0, i].item()) < 3 * math.sqrt(0.25 / 3000)
+
+
+def test_ngram_bans_follow_every_earlier_occurrence_of_the_prefix():
+    from mllama.sampling import NgramBans, ban_ids
+
+    bans = NgramBans(3, [4, 5, 6, 4, 5, 7, 9, 4])
+    assert bans.banned() == []  # prefix (9, 4) never seen
+    bans.append(5)
+    assert bans.banned() == [6, 7]  # (4, 5) was followed by 6 and by 7
+    assert NgramBans(1, [3, 8]).banned() == [3, 8]
+    assert NgramBans(4, [1, 2]).banned() == []  # too short to complete any 4-gram
+    fork = bans.copy()
+    fork.append(6)
+    assert bans.history[-1] == 5 and fork.banned() == [4]
+    logits = torch.zeros(2, 10)
+    out = ban_ids(logits, [[6, 7, 12], []])  # 12 has no logit: skipped
+    assert out[0].isinf().tolist() == [i in (6, 7) for i in range(10)] and not out[1].isinf().any()
+    assert not logits.isinf().any()

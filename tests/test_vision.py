@@ -86,7 +86,7 @@ def reference(ref: torch.nn.Module, pixels, ids, mask) -> torch.Tensor:
 def check_parity(ours, ref, cfg, masks, seed=1) -> float:
     pixels, ids, mask = make_inputs(cfg, masks, seed)
     with torch.no_grad():
-        got = ours(pixels, ids, mask)
+        got = ours(pixels, ids, mask).last_hidden_state  # the public forward, as transformers'
     want = reference(ref, pixels, ids, mask)
     assert got.shape == want.shape == (*mask.shape, cfg.num_patches, cfg.vision_output_dim)
     real = mask.sum(-1) > 0  # padded image slots are free to differ
@@ -128,7 +128,7 @@ def test_fewer_tiles_equal_zero_padded_tiles():
     pixels[:, :, 2:] = 0  # what the image processor puts in padded tiles
     want = reference(ref, pixels, ids, mask)[:, :, :2]
     with torch.no_grad():
-        got = ours(pixels[:, :, :2].clone(), ids, mask[:, :, :2].clone())
+        got = ours.features(pixels[:, :, :2].clone(), ids, mask[:, :, :2].clone())
     assert got.shape == want.shape
     assert (got - want).abs().max() <= 1e-4
 
@@ -137,9 +137,9 @@ def test_image_independent_of_batch_mates():
     ours, _, cfg = make_pair("tiles3-pad6", seed=4)
     pixels, ids, mask = make_inputs(cfg, [[[1, 1, 0], [1, 1, 1]], [[1, 0, 0], [0, 0, 0]]], seed=6)
     with torch.no_grad():
-        together = ours(pixels, ids, mask)
+        together = ours.features(pixels, ids, mask)
         for b, i in [(0, 0), (0, 1), (1, 0)]:
-            alone = ours(pixels[b:b + 1, i:i + 1], ids[b:b + 1, i:i + 1], mask[b:b + 1, i:i + 1])
+            alone = ours.features(pixels[b:b + 1, i:i + 1], ids[b:b + 1, i:i + 1], mask[b:b + 1, i:i + 1])
             assert (alone[0, 0] - together[b, i]).abs().max() <= 1e-5
         assert torch.isfinite(together).all()  # the padded slot included
 
@@ -148,7 +148,7 @@ def test_gradients_match_transformers():
     ours, ref, cfg = make_pair("tiles2-pad3", seed=7)
     pixels, ids, mask = make_inputs(cfg, [[[1, 1]], [[1, 0]]], seed=8)
     weights = torch.randn(*mask.shape, cfg.num_patches, cfg.vision_output_dim)
-    (ours(pixels, ids, mask) * weights).sum().backward()
+    (ours(pixels, ids, mask)[0] * weights).sum().backward()
     (ref(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state * weights).sum().backward()
     ref_params = dict(ref.named_parameters())
     for name, p in ours.named_parameters():
@@ -191,7 +191,7 @@ def test_all_padded_batch_gives_zeros():
     ours, _, cfg = make_pair("tiles2-pad3")
     pixels, ids, mask = make_inputs(cfg, [[[0, 0]]])
     with torch.no_grad():
-        out = ours(pixels, ids, mask)
+        out = ours.features(pixels, ids, mask)
     assert out.shape == (1, 1, 2, cfg.num_patches, cfg.vision_output_dim)
     assert (out == 0).all()
 
@@ -261,9 +261,9 @@ def test_skip_padded_tiles_encodes_the_real_tiles_alone(n, ratio_id, ratios):
     ids = torch.tensor([[ratio_id]])
     mask = torch.tensor([[[1] * n + [0] * (3 - n)]])
     with torch.no_grad():
-        fast = ours(pixels, ids, mask, skip_padded_tiles=True)
-        exact = ours(pixels, ids, mask)
-        alone = _alone(ours, "tiles3-pad6", n, ratios)(pixels[:, :, :n], ids, torch.ones(1, 1, n, dtype=torch.long))
+        fast = ours.features(pixels, ids, mask, skip_padded_tiles=True)
+        exact = ours.features(pixels, ids, mask)
+        alone = _alone(ours, "tiles3-pad6", n, ratios).features(pixels[:, :, :n], ids, torch.ones(1, 1, n, dtype=torch.long))
     assert (fast[:, :, :n] - alone).abs().max().item() <= 1e-5
     assert not fast[:, :, n:].any()  # padded tiles carry nothing
     # Not exact: as trained, real patches also attend to the padded tiles.
@@ -274,6 +274,6 @@ def test_skip_padded_tiles_changes_nothing_without_padded_tiles():
     ours, _, cfg = make_pair("tiles3-pad6", seed=9)
     pixels, ids, mask = make_inputs(cfg, [[[1, 1, 1], [1, 1, 0]], [[1, 1, 1], [0, 0, 0]]], seed=3)
     with torch.no_grad():
-        fast, exact = ours(pixels, ids, mask, skip_padded_tiles=True), ours(pixels, ids, mask)
+        fast, exact = ours.features(pixels, ids, mask, skip_padded_tiles=True), ours.features(pixels, ids, mask)
     assert torch.equal(fast[:, 0], exact[:, 0]) and torch.equal(fast[1, 1], exact[1, 1])
     assert not torch.equal(fast[0, 1], exact[0, 1])

@@ -306,10 +306,10 @@ class MllamaConfig(_ConfigIO):
             self.text_config = MllamaTextConfig()
         elif isinstance(self.text_config, dict):
             self.text_config = MllamaTextConfig.from_dict(self.text_config)
-        if self.image_token_index < self.text_config.vocab_size:
-            _fail("MllamaConfig", "image_token_index",
-                  f"{self.image_token_index} must be >= text_config.vocab_size {self.text_config.vocab_size} "
-                  "(the <|image|> row lives past the lm_head)")
+        # image_token_index < vocab_size is allowed: after resize_token_embeddings (new tokens added)
+        # the <|image|> id falls inside the enlarged lm_head, as in transformers.
+        if self.image_token_index < 0:
+            _fail("MllamaConfig", "image_token_index", f"{self.image_token_index} must be >= 0")
         if self.image_token_index >= self.text_config.vocab_size + 8:
             _fail("MllamaConfig", "image_token_index",
                   f"{self.image_token_index} is past the vocab_size + 8 embedding rows")

@@ -24,10 +24,10 @@ from torch import nn
 from mllama.cache import KVCache, KVWindow
 from mllama.checks import check_pixel_values
 from mllama.request import Event, Request, RequestHandle, SamplingParams
-from mllama.sampling import SamplingTensors, mark_seen, select_next
+from mllama.sampling import NgramBans, SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
 from mllama.tokenizer import StreamDetokenizer
-from mllama.vision_cache import ImageCache, RequestVision, VisionJob
+from mllama.vision_cache import ImageCache, RequestVision, VisionJob, decode_cross
 
 
 class _Sequence:
@@ -46,6 +46,15 @@ class _Sequence:
         self.next_token = -1  # sampled, not yet in the cache
         self.generated = 0
         self.presence: torch.Tensor | None = None  # (1, V) ids seen, for the repetition penalty
+        n = params.no_repeat_ngram_size
+        self.ngrams = NgramBans(n, prompt.tolist()) if n else None
+
+    def banned(self) -> list[int]:
+        """Ids this request may not choose next (min_tokens, no_repeat_ngram_size)."""
+        ids = self.ngrams.banned() if self.ngrams is not None else []
+        if self.generated < self.params.min_tokens:
+            ids = ids + list(self.params.stop_token_ids)
+        return ids
 
     @property
     def setting_row(self) -> tuple[float, int, float, float, float]:
@@ -335,7 +344,8 @@ class Engine:
             seq.presence = torch.zeros(1, self.vocab, dtype=torch.bool, device=self.device)
             mark_seen(seq.presence, seq.prompt[None])
         settings = SamplingTensors.from_rows([seq.setting_row], device=self.device)
-        token = select_next(logits, settings, presence=seq.presence, generators=[seq.generator])
+        token = select_next(ban_ids(logits, [seq.banned()]), settings, presence=seq.presence,
+                            generators=[seq.generator])
         if not self._emit(seq, int(token[0]), logits[0]):
             self._presence[slot] = False
             if seq.presence is not None:
@@ -373,7 +383,9 @@ class Engine:
         presence = self._presence[:n] if penalized else None
         if penalized:
             mark_seen(presence, tokens)
-        chosen = select_next(logits, self._settings, presence=presence, generators=[s.generator for s in seqs])
+        # Bans act on the choice only: events keep the raw logits (logprobs, return_logits).
+        chosen = select_next(ban_ids(logits, [s.banned() for s in seqs]), self._settings, presence=presence,
+                             generators=[s.generator for s in seqs])
         done = [slot for slot, (seq, token) in enumerate(zip(seqs, chosen.tolist()))
                 if self._emit(seq, token, logits[slot])]
         self._free(done)
@@ -384,33 +396,16 @@ class Engine:
         seqs = self._decoding
         self._settings = SamplingTensors.from_rows([s.setting_row for s in seqs], device=self.device)
         self._batch_dirty = False
-        self._cross = None
         visions = [s.vision for s in seqs] + [None] * (n - len(seqs))
-        sees = [v is not None and bool(v.decode_tiles.any()) for v in visions]
-        if not any(sees):
-            return  # no row sees an image: skipping the cross layers is exact
-        width = max(v.tokens for v, see in zip(visions, sees) if see)
-        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        mask = torch.zeros(n, width, dtype=torch.bool, device=self.device)
-        for row, (v, see) in enumerate(zip(visions, sees)):
-            if not see:
-                continue
-            mask[row, :v.tokens] = v.decode_tiles.repeat_interleave(v.patches)
-            for layer, (k, val) in v.kv.items():
-                if layer not in kv:
-                    shape = (n, k.shape[1], width, k.shape[3])
-                    kv[layer] = (k.new_zeros(shape), val.new_zeros(shape))
-                kv[layer][0][row, :, :v.tokens] = k[0]
-                kv[layer][1][row, :, :v.tokens] = val[0]
-        rows = torch.tensor(sees, dtype=self.dtype, device=self.device)[:, None, None]
-        self._cross = CrossInputs(states=None, mask=None if bool(mask.all()) else mask[:, None, None],
-                                  text_row_mask=rows, kv=kv)
+        self._cross = decode_cross(visions, dtype=self.dtype, device=self.device)
 
     def _emit(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
         """Deliver one sampled token; returns whether the request has finished."""
         params = seq.params
         seq.next_token = token
         seq.generated += 1
+        if seq.ngrams is not None:
+            seq.ngrams.append(token)
         event = Event(token=token)
         if params.logprobs is not None:
             logprobs = logits.float().log_softmax(dim=-1)

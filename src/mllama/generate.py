@@ -42,11 +42,24 @@ class _Decoder(Protocol):
 COMPILED_CACHE_MULTIPLE = 256
 
 
+def token_rules(config: GenerationConfig, *, prompt_len: int) -> tuple[int, int]:
+    """(min_tokens, no_repeat_ngram_size) from transformers' fields. min_length counts the prompt
+    (its padded length in a batch, as transformers counts it); min_new_tokens does not."""
+    extra = config.extra
+    values = {k: extra.get(k) for k in ("min_new_tokens", "min_length", "no_repeat_ngram_size")}
+    for name, value in values.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+    min_tokens = max(values["min_new_tokens"] or 0, (values["min_length"] or 0) - prompt_len, 0)
+    return min_tokens, values["no_repeat_ngram_size"] or 0
+
+
 def _sampling(config: GenerationConfig, *, max_new: int, stop_strings: list[str] | None,
-              output_logits: bool) -> SamplingParams:
+              output_logits: bool, prompt_len: int) -> SamplingParams:
     if config.do_sample and config.temperature <= 0:
         raise ValueError(f"temperature must be > 0 when sampling, got {config.temperature}")
-    return SamplingParams(max_tokens=max_new, temperature=config.temperature if config.do_sample else 0.0,
+    min_tokens, ngram = token_rules(config, prompt_len=prompt_len)
+    return SamplingParams(min_tokens=min_tokens, no_repeat_ngram_size=ngram, max_tokens=max_new, temperature=config.temperature if config.do_sample else 0.0,
                           top_k=config.top_k or 0, top_p=config.top_p if config.top_p is not None else 1.0,
                           min_p=config.min_p or 0.0, repetition_penalty=config.repetition_penalty,
                           stop_token_ids=tuple(config.eos_token_ids), stop_strings=tuple(stop_strings or ()),
@@ -91,36 +104,14 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
               streamer: Streamer | None, generator: torch.Generator | None, output_logits: bool, compile: bool,
               fast_vision: bool) -> torch.Tensor | GenerateOutput:
     text_model = getattr(model.model, "language_model", model.model)
-    check_ids(input_ids, text_model.embed_tokens.num_embeddings)
-    if input_ids.dim() != 2:
-        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
-    b, s = input_ids.shape
-    if s == 0 or b == 0:
-        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): need a prompt of at least one token")
-    max_new = new_token_budget(config, prompt_len=s, max_positions=text_model.config.max_position_embeddings)
+    b, s, max_new, attention_mask, images = check_generate_inputs(
+        model, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
+        aspect_ratio_mask=aspect_ratio_mask, cross_attention_mask=cross_attention_mask, config=config)
     pad_id = config.pad_token_id if config.pad_token_id is not None else (config.eos_token_ids or [0])[0]
     if stop_strings and tokenizer is None:
         raise ValueError("stop_strings need a tokenizer= to decode the output")
     if streamer is not None and b != 1:
         raise ValueError("a streamer supports batch size 1 only")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    if attention_mask.shape != input_ids.shape:
-        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
-    images = None
-    if pixel_values is not None:
-        check_pixel_values(pixel_values, max_num_tiles=getattr(model.config, "vision_config", None)
-                           and model.config.vision_config.max_num_tiles)
-        if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
-            raise ValueError("pixel_values needs aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
-        if cross_attention_mask.shape[:2] != (b, s):
-            raise ValueError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, "
-                             f"expected ({b}, {s}, N_images, N_tiles)")
-        if pixel_values.shape[:3] != (b, *cross_attention_mask.shape[2:]):
-            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but cross_attention_mask "
-                             f"{tuple(cross_attention_mask.shape)} implies ({b}, {cross_attention_mask.shape[2]}, "
-                             f"{cross_attention_mask.shape[3]}, C, H, W)")
-        images = (pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
     if max_new == 0:
         return GenerateOutput(input_ids.clone(), ()) if output_logits else input_ids.clone()
 
@@ -130,12 +121,11 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
         warnings.warn("right padding detected in attention_mask: each row is still generated from its own real "
                       "tokens, but its new tokens follow the padding in the returned sequences; pad on the "
                       "left (padding_side='left') for the transformers layout", stacklevel=3)
-    if not bool((lengths > 0).all()):
-        raise ValueError("a row of attention_mask has no real token")
     max_len = min(int(lengths.max()) + max_new, text_model.config.max_position_embeddings)
     if compile:
         max_len = -(-max_len // COMPILED_CACHE_MULTIPLE) * COMPILED_CACHE_MULTIPLE
-    params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits)
+    params = _sampling(config, max_new=max_new, stop_strings=stop_strings, output_logits=output_logits,
+                       prompt_len=s)
     params.validate()  # before the cache is allocated
     engine = Engine(model, max_slots=b, max_len=max_len, tokenizer=tokenizer if stop_strings else None, prefill_chunk=max(s, 1),
                     vision_piece_layers=None, image_cache_bytes=0, fast_vision=fast_vision, compile=compile)
@@ -179,6 +169,42 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
         rows = [e[step].logits if step < len(e) else zero for e in events]
         logits.append(torch.stack(rows).to(input_ids.device))
     return GenerateOutput(sequences, tuple(logits))
+
+
+def check_generate_inputs(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None,
+                          pixel_values: torch.Tensor | None, aspect_ratio_ids: torch.Tensor | None,
+                          aspect_ratio_mask: torch.Tensor | None, cross_attention_mask: torch.Tensor | None,
+                          config: GenerationConfig) -> tuple[int, int, int, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Validated (batch, prompt length, new-token budget, attention_mask, images or None)."""
+    text_model = getattr(model.model, "language_model", model.model)
+    check_ids(input_ids, text_model.embed_tokens.num_embeddings)
+    if input_ids.dim() != 2:
+        raise ValueError(f"input_ids must be (batch, seq), got shape {tuple(input_ids.shape)}")
+    b, s = input_ids.shape
+    if s == 0 or b == 0:
+        raise ValueError(f"input_ids is empty (shape {tuple(input_ids.shape)}): need a prompt of at least one token")
+    max_new = new_token_budget(config, prompt_len=s, max_positions=text_model.config.max_position_embeddings)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if attention_mask.shape != input_ids.shape:
+        raise ValueError(f"attention_mask shape {tuple(attention_mask.shape)} != input_ids {tuple(input_ids.shape)}")
+    if not bool(attention_mask.bool().any(dim=1).all()):
+        raise ValueError("a row of attention_mask has no real token")
+    images = None
+    if pixel_values is not None:
+        check_pixel_values(pixel_values, max_num_tiles=getattr(model.config, "vision_config", None)
+                           and model.config.vision_config.max_num_tiles)
+        if aspect_ratio_ids is None or aspect_ratio_mask is None or cross_attention_mask is None:
+            raise ValueError("pixel_values needs aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
+        if cross_attention_mask.shape[:2] != (b, s):
+            raise ValueError(f"cross_attention_mask has shape {tuple(cross_attention_mask.shape)}, "
+                             f"expected ({b}, {s}, N_images, N_tiles)")
+        if pixel_values.shape[:3] != (b, *cross_attention_mask.shape[2:]):
+            raise ValueError(f"pixel_values has shape {tuple(pixel_values.shape)} but cross_attention_mask "
+                             f"{tuple(cross_attention_mask.shape)} implies ({b}, {cross_attention_mask.shape[2]}, "
+                             f"{cross_attention_mask.shape[3]}, C, H, W)")
+        images = (pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
+    return b, s, max_new, attention_mask, images
 
 
 def new_token_budget(config: GenerationConfig, *, prompt_len: int, max_positions: int) -> int:

@@ -12,7 +12,8 @@ from torch import nn
 
 from mllama.config import GenerationConfig, MllamaConfig, MllamaTextConfig
 from mllama.generation_compat import (HARMLESS, NEUTRAL, GenerateDecoderOnlyOutput, as_generation_config,
-                                      check_scores, check_unsupported, repeat_rows, with_model_tokens)
+                                      check_scores, check_unsupported, greedy_scores, repeat_rows,
+                                      with_model_tokens)
 from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
 from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
 from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
@@ -85,7 +86,7 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
         """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
         check_pixel_values(pixel_values, max_num_tiles=self.config.vision_config.max_num_tiles)
         dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
-        vision = self.vision_model(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
+        vision = self.vision_model.features(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
         b = vision.shape[0]
         return self.multi_modal_projector(vision).reshape(b, -1, self.config.text_config.hidden_size)
 
@@ -276,9 +277,10 @@ class _PretrainedMixin(TrainingSurfaceMixin):
 
         transformers compatibility: generation_config may be transformers' GenerationConfig (a config
         without eos/pad ids keeps the model's); num_return_sequences repeats each row (sampling only);
-        output_scores gives `.scores` (greedy without penalties). Other transformers GenerationConfig
-        fields are accepted as keywords: num_beams > 1 raises (no beam search), the rest that would
-        change the output (min_new_tokens, no_repeat_ngram_size, ...) warn that they are ignored.
+        output_scores gives `.scores` (greedy or beam search). min_new_tokens, min_length,
+        no_repeat_ngram_size and beam search (num_beams > 1, length_penalty, early_stopping,
+        num_return_sequences <= num_beams; see mllama.beam_search) follow transformers. Other
+        transformers fields that would change the output warn that they are ignored.
         """
         from mllama.generate import generate, resolve_config
 
@@ -304,9 +306,19 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                                 eos_token_id=eos_token_id, pad_token_id=pad_token_id,
                                 fallback_eos=text_config.eos_token_ids, fallback_pad=text_config.pad_token_id)
         check_unsupported(config)
+        count = num_return_sequences if num_return_sequences is not None else config.extra.get("num_return_sequences", 1)
+        if config.extra.get("num_beams", 1) != 1:
+            from mllama.beam_search import generate_beams
+
+            if streamer is not None or stop_strings or compile or fast_vision:
+                raise ValueError("beam search (num_beams > 1) takes no streamer, stop_strings, compile or fast_vision")
+            return generate_beams(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                  aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                                  cross_attention_mask=cross_attention_mask, config=config, num_return_sequences=count,
+                                  return_dict=return_dict_in_generate, output_scores=output_scores,
+                                  output_logits=output_logits)
         if output_scores:
             check_scores(config)
-        count = num_return_sequences if num_return_sequences is not None else config.extra.get("num_return_sequences", 1)
         if count != 1 and not config.do_sample:
             raise ValueError(f"num_return_sequences={count} needs do_sample=True: greedy decoding would return "
                              "the same sequence each time (transformers refuses this too)")
@@ -327,8 +339,8 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                        fast_vision=fast_vision)
         if isinstance(out, torch.Tensor):
             return out
-        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits,
-                                         scores=out.logits if output_scores else None)
+        scores = greedy_scores(out.logits, out.sequences, attention_mask, config) if output_scores else None
+        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits, scores=scores)
 
     @property
     def device(self) -> torch.device:

@@ -112,5 +112,15 @@ class BaseModelOutputWithPast(ModelOutput):
     attentions: tuple[torch.Tensor, ...] | None
 
 
+class BaseModelOutput(ModelOutput):
+    """What MllamaVisionModel returns, as transformers does: `last_hidden_state` (B, images, tiles,
+    patches, vision_output_dim), also `out[0]`; transformers leaves the other two fields empty too."""
+
+    _fields = ("last_hidden_state", "hidden_states", "attentions")
+    last_hidden_state: torch.Tensor
+    hidden_states: tuple[torch.Tensor, ...] | None
+    attentions: tuple[torch.Tensor, ...] | None
+
+
 # The name earlier releases used.
 CausalLMOutput = CausalLMOutputWithPast

@@ -27,6 +27,9 @@ class SamplingParams:
     max_tokens, or when the engine's max_len is reached. logprobs: None for none, 0 for the chosen
     token's log-probability, k > 0 for the k most likely ids too (of the model's raw distribution,
     before penalty, temperature and filters). return_logits attaches each step's raw logits.
+    min_tokens: stop_token_ids cannot be chosen before this many tokens were generated (stop
+    strings and max_tokens still end a request). no_repeat_ngram_size n > 0: no n-gram of ids
+    occurs twice in prompt + output.
     """
 
     max_tokens: int = 16
@@ -41,9 +44,11 @@ class SamplingParams:
     logprobs: int | None = None
     return_logits: bool = False
     skip_special_tokens: bool = True
+    min_tokens: int = 0
+    no_repeat_ngram_size: int = 0
 
     def validate(self) -> None:
-        for name in ("max_tokens", "top_k"):
+        for name in ("max_tokens", "top_k", "min_tokens", "no_repeat_ngram_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -55,6 +60,9 @@ class SamplingParams:
             (self.max_tokens >= 1, f"max_tokens must be >= 1, got {self.max_tokens}"),
             (self.temperature >= 0, f"temperature must be >= 0 (0 is greedy), got {self.temperature}"),
             (self.top_k >= 0, f"top_k must be >= 0 (0 turns it off), got {self.top_k}"),
+            (self.min_tokens >= 0, f"min_tokens must be >= 0, got {self.min_tokens}"),
+            (self.no_repeat_ngram_size >= 0,
+             f"no_repeat_ngram_size must be >= 0 (0 turns it off), got {self.no_repeat_ngram_size}"),
             (0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}"),
             (0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}"),
             (self.repetition_penalty > 0, f"repetition_penalty must be > 0, got {self.repetition_penalty}"),

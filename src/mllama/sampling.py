@@ -123,3 +123,53 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
     out = greedy.clone()
     out[rows] = drawn
     return out
+
+
+class NgramBans:
+    """no_repeat_ngram_size for one sequence: the ids that would complete an n-gram that already
+    occurs in the sequence (prompt and generated ids alike, as transformers counts them).
+
+    Kept incrementally (prefix of n-1 ids -> ids that followed it), so a step costs one lookup
+    instead of a rescan of the whole history. `copy()` lets beams fork their history."""
+
+    def __init__(self, n: int, ids: list[int]) -> None:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"no_repeat_ngram_size must be an int >= 1, got {n!r}")
+        self.n = n
+        self.history: list[int] = []
+        self.followers: dict[tuple[int, ...], set[int]] = {}
+        for token in ids:
+            self.append(token)
+
+    def append(self, token: int) -> None:
+        self.history.append(token)
+        if len(self.history) >= self.n:
+            gram = self.history[-self.n:]
+            self.followers.setdefault(tuple(gram[:-1]), set()).add(gram[-1])
+
+    def banned(self) -> list[int]:
+        """Ids the next token must not be. The newest n-1 ids are the prefix a next token would
+        complete; fewer than n-1 ids so far cannot complete any n-gram."""
+        if len(self.history) + 1 < self.n:
+            return []
+        prefix = tuple(self.history[len(self.history) - self.n + 1:])
+        return sorted(self.followers.get(prefix, ()))
+
+    def copy(self) -> "NgramBans":
+        other = NgramBans.__new__(NgramBans)
+        other.n, other.history = self.n, list(self.history)
+        other.followers = {k: set(v) for k, v in self.followers.items()}
+        return other
+
+
+def ban_ids(logits: torch.Tensor, bans: list[list[int]]) -> torch.Tensor:
+    """A copy of (B, V) logits with bans[b] set to -inf in row b. Ids past the logits (the
+    <|image|> id has no logit) cannot be chosen anyway and are skipped."""
+    vocab = logits.shape[-1]
+    rows = [b for b, ids in enumerate(bans) for i in ids if i < vocab]
+    cols = [i for ids in bans for i in ids if i < vocab]
+    if not rows:
+        return logits
+    out = logits.clone()
+    out[torch.tensor(rows, device=logits.device), torch.tensor(cols, device=logits.device)] = float("-inf")
+    return out

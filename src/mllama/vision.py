@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import MllamaVisionConfig
+from .outputs import BaseModelOutput
 
 # `layernorm_pre`/`layernorm_post` were trained with PyTorch's default eps, not `norm_eps`.
 _OUTER_NORM_EPS = 1e-5
@@ -267,7 +268,7 @@ class MllamaVisionModel(nn.Module):
     def from_pretrained(cls, path: str | os.PathLike, **options: Any) -> "MllamaVisionModel":
         """The vision tower of a full checkpoint, for feature extraction (transformers'
         MllamaVisionModel.from_pretrained); takes MllamaForConditionalGeneration.from_pretrained's
-        keywords. forward returns the (B, images, tiles, patches, vision_output_dim) tensor itself."""
+        keywords. forward returns transformers' output object; `features` the tensor itself."""
         # Imported at call time, as weights.load_pretrained does.
         from mllama.model import MllamaForConditionalGeneration
 
@@ -277,8 +278,18 @@ class MllamaVisionModel(nn.Module):
         return vision
 
     def forward(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False) -> torch.Tensor:
-        """skip_padded_tiles: encode each image's real tiles only (padded tiles' outputs are zeros).
+                aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False,
+                return_dict: bool | None = None) -> BaseModelOutput | tuple[torch.Tensor]:
+        """transformers' output object: `.last_hidden_state` (= `out[0]`) is the (B, images, tiles,
+        patches, vision_output_dim) tensor of `features` (see there); return_dict=False gives its tuple."""
+        out = BaseModelOutput(last_hidden_state=self.features(pixel_values, aspect_ratio_ids, aspect_ratio_mask,
+                                                              skip_padded_tiles=skip_padded_tiles))
+        return out if return_dict is not False else out.to_tuple()
+
+    def features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                 aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False) -> torch.Tensor:
+        """The tensor itself (what mllama's own code calls: no output object on its hot path).
+        skip_padded_tiles: encode each image's real tiles only (padded tiles' outputs are zeros).
         Not exact: as trained, real patches also attend to the padded tiles' positions. The speed-up
         and the logit drift it causes are measured by benchmarks/bench_fast_vision.py."""
         batch, images, tiles = self._check_inputs(pixel_values, aspect_ratio_ids, aspect_ratio_mask)

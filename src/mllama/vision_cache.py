@@ -16,6 +16,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from mllama.text import CrossInputs
+
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -47,6 +49,31 @@ class RequestVision:
 
     def nbytes(self) -> int:
         return sum(k.nbytes + v.nbytes for k, v in self.kv.values())
+
+
+def decode_cross(visions: list[RequestVision | None], *, dtype: torch.dtype,
+                 device: torch.device | str) -> CrossInputs | None:
+    """CrossInputs for one decode token per row (row i sees visions[i]; None: no image), K/V padded
+    to the widest row; None when no row sees an image (skipping the cross layers is then exact)."""
+    n = len(visions)
+    sees = [v is not None and bool(v.decode_tiles.any()) for v in visions]
+    if not any(sees):
+        return None
+    width = max(v.tokens for v, see in zip(visions, sees) if see)
+    kv: KV = {}
+    mask = torch.zeros(n, width, dtype=torch.bool, device=device)
+    for row, (v, see) in enumerate(zip(visions, sees)):
+        if not see:
+            continue
+        mask[row, :v.tokens] = v.decode_tiles.repeat_interleave(v.patches)
+        for layer, (k, val) in v.kv.items():
+            if layer not in kv:
+                shape = (n, k.shape[1], width, k.shape[3])
+                kv[layer] = (k.new_zeros(shape), val.new_zeros(shape))
+            kv[layer][0][row, :, :v.tokens] = k[0]
+            kv[layer][1][row, :, :v.tokens] = val[0]
+    rows = torch.tensor(sees, dtype=dtype, device=device)[:, None, None]
+    return CrossInputs(states=None, mask=None if bool(mask.all()) else mask[:, None, None], text_row_mask=rows, kv=kv)
 
 
 class ImageCache:
@@ -240,7 +267,7 @@ class VisionJob:
         """Vision tower, projector and every cross layer's K/V of image j's real tiles."""
         mm = self.model.model
         dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
-        vision = mm.vision_model(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
+        vision = mm.vision_model.features(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
         tiles = mm.multi_modal_projector(vision[0, 0][self.real[j]])  # (T_real, P, hidden)
         kv = mm.language_model.cross_kv(tiles.reshape(1, -1, tiles.shape[-1]))

@@ -352,6 +352,7 @@ def prepare_model(cls: type, directory: Path, *, dtype: torch.dtype | str | None
         raise ValueError(f"{directory} is already quantized as {stored}; it cannot be loaded as {quantization}")
     with torch.device("meta"):
         model = cls(model_config)
+        _fit_resized_embedding(model, tensors, text_only=text_only)
     convert = None
     if stored is not None:  # the checkpoint holds the quantized tensors: plan against them
         prepare_for_loading(model, stored, dtype=target_dtype)
@@ -406,7 +407,8 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
         raise TypeError(f"save_pretrained saves Mllama models, got {type(model).__name__}")
     text_only = isinstance(model, MllamaForCausalLM)
     limit = parse_size(max_shard_size)
-    state = {to_checkpoint_key(k, text_only=text_only): t.detach() for k, t in model.state_dict().items()}
+    state = {to_checkpoint_key(k, text_only=text_only): _padded_embedding(k, t.detach(), model)
+             for k, t in model.state_dict().items()}
     if any(t.is_meta for t in state.values()):
         raise ValueError("the model has tensors on the meta device; materialise it before saving")
     directory = Path(save_directory)
@@ -424,6 +426,35 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
     for key, tensor in state.items():
         writer.add(key, tensor)
     writer.close()
+
+
+def _padded_embedding(name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
+    """The input embedding padded with zero rows to vocab_size + 8, the layout config.json implies
+    for Mllama: resize_token_embeddings (ours and transformers') leaves vocab_size rows, which
+    neither library could load back. Ids past the real rows are never looked up."""
+    if not name.endswith("embed_tokens.weight"):
+        return tensor
+    config = getattr(model.config, "text_config", model.config)
+    rows = config.vocab_size + 8
+    if tensor.shape[0] >= rows:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
+
+
+def _fit_resized_embedding(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: bool) -> None:
+    """A checkpoint saved by transformers after resize_token_embeddings holds vocab_size embedding
+    rows, not vocab_size + 8: build the (meta) embedding to its size instead of refusing it."""
+    text_model = getattr(model.model, "language_model", model.model)
+    embed = text_model.embed_tokens
+    vocab = text_model.config.vocab_size
+    for key, info in tensors.items():
+        name, _ = map_checkpoint_key(key, text_only=text_only)
+        if name is None or not name.endswith("embed_tokens.weight") or len(info.shape) != 2:
+            continue
+        rows = info.shape[0]
+        if vocab <= rows < embed.num_embeddings and info.shape[1] == embed.embedding_dim:
+            text_model.embed_tokens = nn.Embedding(rows, embed.embedding_dim)
+        return
 
 
 def write_model_config(directory: Path, config: MllamaConfig | MllamaTextConfig, *, dtype: torch.dtype,

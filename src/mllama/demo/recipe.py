@@ -155,7 +155,7 @@ class VisionProbe(nn.Module):
 
     def forward(self, *, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                 aspect_ratio_mask: torch.Tensor, labels: torch.Tensor) -> CausalLMOutput:
-        features = self.vision_model(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, I, T, P, D)
+        features = self.vision_model.features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)  # (B, I, T, P, D)
         real = aspect_ratio_mask[:, :, :, None, None].to(features.dtype)
         pooled = (features * real).sum((1, 2, 3)) / (real.sum((1, 2, 3)) * features.shape[3])
         logits = self.head(pooled)
