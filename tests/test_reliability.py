@@ -456,6 +456,22 @@ def test_image_urls_when_private_addresses_are_allowed(image_server):
         fetch_image_bytes("file:///etc/passwd", allow)
 
 
+def test_a_hanging_host_lookup_ends_at_the_fetch_deadline(monkeypatch):
+    """A resolver that never answers: the fetch fails at its deadline with a named error."""
+    from mllama import image_guard
+    from mllama.image_guard import ImageInputError, ImageLimits
+
+    release = threading.Event()
+    monkeypatch.setattr(image_guard.socket, "getaddrinfo", lambda *a, **k: release.wait(30) and [])
+    start = time.monotonic()
+    try:
+        with pytest.raises(ImageInputError, match="took longer than 0.5 s"):
+            image_guard.fetch_image_bytes("http://slow-dns.example/cat.png", ImageLimits(timeout=0.5))
+    finally:
+        release.set()
+    assert time.monotonic() - start < 3
+
+
 def test_local_images_are_identified_before_being_read_and_bombs_refused(tmp_path):
     from mllama.image_guard import ImageLimits
     from mllama.image_loading import load_image

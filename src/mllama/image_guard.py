@@ -20,6 +20,7 @@ import ipaddress
 import os
 import socket
 import ssl
+import threading
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -134,7 +135,29 @@ class _PinnedHTTP(http.client.HTTPConnection):
         self.sock = socket.create_connection((self._address, self.port), self.timeout)
 
 
-def _resolve(url: str, limits: ImageLimits) -> tuple[urllib.parse.SplitResult, str]:
+def _lookup(host: str, port: int, timeout: float) -> list:
+    """getaddrinfo bounded by `timeout`: a resolver that hangs (its own timeouts can add up to
+    minutes) must not hold the fetch past its deadline. The lookup runs on in a daemon thread that
+    the process does not wait for; its result is dropped."""
+    result: list = []
+
+    def run() -> None:
+        try:
+            result.append(socket.getaddrinfo(host, port, type=socket.SOCK_STREAM))
+        except BaseException as err:  # noqa: BLE001 - handed to the waiting caller
+            result.append(err)
+
+    worker = threading.Thread(target=run, name="mllama-dns", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not result:
+        raise TimeoutError(f"looking up {host!r} took longer than {timeout:.3g} s")
+    if isinstance(result[0], BaseException):
+        raise result[0]
+    return result[0]
+
+
+def _resolve(url: str, limits: ImageLimits, timeout: float) -> tuple[urllib.parse.SplitResult, str]:
     parts = urllib.parse.urlsplit(url)
     scheme = parts.scheme.lower()
     if scheme not in ("http", "https"):
@@ -144,7 +167,9 @@ def _resolve(url: str, limits: ImageLimits) -> tuple[urllib.parse.SplitResult, s
         raise ImageInputError(f"the image URL {url!r:.100} has no host")
     try:
         port = parts.port or (443 if scheme == "https" else 80)
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        infos = _lookup(host, port, timeout)
+    except TimeoutError:
+        raise
     except (socket.gaierror, UnicodeError, ValueError) as err:
         raise ImageInputError(f"cannot resolve the image URL's host {host!r}: {err}") from None
     addresses = [ipaddress.ip_address(info[4][0].split("%")[0]) for info in infos]
@@ -173,7 +198,10 @@ def fetch_image_bytes(url: str, limits: ImageLimits, *, deadline: float | None =
         return left
 
     for _ in range(limits.max_redirects + 1):
-        parts, address = _resolve(url, limits)
+        try:
+            parts, address = _resolve(url, limits, remaining())
+        except TimeoutError:
+            raise timed_out() from None
         port = parts.port or (443 if parts.scheme == "https" else 80)
         cls = _PinnedHTTPS if parts.scheme == "https" else _PinnedHTTP
         conn = cls(parts.hostname or "", address, port, remaining())
