@@ -135,6 +135,31 @@ def test_the_deadline_stops_loops_with_empty_bodies(monkeypatch, template):
 
 
 @pytest.mark.parametrize("template", [
+    "{{ '%0999999999d' % 1 }}", "{{ '%*d' % (999999999, 1) }}", "{{ '%.999999999f' % 1.0 }}",
+    "{{ '%0999999999d' | format(1) }}", "{{ '{:>999999999}'.format('x') }}", "{{ '{0:0999999999}'.format_map([1]) }}",
+])
+def test_format_widths_past_the_budget_are_refused_before_formatting(template):
+    """These would allocate about a gigabyte before the output's size is checked."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="format width or precision .* past the size budget"):
+            render_template(template)
+        assert tracemalloc.get_traced_memory()[1] < 50_000_000
+    finally:
+        tracemalloc.stop()
+
+
+@pytest.mark.parametrize("template, out", [
+    ("{{ '%5d|%-3s|%.2f' % (3, 'a', 1.5) }}", "    3|a  |1.50"), ("{{ '{:>5}{b:03}'.format('x', b=7) }}", "    x007"),
+    ("{{ 'n=%d' | format(4) }}", "n=4"), ("{{ 7 % 3 }}", "1"),
+])
+def test_ordinary_formatting_still_renders(template, out):
+    assert render_template(template) == out
+
+
+@pytest.mark.parametrize("template", [
     "{% for m in messages if m.r %}{{ loop.index }}/{{ loop.length }}{{ m.r }}{% if loop.last %}!{% endif %}"
     "{% else %}none{% endfor %}",
     "{% for m in [] %}x{% else %}none{% endfor %}{% for k, v in d | dictsort %}{{ k }}={{ v }};{% endfor %}",

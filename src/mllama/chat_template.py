@@ -12,6 +12,7 @@ that says it came from the chat template. Raise the module constants for unusual
 from __future__ import annotations
 
 import json
+import re
 import threading
 import time
 from datetime import datetime
@@ -61,11 +62,29 @@ class _TimedLoops(CodeGenerator):
         super().visit_For(node, frame)
 
 
+_PERCENT_SPEC = re.compile(r"%(?:\([^)]*\))?[-#0 +]*(\*|\d*)(?:\.(\*|\d*))?[a-zA-Z%]")
+_BRACE_SPEC = re.compile(r"\{[^{}]*?:([^{}]*)\}")
+
+
+def _check_widths(fmt: Any, args: Any = ()) -> None:
+    """Refuse field widths and precisions past the size budget before formatting: '%0999999999d' % 1
+    or '{:>999999999}'.format(x) would allocate gigabytes before the output's size is checked."""
+    if not isinstance(fmt, str):
+        return
+    numbers = [n for spec in _PERCENT_SPEC.finditer(fmt) for n in spec.groups() if n and n != "*"]
+    if "*" in fmt:  # '%*d' takes its width from the arguments
+        values = args if isinstance(args, tuple) else (args,)
+        numbers += [str(abs(v)) for v in values if isinstance(v, int) and not isinstance(v, bool)]
+    numbers += re.findall(r"\d+", " ".join(_BRACE_SPEC.findall(fmt)))
+    if any(len(n) > 8 or int(n) > TEMPLATE_MAX_CHARS for n in numbers):
+        raise _OverBudget(f"a format width or precision in {fmt!r:.60} is past the size budget of {TEMPLATE_MAX_CHARS}")
+
+
 class _BudgetedSandbox(ImmutableSandboxedEnvironment):
     """Checks the deadline at every call the template makes and along every loop, and bounds `*` and
     `**` before they run."""
 
-    intercepted_binops = frozenset(["*", "**"])
+    intercepted_binops = frozenset(["*", "**", "%"])
     code_generator_class = _TimedLoops
 
     @staticmethod
@@ -78,12 +97,25 @@ class _BudgetedSandbox(ImmutableSandboxedEnvironment):
             args = (_timed(args[0]), *args[1:])
         return super().call(__context, __obj, *args, **kwargs)
 
+    def wrap_str_format(self, value: Any) -> Any:
+        wrapped = super().wrap_str_format(value)
+        if wrapped is None:
+            return None
+
+        def checked(*args: Any, **kwargs: Any) -> str:
+            _check_widths(value.__self__)
+            return wrapped(*args, **kwargs)
+
+        return checked
+
     def call_binop(self, context: Any, operator: str, left: Any, right: Any) -> Any:
         _check_time()
         if operator == "*":
             for seq, count in ((left, right), (right, left)):
                 if isinstance(seq, (str, list, tuple)) and isinstance(count, int) and len(seq) * count > TEMPLATE_MAX_CHARS:
                     raise _OverBudget(f"{len(seq)} * {count} items is past the size budget of {TEMPLATE_MAX_CHARS}")
+        if operator == "%":
+            _check_widths(left, right)
         if operator == "**" and isinstance(left, int) and isinstance(right, int) and abs(left) > 1 and right > 0:
             if right * abs(left).bit_length() > 8 * TEMPLATE_MAX_CHARS:
                 raise _OverBudget(f"{left} ** {right} is past the size budget")
@@ -102,6 +134,13 @@ def compile_template(source: str) -> jinja2.Template:
 
     env = _BudgetedSandbox(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
     env.filters["tojson"] = tojson
+    plain_format = env.filters["format"]
+
+    def checked_format(value: Any, *args: Any, **kwargs: Any) -> str:
+        _check_widths(value, args)
+        return plain_format(value, *args, **kwargs)
+
+    env.filters["format"] = checked_format
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     try:
