@@ -215,6 +215,7 @@ with torch.inference_mode():
 if dist.get_rank() == 0:
     torch.save({"logits": logits, "tokens": tokens,
                 "rows": model.model.language_model.layers[0].mlp.gate_proj.weight.shape[0]}, sys.argv[1])
+dist.barrier()  # neither rank tears the group down while the other still uses it
 dist.destroy_process_group()
 """
 
