@@ -187,6 +187,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--skip-baseline", action="store_true")
+    parser.add_argument("--workloads", nargs="+", default=["text", "mix"], choices=["text", "mix"])
     parser.add_argument("--svg", type=Path, default=None, help="write the plot here")
     args = parser.parse_args()
     from mllama.cli import default_model_dir
@@ -196,7 +197,7 @@ def main() -> None:
     server = Server("--model", model_dir, "--max-slots", str(max(args.clients)), "--max-queue", "1024")
     rows = []
     try:
-        for workload in ("text", "mix"):
+        for workload in args.workloads:
             asyncio.run(run_clients(server.base, clients=1, requests=2, tokens=4, workload=workload, seed_base=0))
             for clients in args.clients:
                 row = asyncio.run(run_clients(server.base, clients=clients, requests=args.requests, tokens=args.tokens,
@@ -206,7 +207,7 @@ def main() -> None:
     finally:
         server.stop()
     base = {} if args.skip_baseline else {
-        w: baseline(model_dir, requests=args.baseline_requests, tokens=args.tokens, workload=w) for w in ("text", "mix")}
+        w: baseline(model_dir, requests=args.baseline_requests, tokens=args.tokens, workload=w) for w in args.workloads}
     for w, b in base.items():
         print(f"baseline ({w}): " + json.dumps({k: round(v, 4) for k, v in b.items()}), flush=True)
     print("\n| workload | clients | requests/s | tokens/s | vs transformers | TTFT p50 / p99 (ms) | "
