@@ -83,6 +83,8 @@ def test_adapter_loads_in_transformers_peft_with_equal_logits(tmp_path):
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 12
     assert config["base_model_name_or_path"] == "tiny-a"
+    assert sorted(config["target_modules"]) == ["down_proj", "fc1", "fc2", "gate_proj", "k_proj", "multi_modal_projector",
+                                                "o_proj", "q_proj", "up_proj", "v_proj"]  # as peft writes all-linear
     base_logits = _logits(hf, inputs)
     peft_model = PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     got = _logits(peft_model, inputs)

@@ -140,7 +140,10 @@ def _saved_targets(model: nn.Module, names: Iterable[str]) -> list[str] | str:
     """target_modules for adapter_config.json: the short leaf-name list when it selects exactly the
     adapted linears (what peft itself writes), else a regex naming each of them."""
     names = sorted(names)
-    every = [n for n, m in model.named_modules() if _is_linear(m)]
+    wrapped = set(lora_layers(model))
+    # The linears a peft user's model has: LoRA layers count as their base, their insides not at all.
+    every = [n for n, m in model.named_modules() if n in wrapped or _is_linear(m)
+             and n.rpartition(".")[0] not in wrapped]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     if sorted(n for n in every if _matches(n, leaves)) == names:
         return leaves
