@@ -14,7 +14,14 @@ from mllama.cli import default_model_dir
 from mllama.cli import main as cli_main
 from mllama.finetune import merge_adapter, plot_losses
 from mllama.finetune_data import ConversationCollator, DataError, read_jsonl
-from mllama.lora import LoraLinear, apply_lora, load_lora, lora_layers, merge_and_unload, save_adapter
+from mllama.lora import (
+    LoraLinear,
+    apply_lora,
+    load_lora,
+    lora_layers,
+    merge_and_unload,
+    save_adapter,
+)
 from mllama.model import IGNORE_INDEX, MllamaForConditionalGeneration
 from mllama.processor import MllamaProcessor
 from mllama.quantize import Int4Linear, Int8Linear, quantize_model

@@ -64,8 +64,8 @@ def _content_items(content: Any, where: str, base: Path) -> tuple[list[dict[str,
             if not file.is_file():
                 raise DataError(f"{where}: image not found: {file}")
             try:
-                with Image.open(file) as image:  # reads the header only: catches non-images early
-                    image.size
+                with Image.open(file):  # reads the header only: catches non-images early
+                    pass
             except (OSError, ValueError) as err:
                 raise DataError(f"{where}: cannot read the image {file}: {err}") from None
             items.append({"type": "image"})
