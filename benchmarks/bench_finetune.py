@@ -30,8 +30,8 @@ from mllama.train import greedy_answers
 def shape_accuracy(model, processor, *, n: int, seed: int) -> float:
     rng = random.Random(seed)
     drawn = [random_shape_image(rng) for _ in range(n)]
-    answers = greedy_answers(model, processor, [im for im, _ in drawn], ["What shape is this?"] * n)
-    return sum(parse_answer(a)[0] == s for a, (_, s) in zip(answers, drawn)) / n
+    answers = greedy_answers(model, processor, [d[0] for d in drawn], ["What shape is this?"] * n)
+    return sum(parse_answer(a)[0] == d[1] for a, d in zip(answers, drawn)) / n
 
 
 def main() -> None:
@@ -41,13 +41,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--eval", type=int, default=200)
+    parser.add_argument("--eval", type=int, default=150)
     args = parser.parse_args()
     out = Path(args.out)
     start = time.perf_counter()
     data = write_sides_dataset(out / "data", n=args.n, seed=0)
     data_s = time.perf_counter() - start
-    result = finetune("demo", data, out / "lora", steps=args.steps, lr=args.lr, batch_size=args.batch_size)
+    result = finetune("demo", data, out / "lora", steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                      target_modules=["all-linear", "lm_head"])
     processor = MllamaProcessor.from_pretrained(default_model_dir())
     model = MllamaForConditionalGeneration.from_pretrained(default_model_dir(), dtype=torch.float32)
     before = sides_accuracy(model, processor, n=args.eval)

@@ -75,6 +75,8 @@ def test_lora_starts_at_the_base_and_targets_all_linear_but_lm_head():
     _, other = hf_pair("a", seed=1)
     only = apply_lora(other, target_modules=["q_proj", "v_proj"])
     assert only and all(n.endswith(("q_proj", "v_proj")) for n in only)
+    _, third = hf_pair("a", seed=1)
+    assert apply_lora(third, target_modules=["all-linear", "lm_head"]) == sorted(names + ["lm_head"])
 
 
 def test_adapter_loads_in_transformers_peft_with_equal_logits(tmp_path):

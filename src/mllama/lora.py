@@ -101,10 +101,14 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
 
 def select_targets(model: nn.Module, target_modules: str | Sequence[str] = ALL_LINEAR) -> list[str]:
     """Module names of the linears `target_modules` selects: "all-linear" (every linear but
-    lm_head: vision, projector, self- and cross-attention, MLPs), a regex, or a list of names."""
+    lm_head: vision, projector, self- and cross-attention, MLPs), a regex, or a list of names
+    (which may hold "all-linear": ["all-linear", "lm_head"] adds the output layer)."""
     names = [n for n, m in model.named_modules() if _is_linear(m) and not isinstance(m, LoraLinear)]
-    if target_modules == ALL_LINEAR:
-        picked = [n for n in names if n.rsplit(".", 1)[-1] not in _OUTPUT_LAYERS]
+    extra: str | Sequence[str] = target_modules
+    if not isinstance(target_modules, str) and ALL_LINEAR in target_modules:  # ["all-linear", "lm_head"]
+        extra = [t for t in target_modules if t != ALL_LINEAR]
+    if target_modules == ALL_LINEAR or extra is not target_modules:
+        picked = [n for n in names if n.rsplit(".", 1)[-1] not in _OUTPUT_LAYERS or _matches(n, extra)]
     else:
         picked = [n for n in names if _matches(n, target_modules)]
     if not picked:

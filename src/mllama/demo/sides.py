@@ -17,7 +17,9 @@ import re
 from pathlib import Path
 from typing import Any, Sequence
 
+from mllama.demo.shapes import ANSWERS as OLD_ANSWERS
 from mllama.demo.shapes import COLORS, SHAPES, draw_shape, random_background
+from mllama.demo.shapes import QUESTIONS as OLD_QUESTIONS
 
 SIDES = {"triangle": 3, "square": 4, "circle": 0}
 QUESTIONS = ("How many sides does this shape have?", "How many sides?", "How many sides does it have?")
@@ -25,29 +27,43 @@ ANSWERS = {3: "It has 3 sides.", 4: "It has 4 sides.", 0: "It has no sides."}
 _SIDE_WORDS = {"3": 3, "three": 3, "4": 4, "four": 4, "no": 0, "0": 0, "zero": 0, "none": 0}
 
 
-def random_shape_image(rng: random.Random) -> tuple[Any, str]:
-    """(PIL image, shape): one shape in one colour, 64-400 px on either side (1 to 4 demo tiles)."""
-    shape = rng.choice(SHAPES)
-    width, height = rng.randint(64, 400), rng.randint(64, 400)
-    image = draw_shape(shape, rng.choice(sorted(COLORS)), width=width, height=height,
-                       background=random_background(rng), rng=rng)
-    return image, shape
+def random_shape_image(rng: random.Random) -> tuple[Any, str, str]:
+    """(PIL image, shape, colour): one shape in one colour, 64-70 px on either side, so the image
+    processor makes a single tile (the demo model's training images ran up to 1200 px and 4 tiles;
+    one tile keeps the example fast on a CPU)."""
+    shape, color = rng.choice(SHAPES), rng.choice(sorted(COLORS))
+    width, height = rng.randint(64, 70), rng.randint(64, 70)
+    image = draw_shape(shape, color, width=width, height=height, background=random_background(rng), rng=rng)
+    return image, shape, color
 
 
-def write_sides_dataset(out_dir: str | Path, *, n: int = 400, seed: int = 0) -> Path:
-    """`n` images and out_dir/train.jsonl (one conversation per image); returns the JSONL path."""
+def _old_question(rng: random.Random, shape: str, color: str) -> tuple[str, str]:
+    """One of the demo's own questions, answered as the demo model was trained to answer it."""
+    kind = rng.choice(("shape", "color"))
+    answer = rng.choice(OLD_ANSWERS[kind]).format(shape=shape, color=color, Color=color.capitalize())
+    return rng.choice(OLD_QUESTIONS[kind]), answer
+
+
+def write_sides_dataset(out_dir: str | Path, *, n: int = 400, seed: int = 0, replay: float = 0.25) -> Path:
+    """`n` images and out_dir/train.jsonl (one conversation per image); returns the JSONL path.
+
+    A `replay` share of the lines asks the demo's old shape and colour questions instead, so the
+    adapter learns the new question without unlearning the old ones."""
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
     lines = []
     for i in range(n):
-        image, shape = random_shape_image(rng)
+        image, shape, color = random_shape_image(rng)
         name = f"images/{i:05d}.png"
         image.save(out / name)
+        if rng.random() < replay:
+            question, answer = _old_question(rng, shape, color)
+        else:
+            question, answer = rng.choice(QUESTIONS), ANSWERS[SIDES[shape]]
         lines.append({"messages": [
-            {"role": "user", "content": [{"type": "image", "path": name},
-                                         {"type": "text", "text": rng.choice(QUESTIONS)}]},
-            {"role": "assistant", "content": ANSWERS[SIDES[shape]]}]})
+            {"role": "user", "content": [{"type": "image", "path": name}, {"type": "text", "text": question}]},
+            {"role": "assistant", "content": answer}]})
     path = out / "train.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return path
@@ -68,8 +84,8 @@ def sides_accuracy(model: Any, processor: Any, *, n: int = 200, seed: int = 1234
     rng = random.Random(seed)
     drawn = [random_shape_image(rng) for _ in range(n)]
     asked = [questions[i % len(questions)] for i in range(n)]
-    answers = greedy_answers(model, processor, [im for im, _ in drawn], asked)
-    return sum(parse_sides(a) == SIDES[s] for a, (_, s) in zip(answers, drawn)) / n
+    answers = greedy_answers(model, processor, [d[0] for d in drawn], asked)
+    return sum(parse_sides(a) == SIDES[d[1]] for a, d in zip(answers, drawn)) / n
 
 
 def main(argv: Sequence[str] | None = None) -> None:
