@@ -1,7 +1,7 @@
 """LoRA fine-tuning end to end: `mllama finetune BASE DATA.jsonl OUT`, or `finetune(...)` in Python.
 
     from mllama.finetune import finetune
-    result = finetune("demo", "sides/train.jsonl", "sides-lora", steps=300, lr=2e-3)
+    result = finetune("demo", "sides/train.jsonl", "sides-lora", steps=300, lr=3e-3, batch_size=8)
 
 Loads the base (optionally quantized to int8/int4: QLoRA), wraps its linears in LoRA layers
 (mllama.lora), trains them with mllama.train's seeded AdamW loop on the JSONL conversations
