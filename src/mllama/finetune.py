@@ -1,7 +1,8 @@
 """LoRA fine-tuning end to end: `mllama finetune BASE DATA.jsonl OUT`, or `finetune(...)` in Python.
 
     from mllama.finetune import finetune
-    result = finetune("demo", "sides/train.jsonl", "sides-lora", steps=300, lr=3e-3, batch_size=8)
+    result = finetune("demo", "sides/train.jsonl", "sides-lora", steps=150, lr=3e-3, batch_size=8,
+                      target_modules=["all-linear", "lm_head"])
 
 Loads the base (optionally quantized to int8/int4: QLoRA), wraps its linears in LoRA layers
 (mllama.lora), trains them with mllama.train's seeded AdamW loop on the JSONL conversations

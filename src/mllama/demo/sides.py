@@ -1,7 +1,7 @@
 """The fine-tuning example: teach the demo model a new question, "How many sides?".
 
-    python -m mllama.demo.sides sides-data --n 400      # writes sides-data/train.jsonl + PNGs
-    mllama finetune demo sides-data/train.jsonl sides-lora --steps 300 --lr 3e-3 --batch-size 8 \
+    python -m mllama.demo.sides sides-data --n 300      # writes sides-data/train.jsonl + PNGs
+    mllama finetune demo sides-data/train.jsonl sides-lora --steps 150 --lr 3e-3 --batch-size 8 \
         --target-modules all-linear,lm_head
     mllama generate --adapter sides-lora --image x.png "How many sides does this shape have?"
 
