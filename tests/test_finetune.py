@@ -319,3 +319,15 @@ def test_finetune_cli_qlora_bf16_checkpointed(tmp_path, capsys):
     image = str(data.parent / "images" / "00000.png")
     assert cli_main(["generate", "--quantize", "int8", "--adapter", str(out), "--image", image,
                      "--max-new-tokens", "3", "How many sides?"]) == 0
+
+
+def test_sides_example_dataset_reads_back_with_old_questions_replayed(tmp_path):
+    from mllama.demo.sides import SIDES, parse_sides, write_sides_dataset
+
+    conversations = read_jsonl(write_sides_dataset(tmp_path, n=40, seed=3))
+    answers = [c.messages[-1]["content"][0]["text"] for c in conversations]
+    new = [a for a in answers if parse_sides(a) is not None]
+    assert len(conversations) == 40 and 0 < len(answers) - len(new) < 20  # about a quarter replayed
+    assert {parse_sides(a) for a in new} == set(SIDES.values())
+    assert all(Image.open(c.images[0]).size[0] <= 70 for c in conversations)  # one tile each
+    assert parse_sides("It has no sides.") == 0 and parse_sides("Four.") == 4 and parse_sides("3 or 4") is None
