@@ -227,14 +227,17 @@ REPLY = {"role": "assistant", "content": "It is red."}
 
 def test_collator_trains_on_every_assistant_turn_only(tmp_path, demo_processor):
     second = {"role": "user", "content": "And the shape?"}
+    text_only = _line({"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello"},
+                      {"role": "assistant", "content": "Hi."})
     path = _write(tmp_path, [_line(USER, REPLY), "", _line(USER, REPLY, second, {"role": "assistant", "content": [
-        {"type": "text", "text": "A square."}]})])
+        {"type": "text", "text": "A square."}]}), text_only])
     conversations = read_jsonl(path)
-    assert [c.line for c in conversations] == [1, 3] and conversations[0].images[0].name == "red.png"
+    assert [c.line for c in conversations] == [1, 3, 4] and conversations[0].images[0].name == "red.png"
     batch = ConversationCollator(demo_processor)(conversations)
     tok = demo_processor.tokenizer
-    assert batch["pixel_values"].shape[:2] == (2, 1)
-    for row, expected in enumerate([["It is red.<|eot_id|>"], ["It is red.<|eot_id|>", "A square.<|eot_id|>"]]):
+    assert batch["pixel_values"].shape[:2] == (3, 1)
+    for row, expected in enumerate([["It is red.<|eot_id|>"], ["It is red.<|eot_id|>", "A square.<|eot_id|>"],
+                                    ["Hi.<|eot_id|>"]]):
         labels, ids = batch["labels"][row], batch["input_ids"][row]
         assert torch.equal(labels[labels != IGNORE_INDEX], ids[labels != IGNORE_INDEX])
         trained = (labels != IGNORE_INDEX).int()
