@@ -1,7 +1,7 @@
 """Command line: `mllama generate` (one answer, streamed), `mllama chat` (interactive) and
 `mllama convert-meta` (Meta's original checkpoints to the HF layout), `mllama quantize`
-(a checkpoint to int8 or int4 weights) and `mllama serve` (the OpenAI-compatible API and chat page;
-needs the `serve` extra)."""
+(a checkpoint to int8 or int4 weights), `mllama finetune` (LoRA; mllama.cli_finetune) and
+`mllama serve` (the OpenAI-compatible API and chat page; needs the `serve` extra)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from mllama.cli_chat import CHAT_HELP, enable_line_editing, read_message
+from mllama.cli_finetune import add_finetune_parser, apply_adapter
 
 DEFAULT_MODEL = "demo"
 API_KEY_ENV = "MLLAMA_API_KEY"  # mllama serve reads the API key from it when --api-key is not given
@@ -31,7 +32,7 @@ class CliError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
-def _load(model: str, dtype: str, quantize: str | None = None) -> tuple[Any, Any]:
+def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | None = None) -> tuple[Any, Any]:
     import torch
 
     from mllama.model import MllamaForConditionalGeneration
@@ -45,6 +46,9 @@ def _load(model: str, dtype: str, quantize: str | None = None) -> tuple[Any, Any
         torch_dtype = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16,
                        "float16": torch.float16}[dtype]
         world = tp_world_size()
+        if world > 1 and adapter is not None:
+            raise CliError("--adapter cannot be merged into a model split by torchrun; merge it first "
+                           "(mllama finetune --merge, or mllama.lora.merge_and_unload) and serve the merged directory")
         if world > 1:  # started by torchrun: every rank loads its slices of the model
             from mllama.tp_load import init_distributed, load_tensor_parallel
 
@@ -56,6 +60,8 @@ def _load(model: str, dtype: str, quantize: str | None = None) -> tuple[Any, Any
         processor = MllamaProcessor.from_pretrained(path)
     except (OSError, ValueError, RuntimeError) as err:
         raise CliError(f"cannot load the model from {path}: {err}") from None
+    if adapter is not None:
+        apply_adapter(model_obj, adapter, CliError)
     return model_obj, processor
 
 
@@ -118,7 +124,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         if not args.prompt:
             raise CliError("the prompt read from stdin is empty")
     images = _load_images(args.image or [])
-    model, processor = _load(args.model, args.dtype, args.quantize)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
     if args.raw:
         prompt = args.prompt
         if images and prompt.count("<|image|>") == 0:
@@ -129,7 +135,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model, processor = _load(args.model, args.dtype, args.quantize)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
     images: list[Any] = []
     pending: list[Any] = []
     messages: list[dict[str, Any]] = []
@@ -238,7 +244,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    model, processor = _load(args.model, args.dtype, args.quantize)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
     world = tp_world_size()
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         from mllama.server_run import follow_server
@@ -305,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="skip padded tiles in the vision encoder (faster, not exact)")
     common.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="quantize the linear weights while loading (less memory, faster decoding)")
+    common.add_argument("--adapter", default=None, metavar="DIR",
+                        help="a LoRA adapter directory (peft format, e.g. from mllama finetune) to apply")
     gen = sub.add_parser("generate", parents=[common], help="answer one prompt, streaming to stdout")
     gen.add_argument("prompt", help='the question; "-" reads it from stdin')
     gen.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
@@ -341,11 +349,12 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--max-shard-size", default="5GB")
     quant.set_defaults(func=cmd_quantize)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page (needs mllama[serve])")
-    for flag in ("--model", "--dtype", "--compile", "--fast-vision", "--quantize"):
+    for flag in ("--model", "--dtype", "--compile", "--fast-vision", "--quantize", "--adapter"):
         action = next(a for a in common._actions if flag in a.option_strings)
         serve._add_action(action)
     _serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
+    add_finetune_parser(sub, CliError)
     return parser
 
 

@@ -254,8 +254,10 @@ class TrainResult:
 def train(model: nn.Module, batches: Iterable[Batch], *, config: TrainConfig,
           evaluate: Callable[[nn.Module], dict[str, Any]] | None = None,
           save: Callable[[nn.Module, int], None] | None = None,
-          log: Callable[[str], None] | None = print) -> TrainResult:
-    """Run `config.steps` optimizer steps over `batches` (dicts of model inputs with `labels`)."""
+          log: Callable[[str], None] | None = print,
+          on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+    """Run `config.steps` optimizer steps over `batches` (dicts of model inputs with `labels`).
+    `on_step(step, loss)` is called after every optimizer step (progress bars, loss files)."""
     torch.manual_seed(config.seed)
     model.train()
     optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas)
@@ -283,6 +285,8 @@ def train(model: nn.Module, batches: Iterable[Batch], *, config: TrainConfig,
         result.losses.append(loss.item())
         running += loss.item()
         done = step + 1
+        if on_step is not None:
+            on_step(done, result.losses[-1])
         if log is not None and config.log_every and done % config.log_every == 0:
             log(f"step {done}/{config.steps}  loss {running / config.log_every:.4f}  "
                 f"lr {lr_at(step, config):.2e}  {time.perf_counter() - start:.0f}s")
