@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -21,20 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-def best(fn, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 @torch.inference_mode()
 def main() -> None:
     import transformers
 
     from bench_checkpoints import ensure_checkpoint
+    from bench_phases import best_of as best
 
     import mllama.linear
     from mllama import MllamaForConditionalGeneration
