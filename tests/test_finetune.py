@@ -136,6 +136,8 @@ def test_merge_equals_unmerged_and_the_merged_checkpoint_loads_in_transformers(t
     inputs = _inputs(seed=3)
     unmerged = _logits(ours, inputs)
     save_adapter(ours, tmp_path / "adapter")
+    with pytest.raises(ValueError, match="still holds LoRA layers"):
+        ours.save_pretrained(tmp_path / "unmerged")
     merge_and_unload(ours)
     assert not lora_layers(ours) and type(ours.model.language_model.layers[1].cross_attn.q_proj) is not LoraLinear
     assert (_logits(ours, inputs) - unmerged).abs().max() <= TOL

@@ -21,11 +21,12 @@ from typing import Iterable, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from mllama.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, lora_deltas
 from mllama.quantize import _QuantizedLinear
+from mllama.safetensors_io import write_safetensors
 
 ALL_LINEAR = "all-linear"
 _PREFIX = "base_model.model."
@@ -39,6 +40,8 @@ class LoraLinear(nn.Module):
     A and B are kept in float32 whatever the base dtype, so bf16 training updates them precisely;
     the update is computed in float32 and added in the base output's dtype.
     """
+
+    is_adapter_layer = True  # weights.save_pretrained refuses models that still hold these
 
     def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
@@ -180,7 +183,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, *,
         "rank_pattern": {}, "alpha_pattern": {},
     }
     (out / ADAPTER_CONFIG_NAME).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    save_file(tensors, str(out / ADAPTER_WEIGHTS_NAME), metadata={"format": "pt"})
+    write_safetensors(out / ADAPTER_WEIGHTS_NAME, tensors)
     return out
 
 

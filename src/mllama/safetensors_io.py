@@ -160,6 +160,17 @@ def _read_into(handle: Any, info: TensorInfo, out: torch.Tensor) -> torch.Tensor
     return out
 
 
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """One safetensors file, written aside and renamed into place (a reader never sees half a file).
+    Every safetensors file mllama writes goes through here (ShardWriter's shards, LoRA adapters)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}, tmp, metadata={"format": "pt"})
+    tmp.replace(path)
+
+
 class ShardWriter:
     """The one writer of safetensors checkpoints: tensors are added one at a time and written as
     they fill shards of at most `max_shard_size` bytes (greedy in the order given; a tensor larger
@@ -193,10 +204,8 @@ class ShardWriter:
         self.total_parameters += tensor.numel()
 
     def _flush(self) -> None:
-        from safetensors.torch import save_file
-
         tmp = self.directory / f".shard-{len(self._written) + 1:05d}.safetensors.tmp"
-        save_file(self._pending, tmp, metadata={"format": "pt"})
+        write_safetensors(tmp, self._pending)
         self._written.append((tmp, list(self._pending)))
         self._pending, self._pending_bytes = {}, 0
 

@@ -405,6 +405,9 @@ def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
 
     if not isinstance(model, (MllamaForConditionalGeneration, MllamaForCausalLM)):
         raise TypeError(f"save_pretrained saves Mllama models, got {type(model).__name__}")
+    if any(getattr(m, "is_adapter_layer", False) for m in model.modules()):
+        raise ValueError("the model still holds LoRA layers, whose weights a checkpoint cannot name: merge them "
+                         "first (mllama.lora.merge_and_unload) or save the adapter alone (mllama.lora.save_adapter)")
     text_only = isinstance(model, MllamaForCausalLM)
     limit = parse_size(max_shard_size)
     state = {to_checkpoint_key(k, text_only=text_only): _padded_embedding(k, t.detach(), model)
