@@ -461,3 +461,33 @@ def test_bad_rule_params(models):
         engine.submit(Request(input_ids=[1, 5], sampling=SamplingParams(min_tokens=-1)))
     with pytest.raises(ValueError, match="no_repeat_ngram_size"):
         engine.submit(Request(input_ids=[1, 5], sampling=SamplingParams(no_repeat_ngram_size=-2)))
+
+
+def test_queued_text_prompts_prefill_together_and_equal_each_alone(models, monkeypatch):
+    """Text-only requests waiting together are prefilled in one padded forward (different lengths,
+    one that ends at its first token, a penalty, a seeded sample), while others decode; each equals
+    the request alone: tokens and every step's logits."""
+    model = models["a"]
+    requests = [
+        _request("a", length=9, seed=70, max_tokens=7),
+        _request("a", length=3, seed=71, max_tokens=1),  # finishes at its first token: the next row moves up
+        _request("a", length=6, seed=72, max_tokens=9, repetition_penalty=1.4),
+        _request("a", length=5, seed=73, max_tokens=8, temperature=1.1, top_p=0.9),
+        _request("a", length=7, tiles=[2], image_at=[1], seed=74, max_tokens=6),  # an image: prepared alone
+        _request("a", length=4, seed=75, max_tokens=6),
+    ]
+    requests[3].sampling.seed = 77
+    groups = []
+    real = Engine._prefill_group
+    monkeypatch.setattr(Engine, "_prefill_group", lambda self, group: groups.append(len(group)) or real(self, group))
+    alone = [_alone(model, r) for r in requests]
+    assert groups == []  # a request alone is prepared as before
+    engine = Engine(model, max_slots=6, max_len=MAX_LEN, prefill_chunk=16)
+    starter = _request("a", length=4, seed=76, max_tokens=12)
+    handles = _run_schedule(engine, [(0, starter)] + [(2, r) for r in requests])
+    assert groups and groups[0] == 4, groups  # the four text prompts ahead of the image request
+    for handle, (tokens, logits) in zip(handles[1:], alone):
+        events = list(handle)
+        assert handle.tokens == tokens
+        got = torch.stack([e.logits for e in events if e.logits is not None]) if logits is not None else None
+        torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)

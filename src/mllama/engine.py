@@ -217,12 +217,17 @@ class Engine:
 
     def _step(self) -> bool:
         self._apply_cancels()
-        self._admit()
+        group = self._take_group()
+        if not group:
+            self._admit()
         worked = False
         if self._decoding:
             self._decode()
             worked = True
-        if self._incoming is not None:
+        if group:
+            worked = True
+            self._prefill_group(group)
+        elif self._incoming is not None:
             worked = True
             self._prepare_piece()
             while self._incoming is not None and not self._decoding:  # nobody to stall: go on
@@ -246,9 +251,16 @@ class Engine:
                          cache=self.image_cache if self.image_cache.max_bytes else None,
                          fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers)
 
+    def _may_admit(self, seq: _Sequence) -> bool:
+        """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its
+        followers have not been sent yet)."""
+        return True
+
     def _admit(self) -> None:
         with self._lock:
             if self._incoming is not None or not self._queue or len(self._decoding) >= self.max_slots:
+                return
+            if not self._may_admit(self._queue[0]):
                 return
             seq = self._queue.popleft()
         if seq.vision_job is not None:
@@ -339,19 +351,70 @@ class Engine:
         if end < seq.prompt.numel():
             return
         self._incoming = None
-        logits = self.lm_head(hidden[:, -1])
+        self._start_decoding(seq, slot, self.lm_head(hidden[:, -1]))
+
+    def _start_decoding(self, seq: _Sequence, slot: int, logits: torch.Tensor) -> None:
+        """Sample the first token from the prompt's last logits (1, V); unless that ends the request,
+        it decodes from the next step on. Its K/V must be in `slot`; they move to the next decoding
+        slot if that is another one."""
         if seq.params.repetition_penalty != 1.0:
             seq.presence = torch.zeros(1, self.vocab, dtype=torch.bool, device=self.device)
             mark_seen(seq.presence, seq.prompt[None])
         settings = SamplingTensors.from_rows([seq.setting_row], device=self.device)
         token = select_next(ban_ids(logits, [seq.banned()]), settings, presence=seq.presence,
                             generators=[seq.generator])
-        if not self._emit(seq, int(token[0]), logits[0]):
-            self._presence[slot] = False
-            if seq.presence is not None:
-                self._presence[slot] = seq.presence[0]
-            self._decoding.append(seq)
-            self._batch_dirty = True
+        if self._emit(seq, int(token[0]), logits[0]):
+            return
+        target = len(self._decoding)
+        if slot != target:
+            self.kv.move(slot, target, seq.cached)
+        self._presence[target] = False
+        if seq.presence is not None:
+            self._presence[target] = seq.presence[0]
+        self._decoding.append(seq)
+        self._batch_dirty = True
+
+    def _take_group(self) -> list[_Sequence]:
+        """Two or more queued text-only requests whose prompts each fit one chunk, taken together so
+        one forward prefills them all (a prompt alone is a GEMM of few rows, which wastes the weight
+        read, and on CPUs without native bf16 misses the float32 route). At most 4 chunks of tokens,
+        padded; none while another request is being prepared or with a time budget for prefill."""
+        if self._incoming is not None or self.prefill_budget_s is not None:
+            return []
+        group: list[_Sequence] = []
+        with self._lock:
+            free = self.max_slots - len(self._decoding)
+            for seq in self._queue:
+                longest = max([seq.prompt.numel()] + [g.prompt.numel() for g in group])
+                if (len(group) >= free or seq.vision_job is not None or seq.prompt.numel() > self.prefill_chunk
+                        or longest * (len(group) + 1) > 4 * self.prefill_chunk or not self._may_admit(seq)):
+                    break
+                group.append(seq)
+            if len(group) < 2:
+                return []
+            for _ in group:
+                self._queue.popleft()
+        return group
+
+    def _prefill_group(self, group: list[_Sequence]) -> None:
+        """Whole prompts of text-only requests in one forward: row i writes slot len(decoding) + i.
+        Shorter rows are padded at the end; their padding writes K/V past the prompt that no query
+        reads (each row's decode steps mask keys beyond their own position, and overwrite them)."""
+        first = len(self._decoding)
+        lengths = [seq.prompt.numel() for seq in group]
+        width = max(lengths)
+        tokens = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
+        for row, seq in enumerate(group):
+            tokens[row, :lengths[row]] = seq.prompt
+        positions = torch.arange(width, device=self.device).expand(len(group), width)
+        window = KVWindow(self.kv, slots=torch.arange(first, first + len(group), device=self.device),
+                          positions=positions, first=first, length=width)
+        hidden = self.text_model(tokens, position_ids=positions, mask=None, cross=None, cache=window)
+        last = hidden[torch.arange(len(group), device=self.device), torch.tensor(lengths, device=self.device) - 1]
+        logits = self.lm_head(last)  # (rows, V)
+        for row, seq in enumerate(group):
+            seq.prefilled = seq.cached = lengths[row]
+            self._start_decoding(seq, first + row, logits[row:row + 1])
 
     def _chunk_size(self) -> int:
         if self.prefill_budget_s is None or not self._decoding:

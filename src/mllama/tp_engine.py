@@ -109,12 +109,8 @@ class LockstepEngine(Engine):
             self._fail_all(error)
             raise
 
-    def _admit(self) -> None:
-        with self._lock:
-            head = self._queue[0] if self._queue else None
-        if head is not None and head.handle.id > self._released:
-            return  # the followers have not been sent this request yet
-        super()._admit()
+    def _may_admit(self, seq) -> bool:
+        return seq.handle.id <= self._released  # else the followers have not been sent it yet
 
     def _loop(self) -> None:
         while True:
