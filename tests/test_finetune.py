@@ -108,6 +108,27 @@ def test_adapter_loads_in_transformers_peft_with_equal_logits(tmp_path):
     assert (_logits(merged, inputs) - expected).abs().max() <= TOL
 
 
+def test_rslora_adapter_loads_as_layers_equal_to_peft(tmp_path):
+    """use_rslora scales by alpha / sqrt(r): load_lora (kept apart) equals transformers+peft and the merged load."""
+    from peft import PeftModel
+
+    hf, ours = hf_pair("a", seed=4)
+    apply_lora(ours, r=4, alpha=6)
+    _randomize_lora(ours, 5)
+    save_adapter(ours, tmp_path / "adapter")
+    config_file = tmp_path / "adapter" / "adapter_config.json"
+    config_file.write_text(json.dumps(json.loads(config_file.read_text()) | {"use_rslora": True}))
+    inputs = _inputs(seed=2)
+    expected = _logits(PeftModel.from_pretrained(hf, tmp_path / "adapter").eval(), inputs)
+    _, layered = hf_pair("a", seed=4)
+    load_lora(layered, tmp_path / "adapter")
+    assert (_logits(layered, inputs) - expected).abs().max() <= TOL
+    assert (_logits(ours, inputs) - expected).abs().max() > 1e-3  # the plain alpha / r scale differs
+    _, merged = hf_pair("a", seed=4)
+    merged.load_adapter(tmp_path / "adapter")
+    assert (_logits(merged, inputs) - expected).abs().max() <= TOL
+
+
 def test_adapter_on_a_subset_saves_a_regex_peft_selects_the_same(tmp_path):
     pytest.importorskip("peft")
     from peft import PeftModel

@@ -199,9 +199,10 @@ def load_lora(model: nn.Module, directory: str | os.PathLike) -> list[str]:
     if missing:
         raise ValueError(f"the adapter targets modules that are not linears of this model: {missing[:8]}")
     r = int(config["r"])
-    if config.get("use_rslora"):
-        raise ValueError("use_rslora adapters are merged only: use model.load_adapter (mllama.adapters)")
-    apply_lora(model, r=r, alpha=config.get("lora_alpha", r), target_modules="|".join(map(re.escape, deltas)))
+    alpha = float(config.get("lora_alpha", r))
+    if config.get("use_rslora"):  # rank-stabilised scale alpha / sqrt(r), written as the plain alpha / r
+        alpha *= math.sqrt(r)
+    apply_lora(model, r=r, alpha=alpha, target_modules="|".join(map(re.escape, deltas)))
     layers = lora_layers(model)
     with torch.no_grad():
         for name, layer in layers.items():
