@@ -84,7 +84,9 @@ def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
 
 
 @needs_kernel
-def test_linear_uses_kernel_only_for_few_rows_without_autograd():
+def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
+    from mllama import linear
+
     layer = DecodeLinear(64, 48, bias=True).bfloat16()
     with torch.no_grad():
         layer.bias.normal_()
@@ -92,7 +94,12 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd():
     many = torch.randn(1, cpu_kernels.MAX_ROWS + 1, 64).bfloat16()
     with torch.no_grad():
         assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
+        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)  # native bf16: torch's GEMM
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)  # else: the kernel, MAX_ROWS at a time
+        blocks = torch.cat([cpu_kernels.gemv_bf16(many[0, :cpu_kernels.MAX_ROWS], layer.weight),
+                            cpu_kernels.gemv_bf16(many[0, cpu_kernels.MAX_ROWS:], layer.weight)])
+        assert torch.equal(layer(many), (blocks + layer.bias)[None])
     out = layer(few)  # autograd on: F.linear, with a gradient
     assert torch.equal(out, F.linear(few, layer.weight, layer.bias))
     out.float().sum().backward()
@@ -169,7 +176,7 @@ def test_decode_linear_routes_many_bf16_rows_through_float32_without_native_bf16
     from mllama import linear
 
     layer = DecodeLinear.from_linear(torch.nn.Linear(64, 40, dtype=torch.bfloat16))
-    x = torch.randn(60, 64).bfloat16()
+    x = torch.randn(linear.WIDE_MIN_ROWS + 3, 64).bfloat16()
     calls = []
     real = linear.wide_fp32_linear
     monkeypatch.setattr(linear, "wide_fp32_linear", lambda *a: calls.append(1) or real(*a))

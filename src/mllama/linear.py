@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama.cpu_kernels import gemv_bf16, use_gemv
+from mllama.cpu_kernels import MAX_ROWS, gemv_available, gemv_bf16, use_gemv
 
 
 def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module | None]) -> list[str]:
@@ -38,7 +38,7 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module
     return swapped
 
 
-WIDE_MIN_ROWS = 48  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
+WIDE_MIN_ROWS = 112  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
 WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a time
 
 
@@ -66,6 +66,24 @@ def use_wide_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
             and not cpu_has_native_bf16())
 
 
+def use_blocked_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Between the decode kernel's rows and the float32 route, on a CPU without native bf16, the kernel
+    over blocks of MAX_ROWS rows beats both (benchmarks/RESULTS.md); outside autograd."""
+    return (not torch.compiler.is_compiling()
+            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
+            and weight.device.type == "cpu" and MAX_ROWS < x.shape[:-1].numel() < WIDE_MIN_ROWS
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
+            and not cpu_has_native_bf16() and gemv_available())
+
+
+def blocked_kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight.T (+ bias) through the decode kernel, MAX_ROWS rows at a time."""
+    flat = x.reshape(-1, x.shape[-1])  # (rows, in)
+    out = torch.cat([gemv_bf16(flat[i:i + MAX_ROWS], weight) for i in range(0, flat.shape[0], MAX_ROWS)])
+    out = out.view(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
 def wide_fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x @ weight.T (+ bias) for bf16 x and weight, computed as float32 GEMMs over blocks of output
     features and rounded to bf16 once, as a bf16 GEMM accumulating in float32 does. Converting a block
@@ -84,8 +102,9 @@ class DecodeLinear(nn.Linear):
 
     A product with at most cpu_kernels.MAX_ROWS rows in bf16 on the CPU, outside autograd, runs
     through cpu_kernels.gemv_bf16, which streams the weight about twice as fast as F.linear with few
-    rows; one of WIDE_MIN_ROWS or more on a CPU without native bf16 runs as float32 GEMMs
-    (wide_fp32_linear); everything else (float32, autograd, GPU) calls F.linear.
+    rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
+    (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear);
+    everything else (float32, autograd, GPU) calls F.linear.
     """
 
     @classmethod
@@ -102,6 +121,8 @@ class DecodeLinear(nn.Linear):
         if use_gemv(x, self.weight):
             out = gemv_bf16(x, self.weight)
             return out if self.bias is None else out + self.bias
+        if use_blocked_kernel(x, self.weight):
+            return blocked_kernel_linear(x, self.weight, self.bias)
         if use_wide_fp32(x, self.weight):
             return wide_fp32_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
@@ -110,6 +131,8 @@ class DecodeLinear(nn.Linear):
         """x @ weight.T without the bias (a row-parallel layer adds it once, after its all-reduce)."""
         if use_gemv(x, self.weight):
             return gemv_bf16(x, self.weight)
+        if use_blocked_kernel(x, self.weight):
+            return blocked_kernel_linear(x, self.weight)
         return wide_fp32_linear(x, self.weight) if use_wide_fp32(x, self.weight) else F.linear(x, self.weight)
 
 
