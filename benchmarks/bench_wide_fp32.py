@@ -1,5 +1,5 @@
-"""bf16 prefill and vision on a CPU without native bf16: mllama's blocked float32 GEMMs
-(mllama.linear.wide_fp32_linear) against torch's bf16 GEMM and against transformers, in one run.
+"""bf16 prefill and vision on a CPU without native bf16: mllama's routes (the decode kernel in
+16-row blocks, blocked float32 GEMMs; mllama.linear) against torch's bf16 GEMM and transformers.
 
     python benchmarks/bench_wide_fp32.py [--tokens 128] [--tiles 0] [--repeats 2]
 
@@ -51,7 +51,7 @@ def main() -> None:
     rows = {}
     native = mllama.linear.cpu_has_native_bf16
     for label, model, wide in (("transformers", hf, None), ("mllama, bf16 GEMM", ours, False),
-                               ("mllama, float32 GEMMs", ours, True)):
+                               ("mllama, as shipped", ours, True)):
         if wide is not None:
             mllama.linear.cpu_has_native_bf16 = (lambda: False) if wide else (lambda: True)
         encoder = model.model.vision_model
