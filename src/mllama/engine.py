@@ -23,43 +23,13 @@ from torch import nn
 
 from mllama.cache import KVCache, KVWindow
 from mllama.checks import check_pixel_values
-from mllama.request import Event, Request, RequestHandle, SamplingParams
-from mllama.sampling import NgramBans, SamplingTensors, ban_ids, mark_seen, select_next
+from mllama.decode_step import compiled_step, forward_step
+from mllama.engine_sequence import Sequence
+from mllama.request import Event, Request, RequestHandle
+from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
 from mllama.tokenizer import StreamDetokenizer
-from mllama.vision_cache import ImageCache, RequestVision, VisionJob, decode_cross
-
-
-class _Sequence:
-    """Engine-side state of one request."""
-
-    def __init__(self, handle: RequestHandle, prompt: torch.Tensor, params: SamplingParams,
-                 generator: torch.Generator | None, vision_job: VisionJob | None,
-                 detok: StreamDetokenizer | None) -> None:
-        self.handle, self.prompt, self.params, self.generator = handle, prompt, params, generator
-        self.vision_job = vision_job
-        self.vision: RequestVision | None = None
-        self.detok = detok
-        self.tail = ""  # end of the text so far, where a stop string could have begun
-        self.prefilled = 0  # prompt tokens whose K/V are in the slot
-        self.cached = 0  # all tokens whose K/V are in the slot
-        self.next_token = -1  # sampled, not yet in the cache
-        self.generated = 0
-        self.presence: torch.Tensor | None = None  # (1, V) ids seen, for the repetition penalty
-        n = params.no_repeat_ngram_size
-        self.ngrams = NgramBans(n, prompt.tolist()) if n else None
-
-    def banned(self) -> list[int]:
-        """Ids this request may not choose next (min_tokens, no_repeat_ngram_size)."""
-        ids = self.ngrams.banned() if self.ngrams is not None else []
-        if self.generated < self.params.min_tokens:
-            ids = ids + list(self.params.stop_token_ids)
-        return ids
-
-    @property
-    def setting_row(self) -> tuple[float, int, float, float, float]:
-        p = self.params
-        return (p.temperature, p.top_k, p.top_p, p.min_p, p.repetition_penalty)
+from mllama.vision_cache import ImageCache, VisionJob, decode_cross
 
 
 class Engine:
@@ -102,7 +72,7 @@ class Engine:
         self_attn = [i for i, layer in enumerate(layers) if not isinstance(layer, CrossAttentionDecoderLayer)]
         attn = layers[self_attn[0]].self_attn
         self.compile = compile
-        # Linears swapped for kernel or quantized modules call custom ops (see _compiled_forward).
+        # Linears swapped for kernel or quantized modules call custom ops (see decode_step.compiled_step).
         # So do the collectives of a tensor-parallel model (mllama.tp), which the C++ wrapper cannot call.
         self._custom_linears = any(type(m).__module__ in ("mllama.linear", "mllama.quantize")
                                    for m in model.modules()) or getattr(model, "tensor_parallel", None) is not None
@@ -111,9 +81,9 @@ class Engine:
                           head_dim=attn.head_dim, dtype=self.dtype, device=self.device)
         self.image_cache = ImageCache(image_cache_bytes)
         self._presence = torch.zeros(max_slots, self.vocab, dtype=torch.bool, device=self.device)
-        self._queue: collections.deque[_Sequence] = collections.deque()
-        self._incoming: _Sequence | None = None  # in vision encode or prefill, at slot len(_decoding)
-        self._decoding: list[_Sequence] = []  # index = slot
+        self._queue: collections.deque[Sequence] = collections.deque()
+        self._incoming: Sequence | None = None  # in vision encode or prefill, at slot len(_decoding)
+        self._decoding: list[Sequence] = []  # index = slot
         self._cancels: set[int] = set()
         self._ids = itertools.count()
         self._lock = threading.Lock()  # queue and cancels, touched by submitting threads
@@ -147,7 +117,7 @@ class Engine:
             generator = torch.Generator(device=self.device).manual_seed(params.seed)
         detok = StreamDetokenizer(self.tokenizer, skip_special_tokens=params.skip_special_tokens) \
             if self.tokenizer is not None else None
-        seq = _Sequence(handle, prompt.to(self.device, torch.long), params, generator, job, detok)
+        seq = Sequence(handle, prompt.to(self.device, torch.long), params, generator, job, detok)
         with self._lock:
             self._queue.append(seq)
             self._wake.notify_all()
@@ -251,7 +221,7 @@ class Engine:
                          cache=self.image_cache if self.image_cache.max_bytes else None,
                          fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers)
 
-    def _may_admit(self, seq: _Sequence) -> bool:
+    def _may_admit(self, seq: Sequence) -> bool:
         """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its
         followers have not been sent yet)."""
         return True
@@ -353,7 +323,7 @@ class Engine:
         self._incoming = None
         self._start_decoding(seq, slot, self.lm_head(hidden[:, -1]))
 
-    def _start_decoding(self, seq: _Sequence, slot: int, logits: torch.Tensor) -> None:
+    def _start_decoding(self, seq: Sequence, slot: int, logits: torch.Tensor) -> None:
         """Sample the first token from the prompt's last logits (1, V); unless that ends the request,
         it decodes from the next step on. Its K/V must be in `slot`; they move to the next decoding
         slot if that is another one."""
@@ -374,14 +344,14 @@ class Engine:
         self._decoding.append(seq)
         self._batch_dirty = True
 
-    def _take_group(self) -> list[_Sequence]:
+    def _take_group(self) -> list[Sequence]:
         """Two or more queued text-only requests whose prompts each fit one chunk, taken together so
         one forward prefills them all (a prompt alone is a GEMM of few rows, which wastes the weight
         read, and on CPUs without native bf16 misses the float32 route). At most 4 chunks of tokens,
         padded; none while another request is being prepared or with a time budget for prefill."""
         if self._incoming is not None or self.prefill_budget_s is not None:
             return []
-        group: list[_Sequence] = []
+        group: list[Sequence] = []
         with self._lock:
             free = self.max_slots - len(self._decoding)
             for seq in self._queue:
@@ -396,7 +366,7 @@ class Engine:
                 self._queue.popleft()
         return group
 
-    def _prefill_group(self, group: list[_Sequence]) -> None:
+    def _prefill_group(self, group: list[Sequence]) -> None:
         """Whole prompts of text-only requests in one forward: row i writes slot len(decoding) + i.
         Shorter rows are padded at the end; their padding writes K/V past the prompt that no query
         reads (each row's decode steps mask keys beyond their own position, and overwrite them)."""
@@ -438,7 +408,7 @@ class Engine:
         if self.compile or any(s.cached + 1 != length for s in seqs):
             mask = (torch.arange(length, device=self.device)[None] < positions + 1)[:, None, None]
         window = KVWindow(self.kv, slots=slots, positions=positions, first=0, length=length)
-        step = _compiled_forward(self._custom_linears) if self.compile else _forward
+        step = compiled_step(self._custom_linears) if self.compile else forward_step
         logits = step(self.text_model, self.lm_head, tokens, positions, mask, self._cross, window)[:n]
         for s in seqs:
             s.cached += 1
@@ -462,81 +432,9 @@ class Engine:
         visions = [s.vision for s in seqs] + [None] * (n - len(seqs))
         self._cross = decode_cross(visions, dtype=self.dtype, device=self.device)
 
-    def _emit(self, seq: _Sequence, token: int, logits: torch.Tensor) -> bool:
+    def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Deliver one sampled token; returns whether the request has finished."""
-        params = seq.params
-        seq.next_token = token
-        seq.generated += 1
-        if seq.ngrams is not None:
-            seq.ngrams.append(token)
-        event = Event(token=token)
-        if params.logprobs is not None:
-            logprobs = logits.float().log_softmax(dim=-1)
-            event.logprob = float(logprobs[token])
-            if params.logprobs:
-                top = torch.topk(logprobs, min(params.logprobs, logprobs.numel()))
-                event.top_logprobs = list(zip(top.indices.tolist(), top.values.tolist()))
-        if params.return_logits:
-            event.logits = logits.float().clone()
-        text = seq.detok.put(token) if seq.detok is not None else ""
-        reason = None
-        if token in params.stop_token_ids:
-            reason = "stop"
-        elif params.stop_strings:
-            window = seq.tail + text
-            if any(stop in window for stop in params.stop_strings):
-                reason = "stop"
-            keep = max(len(stop) for stop in params.stop_strings) - 1
-            seq.tail = window[-keep:] if keep else ""
-        if reason is None and (seq.generated >= params.max_tokens or seq.cached >= self.max_len):
-            reason = "length"
-        event.text = text
-        if reason is not None:
-            self._finish(seq, reason, event)
-        else:
-            seq.handle._push(event)
-        return reason is not None
+        return seq.emit(token, logits, max_len=self.max_len)
 
-    def _finish(self, seq: _Sequence, reason: str, event: Event) -> None:
-        if seq.detok is not None:
-            event.text += seq.detok.finish()
-        event.finish_reason = reason
-        seq.handle._push(event)
-
-
-def _forward(text_model: MllamaTextModel, lm_head: nn.Module, tokens: torch.Tensor, positions: torch.Tensor,
-             mask: torch.Tensor | None, cross: CrossInputs | None, window: KVWindow) -> torch.Tensor:
-    """One decode forward: tokens, positions (B, 1) -> logits (B, V)."""
-    hidden = text_model(tokens, position_ids=positions, mask=mask, cross=cross, cache=window)
-    return lm_head(hidden[:, -1])
-
-
-def _forward_cpp_wrapper(*args):
-    return _forward(*args)
-
-
-def _forward_python_wrapper(*args):
-    return _forward(*args)
-
-
-_compiled: dict[bool, object] = {}
-
-
-def _compiled_forward(uses_kernel: bool):
-    """_forward through torch.compile (inductor), built on first use and shared by all engines.
-
-    Inductor's C++ wrapper calls the graph's kernels from generated C++ instead of Python (a tiny
-    float32 model's step went from about 400 to 300 us), but calls a Python custom op (the bf16
-    decode kernel) so slowly that bf16 decoding of the bench model fell from 12.7 to 8.8 tokens/s;
-    so models that decode through the kernel get the Python wrapper. Two functions, because
-    torch.compile caches per function.
-    """
-    if uses_kernel not in _compiled:
-        # One graph per (model, slot bucket, dtype): a process serving one model with 64 slots needs 7,
-        # but one that builds several models or engines (a benchmark, a notebook) passes dynamo's
-        # default of 8 and fullgraph=True turns that into a hard failure.
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-        fn = _forward_python_wrapper if uses_kernel else _forward_cpp_wrapper
-        _compiled[uses_kernel] = torch.compile(fn, dynamic=False, fullgraph=True,
-                                               options={"cpp_wrapper": not uses_kernel})
-    return _compiled[uses_kernel]
+    def _finish(self, seq: Sequence, reason: str, event: Event) -> None:
+        seq.finish(reason, event)
