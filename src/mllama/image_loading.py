@@ -63,11 +63,8 @@ def _open_source(text: str, *, limits: ImageLimits, may_be_text: bool) -> Image.
             raise ValueError(f"load_image: the data URL's base64 payload does not decode: {err}") from None
         return open_limited(data, what="the data URL", limits=limits)
     if not limits.allow_local:  # never touch the file system, so the error tells nothing about it
-        if may_be_text:
-            try:
-                return open_limited(base64.b64decode(text, validate=True), what="base64 text", limits=limits)
-            except (binascii.Error, ValueError):
-                pass
+        if may_be_text and (image := _open_base64(text, limits)) is not None:
+            return image
         raise ValueError(f"load_image: {short!r} is not an http(s) URL, a data URL or base64 image data "
                          "(local paths are not allowed here)")
     path = Path(text)
@@ -79,13 +76,19 @@ def _open_source(text: str, *, limits: ImageLimits, may_be_text: bool) -> Image.
         return open_limited(path, what=str(path), limits=limits)
     if exists:
         raise ValueError(f"load_image: {text} is not a file")
-    if may_be_text:
-        try:
-            return open_limited(base64.b64decode(text, validate=True), what="base64 text", limits=limits)
-        except (binascii.Error, ValueError):
-            pass
+    if may_be_text and (image := _open_base64(text, limits)) is not None:
+        return image
     raise FileNotFoundError(f"load_image: {short!r} is neither an existing file, an http(s) URL, "
                             "a data URL nor base64-encoded image data")
+
+
+def _open_base64(text: str, limits: ImageLimits) -> Image.Image | None:
+    """The image in base64 text, or None when the text does not decode as base64 or its bytes are
+    refused as an image (the caller then reports the input as unrecognised)."""
+    try:
+        return open_limited(base64.b64decode(text, validate=True), what="base64 text", limits=limits)
+    except (binascii.Error, ValueError):
+        return None
 
 
 def _pil_to_rgb_array(image: Image.Image) -> np.ndarray:
