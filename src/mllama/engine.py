@@ -352,10 +352,11 @@ class Engine:
         if self._incoming is not None or self.prefill_budget_s is not None:
             return []
         group: list[Sequence] = []
+        longest = 0
         with self._lock:
             free = self.max_slots - len(self._decoding)
             for seq in self._queue:
-                longest = max([seq.prompt.numel()] + [g.prompt.numel() for g in group])
+                longest = max(longest, seq.prompt.numel())  # the padded width if seq joins
                 if (len(group) >= free or seq.vision_job is not None or seq.prompt.numel() > self.prefill_chunk
                         or longest * (len(group) + 1) > 4 * self.prefill_chunk or not self._may_admit(seq)):
                     break

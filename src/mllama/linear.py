@@ -57,23 +57,27 @@ def cpu_has_native_bf16() -> bool:
     return not flags or any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
 
 
+def _slow_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> int | None:
+    """The row count of a bf16 product that torch would run slowly: on a CPU without native bf16,
+    outside autograd and outside torch.compile (inductor compiles its own GEMMs); else None."""
+    if (torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or weight.dtype != torch.bfloat16
+            or x.device.type != "cpu" or weight.device.type != "cpu"
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or cpu_has_native_bf16()):
+        return None
+    return x.shape[:-1].numel()
+
+
 def use_wide_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A bf16 product of many rows (prefill, vision) on a CPU without native bf16, outside autograd."""
-    return (not torch.compiler.is_compiling()  # inductor compiles its own GEMMs
-            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.shape[:-1].numel() >= WIDE_MIN_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not cpu_has_native_bf16())
+    rows = _slow_bf16_rows(x, weight)
+    return rows is not None and rows >= WIDE_MIN_ROWS
 
 
 def use_blocked_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Between the decode kernel's rows and the float32 route, on a CPU without native bf16, the kernel
     over blocks of MAX_ROWS rows beats both (benchmarks/RESULTS.md); outside autograd."""
-    return (not torch.compiler.is_compiling()
-            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and MAX_ROWS < x.shape[:-1].numel() < WIDE_MIN_ROWS
-            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-            and not cpu_has_native_bf16() and gemv_available())
+    rows = _slow_bf16_rows(x, weight)
+    return rows is not None and MAX_ROWS < rows < WIDE_MIN_ROWS and gemv_available()
 
 
 def blocked_kernel_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
