@@ -11,7 +11,10 @@
  * Decoding is memory bound for one row: each weight must stream from memory once, and be turned
  * into float32 once. With several rows the work per weight grows, so each dequantized vector of 8
  * weights is reused for up to 4 rows of x from registers (tiles of 8x1, 4x2 or 3x4 weight rows x x
- * rows). K is walked in cache blocks of KC so the rows of x being read stay in L1/L2 while a block
+ * rows). Two loop orders build the tiles: TILE32 dequantizes 32 weights of a row at a time (cheapest
+ * for int4, whose 16 bytes hold 32 values, and for one or two rows of x); TILE8 takes 8 weights of
+ * each of the R rows, then loads each x vector once for all R (fewer loads per FMA, which pays with
+ * 4 rows of x for bf16 and int8; benchmarks/RESULTS.md). K is walked in cache blocks of KC so the rows of x being read stay in L1/L2 while a block
  * of RB weight rows is swept, and every weight byte is read from memory once per call. Threads take
  * blocks of RB weight rows dynamically (a thread slowed by another process does not hold the rest
  * back). Built at first use by mllama/cpu_kernels.py; the OpenMP runtime is the one torch loaded.
@@ -78,22 +81,51 @@ static inline void load32_int4(const wdesc *d, int64_t row, int64_t i, __m256 *v
     v[3] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), s, z);
 }
 
-/* One weight value as float (for the k % 32 tail of bf16 and int8; int4 rows have no tail). */
+/* 8 consecutive weights of row `row` from column i (a multiple of 8) as float32. */
+__attribute__((target("avx2,fma")))
+static inline __m256 load8_bf16(const wdesc *d, int64_t row, int64_t i) {
+    const uint16_t *p = (const uint16_t *)d->w + row * d->k + i;
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+__attribute__((target("avx2,fma")))
+static inline __m256 load8_int8(const wdesc *d, int64_t row, int64_t i) {
+    const int8_t *p = (const int8_t *)d->w + row * d->k + i;
+    return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)p)));
+}
+
+/* int4: values 8q..8q+7 of a run of 32 are the low (q < 2) or high (q >= 2) nibbles of bytes
+ * 8(q % 2)..8(q % 2)+7 of the run's 16 bytes. */
+__attribute__((target("avx2,fma")))
+static inline __m256 load8_int4(const wdesc *d, int64_t row, int64_t i) {
+    const int q = (int)(i % 32) / 8;
+    const uint8_t *run = (const uint8_t *)d->w + row * (d->k / 2) + (i - i % 32) / 2;
+    __m128i bytes = _mm_loadl_epi64((const __m128i *)(run + 8 * (q % 2)));
+    if (q >= 2) bytes = _mm_srli_epi16(bytes, 4);
+    bytes = _mm_and_si128(bytes, _mm_set1_epi8(0x0F));
+    const int64_t g = row * (d->k / d->group) + i / d->group;
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes)),
+                           _mm256_set1_ps(param(d->scale, g, d->scale_bf16)),
+                           _mm256_set1_ps(param(d->offset, g, d->scale_bf16)));
+}
+
+/* One weight value as float (for the tails of bf16 and int8 rows; int4 rows have no tail). */
 static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
     if (fmt == FMT_BF16) return bf16_to_float(((const uint16_t *)d->w)[row * d->k + i]);
     return (float)((const int8_t *)d->w)[row * d->k + i];
 }
 
 /* R weight rows from `row` x M rows of x, over columns [k0, k1); adds into tot[r * MMAX + j]
- * (vectors whose lanes are summed at the end). kmain: where the 32-wide part ends. */
-#define DEFINE_TILE(FMT, NAME, R, M)                                                                 \
+ * (vectors whose lanes are summed at the end). kmain: where the vectorized part ends (columns from
+ * there to k1 go one by one). */
+#define DEFINE_TILE32(FMT, NAME, R, M)                                                                 \
     __attribute__((target("avx2,fma")))                                                             \
     static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain, \
                      __m256 *tot) {                                                                 \
         __m256 acc[R][M];                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
             for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_ps();                            \
-        const int64_t stop = k1 < kmain ? k1 : kmain;                                               \
+        const int64_t stop = k0 + ((k1 < kmain ? k1 : kmain) - k0) / 32 * 32;                       \
         for (int64_t i = k0; i < stop; i += 32) {                                                   \
             _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
                 __m256 wv[4];                                                                       \
@@ -113,16 +145,55 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
             }                                                                                       \
     }
 
+/* As DEFINE_TILE32, 8 columns at a time (kmain is a multiple of 8 for bf16 and int8). */
+#define DEFINE_TILE8(FMT, NAME, R, M)                                                                 \
+    __attribute__((target("avx2,fma")))                                                             \
+    static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain, \
+                     __m256 *tot) {                                                                 \
+        __m256 acc[R][M];                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_ps();                            \
+        const int64_t stop = k1 < kmain ? k1 : kmain;                                               \
+        for (int64_t i = k0; i < stop; i += 8) {                                                    \
+            __m256 wv[R];                                                                           \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = load8_##FMT(d, row + r, i);   \
+            _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                                   \
+                const __m256 xv = _mm256_loadu_ps(x + j * d->k + i);                                \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                 \
+                    acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);                              \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int j = 0; j < M; j++) {                                                           \
+                float tail = 0.0f;                                                                  \
+                for (int64_t i = stop > k0 ? stop : k0; i < k1; i++)                                \
+                    tail += load1(d, FMT_##FMT, row + r, i) * x[j * d->k + i];                      \
+                tot[r * MMAX + j] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX + j], acc[r][j]),      \
+                                                  _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));       \
+            }                                                                                       \
+    }
+
 #define FMT_bf16 FMT_BF16
 #define FMT_int8 FMT_INT8
 #define FMT_int4 FMT_INT4
-#define DEFINE_TILES(FMT)                                                                           \
-    DEFINE_TILE(FMT, FMT##_8x1, 8, 1) DEFINE_TILE(FMT, FMT##_1x1, 1, 1)                            \
-    DEFINE_TILE(FMT, FMT##_4x2, 4, 2) DEFINE_TILE(FMT, FMT##_1x2, 1, 2)                            \
-    DEFINE_TILE(FMT, FMT##_3x4, 3, 4) DEFINE_TILE(FMT, FMT##_1x4, 1, 4)
-DEFINE_TILES(bf16)
-DEFINE_TILES(int8)
-DEFINE_TILES(int4)
+#define DEFINE_TILES(FMT, ONE, TWO, FOUR)                                                          \
+    DEFINE_TILE##ONE(FMT, FMT##_8x1, 8, 1) DEFINE_TILE##ONE(FMT, FMT##_1x1, 1, 1)                  \
+    DEFINE_TILE##TWO(FMT, FMT##_4x2, 4, 2) DEFINE_TILE##TWO(FMT, FMT##_1x2, 1, 2)                  \
+    DEFINE_TILE##FOUR(FMT, FMT##_3x4, 3, 4) DEFINE_TILE##FOUR(FMT, FMT##_1x4, 1, 4)
+/* Loop order per format for the tiles of 1, 2 and 4 rows of x (-D overrides, for measuring). */
+#ifndef BF16_TILES
+#define BF16_TILES 32, 8, 8
+#endif
+#ifndef INT8_TILES
+#define INT8_TILES 32, 32, 8
+#endif
+#ifndef INT4_TILES
+#define INT4_TILES 32, 32, 32
+#endif
+#define EXPAND_TILES(FMT, SPEC) DEFINE_TILES(FMT, SPEC)
+EXPAND_TILES(bf16, BF16_TILES)
+EXPAND_TILES(int8, INT8_TILES)
+EXPAND_TILES(int4, INT4_TILES)
 
 typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t, int64_t, __m256 *);
 
@@ -157,7 +228,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     if (fmt < 0 || fmt > 2 || m < 1 || m > MMAX || (m > 1 && m % 2) || n < 1 || k < 1) return -1;
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || k % group)) return -1;
     const wdesc d = {w, scale, offset, k, group, scale_bf16};
-    const int64_t kmain = fmt == FMT_INT4 ? k : k - k % 32;
+    const int64_t kmain = fmt == FMT_INT4 ? k : k - k % 8;
     const int64_t blocks = (n + RB - 1) / RB;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
