@@ -77,15 +77,15 @@ class BeamSettings:
 
 
 @dataclass
-class _Prompt:
+class Prompt:
     ids: torch.Tensor  # (S,) real tokens
     vision: RequestVision | None
 
 
-class _Decoder:
+class SlotDecoder:
     """The text decoder over a KV cache of B * num_beams slots; slot b * num_beams + j is beam j of prompt b."""
 
-    def __init__(self, model: nn.Module, prompts: list[_Prompt], num_beams: int, max_new: int) -> None:
+    def __init__(self, model: nn.Module, prompts: list[Prompt], num_beams: int, max_new: int) -> None:
         self.text_model: MllamaTextModel = getattr(model.model, "language_model", model.model)
         self.lm_head = model.lm_head
         weight = self.text_model.embed_tokens.weight
@@ -143,16 +143,16 @@ class _Decoder:
         return self.lm_head(hidden[:, -1]).float()
 
 
-def encode_prompt(model: nn.Module, ids: torch.Tensor, images: tuple[torch.Tensor, ...] | None) -> _Prompt:
+def encode_prompt(model: nn.Module, ids: torch.Tensor, images: tuple[torch.Tensor, ...] | None) -> Prompt:
     """A prompt's real ids and, with images (pixel_values, aspect_ratio_ids, aspect_ratio_mask,
     cross_attention_mask) of that row, their cross-attention K/V, computed once."""
     if images is None:
-        return _Prompt(ids, None)
+        return Prompt(ids, None)
     device = ids.device
     job = VisionJob(model, *(t.to(device) for t in images), cache=None, fast_vision=False, piece_layers=None)
     while not job.finished:
         job.run_piece()
-    return _Prompt(ids, job.result())
+    return Prompt(ids, job.result())
 
 
 @dataclass
@@ -167,13 +167,13 @@ class BeamResult:
 
 
 @torch.inference_mode()
-def beam_search(model: nn.Module, prompts: list[_Prompt], settings: BeamSettings, *, keep_scores: bool = False,
+def beam_search(model: nn.Module, prompts: list[Prompt], settings: BeamSettings, *, keep_scores: bool = False,
                 keep_logits: bool = False) -> BeamResult:
     settings.validate()
     if settings.max_new < 1:
         raise ValueError("beam search needs a budget of at least one new token")
     s, b, n, steps = settings, len(prompts), settings.num_beams, settings.max_new
-    decoder = _Decoder(model, prompts, n, steps)
+    decoder = SlotDecoder(model, prompts, n, steps)
     device = decoder.device
     eos = torch.tensor(s.eos_ids, dtype=torch.long, device=device)
     k = max(2, 1 + len(s.eos_ids)) * n

@@ -32,10 +32,11 @@ NEUTRAL = {"num_beams": 1, "num_beam_groups": 1, "no_repeat_ngram_size": 0, "min
            "begin_suppress_tokens": None, "sequence_bias": None, "guidance_scale": None, "watermarking_config": None,
            "penalty_alpha": None, "top_h": None, "top_n_sigma": None, "logits_processor": None,
            "stopping_criteria": None, "prefix_allowed_tokens_fn": None, "assistant_model": None}
-# Fields of NEUTRAL that mllama implements (generate.token_rules, beam_search): never warned about.
-IMPLEMENTED = {"min_new_tokens", "min_length", "no_repeat_ngram_size", "num_beams"}
+# Fields of NEUTRAL that mllama implements (generate.token_rules, beam_search, lockstep): never warned about.
+IMPLEMENTED = {"min_new_tokens", "min_length", "no_repeat_ngram_size", "num_beams", "logits_processor",
+               "stopping_criteria", "prefix_allowed_tokens_fn"}
 # Caller code that would silently not run: refused rather than warned about.
-REFUSED = ("logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn", "assistant_model")
+REFUSED = ("assistant_model",)
 
 
 def as_generation_config(config: Any) -> GenerationConfig:
@@ -87,62 +88,20 @@ def check_unsupported(config: GenerationConfig) -> None:
                                   "implemented in mllama; use num_beam_groups=1")
     hooks = [key for key in REFUSED if key in fields]
     if hooks:
-        raise NotImplementedError(f"{hooks}: mllama decodes in its engine and cannot run caller hooks; use "
-                                  "stop_strings / eos_token_id to stop, or the Engine API for custom sampling")
+        raise NotImplementedError(f"{hooks}: assisted (speculative) decoding is not implemented in mllama; "
+                                  "drop assistant_model")
     if fields:
         warnings.warn(f"generation options ignored by mllama (not implemented): {fields}", UserWarning, stacklevel=3)
 
 
 class GenerateDecoderOnlyOutput(ModelOutput):
     """return_dict_in_generate=True: `.sequences`, and per step (B, V) `.logits` (raw, output_logits) and
-    `.scores` (output_scores, greedy only: transformers' processed logits, see greedy_scores)."""
+    `.scores` (output_scores: transformers' processed scores, see mllama.lockstep)."""
 
     _fields = ("sequences", "scores", "logits", "attentions", "hidden_states", "past_key_values")
     sequences: torch.Tensor
     scores: tuple[torch.Tensor, ...] | None
     logits: tuple[torch.Tensor, ...] | None
-
-
-def check_scores(config: GenerationConfig) -> None:
-    if config.do_sample:
-        raise NotImplementedError("output_scores is only available for greedy decoding and beam search, not with "
-                                  "do_sample=True; use output_logits=True for the raw logits")
-
-
-def greedy_scores(logits: tuple[torch.Tensor, ...], sequences: torch.Tensor, attention_mask: torch.Tensor | None,
-                  config: GenerationConfig) -> tuple[torch.Tensor, ...]:
-    """transformers' greedy `scores`: each step's raw logits after repetition_penalty and with the ids
-    that min_new_tokens / min_length / no_repeat_ngram_size forbade at -inf. Rebuilt from the
-    tokens afterwards, since the engine hands out raw logits (rows that had finished stay zero)."""
-    from mllama.generate import token_rules
-    from mllama.sampling import NgramBans, apply_repetition_penalty, ban_ids
-
-    prompt_len = sequences.shape[1] - len(logits)
-    min_tokens, ngram = token_rules(config, prompt_len=prompt_len)
-    penalty = config.repetition_penalty
-    if not (min_tokens or ngram or penalty != 1.0):
-        return logits
-    real = attention_mask.bool() if attention_mask is not None else torch.ones_like(sequences[:, :prompt_len], dtype=torch.bool)
-    out = [step.clone() for step in logits]
-    eos = config.eos_token_ids
-    for row in range(sequences.shape[0]):
-        history = sequences[row, :prompt_len][real[row]].tolist()
-        bans = NgramBans(ngram, history) if ngram else None
-        for t, step in enumerate(out):
-            if not step[row].any():  # the row had finished
-                break
-            if penalty != 1.0:
-                seen = torch.zeros_like(step[row:row + 1], dtype=torch.bool)
-                seen[0, [i for i in history if i < seen.shape[1]]] = True
-                step[row:row + 1] = apply_repetition_penalty(step[row:row + 1], seen,
-                                                             torch.tensor([float(penalty)], device=step.device))
-            banned = (bans.banned() if bans is not None else []) + (list(eos) if t < min_tokens else [])
-            step[row:row + 1] = ban_ids(step[row:row + 1], [banned])
-            token = int(sequences[row, prompt_len + t])
-            history.append(token)
-            if bans is not None:
-                bans.append(token)
-    return tuple(out)
 
 
 def repeat_rows(count: int, *tensors: torch.Tensor | None) -> list[torch.Tensor | None]:

@@ -12,7 +12,7 @@ from torch import nn
 
 from mllama.config import GenerationConfig, MllamaConfig, MllamaTextConfig
 from mllama.generation_compat import (HARMLESS, NEUTRAL, GenerateDecoderOnlyOutput, as_generation_config,
-                                      check_scores, check_unsupported, greedy_scores, repeat_rows,
+                                      check_unsupported, repeat_rows,
                                       with_model_tokens)
 from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
 from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
@@ -277,7 +277,8 @@ class _PretrainedMixin(TrainingSurfaceMixin):
 
         transformers compatibility: generation_config may be transformers' GenerationConfig (a config
         without eos/pad ids keeps the model's); num_return_sequences repeats each row (sampling only);
-        output_scores gives `.scores` (greedy or beam search). min_new_tokens, min_length,
+        output_scores gives `.scores`. logits_processor, stopping_criteria and prefix_allowed_tokens_fn
+        run as in transformers' loop (see mllama.lockstep). min_new_tokens, min_length,
         no_repeat_ngram_size and beam search (num_beams > 1, length_penalty, early_stopping,
         num_return_sequences <= num_beams; see mllama.beam_search) follow transformers. Other
         transformers fields that would change the output warn that they are ignored.
@@ -307,18 +308,22 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                                 fallback_eos=text_config.eos_token_ids, fallback_pad=text_config.pad_token_id)
         check_unsupported(config)
         count = num_return_sequences if num_return_sequences is not None else config.extra.get("num_return_sequences", 1)
+        from mllama.lockstep import caller_hooks
+
+        hooks = caller_hooks(config)
         if config.extra.get("num_beams", 1) != 1:
             from mllama.beam_search import generate_beams
 
             if streamer is not None or stop_strings or compile or fast_vision:
                 raise ValueError("beam search (num_beams > 1) takes no streamer, stop_strings, compile or fast_vision")
+            if hooks:
+                raise NotImplementedError(f"{sorted(hooks)} with beam search (num_beams > 1) is not implemented; "
+                                          "use them with num_beams=1")
             return generate_beams(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                                   aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
                                   cross_attention_mask=cross_attention_mask, config=config, num_return_sequences=count,
                                   return_dict=return_dict_in_generate, output_scores=output_scores,
                                   output_logits=output_logits)
-        if output_scores:
-            check_scores(config)
         if count != 1 and not config.do_sample:
             raise ValueError(f"num_return_sequences={count} needs do_sample=True: greedy decoding would return "
                              "the same sequence each time (transformers refuses this too)")
@@ -331,16 +336,27 @@ class _PretrainedMixin(TrainingSurfaceMixin):
             stop_strings = [stop_strings]
         if pixel_values is not None and not hasattr(self.model, "vision_model"):
             raise ValueError("MllamaForCausalLM is text-only; use MllamaForConditionalGeneration for images")
+        if hooks or output_scores:  # every row at every step: transformers' loop (mllama.lockstep)
+            from mllama.lockstep import generate_lockstep
+
+            if compile or fast_vision:
+                raise ValueError(f"compile and fast_vision are engine options; generate with "
+                                 f"{sorted(hooks) or ['output_scores']} runs without the engine")
+            return generate_lockstep(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
+                                     aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
+                                     cross_attention_mask=cross_attention_mask, config=config, generator=generator,
+                                     stop_strings=stop_strings, tokenizer=tokenizer, streamer=streamer,
+                                     return_dict=return_dict_in_generate or output_logits or output_scores,
+                                     output_scores=output_scores, output_logits=return_dict_in_generate or output_logits)
         out = generate(self, input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
                        aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
                        cross_attention_mask=cross_attention_mask, config=config, stop_strings=stop_strings,
                        tokenizer=tokenizer, streamer=streamer, generator=generator,
-                       output_logits=return_dict_in_generate or output_logits or output_scores, compile=compile,
+                       output_logits=return_dict_in_generate or output_logits, compile=compile,
                        fast_vision=fast_vision)
         if isinstance(out, torch.Tensor):
             return out
-        scores = greedy_scores(out.logits, out.sequences, attention_mask, config) if output_scores else None
-        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits, scores=scores)
+        return GenerateDecoderOnlyOutput(sequences=out.sequences, logits=out.logits)
 
     @property
     def device(self) -> torch.device:

@@ -111,18 +111,22 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
             logits = apply_repetition_penalty(logits, presence, settings.repetition_penalty)
         return logits.argmax(dim=-1)
     logits = filtered_logits(logits, settings, presence)
-    greedy = logits.argmax(dim=-1)
-    rows = sampled.nonzero().squeeze(1).tolist()
+    out = logits.argmax(dim=-1)
+    rows = sampled.nonzero().squeeze(1)
     gens = generators if generators is not None else [None] * logits.shape[0]
-    u = torch.stack([torch.rand((), generator=gens[r], dtype=torch.float64, device=logits.device) for r in rows])
-    # Inverse CDF: the first id whose cumulative probability exceeds u (right=True skips ids of
-    # probability zero, which add nothing to the sum).
-    cdf = logits[rows].double().softmax(dim=-1).cumsum(dim=-1)
-    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
-    drawn = torch.minimum(drawn, (cdf < cdf[:, -1:]).sum(dim=-1))  # rounding at the top end
-    out = greedy.clone()
-    out[rows] = drawn
+    out[rows] = draw(logits[rows], [gens[r] for r in rows.tolist()])
     return out
+
+
+def draw(logits: torch.Tensor, generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One id per row of filtered (B, V) logits, from the row's generator (None: torch's default):
+    one uniform number per row, in row order, through the inverse CDF."""
+    u = torch.stack([torch.rand((), generator=g, dtype=torch.float64, device=logits.device) for g in generators])
+    # The first id whose cumulative probability exceeds u (right=True skips ids of probability
+    # zero, which add nothing to the sum).
+    cdf = logits.double().softmax(dim=-1).cumsum(dim=-1)
+    drawn = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).squeeze(1)
+    return torch.minimum(drawn, (cdf < cdf[:, -1:]).sum(dim=-1))  # rounding at the top end
 
 
 class NgramBans:
