@@ -31,10 +31,17 @@ def case(request):
     return hf, ours, inputs
 
 
-def _both(hf, ours, inputs, **kw):
+def _both(hf, ours, inputs, *, seed: int | None = None, **kw):
+    """transformers' and mllama's outputs; with a seed, both sample from torch's default generator
+    seeded the same way (beam sampling draws in the same order in both)."""
     common = dict(eos_token_id=EOS, pad_token_id=0, output_scores=True, return_dict_in_generate=True, **kw)
+    common.setdefault("do_sample", False)
+    if seed is not None:
+        torch.manual_seed(seed)
     with torch.no_grad():
-        ref = hf.generate(**inputs, do_sample=False, **common)
+        ref = hf.generate(**inputs, **common)
+    if seed is not None:
+        torch.manual_seed(seed)
     return ref, ours.generate(**inputs, **common)
 
 
@@ -161,10 +168,33 @@ def test_bad_beam_options_are_refused(case):
         ours.generate(**inputs, num_beams=2, num_return_sequences=3, max_new_tokens=2)
     with pytest.raises(ValueError, match="early_stopping"):
         ours.generate(**inputs, num_beams=2, early_stopping="sometimes", max_new_tokens=2)
-    with pytest.raises(NotImplementedError, match="beam sampling"):
-        ours.generate(**inputs, num_beams=2, do_sample=True, max_new_tokens=2)
+    with pytest.raises(ValueError, match="temperature"):
+        ours.generate(**inputs, num_beams=2, do_sample=True, temperature=0.0, max_new_tokens=2)
     with pytest.raises(NotImplementedError, match="num_beam_groups"):
         ours.generate(**inputs, num_beams=4, num_beam_groups=2, max_new_tokens=2)
     with pytest.raises(ValueError, match="num_beams"):
         ours.generate(**inputs, num_beams=0, max_new_tokens=2)
     assert torch.equal(ours.generate(**inputs, num_beams=2, max_new_tokens=0), inputs["input_ids"])
+
+
+@pytest.mark.parametrize("options", [
+    dict(num_beams=3, max_new_tokens=10, num_return_sequences=2),
+    dict(num_beams=2, max_new_tokens=10, temperature=0.7, top_k=40, top_p=0.9, early_stopping=True),
+], ids=["plain", "warped"])
+def test_beam_sampling_matches_transformers_with_the_same_seed(case, options):
+    hf, ours, inputs = case
+    ref, out = _both(hf, ours, inputs, do_sample=True, seed=7, **options)
+    _assert_same(ref, out)
+    greedy_ref, _ = _both(hf, ours, inputs, **{k: v for k, v in options.items() if k not in ("temperature", "top_k", "top_p")})
+    other_ref, other = _both(hf, ours, inputs, do_sample=True, seed=8, **options)
+    _assert_same(other_ref, other)
+    # Sampling changed something: another seed or beam search gives other beams.
+    assert not (torch.equal(out.sequences, greedy_ref.sequences) and torch.equal(out.sequences, other.sequences))
+
+
+def test_beam_sampling_seed_is_reproducible(case):
+    _, ours, inputs = case
+    runs = [ours.generate(**inputs, num_beams=2, do_sample=True, temperature=1.5, max_new_tokens=8, eos_token_id=[],
+                          seed=s) for s in (3, 3, 4, 5)]
+    assert torch.equal(runs[0], runs[1])
+    assert not (torch.equal(runs[0], runs[2]) and torch.equal(runs[0], runs[3]))

@@ -22,7 +22,8 @@ from torch import nn
 from mllama.cache import KVCache, KVWindow
 from mllama.config import GenerationConfig
 from mllama.outputs import ModelOutput
-from mllama.sampling import NgramBans, apply_repetition_penalty, ban_ids, mark_seen
+from mllama.sampling import (NgramBans, SamplingTensors, apply_min_p, apply_repetition_penalty, apply_temperature,
+                             apply_top_k, apply_top_p, ban_ids, mark_seen)
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel
 from mllama.vision_cache import RequestVision, VisionJob, decode_cross
 
@@ -59,6 +60,13 @@ class BeamSettings:
     min_tokens: int = 0
     no_repeat_ngram_size: int = 0
     repetition_penalty: float = 1.0
+    # Beam sampling (do_sample=True): candidates are drawn without replacement from the softmax of the
+    # accumulated scores, after temperature / top-k / top-p / min-p on each step's log-probabilities.
+    sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
 
     def validate(self) -> None:
         n = self.num_beams
@@ -74,6 +82,8 @@ class BeamSettings:
             raise ValueError(f"length_penalty must be a real number, got {lp!r}")
         if self.max_new < 0:
             raise ValueError(f"max_new must be >= 0, got {self.max_new}")
+        if self.sample and not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 for beam sampling, got {self.temperature}")
 
 
 @dataclass
@@ -168,7 +178,7 @@ class BeamResult:
 
 @torch.inference_mode()
 def beam_search(model: nn.Module, prompts: list[Prompt], settings: BeamSettings, *, keep_scores: bool = False,
-                keep_logits: bool = False) -> BeamResult:
+                keep_logits: bool = False, generator: torch.Generator | None = None) -> BeamResult:
     settings.validate()
     if settings.max_new < 1:
         raise ValueError("beam search needs a budget of at least one new token")
@@ -197,6 +207,7 @@ def beam_search(model: nn.Module, prompts: list[Prompt], settings: BeamSettings,
         for i, p in enumerate(prompts):
             mark_seen(presence[i * n:(i + 1) * n], p.ids[None].expand(n, -1))
         penalty = torch.full((b * n,), float(s.repetition_penalty), device=device)
+    warp = SamplingTensors.from_rows([(s.temperature, s.top_k, s.top_p, s.min_p, 1.0)] * (b * n), device=device)
     scores, raw = [], []
     for t in range(steps):
         logp = logits.log_softmax(dim=-1)
@@ -206,12 +217,19 @@ def beam_search(model: nn.Module, prompts: list[Prompt], settings: BeamSettings,
         if t < s.min_tokens:
             bans = [ids + list(s.eos_ids) for ids in bans]
         logp = ban_ids(logp, bans)
+        if s.sample:
+            logp = apply_temperature(logp, warp.temperature)
+            logp = apply_min_p(apply_top_p(apply_top_k(logp, warp.top_k), warp.top_p), warp.min_p)
         if keep_scores:
             scores.append(logp.clone())
         if keep_logits:
             raw.append(logits.clone())
         total = (logp.view(b, n, vocab) + run_scores[..., None]).view(b, n * vocab)
-        cand_scores, flat = total.topk(k, dim=-1)
+        if s.sample:  # k draws without replacement, in the order drawn (transformers' order too)
+            flat = torch.multinomial(total.softmax(dim=-1), k, generator=generator)
+            cand_scores = total.gather(1, flat)
+        else:
+            cand_scores, flat = total.topk(k, dim=-1)
         cand_beam, cand_token = flat // vocab, flat % vocab
         ends = torch.isin(cand_token, eos) | (t + 1 >= steps)
         cand_tokens = run_tokens.gather(1, cand_beam[..., None].expand(b, k, steps)).clone()
@@ -273,16 +291,14 @@ def generate_beams(model: nn.Module, input_ids: torch.Tensor, *, attention_mask:
                    pixel_values: torch.Tensor | None = None, aspect_ratio_ids: torch.Tensor | None = None,
                    aspect_ratio_mask: torch.Tensor | None = None, cross_attention_mask: torch.Tensor | None = None,
                    config: GenerationConfig, num_return_sequences: int = 1, return_dict: bool = False,
-                   output_scores: bool = False,
-                   output_logits: bool = False) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
-    """generate() with config.extra num_beams > 1 (and length_penalty, early_stopping): (B *
+                   output_scores: bool = False, output_logits: bool = False,
+                   generator: torch.Generator | None = None) -> torch.Tensor | GenerateBeamDecoderOnlyOutput:
+    """generate() with config.extra num_beams > 1 (and length_penalty, early_stopping; do_sample for beam
+    sampling, drawing from `generator` or torch's default one, as transformers does): (B *
     num_return_sequences, prompt_len + new) ids, each prompt's best hypotheses first, shorter ones
     filled as transformers fills them (the pad id, or the first eos id when the pad id is 0 or unset)."""
     from mllama.generate import check_generate_inputs, token_rules
 
-    if config.do_sample:
-        raise NotImplementedError("beam sampling (num_beams > 1 with do_sample=True) is not implemented; use "
-                                  "num_beams=1 to sample, or do_sample=False for beam search")
     b, s, max_new, attention_mask, images = check_generate_inputs(
         model, input_ids, attention_mask=attention_mask, pixel_values=pixel_values, aspect_ratio_ids=aspect_ratio_ids,
         aspect_ratio_mask=aspect_ratio_mask, cross_attention_mask=cross_attention_mask, config=config)
@@ -294,7 +310,9 @@ def generate_beams(model: nn.Module, input_ids: torch.Tensor, *, attention_mask:
                             length_penalty=config.extra.get("length_penalty", 1.0),
                             early_stopping=config.extra.get("early_stopping", False),
                             num_return_sequences=num_return_sequences, min_tokens=min_tokens,
-                            no_repeat_ngram_size=ngram, repetition_penalty=config.repetition_penalty)
+                            no_repeat_ngram_size=ngram, repetition_penalty=config.repetition_penalty,
+                            sample=bool(config.do_sample), temperature=config.temperature, top_k=config.top_k or 0,
+                            top_p=config.top_p if config.top_p is not None else 1.0, min_p=config.min_p or 0.0)
     settings.validate()
     if max_new == 0:  # nothing to search: the prompts as they are, as greedy generate returns them
         sequences = input_ids.repeat_interleave(num_return_sequences, dim=0)
@@ -310,7 +328,7 @@ def generate_beams(model: nn.Module, input_ids: torch.Tensor, *, attention_mask:
             row_images = (images[0][row], images[1][row], images[2][row], images[3][row][keep])
         prompts.append(encode_prompt(model, input_ids[row][keep].to(device), row_images))
     result = beam_search(model, prompts, settings, keep_scores=output_scores and return_dict,
-                         keep_logits=output_logits and return_dict)
+                         keep_logits=output_logits and return_dict, generator=generator)
     r = num_return_sequences
     width = max(len(t) for per_prompt in result.tokens for t in per_prompt)
     out = torch.full((b * r, width), settings.fill_id, dtype=input_ids.dtype)

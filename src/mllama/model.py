@@ -323,7 +323,9 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                                   aspect_ratio_ids=aspect_ratio_ids, aspect_ratio_mask=aspect_ratio_mask,
                                   cross_attention_mask=cross_attention_mask, config=config, num_return_sequences=count,
                                   return_dict=return_dict_in_generate, output_scores=output_scores,
-                                  output_logits=output_logits)
+                                  output_logits=output_logits,
+                                  generator=generator if generator is not None or seed is None
+                                  else torch.Generator(device=input_ids.device).manual_seed(seed))
         if count != 1 and not config.do_sample:
             raise ValueError(f"num_return_sequences={count} needs do_sample=True: greedy decoding would return "
                              "the same sequence each time (transformers refuses this too)")
