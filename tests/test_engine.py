@@ -607,3 +607,81 @@ def test_prefix_cache_evicts_least_recently_used_within_budget(models):
     assert len(cache) == 2 and cache.bytes == 30 * per_position
     with pytest.raises(ValueError, match="budget"):
         Engine(model, max_slots=1, max_len=MAX_LEN, prefix_cache_bytes=-1)
+
+
+def test_prefix_hit_while_others_decode_and_finish_equals_fresh(models):
+    """The follow-up's copied prefix and its chunks move slots when a decoding request ends under it."""
+    model = models["b"]
+    first = _request("b", length=9, tiles=[2], image_at=[1], seed=131, max_tokens=6)
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3)
+    answer = engine.submit(first).result()
+    short = _request("b", length=5, seed=132, max_tokens=4)
+    long = _request("b", length=6, tiles=[3], image_at=[2], seed=133, max_tokens=25)
+    handles = [engine.submit(long)]
+    for _ in range(20):
+        if engine.num_decoding == 1:
+            break
+        engine.step()
+    handles.insert(0, engine.submit(short))
+    for _ in range(20):
+        if engine.num_decoding == 2:
+            break
+        engine.step()
+    assert engine.num_decoding == 2 and len(handles[0].tokens) == 1
+    follow_up = _follow_up("b", first, answer, new=12, tiles=[2], image_at=[1], seed=131, max_tokens=8)
+    handle = engine.submit(follow_up)
+    before = engine.prefix_cache.tokens_reused  # the BOS of the two others
+    moved_under_it = False
+    for _ in range(30):
+        if handle.tokens:
+            break
+        decoding, incoming = engine.num_decoding, engine._incoming
+        engine.step()
+        moved_under_it |= incoming is not None and incoming.prefilled > 0 and engine.num_decoding < decoding
+    assert moved_under_it
+    assert engine.prefix_cache.tokens_reused - before == 9 + 6 - 1
+    tokens, logits = _events(handle)
+    _assert_equals_fresh(model, follow_up, tokens, logits)
+    for request, h in zip((short, long), handles):
+        assert h.result() == _alone(model, request)[0]
+
+
+def test_cancelled_answer_is_a_reusable_prefix_and_zero_budget_disables(models):
+    model = models["a"]
+    first = _request("a", length=8, tiles=[2], image_at=[2], seed=134, max_tokens=30)
+    for budget, reused in ((1 << 20, 8 + 4 - 1), (0, 0)):
+        engine = Engine(model, max_slots=2, max_len=MAX_LEN, prefix_cache_bytes=budget)
+        handle = engine.submit(first)
+        while len(handle.tokens) < 4:
+            engine.step()
+        handle.cancel()
+        engine.step()
+        assert handle.finish_reason == "cancelled" and len(handle.tokens) == 4
+        follow_up = _follow_up("a", first, handle.tokens, new=3, tiles=[2], image_at=[2], seed=134, max_tokens=5)
+        tokens, logits = _events(engine.submit(follow_up))
+        cache = engine.prefix_cache
+        assert cache.tokens_reused == reused and cache.hits == (1 if budget else 0)
+        assert len(cache) == (1 if budget else 0) and (cache.misses == 1 or not budget)
+        _assert_equals_fresh(model, follow_up, tokens, logits)
+
+
+def test_queued_follow_up_goes_alone_to_reuse_its_prefix(models, monkeypatch):
+    model = models["a"]
+    first = _request("a", length=6, seed=135, max_tokens=4)
+    engine = Engine(model, max_slots=4, max_len=MAX_LEN, prefill_chunk=16)
+    answer = engine.submit(first).result()
+    groups = []
+    real = Engine._prefill_group
+    monkeypatch.setattr(Engine, "_prefill_group", lambda self, group: groups.append(len(group)) or real(self, group))
+    follow_up = _follow_up("a", first, answer, new=3, seed=136, max_tokens=4)
+    others = [_request("a", length=5 + i, seed=137 + i, max_tokens=4) for i in range(2)]
+    for request in others:
+        request.input_ids[1] = first.input_ids[1] % 70 + 4  # only the BOS in common with the stored prompt
+    handles = [engine.submit(r) for r in [follow_up] + others]
+    while engine.has_work:
+        engine.step()
+    assert groups == [2]  # the two others together; the follow-up alone, reusing 6 + 4 - 1 positions
+    assert engine.prefix_cache.tokens_reused == 9 and engine.prefix_cache.hits == 1
+    _assert_equals_fresh(model, follow_up, *_events(handles[0]))
+    for request, h in zip(others, handles[1:]):
+        assert h.result() == _alone(model, request)[0]
