@@ -46,17 +46,17 @@ class Engine:
     encoder layers of a new image per step (None: a whole image per step); prefill_budget_s: if set,
     while others decode a prompt chunk is sized from the measured prefill rate to take about this
     long (at most prefill_chunk tokens; results equal to within float rounding, as any chunking);
-    image_cache_bytes: budget of
-    the LRU of encoded images (0 disables it); prefix_cache_bytes: budget of the LRU of finished
-    requests' self-attention K/V, reused by prompts that begin with the same tokens and images (0
-    disables it); fast_vision: encode only real tiles (not exact);
+    image_cache_bytes: budget of the LRU of encoded images (0 disables it); prefix_cache_bytes:
+    budget of the LRU of ended requests' self-attention K/V, reused by prompts that begin with the
+    same tokens and images (0 disables it); fast_vision: encode only real tiles (not exact);
     compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
     vision-token width, attending over the whole max_len under a length mask.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
                  prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
-                 prefix_cache_bytes: int = 1 << 30, prefill_budget_s: float | None = None, fast_vision: bool = False, compile: bool = False) -> None:
+                 prefix_cache_bytes: int = 1 << 30, prefill_budget_s: float | None = None, fast_vision: bool = False,
+                 compile: bool = False) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
