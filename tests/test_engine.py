@@ -1,5 +1,6 @@
 """The engine: requests batched at random steps equal each request alone; slots, queue, cancel,
-seeded sampling, stop strings, image cache, prefix cache (chat follow-ups), chunked prefill, streams from threads and asyncio."""
+seeded sampling, stop strings, image cache, prefix cache (chat follow-ups), chunked prefill, streams
+from threads and asyncio."""
 
 from __future__ import annotations
 
