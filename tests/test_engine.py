@@ -1,5 +1,6 @@
 """The engine: requests batched at random steps equal each request alone; slots, queue, cancel,
-seeded sampling, stop strings, image cache, chunked prefill, streams from threads and asyncio."""
+seeded sampling, stop strings, image cache, prefix cache (chat follow-ups), chunked prefill, streams
+from threads and asyncio."""
 
 from __future__ import annotations
 
@@ -491,3 +492,197 @@ def test_queued_text_prompts_prefill_together_and_equal_each_alone(models, monke
         assert handle.tokens == tokens
         got = torch.stack([e.logits for e in events if e.logits is not None]) if logits is not None else None
         torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
+
+
+# ---- prefix cache: a chat follow-up reuses the previous turn's self-attention K/V --------------------------
+def _follow_up(name: str, first: Request, answer: list[int], *, new: int, tiles: list[int] = (),
+               image_at: list[int] = (), seed: int = 0, **params) -> Request:
+    """first's prompt + its answer + `new` question tokens; images drawn from `seed` at image_at."""
+    s = first.input_ids.numel()
+    request = _request(name, length=s + len(answer) + new, tiles=tiles, image_at=image_at, seed=seed, **params)
+    request.input_ids[:s] = first.input_ids
+    request.input_ids[s:s + len(answer)] = torch.tensor(answer)
+    return request
+
+
+def _events(handle) -> tuple[list[int], torch.Tensor]:
+    events = list(handle)
+    return [e.token for e in events], torch.stack([e.logits for e in events])
+
+
+def _assert_equals_fresh(model, request: Request, tokens: list[int], logits: torch.Tensor) -> None:
+    fresh_tokens, fresh_logits = _alone(model, request, prefix_cache_bytes=0)
+    assert tokens == fresh_tokens
+    assert (logits - fresh_logits).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("tiles", [[], [3]])
+def test_chat_follow_up_reuses_the_previous_turn_exactly(models, tiles):
+    model = models["b"]
+    at = [2] if tiles else []
+    first = _request("b", length=9, tiles=tiles, image_at=at, seed=120, max_tokens=7)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, prefill_chunk=4)
+    answer = engine.submit(first).result()
+    assert len(answer) == 7 and len(engine.prefix_cache) == 1
+    follow_up = _follow_up("b", first, answer, new=5, tiles=tiles, image_at=at, seed=120, max_tokens=6)
+    tokens, logits = _events(engine.submit(follow_up))
+    # Prompt and answer but the last answer token, whose K/V the first request never wrote.
+    assert engine.prefix_cache.hits == 1 and engine.prefix_cache.tokens_reused == 9 + 7 - 1
+    _assert_equals_fresh(model, follow_up, tokens, logits)
+    # The follow-up's entry contains the first one's: it replaced it.
+    assert len(engine.prefix_cache) == 1
+    third = _follow_up("b", follow_up, tokens, new=3, tiles=tiles, image_at=at, seed=120, max_tokens=4)
+    third_tokens, third_logits = _events(engine.submit(third))
+    assert engine.prefix_cache.hits == 2 and engine.prefix_cache.tokens_reused == 15 + 21 + 6 - 1
+    _assert_equals_fresh(model, third, third_tokens, third_logits)
+
+
+@pytest.mark.parametrize("image_at", [0, 3])
+def test_another_image_reuses_only_the_positions_before_it(models, image_at):
+    model = models["a"]
+    first = _request("a", length=8, tiles=[2], image_at=[image_at], seed=121, max_tokens=5)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN)
+    answer = engine.submit(first).result()
+    other = _follow_up("a", first, answer, new=4, tiles=[2], image_at=[image_at], seed=122, max_tokens=5)
+    assert torch.equal(other.input_ids[:8], first.input_ids)
+    assert not torch.equal(other.pixel_values, first.pixel_values)
+    tokens, logits = _events(engine.submit(other))
+    # Every position from the image token on sees the other image: its K/V differ.
+    assert engine.prefix_cache.tokens_reused == image_at
+    assert engine.prefix_cache.hits == (1 if image_at else 0)
+    _assert_equals_fresh(model, other, tokens, logits)
+
+
+def test_same_image_other_tile_rows_reuse_only_up_to_the_first_different_row(models):
+    model = models["b"]
+    first = _request("b", length=8, tiles=[3], image_at=[1], seed=123, max_tokens=5)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN)
+    answer = engine.submit(first).result()
+    follow_up = _follow_up("b", first, answer, new=4, tiles=[3], image_at=[1], seed=123, max_tokens=5)
+    follow_up.cross_attention_mask[6:, 0, 2] = 0  # from position 6 on, the third tile is hidden
+    tokens, logits = _events(engine.submit(follow_up))
+    assert engine.prefix_cache.hits == 1 and engine.prefix_cache.tokens_reused == 6
+    _assert_equals_fresh(model, follow_up, tokens, logits)
+    # A text-only prompt with the same tokens: only the positions before the image token.
+    text = replace(follow_up, pixel_values=None, aspect_ratio_ids=None, aspect_ratio_mask=None,
+                   cross_attention_mask=None)
+    tokens, logits = _events(engine.submit(text))
+    assert engine.prefix_cache.hits == 2 and engine.prefix_cache.tokens_reused == 6 + 1
+    _assert_equals_fresh(model, text, tokens, logits)
+
+
+def test_a_stored_prefix_covering_the_whole_prompt_still_prefills_its_last_token(models):
+    model = models["b"]
+    first = _request("b", length=7, tiles=[2], image_at=[1], seed=124, max_tokens=6)
+    engine = Engine(model, max_slots=1, max_len=MAX_LEN)
+    answer, first_logits = _events(engine.submit(first))
+    again, again_logits = _events(engine.submit(first))  # all 7 prompt positions are stored
+    assert engine.prefix_cache.tokens_reused == 6
+    assert again == answer and (again_logits - first_logits).abs().max().item() <= 1e-5
+    exact = _follow_up("b", first, answer[:-1], new=0, tiles=[2], image_at=[1], seed=124, max_tokens=3)
+    tokens, logits = _events(engine.submit(exact))  # exactly the 12 cached positions
+    assert engine.prefix_cache.tokens_reused == 6 + 11 and tokens[0] == answer[-1]
+    _assert_equals_fresh(model, exact, tokens, logits)
+
+
+def test_prefix_cache_evicts_least_recently_used_within_budget(models):
+    model = models["a"]
+    per_position = sum(2 * buf[0, :, :1].nbytes for buf in Engine(model, max_slots=1, max_len=MAX_LEN).kv.k.values())
+    engine = Engine(model, max_slots=1, max_len=MAX_LEN, prefix_cache_bytes=40 * per_position)
+    cache = engine.prefix_cache
+    prompts = [_request("a", length=10, seed=125 + i, max_tokens=6) for i in range(3)]  # 15 positions stored each
+    for i, request in enumerate(prompts):
+        request.input_ids[1] = 3 + i  # no two share more than the BOS
+    answers = [engine.submit(request).result() for request in prompts[:2]]
+    assert len(cache) == 2 and cache.bytes == 30 * per_position
+    again = replace(prompts[0], sampling=SamplingParams(max_tokens=1))
+    assert engine.submit(again).result() == answers[0][:1]  # a prefix of the first entry: only touches it
+    assert len(cache) == 2 and cache.tokens_reused == 1 + 9  # the second prompt reused the BOS
+    engine.submit(prompts[2]).result()  # 45 positions do not fit: the least recently used one goes
+    assert len(cache) == 2 and cache.bytes == 30 * per_position
+    follow_ups = [_follow_up("a", r, a, new=2, seed=130) for r, a in zip(prompts, answers)]
+    assert [cache.reusable(f.input_ids, None)[1] for f in follow_ups] == [15, 1]
+    huge = _request("a", length=45, seed=128, max_tokens=1)
+    huge.input_ids[1] = 50
+    engine.submit(huge).result()  # 45 positions: over the whole budget, not kept
+    assert len(cache) == 2 and cache.bytes == 30 * per_position
+    with pytest.raises(ValueError, match="budget"):
+        Engine(model, max_slots=1, max_len=MAX_LEN, prefix_cache_bytes=-1)
+
+
+def test_prefix_hit_while_others_decode_and_finish_equals_fresh(models):
+    """The follow-up's copied prefix and its chunks move slots when a decoding request ends under it."""
+    model = models["b"]
+    first = _request("b", length=9, tiles=[2], image_at=[1], seed=131, max_tokens=6)
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3)
+    answer = engine.submit(first).result()
+    short = _request("b", length=5, seed=132, max_tokens=4)
+    long = _request("b", length=6, tiles=[3], image_at=[2], seed=133, max_tokens=25)
+    handles = [engine.submit(long)]
+    for _ in range(20):
+        if engine.num_decoding == 1:
+            break
+        engine.step()
+    handles.insert(0, engine.submit(short))
+    for _ in range(20):
+        if engine.num_decoding == 2:
+            break
+        engine.step()
+    assert engine.num_decoding == 2 and len(handles[0].tokens) == 1
+    follow_up = _follow_up("b", first, answer, new=12, tiles=[2], image_at=[1], seed=131, max_tokens=8)
+    handle = engine.submit(follow_up)
+    before = engine.prefix_cache.tokens_reused  # the BOS of the two others
+    moved_under_it = False
+    for _ in range(30):
+        if handle.tokens:
+            break
+        decoding, incoming = engine.num_decoding, engine._incoming
+        engine.step()
+        moved_under_it |= incoming is not None and incoming.prefilled > 0 and engine.num_decoding < decoding
+    assert moved_under_it
+    assert engine.prefix_cache.tokens_reused - before == 9 + 6 - 1
+    tokens, logits = _events(handle)
+    _assert_equals_fresh(model, follow_up, tokens, logits)
+    for request, h in zip((short, long), handles):
+        assert h.result() == _alone(model, request)[0]
+
+
+def test_cancelled_answer_is_a_reusable_prefix_and_zero_budget_disables(models):
+    model = models["a"]
+    first = _request("a", length=8, tiles=[2], image_at=[2], seed=134, max_tokens=30)
+    for budget, reused in ((1 << 20, 8 + 4 - 1), (0, 0)):
+        engine = Engine(model, max_slots=2, max_len=MAX_LEN, prefix_cache_bytes=budget)
+        handle = engine.submit(first)
+        while len(handle.tokens) < 4:
+            engine.step()
+        handle.cancel()
+        engine.step()
+        assert handle.finish_reason == "cancelled" and len(handle.tokens) == 4
+        follow_up = _follow_up("a", first, handle.tokens, new=3, tiles=[2], image_at=[2], seed=134, max_tokens=5)
+        tokens, logits = _events(engine.submit(follow_up))
+        cache = engine.prefix_cache
+        assert cache.tokens_reused == reused and cache.hits == (1 if budget else 0)
+        assert len(cache) == (1 if budget else 0) and (cache.misses == 1 or not budget)
+        _assert_equals_fresh(model, follow_up, tokens, logits)
+
+
+def test_queued_follow_up_goes_alone_to_reuse_its_prefix(models, monkeypatch):
+    model = models["a"]
+    first = _request("a", length=6, seed=135, max_tokens=4)
+    engine = Engine(model, max_slots=4, max_len=MAX_LEN, prefill_chunk=16)
+    answer = engine.submit(first).result()
+    groups = []
+    real = Engine._prefill_group
+    monkeypatch.setattr(Engine, "_prefill_group", lambda self, group: groups.append(len(group)) or real(self, group))
+    follow_up = _follow_up("a", first, answer, new=3, seed=136, max_tokens=4)
+    others = [_request("a", length=5 + i, seed=137 + i, max_tokens=4) for i in range(2)]
+    for request in others:
+        request.input_ids[1] = first.input_ids[1] % 70 + 4  # only the BOS in common with the stored prompt
+    handles = [engine.submit(r) for r in [follow_up] + others]
+    while engine.has_work:
+        engine.step()
+    assert groups == [2]  # the two others together; the follow-up alone, reusing 6 + 4 - 1 positions
+    assert engine.prefix_cache.tokens_reused == 9 and engine.prefix_cache.hits == 1
+    _assert_equals_fresh(model, follow_up, *_events(handles[0]))
+    for request, h in zip(others, handles[1:]):
+        assert h.result() == _alone(model, request)[0]

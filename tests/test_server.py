@@ -288,10 +288,14 @@ def test_several_images_in_one_conversation(server, processor):
 def test_multi_turn_equals_local_generate(server, processor):
     from mllama import MllamaForConditionalGeneration
 
-    first = server.client().chat.completions.create(model=MODEL, messages=_ask(EXAMPLE_URI)).choices[0].message.content
+    asked = server.client().chat.completions.create(model=MODEL, messages=_ask(EXAMPLE_URI))
+    first = asked.choices[0].message.content
     messages = _ask(EXAMPLE_URI) + [{"role": "assistant", "content": first},
                                     {"role": "user", "content": "What color is the shape?"}]
+    reused = server.metrics()["mllama_prefix_cache_tokens_reused_total"]
     reply = server.client().chat.completions.create(model=MODEL, messages=messages, max_tokens=12)
+    # The follow-up started from the first turn's K/V: at least its whole prompt was not prefilled again.
+    assert server.metrics()["mllama_prefix_cache_tokens_reused_total"] - reused >= asked.usage.prompt_tokens
     model = MllamaForConditionalGeneration.from_pretrained(default_model_dir())
     local = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
              {"role": "assistant", "content": first}, {"role": "user", "content": "What color is the shape?"}]

@@ -6,7 +6,9 @@ batched decode forward for all decoding slots, then one bounded piece of a new r
 (one image through the vision tower, or one chunk of its prompt), so a long prompt or a large
 image never freezes the running streams. Decoding slots are kept at the front of the cache
 ([0, n)): a finished request's slot is refilled by moving the last one in, so a step reads one
-contiguous view. Requests beyond max_slots wait in a FIFO queue.
+contiguous view. Requests beyond max_slots wait in a FIFO queue. A finished request's K/V are kept
+in a prefix cache (mllama.prefix_cache): a later prompt that starts the same way (a chat follow-up)
+copies them into its slot and prefills only the rest.
 
 The model only runs forwards; the engine owns the cache, the slots, scheduling and sampling.
 """
@@ -25,6 +27,7 @@ from mllama.cache import KVCache, KVWindow
 from mllama.checks import check_pixel_values
 from mllama.decode_step import compiled_step, forward_step
 from mllama.engine_sequence import Sequence
+from mllama.prefix_cache import PrefixCache
 from mllama.request import Event, Request, RequestHandle
 from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
@@ -43,15 +46,17 @@ class Engine:
     encoder layers of a new image per step (None: a whole image per step); prefill_budget_s: if set,
     while others decode a prompt chunk is sized from the measured prefill rate to take about this
     long (at most prefill_chunk tokens; results equal to within float rounding, as any chunking);
-    image_cache_bytes: budget of
-    the LRU of encoded images (0 disables it); fast_vision: encode only real tiles (not exact);
+    image_cache_bytes: budget of the LRU of encoded images (0 disables it); prefix_cache_bytes:
+    budget of the LRU of ended requests' self-attention K/V, reused by prompts that begin with the
+    same tokens and images (0 disables it); fast_vision: encode only real tiles (not exact);
     compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
     vision-token width, attending over the whole max_len under a length mask.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
                  prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
-                 prefill_budget_s: float | None = None, fast_vision: bool = False, compile: bool = False) -> None:
+                 prefix_cache_bytes: int = 1 << 30, prefill_budget_s: float | None = None, fast_vision: bool = False,
+                 compile: bool = False) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
@@ -80,6 +85,7 @@ class Engine:
         self.kv = KVCache(layers=self_attn, slots=max_slots + compile, heads=attn.num_kv_heads, max_len=max_len,
                           head_dim=attn.head_dim, dtype=self.dtype, device=self.device)
         self.image_cache = ImageCache(image_cache_bytes)
+        self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._presence = torch.zeros(max_slots, self.vocab, dtype=torch.bool, device=self.device)
         self._queue: collections.deque[Sequence] = collections.deque()
         self._incoming: Sequence | None = None  # in vision encode or prefill, at slot len(_decoding)
@@ -249,9 +255,12 @@ class Engine:
             seq, self._incoming = self._incoming, None
             if seq.vision_job is not None:
                 seq.vision_job.abort()
+            self._keep(seq, len(self._decoding))  # a partial prompt is still a valid prefix
             self._finish(seq, "cancelled", Event(token=None))
         gone = [slot for slot, seq in enumerate(self._decoding) if seq.handle.id in cancels]
         for slot in gone:
+            # A chat client that stops an answer sends it back as the start of its next prompt.
+            self._keep(self._decoding[slot], slot)
             self._finish(self._decoding[slot], "cancelled", Event(token=None))
         self._free(gone)
 
@@ -296,6 +305,8 @@ class Engine:
                 return
             seq.vision, seq.vision_job = job.result(), None
         slot = len(self._decoding)
+        if not seq.prefilled:  # first piece of its prompt: start after a stored prefix if one fits
+            seq.prefilled = seq.cached = self.prefix_cache.restore(self.kv, slot, prompt=seq.prompt, vision=seq.vision)
         start = seq.prefilled
         end = min(start + self._chunk_size(), seq.prompt.numel())
         started = time.perf_counter()
@@ -334,6 +345,7 @@ class Engine:
         token = select_next(ban_ids(logits, [seq.banned()]), settings, presence=seq.presence,
                             generators=[seq.generator])
         if self._emit(seq, int(token[0]), logits[0]):
+            self._keep(seq, slot)
             return
         target = len(self._decoding)
         if slot != target:
@@ -358,7 +370,8 @@ class Engine:
             for seq in self._queue:
                 longest = max(longest, seq.prompt.numel())  # the padded width if seq joins
                 if (len(group) >= free or seq.vision_job is not None or seq.prompt.numel() > self.prefill_chunk
-                        or longest * (len(group) + 1) > 4 * self.prefill_chunk or not self._may_admit(seq)):
+                        or longest * (len(group) + 1) > 4 * self.prefill_chunk or not self._may_admit(seq)
+                        or self._reuses_much(seq)):
                     break
                 group.append(seq)
             if len(group) < 2:
@@ -366,6 +379,11 @@ class Engine:
             for _ in group:
                 self._queue.popleft()
         return group
+
+    def _reuses_much(self, seq: Sequence) -> bool:
+        """Whether a stored prefix covers half of seq's prompt: then it goes alone, to reuse it (a
+        shared start of a few tokens, as a chat template's header, is not worth losing the group)."""
+        return 2 * self.prefix_cache.reusable(seq.prompt, None)[1] >= seq.prompt.numel()
 
     def _prefill_group(self, group: list[Sequence]) -> None:
         """Whole prompts of text-only requests in one forward: row i writes slot len(decoding) + i.
@@ -422,6 +440,8 @@ class Engine:
                              generators=[s.generator for s in seqs])
         done = [slot for slot, (seq, token) in enumerate(zip(seqs, chosen.tolist()))
                 if self._emit(seq, token, logits[slot])]
+        for slot in done:
+            self._keep(seqs[slot], slot)
         self._free(done)
 
     def _rebuild_batch(self, n: int) -> None:
@@ -432,6 +452,11 @@ class Engine:
         self._batch_dirty = False
         visions = [s.vision for s in seqs] + [None] * (n - len(seqs))
         self._cross = decode_cross(visions, dtype=self.dtype, device=self.device)
+
+    def _keep(self, seq: Sequence, slot: int) -> None:
+        """Store the K/V of an ended request (in `slot`) in the prefix cache."""
+        self.prefix_cache.store(self.kv, slot, prompt=seq.prompt, output=seq.output, length=seq.cached,
+                                vision=seq.vision)
 
     def _emit(self, seq: Sequence, token: int, logits: torch.Tensor) -> bool:
         """Deliver one sampled token; returns whether the request has finished."""

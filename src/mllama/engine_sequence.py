@@ -26,6 +26,7 @@ class Sequence:
         self.cached = 0  # all tokens whose K/V are in the slot
         self.next_token = -1  # sampled, not yet in the cache
         self.generated = 0
+        self.output: list[int] = []  # sampled ids: with the prompt, the tokens at the slot's positions
         self.presence: torch.Tensor | None = None  # (1, V) ids seen, for the repetition penalty
         n = params.no_repeat_ngram_size
         self.ngrams = NgramBans(n, prompt.tolist()) if n else None
@@ -48,6 +49,7 @@ class Sequence:
         params = self.params
         self.next_token = token
         self.generated += 1
+        self.output.append(token)
         if self.ngrams is not None:
             self.ngrams.append(token)
         event = Event(token=token)

@@ -128,7 +128,8 @@ def _generate(model: nn.Module, input_ids: torch.Tensor, *, attention_mask: torc
                        prompt_len=s)
     params.validate()  # before the cache is allocated
     engine = Engine(model, max_slots=b, max_len=max_len, tokenizer=tokenizer if stop_strings else None, prefill_chunk=max(s, 1),
-                    vision_piece_layers=None, image_cache_bytes=0, fast_vision=fast_vision, compile=compile)
+                    vision_piece_layers=None, image_cache_bytes=0, prefix_cache_bytes=0, fast_vision=fast_vision,
+                    compile=compile)
     handles = []
     for row in range(b):
         keep = real[row]

@@ -60,7 +60,7 @@ class ApiServer:
         self.draining = False
         self.active: set[RequestHandle] = set()  # engine requests of this server not yet released
         self.metrics = ServerMetrics(slots_in_use=lambda: engine.num_decoding, queue_depth=lambda: engine.num_waiting,
-                                     active=lambda: len(self.active), max_slots=engine.max_slots)
+                                     active=lambda: len(self.active), max_slots=engine.max_slots, engine=engine)
         self.created = int(time.time())
         routes = [Route("/", self.page), Route("/health", self.health), Route("/metrics", self.prometheus),
                   Route("/v1/models", self.models), Route("/v1/models/{model:path}", self.model_info),

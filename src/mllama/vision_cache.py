@@ -24,11 +24,14 @@ KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
 @dataclass
 class RequestVision:
     """kv: cross layer -> (k, v) (1, H_kv, K * P, D) for the K visible tiles of P tokens each.
-    tile_mask (S, K) bool: which tile each prompt token sees; decode tokens see what the last sees."""
+    tile_mask (S, K) bool: which tile each prompt token sees; decode tokens see what the last sees.
+    columns: what each of the K tiles is, (image index, image hash, tile index), so that two requests
+    can tell whether a prompt position sees the same K/V in both (the prefix cache)."""
 
     kv: KV
     tile_mask: torch.Tensor
     patches: int
+    columns: tuple[tuple[int, bytes, int], ...] = ()
 
     def cross_rows(self, start: int, end: int, dtype: torch.dtype) -> tuple[torch.Tensor | None, torch.Tensor]:
         """(mask (1, 1, S', K * P) or None when every row sees every token, text_row_mask (1, S', 1))
@@ -280,7 +283,7 @@ class VisionJob:
             return None
         patches = self.model.model.vision_model.num_patches
         pieces: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        flat = []
+        flat, columns = [], []
         n_tiles = self.visible.shape[1]
         for j in self.images:
             real_index = self.real[j].long().cumsum(0) - 1  # tile -> its row among the image's real tiles
@@ -290,7 +293,8 @@ class VisionJob:
                     pieces.setdefault(i, []).append((k[:, r * patches:(r + 1) * patches],
                                                      v[:, r * patches:(r + 1) * patches]))
                 flat.append(j * n_tiles + t)
+                columns.append((j, self.keys[j], t))
         kv = {i: (torch.cat([k for k, _ in p], dim=1)[None], torch.cat([v for _, v in p], dim=1)[None])
               for i, p in pieces.items()}
         tile_mask = self.cross_mask.reshape(self.cross_mask.shape[0], -1)[:, flat]
-        return RequestVision(kv=kv, tile_mask=tile_mask, patches=patches)
+        return RequestVision(kv=kv, tile_mask=tile_mask, patches=patches, columns=tuple(columns))
