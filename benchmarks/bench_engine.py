@@ -36,6 +36,24 @@ CONFIG = {
 }
 
 
+def load(checkpoint: str, dtype: torch.dtype):
+    """mllama and transformers models of a checkpoint directory (e.g. bench_checkpoints.py's); the
+    requests follow its image size and image token."""
+    import json
+    from pathlib import Path
+
+    import transformers
+
+    from mllama import MllamaForConditionalGeneration
+
+    config = json.loads((Path(checkpoint) / "config.json").read_text())
+    CONFIG["vision_config"]["image_size"] = config["vision_config"]["image_size"]
+    CONFIG["image_token_index"] = config["image_token_index"]
+    ours = MllamaForConditionalGeneration.from_pretrained(checkpoint, torch_dtype=dtype)
+    hf = transformers.MllamaForConditionalGeneration.from_pretrained(checkpoint, dtype=dtype)
+    return ours.eval(), hf.eval()
+
+
 def build(dtype: torch.dtype):
     import transformers
 
@@ -173,9 +191,12 @@ def main() -> None:
     parser.add_argument("--parts", default="streams,stall", help="comma-separated: streams, stall")
     parser.add_argument("--prefill-budget", type=float, default=1.0,
                         help="Engine(prefill_budget_s=) in the stall part; 0 for fixed 128-token chunks")
+    parser.add_argument("--checkpoint", default=None,
+                        help="a checkpoint directory instead of the in-memory model (e.g. benchmarks/_work/bench-checkpoint)")
     args = parser.parse_args()
     torch.set_grad_enabled(False)
-    ours, hf = build(getattr(torch, args.dtype))
+    dtype = getattr(torch, args.dtype)
+    ours, hf = load(args.checkpoint, dtype) if args.checkpoint else build(dtype)
     length, new = args.prompt_tokens, args.new_tokens
     engine_throughput(ours, 1, length=length, new=4)  # warm-up
     print(f"model: {sum(p.numel() for p in ours.parameters()) / 1e6:.0f}M parameters, {args.dtype}, "

@@ -196,3 +196,29 @@ def test_decode_linear_routes_many_bf16_rows_through_float32_without_native_bf16
     layer.weight.requires_grad_(True)
     layer(x).float().sum().backward()
     assert calls == [1] and layer.weight.grad is not None
+
+
+def test_bf16_conv_runs_in_float32_without_native_bf16(monkeypatch):
+    """The vision patch embedding: a swapped Conv2d keeps its parameters and names; without native bf16
+    its bf16 convolution is one float32 convolution rounded once (within bf16's half ulp of float64)."""
+    from mllama import linear
+
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 24, 14, 14, bias=True)).bfloat16()
+    weight = model[0].weight
+    linear.apply_cpu_kernels(model)
+    assert type(model[0]) is linear.Float32Conv2d and model[0].weight is weight
+    assert list(model.state_dict()) == ["0.weight", "0.bias"]
+    x = torch.randn(2, 3, 42, 56, generator=torch.Generator().manual_seed(0)).bfloat16()
+    ref = torch.nn.functional.conv2d(x.double(), weight.double(), model[0].bias.double(), stride=14)
+    calls = []
+    real = torch.nn.functional.conv2d
+    monkeypatch.setattr(torch.nn.functional, "conv2d", lambda inp, *a: calls.append(inp.dtype) or real(inp, *a))
+    monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)
+    with torch.no_grad():
+        got = model(x)
+    assert calls == [torch.float32] and got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.double(), ref, rtol=2 ** -8, atol=1e-5)
+    monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)
+    with torch.no_grad():
+        model(x)
+    assert calls == [torch.float32, torch.bfloat16]  # with native bf16: torch's own bf16 convolution

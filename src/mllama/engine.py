@@ -45,7 +45,8 @@ class Engine:
     prefill_chunk: prompt tokens per step while other requests decode; vision_piece_layers: vision
     encoder layers of a new image per step (None: a whole image per step); prefill_budget_s: if set,
     while others decode a prompt chunk is sized from the measured prefill rate to take about this
-    long (at most prefill_chunk tokens; results equal to within float rounding, as any chunking);
+    long (at most prefill_chunk tokens; results equal to within float rounding, as any chunking),
+    and a new image's vision work pauses at the first module boundary after that long;
     image_cache_bytes: budget of the LRU of encoded images (0 disables it); prefix_cache_bytes:
     budget of the LRU of ended requests' self-attention K/V, reused by prompts that begin with the
     same tokens and images (0 disables it); fast_vision: encode only real tiles (not exact);
@@ -225,7 +226,8 @@ class Engine:
         return VisionJob(self.model, request.pixel_values.to(self.device), request.aspect_ratio_ids.to(self.device),
                          request.aspect_ratio_mask.to(self.device), cam.to(self.device),
                          cache=self.image_cache if self.image_cache.max_bytes else None,
-                         fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers)
+                         fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers,
+                         piece_s=self.prefill_budget_s)
 
     def _may_admit(self, seq: Sequence) -> bool:
         """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its

@@ -140,11 +140,35 @@ class DecodeLinear(nn.Linear):
         return wide_fp32_linear(x, self.weight) if use_wide_fp32(x, self.weight) else F.linear(x, self.weight)
 
 
+class Float32Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters and names) whose bf16 convolution, on a CPU without native bf16 and
+    outside autograd, runs in float32 and is rounded to bf16 once: torch's bf16 convolution there is
+    over 20x slower (the vision patch embedding: benchmarks/RESULTS.md)."""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Conv2d) -> "Float32Conv2d":
+        new = cls.__new__(cls)
+        new.__dict__.update(conv.__dict__)  # parameters, buffers, hooks and conv settings, shared
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _slow_bf16_rows(x, self.weight) is None or self.padding_mode != "zeros":
+            return super().forward(x)
+        bias = self.bias.float() if self.bias is not None else None
+        out = F.conv2d(x.float(), self.weight.float(), bias, self.stride, self.padding, self.dilation, self.groups)
+        return out.to(torch.bfloat16)
+
+
 def apply_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Swap every plain nn.Linear of `model` for a DecodeLinear, in place; returns `model`.
+    """Swap every plain nn.Linear of `model` for a DecodeLinear and every plain nn.Conv2d for a
+    Float32Conv2d, in place; returns `model`.
 
     from_pretrained does this for every model it loads. The swap is harmless where the kernel is
-    unused (float32, GPU, prefill): DecodeLinear then calls F.linear exactly as nn.Linear does.
+    unused (float32, GPU, prefill): the modules then call F.linear / conv2d exactly as torch's do.
     """
     swap_linears(model, lambda _, linear: DecodeLinear.from_linear(linear) if type(linear) is nn.Linear else None)
+    for name, module in list(model.named_modules()):
+        if type(module) is nn.Conv2d and name:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, Float32Conv2d.from_conv(module))
     return model

@@ -123,7 +123,17 @@ def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileL
     return out
 
 
+class TileAttentionCore(nn.Module):
+    """tile_attention as a module: each call is a boundary where a paused vision forward may stop
+    (mllama.vision_cache), so attention over thousands of tokens can be split by heads."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TileLayout") -> torch.Tensor:
+        return tile_attention(q, k, v, layout)
+
+
 class MllamaVisionAttention(nn.Module):
+    HEADS_PER_CALL = 4  # heads are independent: attention in groups of them gives the same result
+
     def __init__(self, config: MllamaVisionConfig) -> None:
         super().__init__()
         dim = config.hidden_size
@@ -133,6 +143,7 @@ class MllamaVisionAttention(nn.Module):
         self.k_proj = nn.Linear(dim, dim, bias=False)
         self.v_proj = nn.Linear(dim, dim, bias=False)
         self.o_proj = nn.Linear(dim, dim, bias=False)
+        self.core = TileAttentionCore()
 
     def forward(self, x: torch.Tensor, layout: TileLayout) -> torch.Tensor:
         m, length, _ = x.shape
@@ -142,7 +153,10 @@ class MllamaVisionAttention(nn.Module):
             # far more than the copy costs.
             return y.view(m, length, self.num_heads, self.head_dim).transpose(1, 2).contiguous()
 
-        out = tile_attention(heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x)), layout)
+        q, k, v = heads(self.q_proj(x)), heads(self.k_proj(x)), heads(self.v_proj(x))
+        g = self.HEADS_PER_CALL
+        out = torch.cat([self.core(q[:, h:h + g], k[:, h:h + g], v[:, h:h + g], layout)
+                         for h in range(0, self.num_heads, g)], dim=1)  # (m, heads, L, head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(m, length, -1))
 
 

@@ -8,15 +8,17 @@ an image seen before (same preprocessed tiles) costs no vision encode and no K/V
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from mllama.text import CrossInputs
+from mllama.text import CrossAttentionDecoderLayer, CrossInputs
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
 
@@ -124,40 +126,63 @@ def image_key(pixels: torch.Tensor, aspect_ratio_id: int, real: torch.Tensor, *,
 
 
 class _PausableRun:
-    """Runs fn() in a worker thread that pauses before vision encoder layers, so the vision forward
-    of one image can be done a few layers at a time between decode steps without restructuring
-    the vision model. Only one of the two threads runs at a time (a handoff, not parallelism).
+    """Runs fn() in a worker thread that pauses at module boundaries of the vision forward, so the
+    vision work of one image can be done a piece at a time between decode steps without
+    restructuring the vision model. Only one of the two threads runs at a time (a handoff, not
+    parallelism).
 
-    resume(n) lets the worker run until it is about to start its (n+1)-th layer from here, or ends;
-    returns whether fn() has returned. abort() unwinds a paused worker.
+    resume(layers, seconds) lets the worker run until it is about to start its (layers+1)-th encoder
+    layer from here, or fn() returns, or (seconds) it reaches a module boundary (any submodule of the
+    layers, or of `units`: the projector, the cross-attention K/V projections) where the next module
+    would end past the time limit, judged by how long a module of the same kind took before (a kind
+    not seen yet: the longest so far); every
+    piece runs at least one module. None lifts either limit. Returns whether fn() has returned.
+    abort() unwinds a paused worker.
     """
 
     class _Aborted(Exception):
         pass
 
-    def __init__(self, fn, layers: list[nn.Module]) -> None:
+    def __init__(self, fn, layers: list[nn.Module], units: list[nn.Module] = ()) -> None:
         self._fn = fn
         self._cond = threading.Condition()
-        self._budget = 0
+        self._layers_left: int | None = None
+        self._deadline: float | None = None
+        self._ran = False  # a module ran since the last resume
+        self._last: tuple[tuple, float] | None = None  # the kind of module that started last, and when
+        self._took: dict[tuple, float] = {}  # seconds from a module's start to the next boundary, per kind
         self._worker_turn = False
         self._aborted = False
         self.done = False
         self.result = None
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._main, name="mllama-vision", daemon=True)
-        self._hooks = [layer.register_forward_pre_hook(self._before_layer) for layer in layers]
+        layer_ids = {id(layer) for layer in layers}
+        modules = {id(m): m for root in [*layers, *units] for m in root.modules()}
+        self._hooks = [m.register_forward_pre_hook(functools.partial(self._pause_point, id(m) in layer_ids))
+                       for m in modules.values()]
 
-    def _before_layer(self, module: nn.Module, args) -> None:
+    def _pause_point(self, is_layer: bool, module: nn.Module, args) -> None:
         if threading.current_thread() is not self._thread:
             return  # the model used elsewhere meanwhile: not ours to pause
+        # The same kind of module in another layer (same class, same parameter shapes) takes as long.
+        kind = (type(module).__name__, tuple(tuple(p.shape) for p in module.parameters(recurse=False)))
         with self._cond:
-            if self._budget == 0:
+            now = time.perf_counter()
+            if self._last is not None:
+                self._took[self._last[0]] = now - self._last[1]
+            due = (is_layer and self._layers_left == 0) or (
+                self._deadline is not None and self._ran
+                and now + self._took.get(kind, max(self._took.values(), default=0.0)) >= self._deadline)
+            if due:
                 self._worker_turn = False
                 self._cond.notify_all()
                 self._cond.wait_for(lambda: self._worker_turn)
             if self._aborted:
                 raise self._Aborted
-            self._budget -= 1
+            if is_layer and self._layers_left is not None:
+                self._layers_left -= 1
+            self._ran, self._last = True, (kind, time.perf_counter())
 
     def _main(self) -> None:
         try:
@@ -172,9 +197,10 @@ class _PausableRun:
                 self.done, self._worker_turn = True, False
                 self._cond.notify_all()
 
-    def resume(self, layers: int) -> bool:
+    def resume(self, layers: int | None, seconds: float | None = None) -> bool:
         with self._cond:
-            self._budget, self._worker_turn = layers, True
+            self._layers_left, self._worker_turn, self._ran = layers, True, False
+            self._deadline = time.perf_counter() + seconds if seconds is not None else None
             if not self._thread.is_alive() and not self.done:
                 self._thread.start()
             self._cond.notify_all()
@@ -201,12 +227,14 @@ class _PausableRun:
 
 class VisionJob:
     """The vision work of one request, done a piece per `run_piece()` call so an engine can
-    interleave it with decode steps: `piece_layers` vision encoder layers of one image (None: a
-    whole image). `result()` assembles the request's RequestVision."""
+    interleave it with decode steps: at most `piece_layers` vision encoder layers of one image, and
+    (`piece_s`) no more than the first module boundary after that many seconds; with neither, a whole
+    image. `result()` assembles the request's RequestVision."""
 
     def __init__(self, model: nn.Module, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
                  aspect_ratio_mask: torch.Tensor, cross_attention_mask: torch.Tensor, *,
-                 cache: ImageCache | None, fast_vision: bool, piece_layers: int | None = None) -> None:
+                 cache: ImageCache | None, fast_vision: bool, piece_layers: int | None = None,
+                 piece_s: float | None = None) -> None:
         n_img, n_tiles = cross_attention_mask.shape[1:]
         if pixel_values.shape[:2] != (n_img, n_tiles) or aspect_ratio_mask.shape != (n_img, n_tiles) \
                 or aspect_ratio_ids.shape != (n_img,):
@@ -218,7 +246,9 @@ class VisionJob:
         self.model, self.cache, self.fast_vision = model, cache, fast_vision
         if piece_layers is not None and piece_layers < 1:
             raise ValueError(f"piece_layers must be >= 1 or None, got {piece_layers}")
-        self.piece_layers = piece_layers
+        if piece_s is not None and not piece_s > 0:
+            raise ValueError(f"piece_s must be > 0 or None, got {piece_s}")
+        self.piece_layers, self.piece_s = piece_layers, piece_s
         self._run: _PausableRun | None = None
         self.pixels, self.ids = pixel_values, aspect_ratio_ids
         self.real = aspect_ratio_mask.bool()
@@ -246,14 +276,17 @@ class VisionJob:
     def run_piece(self) -> None:
         """Advance the next image not found in the cache by one piece."""
         j = self.pending[0]
-        if self.piece_layers is None:
+        if self.piece_layers is None and self.piece_s is None:
             self.done[j] = self._encode(j)
         else:
             if self._run is None:
-                vision = self.model.model.vision_model
+                mm = self.model.model
+                vision = mm.vision_model
                 layers = list(vision.transformer.layers) + list(vision.global_transformer.layers)
-                self._run = _PausableRun(lambda: self._encode(j), layers)
-            if not self._run.resume(self.piece_layers):
+                units = [mm.multi_modal_projector] + [layer.cross_attn for layer in mm.language_model.layers
+                                                      if isinstance(layer, CrossAttentionDecoderLayer)]
+                self._run = _PausableRun(lambda: self._encode(j), layers, units)
+            if not self._run.resume(self.piece_layers, self.piece_s):
                 return
             self.done[j], self._run = self._run.result, None
         self.pending.pop(0)
@@ -272,9 +305,11 @@ class VisionJob:
         dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = mm.vision_model.features(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
-        tiles = mm.multi_modal_projector(vision[0, 0][self.real[j]])  # (T_real, P, hidden)
-        kv = mm.language_model.cross_kv(tiles.reshape(1, -1, tiles.shape[-1]))
-        return {i: (k[0], v[0]) for i, (k, v) in kv.items()}  # (H_kv, T_real * P, D)
+        # Tile by tile (K/V are per vision token): each tile's projection is a place to pause.
+        per_tile = [mm.language_model.cross_kv(mm.multi_modal_projector(tile[None]))  # (1, P, hidden) in
+                    for tile in vision[0, 0][self.real[j]]]
+        return {i: (torch.cat([kv[i][0][0] for kv in per_tile], dim=1), torch.cat([kv[i][1][0] for kv in per_tile], dim=1))
+                for i in per_tile[0]}  # (H_kv, T_real * P, D)
 
     def result(self) -> RequestVision | None:
         if self.pending:
