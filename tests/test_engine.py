@@ -497,6 +497,33 @@ def test_queued_text_prompts_prefill_together_and_equal_each_alone(models, monke
         torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-5)
 
 
+def test_time_budget_groups_queued_prompts_only_within_the_budget(models, monkeypatch):
+    """With prefill_budget_s, text prompts that wait together are still prefilled in one forward when
+    nobody decodes (there is nobody to stall); while others decode, only as many padded tokens as
+    the measured prefill rate fits in the budget (a tiny budget: none)."""
+    model = models["a"]
+    groups = []
+    real = Engine._prefill_group
+    monkeypatch.setattr(Engine, "_prefill_group", lambda self, group: groups.append(len(group)) or real(self, group))
+    requests = [_request("a", length=5 + i, seed=80 + i, max_tokens=4) for i in range(3)]
+    engine = Engine(model, max_slots=6, max_len=MAX_LEN, prefill_budget_s=10.0)
+    handles = [engine.submit(r) for r in requests]
+    engine.step()
+    assert groups == [3]
+    for handle, request in zip(handles, requests):
+        assert handle.result() == _alone(model, request)[0]
+    groups.clear()
+    engine = Engine(model, max_slots=6, max_len=MAX_LEN, prefill_budget_s=1e-9)
+    first = engine.submit(_request("a", length=4, seed=90, max_tokens=20))
+    engine.step()  # prefilled alone (and the rate measured); it decodes from now on
+    later = [engine.submit(r) for r in requests]
+    while not all(h.tokens for h in later):
+        engine.step()
+    assert groups == [] and first.tokens
+    for handle, request in zip(later, requests):
+        assert handle.result() == _alone(model, request)[0]
+
+
 # ---- prefix cache: a chat follow-up reuses the previous turn's self-attention K/V --------------------------
 def _follow_up(name: str, first: Request, answer: list[int], *, new: int, tiles: list[int] = (),
                image_at: list[int] = (), seed: int = 0, **params) -> Request:

@@ -244,8 +244,13 @@ def cmd_serve(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
+    if args.step_budget is not None and args.step_budget < 0:
+        raise CliError(f"--step-budget must be >= 0 (0: no time budget), got {args.step_budget}")
     world = tp_world_size()
+    if world > 1 and args.step_budget:
+        raise CliError("--step-budget cannot be used under torchrun: pieces timed on each rank would differ")
+    budget = None if world > 1 else (DEFAULT_STEP_BUDGET_S if args.step_budget is None else args.step_budget or None)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         from mllama.server_run import follow_server
 
@@ -259,7 +264,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
           images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
                              allow_private=args.allow_private_image_urls),
           shutdown_timeout=args.shutdown_timeout, compile=args.compile, fast_vision=args.fast_vision,
-          log_level=args.log_level, tensor_parallel=world > 1)
+          log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget)
+
+
+DEFAULT_STEP_BUDGET_S = 0.5  # keeps a stream's longest pause near 1 s while an image arrives (benchmarks/RESULTS.md)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -270,6 +278,10 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="tokens per request, prompt and answer (default: 4096 or the model's limit)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
+    parser.add_argument("--step-budget", type=float, default=None, metavar="SECONDS",
+                        help=f"work on a new request (a prompt chunk, a piece of an image's vision forward) between "
+                             f"two decode steps of the others (default {DEFAULT_STEP_BUDGET_S}; 0: a prompt chunk "
+                             f"or 4 vision layers; not under torchrun)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     parser.add_argument("--served-model-name", default=None, help="the model id reported by /v1/models")

@@ -362,9 +362,14 @@ class Engine:
         """Two or more queued text-only requests whose prompts each fit one chunk, taken together so
         one forward prefills them all (a prompt alone is a GEMM of few rows, which wastes the weight
         read, and on CPUs without native bf16 misses the float32 route). At most 4 chunks of tokens,
-        padded; none while another request is being prepared or with a time budget for prefill."""
-        if self._incoming is not None or self.prefill_budget_s is not None:
+        padded, and with prefill_budget_s while others decode, no more than the measured prefill rate
+        does within the budget; none while another request is being prepared."""
+        if self._incoming is not None:
             return []
+        cap = 4 * self.prefill_chunk  # padded tokens
+        if self.prefill_budget_s is not None and self._decoding:
+            rate = self._prefill_s_per_token
+            cap = min(cap, int(self.prefill_budget_s / rate)) if rate is not None else 0
         group: list[Sequence] = []
         longest = 0
         with self._lock:
@@ -372,7 +377,7 @@ class Engine:
             for seq in self._queue:
                 longest = max(longest, seq.prompt.numel())  # the padded width if seq joins
                 if (len(group) >= free or seq.vision_job is not None or seq.prompt.numel() > self.prefill_chunk
-                        or longest * (len(group) + 1) > 4 * self.prefill_chunk or not self._may_admit(seq)
+                        or longest * (len(group) + 1) > cap or not self._may_admit(seq)
                         or self._reuses_much(seq)):
                     break
                 group.append(seq)

@@ -87,11 +87,12 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
           max_len: int | None = None, model_name: str = "mllama", api_key: str | None = None, max_queue: int = 256,
           max_body_bytes: int = 64 * 1024 * 1024, images: ImagePolicy | None = None, shutdown_timeout: float = 30.0,
           compile: bool = False, fast_vision: bool = False, log_level: str = "info",
-          tensor_parallel: bool = False) -> None:
+          tensor_parallel: bool = False, step_budget_s: float | None = None) -> None:
     """Serve a loaded model until SIGTERM or Ctrl-C (see the module docstring and ServerOptions).
     max_len: tokens per request, prompt and answer (default: 4096 or the model's limit).
     tensor_parallel: this is rank 0 of a model split by mllama.tp; the other ranks run
-    `follow_server` with the same options (mllama.tp_engine)."""
+    `follow_server` with the same options (mllama.tp_engine). step_budget_s: the engine's
+    prefill_budget_s (None under tensor parallelism)."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     options = engine_options(model, processor, max_slots=max_slots, max_len=max_len, compile=compile,
                              fast_vision=fast_vision)
@@ -99,9 +100,11 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
     if tensor_parallel:
         from mllama.tp_engine import LockstepEngine
 
+        if step_budget_s is not None:
+            raise ValueError("step_budget_s cannot be used with tensor parallelism")
         engine: Engine = LockstepEngine(model, **options)
     else:
-        engine = Engine(model, **options)
+        engine = Engine(model, **options, prefill_budget_s=step_budget_s)
     defaults, stop_ids = default_sampling(model)
     options = ServerOptions(model_name=model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
                             images=images or ImagePolicy(), defaults=defaults, stop_token_ids=stop_ids)
@@ -110,8 +113,8 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
                             access_log=log_level == "debug")
     server = _Uvicorn(config, api, shutdown_timeout)
     engine.start()
-    log.info("serving %s on http://%s:%d (%d slots, context %d)%s", model_name, host, port, max_slots, max_len,
-             ", API key required" if api_key else "")
+    log.info("serving %s on http://%s:%d (%d slots, context %d, step budget %s)%s", model_name, host, port, max_slots,
+             max_len, f"{step_budget_s} s" if step_budget_s else "off", ", API key required" if api_key else "")
     try:
         server.run()
     finally:
