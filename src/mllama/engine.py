@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
-import time
 
 import torch
 from torch import nn
@@ -26,16 +25,17 @@ from torch import nn
 from mllama.cache import KVCache, KVWindow
 from mllama.checks import check_pixel_values
 from mllama.decode_step import compiled_step, forward_step
+from mllama.engine_prepare import PrepareRequests
 from mllama.engine_sequence import Sequence
 from mllama.prefix_cache import PrefixCache
 from mllama.request import Event, Request, RequestHandle
 from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
 from mllama.tokenizer import StreamDetokenizer
-from mllama.vision_cache import ImageCache, VisionJob, decode_cross
+from mllama.vision_cache import ImageCache, decode_cross
 
 
-class Engine:
+class Engine(PrepareRequests):
     """Serve many requests with one model: `submit()` returns a handle streaming Events;
     `step()` advances every request by one token (and new ones by a bounded amount of prefill);
     `start()` runs steps in a background thread until `stop()`.
@@ -211,24 +211,6 @@ class Engine:
                 self._prepare_piece()
         return worked
 
-    def _vision_job(self, request: Request, length: int) -> VisionJob | None:
-        if request.pixel_values is None:
-            return None
-        if not self.has_vision:
-            raise ValueError("this model is text-only; it cannot take images")
-        parts = (request.aspect_ratio_ids, request.aspect_ratio_mask, request.cross_attention_mask)
-        if any(p is None for p in parts):
-            raise ValueError("pixel_values needs aspect_ratio_ids, aspect_ratio_mask and cross_attention_mask")
-        cam = request.cross_attention_mask
-        if cam.dim() != 3 or cam.shape[0] != length:
-            raise ValueError(f"cross_attention_mask has shape {tuple(cam.shape)}, expected "
-                             f"({length}, N_images, N_tiles)")
-        return VisionJob(self.model, request.pixel_values.to(self.device), request.aspect_ratio_ids.to(self.device),
-                         request.aspect_ratio_mask.to(self.device), cam.to(self.device),
-                         cache=self.image_cache if self.image_cache.max_bytes else None,
-                         fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers,
-                         piece_s=self.prefill_budget_s)
-
     def _may_admit(self, seq: Sequence) -> bool:
         """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its
         followers have not been sent yet)."""
@@ -295,130 +277,7 @@ class Engine:
         for seq in seqs:
             seq.handle._fail(error)
 
-    # ---- work -----------------------------------------------------------------------------------
-    def _prepare_piece(self) -> None:
-        """One bounded piece of the incoming request: an image through the vision tower, or a chunk
-        of its prompt (the last chunk also samples its first token)."""
-        seq = self._incoming
-        job = seq.vision_job
-        if job is not None:
-            if not job.finished:
-                job.run_piece()
-                return
-            seq.vision, seq.vision_job = job.result(), None
-        slot = len(self._decoding)
-        if not seq.prefilled:  # first piece of its prompt: start after a stored prefix if one fits
-            seq.prefilled = seq.cached = self.prefix_cache.restore(self.kv, slot, prompt=seq.prompt, vision=seq.vision)
-        start = seq.prefilled
-        end = min(start + self._chunk_size(), seq.prompt.numel())
-        started = time.perf_counter()
-        positions = torch.arange(start, end, device=self.device)[None]
-        window = KVWindow(self.kv, slots=torch.tensor([slot], device=self.device), positions=positions,
-                          first=slot, length=end)
-        mask = None
-        if start:  # causal over the whole slot so far
-            keys = torch.arange(end, device=self.device)
-            mask = (keys[None, :] <= positions[0, :, None])[None, None]
-        cross = None
-        if seq.vision is not None:
-            vmask, rows = seq.vision.cross_rows(start, end, self.dtype)
-            if bool(rows.any()):  # rows that see no image are exact identities in cross layers
-                cross = CrossInputs(states=None, mask=vmask, text_row_mask=rows, kv=seq.vision.kv)
-        hidden = self.text_model(seq.prompt[start:end][None], position_ids=positions, mask=mask, cross=cross,
-                                 cache=window)
-        seq.prefilled = seq.cached = end
-        if self.prefill_budget_s is not None:
-            rate = (time.perf_counter() - started) / (end - start)
-            old = self._prefill_s_per_token
-            self._prefill_s_per_token = rate if old is None else 0.5 * (old + rate)
-        if end < seq.prompt.numel():
-            return
-        self._incoming = None
-        self._start_decoding(seq, slot, self.lm_head(hidden[:, -1]))
-
-    def _start_decoding(self, seq: Sequence, slot: int, logits: torch.Tensor) -> None:
-        """Sample the first token from the prompt's last logits (1, V); unless that ends the request,
-        it decodes from the next step on. Its K/V must be in `slot`; they move to the next decoding
-        slot if that is another one."""
-        if seq.params.repetition_penalty != 1.0:
-            seq.presence = torch.zeros(1, self.vocab, dtype=torch.bool, device=self.device)
-            mark_seen(seq.presence, seq.prompt[None])
-        settings = SamplingTensors.from_rows([seq.setting_row], device=self.device)
-        token = select_next(ban_ids(logits, [seq.banned()]), settings, presence=seq.presence,
-                            generators=[seq.generator])
-        if self._emit(seq, int(token[0]), logits[0]):
-            self._keep(seq, slot)
-            return
-        target = len(self._decoding)
-        if slot != target:
-            self.kv.move(slot, target, seq.cached)
-        self._presence[target] = False
-        if seq.presence is not None:
-            self._presence[target] = seq.presence[0]
-        self._decoding.append(seq)
-        self._batch_dirty = True
-
-    def _take_group(self) -> list[Sequence]:
-        """Two or more queued text-only requests whose prompts each fit one chunk, taken together so
-        one forward prefills them all (a prompt alone is a GEMM of few rows, which wastes the weight
-        read, and on CPUs without native bf16 misses the float32 route). At most 4 chunks of tokens,
-        padded, and with prefill_budget_s while others decode, no more than the measured prefill rate
-        does within the budget; none while another request is being prepared."""
-        if self._incoming is not None:
-            return []
-        cap = 4 * self.prefill_chunk  # padded tokens
-        if self.prefill_budget_s is not None and self._decoding:
-            rate = self._prefill_s_per_token
-            cap = min(cap, int(self.prefill_budget_s / rate)) if rate is not None else 0
-        group: list[Sequence] = []
-        longest = 0
-        with self._lock:
-            free = self.max_slots - len(self._decoding)
-            for seq in self._queue:
-                longest = max(longest, seq.prompt.numel())  # the padded width if seq joins
-                if (len(group) >= free or seq.vision_job is not None or seq.prompt.numel() > self.prefill_chunk
-                        or longest * (len(group) + 1) > cap or not self._may_admit(seq)
-                        or self._reuses_much(seq)):
-                    break
-                group.append(seq)
-            if len(group) < 2:
-                return []
-            for _ in group:
-                self._queue.popleft()
-        return group
-
-    def _reuses_much(self, seq: Sequence) -> bool:
-        """Whether a stored prefix covers half of seq's prompt: then it goes alone, to reuse it (a
-        shared start of a few tokens, as a chat template's header, is not worth losing the group)."""
-        return 2 * self.prefix_cache.reusable(seq.prompt, None)[1] >= seq.prompt.numel()
-
-    def _prefill_group(self, group: list[Sequence]) -> None:
-        """Whole prompts of text-only requests in one forward: row i writes slot len(decoding) + i.
-        Shorter rows are padded at the end; their padding writes K/V past the prompt that no query
-        reads (each row's decode steps mask keys beyond their own position, and overwrite them)."""
-        first = len(self._decoding)
-        lengths = [seq.prompt.numel() for seq in group]
-        width = max(lengths)
-        tokens = torch.zeros(len(group), width, dtype=torch.long, device=self.device)
-        for row, seq in enumerate(group):
-            tokens[row, :lengths[row]] = seq.prompt
-        positions = torch.arange(width, device=self.device).expand(len(group), width)
-        window = KVWindow(self.kv, slots=torch.arange(first, first + len(group), device=self.device),
-                          positions=positions, first=first, length=width)
-        hidden = self.text_model(tokens, position_ids=positions, mask=None, cross=None, cache=window)
-        last = hidden[torch.arange(len(group), device=self.device), torch.tensor(lengths, device=self.device) - 1]
-        logits = self.lm_head(last)  # (rows, V)
-        for row, seq in enumerate(group):
-            seq.prefilled = seq.cached = lengths[row]
-            self._start_decoding(seq, first + row, logits[row:row + 1])
-
-    def _chunk_size(self) -> int:
-        if self.prefill_budget_s is None or not self._decoding:
-            return self.prefill_chunk
-        if self._prefill_s_per_token is None:  # no measurement yet: a small first chunk
-            return min(self.prefill_chunk, 16)
-        return max(8, min(self.prefill_chunk, int(self.prefill_budget_s / self._prefill_s_per_token)))
-
+    # ---- decoding -------------------------------------------------------------------------------
     def _decode(self) -> None:
         seqs = self._decoding
         n = len(seqs)
