@@ -170,3 +170,32 @@ def test_hook_errors_are_named(pair):
         ours.generate(IDS, max_new_tokens=3, num_beams=2, logits_processor=[lambda ids, scores: scores])
     with pytest.raises(ValueError, match="compile"):
         ours.generate(IDS, max_new_tokens=3, compile=True, logits_processor=[lambda ids, scores: scores])
+
+
+def test_hooked_generate_streams_and_stops_on_strings(pair):
+    _, ours = pair
+
+    class Collect:
+        def __init__(self):
+            self.chunks, self.ended = [], False
+
+        def put(self, value):
+            self.chunks.append(value.flatten().tolist())
+
+        def end(self):
+            self.ended = True
+
+    class Digits:
+        def decode(self, ids, *, skip_special_tokens=False):
+            return " ".join(str(i) for i in ids)
+
+    streamer = Collect()
+    out = ours.generate(IDS[:1], max_new_tokens=6, streamer=streamer, logits_processor=[lambda ids, s: s])
+    assert streamer.ended and streamer.chunks[0] == IDS[0].tolist()
+    assert sum(streamer.chunks[1:], []) == out[0, 4:].tolist()
+    free = ours.generate(IDS, max_new_tokens=8, eos_token_id=[])
+    stop = Digits().decode(free[0, 4:7].tolist())  # row 0's first three new tokens, as text
+    cut = ours.generate(IDS, max_new_tokens=8, eos_token_id=[], stop_strings=[stop], tokenizer=Digits(),
+                        logits_processor=[lambda ids, s: s])
+    assert torch.equal(cut[0, :7], free[0, :7]) and (cut[0, 7:] == 0).all()  # row 0 ends at the string
+    assert torch.equal(cut[1], free[1, :cut.shape[1]])  # row 1 goes on
