@@ -11,10 +11,10 @@
  * Decoding is memory bound for one row: each weight must stream from memory once, and be turned
  * into float32 once. With several rows the work per weight grows, so each dequantized vector of 8
  * weights is reused for up to 4 rows of x from registers (tiles of 8x1, 4x2 or 3x4 weight rows x x
- * rows). Two loop orders build the tiles: TILE32 dequantizes 32 weights of a row at a time (cheapest
- * for int4, whose 16 bytes hold 32 values, and for one or two rows of x); TILE8 takes 8 weights of
- * each of the R rows, then loads each x vector once for all R (fewer loads per FMA, which pays with
- * 4 rows of x for bf16 and int8; benchmarks/RESULTS.md). K is walked in cache blocks of KC so the rows of x being read stay in L1/L2 while a block
+ * rows). Two loop orders build the tiles (TILE_LOOP32 / TILE_LOOP8): 32 weights of a row at a time
+ * (cheapest for int4, whose 16 bytes hold 32 values, and for one or two rows of x), or 8 weights of
+ * each of the R rows and then each x vector loaded once for all R (fewer loads per FMA, which pays
+ * with 4 rows of x for bf16 and int8; benchmarks/RESULTS.md). K is walked in cache blocks of KC so the rows of x being read stay in L1/L2 while a block
  * of RB weight rows is swept, and every weight byte is read from memory once per call. Threads take
  * blocks of RB weight rows dynamically (a thread slowed by another process does not hold the rest
  * back). Built at first use by mllama/cpu_kernels.py; the OpenMP runtime is the one torch loaded.
@@ -115,53 +115,37 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
     return (float)((const int8_t *)d->w)[row * d->k + i];
 }
 
-/* R weight rows from `row` x M rows of x, over columns [k0, k1); adds into tot[r * MMAX + j]
- * (vectors whose lanes are summed at the end). kmain: where the vectorized part ends (columns from
- * there to k1 go one by one). */
-#define DEFINE_TILE32(FMT, NAME, R, M)                                                                 \
-    __attribute__((target("avx2,fma")))                                                             \
-    static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain, \
-                     __m256 *tot) {                                                                 \
-        __m256 acc[R][M];                                                                           \
-        for (int r = 0; r < R; r++)                                                                 \
-            for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_ps();                            \
-        const int64_t stop = k0 + ((k1 < kmain ? k1 : kmain) - k0) / 32 * 32;                       \
-        for (int64_t i = k0; i < stop; i += 32) {                                                   \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
-                __m256 wv[4];                                                                       \
-                load32_##FMT(d, row + r, i, wv);                                                    \
-                _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)                                 \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++)                             \
-                        acc[r][j] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + j * d->k + i + 8 * q), acc[r][j]); \
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < R; r++)                                                                 \
-            for (int j = 0; j < M; j++) {                                                           \
-                float tail = 0.0f;                                                                  \
-                for (int64_t i = stop > k0 ? stop : k0; i < k1; i++)                                \
-                    tail += load1(d, FMT_##FMT, row + r, i) * x[j * d->k + i];                      \
-                tot[r * MMAX + j] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX + j], acc[r][j]),      \
-                                                  _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));       \
-            }                                                                                       \
+/* The main loop of a tile, two orders: W = 32 dequantizes 32 weights of a row at a time; W = 8
+ * takes 8 weights of each of the R rows, then loads each x vector once for all R. */
+#define TILE_LOOP32(FMT, R, M)                                                                      \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                           \
+        __m256 wv[4];                                                                               \
+        load32_##FMT(d, row + r, i, wv);                                                            \
+        _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)                                         \
+            _Pragma("GCC unroll 4") for (int j = 0; j < M; j++)                                     \
+                acc[r][j] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + j * d->k + i + 8 * q), acc[r][j]); \
+    }
+#define TILE_LOOP8(FMT, R, M)                                                                       \
+    __m256 wv[R];                                                                                   \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = load8_##FMT(d, row + r, i);         \
+    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                                           \
+        const __m256 xv = _mm256_loadu_ps(x + j * d->k + i);                                        \
+        _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]); \
     }
 
-/* As DEFINE_TILE32, 8 columns at a time (kmain is a multiple of 8 for bf16 and int8). */
-#define DEFINE_TILE8(FMT, NAME, R, M)                                                                 \
+/* R weight rows from `row` x M rows of x, over columns [k0, k1), W columns per iteration (k0 is a
+ * multiple of 32); adds into tot[r * MMAX + j] (vectors whose lanes are summed at the end). kmain:
+ * where the vectorized part may end (columns from there to k1 go one by one). */
+#define DEFINE_TILE(FMT, NAME, R, M, W)                                                             \
     __attribute__((target("avx2,fma")))                                                             \
     static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain, \
                      __m256 *tot) {                                                                 \
         __m256 acc[R][M];                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
             for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_ps();                            \
-        const int64_t stop = k1 < kmain ? k1 : kmain;                                               \
-        for (int64_t i = k0; i < stop; i += 8) {                                                    \
-            __m256 wv[R];                                                                           \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = load8_##FMT(d, row + r, i);   \
-            _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                                   \
-                const __m256 xv = _mm256_loadu_ps(x + j * d->k + i);                                \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++)                                 \
-                    acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]);                              \
-            }                                                                                       \
+        const int64_t stop = k0 + ((k1 < kmain ? k1 : kmain) - k0) / W * W;                         \
+        for (int64_t i = k0; i < stop; i += W) {                                                    \
+            TILE_LOOP##W(FMT, R, M)                                                                 \
         }                                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
             for (int j = 0; j < M; j++) {                                                           \
@@ -177,9 +161,9 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
 #define FMT_int8 FMT_INT8
 #define FMT_int4 FMT_INT4
 #define DEFINE_TILES(FMT, ONE, TWO, FOUR)                                                          \
-    DEFINE_TILE##ONE(FMT, FMT##_8x1, 8, 1) DEFINE_TILE##ONE(FMT, FMT##_1x1, 1, 1)                  \
-    DEFINE_TILE##TWO(FMT, FMT##_4x2, 4, 2) DEFINE_TILE##TWO(FMT, FMT##_1x2, 1, 2)                  \
-    DEFINE_TILE##FOUR(FMT, FMT##_3x4, 3, 4) DEFINE_TILE##FOUR(FMT, FMT##_1x4, 1, 4)
+    DEFINE_TILE(FMT, FMT##_8x1, 8, 1, ONE) DEFINE_TILE(FMT, FMT##_1x1, 1, 1, ONE)                  \
+    DEFINE_TILE(FMT, FMT##_4x2, 4, 2, TWO) DEFINE_TILE(FMT, FMT##_1x2, 1, 2, TWO)                  \
+    DEFINE_TILE(FMT, FMT##_3x4, 3, 4, FOUR) DEFINE_TILE(FMT, FMT##_1x4, 1, 4, FOUR)
 /* Loop order per format for the tiles of 1, 2 and 4 rows of x (-D overrides, for measuring). */
 #ifndef BF16_TILES
 #define BF16_TILES 32, 8, 8
