@@ -256,3 +256,24 @@ def test_int4_packing_layout_is_the_documented_one():
     # byte j of each 32-value run: value j in the low nibble, value 16 + j in the high nibble
     expected = [int(values[32 * r + j]) | int(values[32 * r + 16 + j]) << 4 for r in range(2) for j in range(16)]
     assert packed == expected
+
+
+def test_quantize_on_load_hands_conversion_temporaries_back(tmp_path, monkeypatch):
+    """The C heap is trimmed as converted bytes add up (float32 temporaries of each quantized weight
+    would otherwise stay resident: 3x an int4 model's bytes in benchmarks/load_memory.py); a load
+    without conversion never trims."""
+    import mllama.weights
+
+    _tiny_model("b", seed=1).save_pretrained(tmp_path)
+    calls = []
+    monkeypatch.setattr(mllama.weights, "trim_heap", lambda: calls.append(1))
+    monkeypatch.setattr(mllama.weights, "TRIM_EVERY_BYTES", 1)
+    MllamaForConditionalGeneration.from_pretrained(tmp_path)
+    assert calls == []
+    MllamaForConditionalGeneration.from_pretrained(tmp_path, quantization="int4")
+    from mllama.safetensors_io import checkpoint_tensors
+
+    assert len(calls) == len(checkpoint_tensors(tmp_path))  # each tensor passes the convert hook
+    from mllama.cpu_kernels import trim_heap
+
+    trim_heap()  # callable here (glibc) or a no-op elsewhere

@@ -18,6 +18,7 @@ is read from memory once per call; beyond that the library GEMM reuses weights f
 from __future__ import annotations
 
 import ctypes
+import functools
 import math
 import mmap
 import os
@@ -100,6 +101,24 @@ def fresh_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torc
     memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     memory.madvise(mmap.MADV_HUGEPAGE)
     return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+def trim_heap() -> None:
+    """Hand the C allocator's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op).
+    Freed float32 temporaries of a quantization stay mapped in glibc's heap when later allocations
+    pin it, and over hundreds of tensors they add up to several times an int4 model's bytes."""
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
 
 
 @torch.library.custom_op("mllama::gemv_bf16", mutates_args=())

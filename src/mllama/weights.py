@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed, hub_offline
-from mllama.cpu_kernels import fresh_zeros
+from mllama.cpu_kernels import fresh_zeros, trim_heap
 from mllama.hf_surface import override_config
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
@@ -203,6 +203,9 @@ def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: boo
 ConvertHook = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
+TRIM_EVERY_BYTES = 32 * 2**20  # of converted tensors, between two trims of the C heap
+
+
 def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: torch.device,
                  progress: bool | None, convert: ConvertHook | None = None) -> dict[str, torch.Tensor]:
     """Read every planned tensor. `convert` (the load-time transform's per-tensor hook) turns each
@@ -223,6 +226,7 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                           pin_memory=device.type == "cuda" and torch.cuda.is_available())
     state: dict[str, torch.Tensor] = {}
     handle, current = None, None
+    converted = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not show) as bar:
         try:
             for name, info in order:
@@ -239,6 +243,10 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                     state[name] = tensor
                 else:
                     state.update((key, value.to(device)) for key, value in convert(name, tensor).items())
+                    converted += info.nbytes
+                    if converted >= TRIM_EVERY_BYTES:  # conversion temporaries would pile up (cpu_kernels.trim_heap)
+                        trim_heap()
+                        converted = 0
                 del tensor
                 bar.update(info.nbytes)
         finally:

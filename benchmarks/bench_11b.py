@@ -1,0 +1,129 @@
+"""The real 11B shapes on this machine: a random-weight bf16 checkpoint with Llama 3.2-11B-Vision's
+configuration (../shared/reference/config-11b.json), loaded quantized (int4, int8; "-all": vision
+encoder and lm_head too) in a fresh process each: load time, peak RSS, text decode tokens/s; optionally the time to first token with a
+1-tile and a 4-tile image.
+
+    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images]
+
+The checkpoint (21 GB) is written once under benchmarks/_work/11b-random, a shard at a time (the
+writer never holds more than one 2 GB shard). Weights ~ N(0, 0.02), norm scales ~ 1, gates 0.3-0.8,
+as bench_checkpoints.py draws them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+DIRECTORY = HERE / "_work" / "11b-random"
+CONFIG = HERE.parent.parent / "shared" / "reference" / "config-11b.json"
+
+
+def write_checkpoint(directory: Path, config_path: Path) -> None:
+    from mllama import MllamaConfig, MllamaForConditionalGeneration
+    from mllama.safetensors_io import ShardWriter
+
+    stamp = directory / "bench_spec.json"
+    spec = json.loads(config_path.read_text())
+    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+        return
+    start = time.perf_counter()
+    config = MllamaConfig.from_dict(spec)
+    with torch.device("meta"):
+        model = MllamaForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(0)
+    writer = ShardWriter(directory, max_shard_size=2 * 10**9)
+    for name, p in model.state_dict().items():
+        data = torch.empty(p.shape, dtype=torch.bfloat16)
+        if "gate" in name and p.numel() == 1:
+            data.fill_(0.3 + 0.5 * torch.rand(1, generator=gen).item())
+        elif "norm" in name and name.endswith("weight"):
+            data.copy_(1 + 0.05 * torch.randn(p.shape, generator=gen))
+        else:
+            data.normal_(0, 0.02, generator=gen)
+        writer.add(name, data)
+    writer.close()
+    config.save_pretrained(directory)
+    stamp.write_text(json.dumps(spec))
+    print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", flush=True)
+
+
+def measure(directory: Path, mode: str, new_tokens: int, images: bool) -> dict:
+    """In this (fresh) process: load quantized, then decode and optionally image TTFTs."""
+    from mllama import MllamaForConditionalGeneration
+
+    torch.set_grad_enabled(False)
+    start = time.perf_counter()
+    from mllama.quantize import QuantizationConfig
+
+    quantization = None if mode == "bf16" else QuantizationConfig(mode.split("-")[0], vision=mode.endswith("-all"),
+                                                                  lm_head=mode.endswith("-all"))
+    model = MllamaForConditionalGeneration.from_pretrained(directory, torch_dtype=torch.bfloat16,
+                                                           quantization=quantization)
+    result = {"mode": mode, "load_s": time.perf_counter() - start,
+              "peak_rss_gb_after_load": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    ids = torch.randint(3, 120000, (1, 32), generator=torch.Generator().manual_seed(1))
+    ids[0, 0] = 128000
+    model.generate(ids, max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # warm-up (kernel builds)
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
+    prefill = time.perf_counter() - t
+    t = time.perf_counter()
+    model.generate(ids, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0)
+    result["decode_tokens_s"] = new_tokens / (time.perf_counter() - t - prefill)
+    result["text_ttft_s"] = prefill
+    if images:
+        size = model.config.vision_config.image_size
+        for tiles, ratio_id in ((1, 1), (4, 6)):
+            pixels = torch.randn(1, 1, 4, 3, size, size, generator=torch.Generator().manual_seed(tiles))
+            mask = torch.zeros(1, 4, dtype=torch.long)
+            mask[0, :tiles] = 1
+            cam = torch.zeros(1, 32, 1, 4, dtype=torch.long)
+            cam[0, 1:, 0, :tiles] = 1
+            img_ids = ids.clone()
+            img_ids[0, 1] = model.config.image_token_index
+            t = time.perf_counter()
+            model.generate(img_ids, pixel_values=pixels.bfloat16(), aspect_ratio_ids=torch.tensor([[ratio_id]]),
+                           aspect_ratio_mask=mask[None], cross_attention_mask=cam, max_new_tokens=1,
+                           eos_token_id=[], pad_token_id=0)
+            result[f"ttft_{tiles}_tile_s"] = time.perf_counter() - t
+    result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--modes", nargs="+", default=["int4", "int4-all", "int8"],
+                        choices=["int4", "int4-all", "int8", "int8-all", "bf16"],
+                        help="-all: the vision encoder and lm_head quantized too")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--images", action="store_true", help="also the TTFT with a 1-tile and a 4-tile image")
+    parser.add_argument("--config", type=Path, default=CONFIG)
+    parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one mode, this process
+    args = parser.parse_args()
+    if args.measure:
+        print(json.dumps(measure(DIRECTORY, args.measure, args.new_tokens, args.images)), flush=True)
+        return
+    write_checkpoint(DIRECTORY, args.config)
+    weights = sum(f.stat().st_size for f in DIRECTORY.glob("*.safetensors"))
+    print(f"checkpoint: {weights / 1e9:.1f} GB of bf16 weights; machine RAM "
+          f"{Path('/proc/meminfo').read_text().split()[1]} kB", flush=True)
+    for mode in args.modes:
+        cmd = [sys.executable, __file__, "--measure", mode, "--new-tokens", str(args.new_tokens)]
+        if args.images:
+            cmd.append("--images")
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
+        print(line or f"{mode}: failed (exit {proc.returncode}): {proc.stderr[-2000:]}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
