@@ -608,6 +608,7 @@ def test_chat_page_in_a_browser(server, tmp_path):
 
 @pytest.mark.parametrize("flags, words", [(["--max-slots", "0"], "--max-slots must be at least 1"),
                                           (["--step-budget", "-1"], "--step-budget must be >= 0"),
+                                          (["--prefix-cache-bytes", "-1"], "--prefix-cache-bytes must be >= 0"),
                                           (["--model", "/nonexistent/model"], "not a model directory")])
 def test_serve_command_line_errors(flags, words, capsys):
     from mllama.cli import main
@@ -643,3 +644,24 @@ def test_sigterm_drains_then_exits_cleanly(small_server):
         assert rest[-1] == "[DONE]" and "shutting down" in json.loads(rest[-2])["error"]["message"]
     assert s.proc.wait(30) == 0
     assert time.monotonic() - signalled < 25  # the 8 s drain, then a prompt exit
+
+
+def test_cache_budgets_reach_the_engine(monkeypatch):
+    """--image-cache-bytes / --prefix-cache-bytes go through serve's engine options to the Engine."""
+    import types
+
+    import mllama.server_run
+    from mllama.cli import build_parser
+    from mllama.engine import Engine
+
+    args = build_parser().parse_args(["serve", "--image-cache-bytes", "5", "--prefix-cache-bytes", "0"])
+    assert (args.image_cache_bytes, args.prefix_cache_bytes) == (5, 0)
+    model = types.SimpleNamespace(config=types.SimpleNamespace(text_config=types.SimpleNamespace(
+        max_position_embeddings=64)))
+    options = mllama.server_run.engine_options(model, types.SimpleNamespace(tokenizer=None), image_cache_bytes=5,
+                                               prefix_cache_bytes=0)
+    from tiny import hf_pair
+
+    _, ours = hf_pair("a", seed=0)
+    engine = Engine(ours, **{**options, "tokenizer": None})
+    assert engine.image_cache.max_bytes == 5 and engine.prefix_cache.max_bytes == 0

@@ -244,6 +244,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
         value = getattr(args, name)
         if value is not None and value < 1:
             raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("image_cache_bytes", "prefix_cache_bytes"):
+        if getattr(args, name) < 0:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 0 (0 turns the cache off), got {getattr(args, name)}")
+    caches = {"image_cache_bytes": args.image_cache_bytes, "prefix_cache_bytes": args.prefix_cache_bytes}
     if args.step_budget is not None and args.step_budget < 0:
         raise CliError(f"--step-budget must be >= 0 (0: no time budget), got {args.step_budget}")
     world = tp_world_size()
@@ -255,7 +259,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from mllama.server_run import follow_server
 
         follow_server(model, processor, max_slots=args.max_slots, max_len=args.max_len, compile=args.compile,
-                      fast_vision=args.fast_vision)
+                      fast_vision=args.fast_vision, **caches)
         return
     serve(model, processor, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
           model_name=args.served_model_name or ("mllama-demo" if args.model == DEFAULT_MODEL else args.model),
@@ -264,7 +268,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
                              allow_private=args.allow_private_image_urls),
           shutdown_timeout=args.shutdown_timeout, compile=args.compile, fast_vision=args.fast_vision,
-          log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget)
+          log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget, **caches)
 
 
 DEFAULT_STEP_BUDGET_S = 0.5  # keeps a stream's longest pause near 1 s while an image arrives (benchmarks/RESULTS.md)
@@ -278,6 +282,9 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-len", type=int, default=None,
                         help="tokens per request, prompt and answer (default: 4096 or the model's limit)")
     parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
+    for cache, what in (("image", "encoded images"), ("prefix", "ended requests' K/V, reused by follow-ups")):
+        parser.add_argument(f"--{cache}-cache-bytes", type=int, default=1 << 30, metavar="N",
+                            help=f"LRU budget of {what} (default 1 GiB; 0 turns it off)")
     parser.add_argument("--step-budget", type=float, default=None, metavar="SECONDS",
                         help=f"work on a new request (a prompt chunk, a piece of an image's vision forward) between "
                              f"two decode steps of the others (default {DEFAULT_STEP_BUDGET_S}; 0: a prompt chunk "

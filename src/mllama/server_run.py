@@ -75,19 +75,22 @@ def default_sampling(model: Any) -> tuple[dict[str, Any], tuple[int, ...]]:
 
 
 def engine_options(model: Any, processor: MllamaProcessor, *, max_slots: int = 8, max_len: int | None = None,
-                   compile: bool = False, fast_vision: bool = False) -> dict[str, Any]:
+                   compile: bool = False, fast_vision: bool = False, image_cache_bytes: int = 1 << 30,
+                   prefix_cache_bytes: int = 1 << 30) -> dict[str, Any]:
     """The Engine options of `serve` (shared with the follower ranks of a tensor-parallel server, whose
     engines must be built the same way). max_len: default 4096 or the model's limit."""
     positions = model.config.text_config.max_position_embeddings
     return {"max_slots": max_slots, "max_len": min(max_len or 4096, positions), "tokenizer": processor.tokenizer,
-            "compile": compile, "fast_vision": fast_vision}
+            "compile": compile, "fast_vision": fast_vision, "image_cache_bytes": image_cache_bytes,
+            "prefix_cache_bytes": prefix_cache_bytes}
 
 
 def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 8,
           max_len: int | None = None, model_name: str = "mllama", api_key: str | None = None, max_queue: int = 256,
           max_body_bytes: int = 64 * 1024 * 1024, images: ImagePolicy | None = None, shutdown_timeout: float = 30.0,
           compile: bool = False, fast_vision: bool = False, log_level: str = "info",
-          tensor_parallel: bool = False, step_budget_s: float | None = None) -> None:
+          tensor_parallel: bool = False, step_budget_s: float | None = None, image_cache_bytes: int = 1 << 30,
+          prefix_cache_bytes: int = 1 << 30) -> None:
     """Serve a loaded model until SIGTERM or Ctrl-C (see the module docstring and ServerOptions).
     max_len: tokens per request, prompt and answer (default: 4096 or the model's limit).
     tensor_parallel: this is rank 0 of a model split by mllama.tp; the other ranks run
@@ -95,7 +98,8 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
     prefill_budget_s (None under tensor parallelism)."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     options = engine_options(model, processor, max_slots=max_slots, max_len=max_len, compile=compile,
-                             fast_vision=fast_vision)
+                             fast_vision=fast_vision, image_cache_bytes=image_cache_bytes,
+                             prefix_cache_bytes=prefix_cache_bytes)
     max_len = options["max_len"]
     if tensor_parallel:
         from mllama.tp_engine import LockstepEngine
@@ -122,7 +126,8 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
 
 
 def follow_server(model: Any, processor: MllamaProcessor, *, max_slots: int = 8, max_len: int | None = None,
-                  compile: bool = False, fast_vision: bool = False) -> None:
+                  compile: bool = False, fast_vision: bool = False, image_cache_bytes: int = 1 << 30,
+                  prefix_cache_bytes: int = 1 << 30) -> None:
     """A tensor-parallel server's rank > 0: replay rank 0's engine steps until it stops. Signals are
     left to rank 0 (torchrun sends them to every rank): it drains, then tells the followers to stop."""
     from mllama.tp_engine import follow
@@ -130,4 +135,5 @@ def follow_server(model: Any, processor: MllamaProcessor, *, max_slots: int = 8,
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     follow(model, **engine_options(model, processor, max_slots=max_slots, max_len=max_len, compile=compile,
-                                   fast_vision=fast_vision))
+                                   fast_vision=fast_vision, image_cache_bytes=image_cache_bytes,
+                                   prefix_cache_bytes=prefix_cache_bytes))
