@@ -271,7 +271,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
           log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget, **caches)
 
 
-DEFAULT_STEP_BUDGET_S = 0.5  # keeps a stream's longest pause near 1 s while an image arrives (benchmarks/RESULTS.md)
+DEFAULT_STEP_BUDGET_S = 1.0  # a stream's longest pause about 1.2 s while an image arrives, +13-16% TTFT (RESULTS.md)
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
