@@ -80,8 +80,6 @@ def text_request(i: int, *, length: int, new: int):
 
 
 def image_request(seed: int, *, length: int, new: int, question_seed: int = 0):
-    from mllama import Request, SamplingParams
-
     vc = CONFIG["vision_config"]
     request = text_request(1000 + question_seed, length=length, new=new)
     request.input_ids[1] = CONFIG["image_token_index"]
