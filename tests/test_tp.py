@@ -217,6 +217,12 @@ if dist.get_rank() == 0:
                 "rows": model.model.language_model.layers[0].mlp.gate_proj.weight.shape[0]}, sys.argv[1])
 dist.barrier()  # neither rank tears the group down while the other still uses it
 dist.destroy_process_group()
+# Skip the interpreter's teardown: on a loaded machine a c10d/gloo thread still winding down when
+# static destructors run aborts the process ("terminate called without an active exception").
+sys.stdout.flush()
+sys.stderr.flush()
+import os
+os._exit(0)
 """
 
 
