@@ -102,6 +102,7 @@ def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
     from mllama.config import MllamaTextConfig
     from mllama.linear import apply_cpu_kernels
     from mllama.model import MllamaForCausalLM
+    from mllama.weights import _rebuild_buffers
 
     config = MllamaTextConfig.from_dict({
         "hidden_size": 4096, "num_attention_heads": 32, "num_key_value_heads": 8, "intermediate_size": 14336,
@@ -113,6 +114,7 @@ def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
     state = {name: (torch.randn(t.shape, generator=gen) * 0.02).bfloat16() for name, t in base.state_dict().items()}
     base.load_state_dict(state, assign=True)
     del state
+    _rebuild_buffers(base, torch.device("cpu"))  # rope's inv_freq is not in the state dict
     base = apply_cpu_kernels(base.eval())
     models = {"bf16": base}
     for name, config_ in {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4"),

@@ -34,13 +34,14 @@ def _reference_weight(module: torch.nn.Module) -> torch.Tensor:
     return w[:, :module.in_features]
 
 
-def _int4_rounding_bound(module: Int4Linear, x: torch.Tensor) -> torch.Tensor:
+def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the int4 kernel's rounding of x to int16 may add (csrc/gemm_small.c): each x is off by at
     most half its group's step, max |x| / 32767, and meets a weight term |q - 8| * scale <= 8 * scale."""
+    if not isinstance(module, Int4Linear):
+        return torch.zeros(x.shape[0], module.out_features, dtype=torch.float64)
     g = module.group_size
-    k = x.shape[-1]
     padded = torch.zeros(x.shape[0], module.weight_scale.shape[1] * g, dtype=torch.float64)
-    padded[:, :k] = x.double()
+    padded[:, :x.shape[-1]] = x.double()
     half_step = padded.view(x.shape[0], -1, g).abs().amax(-1) / 32767 / 2 * (1 + 1e-3)  # (rows, groups)
     return half_step @ (8 * g * module.weight_scale.double().abs()).T  # (rows, n)
 
@@ -75,7 +76,7 @@ def test_quantization_error_is_within_half_a_step(mode, group, n, k):
 
 
 @pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 128)])
-@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256)])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256), (40, 1152)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
     """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile;
@@ -87,8 +88,8 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         x = torch.randn(rows, k, generator=gen).to(dtype)
         ref = x.double() @ w.T + q.bias.double()
         bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
-        if mode == "int4" and rows <= cpu_kernels.MAX_QUANT_ROWS:
-            bound = bound + _int4_rounding_bound(q, x)
+        if rows <= cpu_kernels.MAX_QUANT_ROWS:
+            bound = bound + _x_rounding_bound(q, x)
         if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
             bound = bound + ref.abs() * 2**-7 + q.bias.double().abs() * 2**-8
             if rows > cpu_kernels.MAX_QUANT_ROWS:  # prefill: the weight itself is dequantized to bf16

@@ -149,15 +149,17 @@ typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t,
 
 /* int4 in integers. x is first rounded to int16 per group of each row (xq = x / sx, sx = max |x| /
  * 32767: an error below 2^-16 of the group's largest |x|, far under bf16's own rounding), then each
- * run of 32 weights unpacks to 2 x 16 int16 (q - 8, centred so that x's rounding meets at most half
- * the weight range) in the natural order and multiplies with vpmaddwd: about 12 instructions per 32
- * weights against 25 for dequantizing to float32. Per group, the int32 sums (at most 2 * 8 * 32767
- * per run and lane, 8 runs for a group of 256: no overflow) become float:
+ * run of 32 weights unpacks to 2 x 16 int16 in the natural order and multiplies with vpmaddwd:
+ * about 10 instructions per 32 weights against 25 for dequantizing to float32. Per group, the int32
+ * sums (at most 2 * 15 * 32767 per run and lane, 8 runs for a group of 256: no overflow) are centred
+ * (q - 8, so that x's rounding meets at most half the weight range: sum (q - 8) xq = sum q xq -
+ * 8 sum xq, exact) and become float:
  * sum_i (q_i s + z) x_i = s sx sum_i (q_i - 8) xq_i + (z + 8 s) sum_i x_i, the last sum in float. */
 typedef struct {
     const int16_t *xq;   /* (m, k) */
     const float *sx;     /* (m, k / group): the step of each group's int16 x */
     const float *xsum;   /* (m, k / group): each group's sum of x, in float */
+    const int32_t *xqsum; /* (m, k / group): each group's sum of xq */
     int64_t groups;      /* k / group */
 } xdesc;
 
@@ -186,13 +188,22 @@ static inline __m256 params8(const void *base, int64_t i, int n, int is_bf16) {
     return _mm256_loadu_ps(v);
 }
 
+/* Up to 8 consecutive int32 (0 past n). */
+__attribute__((target("avx2,fma")))
+static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
+    if (n == 8) return _mm256_loadu_si256((const __m256i *)(base + i));
+    int32_t v[8] = {0};
+    for (int t = 0; t < n; t++) v[t] = base[i + t];
+    return _mm256_loadu_si256((const __m256i *)v);
+}
+
 /* R weight rows x M rows of x over the groups of columns [k0, k1): each group's int32 sums are kept
  * (part), then turned to float 8 groups at a time, where the group scales and offsets are
  * contiguous: tot += (s * sx) * sums + z * xsum, lane by lane. */
 #define DEFINE_INT4_TILE(NAME, R, M)                                                                \
     __attribute__((target("avx2,fma")))                                                             \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
-        const __m128i nibble = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);                      \
+        const __m128i nibble = _mm_set1_epi8(0x0F);                                                 \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const int groups = (int)((k1 - k0) / d->group);                                             \
         __m256i part[R][M][KC / 32];                                                                \
@@ -204,9 +215,8 @@ static inline __m256 params8(const void *base, int64_t i, int n, int is_bf16) {
             for (int64_t i = g0; i < g0 + d->group; i += 32) {                                      \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m128i packed = _mm_loadu_si128((const __m128i *)(w + r * (d->k / 2) + i / 2)); \
-                    const __m256i lo = _mm256_cvtepi8_epi16(_mm_sub_epi8(_mm_and_si128(packed, nibble), eight)); \
-                    const __m256i hi = _mm256_cvtepi8_epi16(                                        \
-                        _mm_sub_epi8(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble), eight));     \
+                    const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibble));          \
+                    const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble)); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
                         const int16_t *xj = x->xq + j * d->k + i;                                   \
                         acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xj))); \
@@ -226,7 +236,9 @@ static inline __m256 params8(const void *base, int64_t i, int n, int is_bf16) {
                 const __m256 z = _mm256_fmadd_ps(_mm256_set1_ps(8.0f), s, params8(d->offset, p, n, d->scale_bf16)); \
                 for (int j = 0; j < M; j++) {                                                       \
                     const int64_t q = j * x->groups + gfirst + c;                                   \
-                    const __m256 sums = _mm256_cvtepi32_ps(lane_sums8(part[r][j] + c, n));          \
+                    /* sum (q - 8) xq = sum q xq - 8 sum xq, exact in int32 */                   \
+                    const __m256 sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(                        \
+                        lane_sums8(part[r][j] + c, n), _mm256_slli_epi32(ints8(x->xqsum, q, n), 3))); \
                     __m256 t = _mm256_fmadd_ps(sums, _mm256_mul_ps(s, params8(x->sx, q, n, 0)), tot[r * MMAX + j]); \
                     tot[r * MMAX + j] = _mm256_fmadd_ps(z, params8(x->xsum, q, n, 0), t);        \
                 }                                                                                   \
@@ -242,7 +254,8 @@ static const int4_tile_fn INT4_TILES[6] = {int4_8x1, int4_4x2, int4_3x4, int4_1x
 
 /* x rounded to int16 per group of each row, with each group's step and float sum. */
 __attribute__((target("avx2,fma")))
-static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int16_t *xq, float *sx, float *xsum) {
+static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int16_t *xq, float *sx, float *xsum,
+                       int32_t *xqsum) {
     for (int64_t j = 0; j < m; j++)
         for (int64_t g0 = 0; g0 < k; g0 += group) {
             const float *v = x + j * k + g0;
@@ -254,12 +267,15 @@ static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int1
             }
             const float step = top / 32767.0f;
             const float inv = top > 0 ? 32767.0f / top : 0.0f;
+            int32_t qsum = 0;
             for (int64_t i = 0; i < group; i++) {
                 const long q = __builtin_lrintf(v[i] * inv);  /* |q| <= 32767 but for a rounding ulp */
                 xq[j * k + g0 + i] = (int16_t)(q > 32767 ? 32767 : q < -32767 ? -32767 : q);
+                qsum += xq[j * k + g0 + i];
             }
             sx[j * (k / group) + g0 / group] = step;
             xsum[j * (k / group) + g0 / group] = sum;
+            xqsum[j * (k / group) + g0 / group] = qsum;
         }
 }
 
@@ -299,16 +315,18 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     if (fmt == FMT_INT4) {
         xd.groups = k / group;
         int16_t *xq = malloc((size_t)(m * k) * sizeof *xq);
-        float *params = malloc((size_t)(2 * m * xd.groups) * sizeof *params);
+        float *params = malloc((size_t)(3 * m * xd.groups) * sizeof *params);  /* sx, xsum, xqsum */
         if (!xq || !params) {
             free(xq);
             free(params);
             return -1;
         }
-        quantize_x(x, m, k, group, xq, params, params + m * xd.groups);
+        int32_t *xqsum = (int32_t *)(params + 2 * m * xd.groups);
+        quantize_x(x, m, k, group, xq, params, params + m * xd.groups, xqsum);
         xd.xq = xq;
         xd.sx = params;
         xd.xsum = params + m * xd.groups;
+        xd.xqsum = xqsum;
     }
     const int64_t kmain = k - k % 8;
     const int64_t blocks = (n + RB - 1) / RB;
@@ -326,7 +344,8 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                 const int wide = TILE_ROWS[kind];
                 int64_t r = 0;
                 if (fmt == FMT_INT4) {
-                    const xdesc xj = {xd.xq + j0 * k, xd.sx + j0 * xd.groups, xd.xsum + j0 * xd.groups, xd.groups};
+                    const xdesc xj = {xd.xq + j0 * k, xd.sx + j0 * xd.groups, xd.xsum + j0 * xd.groups,
+                                      xd.xqsum + j0 * xd.groups, xd.groups};
                     for (; r + wide <= rows; r += wide)
                         INT4_TILES[kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                     for (; r < rows; r++)
