@@ -70,13 +70,14 @@ def runs(tmp_path_factory):
     return results, reference, reference_int8
 
 
-def _compare(split: dict, reference: dict, what: str) -> None:
+def _compare(split: dict, reference: dict, what: str, *, rel_tol: float | None = None) -> None:
     for key, ref in reference.items():
         got = split[key]
         if key.startswith("logits/"):
             assert got.shape == ref.shape, f"{what} {key}: shape {tuple(got.shape)} != {tuple(ref.shape)}"
             err = (got - ref).abs().max().item()
-            assert err <= TOL, f"{what} {key}: max |TP=2 - TP=1| = {err:.2e} > {TOL}"
+            tol = TOL if rel_tol is None else rel_tol * ref.abs().max().item()
+            assert err <= tol, f"{what} {key}: max |TP=2 - TP=1| = {err:.2e} > {tol:.2e}"
         elif key.startswith("generate/"):
             assert torch.equal(got, ref), f"{what} {key}: tokens {got.tolist()} != {ref.tolist()}"
         else:
@@ -100,7 +101,10 @@ def test_tp2_int4_matches_tp1_int4(runs):
     results, _, _ = runs
     reference = tp_worker.logits_only(tp_worker.build_int4_friendly())
     for rank in range(WORLD):
-        _compare(results[rank]["int4"], reference, f"int4 rank {rank}")
+        # The int4 kernel rounds each group of a linear's input to int16 (a step of max|x| / 32767),
+        # so the all-reduces' other summation order upstream can move an input across a rounding
+        # step: a few steps of drift, not float32's 1e-5.
+        _compare(results[rank]["int4"], reference, f"int4 rank {rank}", rel_tol=2e-4)
         assert "int4 groups must not straddle ranks" in results[rank]["err/int4"]
 
 
