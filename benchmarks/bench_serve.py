@@ -189,12 +189,15 @@ def main() -> None:
     parser.add_argument("--skip-baseline", action="store_true")
     parser.add_argument("--workloads", nargs="+", default=["text", "mix"], choices=["text", "mix"])
     parser.add_argument("--svg", type=Path, default=None, help="write the plot here")
+    parser.add_argument("--step-budget", type=float, default=None, metavar="SECONDS",
+                        help="passed to `mllama serve` (default: serve's own)")
     args = parser.parse_args()
     from mllama.cli import default_model_dir
     from test_server import Server  # the tests' subprocess runner: free port, waits for /health
 
     model_dir = args.model or str(default_model_dir())
-    server = Server("--model", model_dir, "--max-slots", str(max(args.clients)), "--max-queue", "1024")
+    budget = [] if args.step_budget is None else ["--step-budget", str(args.step_budget)]
+    server = Server("--model", model_dir, "--max-slots", str(max(args.clients)), "--max-queue", "1024", *budget)
     rows = []
     try:
         for workload in args.workloads:

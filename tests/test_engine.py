@@ -203,6 +203,41 @@ def test_prefill_sized_by_a_time_budget_equals_alone(models):
         Engine(model, max_slots=1, max_len=8, prefill_budget_s=0.0)
 
 
+def test_budget_ratio_follows_the_decode_step(models):
+    """prefill_budget_ratio bounds a new request's work per step by a multiple of that step's decode
+    (at least MIN_BUDGET_S), prefill_budget_s still caps it; an image request prepared under the
+    ratio gives what it gives alone while the running stream gets a token every step."""
+    from mllama.engine_prepare import MIN_BUDGET_S
+
+    model = models["a"]
+    running = _request("a", length=4, seed=46, max_tokens=60)
+    request = _request("a", length=30, tiles=[2], image_at=[3], seed=47, max_tokens=6)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, prefill_budget_s=5.0, prefill_budget_ratio=3.0)
+    assert engine._budget_s() is None  # nobody decoding: nothing to keep waiting
+    first = engine.submit(running)
+    engine.step()
+    engine.step()
+    assert engine._decode_s is not None and engine._decode_s > 0
+    assert engine._budget_s() == max(MIN_BUDGET_S, 3.0 * engine._decode_s)
+    engine.prefill_budget_ratio = 1e9
+    assert engine._budget_s() == 5.0
+    engine.prefill_budget_ratio = 1e-9
+    assert engine._budget_s() == MIN_BUDGET_S
+    second = engine.submit(request)
+    while not second.tokens:
+        before = len(first.tokens)
+        engine.step()
+        assert len(first.tokens) == before + 1
+    events = list(second)
+    ref_tokens, ref_logits = _alone(model, request)
+    assert [e.token for e in events] == ref_tokens
+    assert (torch.stack([e.logits for e in events]) - ref_logits).abs().max().item() <= 1e-5
+    first.cancel()
+    for bad in (0.0, -1.0):
+        with pytest.raises(ValueError, match="prefill_budget_ratio"):
+            Engine(model, max_slots=1, max_len=8, prefill_budget_ratio=bad)
+
+
 def test_seeded_sampling_is_independent_of_the_batch(models):
     model = models["a"]
     sampled = dict(temperature=1.3, top_k=30, top_p=0.9, min_p=0.02, repetition_penalty=1.3, max_tokens=12)
@@ -716,3 +751,13 @@ def test_queued_follow_up_goes_alone_to_reuse_its_prefix(models, monkeypatch):
     _assert_equals_fresh(model, follow_up, *_events(handles[0]))
     for request, h in zip(others, handles[1:]):
         assert h.result() == _alone(model, request)[0]
+
+
+@pytest.mark.parametrize("option", ["prefill_budget_s", "prefill_budget_ratio"])
+def test_lockstep_engine_refuses_time_budgets(models, option):
+    """Under tensor parallelism every rank must cut the same pieces: budgets timed per rank would not."""
+    from mllama.tp_engine import LockstepEngine, follow
+
+    for build in (LockstepEngine, follow):
+        with pytest.raises(ValueError, match=f"{option} cannot be used with tensor parallelism"):
+            build(models["a"], max_slots=1, max_len=8, **{option: 1.0})

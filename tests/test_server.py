@@ -608,6 +608,7 @@ def test_chat_page_in_a_browser(server, tmp_path):
 
 @pytest.mark.parametrize("flags, words", [(["--max-slots", "0"], "--max-slots must be at least 1"),
                                           (["--step-budget", "-1"], "--step-budget must be >= 0"),
+                                          (["--step-budget-ratio", "-2"], "--step-budget-ratio must be >= 0"),
                                           (["--prefix-cache-bytes", "-1"], "--prefix-cache-bytes must be >= 0"),
                                           (["--model", "/nonexistent/model"], "not a model directory")])
 def test_serve_command_line_errors(flags, words, capsys):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from mllama.config import MllamaVisionConfig
-from mllama.vision import MllamaVisionModel, TileLayout, tile_attention
+from mllama.vision import MllamaVisionMLP, MllamaVisionModel, TileLayout, tile_attention
 from tiny import tap_layer_inputs
 
 hf_mllama = pytest.importorskip("transformers.models.mllama.modeling_mllama")
@@ -154,6 +154,17 @@ def test_gradients_match_transformers():
     for name, p in ours.named_parameters():
         want = ref_params[name].grad
         assert (p.grad - want).abs().max() <= 1e-4 * max(1.0, want.abs().max().item()), name
+
+
+def test_mlp_in_row_chunks_matches_transformers(monkeypatch):
+    """Past ROWS_PER_CALL rows the MLP runs in equal row chunks (the real encoder's 4 tiles are 6432
+    rows): outputs and gradients still those of one call."""
+    monkeypatch.setattr(MllamaVisionMLP, "ROWS_PER_CALL", 7)  # 2 tiles x 8 rows per image: chunks of 5-6
+    chunks = []
+    monkeypatch.setattr(torch.Tensor, "tensor_split", lambda self, n: chunks.append(n) or torch.tensor_split(self, n))
+    test_parity_with_transformers("tiles2-pad3")
+    test_gradients_match_transformers()
+    assert chunks and min(chunks) >= 2  # the chunked path ran
 
 
 def dense_reference(q, k, v, real_tiles: list[int], tile_len: int, real_len: int) -> torch.Tensor:

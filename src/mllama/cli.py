@@ -248,12 +248,16 @@ def cmd_serve(args: argparse.Namespace) -> None:
         if getattr(args, name) < 0:
             raise CliError(f"--{name.replace('_', '-')} must be >= 0 (0 turns the cache off), got {getattr(args, name)}")
     caches = {"image_cache_bytes": args.image_cache_bytes, "prefix_cache_bytes": args.prefix_cache_bytes}
-    if args.step_budget is not None and args.step_budget < 0:
-        raise CliError(f"--step-budget must be >= 0 (0: no time budget), got {args.step_budget}")
+    for name in ("step_budget", "step_budget_ratio"):
+        if getattr(args, name) is not None and getattr(args, name) < 0:
+            raise CliError(f"--{name.replace('_', '-')} must be >= 0 (0: no such bound), got {getattr(args, name)}")
     world = tp_world_size()
-    if world > 1 and args.step_budget:
-        raise CliError("--step-budget cannot be used under torchrun: pieces timed on each rank would differ")
+    if world > 1 and (args.step_budget or args.step_budget_ratio):
+        raise CliError("--step-budget and --step-budget-ratio cannot be used under torchrun: pieces timed on each "
+                       "rank would differ")
     budget = None if world > 1 else (DEFAULT_STEP_BUDGET_S if args.step_budget is None else args.step_budget or None)
+    ratio = None if world > 1 else (DEFAULT_STEP_BUDGET_RATIO if args.step_budget_ratio is None
+                                    else args.step_budget_ratio or None)
     model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         from mllama.server_run import follow_server
@@ -268,10 +272,14 @@ def cmd_serve(args: argparse.Namespace) -> None:
           images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
                              allow_private=args.allow_private_image_urls),
           shutdown_timeout=args.shutdown_timeout, compile=args.compile, fast_vision=args.fast_vision,
-          log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget, **caches)
+          log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget, step_budget_ratio=ratio,
+          **caches)
 
 
-DEFAULT_STEP_BUDGET_S = 1.0  # a stream's longest pause about 1.2 s while an image arrives, +13-16% TTFT (RESULTS.md)
+# While an image arrives, a stream's steps stay within about 1 + 1.5 = 2.5x their idle time, for a
+# longer time to first token of the image request (RESULTS.md, serving).
+DEFAULT_STEP_BUDGET_S = 1.0
+DEFAULT_STEP_BUDGET_RATIO = 1.5
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -287,8 +295,12 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                             help=f"LRU budget of {what} (default 1 GiB; 0 turns it off)")
     parser.add_argument("--step-budget", type=float, default=None, metavar="SECONDS",
                         help=f"work on a new request (a prompt chunk, a piece of an image's vision forward) between "
-                             f"two decode steps of the others (default {DEFAULT_STEP_BUDGET_S}; 0: a prompt chunk "
-                             f"or 4 vision layers; not under torchrun)")
+                             f"two decode steps of the others (default {DEFAULT_STEP_BUDGET_S}; 0: no bound in "
+                             f"seconds; with neither bound, a prompt chunk or 4 vision layers; not under torchrun)")
+    parser.add_argument("--step-budget-ratio", type=float, default=None, metavar="X",
+                        help=f"the same work bounded by X times the decode step it follows, so the others' "
+                             f"inter-token latency stays within about 1 + X times its idle value (default "
+                             f"{DEFAULT_STEP_BUDGET_RATIO}; 0: off; the smaller of the two bounds holds)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     parser.add_argument("--served-model-name", default=None, help="the model id reported by /v1/models")

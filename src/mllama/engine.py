@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import itertools
 import threading
+import time
 
 import torch
 from torch import nn
@@ -47,6 +48,9 @@ class Engine(PrepareRequests):
     while others decode a prompt chunk is sized from the measured prefill rate to take about this
     long (at most prefill_chunk tokens; results equal to within float rounding, as any chunking),
     and a new image's vision work pauses at the first module boundary after that long;
+    prefill_budget_ratio: the same bound as a multiple of the step's decode time (so the others'
+    inter-token latency stays within 1 + ratio times its idle value; at least 20 ms); with both,
+    the smaller bound holds;
     image_cache_bytes: budget of the LRU of encoded images (0 disables it); prefix_cache_bytes:
     budget of the LRU of ended requests' self-attention K/V, reused by prompts that begin with the
     same tokens and images (0 disables it); fast_vision: encode only real tiles (not exact);
@@ -57,7 +61,7 @@ class Engine(PrepareRequests):
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
                  prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
                  prefix_cache_bytes: int = 1 << 30, prefill_budget_s: float | None = None, fast_vision: bool = False,
-                 compile: bool = False) -> None:
+                 compile: bool = False, prefill_budget_ratio: float | None = None) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
@@ -68,8 +72,11 @@ class Engine(PrepareRequests):
         self.max_slots, self.max_len, self.prefill_chunk = max_slots, max_len, prefill_chunk
         if prefill_budget_s is not None and prefill_budget_s <= 0:
             raise ValueError(f"prefill_budget_s must be > 0 or None, got {prefill_budget_s}")
-        self.prefill_budget_s = prefill_budget_s
-        self._prefill_s_per_token: float | None = None  # measured, for prefill_budget_s
+        if prefill_budget_ratio is not None and not prefill_budget_ratio > 0:
+            raise ValueError(f"prefill_budget_ratio must be > 0 or None, got {prefill_budget_ratio}")
+        self.prefill_budget_s, self.prefill_budget_ratio = prefill_budget_s, prefill_budget_ratio
+        self._prefill_s_per_token: float | None = None  # measured, for the budgets
+        self._decode_s: float | None = None  # the last decode step's time, for prefill_budget_ratio
         self.tokenizer, self.fast_vision, self.vision_piece_layers = tokenizer, fast_vision, vision_piece_layers
         embed = self.text_model.embed_tokens.weight
         self.dtype, self.device = embed.dtype, embed.device
@@ -199,7 +206,9 @@ class Engine(PrepareRequests):
             self._admit()
         worked = False
         if self._decoding:
+            started = time.perf_counter()
             self._decode()
+            self._decode_s = time.perf_counter() - started
             worked = True
         if group:
             worked = True

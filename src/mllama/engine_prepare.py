@@ -19,6 +19,10 @@ from mllama.text import CrossInputs
 from mllama.vision_cache import VisionJob
 
 
+# The least a ratio budget allows: a piece any smaller costs more in decode steps than it saves.
+MIN_BUDGET_S = 0.02
+
+
 class PrepareRequests:
     """Engine methods that bring a queued request to its first token (see the module docstring)."""
 
@@ -47,7 +51,7 @@ class PrepareRequests:
         job = seq.vision_job
         if job is not None:
             if not job.finished:
-                job.run_piece()
+                job.run_piece(seconds=self._budget_s())
                 return
             seq.vision, seq.vision_job = job.result(), None
         slot = len(self._decoding)
@@ -71,10 +75,9 @@ class PrepareRequests:
         hidden = self.text_model(seq.prompt[start:end][None], position_ids=positions, mask=mask, cross=cross,
                                  cache=window)
         seq.prefilled = seq.cached = end
-        if self.prefill_budget_s is not None:
-            rate = (time.perf_counter() - started) / (end - start)
-            old = self._prefill_s_per_token
-            self._prefill_s_per_token = rate if old is None else 0.5 * (old + rate)
+        rate = (time.perf_counter() - started) / (end - start)
+        old = self._prefill_s_per_token  # up at once, down slowly: a chunk rather short than long
+        self._prefill_s_per_token = rate if old is None or rate > old else 0.5 * (old + rate)
         if end < seq.prompt.numel():
             return
         self._incoming = None
@@ -106,14 +109,15 @@ class PrepareRequests:
         """Two or more queued text-only requests whose prompts each fit one chunk, taken together so
         one forward prefills them all (a prompt alone is a GEMM of few rows, which wastes the weight
         read, and on CPUs without native bf16 misses the float32 route). At most 4 chunks of tokens,
-        padded, and with prefill_budget_s while others decode, no more than the measured prefill rate
+        padded, and with a time budget while others decode (`_budget_s`), no more than the measured prefill rate
         does within the budget; none while another request is being prepared."""
         if self._incoming is not None:
             return []
         cap = 4 * self.prefill_chunk  # padded tokens
-        if self.prefill_budget_s is not None and self._decoding:
+        budget = self._budget_s()
+        if budget is not None:
             rate = self._prefill_s_per_token
-            cap = min(cap, int(self.prefill_budget_s / rate)) if rate is not None else 0
+            cap = min(cap, int(budget / rate)) if rate is not None else 0
         group: list[Sequence] = []
         longest = 0
         with self._lock:
@@ -156,9 +160,20 @@ class PrepareRequests:
             seq.prefilled = seq.cached = lengths[row]
             self._start_decoding(seq, first + row, logits[row:row + 1])
 
+    def _budget_s(self) -> float | None:
+        """Seconds a new request's work may take in this step while others decode (None: no bound):
+        the smaller of prefill_budget_s and prefill_budget_ratio times this step's decode."""
+        if not self._decoding:
+            return None
+        bounds = [] if self.prefill_budget_s is None else [self.prefill_budget_s]
+        if self.prefill_budget_ratio is not None and self._decode_s is not None:
+            bounds.append(max(MIN_BUDGET_S, self.prefill_budget_ratio * self._decode_s))
+        return min(bounds, default=None)
+
     def _chunk_size(self) -> int:
-        if self.prefill_budget_s is None or not self._decoding:
+        budget = self._budget_s()
+        if budget is None:
             return self.prefill_chunk
         if self._prefill_s_per_token is None:  # no measurement yet: a small first chunk
             return min(self.prefill_chunk, 16)
-        return max(8, min(self.prefill_chunk, int(self.prefill_budget_s / self._prefill_s_per_token)))
+        return max(8, min(self.prefill_chunk, int(budget / self._prefill_s_per_token)))

@@ -85,17 +85,22 @@ def engine_options(model: Any, processor: MllamaProcessor, *, max_slots: int = 8
             "prefix_cache_bytes": prefix_cache_bytes}
 
 
+def _describe_budget(seconds: float | None, ratio: float | None) -> str:
+    bounds = ([f"{seconds} s"] if seconds else []) + ([f"{ratio}x the decode step"] if ratio else [])
+    return " and ".join(bounds) or "off"
+
+
 def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", port: int = 8000, max_slots: int = 8,
           max_len: int | None = None, model_name: str = "mllama", api_key: str | None = None, max_queue: int = 256,
           max_body_bytes: int = 64 * 1024 * 1024, images: ImagePolicy | None = None, shutdown_timeout: float = 30.0,
           compile: bool = False, fast_vision: bool = False, log_level: str = "info",
           tensor_parallel: bool = False, step_budget_s: float | None = None, image_cache_bytes: int = 1 << 30,
-          prefix_cache_bytes: int = 1 << 30) -> None:
+          prefix_cache_bytes: int = 1 << 30, step_budget_ratio: float | None = None) -> None:
     """Serve a loaded model until SIGTERM or Ctrl-C (see the module docstring and ServerOptions).
     max_len: tokens per request, prompt and answer (default: 4096 or the model's limit).
     tensor_parallel: this is rank 0 of a model split by mllama.tp; the other ranks run
-    `follow_server` with the same options (mllama.tp_engine). step_budget_s: the engine's
-    prefill_budget_s (None under tensor parallelism)."""
+    `follow_server` with the same options (mllama.tp_engine). step_budget_s, step_budget_ratio: the
+    engine's prefill_budget_s and prefill_budget_ratio (None under tensor parallelism)."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     options = engine_options(model, processor, max_slots=max_slots, max_len=max_len, compile=compile,
                              fast_vision=fast_vision, image_cache_bytes=image_cache_bytes,
@@ -104,11 +109,11 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
     if tensor_parallel:
         from mllama.tp_engine import LockstepEngine
 
-        if step_budget_s is not None:
-            raise ValueError("step_budget_s cannot be used with tensor parallelism")
+        if step_budget_s is not None or step_budget_ratio is not None:
+            raise ValueError("step budgets cannot be used with tensor parallelism")
         engine: Engine = LockstepEngine(model, **options)
     else:
-        engine = Engine(model, **options, prefill_budget_s=step_budget_s)
+        engine = Engine(model, **options, prefill_budget_s=step_budget_s, prefill_budget_ratio=step_budget_ratio)
     defaults, stop_ids = default_sampling(model)
     options = ServerOptions(model_name=model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
                             images=images or ImagePolicy(), defaults=defaults, stop_token_ids=stop_ids)
@@ -118,7 +123,7 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
     server = _Uvicorn(config, api, shutdown_timeout)
     engine.start()
     log.info("serving %s on http://%s:%d (%d slots, context %d, step budget %s)%s", model_name, host, port, max_slots,
-             max_len, f"{step_budget_s} s" if step_budget_s else "off", ", API key required" if api_key else "")
+             max_len, _describe_budget(step_budget_s, step_budget_ratio), ", API key required" if api_key else "")
     try:
         server.run()
     finally:

@@ -10,7 +10,7 @@ order, prompt chunks, sampling) is deterministic given those inputs, because:
   them, and cancellations are applied at the start of a step on every rank;
 - a sampled request without a seed gets one drawn on rank 0 (generators cannot be broadcast), so
   every rank draws the same token from the same (all-reduced) logits;
-- prefill_budget_s is refused: chunk sizes from measured time would differ between ranks.
+- prefill_budget_s and prefill_budget_ratio are refused: chunk sizes from measured time would differ between ranks.
 While idle, rank 0 broadcasts a heartbeat every `heartbeat_s`, so followers waiting in a collective
 with a timeout do not fail when nobody sends requests.
 """
@@ -40,9 +40,10 @@ def _broadcast(message: dict[str, Any] | None, group: dist.ProcessGroup | None, 
 
 
 def _check_options(options: dict[str, Any]) -> None:
-    if options.get("prefill_budget_s") is not None:
-        raise ValueError("prefill_budget_s cannot be used with tensor parallelism: prompt chunks sized from "
-                         "measured time would differ between ranks")
+    for name in ("prefill_budget_s", "prefill_budget_ratio"):
+        if options.get(name) is not None:
+            raise ValueError(f"{name} cannot be used with tensor parallelism: prompt chunks sized from "
+                             "measured time would differ between ranks")
 
 
 class LockstepEngine(Engine):

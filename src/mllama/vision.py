@@ -132,7 +132,7 @@ class TileAttentionCore(nn.Module):
 
 
 class MllamaVisionAttention(nn.Module):
-    HEADS_PER_CALL = 4  # heads are independent: attention in groups of them gives the same result
+    HEADS_PER_CALL = 1  # heads are independent: attention in groups of them gives the same result
 
     def __init__(self, config: MllamaVisionConfig) -> None:
         super().__init__()
@@ -161,13 +161,23 @@ class MllamaVisionAttention(nn.Module):
 
 
 class MllamaVisionMLP(nn.Module):
+    # Rows are independent: in chunks of at most this many, the 4x wider hidden state stays small,
+    # and each call is a boundary where a paused vision forward may stop (mllama.vision_cache); the
+    # chunks are of equal size, so the pauser's estimate of one from the last holds.
+    ROWS_PER_CALL = 2048
+
     def __init__(self, config: MllamaVisionConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(F.gelu(self.fc1(x)))
+        rows = x.reshape(-1, x.shape[-1])  # (images * positions, hidden)
+        if rows.shape[0] <= self.ROWS_PER_CALL:
+            return self.fc2(F.gelu(self.fc1(x)))
+        chunks = rows.tensor_split(-(-rows.shape[0] // self.ROWS_PER_CALL))
+        out = torch.cat([self.fc2(F.gelu(self.fc1(chunk))) for chunk in chunks])
+        return out.view(*x.shape[:-1], out.shape[-1])
 
 
 class MllamaVisionEncoderLayer(nn.Module):

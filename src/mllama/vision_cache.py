@@ -21,6 +21,9 @@ from torch import nn
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
+# Vision tokens per projector call of a paused encode: the projector is the widest GEMM of the image
+# path, and a tile's 1601 rows through it would be one of the longest unbreakable pieces.
+PROJECTOR_ROWS_PER_CALL = 512
 
 
 @dataclass
@@ -273,10 +276,12 @@ class VisionJob:
     def finished(self) -> bool:
         return not self.pending
 
-    def run_piece(self) -> None:
-        """Advance the next image not found in the cache by one piece."""
+    def run_piece(self, *, seconds: float | None = None) -> None:
+        """Advance the next image not found in the cache by one piece (seconds: this piece's time
+        limit instead of piece_s)."""
         j = self.pending[0]
-        if self.piece_layers is None and self.piece_s is None:
+        limit = self.piece_s if seconds is None else seconds
+        if self.piece_layers is None and limit is None:
             self.done[j] = self._encode(j)
         else:
             if self._run is None:
@@ -286,7 +291,7 @@ class VisionJob:
                 units = [mm.multi_modal_projector] + [layer.cross_attn for layer in mm.language_model.layers
                                                       if isinstance(layer, CrossAttentionDecoderLayer)]
                 self._run = _PausableRun(lambda: self._encode(j), layers, units)
-            if not self._run.resume(self.piece_layers, self.piece_s):
+            if not self._run.resume(self.piece_layers, limit):
                 return
             self.done[j], self._run = self._run.result, None
         self.pending.pop(0)
@@ -305,11 +310,12 @@ class VisionJob:
         dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = mm.vision_model.features(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
-        # Tile by tile (K/V are per vision token): each tile's projection is a place to pause.
-        per_tile = [mm.language_model.cross_kv(mm.multi_modal_projector(tile[None]))  # (1, P, hidden) in
-                    for tile in vision[0, 0][self.real[j]]]
-        return {i: (torch.cat([kv[i][0][0] for kv in per_tile], dim=1), torch.cat([kv[i][1][0] for kv in per_tile], dim=1))
-                for i in per_tile[0]}  # (H_kv, T_real * P, D)
+        # K/V are per vision token: in chunks of rows, each projection is a short place to pause.
+        tokens = vision[0, 0][self.real[j]].flatten(0, 1)  # (T_real * P, vision_output_dim)
+        parts = tokens.tensor_split(-(-tokens.shape[0] // PROJECTOR_ROWS_PER_CALL))  # equal: see _PausableRun
+        chunks = [mm.language_model.cross_kv(mm.multi_modal_projector(part[None])) for part in parts]
+        return {i: (torch.cat([kv[i][0][0] for kv in chunks], dim=1), torch.cat([kv[i][1][0] for kv in chunks], dim=1))
+                for i in chunks[0]}  # (H_kv, T_real * P, D)
 
     def result(self) -> RequestVision | None:
         if self.pending:
