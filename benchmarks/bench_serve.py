@@ -191,12 +191,15 @@ def main() -> None:
     parser.add_argument("--svg", type=Path, default=None, help="write the plot here")
     parser.add_argument("--step-budget", type=float, default=None, metavar="SECONDS",
                         help="passed to `mllama serve` (default: serve's own)")
+    parser.add_argument("--step-budget-ratio", type=float, default=None, metavar="X",
+                        help="passed to `mllama serve` (default: serve's own)")
     args = parser.parse_args()
     from mllama.cli import default_model_dir
     from test_server import Server  # the tests' subprocess runner: free port, waits for /health
 
     model_dir = args.model or str(default_model_dir())
     budget = [] if args.step_budget is None else ["--step-budget", str(args.step_budget)]
+    budget += [] if args.step_budget_ratio is None else ["--step-budget-ratio", str(args.step_budget_ratio)]
     server = Server("--model", model_dir, "--max-slots", str(max(args.clients)), "--max-queue", "1024", *budget)
     rows = []
     try:
