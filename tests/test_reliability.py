@@ -569,6 +569,23 @@ def test_nan_weights_are_refused_at_load(tmp_path):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
 
 
+def test_nan_weights_are_counted_across_check_chunks(tmp_path, monkeypatch):
+    """The load-time check runs in bounded chunks (a whole-embedding isfinite was gigabytes of
+    temporaries): values in any chunk, the last partial one included, are found and counted."""
+    import mllama.checks
+
+    broken = _model()
+    embed = broken.model.language_model.embed_tokens.weight
+    with torch.no_grad():
+        flat = embed.view(-1)
+        flat[[0, 7, flat.numel() - 1]] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    broken.save_pretrained(tmp_path)
+    monkeypatch.setattr(mllama.checks, "_FINITE_CHUNK", 5)  # chunks of 5 elements, the last one shorter
+    assert embed.numel() % 5
+    with pytest.raises(ValueError, match=rf"embed_tokens.weight \(3 of {embed.numel()}\)"):
+        MllamaForConditionalGeneration.from_pretrained(tmp_path)
+
+
 def test_mistyped_local_paths_say_they_were_looked_up_on_the_hub(tmp_path, monkeypatch):
     from mllama import MllamaProcessor
 
