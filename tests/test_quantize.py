@@ -172,6 +172,34 @@ def test_save_load_round_trip_and_quantize_on_load(mode, tmp_path, monkeypatch):
         MllamaForConditionalGeneration.from_pretrained(out, quantization="int8" if mode == "int4" else "int4")
 
 
+@pytest.mark.parametrize("mode,dtype", [("int4", torch.bfloat16), ("int8", torch.float32)])
+def test_quantize_on_load_reads_weights_a_chunk_of_rows_at_a_time(mode, dtype, tmp_path, monkeypatch):
+    """A weight to be quantized is read from its file a chunk of rows at a time into one buffer (an
+    lm_head is 1 GB of bf16: held whole, it was the peak of a quantized load), converted to the load
+    dtype per chunk; the result is bit for bit that of quantizing the loaded float model."""
+    import mllama.quantize
+    import mllama.weights
+
+    _tiny_model("b", seed=2, dtype=torch.bfloat16).save_pretrained(tmp_path)
+    monkeypatch.setattr(mllama.quantize, "_CHUNK_ROWS", 5)
+    reads: list[tuple[int, torch.dtype]] = []
+    read_rows = mllama.weights._FileRows.__getitem__
+
+    def spy(self, rows):
+        out = read_rows(self, rows)
+        reads.append((out.shape[0], out.dtype))
+        return out
+
+    monkeypatch.setattr(mllama.weights._FileRows, "__getitem__", spy)
+    on_load = MllamaForConditionalGeneration.from_pretrained(tmp_path, quantization=mode, torch_dtype=dtype)
+    assert reads and max(n for n, _ in reads) == 5 and {d for _, d in reads} == {dtype}
+    assert len(reads) > len([m for m in on_load.modules() if isinstance(m, (Int8Linear, Int4Linear))])
+    after = quantize_model(MllamaForConditionalGeneration.from_pretrained(tmp_path, torch_dtype=dtype), mode)
+    assert on_load.state_dict().keys() == after.state_dict().keys()
+    for key, value in after.state_dict().items():
+        assert torch.equal(on_load.state_dict()[key], value), key
+
+
 @pytest.mark.parametrize("mode,name,dtype", [("int8", "a", torch.float32), ("int4", "a", torch.float32),
                                              ("int4", "c", torch.float32), ("int4", "a", torch.bfloat16)])
 def test_generate_matches_eager_dequantized_weights(mode, name, dtype):

@@ -23,7 +23,7 @@ no kernel) dequantizes the weight to the input's dtype and calls F.linear.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import KW_ONLY, dataclass
 from typing import Any
 
@@ -284,8 +284,11 @@ def empty_quantized(linear: nn.Linear, config: QuantizationConfig, *, dtype: tor
 
 
 def quantize_weight(weight: torch.Tensor, config: QuantizationConfig) -> dict[str, torch.Tensor]:
-    """A float (N, K) weight -> the named tensors of its quantized module (without the bias)."""
-    if not weight.is_floating_point() or weight.dim() != 2:
+    """A float (N, K) weight -> the named tensors of its quantized module (without the bias).
+    `weight` may also be anything with a tensor's shape, dtype and device whose row slices
+    (`weight[a:b]`) are tensors, read on demand (the loader's rows of a file): the quantizers read it
+    _CHUNK_ROWS rows at a time and hold no slice past the next."""
+    if not weight.dtype.is_floating_point or len(weight.shape) != 2:
         raise ValueError(f"can only quantize a 2-D floating weight, got {weight.dtype} {tuple(weight.shape)}")
     if config.mode == "int8":
         return quantize_int8(weight)
@@ -329,7 +332,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | str) -> nn.Mod
 
 
 def prepare_for_loading(model: nn.Module, config: QuantizationConfig, *,
-                        dtype: torch.dtype) -> Callable[[str, torch.Tensor], dict[str, torch.Tensor]]:
+                        dtype: torch.dtype) -> "QuantizeOnLoad":
     """The load-time transform: swap the target linears of a meta-device model for empty quantized
     modules, and return the per-tensor convert hook that turns a float checkpoint weight of one of
     them (its in-memory name, read in `dtype`) into the quantized module's tensors."""
@@ -344,13 +347,26 @@ def prepare_for_loading(model: nn.Module, config: QuantizationConfig, *,
     swap_linears(model, replace)
     model.quantization_config = config
 
-    def convert(name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
-        if name not in targets:
+    return QuantizeOnLoad(targets, config)
+
+
+class QuantizeOnLoad:
+    """The convert hook of a quantized load: a checkpoint weight of a quantized linear (its
+    in-memory name) -> the quantized module's tensors; any other tensor passes through.
+    `takes_rows(name)`: the loader may hand that weight over as rows read on demand (see
+    quantize_weight), so the float weight is never held whole."""
+
+    def __init__(self, targets: set[str], config: QuantizationConfig) -> None:
+        self.targets, self.config = targets, config
+
+    def takes_rows(self, name: str) -> bool:
+        return name in self.targets
+
+    def __call__(self, name: str, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
+        if name not in self.targets:
             return {name: tensor}
         prefix = name.removesuffix("weight")
-        return {prefix + key: value for key, value in quantize_weight(tensor, config).items()}
-
-    return convert
+        return {prefix + key: value for key, value in quantize_weight(tensor, self.config).items()}
 
 
 def dequantize_model(model: nn.Module) -> nn.Module:

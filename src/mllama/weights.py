@@ -1,7 +1,8 @@
 """Checkpoint I/O: load and save Llama 3.2-Vision weights in the safetensors layouts met in the wild.
 
 Loading builds the model on the meta device and fills every parameter straight from the files, so
-the weights are held in memory once. Tensors are read with plain file reads into memory we own
+the weights are held in memory once; a weight quantized on load is read a chunk of rows at a time,
+so its float form is never held whole. Tensors are read with plain file reads into memory we own
 rather than taken as safetensors' mmap views: such views keep every touched page of the shard
 mapped (and counted in RSS), and they silently change or crash (SIGBUS) when the checkpoint is
 later overwritten in place, e.g. by saving the model back to the directory it came from.
@@ -203,6 +204,30 @@ def _plan(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: boo
 ConvertHook = Callable[[str, torch.Tensor], dict[str, torch.Tensor]]
 
 
+class _FileRows:
+    """A 2-D checkpoint tensor read a slice of rows at a time (for a convert hook that `takes_rows`,
+    see quantize.quantize_weight): one reused buffer, so a quantized load never holds the float
+    weight whole (an lm_head is 1 GB in bf16). A slice is valid until the next one is read."""
+
+    def __init__(self, handle: Any, info: TensorInfo, dtype: torch.dtype) -> None:
+        self.handle, self.info, self.dtype = handle, info, dtype
+        self.shape, self.device = torch.Size(info.shape), torch.device("cpu")
+        self._row_bytes = info.nbytes // info.shape[0]
+        self._buffer = torch.empty(0, dtype=torch.uint8)
+
+    def __getitem__(self, rows: slice) -> torch.Tensor:
+        start, stop, step = rows.indices(self.shape[0])
+        if step != 1:
+            raise ValueError("rows of a checkpoint tensor are read in order, step 1")
+        n = max(0, stop - start)
+        if self._buffer.numel() < n * self._row_bytes:
+            self._buffer = torch.empty(n * self._row_bytes, dtype=torch.uint8)
+        part = TensorInfo(file=self.info.file, dtype=self.info.dtype, shape=(n, *self.shape[1:]),
+                          offset=self.info.offset + start * self._row_bytes, nbytes=n * self._row_bytes)
+        raw = _read_into(self.handle, part, self._buffer[:part.nbytes]).view(self.info.dtype).view(part.shape)
+        return raw if raw.dtype == self.dtype else raw.to(self.dtype)
+
+
 TRIM_EVERY_BYTES = 32 * 2**20  # of converted tensors, between two trims of the C heap
 
 
@@ -234,7 +259,10 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                     if handle is not None:
                         handle.close()
                     handle, current = open(info.file, "rb", buffering=0), info.file
-                if device.type == "cpu" and target_dtype(info) == info.dtype:
+                takes_rows = getattr(convert, "takes_rows", None)
+                if device.type == "cpu" and len(info.shape) == 2 and info.shape[0] and takes_rows and takes_rows(name):
+                    tensor = _FileRows(handle, info, target_dtype(info))
+                elif device.type == "cpu" and target_dtype(info) == info.dtype:
                     tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
                 else:
                     raw = _read_into(handle, info, staging[:info.nbytes]).view(info.dtype).view(info.shape)
