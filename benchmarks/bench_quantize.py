@@ -21,10 +21,12 @@ from mllama.quantize import QuantizationConfig, quantize_int4, quantize_int8, qu
 
 VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("int4", group_size=32),
             "int4 g64": QuantizationConfig("int4", group_size=64),
-            "int4 g128": QuantizationConfig("int4", group_size=128)}
+            "int4 g128": QuantizationConfig("int4", group_size=128),
+            "int4 g64, vision and lm_head too": QuantizationConfig("int4", group_size=64, vision=True, lm_head=True),
+            "bf16 again": None}  # the noise floor: a second bf16 load, which should change nothing
 
 
-def accuracy(n_images: int, seed: int) -> None:
+def accuracy(n_images: int, seed: int, variants: list[str]) -> None:
     from mllama.demo.recipe import eval_batches, score
     from mllama.demo.shapes import make_samples
     from mllama.model import MllamaForConditionalGeneration
@@ -50,7 +52,8 @@ def accuracy(n_images: int, seed: int) -> None:
 
     ref_logits, ref_answers = run(base)
     print(f"bf16: accuracy (shape and colour) {score(ref_answers, samples).both:.1%} on {n_images} images (seed {seed})")
-    for name, config in VARIANTS.items():
+    for name in variants:
+        config = VARIANTS[name]
         model = MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, quantization=config)
         logits, answers = run(model)
         drift = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
@@ -142,6 +145,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("what", choices=["accuracy", "kernels", "decode"])
     parser.add_argument("--images", type=int, default=200)
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="accuracy: the quantized variants to compare with bf16")
     parser.add_argument("--seed", type=int, default=20261130, help="fresh images (not the training seeds)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=4)
@@ -150,7 +155,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     args = parser.parse_args()
     if args.what == "accuracy":
-        accuracy(args.images, args.seed)
+        accuracy(args.images, args.seed, args.variants)
     elif args.what == "kernels":
         kernels(args.n, args.k, args.rounds)
     else:
