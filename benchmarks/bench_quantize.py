@@ -26,7 +26,7 @@ VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("
             "bf16 again": None}  # the noise floor: a second bf16 load, which should change nothing
 
 
-def accuracy(n_images: int, seed: int, variants: list[str]) -> None:
+def accuracy(n_images: int, seed: int, variants: list[str], batch_size: int) -> None:
     from mllama.demo.recipe import eval_batches, score
     from mllama.demo.shapes import make_samples
     from mllama.model import MllamaForConditionalGeneration
@@ -36,7 +36,7 @@ def accuracy(n_images: int, seed: int, variants: list[str]) -> None:
     directory = default_model_dir()
     processor = MllamaProcessor.from_pretrained(directory)
     samples = make_samples(n_images, seed=seed)
-    batches = eval_batches(processor, samples, batch_size=100)
+    batches = eval_batches(processor, samples, batch_size=batch_size)
     stops = generation_config_for(processor.tokenizer)["eos_token_id"]
     base = MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16)
 
@@ -147,6 +147,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=200)
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="accuracy: the quantized variants to compare with bf16")
+    parser.add_argument("--batch-size", type=int, default=100,
+                        help="accuracy: images per batch (<= 32: decode steps run the small-row kernels)")
     parser.add_argument("--seed", type=int, default=20261130, help="fresh images (not the training seeds)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=4)
@@ -155,7 +157,7 @@ def main() -> None:
     parser.add_argument("--k", type=int, default=4096)
     args = parser.parse_args()
     if args.what == "accuracy":
-        accuracy(args.images, args.seed, args.variants)
+        accuracy(args.images, args.seed, args.variants, args.batch_size)
     elif args.what == "kernels":
         kernels(args.n, args.k, args.rounds)
     else:

@@ -35,14 +35,16 @@ def _reference_weight(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the int4 kernel's rounding of x to int16 may add (csrc/gemm_small.c): each x is off by at
-    most half its group's step, max |x| / 32767, and meets a weight term |q - 8| * scale <= 8 * scale."""
+    """What the int4 kernel's rounding of x may add (csrc/gemm_small.c): each x is off by at most half
+    its group's step, max |x| / 127 (int8, groups of a multiple of 64) or max |x| / 32767 (int16,
+    other groups), and meets a weight term |q - 8| * scale <= 8 * scale."""
     if not isinstance(module, Int4Linear):
         return torch.zeros(x.shape[0], module.out_features, dtype=torch.float64)
     g = module.group_size
     padded = torch.zeros(x.shape[0], module.weight_scale.shape[1] * g, dtype=torch.float64)
     padded[:, :x.shape[-1]] = x.double()
-    half_step = padded.view(x.shape[0], -1, g).abs().amax(-1) / 32767 / 2 * (1 + 1e-3)  # (rows, groups)
+    levels = 127 if g % 64 == 0 else 32767
+    half_step = padded.view(x.shape[0], -1, g).abs().amax(-1) / levels / 2 * (1 + 1e-3)  # (rows, groups)
     return half_step @ (8 * g * module.weight_scale.double().abs()).T  # (rows, n)
 
 
@@ -219,7 +221,9 @@ def test_generate_matches_eager_dequantized_weights(mode, name, dtype):
     a = quantized.generate(ids, cross_attention_mask=cross, **images, **kwargs)
     b = reference.generate(ids, cross_attention_mask=cross, **images, **kwargs)
     assert torch.equal(a.sequences, b.sequences)
-    tol = 1e-4 if dtype == torch.float32 else 0.05
+    # int4 with groups of 64 rounds each linear's input to int8 per group in the kernel (a step of
+    # max|x| / 127; the exact bound is tested per linear above), which the eager reference does not.
+    tol = 0.05 if dtype != torch.float32 else 2e-2 if mode == "int4" else 1e-4
     for x, y in zip(a.logits, b.logits):
         assert (x - y).abs().max().item() <= tol * y.abs().max().item()
 

@@ -147,16 +147,19 @@ EXPAND_TILES(int8, INT8_TILES)
 
 typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t, int64_t, __m256 *);
 
-/* int4 in integers. x is first rounded to int16 per group of each row (xq = x / sx, sx = max |x| /
- * 32767: an error below 2^-16 of the group's largest |x|, far under bf16's own rounding), then each
- * run of 32 weights unpacks to 2 x 16 int16 in the natural order and multiplies with vpmaddwd:
- * about 10 instructions per 32 weights against 25 for dequantizing to float32. Per group, the int32
+/* int4 in integers. x is first rounded per group of each row: to int8 where the group is a multiple
+ * of 64 (xq = x / sx, sx = max |x| / 127, as llama.cpp's Q4_0 x Q8_0 products: 64 weights in 9
+ * instructions with vpmaddubsw, see INT4_RUN_X8), else to int16 (sx = max |x| / 32767, an error
+ * below 2^-16 of the group's largest |x|; each run of 32 weights unpacks to 2 x 16 int16 in the
+ * natural order and multiplies with vpmaddwd: about 10 instructions per 32 weights against 25 for
+ * dequantizing to float32). Per group, the int32
  * sums (at most 2 * 15 * 32767 per run and lane, 8 runs for a group of 256: no overflow) are centred
  * (q - 8, so that x's rounding meets at most half the weight range: sum (q - 8) xq = sum q xq -
  * 8 sum xq, exact) and become float:
  * sum_i (q_i s + z) x_i = s sx sum_i (q_i - 8) xq_i + (z + 8 s) sum_i x_i, the last sum in float. */
 typedef struct {
-    const int16_t *xq;   /* (m, k) */
+    const int16_t *xq;   /* (m, k), or NULL when xq8 is used */
+    const int8_t *xq8;   /* (m, k) in the X8 order (see quantize_x8), for groups that are multiples of 64 */
     const float *sx;     /* (m, k / group): the step of each group's int16 x */
     const float *xsum;   /* (m, k / group): each group's sum of x, in float */
     const int32_t *xqsum; /* (m, k / group): each group's sum of xq */
@@ -200,10 +203,43 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
 /* R weight rows x M rows of x over the groups of columns [k0, k1): each group's int32 sums are kept
  * (part), then turned to float 8 groups at a time, where the group scales and offsets are
  * contiguous: tot += (s * sx) * sums + z * xsum, lane by lane. */
-#define DEFINE_INT4_TILE(NAME, R, M)                                                                \
+/* 32 weights against int16 x: the nibbles widened to 2 x 16 int16 in the natural order. */
+#define INT4_RUN_X16(R, M)                                                                                \
+            for (int64_t i = g0; i < g0 + d->group; i += 32) {                                      \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
+                    const __m128i packed = _mm_loadu_si128((const __m128i *)(w + r * (d->k / 2) + i / 2)); \
+                    const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0F))); \
+                    const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F))); \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
+                        const int16_t *xj = x->xq + j * d->k + i;                                   \
+                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xj))); \
+                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xj + 16)))); \
+                    }                                                                               \
+                }                                                                                   \
+            }
+
+/* 64 weights (two runs, 32 bytes) against int8 x in the X8 order: the low nibbles of both runs are
+ * one vector of 32 unsigned bytes, the high nibbles another; vpmaddubsw multiplies 32 pairs at once
+ * (|15 * 127 * 2| per int16 lane, two of them added: no saturation), vpmaddwd by ones sums to int32. */
+#define INT4_RUN_X8(R, M)                                                                                 \
+            for (int64_t i = g0; i < g0 + d->group; i += 64) {                                      \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
+                    const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));            \
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
+                        const int8_t *xj = x->xq8 + j * d->k + i;                                   \
+                        const __m256i pairs = _mm256_add_epi16(                                     \
+                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xj)),       \
+                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xj + 32)))); \
+                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))); \
+                    }                                                                               \
+                }                                                                                   \
+            }
+
+#define DEFINE_INT4_TILE(NAME, R, M, RUN)                                                           \
     __attribute__((target("avx2,fma")))                                                             \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
-        const __m128i nibble = _mm_set1_epi8(0x0F);                                                 \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const int groups = (int)((k1 - k0) / d->group);                                             \
         __m256i part[R][M][KC / 32];                                                                \
@@ -212,18 +248,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
             for (int r = 0; r < R; r++)                                                             \
                 for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_si256();                     \
             const int64_t g0 = k0 + gi * d->group;                                                  \
-            for (int64_t i = g0; i < g0 + d->group; i += 32) {                                      \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
-                    const __m128i packed = _mm_loadu_si128((const __m128i *)(w + r * (d->k / 2) + i / 2)); \
-                    const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, nibble));          \
-                    const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), nibble)); \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
-                        const int16_t *xj = x->xq + j * d->k + i;                                   \
-                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(lo, _mm256_loadu_si256((const __m256i *)xj))); \
-                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(hi, _mm256_loadu_si256((const __m256i *)(xj + 16)))); \
-                    }                                                                               \
-                }                                                                                   \
-            }                                                                                       \
+            RUN(R, M)                                                                               \
             for (int r = 0; r < R; r++)                                                             \
                 for (int j = 0; j < M; j++) part[r][j][gi] = acc[r][j];                             \
         }                                                                                           \
@@ -245,12 +270,19 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
             }                                                                                       \
         }                                                                                           \
     }
-DEFINE_INT4_TILE(int4_8x1, 8, 1) DEFINE_INT4_TILE(int4_1x1, 1, 1)
-DEFINE_INT4_TILE(int4_4x2, 4, 2) DEFINE_INT4_TILE(int4_1x2, 1, 2)
-DEFINE_INT4_TILE(int4_3x4, 3, 4) DEFINE_INT4_TILE(int4_1x4, 1, 4)
+DEFINE_INT4_TILE(int4_8x1, 8, 1, INT4_RUN_X16) DEFINE_INT4_TILE(int4_1x1, 1, 1, INT4_RUN_X16)
+DEFINE_INT4_TILE(int4_4x2, 4, 2, INT4_RUN_X16) DEFINE_INT4_TILE(int4_1x2, 1, 2, INT4_RUN_X16)
+DEFINE_INT4_TILE(int4_3x4, 3, 4, INT4_RUN_X16) DEFINE_INT4_TILE(int4_1x4, 1, 4, INT4_RUN_X16)
+DEFINE_INT4_TILE(int4x8_8x1, 8, 1, INT4_RUN_X8) DEFINE_INT4_TILE(int4x8_1x1, 1, 1, INT4_RUN_X8)
+DEFINE_INT4_TILE(int4x8_4x2, 4, 2, INT4_RUN_X8) DEFINE_INT4_TILE(int4x8_1x2, 1, 2, INT4_RUN_X8)
+DEFINE_INT4_TILE(int4x8_3x4, 3, 4, INT4_RUN_X8) DEFINE_INT4_TILE(int4x8_1x4, 1, 4, INT4_RUN_X8)
 
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
-static const int4_tile_fn INT4_TILES[6] = {int4_8x1, int4_4x2, int4_3x4, int4_1x1, int4_1x2, int4_1x4};
+/* [0]: int16 x (any group), [1]: int8 x (groups that are multiples of 64) */
+static const int4_tile_fn INT4_TILES[2][6] = {
+    {int4_8x1, int4_4x2, int4_3x4, int4_1x1, int4_1x2, int4_1x4},
+    {int4x8_8x1, int4x8_4x2, int4x8_3x4, int4x8_1x1, int4x8_1x2, int4x8_1x4},
+};
 
 /* x rounded to int16 per group of each row, with each group's step and float sum. */
 __attribute__((target("avx2,fma")))
@@ -274,6 +306,37 @@ static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int1
                 qsum += xq[j * k + g0 + i];
             }
             sx[j * (k / group) + g0 / group] = step;
+            xsum[j * (k / group) + g0 / group] = sum;
+            xqsum[j * (k / group) + g0 / group] = qsum;
+        }
+}
+
+/* x rounded to int8 per group of each row (groups of a multiple of 64), in the X8 order: in each
+ * run of 64, x[0..15], x[32..47], x[16..31], x[48..63], the order in which the low and then the high
+ * nibbles of two 16-byte weight runs lie in one 32-byte load. */
+__attribute__((target("avx2,fma")))
+static void quantize_x8(const float *x, int64_t m, int64_t k, int64_t group, int8_t *xq, float *sx, float *xsum,
+                        int32_t *xqsum) {
+    for (int64_t j = 0; j < m; j++)
+        for (int64_t g0 = 0; g0 < k; g0 += group) {
+            const float *v = x + j * k + g0;
+            float top = 0.0f, sum = 0.0f;
+            for (int64_t i = 0; i < group; i++) {
+                const float a = v[i] < 0 ? -v[i] : v[i];
+                top = a > top ? a : top;
+                sum += v[i];
+            }
+            const float inv = top > 0 ? 127.0f / top : 0.0f;
+            int32_t qsum = 0;
+            for (int64_t i = 0; i < group; i++) {
+                const long q = __builtin_lrintf(v[i] * inv);
+                const int8_t c = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
+                const int64_t run = i / 64 * 64, t = i % 64;  /* t: position in the natural order */
+                const int64_t at = t < 16 ? t : t < 32 ? t + 16 : t < 48 ? t - 16 : t;
+                xq[j * k + g0 + run + at] = c;
+                qsum += c;
+            }
+            sx[j * (k / group) + g0 / group] = top / 127.0f;
             xsum[j * (k / group) + g0 / group] = sum;
             xqsum[j * (k / group) + g0 / group] = qsum;
         }
@@ -312,9 +375,10 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     const int64_t kc = fmt == FMT_INT4 && 8 * group > KC ? 8 * group : KC;
     const wdesc d = {w, scale, offset, k, group, scale_bf16};
     xdesc xd = {0};
+    const int x8 = fmt == FMT_INT4 && group % 64 == 0;
     if (fmt == FMT_INT4) {
         xd.groups = k / group;
-        int16_t *xq = malloc((size_t)(m * k) * sizeof *xq);
+        void *xq = malloc((size_t)(m * k) * (x8 ? sizeof(int8_t) : sizeof(int16_t)));
         float *params = malloc((size_t)(3 * m * xd.groups) * sizeof *params);  /* sx, xsum, xqsum */
         if (!xq || !params) {
             free(xq);
@@ -322,8 +386,13 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
             return -1;
         }
         int32_t *xqsum = (int32_t *)(params + 2 * m * xd.groups);
-        quantize_x(x, m, k, group, xq, params, params + m * xd.groups, xqsum);
-        xd.xq = xq;
+        if (x8) {
+            quantize_x8(x, m, k, group, xq, params, params + m * xd.groups, xqsum);
+            xd.xq8 = xq;
+        } else {
+            quantize_x(x, m, k, group, xq, params, params + m * xd.groups, xqsum);
+            xd.xq = xq;
+        }
         xd.sx = params;
         xd.xsum = params + m * xd.groups;
         xd.xqsum = xqsum;
@@ -344,12 +413,12 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                 const int wide = TILE_ROWS[kind];
                 int64_t r = 0;
                 if (fmt == FMT_INT4) {
-                    const xdesc xj = {xd.xq + j0 * k, xd.sx + j0 * xd.groups, xd.xsum + j0 * xd.groups,
-                                      xd.xqsum + j0 * xd.groups, xd.groups};
+                    const xdesc xj = {x8 ? NULL : xd.xq + j0 * k, x8 ? xd.xq8 + j0 * k : NULL, xd.sx + j0 * xd.groups,
+                                      xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups};
                     for (; r + wide <= rows; r += wide)
-                        INT4_TILES[kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        INT4_TILES[x8][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                     for (; r < rows; r++)
-                        INT4_TILES[3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        INT4_TILES[x8][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else {
                     for (; r + wide <= rows; r += wide)
                         TILES[fmt][kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
@@ -365,7 +434,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                 out[j * n + row0 + r] = hsum(tot[r * MMAX + j]) * rescale;
         }
     }
-    free((void *)xd.xq);
+    free(x8 ? (void *)xd.xq8 : (void *)xd.xq);
     free((void *)xd.sx);
     return 0;
 }
