@@ -224,7 +224,10 @@ def test_qlora_trains_on_a_quantized_base_and_its_adapter_applies(mode, cls, tmp
     assert (_logits(again, inputs) - expected).abs().max() <= TOL
     merge_and_unload(again)  # into dequantized float weights
     assert not any(isinstance(m, cls) for m in again.modules()) and again.quantization_config is None
-    assert (_logits(again, inputs) - expected).abs().max() <= 1e-4
+    # Merged weights are plain floats; the int4 kernel rounds its inputs to int8 per group of 64 (a
+    # step of max|x| / 127), which the merged model does not: int4 agrees to that rounding only.
+    merged_tol = 1e-4 if mode == "int8" else 2e-2 * expected.abs().max().item()
+    assert (_logits(again, inputs) - expected).abs().max() <= merged_tol
 
 
 # ---- data --------------------------------------------------------------------------------------------------------
