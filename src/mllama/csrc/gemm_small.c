@@ -159,7 +159,7 @@ typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t,
  * sum_i (q_i s + z) x_i = s sx sum_i (q_i - 8) xq_i + (z + 8 s) sum_i x_i, the last sum in float. */
 typedef struct {
     const int16_t *xq;   /* (m, k), or NULL when xq8 is used */
-    const int8_t *xq8;   /* (m, k) in the X8 order (see quantize_x8), for groups that are multiples of 64 */
+    const int8_t *xq8;   /* (m, k) in the X8 order (see quantize_x), for groups that are multiples of 64 */
     const float *sx;     /* (m, k / group): the step of each group's int16 x */
     const float *xsum;   /* (m, k / group): each group's sum of x, in float */
     const int32_t *xqsum; /* (m, k / group): each group's sum of xq */
@@ -284,10 +284,14 @@ static const int4_tile_fn INT4_TILES[2][6] = {
     {int4x8_8x1, int4x8_4x2, int4x8_3x4, int4x8_1x1, int4x8_1x2, int4x8_1x4},
 };
 
-/* x rounded to int16 per group of each row, with each group's step and float sum. */
+/* x rounded per group of each row, with each group's step, float sum and integer sum: to int8
+ * (x8: groups of a multiple of 64) in the X8 order, where each run of 64 holds x[0..15], x[32..47],
+ * x[16..31], x[48..63], the order in which the low and then the high nibbles of two 16-byte weight
+ * runs lie in one 32-byte load; else to int16 in the natural order. */
 __attribute__((target("avx2,fma")))
-static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int16_t *xq, float *sx, float *xsum,
-                       int32_t *xqsum) {
+static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int x8, void *xq, float *sx,
+                       float *xsum, int32_t *xqsum) {
+    const float levels = x8 ? 127.0f : 32767.0f;
     for (int64_t j = 0; j < m; j++)
         for (int64_t g0 = 0; g0 < k; g0 += group) {
             const float *v = x + j * k + g0;
@@ -297,46 +301,21 @@ static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int1
                 top = a > top ? a : top;
                 sum += v[i];
             }
-            const float step = top / 32767.0f;
-            const float inv = top > 0 ? 32767.0f / top : 0.0f;
+            const float inv = top > 0 ? levels / top : 0.0f;
             int32_t qsum = 0;
             for (int64_t i = 0; i < group; i++) {
-                const long q = __builtin_lrintf(v[i] * inv);  /* |q| <= 32767 but for a rounding ulp */
-                xq[j * k + g0 + i] = (int16_t)(q > 32767 ? 32767 : q < -32767 ? -32767 : q);
-                qsum += xq[j * k + g0 + i];
+                long q = __builtin_lrintf(v[i] * inv);  /* |q| <= levels but for a rounding ulp */
+                q = q > (long)levels ? (long)levels : q < -(long)levels ? -(long)levels : q;
+                qsum += (int32_t)q;
+                if (x8) {
+                    const int64_t t = i % 64;  /* position in the natural order of its run of 64 */
+                    const int64_t at = t < 16 ? t : t < 32 ? t + 16 : t < 48 ? t - 16 : t;
+                    ((int8_t *)xq)[j * k + g0 + i / 64 * 64 + at] = (int8_t)q;
+                } else {
+                    ((int16_t *)xq)[j * k + g0 + i] = (int16_t)q;
+                }
             }
-            sx[j * (k / group) + g0 / group] = step;
-            xsum[j * (k / group) + g0 / group] = sum;
-            xqsum[j * (k / group) + g0 / group] = qsum;
-        }
-}
-
-/* x rounded to int8 per group of each row (groups of a multiple of 64), in the X8 order: in each
- * run of 64, x[0..15], x[32..47], x[16..31], x[48..63], the order in which the low and then the high
- * nibbles of two 16-byte weight runs lie in one 32-byte load. */
-__attribute__((target("avx2,fma")))
-static void quantize_x8(const float *x, int64_t m, int64_t k, int64_t group, int8_t *xq, float *sx, float *xsum,
-                        int32_t *xqsum) {
-    for (int64_t j = 0; j < m; j++)
-        for (int64_t g0 = 0; g0 < k; g0 += group) {
-            const float *v = x + j * k + g0;
-            float top = 0.0f, sum = 0.0f;
-            for (int64_t i = 0; i < group; i++) {
-                const float a = v[i] < 0 ? -v[i] : v[i];
-                top = a > top ? a : top;
-                sum += v[i];
-            }
-            const float inv = top > 0 ? 127.0f / top : 0.0f;
-            int32_t qsum = 0;
-            for (int64_t i = 0; i < group; i++) {
-                const long q = __builtin_lrintf(v[i] * inv);
-                const int8_t c = (int8_t)(q > 127 ? 127 : q < -127 ? -127 : q);
-                const int64_t run = i / 64 * 64, t = i % 64;  /* t: position in the natural order */
-                const int64_t at = t < 16 ? t : t < 32 ? t + 16 : t < 48 ? t - 16 : t;
-                xq[j * k + g0 + run + at] = c;
-                qsum += c;
-            }
-            sx[j * (k / group) + g0 / group] = top / 127.0f;
+            sx[j * (k / group) + g0 / group] = top / levels;
             xsum[j * (k / group) + g0 / group] = sum;
             xqsum[j * (k / group) + g0 / group] = qsum;
         }
@@ -386,13 +365,11 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
             return -1;
         }
         int32_t *xqsum = (int32_t *)(params + 2 * m * xd.groups);
-        if (x8) {
-            quantize_x8(x, m, k, group, xq, params, params + m * xd.groups, xqsum);
+        quantize_x(x, m, k, group, x8, xq, params, params + m * xd.groups, xqsum);
+        if (x8)
             xd.xq8 = xq;
-        } else {
-            quantize_x(x, m, k, group, xq, params, params + m * xd.groups, xqsum);
+        else
             xd.xq = xq;
-        }
         xd.sx = params;
         xd.xsum = params + m * xd.groups;
         xd.xqsum = xqsum;
