@@ -323,3 +323,30 @@ def test_quantize_on_load_hands_conversion_temporaries_back(tmp_path, monkeypatc
     from mllama.cpu_kernels import trim_heap
 
     trim_heap()  # callable here (glibc) or a no-op elsewhere
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k,group", [(7, 33, 32), (64, 4096, 64), (5, 200, 64), (3, 300, 128), (9, 256, 256)])
+def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, group, monkeypatch):
+    """Prefill and vision dequantize int4 weights in C (csrc/gemm_small.c): bit for bit the torch
+    reference (multiply then add, rounded to bf16 to nearest even), padded rows cut to in_features;
+    Int4Linear uses it outside autograd, and the torch reference with autograd."""
+    if not cpu_kernels.quant_kernels_available():
+        pytest.skip("no AVX2 kernels on this machine")
+    from mllama.quantize import dequantize_int4
+
+    gen = torch.Generator().manual_seed(n * k)
+    q = quantize_int4((torch.randn(n, k, generator=gen) * 0.02).to(scale_dtype), group_size=group)
+    args = (q["weight_packed"], q["weight_scale"], q["weight_offset"])
+    ref = dequantize_int4(*args, in_features=k, dtype=out_dtype)
+    got = cpu_kernels.dequantize_int4(*args, group_size=group, in_features=k, dtype=out_dtype)
+    assert got.dtype == out_dtype and got.shape == (n, k) and torch.equal(got, ref)
+    module = Int4Linear(k, n, bias=False, dtype=scale_dtype, group_size=group)
+    module.weight_packed, module.weight_scale, module.weight_offset = args
+    calls = []
+    real = cpu_kernels.dequantize_int4
+    monkeypatch.setattr(cpu_kernels, "dequantize_int4", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    with torch.no_grad():
+        assert torch.equal(module.dequantize(out_dtype), ref) and calls == [1]
+    assert torch.equal(module.dequantize(out_dtype), ref) and calls == [1]  # autograd: the torch reference

@@ -65,6 +65,9 @@ def _load() -> None:
                                         + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                                    ctypes.c_int])
     small.mllama_gemm_small.restype = ctypes.c_int
+    small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
+                                          + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    small.mllama_dequant_int4.restype = ctypes.c_int
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
     _small = small if _lib is not None and small.mllama_gemm_small_level() else None
@@ -190,6 +193,25 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     if rc != 0:
         raise ValueError(f"small_gemm: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
     return out[:m]
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, group_size: int,
+                    in_features: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """int4 weights (see csrc/gemm_small.c) -> (N, in_features) float32 or bf16, equal to the torch
+    reference quantize.dequantize_int4; None where the kernel does not run (then use that)."""
+    if (not quant_kernels_available() or dtype not in (torch.float32, torch.bfloat16) or packed.device.type != "cpu"
+            or scale.dtype != offset.dtype or scale.dtype not in (torch.float32, torch.bfloat16)):
+        return None
+    packed, scale, offset = packed.contiguous(), scale.contiguous(), offset.contiguous()
+    n = packed.shape[0]
+    out = torch.empty(n, in_features, dtype=dtype)
+    rc = _small.mllama_dequant_int4(packed.data_ptr(), scale.data_ptr(), offset.data_ptr(),
+                                    int(scale.dtype == torch.bfloat16), n, packed.shape[1] * 2, group_size,
+                                    in_features, out.data_ptr(), int(dtype == torch.bfloat16),
+                                    torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"dequantize_int4: the kernel refused group size {group_size} for shape {tuple(packed.shape)}")
+    return out
 
 
 @torch.library.custom_op("mllama::linear_int8", mutates_args=())

@@ -266,8 +266,14 @@ class Int4Linear(_QuantizedLinear):
         return F.linear(x, self.dequantize(x.dtype))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or self.weight_scale.dtype
+        if not torch.is_grad_enabled():  # the C dequantizer (same values) is not differentiable
+            fast = cpu_kernels.dequantize_int4(self.weight_packed, self.weight_scale, self.weight_offset,
+                                               group_size=self.group_size, in_features=self.in_features, dtype=dtype)
+            if fast is not None:
+                return fast
         return dequantize_int4(self.weight_packed, self.weight_scale, self.weight_offset,
-                               in_features=self.in_features, dtype=dtype or self.weight_scale.dtype)
+                               in_features=self.in_features, dtype=dtype)
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}"

@@ -415,3 +415,63 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     free((void *)xd.sx);
     return 0;
 }
+
+/* 8 float32 -> 8 bf16, rounded to nearest even (as torch's .to(bfloat16) for finite values). */
+__attribute__((target("avx2,fma")))
+static inline __m128i float8_to_bf16(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    /* (8 x 32-bit, each < 2^16) -> 8 x 16-bit in order */
+    return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+}
+
+/* int4 weights (n, k: k the padded row length) -> out (n, k_out), k_out <= k the real in_features,
+ * float32 or bf16 (out_bf16): w = q * scale + offset, multiplied then added (two roundings, as the
+ * reference's torch ops), for the prefill and vision GEMMs that take plain weights. Returns 0, or -1
+ * for arguments it does not take. */
+__attribute__((target("avx2,fma"), optimize("fp-contract=off")))  /* no fused multiply-add here */
+int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset, int scale_bf16, int64_t n,
+                        int64_t k, int64_t group, int64_t k_out, void *out, int out_bf16, int threads) {
+    if (n < 1 || k < 1 || group < 32 || group % 32 || k % group || k_out < 1 || k_out > k) return -1;
+    const int64_t groups = k / group;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        const uint8_t *row = w + r * (k / 2);
+        for (int64_t i = 0; i < k_out; i += 32) {
+            const int64_t g = r * groups + i / group;
+            const __m256 s = _mm256_set1_ps(param(scale, g, scale_bf16));
+            const __m256 z = _mm256_set1_ps(param(offset, g, scale_bf16));
+            const __m128i packed = _mm_loadu_si128((const __m128i *)(row + i / 2));
+            const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));              /* values i .. i+15 */
+            const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)); /* i+16 .. i+31 */
+            __m256 v[4];
+            v[0] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
+            v[1] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
+            v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
+            v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
+            for (int t = 0; t < 4; t++) v[t] = _mm256_add_ps(_mm256_mul_ps(v[t], s), z);
+            const int64_t take = k_out - i < 32 ? k_out - i : 32;
+            if (out_bf16) {
+                uint16_t *o = (uint16_t *)out + r * k_out + i;
+                if (take == 32) {
+                    for (int t = 0; t < 4; t++) _mm_storeu_si128((__m128i *)(o + 8 * t), float8_to_bf16(v[t]));
+                } else {
+                    uint16_t tmp[32];
+                    for (int t = 0; t < 4; t++) _mm_storeu_si128((__m128i *)(tmp + 8 * t), float8_to_bf16(v[t]));
+                    memcpy(o, tmp, (size_t)take * sizeof *o);
+                }
+            } else {
+                float *o = (float *)out + r * k_out + i;
+                if (take == 32) {
+                    for (int t = 0; t < 4; t++) _mm256_storeu_ps(o + 8 * t, v[t]);
+                } else {
+                    float tmp[32];
+                    for (int t = 0; t < 4; t++) _mm256_storeu_ps(tmp + 8 * t, v[t]);
+                    memcpy(o, tmp, (size_t)take * sizeof *o);
+                }
+            }
+        }
+    }
+    return 0;
+}
