@@ -350,3 +350,23 @@ def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, 
     with torch.no_grad():
         assert torch.equal(module.dequantize(out_dtype), ref) and calls == [1]
     assert torch.equal(module.dequantize(out_dtype), ref) and calls == [1]  # autograd: the torch reference
+
+
+@pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(7, 33), (64, 4096), (5, 3)])
+def test_c_int8_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k):
+    """The same for int8 (a tail of k % 8 columns included); Int8Linear uses it outside autograd."""
+    if not cpu_kernels.quant_kernels_available():
+        pytest.skip("no AVX2 kernels on this machine")
+    from mllama.quantize import dequantize_int8, quantize_int8
+
+    gen = torch.Generator().manual_seed(n * k)
+    q = quantize_int8((torch.randn(n, k, generator=gen) * 0.02).to(scale_dtype))
+    ref = dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype)
+    got = cpu_kernels.dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype)
+    assert got.dtype == out_dtype and torch.equal(got, ref)
+    module = Int8Linear(k, n, bias=False, dtype=scale_dtype)
+    module.weight, module.weight_scale = q["weight"], q["weight_scale"]
+    with torch.no_grad():
+        assert torch.equal(module.dequantize(out_dtype), ref)

@@ -68,6 +68,9 @@ def _load() -> None:
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
+    small.mllama_dequant_int8.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2
+                                          + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    small.mllama_dequant_int8.restype = ctypes.c_int
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
     _small = small if _lib is not None and small.mllama_gemm_small_level() else None
@@ -211,6 +214,22 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
                                     torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"dequantize_int4: the kernel refused group size {group_size} for shape {tuple(packed.shape)}")
+    return out
+
+
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor | None:
+    """int8 weights (N, K) with per-row scales -> float32 or bf16, equal to the torch reference
+    quantize.dequantize_int8; None where the kernel does not run (then use that)."""
+    if (not quant_kernels_available() or dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu"
+            or scale.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.int8):
+        return None
+    weight, scale = weight.contiguous(), scale.contiguous()
+    out = torch.empty(weight.shape, dtype=dtype)
+    rc = _small.mllama_dequant_int8(weight.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
+                                    weight.shape[0], weight.shape[1], out.data_ptr(), int(dtype == torch.bfloat16),
+                                    torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"dequantize_int8: the kernel refused a weight of shape {tuple(weight.shape)}")
     return out
 
 

@@ -239,7 +239,12 @@ class Int8Linear(_QuantizedLinear):
         return F.linear(x, self.dequantize(x.dtype))
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        return dequantize_int8(self.weight, self.weight_scale, dtype=dtype or self.weight_scale.dtype)
+        dtype = dtype or self.weight_scale.dtype
+        if not torch.is_grad_enabled():  # the C dequantizer (same values) is not differentiable
+            fast = cpu_kernels.dequantize_int8(self.weight, self.weight_scale, dtype=dtype)
+            if fast is not None:
+                return fast
+        return dequantize_int8(self.weight, self.weight_scale, dtype=dtype)
 
 
 class Int4Linear(_QuantizedLinear):

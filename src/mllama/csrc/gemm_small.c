@@ -475,3 +475,36 @@ int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset,
     }
     return 0;
 }
+
+/* int8 weights (n, k) -> out (n, k) float32 or bf16 (out_bf16): w = q * scale[row], as the
+ * reference's torch ops. Returns 0, or -1 for arguments it does not take. */
+__attribute__((target("avx2,fma")))
+int mllama_dequant_int8(const int8_t *w, const void *scale, int scale_bf16, int64_t n, int64_t k, void *out,
+                        int out_bf16, int threads) {
+    if (n < 1 || k < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads)
+    for (int64_t r = 0; r < n; r++) {
+        const float sr = param(scale, r, scale_bf16);
+        const __m256 s = _mm256_set1_ps(sr);
+        const int8_t *row = w + r * k;
+        int64_t i = 0;
+        for (; i + 8 <= k; i += 8) {
+            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i)))), s);
+            if (out_bf16)
+                _mm_storeu_si128((__m128i *)((uint16_t *)out + r * k + i), float8_to_bf16(v));
+            else
+                _mm256_storeu_ps((float *)out + r * k + i, v);
+        }
+        for (; i < k; i++) {
+            const float v = (float)row[i] * sr;
+            if (out_bf16) {
+                uint32_t u;
+                memcpy(&u, &v, sizeof u);
+                ((uint16_t *)out)[r * k + i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
+            } else {
+                ((float *)out)[r * k + i] = v;
+            }
+        }
+    }
+    return 0;
+}
