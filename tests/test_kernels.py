@@ -93,9 +93,13 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
     few = torch.randn(1, cpu_kernels.MAX_ROWS, 64).bfloat16()
     many = torch.randn(1, cpu_kernels.MAX_ROWS + 1, 64).bfloat16()
     with torch.no_grad():
+        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)
         assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
-        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)  # native bf16: torch's GEMM
+        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)  # native bf16: torch's GEMM past 4 rows
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
+        four = few[:, :linear.NATIVE_BF16_KERNEL_ROWS]
+        assert torch.equal(layer(four), cpu_kernels.gemv_bf16(four, layer.weight) + layer.bias)
         monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)  # else: the kernel, MAX_ROWS at a time
         blocks = torch.cat([cpu_kernels.gemv_bf16(many[0, :cpu_kernels.MAX_ROWS], layer.weight),
                             cpu_kernels.gemv_bf16(many[0, cpu_kernels.MAX_ROWS:], layer.weight)])

@@ -39,6 +39,9 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module
 
 
 WIDE_MIN_ROWS = 112  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
+# On a CPU with native bf16, torch's GEMM overtakes the decode kernel from about 4 rows (1.3-1.6x
+# faster at 16: benchmarks/RESULTS.md); without it the kernel wins up to MAX_ROWS.
+NATIVE_BF16_KERNEL_ROWS = 4
 WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a time
 
 
@@ -65,6 +68,11 @@ def _slow_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> int | None:
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or cpu_has_native_bf16()):
         return None
     return x.shape[:-1].numel()
+
+
+def use_decode_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """cpu_kernels.use_gemv, with fewer rows on a CPU with native bf16."""
+    return use_gemv(x, weight) and (x.shape[:-1].numel() <= NATIVE_BF16_KERNEL_ROWS or not cpu_has_native_bf16())
 
 
 def use_wide_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -104,9 +112,9 @@ def wide_fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
 class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with faster bf16 products on CPUs.
 
-    A product with at most cpu_kernels.MAX_ROWS rows in bf16 on the CPU, outside autograd, runs
-    through cpu_kernels.gemv_bf16, which streams the weight about twice as fast as F.linear with few
-    rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
+    A product with at most cpu_kernels.MAX_ROWS rows (NATIVE_BF16_KERNEL_ROWS on a CPU with native
+    bf16) in bf16 on the CPU, outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
+    weight faster than F.linear with few rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
     (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear);
     everything else (float32, autograd, GPU) calls F.linear.
     """
@@ -122,7 +130,7 @@ class DecodeLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_gemv(x, self.weight):
+        if use_decode_kernel(x, self.weight):
             out = gemv_bf16(x, self.weight)
             return out if self.bias is None else out + self.bias
         if use_blocked_kernel(x, self.weight):
@@ -133,7 +141,7 @@ class DecodeLinear(nn.Linear):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T without the bias (a row-parallel layer adds it once, after its all-reduce)."""
-        if use_gemv(x, self.weight):
+        if use_decode_kernel(x, self.weight):
             return gemv_bf16(x, self.weight)
         if use_blocked_kernel(x, self.weight):
             return blocked_kernel_linear(x, self.weight)
