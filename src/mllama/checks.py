@@ -34,7 +34,14 @@ _FINITE_CHUNK = 1 << 24
 
 def _count_not_finite(tensor: torch.Tensor) -> int:
     flat = tensor.reshape(-1)
-    return sum(int((~torch.isfinite(flat[i:i + _FINITE_CHUNK])).sum()) for i in range(0, flat.numel(), _FINITE_CHUNK))
+    bad = 0
+    for i in range(0, flat.numel(), _FINITE_CHUNK):
+        part = flat[i:i + _FINITE_CHUNK]
+        # One reading pass: a NaN or an infinity makes the sum non-finite (so could an overflow, which
+        # the exact count below then clears).
+        if not bool(torch.isfinite(part.sum(dtype=torch.float32))):
+            bad += int((~torch.isfinite(part)).sum())
+    return bad
 
 
 @torch.no_grad()
