@@ -586,6 +586,22 @@ def test_nan_weights_are_counted_across_check_chunks(tmp_path, monkeypatch):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
 
 
+def test_huge_finite_weights_are_not_mistaken_for_nan():
+    """The check's one-pass float32 sum overflows on values near float32's limit; the exact count
+    then finds nothing wrong, and the model is accepted."""
+    from mllama.checks import check_finite_parameters
+
+    model = _model()
+    with torch.no_grad():
+        model.model.language_model.norm.weight.fill_(3e38)  # 64 of them: the sum is inf
+    assert not torch.isfinite(model.model.language_model.norm.weight.sum())
+    check_finite_parameters(model, source="test")  # no error
+    with torch.no_grad():
+        model.model.language_model.norm.weight[5] = float("nan")
+    with pytest.raises(ValueError, match=r"norm.weight \(1 of 64\)"):
+        check_finite_parameters(model, source="test")
+
+
 def test_mistyped_local_paths_say_they_were_looked_up_on_the_hub(tmp_path, monkeypatch):
     from mllama import MllamaProcessor
 
