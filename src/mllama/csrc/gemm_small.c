@@ -160,7 +160,7 @@ typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t,
 typedef struct {
     const int16_t *xq;   /* (m, k), or NULL when xq8 is used */
     const int8_t *xq8;   /* (m, k) in the X8 order (see quantize_x), for groups that are multiples of 64 */
-    const float *sx;     /* (m, k / group): the step of each group's int16 x */
+    const float *sx;     /* (m, k / group): the step of each group's rounded x */
     const float *xsum;   /* (m, k / group): each group's sum of x, in float */
     const int32_t *xqsum; /* (m, k / group): each group's sum of xq */
     int64_t groups;      /* k / group */
@@ -200,9 +200,6 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
     return _mm256_loadu_si256((const __m256i *)v);
 }
 
-/* R weight rows x M rows of x over the groups of columns [k0, k1): each group's int32 sums are kept
- * (part), then turned to float 8 groups at a time, where the group scales and offsets are
- * contiguous: tot += (s * sx) * sums + z * xsum, lane by lane. */
 /* 32 weights against int16 x: the nibbles widened to 2 x 16 int16 in the natural order. */
 #define INT4_RUN_X16(R, M)                                                                                \
             for (int64_t i = g0; i < g0 + d->group; i += 32) {                                      \
@@ -237,6 +234,9 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
                 }                                                                                   \
             }
 
+/* R weight rows x M rows of x over the groups of columns [k0, k1), the products by RUN: each group's
+ * int32 sums are kept (part), then turned to float 8 groups at a time, where the group scales and
+ * offsets are contiguous: tot += (s * sx) * sums + z * xsum, lane by lane. */
 #define DEFINE_INT4_TILE(NAME, R, M, RUN)                                                           \
     __attribute__((target("avx2,fma")))                                                             \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
@@ -426,6 +426,20 @@ static inline __m128i float8_to_bf16(__m256 v) {
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
 
+/* The first `take` (1..8) of 8 values to out[at..] as float32 or bf16 (out_bf16). */
+__attribute__((target("avx2,fma")))
+static inline void store8(void *out, int out_bf16, int64_t at, __m256 v, int64_t take) {
+    if (out_bf16) {
+        uint16_t *o = (uint16_t *)out + at, tmp[8];
+        _mm_storeu_si128((__m128i *)(take == 8 ? o : tmp), float8_to_bf16(v));
+        if (take < 8) memcpy(o, tmp, (size_t)take * sizeof *o);
+    } else {
+        float *o = (float *)out + at, tmp[8];
+        _mm256_storeu_ps(take == 8 ? o : tmp, v);
+        if (take < 8) memcpy(o, tmp, (size_t)take * sizeof *o);
+    }
+}
+
 /* int4 weights (n, k: k the padded row length) -> out (n, k_out), k_out <= k the real in_features,
  * float32 or bf16 (out_bf16): w = q * scale + offset, multiplied then added (two roundings, as the
  * reference's torch ops), for the prefill and vision GEMMs that take plain weights. Returns 0, or -1
@@ -451,25 +465,9 @@ int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset,
             v[2] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
             v[3] = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
             for (int t = 0; t < 4; t++) v[t] = _mm256_add_ps(_mm256_mul_ps(v[t], s), z);
-            const int64_t take = k_out - i < 32 ? k_out - i : 32;
-            if (out_bf16) {
-                uint16_t *o = (uint16_t *)out + r * k_out + i;
-                if (take == 32) {
-                    for (int t = 0; t < 4; t++) _mm_storeu_si128((__m128i *)(o + 8 * t), float8_to_bf16(v[t]));
-                } else {
-                    uint16_t tmp[32];
-                    for (int t = 0; t < 4; t++) _mm_storeu_si128((__m128i *)(tmp + 8 * t), float8_to_bf16(v[t]));
-                    memcpy(o, tmp, (size_t)take * sizeof *o);
-                }
-            } else {
-                float *o = (float *)out + r * k_out + i;
-                if (take == 32) {
-                    for (int t = 0; t < 4; t++) _mm256_storeu_ps(o + 8 * t, v[t]);
-                } else {
-                    float tmp[32];
-                    for (int t = 0; t < 4; t++) _mm256_storeu_ps(tmp + 8 * t, v[t]);
-                    memcpy(o, tmp, (size_t)take * sizeof *o);
-                }
+            for (int t = 0; t < 4 && i + 8 * t < k_out; t++) {
+                const int64_t left = k_out - i - 8 * t;
+                store8(out, out_bf16, r * k_out + i + 8 * t, v[t], left < 8 ? left : 8);
             }
         }
     }
@@ -484,26 +482,16 @@ int mllama_dequant_int8(const int8_t *w, const void *scale, int scale_bf16, int6
     if (n < 1 || k < 1) return -1;
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; r++) {
-        const float sr = param(scale, r, scale_bf16);
-        const __m256 s = _mm256_set1_ps(sr);
+        const __m256 s = _mm256_set1_ps(param(scale, r, scale_bf16));
         const int8_t *row = w + r * k;
         int64_t i = 0;
-        for (; i + 8 <= k; i += 8) {
-            const __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i)))), s);
-            if (out_bf16)
-                _mm_storeu_si128((__m128i *)((uint16_t *)out + r * k + i), float8_to_bf16(v));
-            else
-                _mm256_storeu_ps((float *)out + r * k + i, v);
-        }
-        for (; i < k; i++) {
-            const float v = (float)row[i] * sr;
-            if (out_bf16) {
-                uint32_t u;
-                memcpy(&u, &v, sizeof u);
-                ((uint16_t *)out)[r * k + i] = (uint16_t)((u + 0x7FFF + ((u >> 16) & 1)) >> 16);
-            } else {
-                ((float *)out)[r * k + i] = v;
-            }
+        for (; i + 8 <= k; i += 8)
+            store8(out, out_bf16, r * k + i,
+                   _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(row + i)))), s), 8);
+        if (i < k) {  /* the last k % 8 values: no 8-byte load past the row */
+            float tail[8] = {0};
+            for (int64_t t = 0; t < k - i; t++) tail[t] = (float)row[i + t];
+            store8(out, out_bf16, r * k + i, _mm256_mul_ps(_mm256_loadu_ps(tail), s), k - i);
         }
     }
     return 0;
