@@ -244,9 +244,16 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
     total = sum(info.nbytes for info in plan.values())
     show = total >= PROGRESS_MIN_BYTES if progress is None else progress
     order = sorted(plan.items(), key=lambda item: (str(item[1].file), item[1].offset))  # sequential reads
-    # Tensors that must be converted (dtype or device) pass through one reused staging buffer, so
-    # the transient copies neither add up nor fragment the heap; the rest is read in place.
-    staged = [info.nbytes for info in plan.values() if device.type != "cpu" or target_dtype(info) != info.dtype]
+    takes_rows = getattr(convert, "takes_rows", None)
+
+    def by_rows(name: str, info: TensorInfo) -> bool:  # read a chunk of rows at a time (_FileRows)
+        return device.type == "cpu" and len(info.shape) == 2 and info.shape[0] > 0 and bool(takes_rows) \
+            and takes_rows(name)
+
+    # Other tensors that must be converted (dtype or device) pass through one reused staging buffer,
+    # so the transient copies neither add up nor fragment the heap; the rest is read in place.
+    staged = [info.nbytes for name, info in plan.items()
+              if not by_rows(name, info) and (device.type != "cpu" or target_dtype(info) != info.dtype)]
     staging = torch.empty(max(staged, default=0), dtype=torch.uint8,
                           pin_memory=device.type == "cuda" and torch.cuda.is_available())
     state: dict[str, torch.Tensor] = {}
@@ -259,8 +266,7 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                     if handle is not None:
                         handle.close()
                     handle, current = open(info.file, "rb", buffering=0), info.file
-                takes_rows = getattr(convert, "takes_rows", None)
-                if device.type == "cpu" and len(info.shape) == 2 and info.shape[0] and takes_rows and takes_rows(name):
+                if by_rows(name, info):
                     tensor = _FileRows(handle, info, target_dtype(info))
                 elif device.type == "cpu" and target_dtype(info) == info.dtype:
                     tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
