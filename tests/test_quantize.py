@@ -294,6 +294,23 @@ def test_transformers_style_configs_map():
         resolve_quantization(None, {"quant_method": "torchao", "quant_type": "float8_weight_only"})
 
 
+@pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no VNNI on this CPU")
+@pytest.mark.parametrize("n,k,group", [(29, 100, 64), (50, 1030, 128), (40, 4096, 64), (9, 300, 256)])
+def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
+    """vpdpbusd forms the same int32 sums as vpmaddubsw + vpmaddwd (which never saturate on nibbles
+    times int8 x), so the VNNI path's output is the AVX2 path's bit for bit, for every tile shape."""
+    _, q = _quantized_linear("int4", n, k, group_size=group, seed=k)
+    gen = torch.Generator().manual_seed(n)
+    for rows in (1, 2, 3, 4, 6, 16, 17, 32):
+        x = torch.randn(rows, k, generator=gen) * torch.rand(1, k, generator=gen) * 4
+        args = (x, "int4", q.weight_packed, q.weight_scale, q.weight_offset)
+        vnni = cpu_kernels.small_gemm(*args, group_size=group)
+        avx2 = cpu_kernels.small_gemm(*args, group_size=group, level=1)
+        assert torch.equal(vnni, avx2), f"{rows} rows"
+    with pytest.raises(RuntimeError, match="level 7 not available"):
+        cpu_kernels.small_gemm(*args, group_size=group, level=7)
+
+
 def test_int4_packing_layout_is_the_documented_one():
     values = (torch.arange(64) // 2) % 16  # one group of 64 per row, every level 0..15 used
     out = quantize_int4(values.float().repeat(2, 1), group_size=64)

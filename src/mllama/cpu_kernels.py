@@ -38,6 +38,7 @@ MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the l
 _lib: ctypes.CDLL | None = None
 _small: ctypes.CDLL | None = None
 _level = 0
+_small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -48,7 +49,7 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _level, _tried
+    global _lib, _small, _level, _small_level, _tried
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
@@ -63,7 +64,7 @@ def _load() -> None:
     lib.mllama_gemv_bf16.restype = None
     small.mllama_gemm_small.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
                                         + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
-                                                                   ctypes.c_int])
+                                                                   ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
@@ -73,7 +74,8 @@ def _load() -> None:
     small.mllama_dequant_int8.restype = ctypes.c_int
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
-    _small = small if _lib is not None and small.mllama_gemm_small_level() else None
+    _small_level = small.mllama_gemm_small_level()
+    _small = small if _lib is not None and _small_level else None
 
 
 def gemv_available() -> bool:
@@ -162,16 +164,25 @@ def quant_kernels_available() -> bool:
     return gemv_available() and _small is not None
 
 
+def small_kernel_level() -> int:
+    """csrc/gemm_small.c's instruction set here: 0 not available, 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI."""
+    return _small_level if quant_kernels_available() else 0
+
+
 def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
-               offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor:
+               offset: torch.Tensor | None = None, *, group_size: int = 0, level: int | None = None) -> torch.Tensor:
     """(M, K) rows of any float dtype x weights in `fmt` (see csrc/gemm_small.c) -> (M, N) float32.
 
     bf16: weight (N, K) bf16. int8: weight (N, K) int8, scale (N,). int4: weight (N, Kp / 2) uint8
     with Kp = K rounded up to group_size, scale and offset (N, Kp / group_size). Scales are float32
-    or bf16. M is at most MAX_QUANT_ROWS.
+    or bf16. M is at most MAX_QUANT_ROWS. level: the instruction set (default the best here; 1 forces
+    AVX2, as tests do; VNNI changes only the int4 path for groups of a multiple of 64, bit for bit).
     """
     if _small is None:
         raise RuntimeError("the small-row decode kernels are not available on this machine")
+    level = _small_level if level is None else level
+    if level not in (1, _small_level):
+        raise RuntimeError(f"kernel level {level} not available (this CPU: {_small_level})")
     m, k = rows.shape
     n = weight.shape[0]
     k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
@@ -192,7 +203,7 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     rc = _small.mllama_gemm_small(_FORMATS[fmt], x.data_ptr(), m_pad, n, k_row, weight.data_ptr(),
                                   scale.data_ptr() if scale is not None else None,
                                   offset.data_ptr() if offset is not None else None,
-                                  int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
+                                  int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"small_gemm: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
     return out[:m]

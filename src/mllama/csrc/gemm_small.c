@@ -1,4 +1,5 @@
-/* Products with few rows (decode steps, 1 to 32 rows) against bf16, int8 or int4 weights, AVX2 + FMA:
+/* Products with few rows (decode steps, 1 to 32 rows) against bf16, int8 or int4 weights, AVX2 + FMA
+ * (the int4 products with int8 x also in a VNNI form, AVX512-VNNI or AVX-VNNI, where the CPU has one):
  *   out (M, N) float32 = x (M, K) float32 @ dequant(W) ^T,   W stored (N, K) row-major.
  *
  * Weight formats (the same bytes as in memory and in mllama's quantized checkpoints):
@@ -25,7 +26,9 @@
 #include <string.h>
 
 #define RB 24      /* weight rows per work item: a multiple of 8, 4 and 3 */
+#ifndef KC
 #define KC 1024    /* k values per cache block: a multiple of 32 */
+#endif
 #define MMAX 32    /* most rows of x per call */
 
 enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
@@ -234,27 +237,46 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
                 }                                                                                   \
             }
 
+/* INT4_RUN_X8 with VNNI: vpdpbusd multiplies the same 32 byte pairs and adds each lane's four
+ * products into its int32 sum in one instruction (the same integers as vpmaddubsw + vpmaddwd: the
+ * AVX2 path never saturates, see above). DPBUSD: the EVEX (AVX512-VNNI + VL) or VEX (AVX-VNNI) form. */
+#define INT4_RUN_X8_VNNI(R, M, DPBUSD)                                                                    \
+            for (int64_t i = g0; i < g0 + d->group; i += 64) {                                      \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
+                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
+                    const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));            \
+                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
+                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
+                        const int8_t *xj = x->xq8 + j * d->k + i;                                   \
+                        acc[r][j] = DPBUSD(acc[r][j], lo, _mm256_loadu_si256((const __m256i *)xj)); \
+                        acc[r][j] = DPBUSD(acc[r][j], hi, _mm256_loadu_si256((const __m256i *)(xj + 32))); \
+                    }                                                                               \
+                }                                                                                   \
+            }
+#define INT4_RUN_X8_AVX512VNNI(R, M) INT4_RUN_X8_VNNI(R, M, _mm256_dpbusd_epi32)
+#define INT4_RUN_X8_AVXVNNI(R, M) INT4_RUN_X8_VNNI(R, M, _mm256_dpbusd_avx_epi32)
+
 /* R weight rows x M rows of x over the groups of columns [k0, k1), the products by RUN: each group's
  * int32 sums are kept (part), then turned to float 8 groups at a time, where the group scales and
  * offsets are contiguous: tot += (s * sx) * sums + z * xsum, lane by lane. */
-#define DEFINE_INT4_TILE(NAME, R, M, RUN)                                                           \
-    __attribute__((target("avx2,fma")))                                                             \
+#define DEFINE_INT4_TILE_FOR(TARGET, NAME, R, M, RUN)                                               \
+    __attribute__((target(TARGET)))                                                                 \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const int groups = (int)((k1 - k0) / d->group);                                             \
-        __m256i part[R][M][KC / 32];                                                                \
-        for (int gi = 0; gi < groups; gi++) {                                                       \
-            __m256i acc[R][M];                                                                      \
-            for (int r = 0; r < R; r++)                                                             \
-                for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_si256();                     \
-            const int64_t g0 = k0 + gi * d->group;                                                  \
-            RUN(R, M)                                                                               \
-            for (int r = 0; r < R; r++)                                                             \
-                for (int j = 0; j < M; j++) part[r][j][gi] = acc[r][j];                             \
-        }                                                                                           \
         const int64_t gfirst = k0 / d->group;                                                       \
         for (int c = 0; c < groups; c += 8) {                                                       \
             const int n = groups - c < 8 ? groups - c : 8;                                          \
+            __m256i part[R][M][8];                                                                  \
+            for (int gi = 0; gi < n; gi++) {                                                        \
+                __m256i acc[R][M];                                                                  \
+                for (int r = 0; r < R; r++)                                                         \
+                    for (int j = 0; j < M; j++) acc[r][j] = _mm256_setzero_si256();                 \
+                const int64_t g0 = k0 + (c + gi) * d->group;                                        \
+                RUN(R, M)                                                                           \
+                for (int r = 0; r < R; r++)                                                         \
+                    for (int j = 0; j < M; j++) part[r][j][gi] = acc[r][j];                         \
+            }                                                                                       \
             for (int r = 0; r < R; r++) {                                                           \
                 const int64_t p = (row + r) * x->groups + gfirst + c;                               \
                 const __m256 s = params8(d->scale, p, n, d->scale_bf16);                            \
@@ -263,25 +285,30 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
                     const int64_t q = j * x->groups + gfirst + c;                                   \
                     /* sum (q - 8) xq = sum q xq - 8 sum xq, exact in int32 */                   \
                     const __m256 sums = _mm256_cvtepi32_ps(_mm256_sub_epi32(                        \
-                        lane_sums8(part[r][j] + c, n), _mm256_slli_epi32(ints8(x->xqsum, q, n), 3))); \
+                        lane_sums8(part[r][j], n), _mm256_slli_epi32(ints8(x->xqsum, q, n), 3)));   \
                     __m256 t = _mm256_fmadd_ps(sums, _mm256_mul_ps(s, params8(x->sx, q, n, 0)), tot[r * MMAX + j]); \
                     tot[r * MMAX + j] = _mm256_fmadd_ps(z, params8(x->xsum, q, n, 0), t);        \
                 }                                                                                   \
             }                                                                                       \
         }                                                                                           \
     }
-DEFINE_INT4_TILE(int4_8x1, 8, 1, INT4_RUN_X16) DEFINE_INT4_TILE(int4_1x1, 1, 1, INT4_RUN_X16)
-DEFINE_INT4_TILE(int4_4x2, 4, 2, INT4_RUN_X16) DEFINE_INT4_TILE(int4_1x2, 1, 2, INT4_RUN_X16)
-DEFINE_INT4_TILE(int4_3x4, 3, 4, INT4_RUN_X16) DEFINE_INT4_TILE(int4_1x4, 1, 4, INT4_RUN_X16)
-DEFINE_INT4_TILE(int4x8_8x1, 8, 1, INT4_RUN_X8) DEFINE_INT4_TILE(int4x8_1x1, 1, 1, INT4_RUN_X8)
-DEFINE_INT4_TILE(int4x8_4x2, 4, 2, INT4_RUN_X8) DEFINE_INT4_TILE(int4x8_1x2, 1, 2, INT4_RUN_X8)
-DEFINE_INT4_TILE(int4x8_3x4, 3, 4, INT4_RUN_X8) DEFINE_INT4_TILE(int4x8_1x4, 1, 4, INT4_RUN_X8)
+#define DEFINE_INT4_TILES(TARGET, PREFIX, RUN)                                                      \
+    DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_8x1, 8, 1, RUN) DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_1x1, 1, 1, RUN) \
+    DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_4x2, 4, 2, RUN) DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_1x2, 1, 2, RUN) \
+    DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_3x4, 3, 4, RUN) DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_1x4, 1, 4, RUN)
+DEFINE_INT4_TILES("avx2,fma", int4, INT4_RUN_X16)
+DEFINE_INT4_TILES("avx2,fma", int4x8, INT4_RUN_X8)
+DEFINE_INT4_TILES("avx2,fma,avx512f,avx512vl,avx512vnni", int4x8evex, INT4_RUN_X8_AVX512VNNI)
+DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
 
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
-/* [0]: int16 x (any group), [1]: int8 x (groups that are multiples of 64) */
-static const int4_tile_fn INT4_TILES[2][6] = {
+/* [0]: int16 x (any group); int8 x (groups that are multiples of 64): [1] AVX2, [2] AVX512-VNNI,
+ * [3] AVX-VNNI (the same sums: results are equal bit for bit) */
+static const int4_tile_fn INT4_TILES[4][6] = {
     {int4_8x1, int4_4x2, int4_3x4, int4_1x1, int4_1x2, int4_1x4},
     {int4x8_8x1, int4x8_4x2, int4x8_3x4, int4x8_1x1, int4x8_1x2, int4x8_1x4},
+    {int4x8evex_8x1, int4x8evex_4x2, int4x8evex_3x4, int4x8evex_1x1, int4x8evex_1x2, int4x8evex_1x4},
+    {int4x8vex_8x1, int4x8vex_4x2, int4x8vex_3x4, int4x8vex_1x1, int4x8vex_1x2, int4x8vex_1x4},
 };
 
 /* x rounded per group of each row, with each group's step, float sum and integer sum: to int8
@@ -336,25 +363,33 @@ static float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* 1 when this CPU runs the kernels (AVX2 + FMA), else 0. */
+/* The instruction sets this CPU runs: 0 none (the kernels need AVX2 + FMA), 1 AVX2 + FMA, 2 also
+ * AVX512-VNNI with VL, 3 also AVX-VNNI (and not the former). */
 int mllama_gemm_small_level(void) {
     __builtin_cpu_init();
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+    if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) return 0;
+    if (__builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl")) return 2;
+    if (__builtin_cpu_supports("avxvnni")) return 3;
+    return 1;
 }
 
 /* x: (m, k) float32, m in 1..MMAX and even unless 1 (the caller pads with zero rows); for int4 k is
- * the padded row length. Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+ * the padded row length. level: the instruction set (mllama_gemm_small_level's numbers; 1 forces the
+ * AVX2 path, for tests). Returns 0, or -1 for arguments the kernel does not take (or no memory). */
 __attribute__((target("avx2,fma")))
 int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, const void *w,
                       const void *scale, const void *offset, int scale_bf16, int64_t group, float *out,
-                      int threads) {
+                      int threads, int level) {
     if (fmt < 0 || fmt > 2 || m < 1 || m > MMAX || (m > 1 && m % 2) || n < 1 || k < 1) return -1;
+    if (level < 1 || level > 3) return -1;
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || group > 256 || k % group)) return -1;
     /* int4 turns its sums to float 8 groups at a time: blocks of at least 8 groups */
-    const int64_t kc = fmt == FMT_INT4 && 8 * group > KC ? 8 * group : KC;
+    /* int4 blocks hold whole groups, at least 8 (its sums turn to float 8 groups at a time) */
+    const int64_t kc = fmt != FMT_INT4 ? KC : KC < 8 * group ? 8 * group : KC / group * group;
     const wdesc d = {w, scale, offset, k, group, scale_bf16};
     xdesc xd = {0};
     const int x8 = fmt == FMT_INT4 && group % 64 == 0;
+    const int path = x8 ? level : 0;
     if (fmt == FMT_INT4) {
         xd.groups = k / group;
         void *xq = malloc((size_t)(m * k) * (x8 ? sizeof(int8_t) : sizeof(int16_t)));
@@ -393,9 +428,9 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                     const xdesc xj = {x8 ? NULL : xd.xq + j0 * k, x8 ? xd.xq8 + j0 * k : NULL, xd.sx + j0 * xd.groups,
                                       xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups};
                     for (; r + wide <= rows; r += wide)
-                        INT4_TILES[x8][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                     for (; r < rows; r++)
-                        INT4_TILES[x8][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else {
                     for (; r + wide <= rows; r += wide)
                         TILES[fmt][kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
