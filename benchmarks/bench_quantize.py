@@ -101,7 +101,7 @@ def kernels(n: int, k: int, rounds: int) -> None:
               flush=True)
 
 
-def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
+def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int]) -> None:
     from mllama.config import MllamaTextConfig
     from mllama.linear import apply_cpu_kernels
     from mllama.model import MllamaForCausalLM
@@ -127,6 +127,7 @@ def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
         models[name] = quantize_model(copy.deepcopy(base, shared), config_)
     prompt = torch.randint(0, 128000, (1, 16), generator=gen)
     rates = {name: [] for name in models}
+    ttfts = {(name, n): [] for name in models for n in prompt_tokens}
     for _ in range(rounds):
         for name, model in models.items():
             start = time.perf_counter()
@@ -135,10 +136,17 @@ def decode_bench(layers: int, new_tokens: int, rounds: int) -> None:
             start = time.perf_counter()
             model.generate(prompt, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0)
             rates[name].append(new_tokens / (time.perf_counter() - start - first))
+            for n in prompt_tokens:  # a fresh prompt each time: nothing cached
+                fresh = torch.randint(0, 128000, (1, n), generator=gen)
+                start = time.perf_counter()
+                model.generate(fresh, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
+                ttfts[name, n].append(time.perf_counter() - start)
     base_rate = max(rates["bf16"])
     print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, best of {rounds} interleaved rounds")
     for name, r in rates.items():
-        print(f"  {name}: {max(r):.2f} tok/s ({max(r) / base_rate:.2f}x bf16); all rounds {[round(v, 2) for v in r]}")
+        ttft = ", ".join(f"TTFT {n} tokens {min(ttfts[name, n]) * 1e3:.0f} ms "
+                         f"({min(ttfts[name, n]) / min(ttfts['bf16', n]):.2f}x bf16)" for n in prompt_tokens)
+        print(f"  {name}: {max(r):.2f} tok/s ({max(r) / base_rate:.2f}x bf16); all rounds {[round(v, 2) for v in r]}; {ttft}")
 
 
 def main() -> None:
@@ -153,6 +161,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, nargs="*", default=[32, 300],
+                        help="decode: also the time to first token of fresh prompts of these lengths")
     parser.add_argument("--n", type=int, default=14336)
     parser.add_argument("--k", type=int, default=4096)
     args = parser.parse_args()
@@ -161,7 +171,7 @@ def main() -> None:
     elif args.what == "kernels":
         kernels(args.n, args.k, args.rounds)
     else:
-        decode_bench(args.layers, args.new_tokens, args.rounds)
+        decode_bench(args.layers, args.new_tokens, args.rounds, args.prompt_tokens)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 from mllama import cpu_kernels
 from mllama.cli import main as cli_main
+from mllama.linear import cpu_has_native_bf16
 from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
 from mllama.quantize import (Int4Linear, Int8Linear, QuantizationConfig, dequantize_model, quantize_int4,
                              quantize_model, quantize_weight, resolve_quantization)
@@ -82,7 +83,8 @@ def test_quantization_error_is_within_half_a_step(mode, group, n, k):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
     """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile;
-    1..32 rows go through the kernel, 33 rows and autograd through dequantize + F.linear."""
+    1..32 rows go through the kernel (bf16 x on a CPU with native bf16: fewer), more rows through the
+    blocked dequantize + GEMM, autograd through dequantize + F.linear."""
     _, q = _quantized_linear(mode, n, k, group_size=group, dtype=dtype, bias=True, seed=3)
     w = _reference_weight(q)
     gen = torch.Generator().manual_seed(n * k)
@@ -90,11 +92,13 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         x = torch.randn(rows, k, generator=gen).to(dtype)
         ref = x.double() @ w.T + q.bias.double()
         bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
-        if rows <= cpu_kernels.MAX_QUANT_ROWS:
+        kernel = q._use_kernel(x)  # else the blocked dequantize + GEMM (fewer rows with native bf16)
+        assert kernel == (rows <= cpu_kernels.MAX_QUANT_ROWS) or dtype == torch.bfloat16
+        if kernel:
             bound = bound + _x_rounding_bound(q, x)
         if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
             bound = bound + ref.abs() * 2**-7 + q.bias.double().abs() * 2**-8
-            if rows > cpu_kernels.MAX_QUANT_ROWS:  # prefill: the weight itself is dequantized to bf16
+            if not kernel:  # prefill: the weight itself may be dequantized to bf16
                 bound = bound + 2**-8 * (x.double().abs() @ w.abs().T)
         with torch.no_grad():
             out = q(x)
@@ -309,6 +313,31 @@ def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
         assert torch.equal(vnni, avx2), f"{rows} rows"
     with pytest.raises(RuntimeError, match="level 7 not available"):
         cpu_kernels.small_gemm(*args, group_size=group, level=7)
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
+    """Prefill rows dequantize the weight a block of output rows at a time (here 16, the last block
+    short) into one buffer; the product equals F.linear over the whole dequantized weight."""
+    monkeypatch.setattr(cpu_kernels, "PREFILL_BLOCK_BYTES", 1)  # the smallest block: 16 rows
+    _, q = _quantized_linear(mode, 50, 200, group_size=64, dtype=dtype, bias=True, seed=5)
+    blocks = []
+    original = type(q)._dequantize_rows
+    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, out: blocks.append((r0, r1)) or
+                        original(self, r0, r1, out))
+    x = torch.randn(2, 20, 200).to(dtype)
+    with torch.no_grad():
+        out = q(x)
+        compute = torch.float32 if dtype == torch.float32 or not cpu_has_native_bf16() else dtype
+        expected = (F.linear(x.to(compute), q.dequantize(compute)) + q.bias.to(compute)).to(dtype)
+    assert blocks == [(0, 16), (16, 32), (32, 48), (48, 50)]
+    assert out.shape == (2, 20, 50) and out.dtype == dtype
+    torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
+    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, out: None)  # declined: whole weight
+    with torch.no_grad():
+        torch.testing.assert_close(q(x), expected, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
 
 
 def test_int4_packing_layout_is_the_documented_one():

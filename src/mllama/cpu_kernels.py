@@ -24,6 +24,7 @@ import mmap
 import os
 import platform
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -210,15 +211,16 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, group_size: int,
-                    in_features: int, dtype: torch.dtype) -> torch.Tensor | None:
+                    in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
     """int4 weights (see csrc/gemm_small.c) -> (N, in_features) float32 or bf16, equal to the torch
-    reference quantize.dequantize_int4; None where the kernel does not run (then use that)."""
+    reference quantize.dequantize_int4 (into `out`, contiguous, if given); None where the kernel does
+    not run (then use that)."""
     if (not quant_kernels_available() or dtype not in (torch.float32, torch.bfloat16) or packed.device.type != "cpu"
             or scale.dtype != offset.dtype or scale.dtype not in (torch.float32, torch.bfloat16)):
         return None
     packed, scale, offset = packed.contiguous(), scale.contiguous(), offset.contiguous()
     n = packed.shape[0]
-    out = torch.empty(n, in_features, dtype=dtype)
+    out = _output(out, (n, in_features), dtype)
     rc = _small.mllama_dequant_int4(packed.data_ptr(), scale.data_ptr(), offset.data_ptr(),
                                     int(scale.dtype == torch.bfloat16), n, packed.shape[1] * 2, group_size,
                                     in_features, out.data_ptr(), int(dtype == torch.bfloat16),
@@ -228,19 +230,61 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     return out
 
 
-def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype) -> torch.Tensor | None:
+def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype,
+                    out: torch.Tensor | None = None) -> torch.Tensor | None:
     """int8 weights (N, K) with per-row scales -> float32 or bf16, equal to the torch reference
-    quantize.dequantize_int8; None where the kernel does not run (then use that)."""
+    quantize.dequantize_int8 (into `out`, contiguous, if given); None where the kernel does not run
+    (then use that)."""
     if (not quant_kernels_available() or dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu"
             or scale.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.int8):
         return None
     weight, scale = weight.contiguous(), scale.contiguous()
-    out = torch.empty(weight.shape, dtype=dtype)
+    out = _output(out, tuple(weight.shape), dtype)
     rc = _small.mllama_dequant_int8(weight.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
                                     weight.shape[0], weight.shape[1], out.data_ptr(), int(dtype == torch.bfloat16),
                                     torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"dequantize_int8: the kernel refused a weight of shape {tuple(weight.shape)}")
+    return out
+
+
+def _output(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    if out is None:
+        return torch.empty(shape, dtype=dtype)
+    if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"dequantize: out must be a contiguous CPU {dtype} tensor of shape {shape}, "
+                         f"got {out.dtype} {tuple(out.shape)}")
+    return out
+
+
+# The weight block each GEMM of blocked_product takes: small enough to stay in cache between its
+# dequantization and its product.
+PREFILL_BLOCK_BYTES = 4 * 2**20
+
+
+def blocked_product(x: torch.Tensor, out_features: int,
+                    dequantize_rows: Callable[[int, int, torch.Tensor], torch.Tensor | None], *,
+                    compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """(M, K) x -> (M, N) = x @ W.T in compute_dtype, W dequantized a block of rows at a time by
+    `dequantize_rows(r0, r1, out)` (None: it cannot) into one reused buffer, each block through the
+    library GEMM. Dequantizing W whole would write (and page in) the full float weight every forward;
+    blocks stay in cache. None where dequantize_rows declines."""
+    m, k = x.shape
+    x = x.to(compute_dtype).contiguous()
+    block = max(16, PREFILL_BLOCK_BYTES // (k * compute_dtype.itemsize) // 16 * 16)
+    block = min(block, out_features)
+    scratch = torch.empty(block, k, dtype=compute_dtype)
+    part = torch.empty(m, block, dtype=compute_dtype)
+    out = torch.empty(m, out_features, dtype=compute_dtype)
+    for r0 in range(0, out_features, block):
+        r1 = min(out_features, r0 + block)
+        w = dequantize_rows(r0, r1, scratch[:r1 - r0])
+        if w is None:
+            return None
+        if r1 - r0 == block:
+            out[:, r0:r1] = torch.mm(x, w.T, out=part)
+        else:
+            out[:, r0:r1] = x @ w.T
     return out
 
 

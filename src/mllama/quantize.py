@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama import cpu_kernels
-from mllama.linear import swap_linears
+from mllama.linear import cpu_has_native_bf16, swap_linears
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -182,7 +182,13 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 # ----------------------------------------------------------------------------------------------
 # The modules swapped in for nn.Linear.
 
+# On a CPU with native bf16, the blocked dequantize + GEMM overtakes the small-row kernels from about
+# this many rows of bf16 x (benchmarks/RESULTS.md); elsewhere they win up to MAX_QUANT_ROWS.
+NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 20}
+
+
 class _QuantizedLinear(nn.Module):
+    mode: str
     in_features: int
     out_features: int
     bias: nn.Parameter | None
@@ -191,18 +197,43 @@ class _QuantizedLinear(nn.Module):
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device),
                                  requires_grad=False) if bias else None
 
-    def _use_kernel(self, x: torch.Tensor) -> bool:
+    def _on_cpu_kernels(self, x: torch.Tensor) -> bool:
         scale = self.weight_scale
         return (x.device.type == "cpu" and scale.device.type == "cpu" and x.is_floating_point()
                 and scale.dtype in (torch.float32, torch.bfloat16)
-                and 0 < x.shape[:-1].numel() <= cpu_kernels.MAX_QUANT_ROWS
                 and not (torch.is_grad_enabled() and x.requires_grad) and cpu_kernels.quant_kernels_available())
+
+    def _use_kernel(self, x: torch.Tensor) -> bool:
+        """The small-row kernels: up to MAX_QUANT_ROWS rows, fewer for bf16 x where the CPU has native bf16."""
+        rows = x.shape[:-1].numel()
+        limit = cpu_kernels.MAX_QUANT_ROWS
+        if x.dtype == torch.bfloat16 and cpu_has_native_bf16():
+            limit = NATIVE_BF16_KERNEL_ROWS[self.mode]
+        return 0 < rows <= limit and self._on_cpu_kernels(x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.product(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias: the small-row kernel, else the blocked dequantize + GEMM, else
+        (autograd, torch.compile, no kernels) F.linear over the whole dequantized weight."""
+        if self._use_kernel(x):
+            return self._kernel_product(x)
+        if x.shape[:-1].numel() > 0 and not torch.compiler.is_compiling() and self._on_cpu_kernels(x):
+            # bf16 GEMMs are slow on a CPU without native bf16 (and fp16 on most): those go in float32
+            native = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())
+            out = cpu_kernels.blocked_product(x.reshape(-1, self.in_features), self.out_features,
+                                              self._dequantize_rows, compute_dtype=x.dtype if native else torch.float32)
+            if out is not None:
+                return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.dequantize(x.dtype))
+
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor | None:
+        """Output rows r0:r1 of the dequantized weight into `out` by the C dequantizer (None: not here)."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
@@ -224,6 +255,8 @@ class _QuantizedLinear(nn.Module):
 class Int8Linear(_QuantizedLinear):
     """Weight-only int8 linear (symmetric per output channel); see the module docstring."""
 
+    mode = "int8"
+
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype,
                  device: torch.device | str | None = None) -> None:
         super().__init__()
@@ -232,11 +265,11 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
         self._init_bias(bias, dtype, device)
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T without the bias."""
-        if self._use_kernel(x):
-            return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
-        return F.linear(x, self.dequantize(x.dtype))
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
+
+    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor | None:
+        return cpu_kernels.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=out.dtype, out=out)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.weight_scale.dtype
@@ -249,6 +282,8 @@ class Int8Linear(_QuantizedLinear):
 
 class Int4Linear(_QuantizedLinear):
     """Weight-only int4 linear (asymmetric, per group along K); see the module docstring."""
+
+    mode = "int4"
 
     def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype: torch.dtype, group_size: int,
                  device: torch.device | str | None = None) -> None:
@@ -263,12 +298,13 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=dtype, device=device))
         self._init_bias(bias, dtype, device)
 
-    def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T without the bias."""
-        if self._use_kernel(x):
-            return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset,
-                                           self.group_size)
-        return F.linear(x, self.dequantize(x.dtype))
+    def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)
+
+    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor | None:
+        return cpu_kernels.dequantize_int4(self.weight_packed[r0:r1], self.weight_scale[r0:r1],
+                                           self.weight_offset[r0:r1], group_size=self.group_size,
+                                           in_features=self.in_features, dtype=out.dtype, out=out)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         dtype = dtype or self.weight_scale.dtype
