@@ -226,3 +226,21 @@ def test_bf16_conv_runs_in_float32_without_native_bf16(monkeypatch):
     with torch.no_grad():
         model(x)
     assert calls == [torch.float32, torch.bfloat16]  # with native bf16: torch's own bf16 convolution
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 4099])
+def test_count_not_finite_equals_torch(dtype, n):
+    from mllama import cpu_kernels
+
+    if cpu_kernels.count_not_finite(torch.zeros(1)) is None:
+        pytest.skip("csrc/finite.c does not run here")
+    gen = torch.Generator().manual_seed(n)
+    x = (torch.randn(n, generator=gen) * 100).to(dtype)
+    top = torch.finfo(dtype).max
+    for i in torch.randperm(n, generator=gen)[: max(1, n // 7)].tolist():
+        x[i] = [float("nan"), float("inf"), -float("inf"), top, -top][i % 5]  # the largest finite ones too
+    x[-1] = float("nan")  # the scalar tail
+    assert cpu_kernels.count_not_finite(x) == int((~torch.isfinite(x)).sum())
+    if n > 1:
+        assert cpu_kernels.count_not_finite(x[::2]) is None  # not contiguous: the caller counts with torch

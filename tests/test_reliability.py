@@ -569,11 +569,25 @@ def test_nan_weights_are_refused_at_load(tmp_path):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
 
 
-def test_nan_weights_are_counted_across_check_chunks(tmp_path, monkeypatch):
-    """The load-time check runs in bounded chunks (a whole-embedding isfinite was gigabytes of
-    temporaries): values in any chunk, the last partial one included, are found and counted."""
+def _finite_counter(which: str, monkeypatch) -> None:
+    """Pick the load-time check's counter: csrc/finite.c ("kernel") or the chunked torch fallback."""
+    import mllama.checks
+    from mllama import cpu_kernels
+
+    if which == "torch":
+        monkeypatch.setattr(mllama.checks, "count_not_finite", lambda tensor: None)
+    elif cpu_kernels.count_not_finite(torch.zeros(1)) is None:
+        pytest.skip("csrc/finite.c does not run here")
+
+
+@pytest.mark.parametrize("which", ["kernel", "torch"])
+def test_nan_weights_are_counted_across_check_chunks(tmp_path, monkeypatch, which):
+    """The load-time check counts in one C pass, or (without it) in bounded torch chunks (a
+    whole-embedding isfinite was gigabytes of temporaries): values in any chunk, the last partial one
+    included, are found and counted."""
     import mllama.checks
 
+    _finite_counter(which, monkeypatch)
     broken = _model()
     embed = broken.model.language_model.embed_tokens.weight
     with torch.no_grad():
@@ -586,11 +600,13 @@ def test_nan_weights_are_counted_across_check_chunks(tmp_path, monkeypatch):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
 
 
-def test_huge_finite_weights_are_not_mistaken_for_nan():
-    """The check's one-pass float32 sum overflows on values near float32's limit; the exact count
-    then finds nothing wrong, and the model is accepted."""
+@pytest.mark.parametrize("which", ["kernel", "torch"])
+def test_huge_finite_weights_are_not_mistaken_for_nan(monkeypatch, which):
+    """The torch check's one-pass float32 sum overflows on values near float32's limit; the exact count
+    then finds nothing wrong, and the model is accepted (the C counter looks at exponent bits only)."""
     from mllama.checks import check_finite_parameters
 
+    _finite_counter(which, monkeypatch)
     model = _model()
     with torch.no_grad():
         model.model.language_model.norm.weight.fill_(3e38)  # 64 of them: the sum is inf

@@ -33,11 +33,13 @@ from mllama.kernel_cache import build_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
+FINITE_SOURCE = Path(__file__).parent / "csrc" / "finite.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
 MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
 
 _lib: ctypes.CDLL | None = None
 _small: ctypes.CDLL | None = None
+_finite: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
 _tried = False
@@ -50,13 +52,14 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _level, _small_level, _tried
+    global _lib, _small, _finite, _level, _small_level, _tried
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
     try:
         lib = ctypes.CDLL(str(_build(SOURCE)))
         small = ctypes.CDLL(str(_build(SMALL_SOURCE)))
+        finite = ctypes.CDLL(str(_build(FINITE_SOURCE)))
     except (OSError, RuntimeError) as err:
         warnings.warn(f"mllama: decode kernels unavailable, using F.linear ({err})", RuntimeWarning,
                       stacklevel=3)
@@ -73,6 +76,9 @@ def _load() -> None:
     small.mllama_dequant_int8.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int8.restype = ctypes.c_int
+    finite.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    finite.mllama_count_nonfinite.restype = ctypes.c_int64
+    _finite = finite
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
     _small_level = small.mllama_gemm_small_level()
@@ -158,6 +164,21 @@ def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> tor
 @gemv_bf16.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+
+_FINITE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
+
+
+def count_not_finite(tensor: torch.Tensor) -> int | None:
+    """The number of NaN and infinite values of a contiguous CPU bf16, fp16 or float32 tensor, read
+    once at memory speed by csrc/finite.c; None where that does not run (then count with torch)."""
+    if not _tried:
+        _load()
+    kind = _FINITE_KINDS.get(tensor.dtype)
+    if _finite is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+        return None
+    count = _finite.mllama_count_nonfinite(tensor.data_ptr(), tensor.numel(), kind, torch.get_num_threads())
+    return None if count < 0 else int(count)
 
 
 def quant_kernels_available() -> bool:
