@@ -175,9 +175,12 @@ def test_in_memory_layout_loads(hf_model, hf_dirs, inputs, reference, tmp_path):
 
 
 def test_causal_lm_from_full_checkpoint_skips_vision(hf_model, hf_dirs, inputs, monkeypatch):
-    read = []
-    original = weights._read_into
-    monkeypatch.setattr(weights, "_read_into", lambda handle, info, out: read.append(info) or original(handle, info, out))
+    read = set()  # (file, offset) of each tensor read or mapped
+    original_read, original_map = weights._read_into, weights._mapped
+    monkeypatch.setattr(weights, "_read_into", lambda handle, info, out: read.add((info.file, info.offset))
+                        or original_read(handle, info, out))
+    monkeypatch.setattr(weights, "_mapped", lambda maps, info: read.add((info.file, info.offset))
+                        or original_map(maps, info))
     model = MllamaForCausalLM.from_pretrained(hf_dirs["sharded"])
     names = [n for n, _ in model.named_parameters()]
     assert not any("vision" in n or "projector" in n for n in names)
@@ -339,3 +342,49 @@ def test_progress_bar_and_bad_class(hf_dirs, capsys):
     assert "Loading weights" not in capsys.readouterr().err
     with pytest.raises(TypeError, match="MllamaForCausalLM"):
         weights.load_pretrained(torch.nn.Linear, hf_dirs["single"])
+
+
+def test_weights_are_mapped_copy_on_write_and_saving_back_is_safe(hf_dirs, inputs, reference, tmp_path):
+    """Tensors kept as stored are views of their files (mmap=True, the default): equal to a read load,
+    written copy-on-write (the file keeps its bytes), and saving the model back into the directory it
+    is mapped from replaces the files by rename, leaving the loaded model intact."""
+    directory = tmp_path / "ckpt"
+    shutil.copytree(hf_dirs["single"], directory)
+    mapped = MllamaForConditionalGeneration.from_pretrained(directory)
+    read = MllamaForConditionalGeneration.from_pretrained(directory, mmap=False)
+    maps = Path("/proc/self/maps")
+    if maps.is_file():
+        text = maps.read_text()
+        assert str((directory / "model.safetensors").resolve()) in text
+    for (name, a), b in zip(mapped.state_dict().items(), read.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert (our_logits(mapped, inputs) - reference).abs().max() <= TOL
+    on_disk = load_file(directory / "model.safetensors")
+    norm = mapped.model.language_model.norm.weight
+    with torch.no_grad():
+        norm.mul_(2)  # copy-on-write: the file is not written
+    assert torch.equal(load_file(directory / "model.safetensors")["language_model.model.norm.weight"],
+                       on_disk["language_model.model.norm.weight"])
+    logits = our_logits(mapped, inputs)
+    mapped.save_pretrained(directory)
+    assert torch.equal(our_logits(mapped, inputs), logits)  # still mapped from the replaced file
+    again = MllamaForConditionalGeneration.from_pretrained(directory)
+    assert torch.equal(again.model.language_model.norm.weight, norm)
+
+
+def test_unmappable_tensors_are_read(tmp_path):
+    """An offset that is not a multiple of the element size cannot be viewed as the dtype: read it
+    instead; a tensor past the end of its file is named as a truncated checkpoint."""
+    from mllama.safetensors_io import TensorInfo
+
+    file = tmp_path / "raw.bin"
+    file.write_bytes(bytes(range(64)))
+    maps = {}
+    odd = TensorInfo(file=file, offset=3, nbytes=8, dtype=torch.float32, shape=(2,))
+    assert weights._mapped(maps, odd) is None
+    good = TensorInfo(file=file, offset=8, nbytes=16, dtype=torch.int16, shape=(2, 4))
+    expected = torch.frombuffer(bytearray(range(8, 24)), dtype=torch.int16).view(2, 4)
+    assert torch.equal(weights._mapped(maps, good), expected)
+    past = TensorInfo(file=file, offset=56, nbytes=16, dtype=torch.int16, shape=(8,))
+    with pytest.raises(CorruptCheckpointError, match="ended early"):
+        weights._mapped(maps, past)

@@ -207,7 +207,7 @@ class _PretrainedMixin(TrainingSurfaceMixin):
                         token: str | bool | None = None, cache_dir: str | os.PathLike | None = None,
                         local_files_only: bool = False, force_download: bool = False, max_memory: Any = None,
                         use_safetensors: bool | None = None, trust_remote_code: bool | None = None,
-                        tp_plan: str | None = None, tp_size: int | None = None):
+                        tp_plan: str | None = None, tp_size: int | None = None, mmap: bool = True):
         """Load a checkpoint directory or hub repo id (see weights.load_pretrained). quantization:
         'int8' or 'int4' (or a mllama.quantize.QuantizationConfig) quantizes the linears while
         loading; quantization_config takes the same as a dict or a transformers-style config.
@@ -220,7 +220,8 @@ class _PretrainedMixin(TrainingSurfaceMixin):
 
         tp_plan="auto" (as transformers, under torchrun): joins the process group torchrun describes
         and loads this rank's slices of the model (mllama.tp_load); tp_size, if given, must equal
-        the world size."""
+        the world size. mmap=False reads the weights into memory the process owns instead of mapping
+        the files copy-on-write (see mllama.weights)."""
         from mllama.quantize import resolve_quantization
         from mllama.weights import load_pretrained
 
@@ -245,7 +246,7 @@ class _PretrainedMixin(TrainingSurfaceMixin):
             return model
         model = load_pretrained(cls, path, dtype=dtype if dtype is not None else torch_dtype, device=options.device,
                                 revision=revision, progress=progress, quantization=quant, config=config,
-                                hub=options.hub)
+                                hub=options.hub, mmap=mmap)
         model.name_or_path = str(path)
         return model
 

@@ -2,15 +2,19 @@
 
 Loading builds the model on the meta device and fills every parameter straight from the files, so
 the weights are held in memory once; a weight quantized on load is read a chunk of rows at a time,
-so its float form is never held whole. Tensors are read with plain file reads into memory we own
-rather than taken as safetensors' mmap views: such views keep every touched page of the shard
-mapped (and counted in RSS), and they silently change or crash (SIGBUS) when the checkpoint is
-later overwritten in place, e.g. by saving the model back to the directory it came from.
+so its float form is never held whole. A tensor kept as stored (CPU, same dtype) is mapped from its
+file, copy-on-write (`mmap=True`, the default): its pages are the page cache's, so loading costs no
+copy (and, on a VM, none of the first-touch faults of fresh memory), and writing to it copies only
+the pages written. mllama's own saves put files in place by rename, so saving the model back into
+the directory it came from is safe; a program that rewrites the checkpoint files in place while a
+model is mapped from them changes its weights or crashes it (SIGBUS), as with transformers' mapped
+loads. `mmap=False` reads into memory the process owns instead.
 """
 
 from __future__ import annotations
 
 import json
+import mmap as _mmap
 import os
 import re
 from dataclasses import dataclass
@@ -231,11 +235,28 @@ class _FileRows:
 TRIM_EVERY_BYTES = 32 * 2**20  # of converted tensors, between two trims of the C heap
 
 
+def _mapped(maps: dict[Path, _mmap.mmap], info: TensorInfo) -> torch.Tensor | None:
+    """The tensor as a copy-on-write view of its file, or None where its bytes cannot be viewed as
+    its dtype (empty, or an offset that is not a multiple of the element size)."""
+    if info.nbytes == 0 or info.offset % info.dtype.itemsize:
+        return None
+    if info.file not in maps:
+        with open(info.file, "rb") as file:  # the mapping outlives the descriptor
+            maps[info.file] = _mmap.mmap(file.fileno(), 0, access=_mmap.ACCESS_COPY)
+    mapping = maps[info.file]
+    if info.offset + info.nbytes > len(mapping):
+        raise CorruptCheckpointError(f"{info.file} ended early (was it modified while loading?)")
+    numel = info.nbytes // info.dtype.itemsize
+    return torch.frombuffer(mapping, dtype=info.dtype, count=numel, offset=info.offset).view(info.shape)
+
+
 def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: torch.device,
-                 progress: bool | None, convert: ConvertHook | None = None) -> dict[str, torch.Tensor]:
+                 progress: bool | None, convert: ConvertHook | None = None,
+                 map_files: bool = True) -> dict[str, torch.Tensor]:
     """Read every planned tensor. `convert` (the load-time transform's per-tensor hook) turns each
     tensor just read into the tensors the model holds instead, e.g. a float weight into its int4
-    form, so the unconverted tensors never accumulate."""
+    form, so the unconverted tensors never accumulate. map_files: tensors kept as stored are views
+    of their files (see the module docstring)."""
     from tqdm.auto import tqdm
 
     def target_dtype(info: TensorInfo) -> torch.dtype:
@@ -257,6 +278,7 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
     staging = torch.empty(max(staged, default=0), dtype=torch.uint8,
                           pin_memory=device.type == "cuda" and torch.cuda.is_available())
     state: dict[str, torch.Tensor] = {}
+    maps: dict[Path, _mmap.mmap] = {}  # kept alive by the tensors viewing them, not by this dict
     handle, current = None, None
     converted = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not show) as bar:
@@ -269,7 +291,9 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                 if by_rows(name, info):
                     tensor = _FileRows(handle, info, target_dtype(info))
                 elif device.type == "cpu" and target_dtype(info) == info.dtype:
-                    tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
+                    tensor = _mapped(maps, info) if map_files else None
+                    if tensor is None:
+                        tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
                 else:
                     raw = _read_into(handle, info, staging[:info.nbytes]).view(info.dtype).view(info.shape)
                     tensor = raw.to(device=device, dtype=target_dtype(info), copy=True)
@@ -336,7 +360,7 @@ def _checkpoint_quantization(raw_config: dict[str, Any], config: Any, source: Pa
 def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | str | None = None,
                     device: torch.device | str = "cpu", revision: str | None = None,
                     progress: bool | None = None, quantization: QuantizationConfig | None = None,
-                    config: Any = None, hub: Mapping[str, Any] | None = None) -> Any:
+                    config: Any = None, hub: Mapping[str, Any] | None = None, mmap: bool = True) -> Any:
     """Load MllamaForConditionalGeneration or MllamaForCausalLM from a directory or hub repo id.
 
     dtype: None or 'auto' as in transformers 5.x: the config's dtype (bfloat16 for the published
@@ -347,7 +371,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     it is read, so the float model is never held whole). A checkpoint saved quantized loads as such.
     Plain linears get the CPU decode kernel (linear.apply_cpu_kernels).
     config: a config (MllamaConfig, or anything with to_dict()) used instead of the checkpoint's
-    config.json, as transformers' `config=`. hub: see resolve_checkpoint_dir.
+    config.json, as transformers' `config=`. hub: see resolve_checkpoint_dir. mmap: tensors kept
+    as stored are mapped from their files, copy-on-write (see the module docstring); False reads them.
     """
     from mllama.checks import check_finite_parameters
     from mllama.devices import check_device
@@ -355,7 +380,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     device = check_device(device)  # before anything is read or allocated
     directory = resolve_checkpoint_dir(path, revision=revision, hub=hub)
     setup = prepare_model(cls, directory, dtype=dtype, quantization=quantization, config=config, who="load_pretrained")
-    state = _materialise(setup.plan, dtype=setup.dtype, device=device, progress=progress, convert=setup.convert)
+    state = _materialise(setup.plan, dtype=setup.dtype, device=device, progress=progress, convert=setup.convert,
+                         map_files=mmap)
     model = setup.model
     model.load_state_dict(state, strict=True, assign=True)
     check_finite_parameters(model, source=directory)
