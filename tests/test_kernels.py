@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import platform
+import shutil
 import subprocess
 import sys
 import warnings
@@ -244,3 +247,19 @@ def test_count_not_finite_equals_torch(dtype, n):
     assert cpu_kernels.count_not_finite(x) == int((~torch.isfinite(x)).sum())
     if n > 1:
         assert cpu_kernels.count_not_finite(x[::2]) is None  # not contiguous: the caller counts with torch
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("gcc") or shutil.which("cc"))
+                    or bool(os.environ.get("MLLAMA_NO_KERNELS")), reason="the kernels are built on x86-64 with a C compiler")
+def test_every_kernel_builds_and_loads_here():
+    """A C file that stops compiling would only warn and fall back to torch (and the kernel tests would
+    skip): on a machine that can build them, every library must load."""
+    import ctypes
+
+    from mllama.kernel_cache import build_kernel
+
+    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.FINITE_SOURCE):
+        ctypes.CDLL(str(build_kernel(source)))  # raises KernelCacheError with the compiler's message
+    assert cpu_kernels.count_not_finite(torch.zeros(1)) == 0
+    if cpu_kernels._small_level:  # AVX2 + FMA here: every kernel in use
+        assert cpu_kernels.gemv_available() and cpu_kernels.quant_kernels_available()

@@ -373,11 +373,13 @@ def test_quantize_on_load_hands_conversion_temporaries_back(tmp_path, monkeypatc
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k,group", [(7, 33, 32), (64, 4096, 64), (5, 200, 64), (3, 300, 128), (9, 256, 256)])
-def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, group, monkeypatch):
+@pytest.mark.parametrize("n,k,group", [(7, 33, 32), (64, 4096, 64), (5, 200, 64), (3, 300, 128), (9, 256, 256), (4, 90, 32)])
+@pytest.mark.parametrize("level", [0, 1])
+def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, group, level, monkeypatch):
     """Prefill and vision dequantize int4 weights in C (csrc/gemm_small.c): bit for bit the torch
-    reference (multiply then add, rounded to bf16 to nearest even), padded rows cut to in_features;
-    Int4Linear uses it outside autograd, and the torch reference with autograd."""
+    reference (multiply then add, rounded to bf16 to nearest even), padded rows cut to in_features,
+    with AVX-512 BF16 where the CPU has it (level 0) and AVX2 (level 1); Int4Linear uses it outside
+    autograd, and the torch reference with autograd."""
     if not cpu_kernels.quant_kernels_available():
         pytest.skip("no AVX2 kernels on this machine")
     from mllama.quantize import dequantize_int4
@@ -386,7 +388,7 @@ def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, 
     q = quantize_int4((torch.randn(n, k, generator=gen) * 0.02).to(scale_dtype), group_size=group)
     args = (q["weight_packed"], q["weight_scale"], q["weight_offset"])
     ref = dequantize_int4(*args, in_features=k, dtype=out_dtype)
-    got = cpu_kernels.dequantize_int4(*args, group_size=group, in_features=k, dtype=out_dtype)
+    got = cpu_kernels.dequantize_int4(*args, group_size=group, in_features=k, dtype=out_dtype, level=level)
     assert got.dtype == out_dtype and got.shape == (n, k) and torch.equal(got, ref)
     module = Int4Linear(k, n, bias=False, dtype=scale_dtype, group_size=group)
     module.weight_packed, module.weight_scale, module.weight_offset = args
@@ -400,8 +402,9 @@ def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, 
 
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("n,k", [(7, 33), (64, 4096), (5, 3)])
-def test_c_int8_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k):
+@pytest.mark.parametrize("n,k", [(7, 33), (64, 4096), (5, 3), (3, 47)])
+@pytest.mark.parametrize("level", [0, 1])
+def test_c_int8_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, level):
     """The same for int8 (a tail of k % 8 columns included); Int8Linear uses it outside autograd."""
     if not cpu_kernels.quant_kernels_available():
         pytest.skip("no AVX2 kernels on this machine")
@@ -410,7 +413,7 @@ def test_c_int8_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n
     gen = torch.Generator().manual_seed(n * k)
     q = quantize_int8((torch.randn(n, k, generator=gen) * 0.02).to(scale_dtype))
     ref = dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype)
-    got = cpu_kernels.dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype)
+    got = cpu_kernels.dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype, level=level)
     assert got.dtype == out_dtype and torch.equal(got, ref)
     module = Int8Linear(k, n, bias=False, dtype=scale_dtype)
     module.weight, module.weight_scale = q["weight"], q["weight_scale"]

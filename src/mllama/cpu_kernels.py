@@ -71,10 +71,10 @@ def _load() -> None:
                                                                    ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
-                                          + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+                                          + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
     small.mllama_dequant_int8.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2
-                                          + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+                                          + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int8.restype = ctypes.c_int
     finite.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     finite.mllama_count_nonfinite.restype = ctypes.c_int64
@@ -232,10 +232,11 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
 
 
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, group_size: int,
-                    in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None) -> torch.Tensor | None:
+                    in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None,
+                    level: int = 0) -> torch.Tensor | None:
     """int4 weights (see csrc/gemm_small.c) -> (N, in_features) float32 or bf16, equal to the torch
     reference quantize.dequantize_int4 (into `out`, contiguous, if given); None where the kernel does
-    not run (then use that)."""
+    not run (then use that). level 1 keeps to AVX2 (tests); 0: AVX512-BF16 where the CPU has it."""
     if (not quant_kernels_available() or dtype not in (torch.float32, torch.bfloat16) or packed.device.type != "cpu"
             or scale.dtype != offset.dtype or scale.dtype not in (torch.float32, torch.bfloat16)):
         return None
@@ -245,17 +246,17 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     rc = _small.mllama_dequant_int4(packed.data_ptr(), scale.data_ptr(), offset.data_ptr(),
                                     int(scale.dtype == torch.bfloat16), n, packed.shape[1] * 2, group_size,
                                     in_features, out.data_ptr(), int(dtype == torch.bfloat16),
-                                    torch.get_num_threads())
+                                    torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"dequantize_int4: the kernel refused group size {group_size} for shape {tuple(packed.shape)}")
     return out
 
 
 def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.dtype,
-                    out: torch.Tensor | None = None) -> torch.Tensor | None:
+                    out: torch.Tensor | None = None, level: int = 0) -> torch.Tensor | None:
     """int8 weights (N, K) with per-row scales -> float32 or bf16, equal to the torch reference
     quantize.dequantize_int8 (into `out`, contiguous, if given); None where the kernel does not run
-    (then use that)."""
+    (then use that). level as for dequantize_int4."""
     if (not quant_kernels_available() or dtype not in (torch.float32, torch.bfloat16) or weight.device.type != "cpu"
             or scale.dtype not in (torch.float32, torch.bfloat16) or weight.dtype != torch.int8):
         return None
@@ -263,7 +264,7 @@ def dequantize_int8(weight: torch.Tensor, scale: torch.Tensor, *, dtype: torch.d
     out = _output(out, tuple(weight.shape), dtype)
     rc = _small.mllama_dequant_int8(weight.data_ptr(), scale.data_ptr(), int(scale.dtype == torch.bfloat16),
                                     weight.shape[0], weight.shape[1], out.data_ptr(), int(dtype == torch.bfloat16),
-                                    torch.get_num_threads())
+                                    torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"dequantize_int8: the kernel refused a weight of shape {tuple(weight.shape)}")
     return out

@@ -184,7 +184,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 
 # On a CPU with native bf16, the blocked dequantize + GEMM overtakes the small-row kernels from about
 # this many rows of bf16 x (benchmarks/RESULTS.md); elsewhere they win up to MAX_QUANT_ROWS.
-NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 20}
+NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 
 
 class _QuantizedLinear(nn.Module):

@@ -477,15 +477,65 @@ static inline void store8(void *out, int out_bf16, int64_t at, __m256 v, int64_t
 
 /* int4 weights (n, k: k the padded row length) -> out (n, k_out), k_out <= k the real in_features,
  * float32 or bf16 (out_bf16): w = q * scale + offset, multiplied then added (two roundings, as the
- * reference's torch ops), for the prefill and vision GEMMs that take plain weights. Returns 0, or -1
- * for arguments it does not take. */
+ * reference's torch ops), for the prefill and vision GEMMs that take plain weights. level 1 keeps to
+ * AVX2 (tests), else AVX512-BF16 where the CPU has it. Returns 0, or -1 for arguments it does not take. */
+/* 32 values (a: the first 16, b: the next) to out[at..] as float32 or bf16; masked only for a last
+ * partial run (`left` < 32), as masked stores are slow on some CPUs. */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static inline void store32_avx512(void *out, int out_bf16, int64_t at, __m512 a, __m512 b, int64_t left) {
+    if (out_bf16) {
+        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+        if (left >= 32)
+            _mm512_storeu_si512((uint16_t *)out + at, v);
+        else
+            _mm512_mask_storeu_epi16((uint16_t *)out + at, (__mmask32)((1u << left) - 1), v);
+    } else if (left >= 32) {
+        _mm512_storeu_ps((float *)out + at, a);
+        _mm512_storeu_ps((float *)out + at + 16, b);
+    } else {
+        _mm512_mask_storeu_ps((float *)out + at, left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1), a);
+        if (left > 16) _mm512_mask_storeu_ps((float *)out + at + 16, (__mmask16)((1u << (left - 16)) - 1), b);
+    }
+}
+
+/* The AVX512-BF16 form of one row: 16 lanes, and the rounding to bf16 in one instruction
+ * (vcvtne2ps2bf16: to nearest even, as float8_to_bf16, for values above float32's denormals, which it
+ * flushes to zero); the last partial run by masked stores. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), optimize("fp-contract=off")))
+static void dequant_int4_row_avx512(const uint8_t *row, const void *scale, const void *offset, int scale_bf16,
+                                    int64_t g_first, int64_t group, int64_t k_out, void *out, int out_bf16) {
+    for (int64_t i = 0; i < k_out; i += 32) {
+        const int64_t g = g_first + i / group;
+        const __m512 s = _mm512_set1_ps(param(scale, g, scale_bf16));
+        const __m512 z = _mm512_set1_ps(param(offset, g, scale_bf16));
+        const __m128i packed = _mm_loadu_si128((const __m128i *)(row + i / 2));
+        const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));              /* values i .. i+15 */
+        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)); /* i+16 .. i+31 */
+        const __m512 a = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s), z);
+        const __m512 b = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s), z);
+        store32_avx512(out, out_bf16, i, a, b, k_out - i);
+    }
+}
+
+static int dequant_avx512(int level) {
+    __builtin_cpu_init();
+    return level != 1 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl");
+}
+
 __attribute__((target("avx2,fma"), optimize("fp-contract=off")))  /* no fused multiply-add here */
 int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset, int scale_bf16, int64_t n,
-                        int64_t k, int64_t group, int64_t k_out, void *out, int out_bf16, int threads) {
+                        int64_t k, int64_t group, int64_t k_out, void *out, int out_bf16, int threads, int level) {
     if (n < 1 || k < 1 || group < 32 || group % 32 || k % group || k_out < 1 || k_out > k) return -1;
     const int64_t groups = k / group;
+    const int wide = dequant_avx512(level);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; r++) {
+        if (wide) {
+            dequant_int4_row_avx512(w + r * (k / 2), scale, offset, scale_bf16, r * groups, group, k_out,
+                                    (char *)out + r * k_out * (out_bf16 ? 2 : 4), out_bf16);
+            continue;
+        }
         const uint8_t *row = w + r * (k / 2);
         for (int64_t i = 0; i < k_out; i += 32) {
             const int64_t g = r * groups + i / group;
@@ -509,14 +559,33 @@ int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset,
     return 0;
 }
 
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+static void dequant_int8_row_avx512(const int8_t *row, float scale, int64_t k, void *out, int out_bf16) {
+    const __m512 s = _mm512_set1_ps(scale);
+    for (int64_t i = 0; i < k; i += 32) {
+        const int64_t left = k - i;
+        const __m256i q = left >= 32 ? _mm256_loadu_si256((const __m256i *)(row + i))
+                                     : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), row + i);  /* not past the row */
+        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), s);
+        const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), s);
+        store32_avx512(out, out_bf16, i, a, b, left);
+    }
+}
+
 /* int8 weights (n, k) -> out (n, k) float32 or bf16 (out_bf16): w = q * scale[row], as the
- * reference's torch ops. Returns 0, or -1 for arguments it does not take. */
+ * reference's torch ops; level as for int4. Returns 0, or -1 for arguments it does not take. */
 __attribute__((target("avx2,fma")))
 int mllama_dequant_int8(const int8_t *w, const void *scale, int scale_bf16, int64_t n, int64_t k, void *out,
-                        int out_bf16, int threads) {
+                        int out_bf16, int threads, int level) {
     if (n < 1 || k < 1) return -1;
+    const int wide = dequant_avx512(level);
 #pragma omp parallel for schedule(static) num_threads(threads)
     for (int64_t r = 0; r < n; r++) {
+        if (wide) {
+            dequant_int8_row_avx512(w + r * k, param(scale, r, scale_bf16), k,
+                                    (char *)out + r * k * (out_bf16 ? 2 : 4), out_bf16);
+            continue;
+        }
         const __m256 s = _mm256_set1_ps(param(scale, r, scale_bf16));
         const int8_t *row = w + r * k;
         int64_t i = 0;
