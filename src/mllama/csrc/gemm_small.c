@@ -25,7 +25,14 @@
 #include <stdlib.h>
 #include <string.h>
 
+#ifndef RB
 #define RB 24      /* weight rows per work item: a multiple of 8, 4 and 3 */
+#endif
+#ifndef PREFETCH
+/* bytes ahead in the same weight row that the int4 runs prefetch: the hardware prefetcher alone left
+ * one-row int4 products at about 40 G weights/s against 50-55 with it (benchmarks/RESULTS.md) */
+#define PREFETCH 512
+#endif
 #ifndef KC
 #define KC 1024    /* k values per cache block: a multiple of 32 */
 #endif
@@ -91,17 +98,26 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
 
 /* The main loop of a tile, two orders: W = 32 dequantizes 32 weights of a row at a time; W = 8
  * takes 8 weights of each of the R rows, then loads each x vector once for all R. */
+#ifndef PREFETCH_W
+#define PREFETCH_W 512  /* bytes ahead in a weight row, as PREFETCH for int4 (int8, 2 rows of x: +27%) */
+#endif
+#define WBYTES_bf16 2
+#define WBYTES_int8 1
 #define TILE_LOOP32(FMT, R, M)                                                                      \
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                           \
         __m256 wv[4];                                                                               \
         load32_##FMT(d, row + r, i, wv);                                                            \
+        if (PREFETCH_W) __builtin_prefetch((const char *)d->w + ((row + r) * d->k + i) * WBYTES_##FMT + PREFETCH_W); \
         _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)                                         \
             _Pragma("GCC unroll 4") for (int j = 0; j < M; j++)                                     \
                 acc[r][j] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + j * d->k + i + 8 * q), acc[r][j]); \
     }
 #define TILE_LOOP8(FMT, R, M)                                                                       \
     __m256 wv[R];                                                                                   \
-    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) wv[r] = load8_##FMT(d, row + r, i);         \
+    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                           \
+        wv[r] = load8_##FMT(d, row + r, i);                                                         \
+        if (PREFETCH_W) __builtin_prefetch((const char *)d->w + ((row + r) * d->k + i) * WBYTES_##FMT + PREFETCH_W); \
+    }                                                                                               \
     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                                           \
         const __m256 xv = _mm256_loadu_ps(x + j * d->k + i);                                        \
         _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) acc[r][j] = _mm256_fmadd_ps(wv[r], xv, acc[r][j]); \
@@ -208,6 +224,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
             for (int64_t i = g0; i < g0 + d->group; i += 32) {                                      \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m128i packed = _mm_loadu_si128((const __m128i *)(w + r * (d->k / 2) + i / 2)); \
+                    if (PREFETCH) __builtin_prefetch(w + r * (d->k / 2) + i / 2 + PREFETCH);        \
                     const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0F))); \
                     const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F))); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
@@ -225,6 +242,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
             for (int64_t i = g0; i < g0 + d->group; i += 64) {                                      \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
+                    if (PREFETCH) __builtin_prefetch(w + r * (d->k / 2) + i / 2 + PREFETCH);        \
                     const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));            \
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
@@ -244,6 +262,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
             for (int64_t i = g0; i < g0 + d->group; i += 64) {                                      \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
+                    if (PREFETCH) __builtin_prefetch(w + r * (d->k / 2) + i / 2 + PREFETCH);        \
                     const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));            \
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
