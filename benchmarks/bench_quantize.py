@@ -23,6 +23,7 @@ VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("
             "int4 g64": QuantizationConfig("int4", group_size=64),
             "int4 g128": QuantizationConfig("int4", group_size=128),
             "int4 g64, vision and lm_head too": QuantizationConfig("int4", group_size=64, vision=True, lm_head=True),
+            "int4 g128, vision and lm_head too": QuantizationConfig("int4", group_size=128, vision=True, lm_head=True),
             "bf16 again": None}  # the noise floor: a second bf16 load, which should change nothing
 
 
@@ -120,9 +121,11 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
     _rebuild_buffers(base, torch.device("cpu"))  # rope's inv_freq is not in the state dict
     base = apply_cpu_kernels(base.eval())
     models = {"bf16": base}
-    for name, config_ in {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4"),
+    for name, config_ in {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4", group_size=64),
+                          "int4 g128": QuantizationConfig("int4", group_size=128),
                           "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
-                          "int4 g64 + lm_head": QuantizationConfig("int4", lm_head=True)}.items():
+                          "int4 g64 + lm_head": QuantizationConfig("int4", group_size=64, lm_head=True),
+                          "int4 g128 + lm_head": QuantizationConfig("int4", group_size=128, lm_head=True)}.items():
         shared = {id(p): p for p in (base.model.embed_tokens.weight, base.lm_head.weight)}  # not copied
         models[name] = quantize_model(copy.deepcopy(base, shared), config_)
     prompt = torch.randint(0, 128000, (1, 16), generator=gen)

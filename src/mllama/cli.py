@@ -17,7 +17,7 @@ from mllama.cli_finetune import add_finetune_parser, apply_adapter
 
 DEFAULT_MODEL = "demo"
 API_KEY_ENV = "MLLAMA_API_KEY"  # mllama serve reads the API key from it when --api-key is not given
-DEFAULT_GROUP_SIZE = 64  # mllama.quantize.DEFAULT_GROUP_SIZE (not imported: the CLI starts without torch)
+DEFAULT_GROUP_SIZE = 128  # mllama.quantize.DEFAULT_GROUP_SIZE (not imported: the CLI starts without torch)
 
 
 def default_model_dir() -> Path:

@@ -36,7 +36,7 @@ from mllama.linear import cpu_has_native_bf16, swap_linears
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
-DEFAULT_GROUP_SIZE = 64
+DEFAULT_GROUP_SIZE = 128  # benchmarks/RESULTS.md: faster than 64 with as few answers changed (also torchao's default)
 QUANT_METHOD = "mllama"
 FORMAT_VERSION = 1
 _CHUNK_ROWS = 4096  # rows quantized at a time, bounding the float32 temporaries
