@@ -236,9 +236,9 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
             }
 
 /* 64 weights (two runs, 32 bytes) against int8 x in the X8 order: the low nibbles of both runs are
- * one vector of 32 unsigned bytes, the high nibbles another; vpmaddubsw multiplies 32 pairs at once
- * (|15 * 127 * 2| per int16 lane, two of them added: no saturation), vpmaddwd by ones sums to int32. */
-#define INT4_RUN_X8(R, M)                                                                                 \
+ * one vector of 32 unsigned bytes, the high nibbles another, each multiplied with its 32 int8 x and
+ * summed four products to an int32 lane by ACCUMULATE (below). */
+#define INT4_RUN_X8(R, M, ACCUMULATE)                                                                     \
             for (int64_t i = g0; i < g0 + d->group; i += 64) {                                      \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
@@ -247,33 +247,22 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
                         const int8_t *xj = x->xq8 + j * d->k + i;                                   \
-                        const __m256i pairs = _mm256_add_epi16(                                     \
-                            _mm256_maddubs_epi16(lo, _mm256_loadu_si256((const __m256i *)xj)),       \
-                            _mm256_maddubs_epi16(hi, _mm256_loadu_si256((const __m256i *)(xj + 32)))); \
-                        acc[r][j] = _mm256_add_epi32(acc[r][j], _mm256_madd_epi16(pairs, _mm256_set1_epi16(1))); \
+                        acc[r][j] = ACCUMULATE(acc[r][j], lo, hi, _mm256_loadu_si256((const __m256i *)xj), \
+                                               _mm256_loadu_si256((const __m256i *)(xj + 32)));      \
                     }                                                                               \
                 }                                                                                   \
             }
-
-/* INT4_RUN_X8 with VNNI: vpdpbusd multiplies the same 32 byte pairs and adds each lane's four
- * products into its int32 sum in one instruction (the same integers as vpmaddubsw + vpmaddwd: the
- * AVX2 path never saturates, see above). DPBUSD: the EVEX (AVX512-VNNI + VL) or VEX (AVX-VNNI) form. */
-#define INT4_RUN_X8_VNNI(R, M, DPBUSD)                                                                    \
-            for (int64_t i = g0; i < g0 + d->group; i += 64) {                                      \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
-                    const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
-                    if (PREFETCH) __builtin_prefetch(w + r * (d->k / 2) + i / 2 + PREFETCH);        \
-                    const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));            \
-                    const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
-                        const int8_t *xj = x->xq8 + j * d->k + i;                                   \
-                        acc[r][j] = DPBUSD(acc[r][j], lo, _mm256_loadu_si256((const __m256i *)xj)); \
-                        acc[r][j] = DPBUSD(acc[r][j], hi, _mm256_loadu_si256((const __m256i *)(xj + 32))); \
-                    }                                                                               \
-                }                                                                                   \
-            }
-#define INT4_RUN_X8_AVX512VNNI(R, M) INT4_RUN_X8_VNNI(R, M, _mm256_dpbusd_epi32)
-#define INT4_RUN_X8_AVXVNNI(R, M) INT4_RUN_X8_VNNI(R, M, _mm256_dpbusd_avx_epi32)
+/* AVX2: vpmaddubsw multiplies 32 pairs at once (|15 * 127 * 2| per int16 lane, two of them added: no
+ * saturation), vpmaddwd by ones sums to int32. VNNI: vpdpbusd does both and the add in one
+ * instruction, with the same integers; EVEX (AVX512-VNNI + VL) or VEX (AVX-VNNI) form. */
+#define X8_AVX2(acc, lo, hi, x0, x1)                                                                \
+    _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, x0),          \
+                                                             _mm256_maddubs_epi16(hi, x1)), _mm256_set1_epi16(1)))
+#define X8_AVX512VNNI(acc, lo, hi, x0, x1) _mm256_dpbusd_epi32(_mm256_dpbusd_epi32(acc, lo, x0), hi, x1)
+#define X8_AVXVNNI(acc, lo, hi, x0, x1) _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, x0), hi, x1)
+#define INT4_RUN_X8_AVX2(R, M) INT4_RUN_X8(R, M, X8_AVX2)
+#define INT4_RUN_X8_AVX512VNNI(R, M) INT4_RUN_X8(R, M, X8_AVX512VNNI)
+#define INT4_RUN_X8_AVXVNNI(R, M) INT4_RUN_X8(R, M, X8_AVXVNNI)
 
 /* R weight rows x M rows of x over the groups of columns [k0, k1), the products by RUN: each group's
  * int32 sums are kept (part), then turned to float 8 groups at a time, where the group scales and
@@ -316,7 +305,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
     DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_4x2, 4, 2, RUN) DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_1x2, 1, 2, RUN) \
     DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_3x4, 3, 4, RUN) DEFINE_INT4_TILE_FOR(TARGET, PREFIX##_1x4, 1, 4, RUN)
 DEFINE_INT4_TILES("avx2,fma", int4, INT4_RUN_X16)
-DEFINE_INT4_TILES("avx2,fma", int4x8, INT4_RUN_X8)
+DEFINE_INT4_TILES("avx2,fma", int4x8, INT4_RUN_X8_AVX2)
 DEFINE_INT4_TILES("avx2,fma,avx512f,avx512vl,avx512vnni", int4x8evex, INT4_RUN_X8_AVX512VNNI)
 DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
 
