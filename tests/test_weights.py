@@ -388,3 +388,17 @@ def test_unmappable_tensors_are_read(tmp_path):
     past = TensorInfo(file=file, offset=56, nbytes=16, dtype=torch.int16, shape=(8,))
     with pytest.raises(CorruptCheckpointError, match="ended early"):
         weights._mapped(maps, past)
+    empty = tmp_path / "empty.bin"
+    empty.write_bytes(b"")  # cannot be mapped: read instead (where _read_into names the short file)
+    assert weights._mapped(maps, TensorInfo(file=empty, offset=0, nbytes=4, dtype=torch.int16, shape=(2,))) is None
+
+
+def test_a_file_that_cannot_be_mapped_is_read(hf_dirs, inputs, reference, monkeypatch):
+    """Where the system refuses the mapping (e.g. strict overcommit accounting), the load reads."""
+    class Refused:
+        def __init__(self, *args, **kwargs):
+            raise OSError(12, "Cannot allocate memory")
+
+    monkeypatch.setattr(weights._mmap, "mmap", Refused)
+    model = MllamaForConditionalGeneration.from_pretrained(hf_dirs["single"])
+    assert (our_logits(model, inputs) - reference).abs().max() <= TOL

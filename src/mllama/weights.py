@@ -235,15 +235,21 @@ class _FileRows:
 TRIM_EVERY_BYTES = 32 * 2**20  # of converted tensors, between two trims of the C heap
 
 
-def _mapped(maps: dict[Path, _mmap.mmap], info: TensorInfo) -> torch.Tensor | None:
+def _mapped(maps: dict[Path, _mmap.mmap | None], info: TensorInfo) -> torch.Tensor | None:
     """The tensor as a copy-on-write view of its file, or None where its bytes cannot be viewed as
-    its dtype (empty, or an offset that is not a multiple of the element size)."""
+    its dtype (empty, or an offset that is not a multiple of the element size) or the file cannot be
+    mapped (e.g. a strict overcommit policy refusing a private mapping of the whole shard)."""
     if info.nbytes == 0 or info.offset % info.dtype.itemsize:
         return None
     if info.file not in maps:
-        with open(info.file, "rb") as file:  # the mapping outlives the descriptor
-            maps[info.file] = _mmap.mmap(file.fileno(), 0, access=_mmap.ACCESS_COPY)
+        try:
+            with open(info.file, "rb") as file:  # the mapping outlives the descriptor
+                maps[info.file] = _mmap.mmap(file.fileno(), 0, access=_mmap.ACCESS_COPY)
+        except (OSError, ValueError):  # ValueError: an empty file
+            maps[info.file] = None
     mapping = maps[info.file]
+    if mapping is None:
+        return None
     if info.offset + info.nbytes > len(mapping):
         raise CorruptCheckpointError(f"{info.file} ended early (was it modified while loading?)")
     numel = info.nbytes // info.dtype.itemsize
@@ -278,7 +284,7 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
     staging = torch.empty(max(staged, default=0), dtype=torch.uint8,
                           pin_memory=device.type == "cuda" and torch.cuda.is_available())
     state: dict[str, torch.Tensor] = {}
-    maps: dict[Path, _mmap.mmap] = {}  # kept alive by the tensors viewing them, not by this dict
+    maps: dict[Path, _mmap.mmap | None] = {}  # kept alive by the tensors viewing them, not by this dict
     handle, current = None, None
     converted = 0
     with tqdm(total=total, unit="B", unit_scale=True, desc="Loading weights", disable=not show) as bar:
