@@ -3,8 +3,9 @@
 `init_distributed()` joins the process group torchrun describes (gloo on the CPU, NCCL on CUDA,
 with a timeout on every collective). `load_tensor_parallel(cls, path)` builds the model on the meta
 device, splits it there (mllama.tp), then reads from the safetensors files exactly the rows (a
-contiguous byte range) or the columns (rows streamed through a bounded buffer, only the columns
-kept) that this rank holds, so no rank ever holds a full tensor of a split layer: peak memory per
+contiguous byte range, mapped copy-on-write where the file can be mapped, as whole tensors are) or
+the columns (rows streamed through a bounded buffer, only the columns kept) that this rank holds,
+so no rank ever holds a full tensor of a split layer: peak memory per
 rank is about its share of the weights plus the replicated parts (embeddings, norms, vision
 embeddings) plus one bounded read buffer.
 """
@@ -25,7 +26,7 @@ from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig
 from mllama.safetensors_io import TensorInfo, _read_into
 from mllama.tp import Shard, TensorSlice, TPInfo, shard_modules, shard_plan, tensor_slice, world_of
-from mllama.weights import finish_loading, prepare_model, resolve_checkpoint_dir
+from mllama.weights import _mapped, finish_loading, prepare_model, resolve_checkpoint_dir
 
 DEFAULT_TIMEOUT_S = 300.0
 _COLUMN_READ_BYTES = 16 << 20  # rows read at a time when a rank needs some columns of a tensor
@@ -64,6 +65,13 @@ def share_seed(group: dist.ProcessGroup | None = None) -> int:
     return int(seed)
 
 
+def _rows(info: TensorInfo, piece: TensorSlice) -> TensorInfo:
+    """Where the rows `piece` (dim 0) of the tensor `info` lie: one contiguous byte range."""
+    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+    shape = (piece.stop - piece.start, *info.shape[1:])
+    return TensorInfo(info.file, info.offset + piece.start * row_bytes, shape[0] * row_bytes, info.dtype, shape)
+
+
 def read_slice(handle: Any, info: TensorInfo, piece: TensorSlice) -> torch.Tensor:
     """The part `piece` of the tensor `info` describes, read from an open file into a new CPU tensor
     of the checkpoint's dtype. Rows are one contiguous read; columns stream the rows through a
@@ -71,9 +79,8 @@ def read_slice(handle: Any, info: TensorInfo, piece: TensorSlice) -> torch.Tenso
     rows = info.shape[0]
     row_bytes = info.nbytes // rows if rows else 0
     if piece.dim == 0:
-        shape = (piece.stop - piece.start, *info.shape[1:])
-        part = TensorInfo(info.file, info.offset + piece.start * row_bytes, shape[0] * row_bytes, info.dtype, shape)
-        return _read_into(handle, part, fresh_zeros(shape, info.dtype))
+        part = _rows(info, piece)
+        return _read_into(handle, part, fresh_zeros(part.shape, info.dtype))
     if piece.dim != 1 or len(info.shape) != 2:
         raise ValueError(f"cannot read slice {piece} of a tensor of shape {list(info.shape)}")
     out = torch.empty(rows, piece.stop - piece.start, dtype=info.dtype)
@@ -106,6 +113,7 @@ def _read_state(plan: Mapping[str, TensorInfo], slices: Mapping[str, TensorSlice
                 device: torch.device, convert: Any) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
     order = sorted(plan.items(), key=lambda item: (str(item[1].file), item[1].offset))
+    maps: dict[Any, Any] = {}  # file -> its mapping (kept alive by the tensors viewing it)
     handle, current = None, None
     try:
         for name, info in order:
@@ -114,10 +122,13 @@ def _read_state(plan: Mapping[str, TensorInfo], slices: Mapping[str, TensorSlice
                     handle.close()
                 handle, current = open(info.file, "rb", buffering=0), info.file
             piece = slices.get(name)
-            if piece is not None:
-                tensor = read_slice(handle, info, piece)
-            else:
-                tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
+            # Whole tensors and row slices are views of the mapped file where it can be mapped (the
+            # ranks then share the page cache's copy of the replicated parts; see mllama.weights).
+            tensor = _mapped(maps, info if piece is None else _rows(info, piece)) \
+                if piece is None or piece.dim == 0 else None
+            if tensor is None:
+                tensor = read_slice(handle, info, piece) if piece is not None \
+                    else _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
             target = dtype if info.dtype.is_floating_point else info.dtype
             tensor = tensor.to(device=device, dtype=target)
             parts = {name: tensor} if convert is None else convert(name, tensor)
