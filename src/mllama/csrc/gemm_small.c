@@ -46,6 +46,7 @@ typedef struct {
     const void *offset;  /* int4: (N, K / group) */
     int64_t k;           /* values per weight row (for int4 already padded) */
     int64_t group;       /* int4 group size */
+    int64_t ahead;       /* bytes from a weight to the same place in the rows this thread likely takes next */
     int scale_bf16;      /* scales and offsets are bf16 (else float32) */
 } wdesc;
 
@@ -108,6 +109,7 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
         __m256 wv[4];                                                                               \
         load32_##FMT(d, row + r, i, wv);                                                            \
         if (PREFETCH_W) __builtin_prefetch((const char *)d->w + ((row + r) * d->k + i) * WBYTES_##FMT + PREFETCH_W); \
+        __builtin_prefetch((const char *)d->w + ((row + r) * d->k + i) * WBYTES_##FMT + d->ahead); \
         _Pragma("GCC unroll 4") for (int q = 0; q < 4; q++)                                         \
             _Pragma("GCC unroll 4") for (int j = 0; j < M; j++)                                     \
                 acc[r][j] = _mm256_fmadd_ps(wv[q], _mm256_loadu_ps(x + j * d->k + i + 8 * q), acc[r][j]); \
@@ -117,6 +119,7 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                           \
         wv[r] = load8_##FMT(d, row + r, i);                                                         \
         if (PREFETCH_W) __builtin_prefetch((const char *)d->w + ((row + r) * d->k + i) * WBYTES_##FMT + PREFETCH_W); \
+        __builtin_prefetch((const char *)d->w + ((row + r) * d->k + i) * WBYTES_##FMT + d->ahead); \
     }                                                                                               \
     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                                           \
         const __m256 xv = _mm256_loadu_ps(x + j * d->k + i);                                        \
@@ -225,6 +228,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m128i packed = _mm_loadu_si128((const __m128i *)(w + r * (d->k / 2) + i / 2)); \
                     if (PREFETCH) __builtin_prefetch(w + r * (d->k / 2) + i / 2 + PREFETCH);        \
+                    __builtin_prefetch(w + r * (d->k / 2) + i / 2 + d->ahead);                      \
                     const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0F))); \
                     const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F))); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
@@ -243,6 +247,7 @@ static inline __m256i ints8(const int32_t *base, int64_t i, int n) {
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const __m256i packed = _mm256_loadu_si256((const __m256i *)(w + r * (d->k / 2) + i / 2)); \
                     if (PREFETCH) __builtin_prefetch(w + r * (d->k / 2) + i / 2 + PREFETCH);        \
+                    __builtin_prefetch(w + r * (d->k / 2) + i / 2 + d->ahead);                      \
                     const __m256i lo = _mm256_and_si256(packed, _mm256_set1_epi8(0x0F));            \
                     const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(packed, 4), _mm256_set1_epi8(0x0F)); \
                     _Pragma("GCC unroll 4") for (int j = 0; j < M; j++) {                           \
@@ -394,7 +399,11 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     /* int4 turns its sums to float 8 groups at a time: blocks of at least 8 groups */
     /* int4 blocks hold whole groups, at least 8 (its sums turn to float 8 groups at a time) */
     const int64_t kc = fmt != FMT_INT4 ? KC : KC < 8 * group ? 8 * group : KC / group * group;
-    const wdesc d = {w, scale, offset, k, group, scale_bf16};
+    /* Work items go to the threads in turn, so a thread's next block of RB rows is about `threads`
+     * blocks on: the runs prefetch there too (the one-row int4 product 64 -> 76-79 G weights/s, as
+     * fast as torch's own int4 op; benchmarks/RESULTS.md) */
+    const int64_t row_bytes = fmt == FMT_INT4 ? k / 2 : fmt == FMT_INT8 ? k : 2 * k;
+    const wdesc d = {w, scale, offset, k, group, (int64_t)(threads > 0 ? threads : 1) * RB * row_bytes, scale_bf16};
     xdesc xd = {0};
     const int x8 = fmt == FMT_INT4 && group % 64 == 0;
     const int path = x8 ? level : 0;
