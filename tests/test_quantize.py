@@ -419,3 +419,12 @@ def test_c_int8_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n
     module.weight, module.weight_scale = q["weight"], q["weight_scale"]
     with torch.no_grad():
         assert torch.equal(module.dequantize(out_dtype), ref)
+
+
+def test_cli_default_group_size_is_the_library_default():
+    """cli.py keeps its own copy (it starts without importing torch): the two must not drift."""
+    import mllama.cli
+    import mllama.quantize
+
+    assert mllama.cli.DEFAULT_GROUP_SIZE == mllama.quantize.DEFAULT_GROUP_SIZE
+    assert QuantizationConfig("int4").group_size == mllama.quantize.DEFAULT_GROUP_SIZE == 128
