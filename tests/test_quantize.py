@@ -340,6 +340,21 @@ def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
         torch.testing.assert_close(q(x), expected, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
 
 
+@pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no AVX-512 int8 path on this CPU")
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (24, 4096)])
+def test_int8_one_row_avx512_path_matches_the_reference(n, k):
+    """One row of x against int8 weights takes a 512-bit loop where the CPU has it (level 2); it and
+    the AVX2 loop (level 1) both stay within float32 rounding of the float64 product."""
+    _, q = _quantized_linear("int8", n, k, seed=k)
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(n))
+    w = _reference_weight(q)
+    ref = x.double() @ w.T
+    bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30
+    for level in (None, 1):
+        out = cpu_kernels.small_gemm(x, "int8", q.weight, q.weight_scale, level=level)
+        assert ((out.double() - ref).abs() <= bound).all(), f"level {level}"
+
+
 def test_int4_packing_layout_is_the_documented_one():
     values = (torch.arange(64) // 2) % 16  # one group of 64 per row, every level 0..15 used
     out = quantize_int4(values.float().repeat(2, 1), group_size=64)

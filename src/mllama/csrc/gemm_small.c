@@ -167,6 +167,36 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
 EXPAND_TILES(bf16, BF16_TILES)
 EXPAND_TILES(int8, INT8_TILES)
 
+/* int8 against one row of x with AVX-512 (where AVX512-VNNI is: level 2): 16 weights per widening and\
+ * multiply-add instead of 8, for the memory-bound one-row decode; lanes folded to 8 at the end. */ \
+#define DEFINE_INT8_TILE512(NAME, R)                                                                \
+    __attribute__((target("avx2,fma,avx512f,avx512bw")))                                            \
+    static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain,\
+                     __m256 *tot) {                                                                 \
+        __m512 acc[R];                                                                              \
+        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                   \
+        const int64_t stop = k0 + ((k1 < kmain ? k1 : kmain) - k0) / 32 * 32;                       \
+        for (int64_t i = k0; i < stop; i += 32) {                                                   \
+            const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);             \
+            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
+                const int8_t *p = (const int8_t *)d->w + (row + r) * d->k + i;                      \
+                if (PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);                                 \
+                __builtin_prefetch(p + d->ahead);                                                   \
+                const __m256i q = _mm256_loadu_si256((const __m256i *)p);                           \
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), x0, acc[r]);\
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), x1, acc[r]);\
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                               \
+            float tail = 0.0f;                                                                      \
+            for (int64_t i = stop > k0 ? stop : k0; i < k1; i++) tail += load1(d, FMT_INT8, row + r, i) * x[i];\
+            const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),                     \
+                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));\
+            tot[r * MMAX] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX], folded), _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));\
+        }                                                                                           \
+    }
+DEFINE_INT8_TILE512(int8z_8x1, 8) DEFINE_INT8_TILE512(int8z_1x1, 1)
+
 typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t, int64_t, __m256 *);
 
 /* int4 in integers. x is first rounded per group of each row: to int8 where the group is a multiple
@@ -449,10 +479,11 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                     for (; r < rows; r++)
                         INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else {
+                    const int z = fmt == FMT_INT8 && kind == 0 && level == 2;  /* AVX-512, one row of x */
                     for (; r + wide <= rows; r += wide)
-                        TILES[fmt][kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                        (z ? int8z_8x1 : TILES[fmt][kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
                     for (; r < rows; r++)
-                        TILES[fmt][3 + kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                        (z ? int8z_1x1 : TILES[fmt][3 + kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
                 }
                 j0 += step;
             }
