@@ -64,6 +64,16 @@ class TensorInfo:
     dtype: torch.dtype
     shape: tuple[int, ...]
 
+    @property
+    def row_bytes(self) -> int:
+        """Bytes per index of the first dimension (0 for an empty tensor)."""
+        return self.nbytes // self.shape[0] if self.shape and self.shape[0] else 0
+
+    def rows(self, start: int, stop: int) -> TensorInfo:
+        """Where rows start:stop (first dimension) lie: one contiguous byte range of the same file."""
+        return TensorInfo(self.file, self.offset + start * self.row_bytes, (stop - start) * self.row_bytes,
+                          self.dtype, (stop - start, *self.shape[1:]))
+
 
 def _load_json(file: Path) -> Any:
     try:

@@ -65,21 +65,13 @@ def share_seed(group: dist.ProcessGroup | None = None) -> int:
     return int(seed)
 
 
-def _rows(info: TensorInfo, piece: TensorSlice) -> TensorInfo:
-    """Where the rows `piece` (dim 0) of the tensor `info` lie: one contiguous byte range."""
-    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
-    shape = (piece.stop - piece.start, *info.shape[1:])
-    return TensorInfo(info.file, info.offset + piece.start * row_bytes, shape[0] * row_bytes, info.dtype, shape)
-
-
 def read_slice(handle: Any, info: TensorInfo, piece: TensorSlice) -> torch.Tensor:
     """The part `piece` of the tensor `info` describes, read from an open file into a new CPU tensor
     of the checkpoint's dtype. Rows are one contiguous read; columns stream the rows through a
     buffer of at most _COLUMN_READ_BYTES (more if one row is larger) and keep only their columns."""
-    rows = info.shape[0]
-    row_bytes = info.nbytes // rows if rows else 0
+    rows, row_bytes = info.shape[0], info.row_bytes
     if piece.dim == 0:
-        part = _rows(info, piece)
+        part = info.rows(piece.start, piece.stop)
         return _read_into(handle, part, fresh_zeros(part.shape, info.dtype))
     if piece.dim != 1 or len(info.shape) != 2:
         raise ValueError(f"cannot read slice {piece} of a tensor of shape {list(info.shape)}")
@@ -88,8 +80,7 @@ def read_slice(handle: Any, info: TensorInfo, piece: TensorSlice) -> torch.Tenso
     buffer = torch.empty(min(step, rows) * row_bytes, dtype=torch.uint8)
     for first in range(0, rows, step):
         count = min(step, rows - first)
-        part = TensorInfo(info.file, info.offset + first * row_bytes, count * row_bytes, info.dtype,
-                          (count, info.shape[1]))
+        part = info.rows(first, first + count)
         block = _read_into(handle, part, buffer[:part.nbytes]).view(info.dtype).view(count, info.shape[1])
         out[first:first + count] = block[:, piece.start:piece.stop]
     return out
@@ -124,11 +115,14 @@ def _read_state(plan: Mapping[str, TensorInfo], slices: Mapping[str, TensorSlice
             piece = slices.get(name)
             # Whole tensors and row slices are views of the mapped file where it can be mapped (the
             # ranks then share the page cache's copy of the replicated parts; see mllama.weights).
-            tensor = _mapped(maps, info if piece is None else _rows(info, piece)) \
-                if piece is None or piece.dim == 0 else None
-            if tensor is None:
-                tensor = read_slice(handle, info, piece) if piece is not None \
-                    else _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
+            if piece is None:
+                tensor = _mapped(maps, info)
+                if tensor is None:
+                    tensor = _read_into(handle, info, fresh_zeros(info.shape, info.dtype))
+            else:
+                tensor = _mapped(maps, info.rows(piece.start, piece.stop)) if piece.dim == 0 else None
+                if tensor is None:
+                    tensor = read_slice(handle, info, piece)
             target = dtype if info.dtype.is_floating_point else info.dtype
             tensor = tensor.to(device=device, dtype=target)
             parts = {name: tensor} if convert is None else convert(name, tensor)

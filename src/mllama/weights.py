@@ -216,18 +216,15 @@ class _FileRows:
     def __init__(self, handle: Any, info: TensorInfo, dtype: torch.dtype) -> None:
         self.handle, self.info, self.dtype = handle, info, dtype
         self.shape, self.device = torch.Size(info.shape), torch.device("cpu")
-        self._row_bytes = info.nbytes // info.shape[0]
         self._buffer = torch.empty(0, dtype=torch.uint8)
 
     def __getitem__(self, rows: slice) -> torch.Tensor:
         start, stop, step = rows.indices(self.shape[0])
         if step != 1:
             raise ValueError("rows of a checkpoint tensor are read in order, step 1")
-        n = max(0, stop - start)
-        if self._buffer.numel() < n * self._row_bytes:
-            self._buffer = torch.empty(n * self._row_bytes, dtype=torch.uint8)
-        part = TensorInfo(file=self.info.file, dtype=self.info.dtype, shape=(n, *self.shape[1:]),
-                          offset=self.info.offset + start * self._row_bytes, nbytes=n * self._row_bytes)
+        part = self.info.rows(start, max(start, stop))
+        if self._buffer.numel() < part.nbytes:
+            self._buffer = torch.empty(part.nbytes, dtype=torch.uint8)
         raw = _read_into(self.handle, part, self._buffer[:part.nbytes]).view(self.info.dtype).view(part.shape)
         return raw if raw.dtype == self.dtype else raw.to(self.dtype)
 
