@@ -325,17 +325,17 @@ def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
     _, q = _quantized_linear(mode, 50, 200, group_size=64, dtype=dtype, bias=True, seed=5)
     blocks = []
     original = type(q)._dequantize_rows
-    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, out: blocks.append((r0, r1)) or
-                        original(self, r0, r1, out))
+    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, dtype, out=None: blocks.append((r0, r1))
+                        or original(self, r0, r1, dtype, out))
     x = torch.randn(2, 20, 200).to(dtype)
     with torch.no_grad():
         out = q(x)
+        assert blocks == [(0, 16), (16, 32), (32, 48), (48, 50)]
         compute = torch.float32 if dtype == torch.float32 or not cpu_has_native_bf16() else dtype
         expected = (F.linear(x.to(compute), q.dequantize(compute)) + q.bias.to(compute)).to(dtype)
-    assert blocks == [(0, 16), (16, 32), (32, 48), (48, 50)]
     assert out.shape == (2, 20, 50) and out.dtype == dtype
     torch.testing.assert_close(out, expected, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
-    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, out: None)  # declined: whole weight
+    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, dtype, out=None: None)  # declined
     with torch.no_grad():
         torch.testing.assert_close(q(x), expected, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
 

@@ -223,8 +223,10 @@ class _QuantizedLinear(nn.Module):
         if x.shape[:-1].numel() > 0 and not torch.compiler.is_compiling() and self._on_cpu_kernels(x):
             # bf16 GEMMs are slow on a CPU without native bf16 (and fp16 on most): those go in float32
             native = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())
+            compute = x.dtype if native else torch.float32
             out = cpu_kernels.blocked_product(x.reshape(-1, self.in_features), self.out_features,
-                                              self._dequantize_rows, compute_dtype=x.dtype if native else torch.float32)
+                                              lambda r0, r1, out: self._dequantize_rows(r0, r1, compute, out),
+                                              compute_dtype=compute)
             if out is not None:
                 return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         return F.linear(x, self.dequantize(x.dtype))
@@ -232,12 +234,23 @@ class _QuantizedLinear(nn.Module):
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor | None:
-        """Output rows r0:r1 of the dequantized weight into `out` by the C dequantizer (None: not here)."""
+    def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
+                         out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Output rows r0:r1 of the dequantized weight by the C dequantizer (into `out` if given;
+        None where it does not run)."""
+        raise NotImplementedError
+
+    def _reference_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
+        """The whole dequantized weight by torch ops (differentiable, any device)."""
         raise NotImplementedError
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        raise NotImplementedError
+        dtype = dtype or self.weight_scale.dtype
+        if not torch.is_grad_enabled():  # the C dequantizer (same values) is not differentiable
+            fast = self._dequantize_rows(0, self.out_features, dtype)
+            if fast is not None:
+                return fast
+        return self._reference_dequantize(dtype)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear holding the dequantized weights (in the scales' dtype)."""
@@ -268,15 +281,11 @@ class Int8Linear(_QuantizedLinear):
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
 
-    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor | None:
-        return cpu_kernels.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=out.dtype, out=out)
+    def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
+                         out: torch.Tensor | None = None) -> torch.Tensor | None:
+        return cpu_kernels.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=dtype, out=out)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.weight_scale.dtype
-        if not torch.is_grad_enabled():  # the C dequantizer (same values) is not differentiable
-            fast = cpu_kernels.dequantize_int8(self.weight, self.weight_scale, dtype=dtype)
-            if fast is not None:
-                return fast
+    def _reference_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale, dtype=dtype)
 
 
@@ -301,18 +310,13 @@ class Int4Linear(_QuantizedLinear):
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)
 
-    def _dequantize_rows(self, r0: int, r1: int, out: torch.Tensor) -> torch.Tensor | None:
+    def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
+                         out: torch.Tensor | None = None) -> torch.Tensor | None:
         return cpu_kernels.dequantize_int4(self.weight_packed[r0:r1], self.weight_scale[r0:r1],
                                            self.weight_offset[r0:r1], group_size=self.group_size,
-                                           in_features=self.in_features, dtype=out.dtype, out=out)
+                                           in_features=self.in_features, dtype=dtype, out=out)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or self.weight_scale.dtype
-        if not torch.is_grad_enabled():  # the C dequantizer (same values) is not differentiable
-            fast = cpu_kernels.dequantize_int4(self.weight_packed, self.weight_scale, self.weight_offset,
-                                               group_size=self.group_size, in_features=self.in_features, dtype=dtype)
-            if fast is not None:
-                return fast
+    def _reference_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(self.weight_packed, self.weight_scale, self.weight_offset,
                                in_features=self.in_features, dtype=dtype)
 
