@@ -106,14 +106,13 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
                              fast_vision=fast_vision, image_cache_bytes=image_cache_bytes,
                              prefix_cache_bytes=prefix_cache_bytes)
     max_len = options["max_len"]
+    budgets = {"prefill_budget_s": step_budget_s, "prefill_budget_ratio": step_budget_ratio}
     if tensor_parallel:
         from mllama.tp_engine import LockstepEngine
 
-        if step_budget_s is not None or step_budget_ratio is not None:
-            raise ValueError("step budgets cannot be used with tensor parallelism")
-        engine: Engine = LockstepEngine(model, **options)
+        engine: Engine = LockstepEngine(model, **options, **budgets)  # refuses the budgets, naming them
     else:
-        engine = Engine(model, **options, prefill_budget_s=step_budget_s, prefill_budget_ratio=step_budget_ratio)
+        engine = Engine(model, **options, **budgets)
     defaults, stop_ids = default_sampling(model)
     options = ServerOptions(model_name=model_name, api_key=api_key, max_queue=max_queue, max_body_bytes=max_body_bytes,
                             images=images or ImagePolicy(), defaults=defaults, stop_token_ids=stop_ids)
