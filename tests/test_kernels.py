@@ -263,3 +263,22 @@ def test_every_kernel_builds_and_loads_here():
     assert cpu_kernels.count_not_finite(torch.zeros(1)) == 0
     if cpu_kernels._small_level:  # AVX2 + FMA here: every kernel in use
         assert cpu_kernels.gemv_available() and cpu_kernels.quant_kernels_available()
+
+
+@needs_kernel
+@pytest.mark.parametrize("call", ["linear_int4", "linear_int8", "gemv_float32"])
+def test_a_kernel_op_called_first_in_a_fresh_process_loads_the_kernels(call):
+    """The kernels load on first use: an int4 model's first product used to find them not yet loaded
+    and raise 'not available on this machine' unless a bf16 product had run before."""
+    code = {
+        "linear_int4": "q = quantize_int4(w, group_size=64); "
+                       "y = cpu_kernels.linear_int4(x, q['weight_packed'], q['weight_scale'], q['weight_offset'], 64)",
+        "linear_int8": "q = quantize_int8(w); y = cpu_kernels.linear_int8(x, q['weight'], q['weight_scale'])",
+        "gemv_float32": "y = cpu_kernels.gemv_float32(x, w, level=1)",
+    }[call]
+    script = ("import torch; from mllama import cpu_kernels; from mllama.quantize import quantize_int4, quantize_int8; "
+              "w = torch.randn(16, 128).bfloat16(); x = torch.randn(1, 128).bfloat16(); "
+              f"{code}; print(tuple(y.shape))")
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "(1, 16)"

@@ -150,7 +150,7 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> torch.Tensor:
     """(M, K) bf16 x (N, K) bf16 -> (M, N) float32 with the given instruction set (2 or 1; tests use both)."""
-    if _lib is None or level > _level or level < 1:
+    if not gemv_available() or level > _level or level < 1:
         raise RuntimeError(f"kernel level {level} not available (this CPU: {_level})")
     if level == 1 and rows.shape[0] > 1:  # AVX2: the tiled kernel reuses each widened weight for 4 rows
         return small_gemm(rows, "bf16", weight)
@@ -200,7 +200,7 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     or bf16. M is at most MAX_QUANT_ROWS. level: the instruction set (default the best here; 1 forces
     AVX2, as tests do; VNNI changes only the int4 path for groups of a multiple of 64, bit for bit).
     """
-    if _small is None:
+    if not quant_kernels_available():  # loads the kernels on first use
         raise RuntimeError("the small-row decode kernels are not available on this machine")
     level = _small_level if level is None else level
     if level not in (1, _small_level):
