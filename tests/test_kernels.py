@@ -20,11 +20,12 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.gemv_available(), reason="no C
 
 
 def _levels() -> list[int]:
-    return [lvl for lvl in (1, 2) if lvl <= cpu_kernels._level]
+    return [lvl for lvl in (1, 2, 3) if lvl <= cpu_kernels._level]
 
 
 @needs_kernel
-@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (1, 7, 33), (3, 130, 100), (4, 257, 4096), (2, 9, 14336), (1, 1, 1)])
+@pytest.mark.parametrize("m,n,k", [(1, 4, 32), (1, 7, 33), (3, 130, 100), (4, 257, 4096), (2, 9, 14336), (1, 1, 1),
+                                   (16, 100, 64), (5, 33, 96), (2, 31, 32), (9, 64, 4096)])
 def test_gemv_matches_float64_reference(m, n, k):
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
@@ -86,6 +87,20 @@ def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
         cpu_kernels.gemv_bf16(x, w[:, :50])
 
 
+@pytest.mark.skipif(cpu_kernels.gemv_level() < 3, reason="no AMX-BF16 on this CPU")
+@pytest.mark.parametrize("n,k", [(100, 64), (4096, 4096), (33, 14336)])
+def test_amx_rows_get_the_same_bits_in_any_batch(n, k):
+    """The tiles sum each row of x against the weights in one order whatever else is in the batch:
+    every batch of 2 to MAX_ROWS rows gives each row the bits it gets in any other such batch."""
+    gen = torch.Generator().manual_seed(n + k)
+    x = torch.randn(cpu_kernels.MAX_ROWS, k, generator=gen).bfloat16()
+    w = torch.randn(n, k, generator=gen).bfloat16()
+    full = cpu_kernels.gemv_float32(x, w, level=3)
+    for m in range(2, cpu_kernels.MAX_ROWS):
+        assert torch.equal(cpu_kernels.gemv_float32(x[:m], w, level=3), full[:m]), m
+        assert torch.equal(cpu_kernels.gemv_float32(x[-m:], w, level=3), full[-m:]), m
+
+
 @needs_kernel
 def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
     from mllama import linear
@@ -98,7 +113,11 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
     with torch.no_grad():
         monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)
         assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
-        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)  # native bf16: torch's GEMM past 4 rows
+        monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)
+        if cpu_kernels.gemv_level() == 3:  # AMX tiles: the kernel up to MAX_ROWS
+            assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
+            assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        monkeypatch.setattr(cpu_kernels, "_level", min(cpu_kernels._level, 2))  # native bf16, no AMX: torch's GEMM past 4 rows
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
         four = few[:, :linear.NATIVE_BF16_KERNEL_ROWS]

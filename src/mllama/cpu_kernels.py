@@ -91,6 +91,12 @@ def gemv_available() -> bool:
     return _lib is not None
 
 
+def gemv_level() -> int:
+    """csrc/gemv_bf16.c's instruction set here: 0 not available, 1 AVX2, 2 AVX-512 BF16, 3 also AMX-BF16
+    (2 to MAX_ROWS rows of x in tiles: the weights stream once at memory speed for all of them)."""
+    return _level if gemv_available() else 0
+
+
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` should go through the kernel: few rows, bf16, CPU, no autograd."""
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"

@@ -10,7 +10,10 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #define BLOCK 8
 #ifndef PREFETCH
@@ -53,6 +56,100 @@ static float bf16_to_float(uint16_t v) {
 DEFINE_AVX512(rows_avx512bf16_block, BLOCK)
 DEFINE_AVX512(rows_avx512bf16_one, 1)
 
+/* AMX-BF16 (Intel Sapphire Rapids and later): one tile product multiplies a 16 x 32 bf16 tile by a
+ * 32 x 16 one into 16 x 16 float32, pairs of products accumulated in float32 as vdpbf16ps does. The
+ * weight block is the first operand, read in place (16 rows of 32 values each, a row stride apart):
+ * no repacking. x, packed once per call into pairs of k (the second operand's layout), fills up to 16
+ * columns; a tile product costs the same for 1 or 16 of them, so every row count up to 16 streams the
+ * weights once at memory speed, where the AVX-512 loop rereads each block once per row of x. Each
+ * output depends only on its own row of x and the weights, summed in the same order: the rows of a
+ * batch of 2 to 16 get the same bits whatever the batch. */
+#ifndef AMX_TILES
+#define AMX_TILES 2  /* result tiles of 16 weight rows per block (2 streamed faster than 4 or 1) */
+#endif
+#define AMX_ROWS (16 * AMX_TILES)
+#ifndef AMX_PREFETCH
+#define AMX_PREFETCH 0  /* software prefetch slowed these tile loads down */
+#endif
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Linux hands out the AMX register state only to processes that ask (once; every thread then has it). */
+static int amx_usable(void) {
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+#define AMX_PRODUCT(C, A, ROW)                                                                      \
+    _tile_loadd(A, w + (row0 + (ROW)) * k + kb * 32, k * 2);                                        \
+    _tile_dpbf16ps(C, A, 6);
+
+/* Rows [row0, row0 + AMX_ROWS) of w against the packed x; results for the first m columns. */
+__attribute__((target("amx-tile,amx-bf16,avx512f")))
+static void amx_block(const uint16_t *w, const uint32_t *xpack, float *out, int64_t row0, int64_t m, int64_t n,
+                      int64_t k) {
+    _tile_zero(0);
+    if (AMX_TILES > 1) _tile_zero(1);
+    if (AMX_TILES > 2) _tile_zero(2);
+    if (AMX_TILES > 3) _tile_zero(3);
+    for (int64_t kb = 0; kb < k / 32; kb++) {
+        _tile_loadd(6, xpack + kb * 256, 64);  /* 16 pairs of k x 16 columns of x */
+        if (AMX_PREFETCH)
+            for (int r = 0; r < AMX_ROWS; r++) __builtin_prefetch((const char *)(w + (row0 + r) * k + kb * 32) + AMX_PREFETCH);
+        AMX_PRODUCT(0, 4, 0)
+        if (AMX_TILES > 1) { AMX_PRODUCT(1, 5, 16) }
+        if (AMX_TILES > 2) { AMX_PRODUCT(2, 4, 32) }
+        if (AMX_TILES > 3) { AMX_PRODUCT(3, 5, 48) }
+    }
+    float c[4][16][16] __attribute__((aligned(64)));  /* [tile][weight row][row of x] */
+    _tile_stored(0, c[0], 64);
+    if (AMX_TILES > 1) _tile_stored(1, c[1], 64);
+    if (AMX_TILES > 2) _tile_stored(2, c[2], 64);
+    if (AMX_TILES > 3) _tile_stored(3, c[3], 64);
+    for (int64_t j = 0; j < m; j++)
+        for (int t = 0; t < AMX_TILES; t++)
+            for (int r = 0; r < 16; r++) out[j * n + row0 + 16 * t + r] = c[t][r][j];
+}
+
+/* x: (m <= 16, k) with k a multiple of 32; rows past the last whole block of 64 go to the AVX-512 loop.
+ * Returns 0, or -1 without memory for the packed x. */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
+static int gemv_amx(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k, int threads) {
+    /* (k / 32, 16, 16) pairs: [k block][pair of k][row of x], zero past m */
+    uint32_t *xpack = aligned_alloc(64, (size_t)(k / 32) * 1024);
+    if (!xpack) return -1;
+    memset(xpack, 0, (size_t)(k / 32) * 1024);
+    for (int64_t j = 0; j < m; j++) {
+        const uint32_t *pairs = (const uint32_t *)(x + j * k);
+        for (int64_t p = 0; p < k / 2; p++) xpack[(p / 16) * 256 + (p % 16) * 16 + j] = pairs[p];
+    }
+    tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < 7; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    const int64_t blocks = n / AMX_ROWS;
+#pragma omp parallel num_threads(threads)
+    {
+        _tile_loadconfig(&cfg);
+#pragma omp for schedule(dynamic, 1) nowait
+        for (int64_t b = 0; b < blocks; b++) amx_block(w, xpack, out, b * AMX_ROWS, m, n, k);
+        _tile_release();
+#pragma omp for schedule(static)
+        for (int64_t row = blocks * AMX_ROWS; row < n; row++)
+            for (int64_t j = 0; j < m; j++) rows_avx512bf16_one(x + j * k, w + row * k, out + j * n + row, k);
+    }
+    free(xpack);
+    return 0;
+}
+
 /* AVX2 + FMA: widen bf16 to float32 (a 16-bit shift) and fused multiply-add; scalar tail. */
 __attribute__((target("avx2,fma")))
 static inline __m256 widen(const uint16_t *p) {
@@ -82,16 +179,21 @@ static inline __m256 widen(const uint16_t *p) {
 DEFINE_AVX2(rows_avx2_block, BLOCK)
 DEFINE_AVX2(rows_avx2_one, 1)
 
-/* Which instruction set this CPU can run: 2 = AVX-512 BF16, 1 = AVX2 + FMA, 0 = neither. */
+/* Which instruction set this CPU can run: 3 = AMX-BF16 (with AVX-512 BF16), 2 = AVX-512 BF16,
+ * 1 = AVX2 + FMA, 0 = neither. */
 int mllama_gemv_level(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) return 2;
+    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
+        return amx_usable() ? 3 : 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
 }
 
 void mllama_gemv_bf16(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                       int threads, int level) {
+    /* one row: the AVX-512 loop streams a little faster than the tiles (benchmarks/RESULTS.md) */
+    if (level == 3 && 2 <= m && m <= 16 && k % 32 == 0 && gemv_amx(x, w, out, m, n, k, threads) == 0) return;
+    if (level == 3) level = 2;
     const int64_t blocks = n / BLOCK;
 #pragma omp parallel num_threads(threads)
     {
