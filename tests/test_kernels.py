@@ -88,15 +88,18 @@ def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
 
 
 @pytest.mark.skipif(cpu_kernels.gemv_level() < 3, reason="no AMX-BF16 on this CPU")
-@pytest.mark.parametrize("n,k", [(100, 64), (4096, 4096), (33, 14336)])
+@pytest.mark.parametrize("n,k", [(100, 64), (4096, 4096), (33, 14336), (31, 32)])
 def test_amx_rows_get_the_same_bits_in_any_batch(n, k):
     """The tiles sum each row of x against the weights in one order whatever else is in the batch:
-    every batch of 2 to MAX_ROWS rows gives each row the bits it gets in any other such batch."""
+    every batch of 2 to MAX_AMX_ROWS rows gives each row the bits it gets in any other such batch
+    (one or two tiles of x per pass, a partial last tile)."""
     gen = torch.Generator().manual_seed(n + k)
-    x = torch.randn(cpu_kernels.MAX_ROWS, k, generator=gen).bfloat16()
+    x = torch.randn(cpu_kernels.MAX_AMX_ROWS, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()
     full = cpu_kernels.gemv_float32(x, w, level=3)
-    for m in range(2, cpu_kernels.MAX_ROWS):
+    ref = x.double() @ w.double().T
+    assert ((full.double() - ref).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-30).all()
+    for m in (2, 3, 15, 16, 17, 31, 32, 33, 48, 63):
         assert torch.equal(cpu_kernels.gemv_float32(x[:m], w, level=3), full[:m]), m
         assert torch.equal(cpu_kernels.gemv_float32(x[-m:], w, level=3), full[-m:]), m
 
@@ -114,9 +117,12 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
         monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)
         assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
         monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: True)
-        if cpu_kernels.gemv_level() == 3:  # AMX tiles: the kernel up to MAX_ROWS
-            assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
-            assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        if cpu_kernels.gemv_level() == 3:  # AMX tiles: the kernel up to MAX_AMX_ROWS
+            assert torch.equal(layer(many), cpu_kernels.gemv_bf16(many, layer.weight) + layer.bias)
+            most = torch.randn(1, cpu_kernels.MAX_AMX_ROWS, 64).bfloat16()
+            assert torch.equal(layer(most), cpu_kernels.gemv_bf16(most, layer.weight) + layer.bias)
+            more = torch.randn(1, cpu_kernels.MAX_AMX_ROWS + 1, 64).bfloat16()
+            assert torch.equal(layer(more), F.linear(more, layer.weight, layer.bias))
         monkeypatch.setattr(cpu_kernels, "_level", min(cpu_kernels._level, 2))  # native bf16, no AMX: torch's GEMM past 4 rows
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))

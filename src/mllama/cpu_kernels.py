@@ -35,6 +35,7 @@ SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
 FINITE_SOURCE = Path(__file__).parent / "csrc" / "finite.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
+MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemv_bf16.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
 MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
 
 _lib: ctypes.CDLL | None = None
@@ -93,14 +94,19 @@ def gemv_available() -> bool:
 
 def gemv_level() -> int:
     """csrc/gemv_bf16.c's instruction set here: 0 not available, 1 AVX2, 2 AVX-512 BF16, 3 also AMX-BF16
-    (2 to MAX_ROWS rows of x in tiles: the weights stream once at memory speed for all of them)."""
+    (2 to MAX_AMX_ROWS rows of x in tiles: up to 16 stream the weights once at memory speed)."""
     return _level if gemv_available() else 0
+
+
+def gemv_max_rows() -> int:
+    """The most rows of x that use_gemv sends to the kernel here."""
+    return MAX_AMX_ROWS if gemv_level() >= 3 else MAX_ROWS
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether `x @ weight.T` should go through the kernel: few rows, bf16, CPU, no autograd."""
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
-            and weight.device.type == "cpu" and x.shape[:-1].numel() <= MAX_ROWS
+            and weight.device.type == "cpu" and x.shape[:-1].numel() <= gemv_max_rows()
             and not torch.is_grad_enabled() and gemv_available())
 
 

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama.cpu_kernels import MAX_ROWS, gemv_available, gemv_bf16, gemv_level, use_gemv
+from mllama.cpu_kernels import MAX_AMX_ROWS, MAX_ROWS, gemv_available, gemv_bf16, gemv_level, use_gemv
 
 
 def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module | None]) -> list[str]:
@@ -40,8 +40,8 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module
 
 WIDE_MIN_ROWS = 112  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
 # On a CPU with native bf16, torch's GEMM overtakes the decode kernel's AVX-512 loop from about 4 rows
-# (1.3-1.6x faster at 16: benchmarks/RESULTS.md); without it, or with the kernel's AMX tiles, the
-# kernel wins up to MAX_ROWS.
+# (1.3-1.6x faster at 16: benchmarks/RESULTS.md); without it the kernel wins up to MAX_ROWS, and
+# with the kernel's AMX tiles up to MAX_AMX_ROWS.
 NATIVE_BF16_KERNEL_ROWS = 4
 WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a time
 
@@ -73,9 +73,9 @@ def _slow_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> int | None:
 
 def decode_kernel_rows() -> int:
     """The most rows of a bf16 product that go through the decode kernel on this CPU."""
-    if not cpu_has_native_bf16() or gemv_level() >= 3:
-        return MAX_ROWS
-    return NATIVE_BF16_KERNEL_ROWS
+    if gemv_level() >= 3:
+        return MAX_AMX_ROWS
+    return NATIVE_BF16_KERNEL_ROWS if cpu_has_native_bf16() else MAX_ROWS
 
 
 def use_decode_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -121,7 +121,7 @@ class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with faster bf16 products on CPUs.
 
     A product with at most cpu_kernels.MAX_ROWS rows (NATIVE_BF16_KERNEL_ROWS on a CPU with native
-    bf16 but no AMX) in bf16 on the CPU, outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
+    bf16 but no AMX, MAX_AMX_ROWS with AMX) in bf16 on the CPU, outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
     weight faster than F.linear with few rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
     (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear);
     everything else (float32, autograd, GPU) calls F.linear.

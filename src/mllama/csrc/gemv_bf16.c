@@ -59,18 +59,14 @@ DEFINE_AVX512(rows_avx512bf16_one, 1)
 /* AMX-BF16 (Intel Sapphire Rapids and later): one tile product multiplies a 16 x 32 bf16 tile by a
  * 32 x 16 one into 16 x 16 float32, pairs of products accumulated in float32 as vdpbf16ps does. The
  * weight block is the first operand, read in place (16 rows of 32 values each, a row stride apart):
- * no repacking. x, packed once per call into pairs of k (the second operand's layout), fills up to 16
- * columns; a tile product costs the same for 1 or 16 of them, so every row count up to 16 streams the
- * weights once at memory speed, where the AVX-512 loop rereads each block once per row of x. Each
- * output depends only on its own row of x and the weights, summed in the same order: the rows of a
- * batch of 2 to 16 get the same bits whatever the batch. */
-#ifndef AMX_TILES
-#define AMX_TILES 2  /* result tiles of 16 weight rows per block (2 streamed faster than 4 or 1) */
-#endif
-#define AMX_ROWS (16 * AMX_TILES)
-#ifndef AMX_PREFETCH
-#define AMX_PREFETCH 0  /* software prefetch slowed these tile loads down */
-#endif
+ * no repacking. x, packed once per call into pairs of k (the second operand's layout), fills 16
+ * columns per tile; a tile product costs the same for 1 or 16 of them, so up to 16 rows of x stream
+ * the weights once at memory speed, where the AVX-512 loop rereads each block once per row of x.
+ * A block of 32 weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over
+ * k; more rows of x pass over the same block again, from cache. Each output is its own row of x
+ * against the weights, summed in one order: a row gets the same bits in any batch of 2 or more. */
+#define AMX_ROWS 32        /* weight rows per block: two tiles (streamed faster than one or four) */
+#define AMX_MAX_M 64       /* more rows of x: the AVX-512 loop (torch's GEMM wins from about 128) */
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
@@ -86,52 +82,82 @@ static int amx_usable(void) {
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
 }
 
-#define AMX_PRODUCT(C, A, ROW)                                                                      \
-    _tile_loadd(A, w + (row0 + (ROW)) * k + kb * 32, k * 2);                                        \
-    _tile_dpbf16ps(C, A, 6);
+/* Tile t of c ([tile][weight row][column of x]) to out, for `cols` rows of x from j0 and 16 weight rows from row. */
+static void amx_put(const float c[16][16], float *out, int64_t n, int64_t row, int64_t j0, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++)
+        for (int r = 0; r < 16; r++) out[(j0 + j) * n + row + r] = c[r][j];
+}
 
-/* Rows [row0, row0 + AMX_ROWS) of w against the packed x; results for the first m columns. */
+/* Rows [row0, row0 + 32) of w against every row of x (xpack: (m tiles, k / 32, 16, 16) pairs). */
 __attribute__((target("amx-tile,amx-bf16,avx512f")))
 static void amx_block(const uint16_t *w, const uint32_t *xpack, float *out, int64_t row0, int64_t m, int64_t n,
                       int64_t k) {
-    _tile_zero(0);
-    if (AMX_TILES > 1) _tile_zero(1);
-    if (AMX_TILES > 2) _tile_zero(2);
-    if (AMX_TILES > 3) _tile_zero(3);
-    for (int64_t kb = 0; kb < k / 32; kb++) {
-        _tile_loadd(6, xpack + kb * 256, 64);  /* 16 pairs of k x 16 columns of x */
-        if (AMX_PREFETCH)
-            for (int r = 0; r < AMX_ROWS; r++) __builtin_prefetch((const char *)(w + (row0 + r) * k + kb * 32) + AMX_PREFETCH);
-        AMX_PRODUCT(0, 4, 0)
-        if (AMX_TILES > 1) { AMX_PRODUCT(1, 5, 16) }
-        if (AMX_TILES > 2) { AMX_PRODUCT(2, 4, 32) }
-        if (AMX_TILES > 3) { AMX_PRODUCT(3, 5, 48) }
+    const uint16_t *w0 = w + row0 * k, *w1 = w + (row0 + 16) * k;
+    const int64_t kblocks = k / 32, stride = k * 2;
+    float c[4][16][16] __attribute__((aligned(64)));  /* [result tile][weight row][column of x] */
+    int64_t j0 = 0;
+    for (; m - j0 > 16; j0 += 32) {  /* two tiles of x: results (w0, x0) (w1, x0) (w0, x1) (w1, x1) */
+        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256, *x1 = x0 + kblocks * 256;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(6, x0 + kb * 256, 64);
+            _tile_loadd(7, x1 + kb * 256, 64);
+            _tile_loadd(4, w0 + kb * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, w1 + kb * 32, stride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        const int64_t cols1 = m - j0 - 16 < 16 ? m - j0 - 16 : 16;
+        amx_put(c[0], out, n, row0, j0, 16);
+        amx_put(c[1], out, n, row0 + 16, j0, 16);
+        amx_put(c[2], out, n, row0, j0 + 16, cols1);
+        amx_put(c[3], out, n, row0 + 16, j0 + 16, cols1);
     }
-    float c[4][16][16] __attribute__((aligned(64)));  /* [tile][weight row][row of x] */
-    _tile_stored(0, c[0], 64);
-    if (AMX_TILES > 1) _tile_stored(1, c[1], 64);
-    if (AMX_TILES > 2) _tile_stored(2, c[2], 64);
-    if (AMX_TILES > 3) _tile_stored(3, c[3], 64);
-    for (int64_t j = 0; j < m; j++)
-        for (int t = 0; t < AMX_TILES; t++)
-            for (int r = 0; r < 16; r++) out[j * n + row0 + 16 * t + r] = c[t][r][j];
+    if (j0 < m) {  /* one tile of x left: results (w0, x) (w1, x) */
+        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(6, x0 + kb * 256, 64);
+            _tile_loadd(4, w0 + kb * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, w1 + kb * 32, stride);
+            _tile_dpbf16ps(1, 5, 6);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        amx_put(c[0], out, n, row0, j0, m - j0);
+        amx_put(c[1], out, n, row0 + 16, j0, m - j0);
+    }
 }
 
-/* x: (m <= 16, k) with k a multiple of 32; rows past the last whole block of 64 go to the AVX-512 loop.
- * Returns 0, or -1 without memory for the packed x. */
+/* x: (m <= AMX_MAX_M, k) with k a multiple of 32; weight rows past the last whole block of 32 go to
+ * the AVX-512 loop. Returns 0, or -1 without memory for the packed x. */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
 static int gemv_amx(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k, int threads) {
-    /* (k / 32, 16, 16) pairs: [k block][pair of k][row of x], zero past m */
-    uint32_t *xpack = aligned_alloc(64, (size_t)(k / 32) * 1024);
+    const int64_t mtiles = (m + 15) / 16, kblocks = k / 32;
+    /* (m tiles, k / 32, 16, 16) pairs: [tile of x][k block][pair of k][row of x in the tile], 0 past m */
+    const size_t bytes = (size_t)(mtiles * kblocks) * 1024;
+    uint32_t *xpack = aligned_alloc(64, bytes);
     if (!xpack) return -1;
-    memset(xpack, 0, (size_t)(k / 32) * 1024);
+    memset(xpack, 0, bytes);
     for (int64_t j = 0; j < m; j++) {
         const uint32_t *pairs = (const uint32_t *)(x + j * k);
-        for (int64_t p = 0; p < k / 2; p++) xpack[(p / 16) * 256 + (p % 16) * 16 + j] = pairs[p];
+        uint32_t *tile = xpack + (j / 16) * kblocks * 256 + j % 16;
+        for (int64_t p = 0; p < k / 2; p++) tile[(p / 16) * 256 + (p % 16) * 16] = pairs[p];
     }
     tile_config cfg = {0};
     cfg.palette = 1;
-    for (int t = 0; t < 7; t++) {
+    for (int t = 0; t < 8; t++) {
         cfg.colsb[t] = 64;
         cfg.rows[t] = 16;
     }
@@ -192,7 +218,7 @@ int mllama_gemv_level(void) {
 void mllama_gemv_bf16(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                       int threads, int level) {
     /* one row: the AVX-512 loop streams a little faster than the tiles (benchmarks/RESULTS.md) */
-    if (level == 3 && 2 <= m && m <= 16 && k % 32 == 0 && gemv_amx(x, w, out, m, n, k, threads) == 0) return;
+    if (level == 3 && 2 <= m && m <= AMX_MAX_M && k % 32 == 0 && gemv_amx(x, w, out, m, n, k, threads) == 0) return;
     if (level == 3) level = 2;
     const int64_t blocks = n / BLOCK;
 #pragma omp parallel num_threads(threads)
