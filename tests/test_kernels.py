@@ -20,7 +20,7 @@ needs_kernel = pytest.mark.skipif(not cpu_kernels.gemv_available(), reason="no C
 
 
 def _levels() -> list[int]:
-    return [lvl for lvl in (1, 2, 3) if lvl <= cpu_kernels._level]
+    return [lvl for lvl in (1, 2, 3) if lvl <= cpu_kernels.gemv_level()]
 
 
 @needs_kernel
@@ -123,7 +123,7 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
             assert torch.equal(layer(most), cpu_kernels.gemv_bf16(most, layer.weight) + layer.bias)
             more = torch.randn(1, cpu_kernels.MAX_AMX_ROWS + 1, 64).bfloat16()
             assert torch.equal(layer(more), F.linear(more, layer.weight, layer.bias))
-        monkeypatch.setattr(cpu_kernels, "_level", min(cpu_kernels._level, 2))  # native bf16, no AMX: torch's GEMM past 4 rows
+        monkeypatch.setattr(cpu_kernels, "_amx", False)  # native bf16, no AMX: torch's GEMM past 4 rows
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
         four = few[:, :linear.NATIVE_BF16_KERNEL_ROWS]

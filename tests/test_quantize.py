@@ -92,13 +92,14 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         x = torch.randn(rows, k, generator=gen).to(dtype)
         ref = x.double() @ w.T + q.bias.double()
         bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
-        kernel = q._use_kernel(x)  # else the blocked dequantize + GEMM (fewer rows with native bf16)
+        # else the AMX tiles or the blocked dequantize + GEMM (fewer kernel rows with native bf16)
+        kernel = q._use_kernel(x) and not q._use_amx(x)
         assert kernel == (rows <= cpu_kernels.MAX_QUANT_ROWS) or dtype == torch.bfloat16
         if kernel:
             bound = bound + _x_rounding_bound(q, x)
         if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
             bound = bound + ref.abs() * 2**-7 + q.bias.double().abs() * 2**-8
-            if not kernel:  # prefill: the weight itself may be dequantized to bf16
+            if not kernel:  # prefill and AMX: the weight itself may be dequantized to bf16
                 bound = bound + 2**-8 * (x.double().abs() @ w.abs().T)
         with torch.no_grad():
             out = q(x)
@@ -443,3 +444,29 @@ def test_cli_default_group_size_is_the_library_default():
 
     assert mllama.cli.DEFAULT_GROUP_SIZE == mllama.quantize.DEFAULT_GROUP_SIZE
     assert QuantizationConfig("int4").group_size == mllama.quantize.DEFAULT_GROUP_SIZE == 128
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this CPU")
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32), ("int4", 128)])
+@pytest.mark.parametrize("n,k", [(70, 256), (33, 1056), (31, 64)])
+def test_amx_product_is_the_dequantized_weight_through_the_tiles(mode, group, n, k):
+    """The fused AMX path dequantizes a block of rows into the thread's buffer and runs the tiles on
+    it: bit for bit what dequantize_* then the bf16 tiles give (n past the 32-row blocks, int4 rows
+    padded past k), and within float rounding of a float64 product over the bf16 weight."""
+    _, q = _quantized_linear(mode, n, k, group_size=group or 64, dtype=torch.bfloat16, seed=n + k)
+    wq = q.dequantize(torch.bfloat16)
+    gen = torch.Generator().manual_seed(k)
+    for rows in (2, 15, 17, 33, cpu_kernels.MAX_AMX_ROWS):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        out = q._amx_product(x)
+        assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
+        assert torch.equal(out, cpu_kernels.gemv_float32(x, wq, level=3)), rows
+        ref = x.double() @ wq.double().T
+        assert ((out.double() - ref).abs() <= 1e-6 * (x.double().abs() @ wq.double().abs().T) + 1e-30).all()
+    assert q._amx_product(torch.randn(1, k).bfloat16()) is None  # one row: the small-row kernel
+    assert q._amx_product(torch.randn(cpu_kernels.MAX_AMX_ROWS + 1, k).bfloat16()) is None
+    from mllama.quantize import AMX_MIN_ROWS
+
+    with torch.no_grad():  # the module routes AMX_MIN_ROWS rows there
+        x = torch.randn(AMX_MIN_ROWS[mode], k, generator=gen).bfloat16()
+        assert torch.equal(q(x), q._amx_product(x).bfloat16())

@@ -43,6 +43,7 @@ _small: ctypes.CDLL | None = None
 _finite: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
+_amx = False  # csrc/gemm_small.c's AMX-BF16 tiles run here
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -53,7 +54,7 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _finite, _level, _small_level, _tried
+    global _lib, _small, _finite, _level, _small_level, _tried, _amx
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
@@ -71,6 +72,9 @@ def _load() -> None:
                                         + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                                    ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small.restype = ctypes.c_int
+    small.mllama_gemm_amx.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
+                                      + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    small.mllama_gemm_amx.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
@@ -84,6 +88,7 @@ def _load() -> None:
     _lib = lib if _level > 0 else None
     _small_level = small.mllama_gemm_small_level()
     _small = small if _lib is not None and _small_level else None
+    _amx = _small is not None and _level == 2 and bool(small.mllama_amx_usable())
 
 
 def gemv_available() -> bool:
@@ -93,9 +98,38 @@ def gemv_available() -> bool:
 
 
 def gemv_level() -> int:
-    """csrc/gemv_bf16.c's instruction set here: 0 not available, 1 AVX2, 2 AVX-512 BF16, 3 also AMX-BF16
-    (2 to MAX_AMX_ROWS rows of x in tiles: up to 16 stream the weights once at memory speed)."""
-    return _level if gemv_available() else 0
+    """The bf16 decode kernel's instruction set here: 0 not available, 1 AVX2, 2 AVX-512 BF16 (both
+    csrc/gemv_bf16.c), 3 also AMX-BF16 (csrc/gemm_small.c's tiles for 2 to MAX_AMX_ROWS rows of x:
+    up to 16 stream the weights once at memory speed)."""
+    if not gemv_available():
+        return 0
+    return 3 if _amx else _level
+
+
+def amx_available() -> bool:
+    return gemv_level() == 3
+
+
+def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor | None:
+    """(M, K) bf16 x weights in `fmt` (as small_gemm) -> (M, N) float32 through the AMX tiles (int8
+    and int4 dequantized to bf16 a block of rows at a time, the values dequantize_* give); None where
+    they do not run: no AMX, M outside 2..MAX_AMX_ROWS, K not a multiple of 32, x not bf16."""
+    m, k = x.shape
+    if not amx_available() or not 2 <= m <= MAX_AMX_ROWS or k % 32 or x.dtype != torch.bfloat16:
+        return None
+    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    params = [p for p in (scale, offset) if p is not None]
+    scale_bf16 = bool(params) and params[0].dtype == torch.bfloat16
+    if any(p.dtype != (torch.bfloat16 if scale_bf16 else torch.float32) or not p.is_contiguous() for p in params):
+        return None
+    x, weight = x.contiguous(), weight.contiguous()
+    out = torch.empty(m, weight.shape[0], dtype=torch.float32)
+    rc = _small.mllama_gemm_amx(_FORMATS[fmt], x.data_ptr(), m, weight.shape[0], k_row, k, weight.data_ptr(),
+                                scale.data_ptr() if scale is not None else None,
+                                offset.data_ptr() if offset is not None else None,
+                                int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
+    return out if rc == 0 else None
 
 
 def gemv_max_rows() -> int:
@@ -156,14 +190,19 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
     if weight.dim() != 2 or weight.shape[1] != k:
         raise ValueError(f"gemv_bf16: x has {k} features but weight has shape {tuple(weight.shape)}")
-    out = gemv_float32(x.reshape(-1, k), weight, level=_level)
+    out = gemv_float32(x.reshape(-1, k), weight, level=gemv_level())
     return out.to(torch.bfloat16).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> torch.Tensor:
     """(M, K) bf16 x (N, K) bf16 -> (M, N) float32 with the given instruction set (2 or 1; tests use both)."""
-    if not gemv_available() or level > _level or level < 1:
-        raise RuntimeError(f"kernel level {level} not available (this CPU: {_level})")
+    if not gemv_available() or level > gemv_level() or level < 1:
+        raise RuntimeError(f"kernel level {level} not available (this CPU: {gemv_level()})")
+    if level == 3:
+        out = amx_product(rows, "bf16", weight)
+        if out is not None:
+            return out
+        level = 2  # one row (the AVX-512 loop streams it a little faster), or a shape the tiles do not take
     if level == 1 and rows.shape[0] > 1:  # AVX2: the tiled kernel reuses each widened weight for 4 rows
         return small_gemm(rows, "bf16", weight)
     rows, weight = rows.contiguous(), weight.contiguous()

@@ -185,6 +185,10 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
 # On a CPU with native bf16, the blocked dequantize + GEMM overtakes the small-row kernels from about
 # this many rows of bf16 x (benchmarks/RESULTS.md); elsewhere they win up to MAX_QUANT_ROWS.
 NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
+# Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
+# them instead, the weights dequantized a block at a time (faster than the small-row kernels from
+# here; benchmarks/RESULTS.md).
+AMX_MIN_ROWS = {"int8": 4, "int4": 8}
 
 
 class _QuantizedLinear(nn.Module):
@@ -215,9 +219,18 @@ class _QuantizedLinear(nn.Module):
         out = self.product(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
+    def _use_amx(self, x: torch.Tensor) -> bool:
+        rows = x.shape[:-1].numel()
+        return (x.dtype == torch.bfloat16 and AMX_MIN_ROWS[self.mode] <= rows <= cpu_kernels.MAX_AMX_ROWS
+                and not torch.compiler.is_compiling() and self._on_cpu_kernels(x) and cpu_kernels.amx_available())
+
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T without the bias: the small-row kernel, else the blocked dequantize + GEMM, else
-        (autograd, torch.compile, no kernels) F.linear over the whole dequantized weight."""
+        """x @ W.T without the bias: the AMX tiles or the small-row kernel, else the blocked dequantize
+        + GEMM, else (autograd, torch.compile, no kernels) F.linear over the whole dequantized weight."""
+        if self._use_amx(x):
+            out = self._amx_product(x.reshape(-1, self.in_features))
+            if out is not None:
+                return out.to(x.dtype).view(*x.shape[:-1], self.out_features)
         if self._use_kernel(x):
             return self._kernel_product(x)
         if x.shape[:-1].numel() > 0 and not torch.compiler.is_compiling() and self._on_cpu_kernels(x):
@@ -232,6 +245,10 @@ class _QuantizedLinear(nn.Module):
         return F.linear(x, self.dequantize(x.dtype))
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        """(M, in_features) bf16 -> (M, out_features) float32 by cpu_kernels.amx_product (None: declined)."""
         raise NotImplementedError
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
@@ -281,6 +298,9 @@ class Int8Linear(_QuantizedLinear):
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
 
+    def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_kernels.amx_product(x, "int8", self.weight, self.weight_scale)
+
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
         return cpu_kernels.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=dtype, out=out)
@@ -309,6 +329,10 @@ class Int4Linear(_QuantizedLinear):
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)
+
+    def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
+        return cpu_kernels.amx_product(x, "int4", self.weight_packed, self.weight_scale, self.weight_offset,
+                                       group_size=self.group_size)
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:

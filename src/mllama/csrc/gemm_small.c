@@ -24,6 +24,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #ifndef RB
 #define RB 24      /* weight rows per work item: a multiple of 8, 4 and 3 */
@@ -647,4 +649,182 @@ int mllama_dequant_int8(const int8_t *w, const void *scale, int scale_bf16, int6
         }
     }
     return 0;
+}
+
+/* The dot product of two bf16 vectors of k values (k a multiple of 32), pairs of products in float32. */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static float dot_bf16_avx512(const uint16_t *a, const uint16_t *b, int64_t k) {
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t i = 0; i < k; i += 32)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(a + i)),
+                               (__m512bh)_mm512_loadu_si512((const void *)(b + i)));
+    return _mm512_reduce_add_ps(acc);
+}
+
+/* ---- AMX-BF16 (Intel Sapphire Rapids and later) ------------------------------------------------
+ * One tile product multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32, pairs of
+ * products accumulated in float32 as vdpbf16ps does. The weights are the first operand: bf16 weights
+ * are read in place (16 rows of 32 values, a row stride apart: no repacking); int8 and int4 weights
+ * are first dequantized, a block of 32 rows at a time, into a buffer of the thread's that stays in
+ * its cache (the same bf16 values as mllama_dequant_int4 / _int8 give). x, packed once per call into
+ * pairs of k (the second operand's layout), fills 16 columns per tile; a tile product costs the same
+ * for 1 or 16 of them, so up to 16 rows of x stream the weights once at memory speed. A block of 32
+ * weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over k; more rows
+ * of x pass over the same block again, from cache. Each output is its own row of x against the
+ * weights, summed in one order: a row gets the same bits in any batch. */
+#define AMX_ROWS 32        /* weight rows per block: two tiles (streamed faster than one or four) */
+#define AMX_MAX_M 64       /* rows of x per call (torch's GEMM wins from about 128) */
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+/* Whether the tiles run here: the CPU has them and Linux grants this process their register state
+ * (asked once; every thread then has it). */
+int mllama_amx_usable(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile") || !dequant_avx512(0)) return 0;
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+}
+
+/* 16 weight rows from `row` x `cols` rows of x from j0, from a stored tile c[weight row][column of x]. */
+static void amx_put(const float c[16][16], float *out, int64_t n, int64_t row, int64_t j0, int64_t cols) {
+    for (int64_t j = 0; j < cols; j++)
+        for (int r = 0; r < 16; r++) out[(j0 + j) * n + row + r] = c[r][j];
+}
+
+/* 32 bf16 weight rows (w0: the first 16, w1: the next, `stride` bytes between rows) against every
+ * row of x (xpack: (m tiles, k / 32, 16, 16) pairs of k), to out's columns row0 ... row0 + 31. */
+__attribute__((target("amx-tile,amx-bf16,avx512f")))
+static void amx_block(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t *xpack, float *out,
+                      int64_t row0, int64_t m, int64_t n, int64_t k) {
+    const int64_t kblocks = k / 32;
+    float c[4][16][16] __attribute__((aligned(64)));  /* [result tile][weight row][column of x] */
+    int64_t j0 = 0;
+    for (; m - j0 > 16; j0 += 32) {  /* two tiles of x: results (w0, x0) (w1, x0) (w0, x1) (w1, x1) */
+        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256, *x1 = x0 + kblocks * 256;
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(6, x0 + kb * 256, 64);
+            _tile_loadd(7, x1 + kb * 256, 64);
+            _tile_loadd(4, w0 + kb * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_loadd(5, w1 + kb * 32, stride);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        _tile_stored(2, c[2], 64);
+        _tile_stored(3, c[3], 64);
+        const int64_t cols1 = m - j0 - 16 < 16 ? m - j0 - 16 : 16;
+        amx_put(c[0], out, n, row0, j0, 16);
+        amx_put(c[1], out, n, row0 + 16, j0, 16);
+        amx_put(c[2], out, n, row0, j0 + 16, cols1);
+        amx_put(c[3], out, n, row0 + 16, j0 + 16, cols1);
+    }
+    if (j0 < m) {  /* one tile of x left: results (w0, x) (w1, x) */
+        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256;
+        _tile_zero(0);
+        _tile_zero(1);
+        for (int64_t kb = 0; kb < kblocks; kb++) {
+            _tile_loadd(6, x0 + kb * 256, 64);
+            _tile_loadd(4, w0 + kb * 32, stride);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_loadd(5, w1 + kb * 32, stride);
+            _tile_dpbf16ps(1, 5, 6);
+        }
+        _tile_stored(0, c[0], 64);
+        _tile_stored(1, c[1], 64);
+        amx_put(c[0], out, n, row0, j0, m - j0);
+        amx_put(c[1], out, n, row0 + 16, j0, m - j0);
+    }
+}
+
+/* Weight rows [r0, r1) as bf16 into buf (r1 - r0 rows of k_out), as mllama_dequant_* would give them. */
+static void amx_dequant(int fmt, const void *w, const void *scale, const void *offset, int scale_bf16,
+                        int64_t k, int64_t group, int64_t k_out, int64_t r0, int64_t r1, uint16_t *buf) {
+    for (int64_t r = r0; r < r1; r++) {
+        uint16_t *dst = buf + (r - r0) * k_out;
+        if (fmt == FMT_INT4)
+            dequant_int4_row_avx512((const uint8_t *)w + r * (k / 2), scale, offset, scale_bf16, r * (k / group),
+                                    group, k_out, dst, 1);
+        else
+            dequant_int8_row_avx512((const int8_t *)w + r * k, param(scale, r, scale_bf16), k, dst, 1);
+    }
+}
+
+/* out (m, n) float32 = x (m, k_out) bf16 @ W ^T for W (n, k) in `fmt` (k the stored row length, k_out
+ * the real in_features: k for bf16 and int8, k_out <= k for int4), 2 <= m <= AMX_MAX_M, k_out a
+ * multiple of 32. Weight rows past the last whole block of 32 take the AVX-512 loop on a dequantized
+ * copy (bf16: in place). Returns 0, or -1 for arguments it does not take (or no memory). */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k, int64_t k_out, const void *w,
+                    const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads) {
+    if (fmt < 0 || fmt > 2 || m < 1 || m > AMX_MAX_M || n < 1 || k_out < 32 || k_out % 32 || k_out > k) return -1;
+    if (fmt != FMT_INT4 && k_out != k) return -1;
+    if (fmt == FMT_INT4 && (group < 32 || group % 32 || k % group)) return -1;
+    const int64_t mtiles = (m + 15) / 16, kblocks = k_out / 32;
+    /* (m tiles, k / 32, 16, 16) pairs: [tile of x][k block][pair of k][row of x in the tile], 0 past m */
+    const size_t bytes = (size_t)(mtiles * kblocks) * 1024;
+    uint32_t *xpack = aligned_alloc(64, bytes);
+    if (!xpack) return -1;
+    memset(xpack, 0, bytes);
+    for (int64_t j = 0; j < m; j++) {
+        const uint32_t *pairs = (const uint32_t *)(x + j * k_out);
+        uint32_t *tile = xpack + (j / 16) * kblocks * 256 + j % 16;
+        for (int64_t p = 0; p < k_out / 2; p++) tile[(p / 16) * 256 + (p % 16) * 16] = pairs[p];
+    }
+    tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    const int64_t blocks = n / AMX_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t *buf = fmt == FMT_BF16 ? NULL : aligned_alloc(64, (size_t)(AMX_ROWS * k_out) * 2);
+        if (fmt != FMT_BF16 && !buf) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            _tile_loadconfig(&cfg);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < blocks; b++) {
+                const int64_t row0 = b * AMX_ROWS;
+                if (fmt == FMT_BF16) {
+                    const uint16_t *w0 = (const uint16_t *)w + row0 * k;
+                    amx_block(w0, w0 + 16 * k, k * 2, xpack, out, row0, m, n, k_out);
+                } else {
+                    amx_dequant(fmt, w, scale, offset, scale_bf16, k, group, k_out, row0, row0 + AMX_ROWS, buf);
+                    amx_block(buf, buf + 16 * k_out, k_out * 2, xpack, out, row0, m, n, k_out);
+                }
+            }
+            _tile_release();
+#pragma omp for schedule(static)
+            for (int64_t row = blocks * AMX_ROWS; row < n; row++) {
+                const uint16_t *wrow = (const uint16_t *)w + row * k;
+                if (fmt != FMT_BF16) {
+                    amx_dequant(fmt, w, scale, offset, scale_bf16, k, group, k_out, row, row + 1, buf);
+                    wrow = buf;
+                }
+                for (int64_t j = 0; j < m; j++) out[j * n + row] = dot_bf16_avx512(x + j * k_out, wrow, k_out);
+            }
+        }
+        free(buf);
+    }
+    free(xpack);
+    return failed ? -1 : 0;
 }

@@ -10,10 +10,7 @@
  */
 #include <immintrin.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
-#include <sys/syscall.h>
-#include <unistd.h>
 
 #define BLOCK 8
 #ifndef PREFETCH
@@ -56,126 +53,6 @@ static float bf16_to_float(uint16_t v) {
 DEFINE_AVX512(rows_avx512bf16_block, BLOCK)
 DEFINE_AVX512(rows_avx512bf16_one, 1)
 
-/* AMX-BF16 (Intel Sapphire Rapids and later): one tile product multiplies a 16 x 32 bf16 tile by a
- * 32 x 16 one into 16 x 16 float32, pairs of products accumulated in float32 as vdpbf16ps does. The
- * weight block is the first operand, read in place (16 rows of 32 values each, a row stride apart):
- * no repacking. x, packed once per call into pairs of k (the second operand's layout), fills 16
- * columns per tile; a tile product costs the same for 1 or 16 of them, so up to 16 rows of x stream
- * the weights once at memory speed, where the AVX-512 loop rereads each block once per row of x.
- * A block of 32 weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over
- * k; more rows of x pass over the same block again, from cache. Each output is its own row of x
- * against the weights, summed in one order: a row gets the same bits in any batch of 2 or more. */
-#define AMX_ROWS 32        /* weight rows per block: two tiles (streamed faster than one or four) */
-#define AMX_MAX_M 64       /* more rows of x: the AVX-512 loop (torch's GEMM wins from about 128) */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Linux hands out the AMX register state only to processes that ask (once; every thread then has it). */
-static int amx_usable(void) {
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")) return 0;
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-}
-
-/* Tile t of c ([tile][weight row][column of x]) to out, for `cols` rows of x from j0 and 16 weight rows from row. */
-static void amx_put(const float c[16][16], float *out, int64_t n, int64_t row, int64_t j0, int64_t cols) {
-    for (int64_t j = 0; j < cols; j++)
-        for (int r = 0; r < 16; r++) out[(j0 + j) * n + row + r] = c[r][j];
-}
-
-/* Rows [row0, row0 + 32) of w against every row of x (xpack: (m tiles, k / 32, 16, 16) pairs). */
-__attribute__((target("amx-tile,amx-bf16,avx512f")))
-static void amx_block(const uint16_t *w, const uint32_t *xpack, float *out, int64_t row0, int64_t m, int64_t n,
-                      int64_t k) {
-    const uint16_t *w0 = w + row0 * k, *w1 = w + (row0 + 16) * k;
-    const int64_t kblocks = k / 32, stride = k * 2;
-    float c[4][16][16] __attribute__((aligned(64)));  /* [result tile][weight row][column of x] */
-    int64_t j0 = 0;
-    for (; m - j0 > 16; j0 += 32) {  /* two tiles of x: results (w0, x0) (w1, x0) (w0, x1) (w1, x1) */
-        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256, *x1 = x0 + kblocks * 256;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(7, x1 + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_loadd(5, w1 + kb * 32, stride);
-            _tile_dpbf16ps(1, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
-        const int64_t cols1 = m - j0 - 16 < 16 ? m - j0 - 16 : 16;
-        amx_put(c[0], out, n, row0, j0, 16);
-        amx_put(c[1], out, n, row0 + 16, j0, 16);
-        amx_put(c[2], out, n, row0, j0 + 16, cols1);
-        amx_put(c[3], out, n, row0 + 16, j0 + 16, cols1);
-    }
-    if (j0 < m) {  /* one tile of x left: results (w0, x) (w1, x) */
-        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256;
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(5, w1 + kb * 32, stride);
-            _tile_dpbf16ps(1, 5, 6);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        amx_put(c[0], out, n, row0, j0, m - j0);
-        amx_put(c[1], out, n, row0 + 16, j0, m - j0);
-    }
-}
-
-/* x: (m <= AMX_MAX_M, k) with k a multiple of 32; weight rows past the last whole block of 32 go to
- * the AVX-512 loop. Returns 0, or -1 without memory for the packed x. */
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512bf16")))
-static int gemv_amx(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k, int threads) {
-    const int64_t mtiles = (m + 15) / 16, kblocks = k / 32;
-    /* (m tiles, k / 32, 16, 16) pairs: [tile of x][k block][pair of k][row of x in the tile], 0 past m */
-    const size_t bytes = (size_t)(mtiles * kblocks) * 1024;
-    uint32_t *xpack = aligned_alloc(64, bytes);
-    if (!xpack) return -1;
-    memset(xpack, 0, bytes);
-    for (int64_t j = 0; j < m; j++) {
-        const uint32_t *pairs = (const uint32_t *)(x + j * k);
-        uint32_t *tile = xpack + (j / 16) * kblocks * 256 + j % 16;
-        for (int64_t p = 0; p < k / 2; p++) tile[(p / 16) * 256 + (p % 16) * 16] = pairs[p];
-    }
-    tile_config cfg = {0};
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    const int64_t blocks = n / AMX_ROWS;
-#pragma omp parallel num_threads(threads)
-    {
-        _tile_loadconfig(&cfg);
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t b = 0; b < blocks; b++) amx_block(w, xpack, out, b * AMX_ROWS, m, n, k);
-        _tile_release();
-#pragma omp for schedule(static)
-        for (int64_t row = blocks * AMX_ROWS; row < n; row++)
-            for (int64_t j = 0; j < m; j++) rows_avx512bf16_one(x + j * k, w + row * k, out + j * n + row, k);
-    }
-    free(xpack);
-    return 0;
-}
-
 /* AVX2 + FMA: widen bf16 to float32 (a 16-bit shift) and fused multiply-add; scalar tail. */
 __attribute__((target("avx2,fma")))
 static inline __m256 widen(const uint16_t *p) {
@@ -205,21 +82,16 @@ static inline __m256 widen(const uint16_t *p) {
 DEFINE_AVX2(rows_avx2_block, BLOCK)
 DEFINE_AVX2(rows_avx2_one, 1)
 
-/* Which instruction set this CPU can run: 3 = AMX-BF16 (with AVX-512 BF16), 2 = AVX-512 BF16,
- * 1 = AVX2 + FMA, 0 = neither. */
+/* Which instruction set this CPU can run: 2 = AVX-512 BF16, 1 = AVX2 + FMA, 0 = neither. */
 int mllama_gemv_level(void) {
     __builtin_cpu_init();
-    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw"))
-        return amx_usable() ? 3 : 2;
+    if (__builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")) return 2;
     if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return 1;
     return 0;
 }
 
 void mllama_gemv_bf16(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                       int threads, int level) {
-    /* one row: the AVX-512 loop streams a little faster than the tiles (benchmarks/RESULTS.md) */
-    if (level == 3 && 2 <= m && m <= AMX_MAX_M && k % 32 == 0 && gemv_amx(x, w, out, m, n, k, threads) == 0) return;
-    if (level == 3) level = 2;
     const int64_t blocks = n / BLOCK;
 #pragma omp parallel num_threads(threads)
     {
