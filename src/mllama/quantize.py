@@ -188,7 +188,7 @@ NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 # Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
 # them instead, the weights dequantized a block at a time (faster than the small-row kernels from
 # here; benchmarks/RESULTS.md).
-AMX_MIN_ROWS = {"int8": 4, "int4": 6}
+AMX_MIN_ROWS = {"int8": 6, "int4": 8}
 
 
 class _QuantizedLinear(nn.Module):
