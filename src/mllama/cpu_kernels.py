@@ -13,6 +13,9 @@ AVX-512 BF16 nor AVX2, with an unsafe cache, or with MLLAMA_NO_KERNELS=1, everyt
 `gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops, so a torch.compile'd decode step
 keeps each as one opaque call. Up to MAX_ROWS rows (a batched decode step of the engine) each weight
 is read from memory once per call; beyond that the library GEMM reuses weights from cache as well.
+On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_small.c's tiles take 2 to
+MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int8 / int4 weights
+dequantized a block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
 FINITE_SOURCE = Path(__file__).parent / "csrc" / "finite.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
-MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemv_bf16.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
+MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemm_small.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
 MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
 
 _lib: ctypes.CDLL | None = None
