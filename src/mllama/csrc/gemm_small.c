@@ -1,5 +1,6 @@
 /* Products with few rows (decode steps, 1 to 32 rows) against bf16, int8 or int4 weights, AVX2 + FMA
- * (the int4 products with int8 x also in a VNNI form, AVX512-VNNI or AVX-VNNI, where the CPU has one):
+ * (the int4 products with int8 x also in a VNNI form, AVX512-VNNI or AVX-VNNI, where the CPU has one;
+ * 2 to 64 rows of bf16 x also through AMX tiles, mllama_gemm_amx at the end of this file):
  *   out (M, N) float32 = x (M, K) float32 @ dequant(W) ^T,   W stored (N, K) row-major.
  *
  * Weight formats (the same bytes as in memory and in mllama's quantized checkpoints):
