@@ -25,8 +25,10 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#ifdef __linux__
 #include <sys/syscall.h>
 #include <unistd.h>
+#endif
 
 #ifndef RB
 #define RB 24      /* weight rows per work item: a multiple of 8, 4 and 3 */
@@ -712,7 +714,11 @@ typedef struct {
 int mllama_amx_usable(void) {
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile") || !dequant_avx512(0)) return 0;
+#ifdef __linux__
     return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;  /* the permission request above is Linux's */
+#endif
 }
 
 /* 16 weight rows from `row` x `cols` rows of x from j0, from a stored tile c[weight row][column of x]. */
