@@ -184,11 +184,11 @@ def test_quantize_on_load_reads_weights_a_chunk_of_rows_at_a_time(mode, dtype, t
     """A weight to be quantized is read from its file a chunk of rows at a time into one buffer (an
     lm_head is 1 GB of bf16: held whole, it was the peak of a quantized load), converted to the load
     dtype per chunk; the result is bit for bit that of quantizing the loaded float model."""
-    import mllama.quantize
+    import mllama.quant_format
     import mllama.weights
 
     _tiny_model("b", seed=2, dtype=torch.bfloat16).save_pretrained(tmp_path)
-    monkeypatch.setattr(mllama.quantize, "_CHUNK_ROWS", 5)
+    monkeypatch.setattr(mllama.quant_format, "_CHUNK_ROWS", 5)
     reads: list[tuple[int, torch.dtype]] = []
     read_rows = mllama.weights._FileRows.__getitem__
 
