@@ -761,3 +761,29 @@ def test_lockstep_engine_refuses_time_budgets(models, option):
     for build in (LockstepEngine, follow):
         with pytest.raises(ValueError, match=f"{option} cannot be used with tensor parallelism"):
             build(models["a"], max_slots=1, max_len=8, **{option: 1.0})
+
+
+@pytest.mark.parametrize("fuse", [True, False])
+def test_prompt_chunks_in_the_decode_forward_equal_each_request_alone(models, fuse, monkeypatch):
+    """With fuse_prefill a text-only prompt's chunks run in the decode steps' forward (forward_parts:
+    one pass over the weights). Requests that finish while a prompt is half prefilled move its K/V
+    with the slots; an image request decodes beside it. Each equals the request alone, fused or not."""
+    model = models["a"]
+    text_model = model.model.language_model
+    calls = []
+    real = text_model.forward_parts
+    monkeypatch.setattr(text_model, "forward_parts", lambda parts: calls.append(len(parts)) or real(parts))
+    short = _request("a", length=5, seed=1, max_tokens=2)
+    image = _request("a", length=6, tiles=[2], image_at=[1], seed=2, max_tokens=9)
+    long = _request("a", length=14, seed=3, max_tokens=6)  # 5 chunks of 3, two of them fused after short ends
+    other = _request("a", length=9, seed=4, max_tokens=4)
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3, fuse_prefill=fuse)
+    schedule = [(0, short), (0, image), (2, long), (3, other)]
+    handles = _run_schedule(engine, schedule)
+    for (_, request), handle in zip(schedule, handles):
+        tokens, logits = _events(handle)
+        ref_tokens, ref_logits = _alone(model, request)
+        assert tokens == ref_tokens
+        assert (logits - ref_logits).abs().max().item() <= 1e-5
+    assert (len(calls) >= 5) if fuse else not calls
+    assert engine.num_decoding == 0 and not engine.has_work

@@ -31,7 +31,7 @@ from mllama.engine_sequence import Sequence
 from mllama.prefix_cache import PrefixCache
 from mllama.request import Event, Request, RequestHandle
 from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
-from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, check_ids
+from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, TextPart, check_ids
 from mllama.tokenizer import StreamDetokenizer
 from mllama.vision_cache import ImageCache, decode_cross
 
@@ -55,13 +55,15 @@ class Engine(PrepareRequests):
     budget of the LRU of ended requests' self-attention K/V, reused by prompts that begin with the
     same tokens and images (0 disables it); fast_vision: encode only real tiles (not exact);
     compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
-    vision-token width, attending over the whole max_len under a length mask.
+    vision-token width, attending over the whole max_len under a length mask; fuse_prefill: a new
+    text-only prompt's chunks join the (eager) decode steps' forward, so its prefill and the others'
+    decoding read the weights once (MllamaTextModel.forward_parts); off, each chunk is a forward of its own.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
                  prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
                  prefix_cache_bytes: int = 1 << 30, prefill_budget_s: float | None = None, fast_vision: bool = False,
-                 compile: bool = False, prefill_budget_ratio: float | None = None) -> None:
+                 compile: bool = False, prefill_budget_ratio: float | None = None, fuse_prefill: bool = True) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
@@ -75,6 +77,7 @@ class Engine(PrepareRequests):
         if prefill_budget_ratio is not None and not prefill_budget_ratio > 0:
             raise ValueError(f"prefill_budget_ratio must be > 0 or None, got {prefill_budget_ratio}")
         self.prefill_budget_s, self.prefill_budget_ratio = prefill_budget_s, prefill_budget_ratio
+        self.fuse_prefill = fuse_prefill
         self._prefill_s_per_token: float | None = None  # measured, for the budgets
         self._decode_s: float | None = None  # the last decode step's time, for prefill_budget_ratio
         self.tokenizer, self.fast_vision, self.vision_piece_layers = tokenizer, fast_vision, vision_piece_layers
@@ -204,16 +207,17 @@ class Engine(PrepareRequests):
         group = self._take_group()
         if not group:
             self._admit()
-        worked = False
+        worked = fused = False
         if self._decoding:
             started = time.perf_counter()
-            self._decode()
-            self._decode_s = time.perf_counter() - started
+            fused = self._decode()
+            if not fused:  # the ratio budget is relative to a step without new work
+                self._decode_s = time.perf_counter() - started
             worked = True
         if group:
             worked = True
             self._prefill_group(group)
-        elif self._incoming is not None:
+        elif self._incoming is not None and not fused:
             worked = True
             self._prepare_piece()
             while self._incoming is not None and not self._decoding:  # nobody to stall: go on
@@ -287,7 +291,15 @@ class Engine(PrepareRequests):
             seq.handle._fail(error)
 
     # ---- decoding -------------------------------------------------------------------------------
-    def _decode(self) -> None:
+    def _fuses(self, seq: Sequence | None) -> bool:
+        """Whether the incoming request's next prompt chunk joins this decode step's forward (one pass
+        over the weights for both; eager steps only, text-only prompts)."""
+        return (self.fuse_prefill and not self.compile and seq is not None and seq.vision_job is None
+                and seq.vision is None and seq.prefilled < seq.prompt.numel())
+
+    def _decode(self) -> bool:
+        """One decode step for every decoding request, with the incoming prompt's next chunk in the same
+        forward where _fuses says so. Returns whether it took that chunk."""
         seqs = self._decoding
         n = len(seqs)
         rows = min(1 << (n - 1).bit_length(), self.max_slots) if self.compile else n
@@ -302,8 +314,19 @@ class Engine(PrepareRequests):
         if self.compile or any(s.cached + 1 != length for s in seqs):
             mask = (torch.arange(length, device=self.device)[None] < positions + 1)[:, None, None]
         window = KVWindow(self.kv, slots=slots, positions=positions, first=0, length=length)
-        step = compiled_step(self._custom_linears) if self.compile else forward_step
-        logits = step(self.text_model, self.lm_head, tokens, positions, mask, self._cross, window)[:n]
+        incoming = self._incoming
+        fused = self._fuses(incoming)
+        if fused:
+            started = time.perf_counter()
+            part, end = self._prompt_chunk(incoming)
+            hidden, chunk = self.text_model.forward_parts([TextPart(tokens, positions, mask, self._cross, window), part])
+            logits = self.lm_head(hidden[:, -1])[:n]
+            if self._decode_s is not None:  # what the chunk added to the step, per token
+                self._measured_prefill(max(0.0, time.perf_counter() - started - self._decode_s) / (end - incoming.prefilled))
+            incoming.prefilled = incoming.cached = end  # before _free below, which moves its K/V with the slots
+        else:
+            step = compiled_step(self._custom_linears) if self.compile else forward_step
+            logits = step(self.text_model, self.lm_head, tokens, positions, mask, self._cross, window)[:n]
         for s in seqs:
             s.cached += 1
         penalized = any(s.params.repetition_penalty != 1.0 for s in seqs)
@@ -318,6 +341,9 @@ class Engine(PrepareRequests):
         for slot in done:
             self._keep(seqs[slot], slot)
         self._free(done)
+        if fused:
+            self._chunk_done(incoming, chunk)
+        return fused
 
     def _rebuild_batch(self, n: int) -> None:
         """Per-row settings and the cross-attention K/V of the decoding slots, padded to the widest

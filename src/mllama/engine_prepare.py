@@ -15,7 +15,7 @@ from mllama.cache import KVWindow
 from mllama.engine_sequence import Sequence
 from mllama.request import Request
 from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
-from mllama.text import CrossInputs
+from mllama.text import CrossInputs, TextPart
 from mllama.vision_cache import VisionJob
 
 
@@ -54,12 +54,21 @@ class PrepareRequests:
                 job.run_piece(seconds=self._budget_s())
                 return
             seq.vision, seq.vision_job = job.result(), None
+        part, end = self._prompt_chunk(seq)
+        started = time.perf_counter()
+        hidden = self.text_model(part.input_ids, position_ids=part.position_ids, mask=part.mask, cross=part.cross,
+                                 cache=part.cache)
+        self._measured_prefill((time.perf_counter() - started) / (end - seq.prefilled))
+        seq.prefilled = seq.cached = end
+        self._chunk_done(seq, hidden)
+
+    def _prompt_chunk(self, seq: Sequence) -> tuple[TextPart, int]:
+        """The next chunk of seq's prompt (at slot len(_decoding)) as a forward's part, and where it ends."""
         slot = len(self._decoding)
         if not seq.prefilled:  # first piece of its prompt: start after a stored prefix if one fits
             seq.prefilled = seq.cached = self.prefix_cache.restore(self.kv, slot, prompt=seq.prompt, vision=seq.vision)
         start = seq.prefilled
         end = min(start + self._chunk_size(), seq.prompt.numel())
-        started = time.perf_counter()
         positions = torch.arange(start, end, device=self.device)[None]
         window = KVWindow(self.kv, slots=torch.tensor([slot], device=self.device), positions=positions,
                           first=slot, length=end)
@@ -72,16 +81,19 @@ class PrepareRequests:
             vmask, rows = seq.vision.cross_rows(start, end, self.dtype)
             if bool(rows.any()):  # rows that see no image are exact identities in cross layers
                 cross = CrossInputs(states=None, mask=vmask, text_row_mask=rows, kv=seq.vision.kv)
-        hidden = self.text_model(seq.prompt[start:end][None], position_ids=positions, mask=mask, cross=cross,
-                                 cache=window)
-        seq.prefilled = seq.cached = end
-        rate = (time.perf_counter() - started) / (end - start)
-        old = self._prefill_s_per_token  # up at once, down slowly: a chunk rather short than long
+        return TextPart(seq.prompt[start:end][None], positions, mask, cross, window), end
+
+    def _measured_prefill(self, rate: float) -> None:
+        """Seconds a prompt token took; kept up at once, down slowly: a chunk rather short than long."""
+        old = self._prefill_s_per_token
         self._prefill_s_per_token = rate if old is None or rate > old else 0.5 * (old + rate)
-        if end < seq.prompt.numel():
+
+    def _chunk_done(self, seq: Sequence, hidden: torch.Tensor) -> None:
+        """After a chunk's forward (seq.prefilled already past it): the last one samples the first token."""
+        if seq.prefilled < seq.prompt.numel():
             return
         self._incoming = None
-        self._start_decoding(seq, slot, self.lm_head(hidden[:, -1]))
+        self._start_decoding(seq, len(self._decoding), self.lm_head(hidden[:, -1]))
 
     def _start_decoding(self, seq: Sequence, slot: int, logits: torch.Tensor) -> None:
         """Sample the first token from the prompt's last logits (1, V); unless that ends the request,

@@ -30,6 +30,18 @@ class CrossInputs:
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
+@dataclass
+class TextPart:
+    """One batch of a MllamaTextModel.forward_parts call: input_ids and position_ids (B, S), mask and
+    cross as for forward, and the cache window its K/V go through."""
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    mask: torch.Tensor | None
+    cross: CrossInputs | None
+    cache: KVWindow
+
+
 def check_ids(input_ids: torch.Tensor, num_embeddings: int) -> None:
     if not isinstance(input_ids, torch.Tensor):
         raise TypeError(f"input_ids must be a torch.Tensor of shape (batch, seq), got {type(input_ids).__name__} "
@@ -110,6 +122,16 @@ class SelfAttentionDecoderLayer(nn.Module):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache, layer_idx=layer_idx)
         return x + self.mlp(self.post_attention_layernorm(x))
 
+    def forward_parts(self, xs: list[torch.Tensor], rope: list[tuple[torch.Tensor, torch.Tensor]],
+                      masks: list[torch.Tensor | None], caches: list[KVWindow], *, layer_idx: int) -> list[torch.Tensor]:
+        """forward for several batches at once: every linear runs once over all their rows."""
+        attn = self.self_attn.forward_parts([self.input_layernorm(x) for x in xs], rope, masks, caches,
+                                            layer_idx=layer_idx)
+        xs = [x + a for x, a in zip(xs, attn)]
+        flat = torch.cat([self.post_attention_layernorm(x).reshape(-1, x.shape[-1]) for x in xs])
+        sizes = [x.shape[0] * x.shape[1] for x in xs]
+        return [x + m.view(x.shape) for x, m in zip(xs, self.mlp(flat).split(sizes))]
+
 
 class CrossAttentionDecoderLayer(nn.Module):
     def __init__(self, config: MllamaTextConfig) -> None:
@@ -171,6 +193,23 @@ class MllamaTextModel(nn.Module):
             else:
                 x = layer(x, cos, sin, mask, cache=cache, layer_idx=idx)
         return self.norm(x)
+
+    def forward_parts(self, parts: list[TextPart]) -> list[torch.Tensor]:
+        """forward for several batches at once, each with its own positions, mask, cross inputs and
+        cache window (an engine's decode rows and a new prompt's chunk): the self-attention layers'
+        linears run once over all their rows, so the weights stream once for all; cross-attention
+        layers run per part (skipped where its cross is None). Returns each part's hidden states."""
+        xs = [self.embed_tokens(p.input_ids) for p in parts]
+        rope = [self.rotary_emb(p.position_ids, x.dtype) for p, x in zip(parts, xs)]
+        for idx, layer in enumerate(self.layers):
+            if isinstance(layer, CrossAttentionDecoderLayer):
+                for i, p in enumerate(parts):
+                    if p.cross is not None:
+                        kv = p.cross.kv[idx] if p.cross.kv is not None else layer.cross_attn.vision_kv(p.cross.states)
+                        xs[i] = layer(xs[i], kv, p.cross.mask, p.cross.text_row_mask)
+            else:
+                xs = layer.forward_parts(xs, rope, [p.mask for p in parts], [p.cache for p in parts], layer_idx=idx)
+        return [self.norm(x) for x in xs]
 
     def cross_kv(self, states: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Projected vision tokens (B, N, hidden) -> every cross layer's (k, v) (B, H_kv, N, D)."""
