@@ -765,25 +765,30 @@ def test_lockstep_engine_refuses_time_budgets(models, option):
 
 @pytest.mark.parametrize("fuse", [True, False])
 def test_prompt_chunks_in_the_decode_forward_equal_each_request_alone(models, fuse, monkeypatch):
-    """With fuse_prefill a text-only prompt's chunks run in the decode steps' forward (forward_parts:
-    one pass over the weights). Requests that finish while a prompt is half prefilled move its K/V
-    with the slots; an image request decodes beside it. Each equals the request alone, fused or not."""
+    """With fuse_prefill a prompt's chunks run in the decode steps' forward (forward_parts: one pass
+    over the weights), an image prompt's once its image is encoded (its chunks after the image token
+    with their cross-attention rows). Requests that finish while a prompt is half prefilled move its
+    K/V with the slots. Each equals the request alone, fused or not."""
     model = models["a"]
     text_model = model.model.language_model
     calls = []
     real = text_model.forward_parts
-    monkeypatch.setattr(text_model, "forward_parts", lambda parts: calls.append(len(parts)) or real(parts))
+    monkeypatch.setattr(text_model, "forward_parts", lambda parts: calls.append([p.cross is not None for p in parts]) or real(parts))
     short = _request("a", length=5, seed=1, max_tokens=2)
-    image = _request("a", length=6, tiles=[2], image_at=[1], seed=2, max_tokens=9)
+    image = _request("a", length=12, tiles=[2], image_at=[4], seed=2, max_tokens=9)
     long = _request("a", length=14, seed=3, max_tokens=6)  # 5 chunks of 3, two of them fused after short ends
     other = _request("a", length=9, seed=4, max_tokens=4)
-    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3, fuse_prefill=fuse)
-    schedule = [(0, short), (0, image), (2, long), (3, other)]
+    steady = _request("a", length=4, seed=5, max_tokens=30)  # decodes while the others prefill
+    engine = Engine(model, max_slots=4, max_len=MAX_LEN, prefill_chunk=3, fuse_prefill=fuse)
+    schedule = [(0, steady), (0, short), (0, image), (2, long), (3, other)]
     handles = _run_schedule(engine, schedule)
     for (_, request), handle in zip(schedule, handles):
         tokens, logits = _events(handle)
         ref_tokens, ref_logits = _alone(model, request)
         assert tokens == ref_tokens
         assert (logits - ref_logits).abs().max().item() <= 1e-5
-    assert (len(calls) >= 5) if fuse else not calls
+    if fuse:  # chunks of both text and image prompts (with cross-attention rows) went through forward_parts
+        assert len(calls) >= 8 and any(chunk for _, chunk in calls) and not all(chunk for _, chunk in calls)
+    else:
+        assert not calls
     assert engine.num_decoding == 0 and not engine.has_work

@@ -56,8 +56,9 @@ class Engine(PrepareRequests):
     same tokens and images (0 disables it); fast_vision: encode only real tiles (not exact);
     compile: decode steps through torch.compile, one graph per slot bucket (1, 2, 4, ...) and
     vision-token width, attending over the whole max_len under a length mask; fuse_prefill: a new
-    text-only prompt's chunks join the (eager) decode steps' forward, so its prefill and the others'
-    decoding read the weights once (MllamaTextModel.forward_parts); off, each chunk is a forward of its own.
+    prompt's chunks (once its images are encoded) join the eager decode steps' forward, so its prefill
+    and the others' decoding read the weights once (MllamaTextModel.forward_parts); off, each chunk is
+    a forward of its own.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
@@ -293,9 +294,9 @@ class Engine(PrepareRequests):
     # ---- decoding -------------------------------------------------------------------------------
     def _fuses(self, seq: Sequence | None) -> bool:
         """Whether the incoming request's next prompt chunk joins this decode step's forward (one pass
-        over the weights for both; eager steps only, text-only prompts)."""
+        over the weights for both; eager steps only, once its images are encoded)."""
         return (self.fuse_prefill and not self.compile and seq is not None and seq.vision_job is None
-                and seq.vision is None and seq.prefilled < seq.prompt.numel())
+                and seq.prefilled < seq.prompt.numel())
 
     def _decode(self) -> bool:
         """One decode step for every decoding request, with the incoming prompt's next chunk in the same
