@@ -76,13 +76,13 @@ class _Projections(nn.Module):
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
 
-def _rows(xs: list[torch.Tensor]) -> torch.Tensor:
+def join_parts(xs: list[torch.Tensor]) -> torch.Tensor:
     """Parts (B_i, S_i, F) -> (sum B_i S_i, F): one product over every part's rows."""
     return torch.cat([x.reshape(-1, x.shape[-1]) for x in xs])
 
 
-def _parts(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
-    """The inverse of _rows: (sum B_i S_i, F) -> parts (B_i, S_i, F)."""
+def split_parts(flat: torch.Tensor, like: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The inverse of join_parts: (sum B_i S_i, F) -> parts (B_i, S_i, F), shaped as `like`'s parts."""
     sizes = [x.shape[0] * x.shape[1] for x in like]
     return [p.view(x.shape[0], x.shape[1], -1) for p, x in zip(flat.split(sizes), like)]
 
@@ -92,34 +92,31 @@ class TextSelfAttention(_Projections):
                 cache: KVWindow | None = None, layer_idx: int = 0) -> torch.Tensor:
         """x (B, S, hidden); mask bool (B, 1, S, T) over the keys the cache window reads, or None for
         plain causal attention over x alone (nothing cached before it)."""
-        b, s, _ = x.shape
-        q = self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.update(layer_idx, k, v)
-        out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)
-        return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+        return self.o_proj(self._attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache,
+                                        layer_idx))
 
     def forward_parts(self, xs: list[torch.Tensor], rope: list[tuple[torch.Tensor, torch.Tensor]],
                       masks: list[torch.Tensor | None], caches: list[KVWindow], *, layer_idx: int) -> list[torch.Tensor]:
         """Several batches at once (e.g. a decode step's rows and a new prompt's chunk): the projections
         run once over all their rows, attention per part, each as forward would."""
-        flat = _rows(xs)
-        q_all, k_all, v_all = self.q_proj(flat), self.k_proj(flat), self.v_proj(flat)
-        outs = []
-        for x, q, k, v, (cos, sin), mask, cache in zip(xs, _parts(q_all, xs), _parts(k_all, xs), _parts(v_all, xs),
-                                                       rope, masks, caches):
-            b, s, _ = x.shape
-            q = q.reshape(b, s, self.num_heads, self.head_dim).transpose(1, 2)
-            k = k.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            v = v.reshape(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        flat = join_parts(xs)
+        qs, ks, vs = (split_parts(proj(flat), xs) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        outs = [self._attend(q, k, v, cos, sin, mask, cache, layer_idx)
+                for q, k, v, (cos, sin), mask, cache in zip(qs, ks, vs, rope, masks, caches)]
+        return split_parts(self.o_proj(join_parts(outs)), xs)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None, cache: KVWindow | None, layer_idx: int) -> torch.Tensor:
+        """Projected q, k, v (B, S, heads * D) -> attention output (B, S, H * D), before o_proj."""
+        b, s, _ = q.shape
+        q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-            out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)
-            outs.append(out.transpose(1, 2).reshape(b, s, -1))
-        return _parts(self.o_proj(_rows(outs)), xs)
+        out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)
+        return out.transpose(1, 2).reshape(b, s, -1)
 
 
 class TextCrossAttention(_Projections):

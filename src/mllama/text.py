@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mllama.attention import TextCrossAttention, TextSelfAttention
+from mllama.attention import TextCrossAttention, TextSelfAttention, join_parts, split_parts
 from mllama.cache import KVWindow
 from mllama.config import MllamaTextConfig
 from mllama.layers import RMSNorm, RotaryEmbedding, TextMLP
@@ -28,6 +28,10 @@ class CrossInputs:
     mask: torch.Tensor | None
     text_row_mask: torch.Tensor
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def layer_kv(self, idx: int, layer: CrossAttentionDecoderLayer) -> tuple[torch.Tensor, torch.Tensor]:
+        """Cross layer idx's (k, v): stored, or computed from the vision states."""
+        return self.kv[idx] if self.kv is not None else layer.cross_attn.vision_kv(self.states)
 
 
 @dataclass
@@ -128,9 +132,8 @@ class SelfAttentionDecoderLayer(nn.Module):
         attn = self.self_attn.forward_parts([self.input_layernorm(x) for x in xs], rope, masks, caches,
                                             layer_idx=layer_idx)
         xs = [x + a for x, a in zip(xs, attn)]
-        flat = torch.cat([self.post_attention_layernorm(x).reshape(-1, x.shape[-1]) for x in xs])
-        sizes = [x.shape[0] * x.shape[1] for x in xs]
-        return [x + m.view(x.shape) for x, m in zip(xs, self.mlp(flat).split(sizes))]
+        mlp = self.mlp(join_parts([self.post_attention_layernorm(x) for x in xs]))
+        return [x + m for x, m in zip(xs, split_parts(mlp, xs))]
 
 
 class CrossAttentionDecoderLayer(nn.Module):
@@ -188,8 +191,7 @@ class MllamaTextModel(nn.Module):
             if isinstance(layer, CrossAttentionDecoderLayer):
                 if cross is None:
                     continue
-                kv = cross.kv[idx] if cross.kv is not None else layer.cross_attn.vision_kv(cross.states)
-                x = layer(x, kv, cross.mask, cross.text_row_mask)
+                x = layer(x, cross.layer_kv(idx, layer), cross.mask, cross.text_row_mask)
             else:
                 x = layer(x, cos, sin, mask, cache=cache, layer_idx=idx)
         return self.norm(x)
@@ -205,8 +207,7 @@ class MllamaTextModel(nn.Module):
             if isinstance(layer, CrossAttentionDecoderLayer):
                 for i, p in enumerate(parts):
                     if p.cross is not None:
-                        kv = p.cross.kv[idx] if p.cross.kv is not None else layer.cross_attn.vision_kv(p.cross.states)
-                        xs[i] = layer(xs[i], kv, p.cross.mask, p.cross.text_row_mask)
+                        xs[i] = layer(xs[i], p.cross.layer_kv(idx, layer), p.cross.mask, p.cross.text_row_mask)
             else:
                 xs = layer.forward_parts(xs, rope, [p.mask for p in parts], [p.cache for p in parts], layer_idx=idx)
         return [self.norm(x) for x in xs]
