@@ -122,9 +122,8 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
     if not amx_available() or not 2 <= m <= MAX_AMX_ROWS or k % 32 or x.dtype != torch.bfloat16:
         return None
     k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
-    params = [p for p in (scale, offset) if p is not None]
-    scale_bf16 = bool(params) and params[0].dtype == torch.bfloat16
-    if any(p.dtype != (torch.bfloat16 if scale_bf16 else torch.float32) or not p.is_contiguous() for p in params):
+    scale_bf16 = _scales_bf16(scale, offset)
+    if scale_bf16 is None:
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(m, weight.shape[0], dtype=torch.float32)
@@ -198,7 +197,8 @@ def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
 
 
 def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> torch.Tensor:
-    """(M, K) bf16 x (N, K) bf16 -> (M, N) float32 with the given instruction set (2 or 1; tests use both)."""
+    """(M, K) bf16 x (N, K) bf16 -> (M, N) float32 with the given instruction set (gemv_level's numbers;
+    tests use each one the CPU has)."""
     if not gemv_available() or level > gemv_level() or level < 1:
         raise RuntimeError(f"kernel level {level} not available (this CPU: {gemv_level()})")
     if level == 3:
@@ -245,6 +245,16 @@ def small_kernel_level() -> int:
     return _small_level if quant_kernels_available() else 0
 
 
+def _scales_bf16(*params: torch.Tensor | None) -> bool | None:
+    """Whether the given scales and offsets are bf16 (else float32), as the C kernels' `scale_bf16`;
+    None unless all are contiguous and of one of those dtypes."""
+    given = [p for p in params if p is not None]
+    bf16 = bool(given) and given[0].dtype == torch.bfloat16
+    if any(p.dtype != (torch.bfloat16 if bf16 else torch.float32) or not p.is_contiguous() for p in given):
+        return None
+    return bf16
+
+
 def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
                offset: torch.Tensor | None = None, *, group_size: int = 0, level: int | None = None) -> torch.Tensor:
     """(M, K) rows of any float dtype x weights in `fmt` (see csrc/gemm_small.c) -> (M, N) float32.
@@ -270,9 +280,8 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     else:
         x = rows.new_zeros((m_pad, k_row), dtype=torch.float32)
         x[:m, :k] = rows
-    params = [p for p in (scale, offset) if p is not None]
-    scale_bf16 = bool(params) and params[0].dtype == torch.bfloat16
-    if any(p.dtype != (torch.bfloat16 if scale_bf16 else torch.float32) or not p.is_contiguous() for p in params):
+    scale_bf16 = _scales_bf16(scale, offset)
+    if scale_bf16 is None:
         raise ValueError("small_gemm: scales and offsets must be contiguous, all float32 or all bf16")
     out = torch.empty(m_pad, n, dtype=torch.float32)
     weight = weight.contiguous()

@@ -793,8 +793,8 @@ static void amx_dequant(int fmt, const void *w, const void *scale, const void *o
 }
 
 /* out (m, n) float32 = x (m, k_out) bf16 @ W ^T for W (n, k) in `fmt` (k the stored row length, k_out
- * the real in_features: k for bf16 and int8, k_out <= k for int4), 2 <= m <= AMX_MAX_M, k_out a
- * multiple of 32. Weight rows past the last whole block of 32 take the AVX-512 loop on a dequantized
+ * the real in_features: k for bf16 and int8, k_out <= k for int4), m <= AMX_MAX_M (the caller sends
+ * 2 or more: one row streams faster through the AVX-512 loop), k_out a multiple of 32. Weight rows past the last whole block of 32 take the AVX-512 loop on a dequantized
  * copy (bf16: in place). Returns 0, or -1 for arguments it does not take (or no memory). */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k, int64_t k_out, const void *w,
