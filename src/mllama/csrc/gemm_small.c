@@ -349,6 +349,55 @@ DEFINE_INT4_TILES("avx2,fma", int4x8, INT4_RUN_X8_AVX2)
 DEFINE_INT4_TILES("avx2,fma,avx512f,avx512vl,avx512vnni", int4x8evex, INT4_RUN_X8_AVX512VNNI)
 DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
 
+/* int4 against one row of x with 512-bit VNNI (level 2, groups of a multiple of 128): 128 weights per
+ * two vpdpbusd, x in the X16 order (see quantize_x). Each group's int32 lanes become float and are
+ * scaled lane by lane (tot += s sx sums): no horizontal sum per group, which with 256-bit vectors
+ * was a quarter of the one-row time and left it at half the bf16 loop's bytes per second on a Xeon
+ * with AMX (benchmarks/RESULTS.md). The centring of the other paths is folded into one float term
+ * per group, s (8 sum x - 8 sx sum xq) + z sum x: the same value as theirs up to float rounding. */
+#define DEFINE_INT4_TILE512(NAME, R)                                                                \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
+        const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
+        const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
+        __m512 sum[R];                                                                              \
+        float extra[R];                                                                             \
+        for (int r = 0; r < R; r++) {                                                               \
+            sum[r] = _mm512_setzero_ps();                                                           \
+            extra[r] = 0.0f;                                                                        \
+        }                                                                                           \
+        for (int64_t g0 = k0; g0 < k1; g0 += d->group) {                                            \
+            const int64_t gi = g0 / d->group;                                                       \
+            __m512i acc[R];                                                                         \
+            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                            \
+            for (int64_t i = g0; i < g0 + d->group; i += 128) {                                     \
+                const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
+                    const uint8_t *p = w + r * (d->k / 2) + i / 2;                                  \
+                    if (PREFETCH) __builtin_prefetch(p + PREFETCH);                                 \
+                    __builtin_prefetch(p + d->ahead);                                               \
+                    const __m512i packed = _mm512_loadu_si512(p);                                   \
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(packed, low), x0);        \
+                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x1); \
+                }                                                                                   \
+            }                                                                                       \
+            const float sx = x->sx[gi], xsum = x->xsum[gi];                                         \
+            const float centre = 8.0f * (xsum - sx * (float)x->xqsum[gi]);                          \
+            for (int r = 0; r < R; r++) {                                                           \
+                const int64_t p = (row + r) * x->groups + gi;                                       \
+                const float s = param(d->scale, p, d->scale_bf16);                                  \
+                sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(s * sx), sum[r]); \
+                extra[r] += s * centre + param(d->offset, p, d->scale_bf16) * xsum;                 \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                               \
+            const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(sum[r]),                     \
+                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum[r]), 1))); \
+            tot[r * MMAX] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX], folded), _mm256_setr_ps(extra[r], 0, 0, 0, 0, 0, 0, 0)); \
+        }                                                                                           \
+    }
+DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
+
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
 /* [0]: int16 x (any group); int8 x (groups that are multiples of 64): [1] AVX2, [2] AVX512-VNNI,
  * [3] AVX-VNNI (the same sums: results are equal bit for bit) */
@@ -362,7 +411,9 @@ static const int4_tile_fn INT4_TILES[4][6] = {
 /* x rounded per group of each row, with each group's step, float sum and integer sum: to int8
  * (x8: groups of a multiple of 64) in the X8 order, where each run of 64 holds x[0..15], x[32..47],
  * x[16..31], x[48..63], the order in which the low and then the high nibbles of two 16-byte weight
- * runs lie in one 32-byte load; else to int16 in the natural order. */
+ * runs lie in one 32-byte load, or (x8 == 2: groups of a multiple of 128) in the X16 order, the same
+ * for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
+ * x[48..63], x[80..95], x[112..127]; else to int16 in the natural order. */
 __attribute__((target("avx2,fma")))
 static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int x8, void *xq, float *sx,
                        float *xsum, int32_t *xqsum) {
@@ -382,7 +433,11 @@ static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int 
                 long q = __builtin_lrintf(v[i] * inv);  /* |q| <= levels but for a rounding ulp */
                 q = q > (long)levels ? (long)levels : q < -(long)levels ? -(long)levels : q;
                 qsum += (int32_t)q;
-                if (x8) {
+                if (x8 == 2) {
+                    const int64_t t = i % 128, run = t / 32, in = t % 32;  /* 16-byte weight run, value in it */
+                    const int64_t at = (in < 16 ? 0 : 64) + run * 16 + in % 16;
+                    ((int8_t *)xq)[j * k + g0 + i / 128 * 128 + at] = (int8_t)q;
+                } else if (x8) {
                     const int64_t t = i % 64;  /* position in the natural order of its run of 64 */
                     const int64_t at = t < 16 ? t : t < 32 ? t + 16 : t < 48 ? t - 16 : t;
                     ((int8_t *)xq)[j * k + g0 + i / 64 * 64 + at] = (int8_t)q;
@@ -431,16 +486,19 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     if (fmt < 0 || fmt > 2 || m < 1 || m > MMAX || (m > 1 && m % 2) || n < 1 || k < 1) return -1;
     if (level < 1 || level > 3) return -1;
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || group > 256 || k % group)) return -1;
-    /* int4 turns its sums to float 8 groups at a time: blocks of at least 8 groups */
-    /* int4 blocks hold whole groups, at least 8 (its sums turn to float 8 groups at a time) */
-    const int64_t kc = fmt != FMT_INT4 ? KC : KC < 8 * group ? 8 * group : KC / group * group;
+    /* int4 blocks hold whole groups, at least 8 (its sums turn to float 8 groups at a time); one row
+     * of x (a few KiB) stays in L1 anyway, and whole weight rows streamed faster (one-row int4 +9-10%,
+     * benchmarks/RESULTS.md) */
+    const int64_t kc = fmt != FMT_INT4 ? KC : m == 1 ? k : KC < 8 * group ? 8 * group : KC / group * group;
     /* Work items go to the threads in turn, so a thread's next block of RB rows is about `threads`
      * blocks on: the runs prefetch there too (the one-row int4 product 64 -> 76-79 G weights/s, as
      * fast as torch's own int4 op; benchmarks/RESULTS.md) */
     const int64_t row_bytes = fmt == FMT_INT4 ? k / 2 : fmt == FMT_INT8 ? k : 2 * k;
     const wdesc d = {w, scale, offset, k, group, (int64_t)(threads > 0 ? threads : 1) * RB * row_bytes, scale_bf16};
     xdesc xd = {0};
-    const int x8 = fmt == FMT_INT4 && group % 64 == 0;
+    /* one row of x with 512-bit VNNI: the int4z tiles and the X16 order; else X8 where groups allow */
+    const int z = fmt == FMT_INT4 && m == 1 && level == 2 && group % 128 == 0;
+    const int x8 = z ? 2 : fmt == FMT_INT4 && group % 64 == 0;
     const int path = x8 ? level : 0;
     if (fmt == FMT_INT4) {
         xd.groups = k / group;
@@ -480,15 +538,15 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                     const xdesc xj = {x8 ? NULL : xd.xq + j0 * k, x8 ? xd.xq8 + j0 * k : NULL, xd.sx + j0 * xd.groups,
                                       xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups};
                     for (; r + wide <= rows; r += wide)
-                        INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        (z ? int4z_8x1 : INT4_TILES[path][kind])(&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                     for (; r < rows; r++)
-                        INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        (z ? int4z_1x1 : INT4_TILES[path][3 + kind])(&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else {
-                    const int z = fmt == FMT_INT8 && kind == 0 && level == 2;  /* AVX-512, one row of x */
+                    const int z8 = fmt == FMT_INT8 && kind == 0 && level == 2;  /* AVX-512, one row of x */
                     for (; r + wide <= rows; r += wide)
-                        (z ? int8z_8x1 : TILES[fmt][kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                        (z8 ? int8z_8x1 : TILES[fmt][kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
                     for (; r < rows; r++)
-                        (z ? int8z_1x1 : TILES[fmt][3 + kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                        (z8 ? int8z_1x1 : TILES[fmt][3 + kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
                 }
                 j0 += step;
             }
