@@ -184,9 +184,18 @@ def trim_heap() -> None:
         libc.malloc_trim(0)
 
 
-@torch.library.custom_op("mllama::gemv_bf16", mutates_args=())
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """(..., K) bf16 x (N, K) bf16 -> (..., N) bf16, accumulated in float32 and rounded once."""
+    """(..., K) bf16 x (N, K) bf16 -> (..., N) bf16, accumulated in float32 and rounded once.
+
+    Under torch.compile this is the custom op mllama::gemv_bf16 (opaque to the graph); eager calls
+    skip the op dispatcher, which cost more than the kernel itself for the weights of small models
+    (benchmarks/RESULTS.md). linear_int8 and linear_int4 do the same."""
+    if torch.compiler.is_compiling():
+        return _gemv_bf16_op(x, weight)
+    return _gemv_bf16(x, weight)
+
+
+def _gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     if not gemv_available():
         raise RuntimeError("the bf16 decode kernel is not available on this machine")
     k = x.shape[-1]
@@ -215,7 +224,12 @@ def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> tor
     return out
 
 
-@gemv_bf16.register_fake
+@torch.library.custom_op("mllama::gemv_bf16", mutates_args=())
+def _gemv_bf16_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    return _gemv_bf16(x, weight)
+
+
+@_gemv_bf16_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
@@ -275,8 +289,8 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     if not 1 <= m <= MAX_QUANT_ROWS or k > k_row or (fmt != "int4" and k != k_row):
         raise ValueError(f"small_gemm: {m} rows of {k} features against a {fmt} weight of shape {tuple(weight.shape)}")
     m_pad = m if m == 1 else m + m % 2  # the kernel tiles rows in pairs and fours
-    if m_pad == m and k == k_row and rows.dtype == torch.float32 and rows.is_contiguous():
-        x = rows
+    if m_pad == m and k == k_row:
+        x = rows.to(torch.float32).contiguous()  # one conversion, no copy where it is float32 already
     else:
         x = rows.new_zeros((m_pad, k_row), dtype=torch.float32)
         x[:m, :k] = rows
@@ -373,29 +387,53 @@ def blocked_product(x: torch.Tensor, out_features: int,
     return out
 
 
-@torch.library.custom_op("mllama::linear_int8", mutates_args=())
 def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """(..., K) float x int8 (N, K) with per-row scale (N,) -> (..., N) in x's dtype."""
+    """(..., K) float x int8 (N, K) with per-row scale (N,) -> (..., N) in x's dtype (the custom op
+    mllama::linear_int8 under torch.compile, see gemv_bf16)."""
+    if torch.compiler.is_compiling():
+        return _linear_int8_op(x, weight, scale)
+    return _linear_int8(x, weight, scale)
+
+
+def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
     out = small_gemm(x.reshape(-1, k), "int8", weight, scale)
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@linear_int8.register_fake
+@torch.library.custom_op("mllama::linear_int8", mutates_args=())
+def _linear_int8_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _linear_int8(x, weight, scale)
+
+
+@_linear_int8_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("mllama::linear_int4", mutates_args=())
 def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                 group_size: int) -> torch.Tensor:
-    """(..., K) float x int4 weights (packed as in csrc/gemm_small.c) -> (..., N) in x's dtype."""
+    """(..., K) float x int4 weights (packed as in csrc/gemm_small.c) -> (..., N) in x's dtype (the
+    custom op mllama::linear_int4 under torch.compile, see gemv_bf16)."""
+    if torch.compiler.is_compiling():
+        return _linear_int4_op(x, packed, scale, offset, group_size)
+    return _linear_int4(x, packed, scale, offset, group_size)
+
+
+def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
     k = x.shape[-1]
     out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     return out.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
 
 
-@linear_int4.register_fake
+@torch.library.custom_op("mllama::linear_int4", mutates_args=())
+def _linear_int4_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                    group_size: int) -> torch.Tensor:
+    return _linear_int4(x, packed, scale, offset, group_size)
+
+
+@_linear_int4_op.register_fake
 def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
       group_size: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], packed.shape[0])
