@@ -567,12 +567,17 @@ def test_chat_page_in_a_browser(server, tmp_path):
         wait.until(lambda b: b.find_element(By.ID, "model-name").text == MODEL)
         browser.find_element(By.ID, "file").send_keys(str(example_image()))
         wait.until(lambda b: (b.find_element(By.ID, "pending-img").get_attribute("src") or "").startswith("data:"))
-        # Record every text the answer shows, to see it stream.
+        # Record every text the answer shows, to see it stream: from the mutation records, not the DOM
+        # at callback time, since several chunks read at once update the text within one task.
         browser.execute_script("""
             window.seen = [];
-            new MutationObserver(() => {
-              const a = document.querySelector('.msg.assistant .text');
-              if (a && a.textContent !== window.seen[window.seen.length - 1]) window.seen.push(a.textContent);
+            new MutationObserver((records) => {
+              for (const r of records) {
+                if (!(r.target instanceof Element) || !r.target.matches('.msg.assistant .text')) continue;
+                for (const n of r.addedNodes) {
+                  if (n.nodeType === Node.TEXT_NODE && n.data !== window.seen[window.seen.length - 1]) window.seen.push(n.data);
+                }
+              }
             }).observe(document.getElementById('messages'), {subtree: true, childList: true, characterData: true});
         """)
         browser.find_element(By.ID, "prompt").send_keys(QUESTION + Keys.ENTER)
