@@ -36,9 +36,17 @@ def _reference_weight(module: torch.nn.Module) -> torch.Tensor:
 
 
 def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """What the int4 kernel's rounding of x may add (csrc/gemm_small.c): each x is off by at most half
+    """What the kernels' rounding of x may add (csrc/gemm_small.c). int4: each x is off by at most half
     its group's step, max |x| / 127 (int8, groups of a multiple of 64) or max |x| / 32767 (int16,
-    other groups), and meets a weight term |q - 8| * scale <= 8 * scale."""
+    other groups), and meets a weight term |q - 8| * scale <= 8 * scale. int8, one row of x with
+    AVX512-VNNI: x rounded to int16 per run of 128 values (the last k % 128 exact), meeting |w|."""
+    if isinstance(module, Int8Linear):
+        kq = x.shape[-1] // 128 * 128
+        if x.shape[0] != 1 or kq == 0 or cpu_kernels.small_kernel_level() != 2:
+            return torch.zeros(x.shape[0], module.out_features, dtype=torch.float64)
+        half_step = x[:, :kq].double().reshape(1, -1, 128).abs().amax(-1) / 32767 / 2 * (1 + 1e-3)  # (1, runs)
+        w = module.weight.double().abs()[:, :kq] * module.weight_scale.double().abs()[:, None]
+        return half_step @ w.reshape(module.out_features, -1, 128).sum(-1).T  # (1, n)
     if not isinstance(module, Int4Linear):
         return torch.zeros(x.shape[0], module.out_features, dtype=torch.float64)
     g = module.group_size
@@ -352,16 +360,21 @@ def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
 @pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no AVX-512 int8 path on this CPU")
 @pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (24, 4096)])
 def test_int8_one_row_avx512_path_matches_the_reference(n, k):
-    """One row of x against int8 weights takes a 512-bit loop where the CPU has it (level 2); it and
-    the AVX2 loop (level 1) both stay within float32 rounding of the float64 product."""
+    """One row of x against int8 weights takes a 512-bit VNNI loop where the CPU has it (level 2: x
+    rounded to int16 per 128 values); it stays within float32 rounding plus that rounding's bound of the
+    float64 product, the AVX2 loop (level 1, float x) within float32 rounding."""
     _, q = _quantized_linear("int8", n, k, seed=k)
-    x = torch.randn(1, k, generator=torch.Generator().manual_seed(n))
+    x = torch.randn(1, k, generator=torch.Generator().manual_seed(n)) * torch.rand(1, k, generator=torch.Generator().manual_seed(k)) * 4
     w = _reference_weight(q)
     ref = x.double() @ w.T
     bound = 1e-5 * (x.double().abs() @ w.abs().T) + 1e-30
     for level in (None, 1):
         out = cpu_kernels.small_gemm(x, "int8", q.weight, q.weight_scale, level=level)
-        assert ((out.double() - ref).abs() <= bound).all(), f"level {level}"
+        extra = _x_rounding_bound(q, x) if level is None else 0
+        assert ((out.double() - ref).abs() <= bound + extra).all(), f"level {level}"
+    if k >= 128:  # the VNNI loop did round x: its result is not the float loop's
+        assert not torch.equal(cpu_kernels.small_gemm(x, "int8", q.weight, q.weight_scale),
+                               cpu_kernels.small_gemm(x, "int8", q.weight, q.weight_scale, level=1))
 
 
 def test_int4_packing_layout_is_the_documented_one():

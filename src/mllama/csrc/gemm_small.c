@@ -172,35 +172,6 @@ static inline float load1(const wdesc *d, int fmt, int64_t row, int64_t i) {
 EXPAND_TILES(bf16, BF16_TILES)
 EXPAND_TILES(int8, INT8_TILES)
 
-/* int8 against one row of x with AVX-512 (where AVX512-VNNI is: level 2): 16 weights per widening and\
- * multiply-add instead of 8, for the memory-bound one-row decode; lanes folded to 8 at the end. */ \
-#define DEFINE_INT8_TILE512(NAME, R)                                                                \
-    __attribute__((target("avx2,fma,avx512f,avx512bw")))                                            \
-    static void NAME(const wdesc *d, const float *x, int64_t row, int64_t k0, int64_t k1, int64_t kmain,\
-                     __m256 *tot) {                                                                 \
-        __m512 acc[R];                                                                              \
-        for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_ps();                                   \
-        const int64_t stop = k0 + ((k1 < kmain ? k1 : kmain) - k0) / 32 * 32;                       \
-        for (int64_t i = k0; i < stop; i += 32) {                                                   \
-            const __m512 x0 = _mm512_loadu_ps(x + i), x1 = _mm512_loadu_ps(x + i + 16);             \
-            _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                                   \
-                const int8_t *p = (const int8_t *)d->w + (row + r) * d->k + i;                      \
-                if (PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);                                 \
-                __builtin_prefetch(p + d->ahead);                                                   \
-                const __m256i q = _mm256_loadu_si256((const __m256i *)p);                           \
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), x0, acc[r]);\
-                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), x1, acc[r]);\
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < R; r++) {                                                               \
-            float tail = 0.0f;                                                                      \
-            for (int64_t i = stop > k0 ? stop : k0; i < k1; i++) tail += load1(d, FMT_INT8, row + r, i) * x[i];\
-            const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(acc[r]),                     \
-                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));\
-            tot[r * MMAX] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX], folded), _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0));\
-        }                                                                                           \
-    }
-DEFINE_INT8_TILE512(int8z_8x1, 8) DEFINE_INT8_TILE512(int8z_1x1, 1)
 
 typedef void (*tile_fn)(const wdesc *, const float *, int64_t, int64_t, int64_t, int64_t, __m256 *);
 
@@ -221,6 +192,7 @@ typedef struct {
     const float *xsum;   /* (m, k / group): each group's sum of x, in float */
     const int32_t *xqsum; /* (m, k / group): each group's sum of xq */
     int64_t groups;      /* k / group */
+    const float *xf;     /* (m, k): x itself, for the int8w tiles' tails */
 } xdesc;
 
 /* The lane sums of up to 8 vectors v[0..n), as one vector (lane i: the sum of v[i]; 0 past n). */
@@ -398,6 +370,45 @@ DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
+/* int8 against one row of x with AVX512-VNNI (level 2): x rounded to int16 per 128 values (as the
+ * int4 path's int16 x: an error below 2^-16 of the run's largest |x|), 32 weights per widening and
+ * vpdpwssd (the products exact in int32), each run's lanes scaled by its step lane by lane; the last
+ * k % 128 values in float. One row streamed 17-25% faster than widening the weights to float
+ * (benchmarks/RESULTS.md). The row's scale is applied by mllama_gemm_small at the end. */
+#define INT8W_RUN 128
+#define DEFINE_INT8_TILE_W16(NAME, R)                                                               \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
+        const int64_t main_end = d->k / INT8W_RUN * INT8W_RUN, stop = k1 < main_end ? k1 : main_end; \
+        __m512 sum[R];                                                                              \
+        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
+        for (int64_t g0 = k0; g0 < stop; g0 += INT8W_RUN) {                                         \
+            __m512i acc[R];                                                                         \
+            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                            \
+            for (int64_t i = g0; i < g0 + INT8W_RUN; i += 32) {                                     \
+                const __m512i xv = _mm512_loadu_si512(x->xq + i);                                   \
+                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
+                    const int8_t *p = (const int8_t *)d->w + (row + r) * d->k + i;                  \
+                    if ((i & 63) == 0) {                                                            \
+                        if (PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);                         \
+                        __builtin_prefetch(p + d->ahead);                                           \
+                    }                                                                               \
+                    acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)), xv); \
+                }                                                                                   \
+            }                                                                                       \
+            const __m512 step = _mm512_set1_ps(x->sx[g0 / INT8W_RUN]);                              \
+            for (int r = 0; r < R; r++) sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), step, sum[r]); \
+        }                                                                                           \
+        for (int r = 0; r < R; r++) {                                                               \
+            float tail = 0.0f;                                                                      \
+            for (int64_t i = k0 > main_end ? k0 : main_end; i < k1; i++) tail += load1(d, FMT_INT8, row + r, i) * x->xf[i]; \
+            const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(sum[r]),                     \
+                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum[r]), 1))); \
+            tot[r * MMAX] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX], folded), _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0)); \
+        }                                                                                           \
+    }
+DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
+
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
 /* [0]: int16 x (any group); int8 x (groups that are multiples of 64): [1] AVX2, [2] AVX512-VNNI,
  * [3] AVX-VNNI (the same sums: results are equal bit for bit) */
@@ -488,8 +499,8 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || group > 256 || k % group)) return -1;
     /* int4 blocks hold whole groups, at least 8 (its sums turn to float 8 groups at a time); one row
      * of x (a few KiB) stays in L1 anyway, and whole weight rows streamed faster (one-row int4 +9-10%,
-     * benchmarks/RESULTS.md) */
-    const int64_t kc = fmt != FMT_INT4 ? KC : m == 1 ? k : KC < 8 * group ? 8 * group : KC / group * group;
+     * int8 +4-10%, benchmarks/RESULTS.md) */
+    const int64_t kc = m == 1 && fmt != FMT_BF16 ? k : fmt != FMT_INT4 ? KC : KC < 8 * group ? 8 * group : KC / group * group;
     /* Work items go to the threads in turn, so a thread's next block of RB rows is about `threads`
      * blocks on: the runs prefetch there too (the one-row int4 product 64 -> 76-79 G weights/s, as
      * fast as torch's own int4 op; benchmarks/RESULTS.md) */
@@ -500,6 +511,23 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     const int z = fmt == FMT_INT4 && m == 1 && level == 2 && group % 128 == 0;
     const int x8 = z ? 2 : fmt == FMT_INT4 && group % 64 == 0;
     const int path = x8 ? level : 0;
+    const int w16 = fmt == FMT_INT8 && m == 1 && level == 2;  /* one row of x: the int8w tiles */
+    if (w16) {
+        const int64_t kq = k / INT8W_RUN * INT8W_RUN;
+        xd.groups = kq / INT8W_RUN;
+        int16_t *xq = malloc((size_t)(kq > 0 ? kq : 1) * sizeof *xq);
+        float *params = malloc((size_t)(3 * (xd.groups > 0 ? xd.groups : 1)) * sizeof *params);
+        if (!xq || !params) {
+            free(xq);
+            free(params);
+            return -1;
+        }
+        if (kq > 0)
+            quantize_x(x, 1, kq, INT8W_RUN, 0, xq, params, params + xd.groups, (int32_t *)(params + 2 * xd.groups));
+        xd.xq = xq;
+        xd.sx = params;
+        xd.xf = x;
+    }
     if (fmt == FMT_INT4) {
         xd.groups = k / group;
         void *xq = malloc((size_t)(m * k) * (x8 ? sizeof(int8_t) : sizeof(int16_t)));
@@ -536,17 +564,19 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                 int64_t r = 0;
                 if (fmt == FMT_INT4) {
                     const xdesc xj = {x8 ? NULL : xd.xq + j0 * k, x8 ? xd.xq8 + j0 * k : NULL, xd.sx + j0 * xd.groups,
-                                      xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups};
+                                      xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups, NULL};
                     for (; r + wide <= rows; r += wide)
                         (z ? int4z_8x1 : INT4_TILES[path][kind])(&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                     for (; r < rows; r++)
                         (z ? int4z_1x1 : INT4_TILES[path][3 + kind])(&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                } else if (w16) {
+                    for (; r + 8 <= rows; r += 8) int8w_8x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
+                    for (; r < rows; r++) int8w_1x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
                 } else {
-                    const int z8 = fmt == FMT_INT8 && kind == 0 && level == 2;  /* AVX-512, one row of x */
                     for (; r + wide <= rows; r += wide)
-                        (z8 ? int8z_8x1 : TILES[fmt][kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                        TILES[fmt][kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
                     for (; r < rows; r++)
-                        (z8 ? int8z_1x1 : TILES[fmt][3 + kind])(&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
+                        TILES[fmt][3 + kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
                 }
                 j0 += step;
             }
