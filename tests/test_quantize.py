@@ -491,3 +491,23 @@ def test_amx_product_is_the_dequantized_weight_through_the_tiles(mode, group, n,
     with torch.no_grad():  # the module routes AMX_MIN_ROWS rows there
         x = torch.randn(AMX_MIN_ROWS[mode], k, generator=gen).bfloat16()
         assert torch.equal(q(x), q._amx_product(x).bfloat16())
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_linears_compile_into_one_graph(mode):
+    """Under torch.compile the kernels are opaque custom ops and the routing reads no file: a quantized
+    linear and a DecodeLinear trace with fullgraph=True and give the eager bits (1 and 3 rows)."""
+    from mllama.linear import DecodeLinear
+
+    _, q = _quantized_linear(mode, 48, 256, group_size=128, dtype=torch.bfloat16, bias=True, seed=11)
+    d = DecodeLinear.from_linear(torch.nn.Linear(48, 32, bias=False).to(torch.bfloat16))
+
+    def stack(x):
+        return d(q(x))
+
+    with torch.no_grad():
+        for rows in (1, 3):
+            x = torch.randn(1, rows, 256).to(torch.bfloat16)
+            torch._dynamo.reset()
+            assert torch.equal(torch.compile(stack, fullgraph=True)(x), stack(x)), f"{rows} rows"

@@ -47,6 +47,7 @@ WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a
 
 
 @functools.cache
+@torch.compiler.assume_constant_result  # a fact of the machine: torch.compile takes the value, not the file read
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 matrices in hardware (AVX512_BF16 or AMX on x86). On x86
     without them torch's bf16 GEMM is several times slower than float32 (benchmarks/RESULTS.md).
