@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllama import cpu_kernels
+from mllama import cpu_kernels, host_memory
 from mllama.linear import DecodeLinear, apply_cpu_kernels, swap_linears
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.gemv_available(), reason="no C compiler or x86 SIMD here")
@@ -179,7 +179,7 @@ def test_build_goes_to_cache_and_is_reused(monkeypatch, tmp_path):
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((1024, 1100), torch.bfloat16), ((0, 4), torch.float32)])
 def test_fresh_zeros_is_a_writable_zero_tensor(shape, dtype):
-    t = cpu_kernels.fresh_zeros(shape, dtype)
+    t = host_memory.fresh_zeros(shape, dtype)
     assert t.shape == shape and t.dtype == dtype and t.device.type == "cpu" and t.is_contiguous()
     assert not t.any()
     if t.numel():

@@ -403,7 +403,7 @@ def test_quantize_on_load_hands_conversion_temporaries_back(tmp_path, monkeypatc
     from mllama.safetensors_io import checkpoint_tensors
 
     assert len(calls) == len(checkpoint_tensors(tmp_path))  # each tensor passes the convert hook
-    from mllama.cpu_kernels import trim_heap
+    from mllama.host_memory import trim_heap
 
     trim_heap()  # callable here (glibc) or a no-op elsewhere
 

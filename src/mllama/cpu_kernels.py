@@ -10,8 +10,8 @@ needed (about a second) and called through ctypes. Without a compiler, on a CPU 
 AVX-512 BF16 nor AVX2, with an unsafe cache, or with MLLAMA_NO_KERNELS=1, everything falls back to
 `F.linear`.
 
-`gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops, so a torch.compile'd decode step
-keeps each as one opaque call. Up to MAX_ROWS rows (a batched decode step of the engine) each weight
+`gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops under torch.compile, so a compiled
+decode step keeps each as one opaque call (eager calls skip the op dispatcher). Up to MAX_ROWS rows (a batched decode step of the engine) each weight
 is read from memory once per call; beyond that the library GEMM reuses weights from cache as well.
 On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_small.c's tiles take 2 to
 MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int8 / int4 weights
@@ -21,9 +21,6 @@ dequantized a block at a time (`amx_product`): a tile product costs the same for
 from __future__ import annotations
 
 import ctypes
-import functools
-import math
-import mmap
 import os
 import platform
 import warnings
@@ -144,44 +141,6 @@ def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16 and x.device.type == "cpu"
             and weight.device.type == "cpu" and x.shape[:-1].numel() <= gemv_max_rows()
             and not torch.is_grad_enabled() and gemv_available())
-
-
-# Tensors at least this large get their own huge-page mapping (one transparent huge page is 2 MiB).
-HUGE_PAGE_MIN_BYTES = 2 * 2**20
-
-
-def fresh_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torch.Tensor:
-    """A new CPU tensor in its own zero-filled anonymous mapping, backed by transparent huge pages
-    where the kernel grants them on request (MADV_HUGEPAGE). Small or elsewhere: torch.zeros.
-
-    Streaming a weight matrix through the decode kernel is 5-20% faster from huge pages (fewer TLB
-    misses; measured interleaved on the project's machine), and writing into fresh memory costs
-    fewer page faults. Pages never written are never allocated.
-    """
-    nbytes = math.prod(shape) * dtype.itemsize
-    if nbytes < HUGE_PAGE_MIN_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return torch.zeros(shape, dtype=dtype)
-    memory = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    memory.madvise(mmap.MADV_HUGEPAGE)
-    return torch.frombuffer(memory, dtype=dtype).view(shape)  # the tensor keeps `memory` alive
-
-
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-def trim_heap() -> None:
-    """Hand the C allocator's free pages back to the OS (glibc's malloc_trim; elsewhere a no-op).
-    Freed float32 temporaries of a quantization stay mapped in glibc's heap when later allocations
-    pin it, and over hundreds of tensors they add up to several times an int4 model's bytes."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
 
 
 def gemv_bf16(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

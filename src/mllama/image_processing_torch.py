@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mllama.cpu_kernels import fresh_zeros
+from mllama.host_memory import fresh_zeros
 from mllama.image_processing import MllamaImageProcessorBase, Settings, pil_nearest_indices, size_on_canvas
 
 _BILINEAR, _NEAREST = int(Image.Resampling.BILINEAR), int(Image.Resampling.NEAREST)

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mllama import cpu_kernels
+from mllama.host_memory import fresh_zeros
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -115,7 +115,7 @@ def resolve_quantization(quantization: str | QuantizationConfig | None,
 def quantize_int8(weight: torch.Tensor) -> dict[str, torch.Tensor]:
     """(N, K) float -> {'weight': int8 (N, K), 'weight_scale': (N,) in weight's dtype}."""
     n, k = weight.shape
-    q = cpu_kernels.fresh_zeros((n, k), torch.int8)  # huge pages stream faster through the kernel
+    q = fresh_zeros((n, k), torch.int8)  # huge pages stream faster through the kernel
     scale = torch.empty(n, dtype=weight.dtype)
     for start in range(0, n, _CHUNK_ROWS):
         w = weight[start:start + _CHUNK_ROWS].float()
@@ -136,7 +136,7 @@ def quantize_int4(weight: torch.Tensor, *, group_size: int) -> dict[str, torch.T
     n, k = weight.shape
     groups = math.ceil(k / group_size)
     kp = groups * group_size
-    packed = cpu_kernels.fresh_zeros((n, kp // 2), torch.uint8)
+    packed = fresh_zeros((n, kp // 2), torch.uint8)
     scale = torch.empty(n, groups, dtype=weight.dtype)
     offset = torch.empty(n, groups, dtype=weight.dtype)
     # Padding beyond K is left out of min/max. On the weight's device: loading onto a GPU quantizes there.

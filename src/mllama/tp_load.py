@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mllama.cpu_kernels import fresh_zeros
+from mllama.host_memory import fresh_zeros
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig
 from mllama.safetensors_io import TensorInfo, _read_into

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed, hub_offline
-from mllama.cpu_kernels import fresh_zeros, trim_heap
+from mllama.host_memory import fresh_zeros, trim_heap
 from mllama.hf_surface import override_config
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
@@ -305,7 +305,7 @@ def _materialise(plan: Mapping[str, TensorInfo], *, dtype: torch.dtype, device: 
                 else:
                     state.update((key, value.to(device)) for key, value in convert(name, tensor).items())
                     converted += info.nbytes
-                    if converted >= TRIM_EVERY_BYTES:  # conversion temporaries would pile up (cpu_kernels.trim_heap)
+                    if converted >= TRIM_EVERY_BYTES:  # conversion temporaries would pile up (host_memory.trim_heap)
                         trim_heap()
                         converted = 0
                 del tensor
