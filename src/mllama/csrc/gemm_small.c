@@ -321,6 +321,13 @@ DEFINE_INT4_TILES("avx2,fma", int4x8, INT4_RUN_X8_AVX2)
 DEFINE_INT4_TILES("avx2,fma,avx512f,avx512vl,avx512vnni", int4x8evex, INT4_RUN_X8_AVX512VNNI)
 DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
 
+/* tot + (v's 16 lanes folded to 8) + lane0 in the first lane: a 512-bit tile's sums into tot. */
+__attribute__((target("avx2,fma,avx512f")))
+static inline __m256 add_folded(__m256 tot, __m512 v, float lane0) {
+    const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(v), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)));
+    return _mm256_add_ps(_mm256_add_ps(tot, folded), _mm256_setr_ps(lane0, 0, 0, 0, 0, 0, 0, 0));
+}
+
 /* int4 against one row of x with 512-bit VNNI (level 2, groups of a multiple of 128): 128 weights per
  * two vpdpbusd, x in the X16 order (see quantize_x). Each group's int32 lanes become float and are
  * scaled lane by lane (tot += s sx sums): no horizontal sum per group, which with 256-bit vectors
@@ -362,11 +369,7 @@ DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
                 extra[r] += s * centre + param(d->offset, p, d->scale_bf16) * xsum;                 \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < R; r++) {                                                               \
-            const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(sum[r]),                     \
-                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum[r]), 1))); \
-            tot[r * MMAX] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX], folded), _mm256_setr_ps(extra[r], 0, 0, 0, 0, 0, 0, 0)); \
-        }                                                                                           \
+        for (int r = 0; r < R; r++) tot[r * MMAX] = add_folded(tot[r * MMAX], sum[r], extra[r]);    \
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
@@ -402,9 +405,7 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
         for (int r = 0; r < R; r++) {                                                               \
             float tail = 0.0f;                                                                      \
             for (int64_t i = k0 > main_end ? k0 : main_end; i < k1; i++) tail += load1(d, FMT_INT8, row + r, i) * x->xf[i]; \
-            const __m256 folded = _mm256_add_ps(_mm512_castps512_ps256(sum[r]),                     \
-                                                _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(sum[r]), 1))); \
-            tot[r * MMAX] = _mm256_add_ps(_mm256_add_ps(tot[r * MMAX], folded), _mm256_setr_ps(tail, 0, 0, 0, 0, 0, 0, 0)); \
+            tot[r * MMAX] = add_folded(tot[r * MMAX], sum[r], tail);                                \
         }                                                                                           \
     }
 DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
@@ -512,33 +513,19 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     const int x8 = z ? 2 : fmt == FMT_INT4 && group % 64 == 0;
     const int path = x8 ? level : 0;
     const int w16 = fmt == FMT_INT8 && m == 1 && level == 2;  /* one row of x: the int8w tiles */
-    if (w16) {
-        const int64_t kq = k / INT8W_RUN * INT8W_RUN;
-        xd.groups = kq / INT8W_RUN;
-        int16_t *xq = malloc((size_t)(kq > 0 ? kq : 1) * sizeof *xq);
-        float *params = malloc((size_t)(3 * (xd.groups > 0 ? xd.groups : 1)) * sizeof *params);
-        if (!xq || !params) {
-            free(xq);
-            free(params);
-            return -1;
-        }
-        if (kq > 0)
-            quantize_x(x, 1, kq, INT8W_RUN, 0, xq, params, params + xd.groups, (int32_t *)(params + 2 * xd.groups));
-        xd.xq = xq;
-        xd.sx = params;
-        xd.xf = x;
-    }
-    if (fmt == FMT_INT4) {
-        xd.groups = k / group;
-        void *xq = malloc((size_t)(m * k) * (x8 ? sizeof(int8_t) : sizeof(int16_t)));
-        float *params = malloc((size_t)(3 * m * xd.groups) * sizeof *params);  /* sx, xsum, xqsum */
+    if (fmt == FMT_INT4 || w16) {  /* x rounded per group: int4's groups, or int8w's runs over whole runs of k */
+        const int64_t kq = w16 ? k / INT8W_RUN * INT8W_RUN : k, qgroup = w16 ? INT8W_RUN : group;
+        xd.groups = kq / qgroup;
+        const int64_t params_n = 3 * m * xd.groups > 0 ? 3 * m * xd.groups : 1;  /* sx, xsum, xqsum */
+        void *xq = malloc((size_t)(m * kq > 0 ? m * kq : 1) * (x8 ? sizeof(int8_t) : sizeof(int16_t)));
+        float *params = malloc((size_t)params_n * sizeof *params);
         if (!xq || !params) {
             free(xq);
             free(params);
             return -1;
         }
         int32_t *xqsum = (int32_t *)(params + 2 * m * xd.groups);
-        quantize_x(x, m, k, group, x8, xq, params, params + m * xd.groups, xqsum);
+        if (kq > 0) quantize_x(x, m, kq, qgroup, x8, xq, params, params + m * xd.groups, xqsum);
         if (x8)
             xd.xq8 = xq;
         else
@@ -546,6 +533,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
         xd.sx = params;
         xd.xsum = params + m * xd.groups;
         xd.xqsum = xqsum;
+        xd.xf = x;
     }
     const int64_t kmain = k - k % 8;
     const int64_t blocks = (n + RB - 1) / RB;
