@@ -11,9 +11,9 @@ AVX-512 BF16 nor AVX2, with an unsafe cache, or with MLLAMA_NO_KERNELS=1, everyt
 `F.linear`.
 
 `gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops under torch.compile, so a compiled
-decode step keeps each as one opaque call (eager calls skip the op dispatcher). Up to MAX_ROWS rows (a batched decode step of the engine) each weight
-is read from memory once per call; beyond that the library GEMM reuses weights from cache as well.
-On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_small.c's tiles take 2 to
+decode step keeps each as one opaque call (eager calls skip the op dispatcher). Up to MAX_ROWS rows
+(a batched decode step of the engine) each weight is read from memory once per call; beyond that the
+library GEMM reuses weights from cache as well. On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_small.c's tiles take 2 to
 MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int8 / int4 weights
 dequantized a block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows.
 """
@@ -183,9 +183,7 @@ def gemv_float32(rows: torch.Tensor, weight: torch.Tensor, *, level: int) -> tor
     return out
 
 
-@torch.library.custom_op("mllama::gemv_bf16", mutates_args=())
-def _gemv_bf16_op(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    return _gemv_bf16(x, weight)
+_gemv_bf16_op = torch.library.custom_op("mllama::gemv_bf16", _gemv_bf16, mutates_args=())
 
 
 @_gemv_bf16_op.register_fake
@@ -360,9 +358,7 @@ def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-@torch.library.custom_op("mllama::linear_int8", mutates_args=())
-def _linear_int8_op(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return _linear_int8(x, weight, scale)
+_linear_int8_op = torch.library.custom_op("mllama::linear_int8", _linear_int8, mutates_args=())
 
 
 @_linear_int8_op.register_fake
@@ -386,10 +382,7 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
     return out.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
 
 
-@torch.library.custom_op("mllama::linear_int4", mutates_args=())
-def _linear_int4_op(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
-                    group_size: int) -> torch.Tensor:
-    return _linear_int4(x, packed, scale, offset, group_size)
+_linear_int4_op = torch.library.custom_op("mllama::linear_int4", _linear_int4, mutates_args=())
 
 
 @_linear_int4_op.register_fake
