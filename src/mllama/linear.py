@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllama.cpu_attention import apply_cpu_attention
 from mllama.cpu_kernels import MAX_AMX_ROWS, MAX_ROWS, gemv_available, gemv_bf16, gemv_level, use_gemv
 
 
@@ -177,13 +178,14 @@ class Float32Conv2d(nn.Conv2d):
 
 
 def apply_cpu_kernels(model: nn.Module) -> nn.Module:
-    """Swap every plain nn.Linear of `model` for a DecodeLinear and every plain nn.Conv2d for a
-    Float32Conv2d, in place; returns `model`.
+    """Swap every plain nn.Linear of `model` for a DecodeLinear, every plain nn.Conv2d for a
+    Float32Conv2d and every vision attention core for mllama.cpu_attention's, in place; returns `model`.
 
     from_pretrained does this for every model it loads. The swap is harmless where the kernel is
     unused (float32, GPU, prefill): the modules then call F.linear / conv2d exactly as torch's do.
     """
     swap_linears(model, lambda _, linear: DecodeLinear.from_linear(linear) if type(linear) is nn.Linear else None)
+    apply_cpu_attention(model)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Conv2d and name:
             parent, _, attr = name.rpartition(".")

@@ -76,22 +76,28 @@ class TileLayout:
         return cls(num_tiles, tile_len, real_len, tuple(runs))
 
 
-def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, *,
+                   attend: Attend = F.scaled_dot_product_attention) -> torch.Tensor:
     """Self-attention where only padding<->padding pairs are masked, without a dense mask.
 
     q, k, v: (images, heads, num_tiles * tile_len, head_dim). Real query rows attend to every key,
     so they take one unmasked SDPA call; padding rows attend to the real keys only, so they take a
-    second unmasked call over the gathered real keys. Both are exact.
+    second unmasked call over the gathered real keys. Both are exact. attend(q, k, v): the unmasked
+    attention (mllama.cpu_attention swaps in its AMX kernel).
     """
     if len(layout.runs) == 1:
-        return _attend_run(q, k, v, layout, layout.runs[0][2])
+        return _attend_run(q, k, v, layout, layout.runs[0][2], attend)
     out = torch.empty_like(q)
     for start, stop, n in layout.runs:
-        out[start:stop] = _attend_run(q[start:stop], k[start:stop], v[start:stop], layout, n)
+        out[start:stop] = _attend_run(q[start:stop], k[start:stop], v[start:stop], layout, n, attend)
     return out
 
 
-def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, n: int) -> torch.Tensor:
+def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, n: int,
+                attend: Attend) -> torch.Tensor:
     """`tile_attention` for images that all have `n` real tiles."""
     m, h, _, d = q.shape
     t, tile_len, real = layout.num_tiles, layout.tile_len, layout.real_len
@@ -108,15 +114,15 @@ def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileL
     q_pad = tiles(q)[:, :, :n, real:].reshape(m, h, n * pad, d)
     if n < t:
         q_pad = torch.cat([q_pad, q[:, :, real_block:]], dim=2)
-    pad_out = F.scaled_dot_product_attention(q_pad, k_real, v_real)
+    pad_out = attend(q_pad, k_real, v_real)
 
     if n == t:  # the common case: no padded tile, one plain SDPA over everything
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = attend(q, k, v)
         if out.requires_grad:  # SDPA saved its output for backward; overwrite a copy
             out = out.clone()
     else:
         out = torch.empty_like(q)
-        out[:, :, :real_block] = F.scaled_dot_product_attention(q[:, :, :real_block], k, v)
+        out[:, :, :real_block] = attend(q[:, :, :real_block], k, v)
         out[:, :, real_block:] = pad_out[:, :, n * pad:]
     # The real tiles' padding rows were computed unmasked above; overwrite them.
     tiles(out)[:, :, :n, real:] = pad_out[:, :, : n * pad].view(m, h, n, pad, d)

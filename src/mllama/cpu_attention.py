@@ -1,0 +1,103 @@
+"""The vision encoder's attention on AMX tiles (csrc/attention_amx.c), swapped into a built model.
+
+An image is 6432 positions (4 tiles of 1608) attending to each other in every vision layer: on a
+CPU that is over half of encoding an image. torch's CPU flash attention runs it at 420-650 GFLOP/s
+on the project's two-core Xeon; the tiles kernel keeps each head's keys and values packed for the
+tiles and reuses them for 256 query rows (benchmarks/RESULTS.md). It computes the same softmax
+attention in float32 sums with the probabilities rounded to bf16 before the second product, as
+torch's kernel does; results agree with it within bf16 rounding.
+
+`apply_cpu_attention` swaps every `TileAttentionCore` of a model for an `AmxTileAttentionCore`,
+whose attention calls go to the kernel where it applies (CPU, bf16, no autograd, head_dim <= 96,
+AMX-BF16 granted by the OS, not under torch.compile) and to SDPA everywhere else. Without a C
+compiler or with MLLAMA_NO_KERNELS=1 it is SDPA throughout.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllama.kernel_cache import build_kernel
+from mllama.vision import TileAttentionCore, TileLayout, tile_attention
+
+SOURCE = Path(__file__).parent / "csrc" / "attention_amx.c"
+MAX_HEAD_DIM = 96  # attention_amx.c's MAX_D: six result tiles of 16
+
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def _load() -> None:
+    global _lib, _tried
+    _tried = True
+    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
+        return
+    try:
+        lib = ctypes.CDLL(str(build_kernel(SOURCE)))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"mllama: the AMX attention kernel is unavailable, using SDPA ({err})", RuntimeWarning,
+                      stacklevel=3)
+        return
+    lib.mllama_attention_amx_usable.restype = ctypes.c_int
+    lib.mllama_attention_amx.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
+                                         + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
+    lib.mllama_attention_amx.restype = ctypes.c_int
+    _lib = lib if lib.mllama_attention_amx_usable() else None
+
+
+def amx_attention_available() -> bool:
+    """Whether the kernel runs here (x86-64 with AMX-BF16 the OS grants, a C compiler, kernels on)."""
+    if not _tried:
+        _load()
+    return _lib is not None
+
+
+def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(head_dim)) v for (batch, heads, length, head_dim) bf16 tensors through the
+    tiles; None where the kernel does not apply (then call SDPA)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not amx_attention_available():
+        return None
+    if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
+        return None
+    n1, n2, lq, d = q.shape
+    lk = k.shape[2]
+    if (k.shape[:2] != (n1, n2) or v.shape[:2] != (n1, n2) or k.shape[3] != d or v.shape != k.shape
+            or not 1 <= d <= MAX_HEAD_DIM or 0 in (n1, n2, lq, lk)):
+        return None
+    out = torch.empty(n1, n2, lq, d, dtype=torch.bfloat16)
+    strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    rc = _lib.mllama_attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n1, n2, lq, lk, d,
+                                   strides, d ** -0.5, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    out = None if torch.compiler.is_compiling() else amx_attention(q, k, v)
+    return out if out is not None else F.scaled_dot_product_attention(q, k, v)
+
+
+class AmxTileAttentionCore(TileAttentionCore):
+    """TileAttentionCore whose unmasked attention calls go through the AMX kernel where it applies."""
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout) -> torch.Tensor:
+        return tile_attention(q, k, v, layout, attend=_attend)
+
+
+def apply_cpu_attention(model: nn.Module) -> nn.Module:
+    """Swap every plain TileAttentionCore of `model` for an AmxTileAttentionCore, in place; returns
+    `model`. Harmless where the kernel does not run (the calls then go to SDPA as before)."""
+    for name, module in list(model.named_modules()):
+        if type(module) is TileAttentionCore and name:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, AmxTileAttentionCore())
+    return model

@@ -1,0 +1,287 @@
+/* Unmasked softmax attention over bf16 q, k, v on AMX-BF16 tiles (the vision encoder's thousands of
+ * positions per image, where torch's CPU flash attention reaches about 420 GFLOP/s on two cores:
+ * benchmarks/RESULTS.md):
+ *   out[i] = sum_j softmax_j(scale * q[i] . k[j]) v[j],   float32 sums, out rounded to bf16 once.
+ *
+ * Work items are 32 query rows of one (batch, head) pair. An item computes its scores against every
+ * key at once (32 x lk float32, kept in the thread's buffer: a few hundred kB, in L2), then the exact
+ * row softmax (maximum, exp, sum: no running rescale as a flash kernel needs), rounds the
+ * probabilities to bf16 (as torch's CPU flash attention does before its second product) and
+ * multiplies them by v in tiles, scaling each row by 1 / sum at the end. Keys and values are packed
+ * once per call into the second tile operand's layout (pairs of the summed index):
+ *   kpack[key block of 16][d chunk of 32][pair r][key n][2] = k[16 kb + n][32 c + 2 r + i]
+ *   vpack[key chunk of 32][d block of 16][pair r][dim n][2] = v[32 kc + 2 r + i][16 e + n]
+ * zero past lk and d, so padding adds nothing to any sum. head_dim up to 96 (six result tiles of
+ * 16 dims beside one tile of probabilities and one of values). Built at first use by
+ * mllama/cpu_attention.py; the OpenMP runtime is the one torch loaded.
+ */
+#include <immintrin.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#ifndef QROWS
+#define QROWS 256       /* query rows per work item: each key and value streams in once for all of them */
+#endif
+#ifndef KEYS
+#define KEYS 256        /* keys per block: a multiple of 32 */
+#endif
+#define RESCALE 8.0f    /* log2 of how far probabilities may exceed 1 before a row's sums are rescaled */
+#define MAX_D 96
+#define ARCH_REQ_XCOMP_PERM 0x1023
+#define XFEATURE_XTILEDATA 18
+
+typedef struct {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tile_config;
+
+int mllama_attention_amx_usable(void) {
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")
+        || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bf16")) return 0;
+#ifdef __linux__
+    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
+#else
+    return 0;
+#endif
+}
+
+/* 2^x for x <= 0 (relative error about 2e-7): 2^round(x) times a degree-5 polynomial in the rest. */
+__attribute__((target("avx512f")))
+static inline __m512 exp2_neg(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));  /* no denormals: below 2^-126 nothing counts */
+    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 f = _mm512_sub_ps(x, n);  /* [-0.5, 0.5] */
+    __m512 p = _mm512_set1_ps(1.32764655e-3f);  /* minimax on [-0.5, 0.5] */
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67554189e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55071346e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40221202e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93146944e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Keys [kb0, kb1) blocks of 16 into kpack, values of key chunks [kc0, kc1) of 32 into vpack. */
+static void pack_k(const uint16_t *k, int64_t k_l, int64_t lk, int64_t d, int64_t dchunks, int64_t kb,
+                   uint16_t *kpack) {
+    uint16_t *dst = kpack + kb * dchunks * 512;
+    memset(dst, 0, (size_t)dchunks * 1024);
+    for (int64_t n = 0; n < 16 && kb * 16 + n < lk; n++) {
+        const uint16_t *row = k + (kb * 16 + n) * k_l;
+        for (int64_t j = 0; j < d; j++) dst[(j / 32) * 512 + ((j % 32) / 2) * 32 + n * 2 + (j & 1)] = row[j];
+    }
+}
+
+static void pack_v(const uint16_t *v, int64_t v_l, int64_t lk, int64_t d, int64_t dblocks, int64_t kc,
+                   uint16_t *vpack) {
+    uint16_t *dst = vpack + kc * dblocks * 512;
+    memset(dst, 0, (size_t)dblocks * 1024);
+    for (int64_t key = 0; key < 32 && kc * 32 + key < lk; key++) {
+        const uint16_t *row = v + (kc * 32 + key) * v_l;
+        for (int64_t j = 0; j < d; j++) dst[(j / 16) * 512 + (key / 2) * 32 + (j % 16) * 2 + (key & 1)] = row[j];
+    }
+}
+
+/* The six result tiles of 16 dims (tile numbers must be immediates). */
+#define TILE_EACH(dblocks, OP) do {                          \
+        OP(0);                                              \
+        if ((dblocks) > 1) OP(1);                           \
+        if ((dblocks) > 2) OP(2);                           \
+        if ((dblocks) > 3) OP(3);                           \
+        if ((dblocks) > 4) OP(4);                           \
+        if ((dblocks) > 5) OP(5);                           \
+    } while (0)
+
+/* One work item: rows [0, rows) of q (at most QROWS) against all lk keys, a block of KEYS keys at a
+ * time, the softmax running over the blocks. Each row's reference maximum moves only when a block's
+ * maximum exceeds it by more than 2^RESCALE (then the row's sums so far are scaled down): the
+ * probabilities stay below 2^RESCALE, and the result is the same softmax. Buffers (thread's own):
+ * qbuf QROWS x (32 * dchunks) bf16, acc QROWS x (16 * dblocks) float32, s 32 x KEYS float32, p 32 x KEYS
+ * bf16. */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint16_t *kpack, const uint16_t *vpack,
+                        uint16_t *out, int64_t o_l, int64_t lk, int64_t d, float scale, uint16_t *qbuf, float *acc,
+                        float *s, uint16_t *p) {
+    const int64_t dchunks = (d + 31) / 32, dblocks = (d + 15) / 16, dq = dchunks * 32, da = dblocks * 16;
+    const int64_t pairs = (rows + 31) / 32;
+    float mx[QROWS], sum[QROWS];
+    memset(qbuf, 0, (size_t)(pairs * 32 * dq) * 2);
+    for (int64_t i = 0; i < rows; i++) memcpy(qbuf + i * dq, q + i * q_l, (size_t)d * 2);
+    memset(acc, 0, (size_t)(pairs * 32 * da) * 4);
+    for (int64_t i = 0; i < QROWS; i++) {
+        mx[i] = -__builtin_inff();
+        sum[i] = 0.0f;
+    }
+    const float c = scale * 1.44269504088896341f;  /* exp(scale * x) = 2^(c * x) */
+    const __m512 cv = _mm512_set1_ps(c);
+
+    for (int64_t key0 = 0; key0 < lk; key0 += KEYS) {
+        const int64_t nk = lk - key0 < KEYS ? lk - key0 : KEYS, nkp = (nk + 31) / 32 * 32;
+        const uint16_t *kblock = kpack + (key0 / 16) * dchunks * 512, *vblock = vpack + (key0 / 32) * dblocks * 512;
+        for (int64_t pair = 0; pair < pairs; pair++) {
+            const int64_t r0 = pair * 32;
+            /* scores of 32 rows: two query tiles x two key tiles per pass over d */
+            for (int64_t kt = 0; kt < nkp / 16; kt += 2) {
+                _tile_zero(0);
+                _tile_zero(1);
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t ch = 0; ch < dchunks; ch++) {
+                    _tile_loadd(4, qbuf + r0 * dq + ch * 32, dq * 2);
+                    _tile_loadd(5, qbuf + (r0 + 16) * dq + ch * 32, dq * 2);
+                    _tile_loadd(6, kblock + (kt * dchunks + ch) * 512, 64);
+                    _tile_dpbf16ps(0, 4, 6);
+                    _tile_dpbf16ps(1, 5, 6);
+                    _tile_loadd(7, kblock + ((kt + 1) * dchunks + ch) * 512, 64);
+                    _tile_dpbf16ps(2, 4, 7);
+                    _tile_dpbf16ps(3, 5, 7);
+                }
+                _tile_stored(0, s + kt * 256, 64);
+                _tile_stored(1, s + 16 * KEYS + kt * 256, 64);
+                _tile_stored(2, s + kt * 256 + 256, 64);
+                _tile_stored(3, s + 16 * KEYS + kt * 256 + 256, 64);
+            }
+            /* the block's probabilities, unnormalized, into bf16; padding keys and rows get 0 */
+            if (nk < nkp)  /* the last block: scores of the padding keys (zero keys) must not count */
+                for (int64_t i = 0; i < 32; i++)
+                    for (int64_t j = nk; j < nkp; j++) s[(i / 16) * 16 * KEYS + (j / 16) * 256 + (i % 16) * 16 + j % 16] =
+                        -__builtin_inff();
+            for (int64_t i = 0; i < 32; i++) {
+                const float *srow = s + (i / 16) * 16 * KEYS + (i % 16) * 16;  /* key tile kt at srow + 256 kt */
+                uint16_t *prow = p + i * KEYS;
+                const int64_t row = r0 + i;
+                if (row >= rows) {
+                    memset(prow, 0, (size_t)nkp * 2);
+                    continue;
+                }
+                __m512 m0 = _mm512_loadu_ps(srow), m1 = _mm512_loadu_ps(srow + 256);
+                for (int64_t kt = 2; kt < nkp / 16; kt += 2) {
+                    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + kt * 256));
+                    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(srow + kt * 256 + 256));
+                }
+                const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)) * c;
+                if (block_max > mx[row] + RESCALE) {
+                    const float alpha = mx[row] == -__builtin_inff() ? 0.0f : __builtin_exp2f(mx[row] - block_max);
+                    mx[row] = block_max;
+                    sum[row] *= alpha;
+                    float *arow = acc + row * da;
+                    for (int64_t e = 0; e < da; e += 16)
+                        _mm512_storeu_ps(arow + e, _mm512_mul_ps(_mm512_loadu_ps(arow + e), _mm512_set1_ps(alpha)));
+                }
+                const __m512 shift = _mm512_set1_ps(mx[row]);
+                __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+                for (int64_t kt = 0; kt < nkp / 16; kt += 2) {
+                    const __m512 e0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(srow + kt * 256), cv, shift));
+                    const __m512 e1 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(srow + kt * 256 + 256), cv, shift));
+                    t0 = _mm512_add_ps(t0, e0);
+                    t1 = _mm512_add_ps(t1, e1);
+                    _mm512_storeu_si512(prow + kt * 16, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+                }
+                if (nk < nkp) memset(prow + nk, 0, (size_t)(nkp - nk) * 2);
+                sum[row] += _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+            }
+            /* acc += p v, a query tile at a time, its sums in up to six tiles */
+            for (int64_t qt = 0; qt < 2 && r0 + qt * 16 < rows; qt++) {
+                float *a = acc + (r0 + qt * 16) * da;
+#define LOAD_ACC(e) _tile_loadd(e, a + (e) * 16, da * 4)
+#define STORE_ACC(e) _tile_stored(e, a + (e) * 16, da * 4)
+#define PV(e) do { _tile_loadd(7, vt + (e) * 512, 64); _tile_dpbf16ps(e, 6, 7); } while (0)
+                TILE_EACH(dblocks, LOAD_ACC);
+                for (int64_t kc = 0; kc < nkp / 32; kc++) {
+                    _tile_loadd(6, p + qt * 16 * KEYS + kc * 32, KEYS * 2);
+                    const uint16_t *vt = vblock + kc * dblocks * 512;
+                    TILE_EACH(dblocks, PV);
+                }
+                TILE_EACH(dblocks, STORE_ACC);
+#undef LOAD_ACC
+#undef STORE_ACC
+#undef PV
+            }
+        }
+    }
+    const __mmask16 last = (__mmask16)((1u << (d - (dblocks - 1) * 16)) - 1);
+    for (int64_t i = 0; i < rows; i++) {
+        const __m512 inv = _mm512_set1_ps(1.0f / sum[i]);
+        for (int64_t e = 0; e < dblocks; e++) {
+            const __m512 o = _mm512_mul_ps(_mm512_loadu_ps(acc + i * da + e * 16), inv);
+            _mm256_mask_storeu_epi16(out + i * o_l + e * 16, e + 1 < dblocks ? (__mmask16)0xffff : last,
+                                     (__m256i)_mm512_cvtneps_pbh(o));
+        }
+    }
+}
+
+/* q (n1, n2, lq, d), k and v (n1, n2, lk, d), out (n1, n2, lq, d): bf16, d contiguous, strides in
+ * elements: strides[0..2] q's (n1, n2, row), [3..5] k's, [6..8] v's, [9..11] out's. 0 on success,
+ * -1 for an unsupported shape or no memory (nothing written then). */
+__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t n1,
+                         int64_t n2, int64_t lq, int64_t lk, int64_t d, const int64_t *strides, float scale,
+                         int threads) {
+    if (n1 < 1 || n2 < 1 || lq < 1 || lk < 1 || d < 1 || d > MAX_D) return -1;
+    const int64_t heads = n1 * n2, dchunks = (d + 31) / 32, dblocks = (d + 15) / 16;
+    const int64_t kchunks = (lk + 31) / 32;
+    const int64_t kpack_len = (kchunks * 2) * dchunks * 512, vpack_len = kchunks * dblocks * 512;
+    uint16_t *kpack = aligned_alloc(64, (size_t)(heads * kpack_len) * 2);
+    uint16_t *vpack = aligned_alloc(64, (size_t)(heads * vpack_len) * 2);
+    if (!kpack || !vpack) {
+        free(kpack);
+        free(vpack);
+        return -1;
+    }
+    const int64_t qblocks = (lq + QROWS - 1) / QROWS;
+    tile_config cfg = {0};
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = 16;
+    }
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+#pragma omp for schedule(static)
+        for (int64_t item = 0; item < heads * (kchunks * 2); item++) {
+            const int64_t h = item / (kchunks * 2), kb = item % (kchunks * 2);
+            const uint16_t *kh = k + (h / n2) * strides[3] + (h % n2) * strides[4];
+            pack_k(kh, strides[5], lk, d, dchunks, kb, kpack + h * kpack_len);
+            if (kb < kchunks) {
+                const uint16_t *vh = v + (h / n2) * strides[6] + (h % n2) * strides[7];
+                pack_v(vh, strides[8], lk, d, dblocks, kb, vpack + h * vpack_len);
+            }
+        }
+        float *s = aligned_alloc(64, (size_t)(32 * KEYS) * 4);
+        uint16_t *p = aligned_alloc(64, (size_t)(32 * KEYS) * 2);
+        uint16_t *qbuf = aligned_alloc(64, (size_t)(QROWS * dchunks * 32) * 2);
+        float *acc = aligned_alloc(64, (size_t)(QROWS * dblocks * 16) * 4);
+        if (!s || !p || !qbuf || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            _tile_loadconfig(&cfg);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t item = 0; item < heads * qblocks; item++) {
+                const int64_t h = item / qblocks, row0 = (item % qblocks) * QROWS;
+                const int64_t rows = lq - row0 < QROWS ? lq - row0 : QROWS;
+                const uint16_t *qh = q + (h / n2) * strides[0] + (h % n2) * strides[1] + row0 * strides[2];
+                uint16_t *oh = out + (h / n2) * strides[9] + (h % n2) * strides[10] + row0 * strides[11];
+                attend_rows(qh, strides[2], rows, kpack + h * kpack_len, vpack + h * vpack_len, oh, strides[11], lk,
+                            d, scale, qbuf, acc, s, p);
+            }
+            _tile_release();
+        }
+        free(s);
+        free(p);
+        free(qbuf);
+        free(acc);
+    }
+    free(kpack);
+    free(vpack);
+    return failed ? -1 : 0;
+}
