@@ -67,24 +67,42 @@ static inline __m512 exp2_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Keys [kb0, kb1) blocks of 16 into kpack, values of key chunks [kc0, kc1) of 32 into vpack. */
+/* Key block kb (16 keys) into kpack: a tile per d chunk, row r holding dims (2r, 2r + 1) of each key. */
 static void pack_k(const uint16_t *k, int64_t k_l, int64_t lk, int64_t d, int64_t dchunks, int64_t kb,
                    uint16_t *kpack) {
     uint16_t *dst = kpack + kb * dchunks * 512;
     memset(dst, 0, (size_t)dchunks * 1024);
     for (int64_t n = 0; n < 16 && kb * 16 + n < lk; n++) {
         const uint16_t *row = k + (kb * 16 + n) * k_l;
-        for (int64_t j = 0; j < d; j++) dst[(j / 32) * 512 + ((j % 32) / 2) * 32 + n * 2 + (j & 1)] = row[j];
+        int64_t j = 0;
+        for (; j + 1 < d; j += 2) {  /* a pair of dims moves as one 32-bit word */
+            uint32_t pair;
+            memcpy(&pair, row + j, 4);
+            memcpy(dst + (j / 32) * 512 + ((j % 32) / 2) * 32 + n * 2, &pair, 4);
+        }
+        if (j < d) dst[(j / 32) * 512 + ((j % 32) / 2) * 32 + n * 2] = row[j];
     }
 }
 
+/* Key chunk kc (32 keys) of v into vpack: a tile per 16 dims, row r interleaving keys 2r and 2r + 1. */
+__attribute__((target("avx512f,avx512bw")))
 static void pack_v(const uint16_t *v, int64_t v_l, int64_t lk, int64_t d, int64_t dblocks, int64_t kc,
                    uint16_t *vpack) {
     uint16_t *dst = vpack + kc * dblocks * 512;
-    memset(dst, 0, (size_t)dblocks * 1024);
-    for (int64_t key = 0; key < 32 && kc * 32 + key < lk; key++) {
-        const uint16_t *row = v + (kc * 32 + key) * v_l;
-        for (int64_t j = 0; j < d; j++) dst[(j / 16) * 512 + (key / 2) * 32 + (j % 16) * 2 + (key & 1)] = row[j];
+    const __m512i lo = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                        39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+    for (int64_t r = 0; r < 16; r++) {
+        const int64_t key = kc * 32 + 2 * r;
+        for (int64_t j = 0; j < dblocks * 16; j += 32) {
+            const __mmask32 dims = d - j >= 32 ? 0xffffffffu : (__mmask32)((1u << (d - j)) - 1);
+            const __m512i a = key < lk ? _mm512_maskz_loadu_epi16(dims, v + key * v_l + j) : _mm512_setzero_si512();
+            const __m512i b = key + 1 < lk ? _mm512_maskz_loadu_epi16(dims, v + (key + 1) * v_l + j)
+                                           : _mm512_setzero_si512();
+            _mm512_storeu_si512(dst + (j / 16) * 512 + r * 32, _mm512_permutex2var_epi16(a, lo, b));
+            if (j / 16 + 1 < dblocks)
+                _mm512_storeu_si512(dst + (j / 16 + 1) * 512 + r * 32, _mm512_permutex2var_epi16(a, hi, b));
+        }
     }
 }
 
