@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mllama.cpu_kernels import amx_available
 from mllama.kernel_cache import build_kernel
 from mllama.vision import TileAttentionCore, TileLayout, tile_attention
 
@@ -38,19 +39,18 @@ _tried = False
 def _load() -> None:
     global _lib, _tried
     _tried = True
-    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
-        return
+    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64") or not amx_available():
+        return  # amx_available: the CPU has AMX-BF16 and AVX-512 BF16, and Linux granted the tile state
     try:
         lib = ctypes.CDLL(str(build_kernel(SOURCE)))
     except (OSError, RuntimeError) as err:
         warnings.warn(f"mllama: the AMX attention kernel is unavailable, using SDPA ({err})", RuntimeWarning,
                       stacklevel=3)
         return
-    lib.mllama_attention_amx_usable.restype = ctypes.c_int
     lib.mllama_attention_amx.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
                                          + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
     lib.mllama_attention_amx.restype = ctypes.c_int
-    _lib = lib if lib.mllama_attention_amx_usable() else None
+    _lib = lib
 
 
 def amx_attention_available() -> bool:

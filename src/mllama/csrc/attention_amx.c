@@ -13,16 +13,13 @@
  *   vpack[key chunk of 32][d block of 16][pair r][dim n][2] = v[32 kc + 2 r + i][16 e + n]
  * zero past lk and d, so padding adds nothing to any sum. head_dim up to 96 (six result tiles of
  * 16 dims beside one tile of probabilities and one of values). Built at first use by
- * mllama/cpu_attention.py; the OpenMP runtime is the one torch loaded.
+ * mllama/cpu_attention.py and called only where gemm_small.c's mllama_amx_usable said yes (the
+ * process then holds the tile state); the OpenMP runtime is the one torch loaded.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __linux__
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
 
 #ifndef QROWS
 #define QROWS 256       /* query rows per work item: each key and value streams in once for all of them */
@@ -32,25 +29,12 @@
 #endif
 #define RESCALE 8.0f    /* log2 of how far probabilities may exceed 1 before a row's sums are rescaled */
 #define MAX_D 96
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
 
 typedef struct {
     uint8_t palette, start_row, reserved[14];
     uint16_t colsb[16];
     uint8_t rows[16];
 } tile_config;
-
-int mllama_attention_amx_usable(void) {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile")
-        || !__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bf16")) return 0;
-#ifdef __linux__
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-#else
-    return 0;
-#endif
-}
 
 /* 2^x for x <= 0 (relative error about 2e-7): 2^round(x) times a degree-5 polynomial in the rest. */
 __attribute__((target("avx512f")))
