@@ -37,8 +37,8 @@ def check_close(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     (1, 1, 1, 1, 1),        # one query, one key: the output is v
     (1, 1, 5, 7, 8),        # everything under one tile
     (2, 3, 33, 50, 80),     # the vision head_dim, rows and keys past a tile
-    (1, 2, 300, 610, 40),   # more than one work item of 256 rows, three key blocks, the last partial
-    (1, 1, 64, 257, 96),    # the largest head_dim; one key past a block
+    (1, 2, 300, 1100, 40),  # more than one work item of 256 rows, three key blocks of 512, the last partial
+    (1, 1, 64, 513, 96),    # the largest head_dim; one key past a block
     (3, 1, 17, 31, 72),     # d a multiple of 8 but not of 16 or 32
 ])
 def test_kernel_matches_reference(n1, n2, lq, lk, d):
@@ -62,18 +62,19 @@ def test_kernel_reads_strided_views():
 
 @needs_amx
 def test_running_softmax_rescales():
-    """Scores that grow block after block (each block of 256 keys far above the last) and one huge
+    """Scores that grow block after block (each block of 512 keys far above the last) and one huge
     score: the running maximum must move and scale the sums so far; nothing overflows."""
     gen = torch.Generator().manual_seed(5)
-    d, lk = 32, 1000
+    d, lk = 32, 1600
     q = torch.randn(1, 1, 40, d, generator=gen)
     k = torch.randn(1, 1, lk, d, generator=gen)
-    k = k * torch.linspace(0.2, 12.0, lk).view(1, 1, lk, 1)  # later keys score ever larger
-    k[0, 0, 700] = q[0, 0, 0] * 20  # one key with a score of hundreds for the first query
+    k = k * (2.0 * 6.0 ** (torch.arange(lk) // 512)).view(1, 1, lk, 1)  # each block's keys score 6x the last's
+    k[0, 0, 1300] = q[0, 0, 0] * 20  # one key with a score of hundreds for the first query
     v = torch.randn(1, 1, lk, d, generator=gen)
     q, k, v = q.bfloat16(), k.bfloat16(), v.bfloat16()
     scores = (q.double() @ k.double().transpose(-1, -2))[0, 0] * d ** -0.5
-    assert (scores[:, 512:].amax(1) - scores[:, :256].amax(1)).min() > 8  # blocks really move the maximum
+    assert (scores[:, 512:1024].amax(1) - scores[:, :512].amax(1)).min() > 8  # blocks really move the maximum
+    assert (scores[:, 1024:].amax(1) - scores[:, 512:1024].amax(1)).min() > 8
     got = amx_attention(q, k, v)
     assert got is not None
     check_close(got, q, k, v)

@@ -1,9 +1,8 @@
 """The vision encoder's attention on AMX tiles (csrc/attention_amx.c), swapped into a built model.
 
 An image is 6432 positions (4 tiles of 1608) attending to each other in every vision layer: on a
-CPU that is over half of encoding an image. torch's CPU flash attention runs it at 420-650 GFLOP/s
-on the project's two-core Xeon; the tiles kernel keeps each head's keys and values packed for the
-tiles and reuses them for 256 query rows (benchmarks/RESULTS.md). It computes the same softmax
+CPU that is about half of encoding an image. The tiles kernel keeps each head's keys and values
+packed for the tiles and reuses them for 256 query rows (speed: benchmarks/RESULTS.md). It computes the same softmax
 attention in float32 sums with the probabilities rounded to bf16 before the second product, as
 torch's kernel does; results agree with it within bf16 rounding.
 

@@ -25,7 +25,7 @@
 #define QROWS 256       /* query rows per work item: each key and value streams in once for all of them */
 #endif
 #ifndef KEYS
-#define KEYS 256        /* keys per block: a multiple of 32 */
+#define KEYS 512        /* keys per block: a multiple of 32 */
 #endif
 #define RESCALE 8.0f    /* log2 of how far probabilities may exceed 1 before a row's sums are rescaled */
 #define MAX_D 96
