@@ -176,6 +176,26 @@ def test_cancel_during_a_paused_vision_forward(models):
     assert _alone(model, request)[0] == _alone(model, request, vision_piece_layers=None)[0]
 
 
+def test_text_requests_do_not_wait_behind_an_image(models):
+    """A text request queued after one with an image starts (and decodes) while that image is still
+    in the vision encoder, a piece per step; every request equals itself alone."""
+    model = models["b"]
+    running = _request("b", length=5, seed=50, max_tokens=30)
+    image = _request("b", length=8, tiles=[2], image_at=[1], seed=51, max_tokens=5)
+    text = _request("b", length=6, seed=52, max_tokens=5)
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, vision_piece_layers=1)
+    first = engine.submit(running)
+    engine.step()
+    with_image, text_only = engine.submit(image), engine.submit(text)
+    engine.step()  # the image to the encoder, the text prompt into this decode step
+    engine.step()
+    assert len(text_only.tokens) >= 1 and engine.num_decoding == 2
+    assert with_image.tokens == [] and engine.num_waiting == 1  # its vision forward is paused mid-way
+    assert any(t.name == "mllama-vision" for t in threading.enumerate())
+    for handle, request in ((first, running), (with_image, image), (text_only, text)):
+        assert handle.result() == _alone(model, request)[0]
+
+
 def test_prefill_sized_by_a_time_budget_equals_alone(models):
     model = models["a"]
     running = _request("a", length=4, seed=44, max_tokens=40)
@@ -524,7 +544,8 @@ def test_queued_text_prompts_prefill_together_and_equal_each_alone(models, monke
     engine = Engine(model, max_slots=6, max_len=MAX_LEN, prefill_chunk=16)
     starter = _request("a", length=4, seed=76, max_tokens=12)
     handles = _run_schedule(engine, [(0, starter)] + [(2, r) for r in requests])
-    assert groups and groups[0] == 4, groups  # the four text prompts ahead of the image request
+    # All five text prompts: the image request goes to the vision encoder and holds back no one.
+    assert groups and groups[0] == 5, groups
     for handle, (tokens, logits) in zip(handles[1:], alone):
         events = list(handle)
         assert handle.tokens == tokens

@@ -100,7 +100,10 @@ class Engine(PrepareRequests):
         self.prefix_cache = PrefixCache(prefix_cache_bytes)
         self._presence = torch.zeros(max_slots, self.vocab, dtype=torch.bool, device=self.device)
         self._queue: collections.deque[Sequence] = collections.deque()
-        self._incoming: Sequence | None = None  # in vision encode or prefill, at slot len(_decoding)
+        self._incoming: Sequence | None = None  # in prefill, at slot len(_decoding)
+        # Its images in the vision encoder, a piece per step, while other requests start and decode;
+        # then it takes its turn as _incoming.
+        self._encoding: Sequence | None = None
         self._decoding: list[Sequence] = []  # index = slot
         self._cancels: set[int] = set()
         self._ids = itertools.count()
@@ -149,7 +152,8 @@ class Engine(PrepareRequests):
 
     @property
     def has_work(self) -> bool:
-        return bool(self._queue or self._incoming is not None or self._decoding or self._cancels)
+        return bool(self._queue or self._incoming is not None or self._encoding is not None or self._decoding
+                    or self._cancels)
 
     @property
     def num_decoding(self) -> int:
@@ -157,7 +161,8 @@ class Engine(PrepareRequests):
 
     @property
     def num_waiting(self) -> int:
-        return len(self._queue)
+        """Requests not started yet: queued, or with their images in the encoder."""
+        return len(self._queue) + (self._encoding is not None)
 
     @property
     def running(self) -> bool:
@@ -223,6 +228,9 @@ class Engine(PrepareRequests):
             self._prepare_piece()
             while self._incoming is not None and not self._decoding:  # nobody to stall: go on
                 self._prepare_piece()
+        elif self._encoding is not None and not fused and not self._encoding.vision_job.finished:
+            worked = True
+            self._encode_piece()
         return worked
 
     def _may_admit(self, seq: Sequence) -> bool:
@@ -231,14 +239,28 @@ class Engine(PrepareRequests):
         return True
 
     def _admit(self) -> None:
+        """The first queued request with images goes to the vision encoder when it is free; the prompt
+        line (_incoming, which needs a free slot) takes an encoded request first, else the first
+        queued text-only one: text requests do not wait behind another request's images."""
         with self._lock:
-            if self._incoming is not None or not self._queue or len(self._decoding) >= self.max_slots:
+            to_encode = None
+            if self._encoding is None:
+                to_encode = next((s for s in self._queue if s.vision_job is not None), None)
+                if to_encode is not None and self._may_admit(to_encode):
+                    self._queue.remove(to_encode)
+                    self._encoding = to_encode
+        if to_encode is not None and self._encoding is to_encode:
+            to_encode.vision_job.lookup()  # an image cache hit finishes it at once
+        if self._incoming is not None or len(self._decoding) >= self.max_slots:
+            return
+        if self._encoding is not None and self._encoding.vision_job.finished:
+            self._incoming, self._encoding = self._encoding, None
+            return
+        with self._lock:
+            seq = next((s for s in self._queue if s.vision_job is None), None)
+            if seq is None or not self._may_admit(seq):
                 return
-            if not self._may_admit(self._queue[0]):
-                return
-            seq = self._queue.popleft()
-        if seq.vision_job is not None:
-            seq.vision_job.lookup()
+            self._queue.remove(seq)
         self._incoming = seq
 
     def _apply_cancels(self) -> None:
@@ -251,9 +273,11 @@ class Engine(PrepareRequests):
             self._finish(seq, "cancelled", Event(token=None))
         if self._incoming is not None and self._incoming.handle.id in cancels:
             seq, self._incoming = self._incoming, None
-            if seq.vision_job is not None:
-                seq.vision_job.abort()
             self._keep(seq, len(self._decoding))  # a partial prompt is still a valid prefix
+            self._finish(seq, "cancelled", Event(token=None))
+        if self._encoding is not None and self._encoding.handle.id in cancels:
+            seq, self._encoding = self._encoding, None
+            seq.vision_job.abort()
             self._finish(seq, "cancelled", Event(token=None))
         gone = [slot for slot, seq in enumerate(self._decoding) if seq.handle.id in cancels]
         for slot in gone:
@@ -283,11 +307,11 @@ class Engine(PrepareRequests):
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
-            seqs = list(self._queue) + ([self._incoming] if self._incoming else []) + self._decoding
+            seqs = list(self._queue) + [s for s in (self._encoding, self._incoming) if s] + self._decoding
             self._queue.clear()
-        if self._incoming is not None and self._incoming.vision_job is not None:
-            self._incoming.vision_job.abort()
-        self._incoming, self._decoding, self._batch_dirty = None, [], True
+        if self._encoding is not None:
+            self._encoding.vision_job.abort()
+        self._incoming, self._encoding, self._decoding, self._batch_dirty = None, None, [], True
         for seq in seqs:
             seq.handle._fail(error)
 

@@ -44,16 +44,24 @@ class PrepareRequests:
                          fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers,
                          piece_s=self.prefill_budget_s)
 
+    def _encode_piece(self) -> None:
+        """One bounded piece of the encoding request's vision work; with nobody decoding (nobody to
+        stall) all of it, and its prompt too."""
+        self._encoding.vision_job.run_piece(seconds=self._budget_s())
+        while not self._decoding and self._incoming is None and self._encoding is not None:
+            if not self._encoding.vision_job.finished:
+                self._encoding.vision_job.run_piece(seconds=None)
+                continue
+            self._admit()  # the encoded request takes the prompt line (no slot is in use)
+            while self._incoming is not None and not self._decoding:
+                self._prepare_piece()
+
     def _prepare_piece(self) -> None:
-        """One bounded piece of the incoming request: an image through the vision tower, or a chunk
-        of its prompt (the last chunk also samples its first token)."""
+        """One chunk of the incoming request's prompt (the last chunk also samples its first token);
+        a request with images comes here encoded (engine._admit)."""
         seq = self._incoming
-        job = seq.vision_job
-        if job is not None:
-            if not job.finished:
-                job.run_piece(seconds=self._budget_s())
-                return
-            seq.vision, seq.vision_job = job.result(), None
+        if seq.vision_job is not None:
+            seq.vision, seq.vision_job = seq.vision_job.result(), None
         part, end = self._prompt_chunk(seq)
         started = time.perf_counter()
         hidden = self.text_model(part.input_ids, position_ids=part.position_ids, mask=part.mask, cross=part.cross,
@@ -122,8 +130,9 @@ class PrepareRequests:
         one forward prefills them all (a prompt alone is a GEMM of few rows, which wastes the weight
         read, and on CPUs without native bf16 misses the float32 route). At most 4 chunks of tokens,
         padded, and with a time budget while others decode (`_budget_s`), no more than the measured prefill rate
-        does within the budget; none while another request is being prepared."""
-        if self._incoming is not None:
+        does within the budget; none while another request is being prepared or an encoded one waits
+        for its turn. Requests with images are skipped: they queue for the vision encoder."""
+        if self._incoming is not None or (self._encoding is not None and self._encoding.vision_job.finished):
             return []
         cap = 4 * self.prefill_chunk  # padded tokens
         budget = self._budget_s()
@@ -135,16 +144,18 @@ class PrepareRequests:
         with self._lock:
             free = self.max_slots - len(self._decoding)
             for seq in self._queue:
+                if seq.vision_job is not None:
+                    continue
                 longest = max(longest, seq.prompt.numel())  # the padded width if seq joins
-                if (len(group) >= free or seq.vision_job is not None or seq.prompt.numel() > self.prefill_chunk
+                if (len(group) >= free or seq.prompt.numel() > self.prefill_chunk
                         or longest * (len(group) + 1) > cap or not self._may_admit(seq)
                         or self._reuses_much(seq)):
                     break
                 group.append(seq)
             if len(group) < 2:
                 return []
-            for _ in group:
-                self._queue.popleft()
+            for seq in group:
+                self._queue.remove(seq)
         return group
 
     def _reuses_much(self, seq: Sequence) -> bool:
