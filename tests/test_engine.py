@@ -14,6 +14,7 @@ import torch
 
 from mllama.engine import Engine
 from mllama.request import Request, SamplingParams
+from mllama.vision_cache import VisionJob
 from mllama.vision_cache import ImageCache
 from tiny import cross_mask, hf_pair, random_images, tiny_config
 
@@ -193,6 +194,29 @@ def test_text_requests_do_not_wait_behind_an_image(models):
     assert with_image.tokens == [] and engine.num_waiting == 1  # its vision forward is paused mid-way
     assert any(t.name == "mllama-vision" for t in threading.enumerate())
     for handle, request in ((first, running), (with_image, image), (text_only, text)):
+        assert handle.result() == _alone(model, request)[0]
+
+
+def test_an_image_and_arriving_prompts_take_turns(models, monkeypatch):
+    """While text requests keep arriving, an image's vision pieces and their prompts alternate step
+    by step: neither waits for the other to end. Results equal each request alone."""
+    model = models["b"]
+    pieces = []
+    real = VisionJob.run_piece
+    monkeypatch.setattr(VisionJob, "run_piece", lambda self, **kw: pieces.append(1) or real(self, **kw))
+    running = _request("b", length=5, seed=60, max_tokens=40)
+    image = _request("b", length=8, tiles=[2], image_at=[1], seed=61, max_tokens=4)
+    texts = [_request("b", length=5 + i, seed=62 + i, max_tokens=3) for i in range(6)]
+    engine = Engine(model, max_slots=10, max_len=MAX_LEN, vision_piece_layers=1)
+    first = engine.submit(running)
+    engine.step()
+    handles = [engine.submit(image)]
+    for text in texts:  # a text request arrives at every step: prompt work is never missing
+        handles.append(engine.submit(text))
+        engine.step()
+    assert len(pieces) == 3  # the image still advanced every other step
+    assert sum(bool(h.tokens) for h in handles[1:]) >= 3 and not handles[0].tokens
+    for handle, request in zip([first] + handles, [running, image] + texts):
         assert handle.result() == _alone(model, request)[0]
 
 

@@ -104,6 +104,7 @@ class Engine(PrepareRequests):
         # Its images in the vision encoder, a piece per step, while other requests start and decode;
         # then it takes its turn as _incoming.
         self._encoding: Sequence | None = None
+        self._last_work: str | None = None  # the last step's new work: "prompt", "vision" or None
         self._decoding: list[Sequence] = []  # index = slot
         self._cancels: set[int] = set()
         self._ids = itertools.count()
@@ -210,28 +211,38 @@ class Engine(PrepareRequests):
 
     def _step(self) -> bool:
         self._apply_cancels()
-        group = self._take_group()
+        # An image being encoded and prompt work take turns (a prompt chunk in the decode step's
+        # forward counts as a turn too), so neither waits for the other to end and a step carries
+        # one of them: the others' inter-token latency stays bounded by one piece.
+        vision_due = self._encode_pending() and self._last_work == "prompt"
+        group = [] if vision_due else self._take_group()
         if not group:
             self._admit()
         worked = fused = False
         if self._decoding:
             started = time.perf_counter()
-            fused = self._decode()
+            fused = self._decode(fuse=not vision_due)
             if not fused:  # the ratio budget is relative to a step without new work
                 self._decode_s = time.perf_counter() - started
             worked = True
-        if group:
-            worked = True
-            self._prefill_group(group)
-        elif self._incoming is not None and not fused:
-            worked = True
+        work = None
+        if group or fused:
+            work = "prompt"
+            if group:
+                self._prefill_group(group)
+        elif self._incoming is not None and not vision_due:
+            work = "prompt"
             self._prepare_piece()
             while self._incoming is not None and not self._decoding:  # nobody to stall: go on
                 self._prepare_piece()
-        elif self._encoding is not None and not fused and not self._encoding.vision_job.finished:
-            worked = True
+        elif self._encode_pending():
+            work = "vision"
             self._encode_piece()
-        return worked
+        self._last_work = work
+        return worked or work is not None
+
+    def _encode_pending(self) -> bool:
+        return self._encoding is not None and not self._encoding.vision_job.finished
 
     def _may_admit(self, seq: Sequence) -> bool:
         """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its
@@ -322,9 +333,9 @@ class Engine(PrepareRequests):
         return (self.fuse_prefill and not self.compile and seq is not None and seq.vision_job is None
                 and seq.prefilled < seq.prompt.numel())
 
-    def _decode(self) -> bool:
+    def _decode(self, *, fuse: bool = True) -> bool:
         """One decode step for every decoding request, with the incoming prompt's next chunk in the same
-        forward where _fuses says so. Returns whether it took that chunk."""
+        forward where `fuse` and _fuses say so. Returns whether it took that chunk."""
         seqs = self._decoding
         n = len(seqs)
         rows = min(1 << (n - 1).bit_length(), self.max_slots) if self.compile else n
@@ -340,7 +351,7 @@ class Engine(PrepareRequests):
             mask = (torch.arange(length, device=self.device)[None] < positions + 1)[:, None, None]
         window = KVWindow(self.kv, slots=slots, positions=positions, first=0, length=length)
         incoming = self._incoming
-        fused = self._fuses(incoming)
+        fused = fuse and self._fuses(incoming)
         if fused:
             started = time.perf_counter()
             part, end = self._prompt_chunk(incoming)
