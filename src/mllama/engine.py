@@ -26,7 +26,7 @@ from torch import nn
 from mllama.cache import KVCache, KVWindow
 from mllama.checks import check_pixel_values
 from mllama.decode_step import compiled_step, forward_step
-from mllama.engine_prepare import PrepareRequests
+from mllama.engine_prepare import VISION_TURNS, PrepareRequests
 from mllama.engine_sequence import Sequence
 from mllama.prefix_cache import PrefixCache
 from mllama.request import Event, Request, RequestHandle
@@ -104,7 +104,7 @@ class Engine(PrepareRequests):
         # Its images in the vision encoder, a piece per step, while other requests start and decode;
         # then it takes its turn as _incoming.
         self._encoding: Sequence | None = None
-        self._last_work: str | None = None  # the last step's new work: "prompt", "vision" or None
+        self._vision_turns = 0  # vision pieces since the last prompt work
         self._decoding: list[Sequence] = []  # index = slot
         self._cancels: set[int] = set()
         self._ids = itertools.count()
@@ -211,10 +211,11 @@ class Engine(PrepareRequests):
 
     def _step(self) -> bool:
         self._apply_cancels()
-        # An image being encoded and prompt work take turns (a prompt chunk in the decode step's
-        # forward counts as a turn too), so neither waits for the other to end and a step carries
-        # one of them: the others' inter-token latency stays bounded by one piece.
-        vision_due = self._encode_pending() and self._last_work == "prompt"
+        # An image being encoded and prompt work take turns, VISION_TURNS vision pieces to one of
+        # prompt work (a prompt chunk in the decode step's forward counts too): neither waits for the
+        # other to end, and a step carries one of them, so the others' inter-token latency stays
+        # bounded by one piece. The image gets more turns: it is the longer work.
+        vision_due = self._encode_pending() and self._vision_turns < VISION_TURNS
         group = [] if vision_due else self._take_group()
         if not group:
             self._admit()
@@ -238,7 +239,8 @@ class Engine(PrepareRequests):
         elif self._encode_pending():
             work = "vision"
             self._encode_piece()
-        self._last_work = work
+        if work is not None:
+            self._vision_turns = self._vision_turns + 1 if work == "vision" else 0
         return worked or work is not None
 
     def _encode_pending(self) -> bool:

@@ -21,6 +21,8 @@ from mllama.vision_cache import VisionJob
 
 # The least a ratio budget allows: a piece any smaller costs more in decode steps than it saves.
 MIN_BUDGET_S = 0.02
+# While an image is encoded, vision pieces per turn of prompt work (engine.Engine._step).
+VISION_TURNS = 2
 
 
 class PrepareRequests:
