@@ -3,10 +3,12 @@
 Each request owns a slot: its prompt and generated tokens sit at positions 0.. of that slot, and
 its own cross-attention K/V (its images, visible tiles only) live beside it. Every `step()` runs one
 batched decode forward for all decoding slots, then one bounded piece of a new request's work
-(one image through the vision tower, or one chunk of its prompt), so a long prompt or a large
-image never freezes the running streams. Decoding slots are kept at the front of the cache
-([0, n)): a finished request's slot is refilled by moving the last one in, so a step reads one
-contiguous view. Requests beyond max_slots wait in a FIFO queue. A finished request's K/V are kept
+(a piece of one image through the vision tower, or one chunk of a prompt), so a long prompt or a
+large image never freezes the running streams. Images are encoded in a line of their own, one
+request at a time, taking turns with the prompts of text requests, which do not wait behind them.
+Decoding slots are kept at the front of the cache ([0, n)): a finished request's slot is refilled
+by moving the last one in, so a step reads one contiguous view. Requests beyond max_slots wait in
+a queue, in order (text-only ones may pass one whose images wait for the encoder). A finished request's K/V are kept
 in a prefix cache (mllama.prefix_cache): a later prompt that starts the same way (a chat follow-up)
 copies them into its slot and prefills only the rest.
 
