@@ -2,9 +2,9 @@
 
 An image is 6432 positions (4 tiles of 1608) attending to each other in every vision layer: on a
 CPU that is about half of encoding an image. The tiles kernel keeps each head's keys and values
-packed for the tiles and reuses them for 256 query rows (speed: benchmarks/RESULTS.md). It computes the same softmax
-attention in float32 sums with the probabilities rounded to bf16 before the second product, as
-torch's kernel does; results agree with it within bf16 rounding.
+packed for the tiles and reuses them for 256 query rows (speed: benchmarks/RESULTS.md). It computes
+the same softmax attention in float32 sums with the probabilities rounded to bf16 before the second
+product, as torch's kernel does; results agree with it within bf16 rounding.
 
 `apply_cpu_attention` swaps every `TileAttentionCore` of a model for an `AmxTileAttentionCore`,
 whose attention calls go to the kernel where it applies (CPU, bf16, no autograd, head_dim <= 96,
@@ -15,8 +15,6 @@ compiler or with MLLAMA_NO_KERNELS=1 it is SDPA throughout.
 from __future__ import annotations
 
 import ctypes
-import os
-import platform
 import warnings
 from pathlib import Path
 
@@ -38,8 +36,8 @@ _tried = False
 def _load() -> None:
     global _lib, _tried
     _tried = True
-    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64") or not amx_available():
-        return  # amx_available: the CPU has AMX-BF16 and AVX-512 BF16, and Linux granted the tile state
+    if not amx_available():  # also False with MLLAMA_NO_KERNELS=1, off x86-64, or without a compiler
+        return
     try:
         lib = ctypes.CDLL(str(build_kernel(SOURCE)))
     except (OSError, RuntimeError) as err:
@@ -70,8 +68,8 @@ def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
         return None
     n1, n2, lq, d = q.shape
     lk = k.shape[2]
-    if (k.shape[:2] != (n1, n2) or v.shape[:2] != (n1, n2) or k.shape[3] != d or v.shape != k.shape
-            or not 1 <= d <= MAX_HEAD_DIM or 0 in (n1, n2, lq, lk)):
+    if (k.shape[:2] != (n1, n2) or k.shape[3] != d or v.shape != k.shape or not 1 <= d <= MAX_HEAD_DIM
+            or 0 in (n1, n2, lq, lk)):
         return None
     out = torch.empty(n1, n2, lq, d, dtype=torch.bfloat16)
     strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])

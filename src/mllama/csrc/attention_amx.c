@@ -1,20 +1,19 @@
-/* Unmasked softmax attention over bf16 q, k, v on AMX-BF16 tiles (the vision encoder's thousands of
- * positions per image, where torch's CPU flash attention reaches about 420 GFLOP/s on two cores:
- * benchmarks/RESULTS.md):
+/* Unmasked softmax attention over bf16 q, k, v on AMX-BF16 tiles, for the vision encoder's thousands
+ * of positions per image (speed against torch's CPU flash attention: benchmarks/RESULTS.md):
  *   out[i] = sum_j softmax_j(scale * q[i] . k[j]) v[j],   float32 sums, out rounded to bf16 once.
  *
- * Work items are 32 query rows of one (batch, head) pair. An item computes its scores against every
- * key at once (32 x lk float32, kept in the thread's buffer: a few hundred kB, in L2), then the exact
- * row softmax (maximum, exp, sum: no running rescale as a flash kernel needs), rounds the
- * probabilities to bf16 (as torch's CPU flash attention does before its second product) and
- * multiplies them by v in tiles, scaling each row by 1 / sum at the end. Keys and values are packed
- * once per call into the second tile operand's layout (pairs of the summed index):
+ * Keys and values are packed once per call into the second tile operand's layout (pairs of the
+ * summed index):
  *   kpack[key block of 16][d chunk of 32][pair r][key n][2] = k[16 kb + n][32 c + 2 r + i]
  *   vpack[key chunk of 32][d block of 16][pair r][dim n][2] = v[32 kc + 2 r + i][16 e + n]
- * zero past lk and d, so padding adds nothing to any sum. head_dim up to 96 (six result tiles of
- * 16 dims beside one tile of probabilities and one of values). Built at first use by
- * mllama/cpu_attention.py and called only where gemm_small.c's mllama_amx_usable said yes (the
- * process then holds the tile state); the OpenMP runtime is the one torch loaded.
+ * zero past lk and d, so padding adds nothing to any sum. A work item is QROWS query rows of one
+ * (batch, head) pair: each packed key and value is read from L3 once for all of them. It walks the
+ * keys in blocks of KEYS (scores of 32 rows in tiles, the row softmax running over the blocks, the
+ * probabilities rounded to bf16 as torch's CPU flash attention does before its second product, p v
+ * accumulated in float32 through the tiles) and scales each row by 1 / sum at the end. head_dim up
+ * to 96 (six result tiles of 16 dims beside one tile of probabilities and one of values). Built at
+ * first use by mllama/cpu_attention.py and called only where gemm_small.c's mllama_amx_usable said
+ * yes (the process then holds the tile state); the OpenMP runtime is the one torch loaded.
  */
 #include <immintrin.h>
 #include <stdint.h>
