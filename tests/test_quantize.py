@@ -39,7 +39,11 @@ def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     """What the kernels' rounding of x may add (csrc/gemm_small.c). int4: each x is off by at most half
     its group's step, max |x| / 127 (int8, groups of a multiple of 64) or max |x| / 32767 (int16,
     other groups), and meets a weight term |q - 8| * scale <= 8 * scale. int8, one row of x with
-    AVX512-VNNI: x rounded to int16 per run of 128 values (the last k % 128 exact), meeting |w|."""
+    AVX512-VNNI: x rounded to int16 per run of 128 values (the last k % 128 exact), meeting |w|; bf16
+    x through the AMX-INT8 tiles: each row rounded to int16 on its own grid (step max|x| / 32767)."""
+    if _int8_tiles(module, x):
+        half_step = x.double().abs().amax(-1, keepdim=True) / 32767 / 2 * (1 + 1e-3)  # (rows, 1)
+        return half_step * (module.weight.double().abs().sum(1) * module.weight_scale.double().abs())[None]
     if isinstance(module, Int8Linear):
         kq = x.shape[-1] // 128 * 128
         if x.shape[0] != 1 or kq == 0 or cpu_kernels.small_kernel_level() != 2:
@@ -55,6 +59,12 @@ def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     levels = 127 if g % 64 == 0 else 32767
     half_step = padded.view(x.shape[0], -1, g).abs().amax(-1) / levels / 2 * (1 + 1e-3)  # (rows, groups)
     return half_step @ (8 * g * module.weight_scale.double().abs()).T  # (rows, n)
+
+
+def _int8_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module(x)` takes the AMX-INT8 tiles (csrc/gemm_small.c) here."""
+    return (isinstance(module, Int8Linear) and x.dtype == torch.bfloat16 and not x.requires_grad
+            and cpu_kernels.amx_int8_tiles(module.in_features))
 
 
 def _quantized_linear(mode: str, n: int, k: int, *, group_size: int = 64, dtype=torch.float32, bias=False, seed=0):
@@ -103,11 +113,12 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         # else the AMX tiles or the blocked dequantize + GEMM (fewer kernel rows with native bf16)
         kernel = q._use_kernel(x) and not q._use_amx(x)
         assert kernel == (rows <= cpu_kernels.MAX_QUANT_ROWS) or dtype == torch.bfloat16
-        if kernel:
+        tiles = _int8_tiles(q, x)
+        if kernel or tiles:
             bound = bound + _x_rounding_bound(q, x)
         if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
             bound = bound + ref.abs() * 2**-7 + q.bias.double().abs() * 2**-8
-            if not kernel:  # prefill and AMX: the weight itself may be dequantized to bf16
+            if not kernel and not tiles:  # prefill and AMX-BF16: the weight may be dequantized to bf16
                 bound = bound + 2**-8 * (x.double().abs() @ w.abs().T)
         with torch.no_grad():
             out = q(x)
@@ -216,7 +227,8 @@ def test_quantize_on_load_reads_weights_a_chunk_of_rows_at_a_time(mode, dtype, t
 
 
 @pytest.mark.parametrize("mode,name,dtype", [("int8", "a", torch.float32), ("int4", "a", torch.float32),
-                                             ("int4", "c", torch.float32), ("int4", "a", torch.bfloat16)])
+                                             ("int4", "c", torch.float32), ("int4", "a", torch.bfloat16),
+                                             ("int8", "a", torch.bfloat16)])
 def test_generate_matches_eager_dequantized_weights(mode, name, dtype):
     """Decode through the kernels vs the same quantized weights dequantized into plain nn.Linear."""
     quantized = quantize_model(_tiny_model(name, seed=5, dtype=dtype), mode)
@@ -469,11 +481,13 @@ def test_cli_default_group_size_is_the_library_default():
 
 @pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX-BF16 on this CPU")
 @pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32), ("int4", 128)])
-@pytest.mark.parametrize("n,k", [(70, 256), (33, 1056), (31, 64)])
+@pytest.mark.parametrize("n,k", [(70, 288), (33, 1056), (31, 96)])
 def test_amx_product_is_the_dequantized_weight_through_the_tiles(mode, group, n, k):
     """The fused AMX path dequantizes a block of rows into the thread's buffer and runs the tiles on
     it: bit for bit what dequantize_* then the bf16 tiles give (n past the 32-row blocks, int4 rows
-    padded past k), and within float rounding of a float64 product over the bf16 weight."""
+    padded past k), and within float rounding of a float64 product over the bf16 weight. (int8 rows
+    of a multiple of 64 values take the int8 tiles instead: the next test.)"""
+    assert not cpu_kernels.amx_int8_tiles(k)
     _, q = _quantized_linear(mode, n, k, group_size=group or 64, dtype=torch.bfloat16, seed=n + k)
     wq = q.dequantize(torch.bfloat16)
     gen = torch.Generator().manual_seed(k)
@@ -491,6 +505,46 @@ def test_amx_product_is_the_dequantized_weight_through_the_tiles(mode, group, n,
     with torch.no_grad():  # the module routes AMX_MIN_ROWS rows there
         x = torch.randn(AMX_MIN_ROWS[mode], k, generator=gen).bfloat16()
         assert torch.equal(q(x), q._amx_product(x).bfloat16())
+
+
+def _int8_tiles_reference(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:
+    """What the AMX-INT8 route computes, in torch: each row of x rounded to int16 on its own grid and
+    split into a signed high and an unsigned low byte, exact integer sums, one float32 formula."""
+    xf = x.float()
+    top = xf.abs().amax(1, keepdim=True)
+    step = torch.where(top > 0, top / 32767, torch.zeros_like(top))
+    inv = torch.where(top > 0, torch.full_like(top, 32767) / top, torch.zeros_like(top))  # (not 32767 / top: a reciprocal)
+    x16 = torch.round(xf * inv).long()
+    hi, lo = torch.div(x16, 256, rounding_mode="floor"), x16 % 256
+    w = q.weight.long()
+    sums_hi, sums_lo = (hi @ w.T).float(), (lo @ w.T).float()
+    return (q.weight_scale.float()[None] * step) * (256 * sums_hi + sums_lo)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_int8_tiles(64), reason="no AMX-INT8 on this CPU")
+@pytest.mark.parametrize("n,k", [(70, 256), (33, 1088), (31, 64), (96, 4096)])
+def test_amx_int8_tiles_are_exact_integer_sums(n, k):
+    """int8 weights through the int8 tiles: bit for bit the integer reference above for 1 to 130 rows
+    (one row, a partial tile of x, several 64-row chunks; n past the 32-row blocks), within the x
+    rounding bound of a float64 product; an all-zero row and a row with one huge value included;
+    the module sends bf16 x of every row count there."""
+    _, q = _quantized_linear("int8", n, k, dtype=torch.bfloat16, seed=n + k)
+    w = q.weight.double() * q.weight_scale.double()[:, None]
+    gen = torch.Generator().manual_seed(k)
+    for rows in (1, 2, 15, 17, 64, 65, 130):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        if rows > 2:
+            x[1] = 0
+            x[2, k // 3] = 3e4
+        out = q._amx_product(x)
+        assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
+        assert torch.equal(out, _int8_tiles_reference(x, q)), rows
+        ref = x.double() @ w.T
+        bound = _x_rounding_bound(q, x) + 1e-6 * (x.double().abs() @ w.abs().T) + 1e-30
+        assert ((out.double() - ref).abs() <= bound).all(), rows
+        with torch.no_grad():
+            assert torch.equal(q(x), out.bfloat16() + q.bias if q.bias is not None else out.bfloat16())
+    assert not cpu_kernels.amx_int8_tiles(k + 32) and not cpu_kernels.amx_int8_tiles(2**17)
 
 
 @needs_kernels

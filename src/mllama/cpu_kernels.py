@@ -44,6 +44,8 @@ _finite: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
 _amx = False  # csrc/gemm_small.c's AMX-BF16 tiles run here
+_amx_int8 = False  # and its AMX-INT8 tiles (int8 weights without dequantizing)
+AMX_INT8_MAX_K = 65536  # gemm_small.c's: the tiles' int32 sums stay exact up to this many values
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -54,7 +56,7 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _finite, _level, _small_level, _tried, _amx
+    global _lib, _small, _finite, _level, _small_level, _tried, _amx, _amx_int8
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
@@ -75,6 +77,7 @@ def _load() -> None:
     small.mllama_gemm_amx.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
                                       + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
     small.mllama_gemm_amx.restype = ctypes.c_int
+    small.mllama_amx_int8_usable.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
@@ -89,6 +92,7 @@ def _load() -> None:
     _small_level = small.mllama_gemm_small_level()
     _small = small if _lib is not None and _small_level else None
     _amx = _small is not None and _level == 2 and bool(small.mllama_amx_usable())
+    _amx_int8 = _amx and bool(small.mllama_amx_int8_usable())
 
 
 def gemv_available() -> bool:
@@ -110,13 +114,22 @@ def amx_available() -> bool:
     return gemv_level() == 3
 
 
+def amx_int8_tiles(k: int) -> bool:
+    """Whether int8 weights of rows of k values take the AMX-INT8 tiles here (any number of rows of
+    bf16 x, each rounded to int16 on its own grid; see gemm_small.c)."""
+    return amx_available() and _amx_int8 and k % 64 == 0 and 0 < k <= AMX_INT8_MAX_K
+
+
 def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
                 offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor | None:
-    """(M, K) bf16 x weights in `fmt` (as small_gemm) -> (M, N) float32 through the AMX tiles (int8
-    and int4 dequantized to bf16 a block of rows at a time, the values dequantize_* give); None where
-    they do not run: no AMX, M outside 2..MAX_AMX_ROWS, K not a multiple of 32, x not bf16."""
+    """(M, K) bf16 x weights in `fmt` (as small_gemm) -> (M, N) float32 through the AMX tiles: bf16
+    weights in place, int8 through the int8 tiles where `amx_int8_tiles(K)` (any M), else int8 and
+    int4 dequantized to bf16 a block of rows at a time (the values dequantize_* give). None where
+    they do not run: no AMX, M outside 2..MAX_AMX_ROWS (but for the int8 tiles), K not a multiple
+    of 32, x not bf16."""
     m, k = x.shape
-    if not amx_available() or not 2 <= m <= MAX_AMX_ROWS or k % 32 or x.dtype != torch.bfloat16:
+    rows_ok = m >= 1 if fmt == "int8" and amx_int8_tiles(k) else 2 <= m <= MAX_AMX_ROWS
+    if not amx_available() or not rows_ok or k % 32 or x.dtype != torch.bfloat16:
         return None
     k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
     scale_bf16 = _scales_bf16(scale, offset)
@@ -354,7 +367,11 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 
 def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
-    out = small_gemm(x.reshape(-1, k), "int8", weight, scale)
+    out = None
+    if x.dtype == torch.bfloat16 and amx_int8_tiles(k):  # the route eager Int8Linear takes: the same bits
+        out = amx_product(x.reshape(-1, k), "int8", weight, scale)
+    if out is None:
+        out = small_gemm(x.reshape(-1, k), "int8", weight, scale)
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 

@@ -150,6 +150,12 @@ class Int8Linear(_QuantizedLinear):
     def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
         return cpu_kernels.amx_product(x, "int8", self.weight, self.weight_scale)
 
+    def _use_amx(self, x: torch.Tensor) -> bool:
+        # the int8 tiles take every row count (one decode row streams as fast as the one-row kernel)
+        if x.dtype == torch.bfloat16 and cpu_kernels.amx_int8_tiles(self.in_features):
+            return (x.shape[:-1].numel() > 0 and not torch.compiler.is_compiling() and self._on_cpu_kernels(x))
+        return super()._use_amx(x)
+
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
         return cpu_kernels.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=dtype, out=out)
