@@ -88,6 +88,7 @@ def kernels(n: int, k: int, rounds: int) -> None:
             "bf16 F.linear": lambda: F.linear(x, w),
             "bf16 kernel": lambda: cpu_kernels.gemv_bf16(x, w),
             "int8 ours": lambda: cpu_kernels.linear_int8(x, q8["weight"], q8["weight_scale"]),
+            "int8 small-row kernel": lambda: cpu_kernels.small_gemm(x, "int8", q8["weight"], q8["weight_scale"]),
             "int8 torch": lambda: torch.ops.aten._weight_int8pack_mm(x, q8["weight"], q8["weight_scale"]),
             "int4 ours": lambda: cpu_kernels.linear_int4(x, q4["weight_packed"], q4["weight_scale"],
                                                          q4["weight_offset"], 64),

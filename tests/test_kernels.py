@@ -283,11 +283,33 @@ def test_every_kernel_builds_and_loads_here():
 
     from mllama.kernel_cache import build_kernel
 
-    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.FINITE_SOURCE):
+    from mllama import cpu_attention
+
+    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.AMX_SOURCE, cpu_kernels.FINITE_SOURCE,
+                   cpu_attention.SOURCE):
         ctypes.CDLL(str(build_kernel(source)))  # raises KernelCacheError with the compiler's message
     assert cpu_kernels.count_not_finite(torch.zeros(1)) == 0
     if cpu_kernels._small_level:  # AVX2 + FMA here: every kernel in use
         assert cpu_kernels.gemv_available() and cpu_kernels.quant_kernels_available()
+
+
+@needs_kernel
+def test_an_amx_build_failure_costs_only_the_tiles(tmp_path, monkeypatch):
+    """gemm_amx.c needs the AMX intrinsics (gcc 11 or later): where it does not build, mllama warns and
+    the other kernels still load (they used to share one file and fall back to torch together)."""
+    broken = tmp_path / "gemm_amx.c"
+    broken.write_text("this is not C\n")
+    for name in ("_lib", "_small", "_amx_lib", "_finite", "_level", "_small_level", "_tried", "_amx", "_amx_int8"):
+        monkeypatch.setattr(cpu_kernels, name, getattr(cpu_kernels, name))  # restored afterwards
+    monkeypatch.setattr(cpu_kernels, "AMX_SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "_tried", False)
+    with pytest.warns(RuntimeWarning, match="AMX tile kernels unavailable"):
+        assert cpu_kernels.gemv_available()
+    assert cpu_kernels.quant_kernels_available() and not cpu_kernels.amx_available()
+    assert not cpu_kernels.amx_int8_tiles(64)
+    x, w = torch.randn(3, 64).bfloat16(), torch.randn(40, 64).bfloat16()
+    assert cpu_kernels.amx_product(x, "bf16", w) is None
+    assert torch.allclose(cpu_kernels.small_gemm(x, "bf16", w), x.float() @ w.float().T, atol=1e-4)
 
 
 @needs_kernel

@@ -62,7 +62,7 @@ def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module(x)` takes the AMX-INT8 tiles (csrc/gemm_small.c) here."""
+    """Whether `module(x)` takes the AMX-INT8 tiles (csrc/gemm_amx.c) here."""
     return (isinstance(module, Int8Linear) and x.dtype == torch.bfloat16 and not x.requires_grad
             and cpu_kernels.amx_int8_tiles(module.in_features))
 

@@ -338,6 +338,25 @@ def test_kernel_cache_is_private_hashed_and_rebuilds_a_corrupt_file(tmp_path):
 
 
 @needs_cc
+def test_kernel_cache_rebuilds_when_an_included_header_changes(tmp_path):
+    """The cache key covers the local headers a source includes (recursively): an edit to one of them
+    builds a new library with the new code instead of loading the old build."""
+    from mllama.kernel_cache import build_kernel
+
+    (tmp_path / "inner.h").write_text("#define ANSWER 42\n")
+    (tmp_path / "outer.h").write_text('#include "inner.h"\n')
+    source = tmp_path / "answer.c"
+    source.write_text('#include "outer.h"\nint mllama_answer(void) { return ANSWER; }\n')
+    cache = tmp_path / "cache"
+    first = build_kernel(source, cache_dir=cache, flags=("-O1",))
+    assert build_kernel(source, cache_dir=cache, flags=("-O1",)) == first
+    (tmp_path / "inner.h").write_text("#define ANSWER 43\n")
+    second = build_kernel(source, cache_dir=cache, flags=("-O1",))
+    assert second != first
+    assert ctypes.CDLL(str(second)).mllama_answer() == 43
+
+
+@needs_cc
 def test_kernel_cache_refuses_unsafe_permissions(tmp_path):
     from mllama.kernel_cache import KernelCacheError, build_kernel
 

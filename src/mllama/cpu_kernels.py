@@ -13,9 +13,10 @@ AVX-512 BF16 nor AVX2, with an unsafe cache, or with MLLAMA_NO_KERNELS=1, everyt
 `gemv_bf16`, `linear_int8` and `linear_int4` are torch custom ops under torch.compile, so a compiled
 decode step keeps each as one opaque call (eager calls skip the op dispatcher). Up to MAX_ROWS rows
 (a batched decode step of the engine) each weight is read from memory once per call; beyond that the
-library GEMM reuses weights from cache as well. On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_small.c's tiles take 2 to
-MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int8 / int4 weights
-dequantized a block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows.
+library GEMM reuses weights from cache as well. On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_amx.c's tiles take 2 to
+MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int4 weights dequantized a
+block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows. With AMX-INT8, int8
+weights go through the int8 tiles as they are, for any number of rows (`amx_int8_tiles`).
 """
 
 from __future__ import annotations
@@ -33,19 +34,21 @@ from mllama.kernel_cache import build_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
+AMX_SOURCE = Path(__file__).parent / "csrc" / "gemm_amx.c"
 FINITE_SOURCE = Path(__file__).parent / "csrc" / "finite.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
-MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemm_small.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
+MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemm_amx.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
 MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
 
 _lib: ctypes.CDLL | None = None
 _small: ctypes.CDLL | None = None
+_amx_lib: ctypes.CDLL | None = None  # csrc/gemm_amx.c, where the tiles run
 _finite: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
-_amx = False  # csrc/gemm_small.c's AMX-BF16 tiles run here
+_amx = False  # csrc/gemm_amx.c's AMX-BF16 tiles run here
 _amx_int8 = False  # and its AMX-INT8 tiles (int8 weights without dequantizing)
-AMX_INT8_MAX_K = 65536  # gemm_small.c's: the tiles' int32 sums stay exact up to this many values
+AMX_INT8_MAX_K = 65536  # gemm_amx.c's: the tiles' int32 sums stay exact up to this many values
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -56,7 +59,7 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _finite, _level, _small_level, _tried, _amx, _amx_int8
+    global _lib, _small, _amx_lib, _finite, _level, _small_level, _tried, _amx, _amx_int8
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
@@ -74,10 +77,6 @@ def _load() -> None:
                                         + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                                    ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small.restype = ctypes.c_int
-    small.mllama_gemm_amx.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
-                                      + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
-    small.mllama_gemm_amx.restype = ctypes.c_int
-    small.mllama_amx_int8_usable.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
@@ -91,8 +90,26 @@ def _load() -> None:
     _lib = lib if _level > 0 else None
     _small_level = small.mllama_gemm_small_level()
     _small = small if _lib is not None and _small_level else None
-    _amx = _small is not None and _level == 2 and bool(small.mllama_amx_usable())
-    _amx_int8 = _amx and bool(small.mllama_amx_int8_usable())
+    amx = _load_amx() if _small is not None and _level == 2 else None
+    _amx = amx is not None and bool(amx.mllama_amx_usable())
+    _amx_lib = amx if _amx else None
+    _amx_int8 = _amx and bool(amx.mllama_amx_int8_usable())
+
+
+def _load_amx() -> ctypes.CDLL | None:
+    """csrc/gemm_amx.c, on its own: a compiler without the AMX intrinsics (gcc < 11) costs the tiles
+    only, not the other kernels."""
+    try:
+        amx = ctypes.CDLL(str(_build(AMX_SOURCE)))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"mllama: AMX tile kernels unavailable ({err})", RuntimeWarning, stacklevel=4)
+        return None
+    amx.mllama_gemm_amx.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
+                                    + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    amx.mllama_gemm_amx.restype = ctypes.c_int
+    amx.mllama_amx_usable.restype = ctypes.c_int
+    amx.mllama_amx_int8_usable.restype = ctypes.c_int
+    return amx
 
 
 def gemv_available() -> bool:
@@ -103,7 +120,7 @@ def gemv_available() -> bool:
 
 def gemv_level() -> int:
     """The bf16 decode kernel's instruction set here: 0 not available, 1 AVX2, 2 AVX-512 BF16 (both
-    csrc/gemv_bf16.c), 3 also AMX-BF16 (csrc/gemm_small.c's tiles for 2 to MAX_AMX_ROWS rows of x:
+    csrc/gemv_bf16.c), 3 also AMX-BF16 (csrc/gemm_amx.c's tiles for 2 to MAX_AMX_ROWS rows of x:
     up to 16 stream the weights once at memory speed)."""
     if not gemv_available():
         return 0
@@ -116,7 +133,7 @@ def amx_available() -> bool:
 
 def amx_int8_tiles(k: int) -> bool:
     """Whether int8 weights of rows of k values take the AMX-INT8 tiles here (any number of rows of
-    bf16 x, each rounded to int16 on its own grid; see gemm_small.c)."""
+    bf16 x, each rounded to int16 on its own grid; see gemm_amx.c)."""
     return amx_available() and _amx_int8 and k % 64 == 0 and 0 < k <= AMX_INT8_MAX_K
 
 
@@ -137,7 +154,7 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    rc = _small.mllama_gemm_amx(_FORMATS[fmt], x.data_ptr(), m, weight.shape[0], k_row, k, weight.data_ptr(),
+    rc = _amx_lib.mllama_gemm_amx(_FORMATS[fmt], x.data_ptr(), m, weight.shape[0], k_row, k, weight.data_ptr(),
                                 scale.data_ptr() if scale is not None else None,
                                 offset.data_ptr() if offset is not None else None,
                                 int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import platform
+import re
 import shutil
 import stat
 import subprocess
@@ -87,10 +88,34 @@ def _verified(target: Path, record: Path) -> bool:
     return record.read_text().strip() == _sha256(target)
 
 
+_LOCAL_INCLUDE = re.compile(rb'^\s*#\s*include\s+"([^"]+)"', re.MULTILINE)
+
+
+def _source_digest(source: Path) -> str:
+    """The hash of `source` and of every local header it includes (`#include "x.h"`, found next to the
+    file that names it, recursively): a header edit makes a new build, not a stale one."""
+    digest = hashlib.sha256()
+    seen: set[Path] = set()
+    pending = [source.resolve()]
+    while pending:
+        path = pending.pop(0)
+        if path in seen:
+            continue
+        seen.add(path)
+        text = path.read_bytes()
+        digest.update(path.name.encode() + b"\0" + text + b"\0")
+        for name in _LOCAL_INCLUDE.findall(text):
+            header = (path.parent / name.decode()).resolve()
+            if header.is_file():  # else the compiler finds it elsewhere (or fails and says so)
+                pending.append(header)
+    return digest.hexdigest()[:16]
+
+
 def build_kernel(source: Path, *, cache_dir: Path | None = None, flags: tuple[str, ...] = ("-O3", "-fopenmp")) -> Path:
-    """Compile `source` into the cache (keyed by its hash) unless a verified build is there; the .so path."""
+    """Compile `source` into the cache (keyed by the hash of it and its local headers) unless a verified
+    build is there; the .so path."""
     directory = cache_dir if cache_dir is not None else default_cache_dir()
-    digest = hashlib.sha256(source.read_bytes()).hexdigest()[:16]
+    digest = _source_digest(source)
     target = directory / f"{source.stem}-{digest}-{platform.machine()}.so"
     record = target.with_suffix(".so.sha256")
     _private_dir(directory)

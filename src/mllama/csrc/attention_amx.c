@@ -12,13 +12,15 @@
  * probabilities rounded to bf16 as torch's CPU flash attention does before its second product, p v
  * accumulated in float32 through the tiles) and scales each row by 1 / sum at the end. head_dim up
  * to 96 (six result tiles of 16 dims beside one tile of probabilities and one of values). Built at
- * first use by mllama/cpu_attention.py and called only where gemm_small.c's mllama_amx_usable said
+ * first use by mllama/cpu_attention.py and called only where gemm_amx.c's mllama_amx_usable said
  * yes (the process then holds the tile state); the OpenMP runtime is the one torch loaded.
  */
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+
+#include "amx.h"
 
 #ifndef QROWS
 #define QROWS 256       /* query rows per work item: each key and value streams in once for all of them */
@@ -28,12 +30,6 @@
 #endif
 #define RESCALE 8.0f    /* log2 of how far probabilities may exceed 1 before a row's sums are rescaled */
 #define MAX_D 96
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
 
 /* 2^x for x <= 0 (relative error about 2e-7): 2^round(x) times a degree-5 polynomial in the rest. */
 __attribute__((target("avx512f")))
@@ -236,12 +232,7 @@ int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v
         return -1;
     }
     const int64_t qblocks = (lq + QROWS - 1) / QROWS;
-    tile_config cfg = {0};
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
+    const tile_config cfg = amx_config_16x64();
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {

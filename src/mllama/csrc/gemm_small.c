@@ -1,6 +1,6 @@
 /* Products with few rows (decode steps, 1 to 32 rows) against bf16, int8 or int4 weights, AVX2 + FMA
  * (the int4 products with int8 x also in a VNNI form, AVX512-VNNI or AVX-VNNI, where the CPU has one;
- * 2 to 64 rows of bf16 x also through AMX tiles, mllama_gemm_amx at the end of this file):
+ * on CPUs with AMX, bf16 x of 2 to 64 rows goes through the tiles of gemm_amx.c instead):
  *   out (M, N) float32 = x (M, K) float32 @ dequant(W) ^T,   W stored (N, K) row-major.
  *
  * Weight formats (the same bytes as in memory and in mllama's quantized checkpoints):
@@ -8,7 +8,7 @@
  *   int4: K padded to a multiple of the group (32, 64, 128 or 256); each run of 32 values is 16
  *         bytes, byte j holding value j in its low nibble and value 16 + j in its high nibble;
  *         w = q * scale[n, g] + offset[n, g] for q in 0..15 (asymmetric, one scale and offset per group).
- * Scales and offsets are float32 or bf16 (`scale_bf16`).
+ * Scales and offsets are float32 or bf16 (`scale_bf16`). The dequantizers' row loops are in dequant.h.
  *
  * Decoding is memory bound for one row: each weight must stream from memory once, and be turned
  * into float32 once. With several rows the work per weight grows, so each dequantized vector of 8
@@ -25,10 +25,8 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#ifdef __linux__
-#include <sys/syscall.h>
-#include <unistd.h>
-#endif
+
+#include "dequant.h"
 
 #ifndef RB
 #define RB 24      /* weight rows per work item: a multiple of 8, 4 and 3 */
@@ -43,7 +41,6 @@
 #endif
 #define MMAX 32    /* most rows of x per call */
 
-enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
 
 typedef struct {
     const void *w;       /* weights */
@@ -55,16 +52,6 @@ typedef struct {
     int scale_bf16;      /* scales and offsets are bf16 (else float32) */
 } wdesc;
 
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
-
-static inline float param(const void *base, int64_t i, int is_bf16) {
-    return is_bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
-}
 
 /* 32 consecutive weights of row `row` from column i (a multiple of 32), as 4 x 8 float32. */
 __attribute__((target("avx2,fma")))
@@ -608,72 +595,6 @@ static inline void store8(void *out, int out_bf16, int64_t at, __m256 v, int64_t
  * float32 or bf16 (out_bf16): w = q * scale + offset, multiplied then added (two roundings, as the
  * reference's torch ops), for the prefill and vision GEMMs that take plain weights. level 1 keeps to
  * AVX2 (tests), else AVX512-BF16 where the CPU has it. Returns 0, or -1 for arguments it does not take. */
-/* 32 values (a: the first 16, b: the next) to out[at..] as float32 or bf16; masked only for a last
- * partial run (`left` < 32), as masked stores are slow on some CPUs. */
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-static inline void store32_avx512(void *out, int out_bf16, int64_t at, __m512 a, __m512 b, int64_t left) {
-    if (out_bf16) {
-        const __m512i v = (__m512i)_mm512_cvtne2ps_pbh(b, a);
-        if (left >= 32)
-            _mm512_storeu_si512((uint16_t *)out + at, v);
-        else
-            _mm512_mask_storeu_epi16((uint16_t *)out + at, (__mmask32)((1u << left) - 1), v);
-    } else if (left >= 32) {
-        _mm512_storeu_ps((float *)out + at, a);
-        _mm512_storeu_ps((float *)out + at + 16, b);
-    } else {
-        _mm512_mask_storeu_ps((float *)out + at, left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1), a);
-        if (left > 16) _mm512_mask_storeu_ps((float *)out + at + 16, (__mmask16)((1u << (left - 16)) - 1), b);
-    }
-}
-
-/* The AVX512-BF16 form of one row: 16 lanes, and the rounding to bf16 in one instruction
- * (vcvtne2ps2bf16: to nearest even, as float8_to_bf16, for values above float32's denormals, which it
- * flushes to zero); the last partial run by masked stores. To bf16, a group's 16 possible values are
- * computed once (the same operations) and each run of 32 weights looks its nibbles up in that table
- * (vpermw): half the instructions of converting every weight. */
-__attribute__((target("avx512f,avx512bw,avx512bf16"), optimize("fp-contract=off")))
-static void dequant_int4_row_avx512(const uint8_t *row, const void *scale, const void *offset, int scale_bf16,
-                                    int64_t g_first, int64_t group, int64_t k_out, void *out, int out_bf16) {
-    if (out_bf16) {
-        const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-        for (int64_t g0 = 0; g0 < k_out; g0 += group) {
-            const int64_t g = g_first + g0 / group;
-            const __m512 v = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(param(scale, g, scale_bf16))),
-                                           _mm512_set1_ps(param(offset, g, scale_bf16)));
-            const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(v, v);  /* words 0..15: value q */
-            const int64_t end = g0 + group < k_out ? g0 + group : k_out;
-            for (int64_t i = g0; i < end; i += 32) {
-                const __m128i packed = _mm_loadu_si128((const __m128i *)(row + i / 2));
-                const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
-                const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
-                const __m512i w = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
-                if (k_out - i >= 32)
-                    _mm512_storeu_si512((uint16_t *)out + i, w);
-                else
-                    _mm512_mask_storeu_epi16((uint16_t *)out + i, (__mmask32)((1u << (k_out - i)) - 1), w);
-            }
-        }
-        return;
-    }
-    for (int64_t i = 0; i < k_out; i += 32) {
-        const int64_t g = g_first + i / group;
-        const __m512 s = _mm512_set1_ps(param(scale, g, scale_bf16));
-        const __m512 z = _mm512_set1_ps(param(offset, g, scale_bf16));
-        const __m128i packed = _mm_loadu_si128((const __m128i *)(row + i / 2));
-        const __m128i lo = _mm_and_si128(packed, _mm_set1_epi8(0x0F));              /* values i .. i+15 */
-        const __m128i hi = _mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)); /* i+16 .. i+31 */
-        const __m512 a = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(lo)), s), z);
-        const __m512 b = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(hi)), s), z);
-        store32_avx512(out, out_bf16, i, a, b, k_out - i);
-    }
-}
-
-static int dequant_avx512(int level) {
-    __builtin_cpu_init();
-    return level != 1 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
-           && __builtin_cpu_supports("avx512vl");
-}
 
 __attribute__((target("avx2,fma"), optimize("fp-contract=off")))  /* no fused multiply-add here */
 int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset, int scale_bf16, int64_t n,
@@ -711,18 +632,6 @@ int mllama_dequant_int4(const uint8_t *w, const void *scale, const void *offset,
     return 0;
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void dequant_int8_row_avx512(const int8_t *row, float scale, int64_t k, void *out, int out_bf16) {
-    const __m512 s = _mm512_set1_ps(scale);
-    for (int64_t i = 0; i < k; i += 32) {
-        const int64_t left = k - i;
-        const __m256i q = left >= 32 ? _mm256_loadu_si256((const __m256i *)(row + i))
-                                     : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1), row + i);  /* not past the row */
-        const __m512 a = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_castsi256_si128(q))), s);
-        const __m512 b = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm256_extracti128_si256(q, 1))), s);
-        store32_avx512(out, out_bf16, i, a, b, left);
-    }
-}
 
 /* int8 weights (n, k) -> out (n, k) float32 or bf16 (out_bf16): w = q * scale[row], as the
  * reference's torch ops; level as for int4. Returns 0, or -1 for arguments it does not take. */
@@ -751,347 +660,4 @@ int mllama_dequant_int8(const int8_t *w, const void *scale, int scale_bf16, int6
         }
     }
     return 0;
-}
-
-/* The dot product of two bf16 vectors of k values (k a multiple of 32), pairs of products in float32. */
-__attribute__((target("avx512f,avx512bw,avx512bf16")))
-static float dot_bf16_avx512(const uint16_t *a, const uint16_t *b, int64_t k) {
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 32)
-        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512((const void *)(a + i)),
-                               (__m512bh)_mm512_loadu_si512((const void *)(b + i)));
-    return _mm512_reduce_add_ps(acc);
-}
-
-/* ---- AMX-BF16 (Intel Sapphire Rapids and later) ------------------------------------------------
- * One tile product multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32, pairs of
- * products accumulated in float32 as vdpbf16ps does. The weights are the first operand: bf16 weights
- * are read in place (16 rows of 32 values, a row stride apart: no repacking); int8 and int4 weights
- * are first dequantized, a block of 32 rows at a time, into a buffer of the thread's that stays in
- * its cache (the same bf16 values as mllama_dequant_int4 / _int8 give). x, packed once per call into
- * pairs of k (the second operand's layout), fills 16 columns per tile; a tile product costs the same
- * for 1 or 16 of them, so up to 16 rows of x stream the weights once at memory speed. A block of 32
- * weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over k; more rows
- * of x pass over the same block again, from cache. Each output is its own row of x against the
- * weights, summed in one order: a row gets the same bits in any batch. */
-#define AMX_ROWS 32        /* weight rows per block: two tiles (streamed faster than one or four) */
-#define AMX_MAX_M 64       /* rows of x per call (torch's GEMM wins from about 128) */
-#define ARCH_REQ_XCOMP_PERM 0x1023
-#define XFEATURE_XTILEDATA 18
-
-typedef struct {
-    uint8_t palette, start_row, reserved[14];
-    uint16_t colsb[16];
-    uint8_t rows[16];
-} tile_config;
-
-/* Whether the tiles run here: the CPU has them and Linux grants this process their register state
- * (asked once; every thread then has it). */
-int mllama_amx_usable(void) {
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("amx-bf16") || !__builtin_cpu_supports("amx-tile") || !dequant_avx512(0)) return 0;
-#ifdef __linux__
-    return syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0;
-#else
-    return 0;  /* the permission request above is Linux's */
-#endif
-}
-
-/* 16 weight rows from `row` x `cols` rows of x from j0, from a stored tile c[weight row][column of x]. */
-static void amx_put(const float c[16][16], float *out, int64_t n, int64_t row, int64_t j0, int64_t cols) {
-    for (int64_t j = 0; j < cols; j++)
-        for (int r = 0; r < 16; r++) out[(j0 + j) * n + row + r] = c[r][j];
-}
-
-/* 32 bf16 weight rows (w0: the first 16, w1: the next, `stride` bytes between rows) against every
- * row of x (xpack: (m tiles, k / 32, 16, 16) pairs of k), to out's columns row0 ... row0 + 31. */
-__attribute__((target("amx-tile,amx-bf16,avx512f")))
-static void amx_block(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t *xpack, float *out,
-                      int64_t row0, int64_t m, int64_t n, int64_t k) {
-    const int64_t kblocks = k / 32;
-    float c[4][16][16] __attribute__((aligned(64)));  /* [result tile][weight row][column of x] */
-    int64_t j0 = 0;
-    for (; m - j0 > 16; j0 += 32) {  /* two tiles of x: results (w0, x0) (w1, x0) (w0, x1) (w1, x1) */
-        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256, *x1 = x0 + kblocks * 256;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(7, x1 + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 4, 7);
-            _tile_loadd(5, w1 + kb * 32, stride);
-            _tile_dpbf16ps(1, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
-        const int64_t cols1 = m - j0 - 16 < 16 ? m - j0 - 16 : 16;
-        amx_put(c[0], out, n, row0, j0, 16);
-        amx_put(c[1], out, n, row0 + 16, j0, 16);
-        amx_put(c[2], out, n, row0, j0 + 16, cols1);
-        amx_put(c[3], out, n, row0 + 16, j0 + 16, cols1);
-    }
-    if (j0 < m) {  /* one tile of x left: results (w0, x) (w1, x) */
-        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256;
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(5, w1 + kb * 32, stride);
-            _tile_dpbf16ps(1, 5, 6);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        amx_put(c[0], out, n, row0, j0, m - j0);
-        amx_put(c[1], out, n, row0 + 16, j0, m - j0);
-    }
-}
-
-/* Weight rows [r0, r1) as bf16 into buf (r1 - r0 rows of k_out), as mllama_dequant_* would give them. */
-static void amx_dequant(int fmt, const void *w, const void *scale, const void *offset, int scale_bf16,
-                        int64_t k, int64_t group, int64_t k_out, int64_t r0, int64_t r1, uint16_t *buf) {
-    for (int64_t r = r0; r < r1; r++) {
-        uint16_t *dst = buf + (r - r0) * k_out;
-        if (fmt == FMT_INT4)
-            dequant_int4_row_avx512((const uint8_t *)w + r * (k / 2), scale, offset, scale_bf16, r * (k / group),
-                                    group, k_out, dst, 1);
-        else
-            dequant_int8_row_avx512((const int8_t *)w + r * k, param(scale, r, scale_bf16), k, dst, 1);
-    }
-}
-
-/* ---- AMX-INT8: int8 weights without dequantizing ------------------------------------------------
- * The per-row scale factors out of the product (w = q * s: x . w = s (x . q)), so the tiles can take
- * q itself. Each row of x is rounded to int16 on its own grid (step max|x| / 32767: an error below
- * 2^-16 of the row's largest |x|, as the one-row int8 path's) and split exactly into a signed high
- * byte and an unsigned low byte, x16 = 256 hi + lo; the signed x signed and signed x unsigned tile
- * products then give the exact integer sums (|sum| < 2^31 for k <= 65536), and
- *   out = (s * step) * (256 sum(q hi) + sum(q lo))
- * in float32 at the end. The int8 tile products take 64 values per tile, twice the bf16 tiles' 32, so
- * the two products cost what one bf16 product costs, with half the weight bytes and no conversion. */
-#define AMX_INT8_MAX_K 65536
-
-/* Whether the int8 tile products run here (once mllama_amx_usable has asked for the tiles). */
-int mllama_amx_int8_usable(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("amx-int8");
-}
-
-typedef struct {
-    const uint32_t *hi, *lo;  /* (m tiles, k / 64, 16, 16): [tile of x][k block][quad of k][row of x] */
-    const int8_t *hi8;        /* (m, k): the rows, for the weight rows past the last block */
-    const uint8_t *lo8;
-    const float *step;        /* (m,) */
-} x16desc;
-
-/* One row of x (bf16) -> hi, lo (k values each); returns its step. k a multiple of 16. */
-__attribute__((target("avx512f,avx512bw")))
-static float split_x16(const uint16_t *x, int64_t k, int8_t *hi, uint8_t *lo) {
-    __m512 most = _mm512_setzero_ps();
-    for (int64_t i = 0; i < k; i += 16)
-        most = _mm512_max_ps(most, _mm512_abs_ps(_mm512_castsi512_ps(_mm512_slli_epi32(
-                   _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16))));
-    const float top = _mm512_reduce_max_ps(most);
-    const __m512 inv = _mm512_set1_ps(top > 0.0f ? 32767.0f / top : 0.0f);
-    for (int64_t i = 0; i < k; i += 16) {
-        const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
-            _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
-        const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(v, inv));  /* to nearest, ties to even */
-        _mm_storeu_si128((__m128i *)(hi + i), _mm512_cvtepi32_epi8(_mm512_srai_epi32(q, 8)));
-        _mm_storeu_si128((__m128i *)(lo + i), _mm512_cvtepi32_epi8(_mm512_and_si512(q, _mm512_set1_epi32(255))));
-    }
-    return top > 0.0f ? top / 32767.0f : 0.0f;
-}
-
-/* One output from a weight row's exact sums against one row of x. */
-static inline float int8_out(const void *scale, int scale_bf16, int64_t row, float step, int32_t hi, int32_t lo) {
-    return (param(scale, row, scale_bf16) * step) * (256.0f * (float)hi + (float)lo);
-}
-
-/* out[j][row] for 16 weight rows from `row` x `cols` rows of x from j0, from the stored sums. */
-static void amx_put_int8(const int32_t hi[16][16], const int32_t lo[16][16], const void *scale, int scale_bf16,
-                         const float *step, float *out, int64_t n, int64_t row, int64_t j0, int64_t cols) {
-    for (int64_t j = 0; j < cols; j++)
-        for (int r = 0; r < 16; r++)
-            out[(j0 + j) * n + row + r] = int8_out(scale, scale_bf16, row + r, step[j0 + j], hi[r][j], lo[r][j]);
-}
-
-/* 32 int8 weight rows (w0: the first 16, w1: the next, k bytes apart) against the rows j_start..m-1
- * of x (j_start a multiple of 16), to out's columns row0 ... row0 + 31: per tile of x, four sums
- * (w0 hi, w0 lo, w1 hi, w1 lo). */
-__attribute__((target("amx-tile,amx-int8,avx512f")))
-static void amx_block_int8(const int8_t *w0, const int8_t *w1, int64_t k, const x16desc *x, const void *scale,
-                           int scale_bf16, float *out, int64_t row0, int64_t j_start, int64_t m, int64_t n) {
-    const int64_t kblocks = k / 64;
-    int32_t c[4][16][16] __attribute__((aligned(64)));
-    for (int64_t j0 = j_start; j0 < m; j0 += 16) {
-        const uint32_t *xh = x->hi + (j0 / 16) * kblocks * 256, *xl = x->lo + (j0 / 16) * kblocks * 256;
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
-        for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, xh + kb * 256, 64);
-            _tile_loadd(7, xl + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 64, k);
-            _tile_dpbssd(0, 4, 6);
-            _tile_dpbsud(1, 4, 7);
-            _tile_loadd(5, w1 + kb * 64, k);
-            _tile_dpbssd(2, 5, 6);
-            _tile_dpbsud(3, 5, 7);
-        }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
-        const int64_t cols = m - j0 < 16 ? m - j0 : 16;
-        amx_put_int8(c[0], c[1], scale, scale_bf16, x->step, out, n, row0, j0, cols);
-        amx_put_int8(c[2], c[3], scale, scale_bf16, x->step, out, n, row0 + 16, j0, cols);
-    }
-}
-
-/* The same sums for one weight row past the last block, in plain integers. */
-static void int8_row_x16(const int8_t *w, int64_t k, const x16desc *x, const void *scale, int scale_bf16,
-                         float *out, int64_t row, int64_t m, int64_t n) {
-    for (int64_t j = 0; j < m; j++) {
-        int32_t hi = 0, lo = 0;
-        for (int64_t i = 0; i < k; i++) {
-            hi += (int32_t)w[i] * x->hi8[j * k + i];
-            lo += (int32_t)w[i] * x->lo8[j * k + i];
-        }
-        out[j * n + row] = int8_out(scale, scale_bf16, row, x->step[j], hi, lo);
-    }
-}
-
-/* mllama_gemm_amx for int8 weights through the int8 tiles (k a multiple of 64, at most AMX_INT8_MAX_K). */
-__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
-static int gemm_amx_int8(const uint16_t *x, int64_t m, int64_t n, int64_t k, const int8_t *w, const void *scale,
-                         int scale_bf16, float *out, int threads, const tile_config *cfg) {
-    const int64_t mtiles = (m + 15) / 16, kblocks = k / 64;
-    const size_t packed = (size_t)(mtiles * kblocks) * 1024;  /* bytes of each of hi and lo */
-    uint32_t *hi = aligned_alloc(64, 2 * packed);
-    int8_t *hi8 = malloc((size_t)(m * k) * 2);
-    float *step = malloc((size_t)m * sizeof(float));
-    if (!hi || !hi8 || !step) {
-        free(hi);
-        free(hi8);
-        free(step);
-        return -1;
-    }
-    uint32_t *lo = hi + packed / 4;
-    uint8_t *lo8 = (uint8_t *)hi8 + m * k;
-    memset(hi, 0, 2 * packed);
-    for (int64_t j = 0; j < m; j++) {
-        step[j] = split_x16(x + j * k, k, hi8 + j * k, lo8 + j * k);
-        const uint32_t *qh = (const uint32_t *)(hi8 + j * k), *ql = (const uint32_t *)(lo8 + j * k);
-        const int64_t at = (j / 16) * kblocks * 256 + j % 16;
-        for (int64_t q = 0; q < k / 4; q++) {  /* quad q of k -> [k block q / 16][quad q % 16][row j % 16] */
-            hi[at + (q / 16) * 256 + (q % 16) * 16] = qh[q];
-            lo[at + (q / 16) * 256 + (q % 16) * 16] = ql[q];
-        }
-    }
-    const x16desc xd = {hi, lo, hi8, lo8, step};
-    /* Work items: a block of weight rows against a chunk of AMX_MAX_M rows of x, chunk by chunk, so a
-     * long prompt's rows of x being re-read stay in the core's cache (the weights come back from memory
-     * once per chunk). */
-    const int64_t blocks = n / AMX_ROWS, chunks = (m + AMX_MAX_M - 1) / AMX_MAX_M;
-#pragma omp parallel num_threads(threads)
-    {
-        _tile_loadconfig(cfg);
-#pragma omp for schedule(dynamic, 1) nowait
-        for (int64_t item = 0; item < chunks * blocks; item++) {
-            const int64_t b = item % blocks, j0 = item / blocks * AMX_MAX_M;
-            const int8_t *w0 = w + b * AMX_ROWS * k;
-            amx_block_int8(w0, w0 + 16 * k, k, &xd, scale, scale_bf16, out, b * AMX_ROWS, j0,
-                           m < j0 + AMX_MAX_M ? m : j0 + AMX_MAX_M, n);
-        }
-        _tile_release();
-#pragma omp for schedule(static)
-        for (int64_t row = blocks * AMX_ROWS; row < n; row++)
-            int8_row_x16(w + row * k, k, &xd, scale, scale_bf16, out, row, m, n);
-    }
-    free(hi);
-    free(hi8);
-    free(step);
-    return 0;
-}
-
-/* out (m, n) float32 = x (m, k_out) bf16 @ W ^T for W (n, k) in `fmt` (k the stored row length, k_out
- * the real in_features: k for bf16 and int8, k_out <= k for int4), k_out a multiple of 32. int8
- * weights with k a multiple of 64 take the int8 tiles (any m); the others m <= AMX_MAX_M (the caller
- * sends 2 or more: one row streams faster through the AVX-512 loop). Weight rows past the last whole
- * block of 32 take the AVX-512 loop on a dequantized copy (bf16: in place). Returns 0, or -1 for
- * arguments it does not take (or no memory). */
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k, int64_t k_out, const void *w,
-                    const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads) {
-    if (fmt < 0 || fmt > 2 || m < 1 || n < 1 || k_out < 32 || k_out % 32 || k_out > k) return -1;
-    if (fmt != FMT_INT4 && k_out != k) return -1;
-    if (fmt == FMT_INT4 && (group < 32 || group % 32 || k % group)) return -1;
-    tile_config cfg = {0};
-    cfg.palette = 1;
-    for (int t = 0; t < 8; t++) {
-        cfg.colsb[t] = 64;
-        cfg.rows[t] = 16;
-    }
-    if (fmt == FMT_INT8 && k % 64 == 0 && k <= AMX_INT8_MAX_K && mllama_amx_int8_usable())
-        return gemm_amx_int8(x, m, n, k, (const int8_t *)w, scale, scale_bf16, out, threads, &cfg);
-    if (m > AMX_MAX_M) return -1;
-    const int64_t mtiles = (m + 15) / 16, kblocks = k_out / 32;
-    /* (m tiles, k / 32, 16, 16) pairs: [tile of x][k block][pair of k][row of x in the tile], 0 past m */
-    const size_t bytes = (size_t)(mtiles * kblocks) * 1024;
-    uint32_t *xpack = aligned_alloc(64, bytes);
-    if (!xpack) return -1;
-    memset(xpack, 0, bytes);
-    for (int64_t j = 0; j < m; j++) {
-        const uint32_t *pairs = (const uint32_t *)(x + j * k_out);
-        uint32_t *tile = xpack + (j / 16) * kblocks * 256 + j % 16;
-        for (int64_t p = 0; p < k_out / 2; p++) tile[(p / 16) * 256 + (p % 16) * 16] = pairs[p];
-    }
-    const int64_t blocks = n / AMX_ROWS;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        uint16_t *buf = fmt == FMT_BF16 ? NULL : aligned_alloc(64, (size_t)(AMX_ROWS * k_out) * 2);
-        if (fmt != FMT_BF16 && !buf) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
-            _tile_loadconfig(&cfg);
-#pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < blocks; b++) {
-                const int64_t row0 = b * AMX_ROWS;
-                if (fmt == FMT_BF16) {
-                    const uint16_t *w0 = (const uint16_t *)w + row0 * k;
-                    amx_block(w0, w0 + 16 * k, k * 2, xpack, out, row0, m, n, k_out);
-                } else {
-                    amx_dequant(fmt, w, scale, offset, scale_bf16, k, group, k_out, row0, row0 + AMX_ROWS, buf);
-                    amx_block(buf, buf + 16 * k_out, k_out * 2, xpack, out, row0, m, n, k_out);
-                }
-            }
-            _tile_release();
-#pragma omp for schedule(static)
-            for (int64_t row = blocks * AMX_ROWS; row < n; row++) {
-                const uint16_t *wrow = (const uint16_t *)w + row * k;
-                if (fmt != FMT_BF16) {
-                    amx_dequant(fmt, w, scale, offset, scale_bf16, k, group, k_out, row, row + 1, buf);
-                    wrow = buf;
-                }
-                for (int64_t j = 0; j < m; j++) out[j * n + row] = dot_bf16_avx512(x + j * k_out, wrow, k_out);
-            }
-        }
-        free(buf);
-    }
-    free(xpack);
-    return failed ? -1 : 0;
 }
