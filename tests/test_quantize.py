@@ -42,8 +42,7 @@ def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
     AVX512-VNNI: x rounded to int16 per run of 128 values (the last k % 128 exact), meeting |w|; bf16
     x through the AMX-INT8 tiles: each row rounded to int16 on its own grid (step max|x| / 32767)."""
     if _int8_tiles(module, x):
-        half_step = x.double().abs().amax(-1, keepdim=True) / 32767 / 2 * (1 + 1e-3)  # (rows, 1)
-        return half_step * (module.weight.double().abs().sum(1) * module.weight_scale.double().abs())[None]
+        return _int8_tiles_bound(module, x)
     if isinstance(module, Int8Linear):
         kq = x.shape[-1] // 128 * 128
         if x.shape[0] != 1 or kq == 0 or cpu_kernels.small_kernel_level() != 2:
@@ -64,7 +63,13 @@ def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _int8_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether `module(x)` takes the AMX-INT8 tiles (csrc/gemm_amx.c) here."""
     return (isinstance(module, Int8Linear) and x.dtype == torch.bfloat16 and not x.requires_grad
-            and cpu_kernels.amx_int8_tiles(module.in_features))
+            and x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS and cpu_kernels.amx_int8_tiles(module.in_features))
+
+
+def _int8_tiles_bound(module: Int8Linear, x: torch.Tensor) -> torch.Tensor:
+    """The int8 tiles' rounding of x: each row to int16 on its own grid (half a step of max|x| / 32767)."""
+    half_step = x.double().abs().amax(-1, keepdim=True) / 32767 / 2 * (1 + 1e-3)  # (rows, 1)
+    return half_step * (module.weight.double().abs().sum(1) * module.weight_scale.double().abs())[None]
 
 
 def _quantized_linear(mode: str, n: int, k: int, *, group_size: int = 64, dtype=torch.float32, bias=False, seed=0):
@@ -527,7 +532,7 @@ def test_amx_int8_tiles_are_exact_integer_sums(n, k):
     """int8 weights through the int8 tiles: bit for bit the integer reference above for 1 to 130 rows
     (one row, a partial tile of x, several 64-row chunks; n past the 32-row blocks), within the x
     rounding bound of a float64 product; an all-zero row and a row with one huge value included;
-    the module sends bf16 x of every row count there."""
+    the module sends bf16 x of 2 or more rows there (one row: the one-row kernel, a finer x grid)."""
     _, q = _quantized_linear("int8", n, k, dtype=torch.bfloat16, seed=n + k)
     w = q.weight.double() * q.weight_scale.double()[:, None]
     gen = torch.Generator().manual_seed(k)
@@ -540,10 +545,12 @@ def test_amx_int8_tiles_are_exact_integer_sums(n, k):
         assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
         assert torch.equal(out, _int8_tiles_reference(x, q)), rows
         ref = x.double() @ w.T
-        bound = _x_rounding_bound(q, x) + 1e-6 * (x.double().abs() @ w.abs().T) + 1e-30
+        bound = _int8_tiles_bound(q, x) + 1e-6 * (x.double().abs() @ w.abs().T) + 1e-30
         assert ((out.double() - ref).abs() <= bound).all(), rows
-        with torch.no_grad():
-            assert torch.equal(q(x), out.bfloat16() + q.bias if q.bias is not None else out.bfloat16())
+        with torch.no_grad():  # the module sends 2 or more rows there, one row to the one-row kernel
+            assert q._use_amx(x) == (rows >= cpu_kernels.AMX_INT8_MIN_ROWS)
+            if rows >= cpu_kernels.AMX_INT8_MIN_ROWS:
+                assert torch.equal(q(x), out.bfloat16()), rows
     assert not cpu_kernels.amx_int8_tiles(k + 32) and not cpu_kernels.amx_int8_tiles(2**17)
 
 

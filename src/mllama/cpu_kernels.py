@@ -16,7 +16,7 @@ decode step keeps each as one opaque call (eager calls skip the op dispatcher). 
 library GEMM reuses weights from cache as well. On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_amx.c's tiles take 2 to
 MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int4 weights dequantized a
 block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows. With AMX-INT8, int8
-weights go through the int8 tiles as they are, for any number of rows (`amx_int8_tiles`).
+weights go through the int8 tiles as they are, from AMX_INT8_MIN_ROWS rows up (`amx_int8_tiles`).
 """
 
 from __future__ import annotations
@@ -49,6 +49,9 @@ _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 
 _amx = False  # csrc/gemm_amx.c's AMX-BF16 tiles run here
 _amx_int8 = False  # and its AMX-INT8 tiles (int8 weights without dequantizing)
 AMX_INT8_MAX_K = 65536  # gemm_amx.c's: the tiles' int32 sums stay exact up to this many values
+# From this many rows of bf16 x, int8 weights take the int8 tiles; one row streams as fast through
+# gemm_small.c's one-row loop (benchmarks/RESULTS.md), whose x grid is finer (per 128 values).
+AMX_INT8_MIN_ROWS = 2
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -385,7 +388,8 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
     out = None
-    if x.dtype == torch.bfloat16 and amx_int8_tiles(k):  # the route eager Int8Linear takes: the same bits
+    if x.dtype == torch.bfloat16 and amx_int8_tiles(k) and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS:
+        # the route eager Int8Linear takes: the same bits compiled or not
         out = amx_product(x.reshape(-1, k), "int8", weight, scale)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int8", weight, scale)

@@ -10,8 +10,9 @@ and the vision encoder's convolution stay in the model's dtype.
 Compute: decode steps (up to cpu_kernels.MAX_QUANT_ROWS rows, on the CPU, outside autograd) run the
 small-row kernels of csrc/gemm_small.c on the packed bytes (where the CPU has AMX, AMX_MIN_ROWS to
 cpu_kernels.MAX_AMX_ROWS rows of bf16 x dequantize blocks of rows into cache for the tiles). With
-AMX-INT8, int8 weights take the int8 tiles for bf16 x of any row count (decode and prefill), never
-dequantized: each row of x is rounded to int16 on its own grid (cpu_kernels.amx_int8_tiles). Anything
+AMX-INT8, int8 weights take the int8 tiles for bf16 x from cpu_kernels.AMX_INT8_MIN_ROWS rows up
+(batched decode and prefill), never dequantized: each row of x is rounded to int16 on its own grid
+(cpu_kernels.amx_int8_tiles). Anything
 else (prefill, vision, GPU, no kernel) dequantizes the weight to the input's dtype, a block of rows at
 a time on the CPU, and multiplies with the library GEMM.
 """
@@ -39,7 +40,7 @@ NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 # Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
 # them instead, the weights dequantized a block at a time (faster than the small-row kernels from
 # here; benchmarks/RESULTS.md). int8 rows of a multiple of 64 values on a CPU with AMX-INT8 take the
-# int8 tiles from one row (Int8Linear._use_amx).
+# int8 tiles from cpu_kernels.AMX_INT8_MIN_ROWS rows, with no upper limit (Int8Linear._use_amx).
 AMX_MIN_ROWS = {"int8": 6, "int4": 8}
 
 
@@ -154,9 +155,9 @@ class Int8Linear(_QuantizedLinear):
         return cpu_kernels.amx_product(x, "int8", self.weight, self.weight_scale)
 
     def _use_amx(self, x: torch.Tensor) -> bool:
-        # the int8 tiles take every row count (one decode row streams as fast as the one-row kernel)
-        if x.dtype == torch.bfloat16 and cpu_kernels.amx_int8_tiles(self.in_features):
-            return (x.shape[:-1].numel() > 0 and not torch.compiler.is_compiling() and self._on_cpu_kernels(x))
+        if x.dtype == torch.bfloat16 and cpu_kernels.amx_int8_tiles(self.in_features):  # any number of rows
+            return (x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS and not torch.compiler.is_compiling()
+                    and self._on_cpu_kernels(x))
         return super()._use_amx(x)
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
