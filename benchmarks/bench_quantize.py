@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import statistics
 import time
 
 import torch
@@ -103,7 +104,7 @@ def kernels(n: int, k: int, rounds: int) -> None:
               flush=True)
 
 
-def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int]) -> None:
+def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int], streams: int) -> None:
     from mllama.config import MllamaTextConfig
     from mllama.linear import apply_cpu_kernels
     from mllama.model import MllamaForCausalLM
@@ -130,27 +131,43 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
         shared = {id(p): p for p in (base.model.embed_tokens.weight, base.lm_head.weight)}  # not copied
         models[name] = quantize_model(copy.deepcopy(base, shared), config_)
     prompt = torch.randint(0, 128000, (1, 16), generator=gen)
+    batch = torch.randint(0, 128000, (streams, 16), generator=gen)
     rates = {name: [] for name in models}
+    batch_rates = {name: [] for name in models}
     ttfts = {(name, n): [] for name in models for n in prompt_tokens}
+
+    def decode_rate(ids: torch.Tensor, model) -> float:  # new tokens per second after the prompt
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        model.generate(ids, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0)
+        return ids.shape[0] * new_tokens / (time.perf_counter() - start - first)
+
     for _ in range(rounds):
         for name, model in models.items():
-            start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
-            first = time.perf_counter() - start
-            start = time.perf_counter()
-            model.generate(prompt, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0)
-            rates[name].append(new_tokens / (time.perf_counter() - start - first))
+            rates[name].append(decode_rate(prompt, model))
+            if streams > 1:
+                batch_rates[name].append(decode_rate(batch, model))
             for n in prompt_tokens:  # a fresh prompt each time: nothing cached
                 fresh = torch.randint(0, 128000, (1, n), generator=gen)
                 start = time.perf_counter()
                 model.generate(fresh, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
                 ttfts[name, n].append(time.perf_counter() - start)
-    base_rate = max(rates["bf16"])
-    print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, best of {rounds} interleaved rounds")
+
+    def ratio(values: list[float], base: list[float]) -> str:  # the median of the rounds' own ratios
+        return f"{statistics.median(v / b for v, b in zip(values, base)):.2f}x"
+
+    print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, {rounds} interleaved rounds; "
+          "best figure, and the median of each round's ratio to bf16")
     for name, r in rates.items():
-        ttft = ", ".join(f"TTFT {n} tokens {min(ttfts[name, n]) * 1e3:.0f} ms "
-                         f"({min(ttfts[name, n]) / min(ttfts['bf16', n]):.2f}x bf16)" for n in prompt_tokens)
-        print(f"  {name}: {max(r):.2f} tok/s ({max(r) / base_rate:.2f}x bf16); all rounds {[round(v, 2) for v in r]}; {ttft}")
+        line = f"  {name}: {max(r):.2f} tok/s ({ratio(r, rates['bf16'])} bf16)"
+        if streams > 1:
+            b = batch_rates[name]
+            line += f"; {streams} streams {max(b):.1f} tok/s ({ratio(b, batch_rates['bf16'])})"
+        line += "".join(f"; TTFT {n} tokens {min(ttfts[name, n]) * 1e3:.0f} ms ({ratio(ttfts[name, n], ttfts['bf16', n])})"
+                        for n in prompt_tokens)
+        print(line, flush=True)
 
 
 def main() -> None:
@@ -167,6 +184,8 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--prompt-tokens", type=int, nargs="*", default=[32, 300],
                         help="decode: also the time to first token of fresh prompts of these lengths")
+    parser.add_argument("--streams", type=int, default=16,
+                        help="decode: also the tokens/s of this many prompts decoded together (1: not measured)")
     parser.add_argument("--n", type=int, default=14336)
     parser.add_argument("--k", type=int, default=4096)
     args = parser.parse_args()
@@ -175,7 +194,7 @@ def main() -> None:
     elif args.what == "kernels":
         kernels(args.n, args.k, args.rounds)
     else:
-        decode_bench(args.layers, args.new_tokens, args.rounds, args.prompt_tokens)
+        decode_bench(args.layers, args.new_tokens, args.rounds, args.prompt_tokens, args.streams)
 
 
 if __name__ == "__main__":
