@@ -61,9 +61,16 @@ def _x_rounding_bound(module: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 def _int8_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
-    """Whether `module(x)` takes the AMX-INT8 tiles (csrc/gemm_amx.c) here."""
+    """Whether `module(x)` takes the AMX-INT8 tiles (csrc/gemm_amx.c) with int8 weights here."""
     return (isinstance(module, Int8Linear) and x.dtype == torch.bfloat16 and not x.requires_grad
             and x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS and cpu_kernels.amx_int8_tiles(module.in_features))
+
+
+def _int4_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
+    """Whether `module(x)` takes the AMX-INT8 tiles with int4 weights here (x rounded as the kernels do)."""
+    return (isinstance(module, Int4Linear) and x.dtype == torch.bfloat16 and not x.requires_grad
+            and cpu_kernels.AMX_INT8_MIN_ROWS <= x.shape[:-1].numel() <= cpu_kernels.MAX_AMX_ROWS
+            and cpu_kernels.amx_int4_tiles(module.out_features, module.group_size))
 
 
 def _int8_tiles_bound(module: Int8Linear, x: torch.Tensor) -> torch.Tensor:
@@ -118,7 +125,7 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         # else the AMX tiles or the blocked dequantize + GEMM (fewer kernel rows with native bf16)
         kernel = q._use_kernel(x) and not q._use_amx(x)
         assert kernel == (rows <= cpu_kernels.MAX_QUANT_ROWS) or dtype == torch.bfloat16
-        tiles = _int8_tiles(q, x)
+        tiles = _int8_tiles(q, x) or _int4_tiles(q, x)
         if kernel or tiles:
             bound = bound + _x_rounding_bound(q, x)
         if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
@@ -552,6 +559,35 @@ def test_amx_int8_tiles_are_exact_integer_sums(n, k):
             if rows >= cpu_kernels.AMX_INT8_MIN_ROWS:
                 assert torch.equal(q(x), out.bfloat16()), rows
     assert not cpu_kernels.amx_int8_tiles(k + 32) and not cpu_kernels.amx_int8_tiles(2**17)
+
+
+@pytest.mark.skipif(not cpu_kernels.amx_int4_tiles(32, 64), reason="no AMX-INT8 on this CPU")
+@pytest.mark.parametrize("n,k,group", [(64, 256, 64), (96, 1056, 128), (32, 4096, 128), (64, 512, 256), (32, 192, 64)])
+def test_amx_int4_tiles_round_x_as_the_small_row_kernels(n, k, group):
+    """int4 weights through the int8 tiles, group by group: within the x rounding bound of a float64
+    product over the dequantized weight (k past the last group included), equal up to float summation
+    order to the small-row kernel that rounds x the same way (int8 per group); the module sends bf16 x
+    of 2 to MAX_AMX_ROWS rows there, one row and more rows elsewhere."""
+    _, q = _quantized_linear("int4", n, k, group_size=group, dtype=torch.bfloat16, seed=n + k)
+    w = q.dequantize(torch.float64)
+    gen = torch.Generator().manual_seed(k)
+    for rows in (2, 15, 17, 32, cpu_kernels.MAX_AMX_ROWS):
+        x = torch.randn(rows, k, generator=gen).bfloat16()
+        x[1] = 0
+        out = q._amx_product(x)
+        assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
+        ref = x.double() @ w.T
+        scale = x.double().abs() @ w.abs().T
+        assert ((out.double() - ref).abs() <= _x_rounding_bound(q, x) + 1e-6 * scale + 1e-30).all(), rows
+        small = torch.cat([cpu_kernels.small_gemm(x[i:i + cpu_kernels.MAX_QUANT_ROWS], "int4", q.weight_packed,
+                                                  q.weight_scale, q.weight_offset, group_size=group)
+                           for i in range(0, rows, cpu_kernels.MAX_QUANT_ROWS)])
+        assert ((out.double() - small.double()).abs() <= 1e-5 * scale + 1e-30).all(), rows
+        with torch.no_grad():
+            assert q._use_amx(x) and torch.equal(q(x), out.bfloat16()), rows
+    assert not q._use_amx(torch.randn(1, k).bfloat16())
+    assert not q._use_amx(torch.randn(cpu_kernels.MAX_AMX_ROWS + 1, k).bfloat16())
+    assert not cpu_kernels.amx_int4_tiles(n + 16, group) and not cpu_kernels.amx_int4_tiles(n, 32)
 
 
 @needs_kernels

@@ -16,7 +16,8 @@ decode step keeps each as one opaque call (eager calls skip the op dispatcher). 
 library GEMM reuses weights from cache as well. On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_amx.c's tiles take 2 to
 MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int4 weights dequantized a
 block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows. With AMX-INT8, int8
-weights go through the int8 tiles as they are, from AMX_INT8_MIN_ROWS rows up (`amx_int8_tiles`).
+weights go through the int8 tiles as they are, from AMX_INT8_MIN_ROWS rows up (`amx_int8_tiles`), and
+int4 weights too, one group's integer sums at a time (`amx_int4_tiles`).
 """
 
 from __future__ import annotations
@@ -49,8 +50,8 @@ _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 
 _amx = False  # csrc/gemm_amx.c's AMX-BF16 tiles run here
 _amx_int8 = False  # and its AMX-INT8 tiles (int8 weights without dequantizing)
 AMX_INT8_MAX_K = 65536  # gemm_amx.c's: the tiles' int32 sums stay exact up to this many values
-# From this many rows of bf16 x, int8 weights take the int8 tiles; one row streams as fast through
-# gemm_small.c's one-row loop (benchmarks/RESULTS.md), whose x grid is finer (per 128 values).
+# From this many rows of bf16 x, int8 and int4 weights take the AMX-INT8 tiles; one row streams as
+# fast or faster through gemm_small.c's one-row loops (benchmarks/RESULTS.md), int8's with a finer x grid.
 AMX_INT8_MIN_ROWS = 2
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
@@ -140,13 +141,19 @@ def amx_int8_tiles(k: int) -> bool:
     return amx_available() and _amx_int8 and k % 64 == 0 and 0 < k <= AMX_INT8_MAX_K
 
 
+def amx_int4_tiles(n: int, group_size: int) -> bool:
+    """Whether int4 weights of n rows take the AMX-INT8 tiles here (2 to MAX_AMX_ROWS rows of bf16 x,
+    rounded to int8 per group as the small-row int4 kernels do; see gemm_amx.c)."""
+    return amx_available() and _amx_int8 and group_size % 64 == 0 and n % 32 == 0
+
+
 def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
                 offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor | None:
     """(M, K) bf16 x weights in `fmt` (as small_gemm) -> (M, N) float32 through the AMX tiles: bf16
-    weights in place, int8 through the int8 tiles where `amx_int8_tiles(K)` (any M), else int8 and
-    int4 dequantized to bf16 a block of rows at a time (the values dequantize_* give). None where
-    they do not run: no AMX, M outside 2..MAX_AMX_ROWS (but for the int8 tiles), K not a multiple
-    of 32, x not bf16."""
+    weights in place, int8 through the int8 tiles where `amx_int8_tiles(K)` (any M), int4 through
+    them where `amx_int4_tiles(N, group_size)`, else int8 and int4 dequantized to bf16 a block of rows
+    at a time (the values dequantize_* give). None where they do not run: no AMX, M outside
+    2..MAX_AMX_ROWS (but for the int8 tiles), K not a multiple of 32, x not bf16."""
     m, k = x.shape
     rows_ok = m >= 1 if fmt == "int8" and amx_int8_tiles(k) else 2 <= m <= MAX_AMX_ROWS
     if not amx_available() or not rows_ok or k % 32 or x.dtype != torch.bfloat16:
@@ -416,7 +423,12 @@ def linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offs
 def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
                  group_size: int) -> torch.Tensor:
     k = x.shape[-1]
-    out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
+    out = None
+    if (x.dtype == torch.bfloat16 and amx_int4_tiles(packed.shape[0], group_size)
+            and AMX_INT8_MIN_ROWS <= x.shape[:-1].numel() <= MAX_AMX_ROWS):  # as eager Int4Linear: the same bits
+        out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
+    if out is None:
+        out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     return out.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])
 
 

@@ -12,7 +12,8 @@ small-row kernels of csrc/gemm_small.c on the packed bytes (where the CPU has AM
 cpu_kernels.MAX_AMX_ROWS rows of bf16 x dequantize blocks of rows into cache for the tiles). With
 AMX-INT8, int8 weights take the int8 tiles for bf16 x from cpu_kernels.AMX_INT8_MIN_ROWS rows up
 (batched decode and prefill), never dequantized: each row of x is rounded to int16 on its own grid
-(cpu_kernels.amx_int8_tiles). Anything
+(cpu_kernels.amx_int8_tiles); int4 weights take them from that many to MAX_AMX_ROWS rows, x rounded to
+int8 per group as the small-row kernels do (cpu_kernels.amx_int4_tiles). Anything
 else (prefill, vision, GPU, no kernel) dequantizes the weight to the input's dtype, a block of rows at
 a time on the CPU, and multiplies with the library GEMM.
 """
@@ -40,7 +41,8 @@ NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 # Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
 # them instead, the weights dequantized a block at a time (faster than the small-row kernels from
 # here; benchmarks/RESULTS.md). int8 rows of a multiple of 64 values on a CPU with AMX-INT8 take the
-# int8 tiles from cpu_kernels.AMX_INT8_MIN_ROWS rows, with no upper limit (Int8Linear._use_amx).
+# int8 tiles from cpu_kernels.AMX_INT8_MIN_ROWS rows, with no upper limit (Int8Linear._use_amx); int4
+# with groups of a multiple of 64 from as many (Int4Linear._use_amx).
 AMX_MIN_ROWS = {"int8": 6, "int4": 8}
 
 
@@ -192,6 +194,12 @@ class Int4Linear(_QuantizedLinear):
     def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
         return cpu_kernels.amx_product(x, "int4", self.weight_packed, self.weight_scale, self.weight_offset,
                                        group_size=self.group_size)
+
+    def _use_amx(self, x: torch.Tensor) -> bool:
+        if x.dtype == torch.bfloat16 and cpu_kernels.amx_int4_tiles(self.out_features, self.group_size):
+            return (cpu_kernels.AMX_INT8_MIN_ROWS <= x.shape[:-1].numel() <= cpu_kernels.MAX_AMX_ROWS
+                    and not torch.compiler.is_compiling() and self._on_cpu_kernels(x))
+        return super()._use_amx(x)
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:

@@ -1,6 +1,6 @@
 /* Products of bf16 x against bf16, int8 or int4 weights on AMX tiles (Intel Sapphire Rapids and
- * later): the engine's batched decode steps and short prompts (2 to 64 rows of x), and int8 weights
- * through the AMX-INT8 tiles for any number of rows:
+ * later): the engine's batched decode steps and short prompts (2 to 64 rows of x; int8 weights any
+ * number of rows), int8 and int4 weights through the AMX-INT8 tiles where the CPU has them:
  *   out (M, N) float32 = x (M, K) bf16 @ dequant(W) ^T,   W stored (N, K) row-major,
  * in the formats of gemm_small.c (whose one-row and AVX2 paths these sit beside). Built at first use
  * by mllama/cpu_kernels.py; the OpenMP runtime is the one torch loaded.
@@ -273,12 +273,188 @@ static int gemm_amx_int8(const uint16_t *x, int64_t m, int64_t n, int64_t k, con
     return 0;
 }
 
+/* ---- int4 weights on the AMX-INT8 tiles -----------------------------------------------------------
+ * A group's scale cannot leave the tile product the way int8's one scale per row does, so each group
+ * gets its own integer sums: x is rounded to int8 per group of each row (step max|x| / 127, as the
+ * small-row int4 kernels round it); per block of 32 weight rows and group, the group's nibbles are
+ * unpacked into the thread's buffer as q - 8 (signed bytes: the 32 rows stream side by side) and the
+ * tile products D = sum (q - 8) xq are stored and folded into float sums, lane by lane over the rows
+ * of x (1.6-2x the dequantize-to-bf16 route at 2-16 rows; benchmarks/RESULTS.md):
+ *   out = sum_g [ s sx D + (8 s + z) sum x ]
+ * (the centring of gemm_small.c's int4 paths: x's rounding meets |q - 8| <= 8 only). */
+typedef struct {
+    const uint32_t *xq;   /* (m tiles, k / 64, 16, 16): xq in the tiles' layout */
+    const float *sx;      /* (m tiles, groups, 16): each group's step, per row of x (0 past m) */
+    const float *xsum;    /* (m tiles, groups, 16): each group's sum of x */
+    int64_t groups, group;
+} x8desc;
+
+/* One row of x (bf16, k_out values) -> xq (k values, zero past k_out), per group its step and sum. */
+__attribute__((target("avx512f,avx512bw")))
+static void split_x8(const uint16_t *x, int64_t k_out, int64_t k, int64_t group, int8_t *xq, float *sx,
+                     float *xsum, int64_t stride) {
+    for (int64_t g0 = 0, g = 0; g0 < k; g0 += group, g++) {
+        __m512 most = _mm512_setzero_ps(), sum = _mm512_setzero_ps();
+        for (int64_t i = g0; i < g0 + group && i < k_out; i += 16) {
+            const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
+            most = _mm512_max_ps(most, _mm512_abs_ps(v));
+            sum = _mm512_add_ps(sum, v);
+        }
+        const float top = _mm512_reduce_max_ps(most);
+        const __m512 inv = _mm512_set1_ps(top > 0.0f ? 127.0f / top : 0.0f);
+        for (int64_t i = g0; i < g0 + group; i += 16) {
+            if (i >= k_out) {
+                _mm_storeu_si128((__m128i *)(xq + i), _mm_setzero_si128());
+                continue;
+            }
+            const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i))), 16));
+            _mm_storeu_si128((__m128i *)(xq + i), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(_mm512_mul_ps(v, inv))));
+        }
+        sx[g * stride] = top > 0.0f ? top / 127.0f : 0.0f;
+        xsum[g * stride] = _mm512_reduce_add_ps(sum);
+    }
+}
+
+/* One group of 32 rows of int4 nibbles (w: the group's first byte in the first row, `row_bytes` apart)
+ * -> buf (32 rows of `group` signed bytes q - 8). */
+__attribute__((target("avx512f,avx512bw")))
+static void unpack_int4_group(const uint8_t *w, int64_t row_bytes, int64_t group, int8_t *buf) {
+    const __m512i low = _mm512_set1_epi8(0x0F), eight = _mm512_set1_epi8(8);
+    /* 4 runs of 32 values in 64 bytes: low nibbles (values j) and high ones (16 + j) back in order */
+    const __m512i first = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11), second = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+    for (int r = 0; r < 32; r++) {
+        const uint8_t *src = w + r * row_bytes;
+        int8_t *dst = buf + r * group;
+        int64_t i = 0;
+        for (; i + 128 <= group; i += 128) {
+            const __m512i v = _mm512_loadu_si512(src + i / 2);
+            const __m512i lo = _mm512_sub_epi8(_mm512_and_si512(v, low), eight);
+            const __m512i hi = _mm512_sub_epi8(_mm512_and_si512(_mm512_srli_epi16(v, 4), low), eight);
+            _mm512_storeu_si512(dst + i, _mm512_permutex2var_epi64(lo, first, hi));
+            _mm512_storeu_si512(dst + i + 64, _mm512_permutex2var_epi64(lo, second, hi));
+        }
+        if (i < group) {  /* 64 values left (groups of 64 or 192): two runs in 32 bytes */
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(src + i / 2));
+            const __m256i lo = _mm256_sub_epi8(_mm256_and_si256(v, _mm512_castsi512_si256(low)), _mm512_castsi512_si256(eight));
+            const __m256i hi = _mm256_sub_epi8(_mm256_and_si256(_mm256_srli_epi16(v, 4), _mm512_castsi512_si256(low)),
+                                               _mm512_castsi512_si256(eight));
+            _mm256_storeu_si256((__m256i *)(dst + i), _mm256_permute2x128_si256(lo, hi, 0x20));
+            _mm256_storeu_si256((__m256i *)(dst + i + 32), _mm256_permute2x128_si256(lo, hi, 0x31));
+        }
+    }
+}
+
+/* 32 int4 weight rows (w: the first, k / 2 bytes apart) against every row of x, to out's columns
+ * row0 ... row0 + 31: group by group, the group's nibbles unpacked into buf (32 rows of it: the 32
+ * rows stream from memory side by side), then per tile of x its sums D folded into acc. */
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
+static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t m, const float *sf, const float *of,
+                           int8_t *buf, float *acc, int64_t row0, float *out, int64_t n) {
+    const int64_t kblocks = k / 64, group = x->group, per_group = group / 64, mtiles = (m + 15) / 16;
+    memset(acc, 0, (size_t)(mtiles * 32 * 16) * sizeof(float));
+    int32_t c[2][16][16] __attribute__((aligned(64)));
+    for (int64_t g = 0; g < x->groups; g++) {
+        unpack_int4_group(w + g * group / 2, k / 2, group, buf);
+        for (int64_t t = 0; t < mtiles; t++) {
+            const uint32_t *xt = x->xq + t * kblocks * 256;
+            _tile_zero(0);
+            _tile_zero(1);
+            for (int64_t kb = 0; kb < per_group; kb++) {
+                _tile_loadd(6, xt + (g * per_group + kb) * 256, 64);
+                _tile_loadd(4, buf + kb * 64, group);
+                _tile_dpbssd(0, 4, 6);
+                _tile_loadd(5, buf + 16 * group + kb * 64, group);
+                _tile_dpbssd(1, 5, 6);
+            }
+            _tile_stored(0, c[0], 64);
+            _tile_stored(1, c[1], 64);
+            const __m512 sxv = _mm512_loadu_ps(x->sx + (t * x->groups + g) * 16);
+            const __m512 sumv = _mm512_loadu_ps(x->xsum + (t * x->groups + g) * 16);
+            float *a = acc + t * 32 * 16;
+            for (int r = 0; r < 32; r++) {
+                const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(c[r / 16][r % 16]));
+                __m512 v = _mm512_fmadd_ps(d, _mm512_mul_ps(_mm512_set1_ps(sf[r * x->groups + g]), sxv),
+                                           _mm512_load_ps(a + r * 16));
+                _mm512_store_ps(a + r * 16, _mm512_fmadd_ps(_mm512_set1_ps(of[r * x->groups + g]), sumv, v));
+            }
+        }
+    }
+    for (int64_t j = 0; j < m; j++)
+        for (int r = 0; r < 32; r++) out[j * n + row0 + r] = acc[((j / 16) * 32 + r) * 16 + j % 16];
+}
+
+/* mllama_gemm_amx for int4 weights through the int8 tiles: groups a multiple of 64, n a multiple of
+ * AMX_ROWS, m <= AMX_MAX_M. */
+__attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
+static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int64_t k_out, const uint8_t *w,
+                         const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads,
+                         const tile_config *cfg) {
+    const int64_t mtiles = (m + 15) / 16, kblocks = k / 64, groups = k / group;
+    uint32_t *xq = aligned_alloc(64, (size_t)(mtiles * kblocks) * 1024);
+    float *sx = calloc((size_t)(mtiles * groups * 16) * 2, sizeof(float));
+    int8_t *rowq = malloc((size_t)k);
+    if (!xq || !sx || !rowq) {
+        free(xq);
+        free(sx);
+        free(rowq);
+        return -1;
+    }
+    float *xsum = sx + mtiles * groups * 16;
+    memset(xq, 0, (size_t)(mtiles * kblocks) * 1024);
+    for (int64_t j = 0; j < m; j++) {
+        const int64_t t = j / 16, col = j % 16;
+        split_x8(x + j * k_out, k_out, k, group, rowq, sx + t * groups * 16 + col, xsum + t * groups * 16 + col, 16);
+        const uint32_t *quads = (const uint32_t *)rowq;
+        uint32_t *tile = xq + t * kblocks * 256 + col;
+        for (int64_t q = 0; q < k / 4; q++) tile[(q / 16) * 256 + (q % 16) * 16] = quads[q];
+    }
+    free(rowq);
+    const x8desc xd = {xq, sx, xsum, groups, group};
+    const int64_t blocks = n / AMX_ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        int8_t *buf = aligned_alloc(64, (size_t)(AMX_ROWS * group));
+        float *sf = malloc((size_t)(AMX_ROWS * groups) * 2 * sizeof(float)), *of = sf + AMX_ROWS * groups;
+        float *acc = aligned_alloc(64, (size_t)(mtiles * AMX_ROWS * 16) * sizeof(float));
+        if (!buf || !sf || !acc) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+            _tile_loadconfig(cfg);
+#pragma omp for schedule(dynamic, 1) nowait
+            for (int64_t b = 0; b < blocks; b++) {
+                const int64_t p0 = b * AMX_ROWS * groups;  /* the block's scales and offsets, (32, groups) */
+                for (int64_t i = 0; i < AMX_ROWS * groups; i++) {
+                    const float sc = param(scale, p0 + i, scale_bf16);
+                    sf[i] = sc;
+                    of[i] = 8.0f * sc + param(offset, p0 + i, scale_bf16);
+                }
+                amx_block_int4(w + b * AMX_ROWS * (k / 2), k, &xd, m, sf, of, buf, acc, b * AMX_ROWS, out, n);
+            }
+            _tile_release();
+        }
+        free(buf);
+        free(sf);
+        free(acc);
+    }
+    free(xq);
+    free(sx);
+    return failed ? -1 : 0;
+}
+
 /* out (m, n) float32 = x (m, k_out) bf16 @ W ^T for W (n, k) in `fmt` (k the stored row length, k_out
- * the real in_features: k for bf16 and int8, k_out <= k for int4), k_out a multiple of 32. int8
- * weights with k a multiple of 64 take the int8 tiles (any m); the others m <= AMX_MAX_M (the caller
- * sends 2 or more: one row streams faster through the AVX-512 loop). Weight rows past the last whole
- * block of 32 take the AVX-512 loop on a dequantized copy (bf16: in place). Returns 0, or -1 for
- * arguments it does not take (or no memory). */
+ * the real in_features: k for bf16 and int8, k_out <= k for int4), k_out a multiple of 32. With
+ * AMX-INT8, int8 weights with k a multiple of 64 take the int8 tiles (any m), and int4 weights with
+ * groups of a multiple of 64 and n a multiple of AMX_ROWS take them too (x rounded to int8 per group);
+ * everything else m <= AMX_MAX_M dequantized to bf16 (the caller sends 2 or more rows: one streams
+ * faster through the AVX-512 loop). Weight rows past the last whole block of 32 take the AVX-512 loop
+ * on a dequantized copy (bf16: in place). Returns 0, or -1 for arguments it does not take (or no
+ * memory). */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k, int64_t k_out, const void *w,
                     const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads) {
@@ -289,6 +465,8 @@ int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k,
     if (fmt == FMT_INT8 && k % 64 == 0 && k <= AMX_INT8_MAX_K && mllama_amx_int8_usable())
         return gemm_amx_int8(x, m, n, k, (const int8_t *)w, scale, scale_bf16, out, threads, &cfg);
     if (m > AMX_MAX_M) return -1;
+    if (fmt == FMT_INT4 && group % 64 == 0 && n % AMX_ROWS == 0 && mllama_amx_int8_usable())
+        return gemm_amx_int4(x, m, n, k, k_out, (const uint8_t *)w, scale, offset, scale_bf16, group, out, threads, &cfg);
     const int64_t mtiles = (m + 15) / 16, kblocks = k_out / 32;
     /* (m tiles, k / 32, 16, 16) pairs: [tile of x][k block][pair of k][row of x in the tile], 0 past m */
     const size_t bytes = (size_t)(mtiles * kblocks) * 1024;
