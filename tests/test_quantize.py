@@ -69,7 +69,7 @@ def _int8_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
 def _int4_tiles(module: torch.nn.Module, x: torch.Tensor) -> bool:
     """Whether `module(x)` takes the AMX-INT8 tiles with int4 weights here (x rounded as the kernels do)."""
     return (isinstance(module, Int4Linear) and x.dtype == torch.bfloat16 and not x.requires_grad
-            and cpu_kernels.AMX_INT8_MIN_ROWS <= x.shape[:-1].numel() <= cpu_kernels.MAX_AMX_ROWS
+            and x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS
             and cpu_kernels.amx_int4_tiles(module.out_features, module.group_size))
 
 
@@ -567,11 +567,11 @@ def test_amx_int4_tiles_round_x_as_the_small_row_kernels(n, k, group):
     """int4 weights through the int8 tiles, group by group: within the x rounding bound of a float64
     product over the dequantized weight (k past the last group included), equal up to float summation
     order to the small-row kernel that rounds x the same way (int8 per group); the module sends bf16 x
-    of 2 to MAX_AMX_ROWS rows there, one row and more rows elsewhere."""
+    of 2 rows or more there (several chunks of 64 rows), one row to the one-row kernel."""
     _, q = _quantized_linear("int4", n, k, group_size=group, dtype=torch.bfloat16, seed=n + k)
     w = q.dequantize(torch.float64)
     gen = torch.Generator().manual_seed(k)
-    for rows in (2, 15, 17, 32, cpu_kernels.MAX_AMX_ROWS):
+    for rows in (2, 15, 17, 32, 64, 65, 130):
         x = torch.randn(rows, k, generator=gen).bfloat16()
         x[1] = 0
         out = q._amx_product(x)
@@ -586,7 +586,6 @@ def test_amx_int4_tiles_round_x_as_the_small_row_kernels(n, k, group):
         with torch.no_grad():
             assert q._use_amx(x) and torch.equal(q(x), out.bfloat16()), rows
     assert not q._use_amx(torch.randn(1, k).bfloat16())
-    assert not q._use_amx(torch.randn(cpu_kernels.MAX_AMX_ROWS + 1, k).bfloat16())
     assert not cpu_kernels.amx_int4_tiles(n + 16, group) and not cpu_kernels.amx_int4_tiles(n, 32)
 
 

@@ -142,7 +142,7 @@ def amx_int8_tiles(k: int) -> bool:
 
 
 def amx_int4_tiles(n: int, group_size: int) -> bool:
-    """Whether int4 weights of n rows take the AMX-INT8 tiles here (2 to MAX_AMX_ROWS rows of bf16 x,
+    """Whether int4 weights of n rows take the AMX-INT8 tiles here (any number of rows of bf16 x,
     rounded to int8 per group as the small-row int4 kernels do; see gemm_amx.c)."""
     return amx_available() and _amx_int8 and group_size % 64 == 0 and n % 32 == 0
 
@@ -150,12 +150,13 @@ def amx_int4_tiles(n: int, group_size: int) -> bool:
 def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor | None = None,
                 offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor | None:
     """(M, K) bf16 x weights in `fmt` (as small_gemm) -> (M, N) float32 through the AMX tiles: bf16
-    weights in place, int8 through the int8 tiles where `amx_int8_tiles(K)` (any M), int4 through
-    them where `amx_int4_tiles(N, group_size)`, else int8 and int4 dequantized to bf16 a block of rows
-    at a time (the values dequantize_* give). None where they do not run: no AMX, M outside
-    2..MAX_AMX_ROWS (but for the int8 tiles), K not a multiple of 32, x not bf16."""
+    weights in place, int8 and int4 through the int8 tiles where `amx_int8_tiles(K)` /
+    `amx_int4_tiles(N, group_size)` (any M), else dequantized to bf16 a block of rows at a time (the
+    values dequantize_* give). None where they do not run: no AMX, M outside 2..MAX_AMX_ROWS (but for
+    the int8 tiles), K not a multiple of 32, x not bf16."""
     m, k = x.shape
-    rows_ok = m >= 1 if fmt == "int8" and amx_int8_tiles(k) else 2 <= m <= MAX_AMX_ROWS
+    tiles = (fmt == "int8" and amx_int8_tiles(k)) or (fmt == "int4" and amx_int4_tiles(weight.shape[0], group_size))
+    rows_ok = m >= 1 if tiles else 2 <= m <= MAX_AMX_ROWS
     if not amx_available() or not rows_ok or k % 32 or x.dtype != torch.bfloat16:
         return None
     k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
@@ -425,7 +426,7 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
     k = x.shape[-1]
     out = None
     if (x.dtype == torch.bfloat16 and amx_int4_tiles(packed.shape[0], group_size)
-            and AMX_INT8_MIN_ROWS <= x.shape[:-1].numel() <= MAX_AMX_ROWS):  # as eager Int4Linear: the same bits
+            and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS):  # as eager Int4Linear: the same bits
         out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)

@@ -12,8 +12,8 @@ small-row kernels of csrc/gemm_small.c on the packed bytes (where the CPU has AM
 cpu_kernels.MAX_AMX_ROWS rows of bf16 x dequantize blocks of rows into cache for the tiles). With
 AMX-INT8, int8 weights take the int8 tiles for bf16 x from cpu_kernels.AMX_INT8_MIN_ROWS rows up
 (batched decode and prefill), never dequantized: each row of x is rounded to int16 on its own grid
-(cpu_kernels.amx_int8_tiles); int4 weights take them from that many to MAX_AMX_ROWS rows, x rounded to
-int8 per group as the small-row kernels do (cpu_kernels.amx_int4_tiles). Anything
+(cpu_kernels.amx_int8_tiles); int4 weights take them too from that many rows up, x rounded to int8
+per group as the small-row kernels do (cpu_kernels.amx_int4_tiles). Anything
 else (prefill, vision, GPU, no kernel) dequantizes the weight to the input's dtype, a block of rows at
 a time on the CPU, and multiplies with the library GEMM.
 """
@@ -197,8 +197,8 @@ class Int4Linear(_QuantizedLinear):
 
     def _use_amx(self, x: torch.Tensor) -> bool:
         if x.dtype == torch.bfloat16 and cpu_kernels.amx_int4_tiles(self.out_features, self.group_size):
-            return (cpu_kernels.AMX_INT8_MIN_ROWS <= x.shape[:-1].numel() <= cpu_kernels.MAX_AMX_ROWS
-                    and not torch.compiler.is_compiling() and self._on_cpu_kernels(x))
+            return (x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS and not torch.compiler.is_compiling()
+                    and self._on_cpu_kernels(x))
         return super()._use_amx(x)
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,

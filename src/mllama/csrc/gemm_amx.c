@@ -1,6 +1,6 @@
 /* Products of bf16 x against bf16, int8 or int4 weights on AMX tiles (Intel Sapphire Rapids and
- * later): the engine's batched decode steps and short prompts (2 to 64 rows of x; int8 weights any
- * number of rows), int8 and int4 weights through the AMX-INT8 tiles where the CPU has them:
+ * later): the engine's batched decode steps and short prompts (2 to 64 rows of x), and int8 and int4
+ * weights through the AMX-INT8 tiles, where the CPU has them, for any number of rows:
  *   out (M, N) float32 = x (M, K) bf16 @ dequant(W) ^T,   W stored (N, K) row-major,
  * in the formats of gemm_small.c (whose one-row and AVX2 paths these sit beside). Built at first use
  * by mllama/cpu_kernels.py; the OpenMP runtime is the one torch loaded.
@@ -350,15 +350,16 @@ static void unpack_int4_group(const uint8_t *w, int64_t row_bytes, int64_t group
  * row0 ... row0 + 31: group by group, the group's nibbles unpacked into buf (32 rows of it: the 32
  * rows stream from memory side by side), then per tile of x its sums D folded into acc. */
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
-static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t m, const float *sf, const float *of,
-                           int8_t *buf, float *acc, int64_t row0, float *out, int64_t n) {
-    const int64_t kblocks = k / 64, group = x->group, per_group = group / 64, mtiles = (m + 15) / 16;
+static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t j0, int64_t j1, const float *sf,
+                           const float *of, int8_t *buf, float *acc, int64_t row0, float *out, int64_t n) {
+    const int64_t kblocks = k / 64, group = x->group, per_group = group / 64;
+    const int64_t t0 = j0 / 16, mtiles = (j1 - j0 + 15) / 16;
     memset(acc, 0, (size_t)(mtiles * 32 * 16) * sizeof(float));
     int32_t c[2][16][16] __attribute__((aligned(64)));
     for (int64_t g = 0; g < x->groups; g++) {
         unpack_int4_group(w + g * group / 2, k / 2, group, buf);
         for (int64_t t = 0; t < mtiles; t++) {
-            const uint32_t *xt = x->xq + t * kblocks * 256;
+            const uint32_t *xt = x->xq + (t0 + t) * kblocks * 256;
             _tile_zero(0);
             _tile_zero(1);
             for (int64_t kb = 0; kb < per_group; kb++) {
@@ -370,8 +371,8 @@ static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t
             }
             _tile_stored(0, c[0], 64);
             _tile_stored(1, c[1], 64);
-            const __m512 sxv = _mm512_loadu_ps(x->sx + (t * x->groups + g) * 16);
-            const __m512 sumv = _mm512_loadu_ps(x->xsum + (t * x->groups + g) * 16);
+            const __m512 sxv = _mm512_loadu_ps(x->sx + ((t0 + t) * x->groups + g) * 16);
+            const __m512 sumv = _mm512_loadu_ps(x->xsum + ((t0 + t) * x->groups + g) * 16);
             float *a = acc + t * 32 * 16;
             for (int r = 0; r < 32; r++) {
                 const __m512 d = _mm512_cvtepi32_ps(_mm512_load_si512(c[r / 16][r % 16]));
@@ -381,12 +382,12 @@ static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t
             }
         }
     }
-    for (int64_t j = 0; j < m; j++)
-        for (int r = 0; r < 32; r++) out[j * n + row0 + r] = acc[((j / 16) * 32 + r) * 16 + j % 16];
+    for (int64_t j = j0; j < j1; j++)
+        for (int r = 0; r < 32; r++) out[j * n + row0 + r] = acc[(((j - j0) / 16) * 32 + r) * 16 + j % 16];
 }
 
 /* mllama_gemm_amx for int4 weights through the int8 tiles: groups a multiple of 64, n a multiple of
- * AMX_ROWS, m <= AMX_MAX_M. */
+ * AMX_ROWS, any m (work items of a block of weight rows and up to AMX_MAX_M rows of x, as int8's). */
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
 static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int64_t k_out, const uint8_t *w,
                          const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads,
@@ -412,13 +413,13 @@ static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int
     }
     free(rowq);
     const x8desc xd = {xq, sx, xsum, groups, group};
-    const int64_t blocks = n / AMX_ROWS;
+    const int64_t blocks = n / AMX_ROWS, chunks = (m + AMX_MAX_M - 1) / AMX_MAX_M;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
         int8_t *buf = aligned_alloc(64, (size_t)(AMX_ROWS * group));
         float *sf = malloc((size_t)(AMX_ROWS * groups) * 2 * sizeof(float)), *of = sf + AMX_ROWS * groups;
-        float *acc = aligned_alloc(64, (size_t)(mtiles * AMX_ROWS * 16) * sizeof(float));
+        float *acc = aligned_alloc(64, (size_t)(AMX_MAX_M * AMX_ROWS) * sizeof(float));
         if (!buf || !sf || !acc) {
 #pragma omp atomic write
             failed = 1;
@@ -427,14 +428,16 @@ static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int
         if (!failed) {
             _tile_loadconfig(cfg);
 #pragma omp for schedule(dynamic, 1) nowait
-            for (int64_t b = 0; b < blocks; b++) {
+            for (int64_t item = 0; item < chunks * blocks; item++) {
+                const int64_t b = item % blocks, j0 = item / blocks * AMX_MAX_M;
                 const int64_t p0 = b * AMX_ROWS * groups;  /* the block's scales and offsets, (32, groups) */
                 for (int64_t i = 0; i < AMX_ROWS * groups; i++) {
                     const float sc = param(scale, p0 + i, scale_bf16);
                     sf[i] = sc;
                     of[i] = 8.0f * sc + param(offset, p0 + i, scale_bf16);
                 }
-                amx_block_int4(w + b * AMX_ROWS * (k / 2), k, &xd, m, sf, of, buf, acc, b * AMX_ROWS, out, n);
+                amx_block_int4(w + b * AMX_ROWS * (k / 2), k, &xd, j0, m < j0 + AMX_MAX_M ? m : j0 + AMX_MAX_M, sf, of,
+                               buf, acc, b * AMX_ROWS, out, n);
             }
             _tile_release();
         }
@@ -450,7 +453,8 @@ static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int
 /* out (m, n) float32 = x (m, k_out) bf16 @ W ^T for W (n, k) in `fmt` (k the stored row length, k_out
  * the real in_features: k for bf16 and int8, k_out <= k for int4), k_out a multiple of 32. With
  * AMX-INT8, int8 weights with k a multiple of 64 take the int8 tiles (any m), and int4 weights with
- * groups of a multiple of 64 and n a multiple of AMX_ROWS take them too (x rounded to int8 per group);
+ * groups of a multiple of 64 and n a multiple of AMX_ROWS take them too (any m; x rounded to int8 per
+ * group);
  * everything else m <= AMX_MAX_M dequantized to bf16 (the caller sends 2 or more rows: one streams
  * faster through the AVX-512 loop). Weight rows past the last whole block of 32 take the AVX-512 loop
  * on a dequantized copy (bf16: in place). Returns 0, or -1 for arguments it does not take (or no
@@ -464,9 +468,9 @@ int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k,
     const tile_config cfg = amx_config_16x64();
     if (fmt == FMT_INT8 && k % 64 == 0 && k <= AMX_INT8_MAX_K && mllama_amx_int8_usable())
         return gemm_amx_int8(x, m, n, k, (const int8_t *)w, scale, scale_bf16, out, threads, &cfg);
-    if (m > AMX_MAX_M) return -1;
     if (fmt == FMT_INT4 && group % 64 == 0 && n % AMX_ROWS == 0 && mllama_amx_int8_usable())
         return gemm_amx_int4(x, m, n, k, k_out, (const uint8_t *)w, scale, offset, scale_bf16, group, out, threads, &cfg);
+    if (m > AMX_MAX_M) return -1;
     const int64_t mtiles = (m + 15) / 16, kblocks = k_out / 32;
     /* (m tiles, k / 32, 16, 16) pairs: [tile of x][k block][pair of k][row of x in the tile], 0 past m */
     const size_t bytes = (size_t)(mtiles * kblocks) * 1024;
