@@ -281,9 +281,8 @@ def test_every_kernel_builds_and_loads_here():
     skip): on a machine that can build them, every library must load."""
     import ctypes
 
-    from mllama.kernel_cache import build_kernel
-
     from mllama import cpu_attention
+    from mllama.kernel_cache import build_kernel
 
     for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.AMX_SOURCE, cpu_kernels.FINITE_SOURCE,
                    cpu_attention.SOURCE):
