@@ -28,15 +28,16 @@ static float dot_bf16_avx512(const uint16_t *a, const uint16_t *b, int64_t k) {
  * One tile product multiplies a 16 x 32 bf16 tile by a 32 x 16 one into 16 x 16 float32, pairs of
  * products accumulated in float32 as vdpbf16ps does. The weights are the first operand: bf16 weights
  * are read in place (16 rows of 32 values, a row stride apart: no repacking); int8 and int4 weights
- * are first dequantized, a block of 32 rows at a time, into a buffer of the thread's that stays in
- * its cache (the same bf16 values as mllama_dequant_int4 / _int8 give). x, packed once per call into
+ * the AMX-INT8 tiles below do not take are first dequantized, a block of 32 rows at a time, into a
+ * buffer of the thread's that stays in its cache (the same bf16 values as mllama_dequant_int4 / _int8
+ * give). x, packed once per call into
  * pairs of k (the second operand's layout), fills 16 columns per tile; a tile product costs the same
  * for 1 or 16 of them, so up to 16 rows of x stream the weights once at memory speed. A block of 32
  * weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over k; more rows
  * of x pass over the same block again, from cache. Each output is its own row of x against the
  * weights, summed in one order: a row gets the same bits in any batch. */
 #define AMX_ROWS 32        /* weight rows per block: two tiles (streamed faster than one or four) */
-#define AMX_MAX_M 64       /* rows of x per call (torch's GEMM wins from about 128) */
+#define AMX_MAX_M 64       /* rows of x per call (torch's GEMM wins from about 128); the int8 tiles' chunk */
 
 /* Whether the tiles run here: the CPU has them and Linux grants this process their register state
  * (asked once; every thread then has it). */
