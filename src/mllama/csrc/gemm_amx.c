@@ -53,6 +53,13 @@ static void amx_put(const float c[16][16], float *out, int64_t n, int64_t row, i
         for (int r = 0; r < 16; r++) out[(j0 + j) * n + row + r] = c[r][j];
 }
 
+/* Row j of x, as `words` 32-bit words (pairs of bf16 or quads of bytes along k), into the second
+ * operand's layout: tiles (m tiles, words / 16, 16, 16) = [tile of x][k block][word in the block][row j % 16]. */
+static void pack_row(const uint32_t *row, int64_t words, uint32_t *tiles, int64_t j) {
+    uint32_t *at = tiles + (j / 16) * (words / 16) * 256 + j % 16;
+    for (int64_t q = 0; q < words; q++) at[(q / 16) * 256 + (q % 16) * 16] = row[q];
+}
+
 /* 32 bf16 weight rows (w0: the first 16, w1: the next, `stride` bytes between rows) against every
  * row of x (xpack: (m tiles, k / 32, 16, 16) pairs of k), to out's columns row0 ... row0 + 31. */
 __attribute__((target("amx-tile,amx-bf16,avx512f")))
@@ -241,12 +248,8 @@ static int gemm_amx_int8(const uint16_t *x, int64_t m, int64_t n, int64_t k, con
     memset(hi, 0, 2 * packed);
     for (int64_t j = 0; j < m; j++) {
         step[j] = split_x16(x + j * k, k, hi8 + j * k, lo8 + j * k);
-        const uint32_t *qh = (const uint32_t *)(hi8 + j * k), *ql = (const uint32_t *)(lo8 + j * k);
-        const int64_t at = (j / 16) * kblocks * 256 + j % 16;
-        for (int64_t q = 0; q < k / 4; q++) {  /* quad q of k -> [k block q / 16][quad q % 16][row j % 16] */
-            hi[at + (q / 16) * 256 + (q % 16) * 16] = qh[q];
-            lo[at + (q / 16) * 256 + (q % 16) * 16] = ql[q];
-        }
+        pack_row((const uint32_t *)(hi8 + j * k), k / 4, hi, j);
+        pack_row((const uint32_t *)(lo8 + j * k), k / 4, lo, j);
     }
     const x16desc xd = {hi, lo, hi8, lo8, step};
     /* Work items: a block of weight rows against a chunk of AMX_MAX_M rows of x, chunk by chunk, so a
@@ -408,9 +411,7 @@ static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int
     for (int64_t j = 0; j < m; j++) {
         const int64_t t = j / 16, col = j % 16;
         split_x8(x + j * k_out, k_out, k, group, rowq, sx + t * groups * 16 + col, xsum + t * groups * 16 + col, 16);
-        const uint32_t *quads = (const uint32_t *)rowq;
-        uint32_t *tile = xq + t * kblocks * 256 + col;
-        for (int64_t q = 0; q < k / 4; q++) tile[(q / 16) * 256 + (q % 16) * 16] = quads[q];
+        pack_row((const uint32_t *)rowq, k / 4, xq, j);
     }
     free(rowq);
     const x8desc xd = {xq, sx, xsum, groups, group};
@@ -478,11 +479,7 @@ int mllama_gemm_amx(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t k,
     uint32_t *xpack = aligned_alloc(64, bytes);
     if (!xpack) return -1;
     memset(xpack, 0, bytes);
-    for (int64_t j = 0; j < m; j++) {
-        const uint32_t *pairs = (const uint32_t *)(x + j * k_out);
-        uint32_t *tile = xpack + (j / 16) * kblocks * 256 + j % 16;
-        for (int64_t p = 0; p < k_out / 2; p++) tile[(p / 16) * 256 + (p % 16) * 16] = pairs[p];
-    }
+    for (int64_t j = 0; j < m; j++) pack_row((const uint32_t *)(x + j * k_out), k_out / 2, xpack, j);
     const int64_t blocks = n / AMX_ROWS;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
