@@ -123,7 +123,7 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
             assert torch.equal(layer(most), cpu_kernels.gemv_bf16(most, layer.weight) + layer.bias)
             more = torch.randn(1, cpu_kernels.MAX_AMX_ROWS + 1, 64).bfloat16()
             assert torch.equal(layer(more), F.linear(more, layer.weight, layer.bias))
-        monkeypatch.setattr(cpu_kernels, "_amx", False)  # native bf16, no AMX: torch's GEMM past 4 rows
+        monkeypatch.setattr(cpu_kernels, "_amx_lib", None)  # native bf16, no AMX: torch's GEMM past 4 rows
         assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
         assert torch.equal(layer(few), F.linear(few, layer.weight, layer.bias))
         four = few[:, :linear.NATIVE_BF16_KERNEL_ROWS]
@@ -298,7 +298,7 @@ def test_an_amx_build_failure_costs_only_the_tiles(tmp_path, monkeypatch):
     the other kernels still load (they used to share one file and fall back to torch together)."""
     broken = tmp_path / "gemm_amx.c"
     broken.write_text("this is not C\n")
-    for name in ("_lib", "_small", "_amx_lib", "_finite", "_level", "_small_level", "_tried", "_amx", "_amx_int8"):
+    for name in ("_lib", "_small", "_amx_lib", "_finite", "_level", "_small_level", "_tried", "_amx_int8"):
         monkeypatch.setattr(cpu_kernels, name, getattr(cpu_kernels, name))  # restored afterwards
     monkeypatch.setattr(cpu_kernels, "AMX_SOURCE", broken)
     monkeypatch.setattr(cpu_kernels, "_tried", False)

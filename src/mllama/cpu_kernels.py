@@ -43,12 +43,11 @@ MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the l
 
 _lib: ctypes.CDLL | None = None
 _small: ctypes.CDLL | None = None
-_amx_lib: ctypes.CDLL | None = None  # csrc/gemm_amx.c, where the tiles run
+_amx_lib: ctypes.CDLL | None = None  # csrc/gemm_amx.c, where its AMX-BF16 tiles run here
 _finite: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
-_amx = False  # csrc/gemm_amx.c's AMX-BF16 tiles run here
-_amx_int8 = False  # and its AMX-INT8 tiles (int8 weights without dequantizing)
+_amx_int8 = False  # and its AMX-INT8 tiles (int8 and int4 weights without dequantizing to bf16)
 AMX_INT8_MAX_K = 65536  # gemm_amx.c's: the tiles' int32 sums stay exact up to this many values
 # From this many rows of bf16 x, int8 and int4 weights take the AMX-INT8 tiles; one row streams as
 # fast or faster through gemm_small.c's one-row loops (benchmarks/RESULTS.md), int8's with a finer x grid.
@@ -63,7 +62,7 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _amx_lib, _finite, _level, _small_level, _tried, _amx, _amx_int8
+    global _lib, _small, _amx_lib, _finite, _level, _small_level, _tried, _amx_int8
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
@@ -95,9 +94,8 @@ def _load() -> None:
     _small_level = small.mllama_gemm_small_level()
     _small = small if _lib is not None and _small_level else None
     amx = _load_amx() if _small is not None and _level == 2 else None
-    _amx = amx is not None and bool(amx.mllama_amx_usable())
-    _amx_lib = amx if _amx else None
-    _amx_int8 = _amx and bool(amx.mllama_amx_int8_usable())
+    _amx_lib = amx if amx is not None and amx.mllama_amx_usable() else None
+    _amx_int8 = _amx_lib is not None and bool(_amx_lib.mllama_amx_int8_usable())
 
 
 def _load_amx() -> ctypes.CDLL | None:
@@ -128,7 +126,7 @@ def gemv_level() -> int:
     up to 16 stream the weights once at memory speed)."""
     if not gemv_available():
         return 0
-    return 3 if _amx else _level
+    return 3 if _amx_lib is not None else _level
 
 
 def amx_available() -> bool:
