@@ -41,8 +41,8 @@ NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 # Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
 # them instead, the weights dequantized a block at a time (faster than the small-row kernels from
 # here; benchmarks/RESULTS.md). int8 rows of a multiple of 64 values on a CPU with AMX-INT8 take the
-# int8 tiles from cpu_kernels.AMX_INT8_MIN_ROWS rows, with no upper limit (Int8Linear._use_amx); int4
-# with groups of a multiple of 64 from as many (Int4Linear._use_amx).
+# int8 tiles from cpu_kernels.AMX_INT8_MIN_ROWS rows, with no upper limit, and int4 with groups of a
+# multiple of 64 too (_QuantizedLinear._use_amx).
 AMX_MIN_ROWS = {"int8": 6, "int4": 8}
 
 
@@ -76,8 +76,15 @@ class _QuantizedLinear(nn.Module):
 
     def _use_amx(self, x: torch.Tensor) -> bool:
         rows = x.shape[:-1].numel()
-        return (x.dtype == torch.bfloat16 and AMX_MIN_ROWS[self.mode] <= rows <= cpu_kernels.MAX_AMX_ROWS
-                and not torch.compiler.is_compiling() and self._on_cpu_kernels(x) and cpu_kernels.amx_available())
+        if x.dtype != torch.bfloat16 or torch.compiler.is_compiling() or not self._on_cpu_kernels(x):
+            return False
+        if self._int8_tiles():  # any number of rows
+            return rows >= cpu_kernels.AMX_INT8_MIN_ROWS
+        return AMX_MIN_ROWS[self.mode] <= rows <= cpu_kernels.MAX_AMX_ROWS and cpu_kernels.amx_available()
+
+    def _int8_tiles(self) -> bool:
+        """Whether this weight takes the AMX-INT8 tiles here (cpu_kernels.amx_int8_tiles / amx_int4_tiles)."""
+        raise NotImplementedError
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ W.T without the bias: the AMX tiles or the small-row kernel, else the blocked dequantize
@@ -156,11 +163,8 @@ class Int8Linear(_QuantizedLinear):
     def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
         return cpu_kernels.amx_product(x, "int8", self.weight, self.weight_scale)
 
-    def _use_amx(self, x: torch.Tensor) -> bool:
-        if x.dtype == torch.bfloat16 and cpu_kernels.amx_int8_tiles(self.in_features):  # any number of rows
-            return (x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS and not torch.compiler.is_compiling()
-                    and self._on_cpu_kernels(x))
-        return super()._use_amx(x)
+    def _int8_tiles(self) -> bool:
+        return cpu_kernels.amx_int8_tiles(self.in_features)
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
@@ -195,11 +199,8 @@ class Int4Linear(_QuantizedLinear):
         return cpu_kernels.amx_product(x, "int4", self.weight_packed, self.weight_scale, self.weight_offset,
                                        group_size=self.group_size)
 
-    def _use_amx(self, x: torch.Tensor) -> bool:
-        if x.dtype == torch.bfloat16 and cpu_kernels.amx_int4_tiles(self.out_features, self.group_size):
-            return (x.shape[:-1].numel() >= cpu_kernels.AMX_INT8_MIN_ROWS and not torch.compiler.is_compiling()
-                    and self._on_cpu_kernels(x))
-        return super()._use_amx(x)
+    def _int8_tiles(self) -> bool:
+        return cpu_kernels.amx_int4_tiles(self.out_features, self.group_size)
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
