@@ -245,9 +245,6 @@ class Engine(PrepareRequests):
             self._vision_turns = self._vision_turns + 1 if work == "vision" else 0
         return worked or work is not None
 
-    def _encode_pending(self) -> bool:
-        return self._encoding is not None and not self._encoding.vision_job.finished
-
     def _may_admit(self, seq: Sequence) -> bool:
         """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its
         followers have not been sent yet)."""
@@ -268,7 +265,7 @@ class Engine(PrepareRequests):
             to_encode.vision_job.lookup()  # an image cache hit finishes it at once
         if self._incoming is not None or len(self._decoding) >= self.max_slots:
             return
-        if self._encoding is not None and self._encoding.vision_job.finished:
+        if self._encoded_waiting():
             self._incoming, self._encoding = self._encoding, None
             return
         with self._lock:

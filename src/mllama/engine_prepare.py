@@ -46,12 +46,20 @@ class PrepareRequests:
                          fast_vision=self.fast_vision, piece_layers=self.vision_piece_layers,
                          piece_s=self.prefill_budget_s)
 
+    def _encode_pending(self) -> bool:
+        """A request's images are in the vision encoder, not finished."""
+        return self._encoding is not None and not self._encoding.vision_job.finished
+
+    def _encoded_waiting(self) -> bool:
+        """A request's images are encoded: it waits for the prompt line."""
+        return self._encoding is not None and self._encoding.vision_job.finished
+
     def _encode_piece(self) -> None:
         """One bounded piece of the encoding request's vision work; with nobody decoding (nobody to
         stall) all of it, and its prompt too."""
         self._encoding.vision_job.run_piece(seconds=self._budget_s())
         while not self._decoding and self._incoming is None and self._encoding is not None:
-            if not self._encoding.vision_job.finished:
+            if self._encode_pending():
                 self._encoding.vision_job.run_piece(seconds=None)
                 continue
             self._admit()  # the encoded request takes the prompt line (no slot is in use)
@@ -134,7 +142,7 @@ class PrepareRequests:
         padded, and with a time budget while others decode (`_budget_s`), no more than the measured prefill rate
         does within the budget; none while another request is being prepared or an encoded one waits
         for its turn. Requests with images are skipped: they queue for the vision encoder."""
-        if self._incoming is not None or (self._encoding is not None and self._encoding.vision_job.finished):
+        if self._incoming is not None or self._encoded_waiting():
             return []
         cap = 4 * self.prefill_chunk  # padded tokens
         budget = self._budget_s()
