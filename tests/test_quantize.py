@@ -109,7 +109,7 @@ def test_quantization_error_is_within_half_a_step(mode, group, n, k):
 
 
 @pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 128)])
-@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256), (40, 1152)])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256), (40, 1152), (24, 4736)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
     """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile;
@@ -332,12 +332,13 @@ def test_transformers_style_configs_map():
 
 
 @pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no VNNI on this CPU")
-@pytest.mark.parametrize("n,k,group", [(29, 100, 64), (50, 1030, 128), (40, 4096, 64), (9, 300, 256)])
+@pytest.mark.parametrize("n,k,group", [(29, 100, 64), (50, 1030, 128), (40, 4096, 64), (9, 300, 256), (24, 4736, 128)])
 def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
     """vpdpbusd forms the same int32 sums as vpmaddubsw + vpmaddwd (which never saturate on nibbles
     times int8 x), so the VNNI path's output is the AVX2 path's bit for bit, for every tile shape;
     one row of x with groups of a multiple of 128 takes the 512-bit tile, which turns the same sums
-    to float lane by lane: equal within float32 rounding of the terms' magnitudes."""
+    to float lane by lane: equal within float32 rounding of the terms' magnitudes (4736 = 37 groups
+    of 128: two whole vectors of 16 groups' scales and a part of one)."""
     _, q = _quantized_linear("int4", n, k, group_size=group, seed=k)
     w = _reference_weight(q)
     gen = torch.Generator().manual_seed(n)

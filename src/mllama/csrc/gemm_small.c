@@ -315,48 +315,67 @@ static inline __m256 add_folded(__m256 tot, __m512 v, float lane0) {
     return _mm256_add_ps(_mm256_add_ps(tot, folded), _mm256_setr_ps(lane0, 0, 0, 0, 0, 0, 0, 0));
 }
 
+/* Up to 16 consecutive scales or offsets (0 past n) as float32. */
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl")))
+static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
+    const __mmask16 take = (__mmask16)((1u << n) - 1);
+    if (is_bf16)
+        return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(
+            _mm256_maskz_loadu_epi16(take, (const uint16_t *)base + i)), 16));
+    return _mm512_maskz_loadu_ps(take, (const float *)base + i);
+}
+
 /* int4 against one row of x with 512-bit VNNI (level 2, groups of a multiple of 128): 128 weights per
  * two vpdpbusd, x in the X16 order (see quantize_x). Each group's int32 lanes become float and are
- * scaled lane by lane (tot += s sx sums): no horizontal sum per group, which with 256-bit vectors
+ * scaled lane by lane (sum += s sx acc): no horizontal sum per group, which with 256-bit vectors
  * was a quarter of the one-row time and left it at half the bf16 loop's bytes per second on a Xeon
  * with AMX (benchmarks/RESULTS.md). The centring of the other paths is folded into one float term
- * per group, s (8 sum x - 8 sx sum xq) + z sum x: the same value as theirs up to float rounding. */
+ * per group, s (8 sum x - 8 sx sum xq) + z sum x: the same value as theirs up to float rounding.
+ * The scales and these terms are taken 16 groups at a time in vectors, and each group's s sx is
+ * broadcast from memory: one scalar scale at a time held one-row int4 at 0.74x of the bf16 loop's
+ * bytes per second, this at 0.86x (benchmarks/RESULTS.md). */
 #define DEFINE_INT4_TILE512(NAME, R)                                                                \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
         __m512 sum[R];                                                                              \
-        float extra[R];                                                                             \
-        for (int r = 0; r < R; r++) {                                                               \
-            sum[r] = _mm512_setzero_ps();                                                           \
-            extra[r] = 0.0f;                                                                        \
-        }                                                                                           \
-        for (int64_t g0 = k0; g0 < k1; g0 += d->group) {                                            \
-            const int64_t gi = g0 / d->group;                                                       \
-            __m512i acc[R];                                                                         \
-            for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                            \
-            for (int64_t i = g0; i < g0 + d->group; i += 128) {                                     \
-                const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
-                _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
-                    const uint8_t *p = w + r * (d->k / 2) + i / 2;                                  \
-                    if (PREFETCH) __builtin_prefetch(p + PREFETCH);                                 \
-                    __builtin_prefetch(p + d->ahead);                                               \
-                    const __m512i packed = _mm512_loadu_si512(p);                                   \
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(packed, low), x0);        \
-                    acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x1); \
+        float ssx[R][16];  /* s sx of the 16 groups in hand, per row */                             \
+        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
+        const int64_t gi1 = k1 / d->group;                                                          \
+        for (int64_t gv = k0 / d->group; gv < gi1; gv += 16) {                                      \
+            const int ng = gi1 - gv < 16 ? (int)(gi1 - gv) : 16;                                    \
+            const __mmask16 take = (__mmask16)((1u << ng) - 1);                                     \
+            const __m512 sx = _mm512_maskz_loadu_ps(take, x->sx + gv), xs = _mm512_maskz_loadu_ps(take, x->xsum + gv); \
+            const __m512 xq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(take, x->xqsum + gv));    \
+            const __m512 centre = _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_fnmadd_ps(sx, xq, xs)); \
+            for (int r = 0; r < R; r++) {  /* the centring terms go into the lanes of sum (summed at the end) */ \
+                const int64_t p = (row + r) * x->groups + gv;                                       \
+                const __m512 sc = params16(d->scale, p, ng, d->scale_bf16);                         \
+                _mm512_storeu_ps(ssx[r], _mm512_mul_ps(sc, sx));                                    \
+                sum[r] = _mm512_fmadd_ps(sc, centre, sum[r]);                                       \
+                sum[r] = _mm512_fmadd_ps(params16(d->offset, p, ng, d->scale_bf16), xs, sum[r]);    \
+            }                                                                                       \
+            for (int g = 0; g < ng; g++) {                                                          \
+                const int64_t g0 = (gv + g) * d->group;                                             \
+                __m512i acc[R];                                                                     \
+                for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                        \
+                for (int64_t i = g0; i < g0 + d->group; i += 128) {                                 \
+                    const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
+                        const uint8_t *p = w + r * (d->k / 2) + i / 2;                              \
+                        if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
+                        __builtin_prefetch(p + d->ahead);                                           \
+                        const __m512i packed = _mm512_loadu_si512(p);                               \
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(packed, low), x0);    \
+                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x1); \
+                    }                                                                               \
                 }                                                                                   \
-            }                                                                                       \
-            const float sx = x->sx[gi], xsum = x->xsum[gi];                                         \
-            const float centre = 8.0f * (xsum - sx * (float)x->xqsum[gi]);                          \
-            for (int r = 0; r < R; r++) {                                                           \
-                const int64_t p = (row + r) * x->groups + gi;                                       \
-                const float s = param(d->scale, p, d->scale_bf16);                                  \
-                sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(s * sx), sum[r]); \
-                extra[r] += s * centre + param(d->offset, p, d->scale_bf16) * xsum;                 \
+                for (int r = 0; r < R; r++)                                                         \
+                    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(ssx[r][g]), sum[r]); \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < R; r++) tot[r * MMAX] = add_folded(tot[r * MMAX], sum[r], extra[r]);    \
+        for (int r = 0; r < R; r++) tot[r * MMAX] = add_folded(tot[r * MMAX], sum[r], 0.0f);        \
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
@@ -379,10 +398,9 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
                 const __m512i xv = _mm512_loadu_si512(x->xq + i);                                   \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const int8_t *p = (const int8_t *)d->w + (row + r) * d->k + i;                  \
-                    if ((i & 63) == 0) {                                                            \
-                        if (PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);                         \
-                        __builtin_prefetch(p + d->ahead);                                           \
-                    }                                                                               \
+                    /* in the row only: also prefetching the rows this thread takes next (as the   \
+                     * other loops do) cost one row 6-9% here (benchmarks/RESULTS.md) */           \
+                    if ((i & 63) == 0 && PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);            \
                     acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)), xv); \
                 }                                                                                   \
             }                                                                                       \
@@ -414,39 +432,77 @@ static const int4_tile_fn INT4_TILES[4][6] = {
  * for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
  * x[48..63], x[80..95], x[112..127]; else to int16 in the natural order. */
 __attribute__((target("avx2,fma")))
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
+/* Where the 8 values of x from i (a multiple of 8) within their group go in xq (see quantize_x):
+ * a run of 8 never straddles a 16-value chunk, and chunks move whole. */
+static inline int64_t x_slot(int x8, int64_t i) {
+    if (x8 == 2) {  /* chunk c of a run of 128 (run c / 2 of 32, half c % 2) -> (c % 2) * 64 + (c / 2) * 16 */
+        const int64_t c = i % 128 / 16;
+        return i / 128 * 128 + c % 2 * 64 + c / 2 * 16 + i % 16;
+    }
+    if (x8) {  /* chunks 0, 1, 2, 3 of a run of 64 -> 0, 2, 1, 3 */
+        const int64_t c = i % 64 / 16;
+        return i / 64 * 64 + (c == 1 ? 2 : c == 2 ? 1 : c) * 16 + i % 16;
+    }
+    return i;
+}
+
+__attribute__((target("avx2,fma")))
+static inline float hmax8(__m256 v) {
+    __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    return _mm_cvtss_f32(m);
+}
+
+/* x rounded per group of each row, with each group's step, float sum and integer sum: to int8
+ * (x8: groups of a multiple of 64) in the X8 order, where each run of 64 holds x[0..15], x[32..47],
+ * x[16..31], x[48..63], the order in which the low and then the high nibbles of two 16-byte weight
+ * runs lie in one 32-byte load, or (x8 == 2: groups of a multiple of 128) in the X16 order, the same
+ * for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
+ * x[48..63], x[80..95], x[112..127]; else to int16 in the natural order. Eight values at a time, as
+ * the one-row products spend about as long here as on a small weight (the float sums of a group are
+ * taken in eight lanes: one order on every CPU, so every instruction set rounds x alike). */
+__attribute__((target("avx2,fma")))
 static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int x8, void *xq, float *sx,
                        float *xsum, int32_t *xqsum) {
     const float levels = x8 ? 127.0f : 32767.0f;
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m256i hi = _mm256_set1_epi32((int)levels), lo = _mm256_set1_epi32(-(int)levels);
     for (int64_t j = 0; j < m; j++)
         for (int64_t g0 = 0; g0 < k; g0 += group) {
             const float *v = x + j * k + g0;
-            float top = 0.0f, sum = 0.0f;
-            for (int64_t i = 0; i < group; i++) {
-                const float a = v[i] < 0 ? -v[i] : v[i];
-                top = a > top ? a : top;
-                sum += v[i];
+            __m256 top8 = _mm256_setzero_ps(), sum8 = _mm256_setzero_ps();
+            for (int64_t i = 0; i < group; i += 8) {
+                const __m256 a = _mm256_loadu_ps(v + i);
+                top8 = _mm256_max_ps(_mm256_andnot_ps(sign, a), top8);  /* a NaN keeps top8, as a scalar max */
+                sum8 = _mm256_add_ps(sum8, a);
             }
-            const float inv = top > 0 ? levels / top : 0.0f;
-            int32_t qsum = 0;
-            for (int64_t i = 0; i < group; i++) {
-                long q = __builtin_lrintf(v[i] * inv);  /* |q| <= levels but for a rounding ulp */
-                q = q > (long)levels ? (long)levels : q < -(long)levels ? -(long)levels : q;
-                qsum += (int32_t)q;
-                if (x8 == 2) {
-                    const int64_t t = i % 128, run = t / 32, in = t % 32;  /* 16-byte weight run, value in it */
-                    const int64_t at = (in < 16 ? 0 : 64) + run * 16 + in % 16;
-                    ((int8_t *)xq)[j * k + g0 + i / 128 * 128 + at] = (int8_t)q;
-                } else if (x8) {
-                    const int64_t t = i % 64;  /* position in the natural order of its run of 64 */
-                    const int64_t at = t < 16 ? t : t < 32 ? t + 16 : t < 48 ? t - 16 : t;
-                    ((int8_t *)xq)[j * k + g0 + i / 64 * 64 + at] = (int8_t)q;
-                } else {
-                    ((int16_t *)xq)[j * k + g0 + i] = (int16_t)q;
-                }
+            const float top = hmax8(top8), sum = hsum(sum8);
+            const __m256 inv = _mm256_set1_ps(top > 0 ? levels / top : 0.0f);
+            __m256i qsum8 = _mm256_setzero_si256();
+            for (int64_t i = 0; i < group; i += 8) {
+                /* rounded to nearest even, as lrintf; |q| <= levels but for a rounding ulp */
+                __m256i q = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(v + i), inv));
+                q = _mm256_max_epi32(_mm256_min_epi32(q, hi), lo);
+                qsum8 = _mm256_add_epi32(qsum8, q);
+                const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+                if (x8)
+                    _mm_storel_epi64((__m128i *)((int8_t *)xq + j * k + g0 + x_slot(x8, i)), _mm_packs_epi16(q16, q16));
+                else
+                    _mm_storeu_si128((__m128i *)((int16_t *)xq + j * k + g0 + i), q16);
             }
+            const __m128i q4 = _mm_add_epi32(_mm256_castsi256_si128(qsum8), _mm256_extracti128_si256(qsum8, 1));
+            const __m128i q2 = _mm_add_epi32(q4, _mm_shuffle_epi32(q4, 0x4E));
             sx[j * (k / group) + g0 / group] = top / levels;
             xsum[j * (k / group) + g0 / group] = sum;
-            xqsum[j * (k / group) + g0 / group] = qsum;
+            xqsum[j * (k / group) + g0 / group] = _mm_cvtsi128_si32(_mm_add_epi32(q2, _mm_shuffle_epi32(q2, 0xB1)));
         }
 }
 
@@ -456,14 +512,6 @@ static const tile_fn TILES[2][6] = {
     {int8_8x1, int8_4x2, int8_3x4, int8_1x1, int8_1x2, int8_1x4},
 };
 static const int TILE_ROWS[3] = {8, 4, 3};
-
-__attribute__((target("avx2,fma")))
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 
 /* The instruction sets this CPU runs: 0 none (the kernels need AVX2 + FMA), 1 AVX2 + FMA, 2 also
  * AVX512-VNNI with VL, 3 also AVX-VNNI (and not the former). */
