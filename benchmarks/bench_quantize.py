@@ -20,6 +20,8 @@ from mllama import cpu_kernels
 from mllama.cli import default_model_dir
 from mllama.quantize import QuantizationConfig, quantize_int4, quantize_int8, quantize_model
 
+from bench_phases import read_rates
+
 VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("int4", group_size=32),
             "int4 g64": QuantizationConfig("int4", group_size=64),
             "int4 g128": QuantizationConfig("int4", group_size=128),
@@ -113,6 +115,21 @@ def kernels(n: int, k: int, rounds: int) -> None:
               flush=True)
 
 
+def decode_step_bytes(model, prompt: torch.Tensor) -> int:
+    """Bytes of the weights (and scales) that one decode step reads: every linear that runs in it (a
+    text-only prompt skips the cross-attention layers) and one embedding row."""
+    called: dict[int, torch.nn.Module] = {}
+    embed = model.model.embed_tokens
+    hooks = [module.register_forward_hook(lambda mod, args, out: called.__setitem__(id(mod), mod))
+             for module in model.modules() if not list(module.children()) and module is not embed]
+    hooks.append(embed.register_forward_pre_hook(lambda mod, args: called.clear()))  # each forward starts there
+    model.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # the prompt, then one decode step
+    for hook in hooks:
+        hook.remove()
+    tensors = [t for module in called.values() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))]
+    return sum(t.numel() * t.element_size() for t in tensors if t.dim() >= 1) + embed.weight[0].numel() * embed.weight.element_size()
+
+
 def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int], streams: int) -> None:
     from mllama.config import MllamaTextConfig
     from mllama.linear import apply_cpu_kernels
@@ -164,13 +181,19 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
                 model.generate(fresh, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
                 ttfts[name, n].append(time.perf_counter() - start)
 
+    read_limit = max(read_rates(5).values())  # GB/s, measured after the rounds (the machine drifts)
+    step_bytes = {name: decode_step_bytes(model, prompt) for name, model in models.items()}
+
     def ratio(values: list[float], base: list[float]) -> str:  # the median of the rounds' own ratios
         return f"{statistics.median(v / b for v, b in zip(values, base)):.2f}x"
 
     print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, {rounds} interleaved rounds; "
-          "best figure, and the median of each round's ratio to bf16")
+          f"best figure, and the median of each round's ratio to bf16; read limit {read_limit:.1f} GB/s (the fastest "
+          "full read of 1 GiB, benchmarks/bench_phases.py)")
     for name, r in rates.items():
-        line = f"  {name}: {max(r):.2f} tok/s ({ratio(r, rates['bf16'])} bf16)"
+        streamed = max(r) * step_bytes[name] / 1e9
+        line = (f"  {name}: {max(r):.2f} tok/s ({ratio(r, rates['bf16'])} bf16; {step_bytes[name] / 1e9:.2f} GB a token, "
+                f"{streamed:.1f} GB/s = {streamed / read_limit:.0%} of the read limit)")
         if streams > 1:
             b = batch_rates[name]
             line += f"; {streams} streams {max(b):.1f} tok/s ({ratio(b, batch_rates['bf16'])})"

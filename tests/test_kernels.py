@@ -262,7 +262,7 @@ def test_count_not_finite_equals_torch(dtype, n):
     from mllama import cpu_kernels
 
     if cpu_kernels.count_not_finite(torch.zeros(1)) is None:
-        pytest.skip("csrc/finite.c does not run here")
+        pytest.skip("csrc/scans.c does not run here")
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=gen) * 100).to(dtype)
     top = torch.finfo(dtype).max
@@ -272,6 +272,34 @@ def test_count_not_finite_equals_torch(dtype, n):
     assert cpu_kernels.count_not_finite(x) == int((~torch.isfinite(x)).sum())
     if n > 1:
         assert cpu_kernels.count_not_finite(x[::2]) is None  # not contiguous: the caller counts with torch
+
+
+@pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 17), (3, 128264), (17, 1000)])
+def test_argmax_rows_equals_torch(rows, vocab, monkeypatch):
+    """Greedy decoding's argmax (csrc/scans.c): the first of equal maxima, a NaN as the largest value,
+    rows of -inf, +inf and the vector tail past a multiple of 16, as torch.argmax."""
+    if cpu_kernels.count_not_finite(torch.zeros(1)) is None:
+        pytest.skip("csrc/scans.c does not run here")
+    gen = torch.Generator().manual_seed(rows * vocab)
+    x = torch.randn(rows, vocab, generator=gen)
+    cases = [x]
+    if vocab > 16:
+        ties = x.clone()
+        ties[:, [3, 5, vocab - 1]] = 9.0  # equal maxima in different lanes: the first wins
+        same_lane = x.clone()
+        same_lane[:, [vocab - 1, 5 + 16 * ((vocab - 6) // 16)]] = 9.0  # and in one lane
+        nan = x.clone()
+        nan[:, [7, vocab - 2]] = float("nan")
+        nan[0, 2] = float("inf")
+        cases += [ties, same_lane, nan]
+    cases += [torch.full((rows, vocab), -float("inf")), torch.full((rows, vocab), float("inf"))]
+    calls = []
+    kernel = cpu_kernels._scans.mllama_argmax_rows
+    monkeypatch.setattr(cpu_kernels._scans, "mllama_argmax_rows", lambda *a: calls.append(1) or kernel(*a))
+    for logits in cases:
+        assert torch.equal(cpu_kernels.argmax_rows(logits), logits.argmax(dim=-1))
+    assert len(calls) == len(cases)  # in C, not the fallback
+    assert torch.equal(cpu_kernels.argmax_rows(x.bfloat16()), x.bfloat16().argmax(dim=-1))  # other dtypes: torch
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("gcc") or shutil.which("cc"))
@@ -284,10 +312,11 @@ def test_every_kernel_builds_and_loads_here():
     from mllama import cpu_attention
     from mllama.kernel_cache import build_kernel
 
-    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.AMX_SOURCE, cpu_kernels.FINITE_SOURCE,
+    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.AMX_SOURCE, cpu_kernels.SCANS_SOURCE,
                    cpu_attention.SOURCE):
         ctypes.CDLL(str(build_kernel(source)))  # raises KernelCacheError with the compiler's message
     assert cpu_kernels.count_not_finite(torch.zeros(1)) == 0
+    assert cpu_kernels._scans is not None  # argmax_rows runs in C
     if cpu_kernels._small_level:  # AVX2 + FMA here: every kernel in use
         assert cpu_kernels.gemv_available() and cpu_kernels.quant_kernels_available()
 
@@ -298,7 +327,7 @@ def test_an_amx_build_failure_costs_only_the_tiles(tmp_path, monkeypatch):
     the other kernels still load (they used to share one file and fall back to torch together)."""
     broken = tmp_path / "gemm_amx.c"
     broken.write_text("this is not C\n")
-    for name in ("_lib", "_small", "_amx_lib", "_finite", "_level", "_small_level", "_tried", "_amx_int8"):
+    for name in ("_lib", "_small", "_amx_lib", "_scans", "_level", "_small_level", "_tried", "_amx_int8"):
         monkeypatch.setattr(cpu_kernels, name, getattr(cpu_kernels, name))  # restored afterwards
     monkeypatch.setattr(cpu_kernels, "AMX_SOURCE", broken)
     monkeypatch.setattr(cpu_kernels, "_tried", False)

@@ -36,7 +36,7 @@ from mllama.kernel_cache import build_kernel
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
 AMX_SOURCE = Path(__file__).parent / "csrc" / "gemm_amx.c"
-FINITE_SOURCE = Path(__file__).parent / "csrc" / "finite.c"
+SCANS_SOURCE = Path(__file__).parent / "csrc" / "scans.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
 MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemm_amx.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
 MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
@@ -44,7 +44,7 @@ MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the l
 _lib: ctypes.CDLL | None = None
 _small: ctypes.CDLL | None = None
 _amx_lib: ctypes.CDLL | None = None  # csrc/gemm_amx.c, where its AMX-BF16 tiles run here
-_finite: ctypes.CDLL | None = None
+_scans: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
 _amx_int8 = False  # and its AMX-INT8 tiles (int8 and int4 weights without dequantizing to bf16)
@@ -62,14 +62,14 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _amx_lib, _finite, _level, _small_level, _tried, _amx_int8
+    global _lib, _small, _amx_lib, _scans, _level, _small_level, _tried, _amx_int8
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
     try:
         lib = ctypes.CDLL(str(_build(SOURCE)))
         small = ctypes.CDLL(str(_build(SMALL_SOURCE)))
-        finite = ctypes.CDLL(str(_build(FINITE_SOURCE)))
+        scans = ctypes.CDLL(str(_build(SCANS_SOURCE)))
     except (OSError, RuntimeError) as err:
         warnings.warn(f"mllama: decode kernels unavailable, using F.linear ({err})", RuntimeWarning,
                       stacklevel=3)
@@ -86,9 +86,11 @@ def _load() -> None:
     small.mllama_dequant_int8.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int8.restype = ctypes.c_int
-    finite.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    finite.mllama_count_nonfinite.restype = ctypes.c_int64
-    _finite = finite
+    scans.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+    scans.mllama_count_nonfinite.restype = ctypes.c_int64
+    scans.mllama_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int]
+    scans.mllama_argmax_rows.restype = ctypes.c_int
+    _scans = scans
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
     _small_level = small.mllama_gemm_small_level()
@@ -235,14 +237,29 @@ _FINITE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 
 def count_not_finite(tensor: torch.Tensor) -> int | None:
     """The number of NaN and infinite values of a contiguous CPU bf16, fp16 or float32 tensor, read
-    once at memory speed by csrc/finite.c; None where that does not run (then count with torch)."""
+    once at memory speed by csrc/scans.c; None where that does not run (then count with torch)."""
     if not _tried:
         _load()
     kind = _FINITE_KINDS.get(tensor.dtype)
-    if _finite is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
+    if _scans is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
         return None
-    count = _finite.mllama_count_nonfinite(tensor.data_ptr(), tensor.numel(), kind, torch.get_num_threads())
+    count = _scans.mllama_count_nonfinite(tensor.data_ptr(), tensor.numel(), kind, torch.get_num_threads())
     return None if count < 0 else int(count)
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """(B, V) float32 logits -> (B,) int64: each row's argmax as torch.argmax gives it (the first of
+    equal maxima; a NaN counts as the largest), by csrc/scans.c on CPU; torch.argmax elsewhere."""
+    if not _tried:
+        _load()
+    if (_scans is None or torch.compiler.is_compiling() or logits.dim() != 2 or logits.dtype != torch.float32
+            or logits.device.type != "cpu" or not logits.is_contiguous()):
+        return logits.argmax(dim=-1)
+    out = torch.empty(logits.shape[0], dtype=torch.int64)
+    if _scans.mllama_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
+                                 torch.get_num_threads()) != 0:
+        return logits.argmax(dim=-1)
+    return out
 
 
 def quant_kernels_available() -> bool:

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mllama.cpu_kernels import argmax_rows
+
 
 @dataclass
 class SamplingTensors:
@@ -109,9 +111,9 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
         logits = logits.float()
         if presence is not None:
             logits = apply_repetition_penalty(logits, presence, settings.repetition_penalty)
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits.contiguous())
     logits = filtered_logits(logits, settings, presence)
-    out = logits.argmax(dim=-1)
+    out = argmax_rows(logits.contiguous())
     rows = sampled.nonzero().squeeze(1)
     gens = generators if generators is not None else [None] * logits.shape[0]
     out[rows] = draw(logits[rows], [gens[r] for r in rows.tolist()])

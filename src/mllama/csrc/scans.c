@@ -1,0 +1,106 @@
+/* Scans that read an array once, so they run at the speed of memory (built at first use by
+ * mllama/cpu_kernels.py; OpenMP is the runtime torch loaded):
+ * - counting the NaN and infinite values of a bf16, fp16 or float32 array: the load-time check of every
+ *   weight (mllama.checks). A value is NaN or infinite exactly when its exponent bits are all ones.
+ *   AVX2 where the CPU has it, else plain C; OpenMP threads over equal slices.
+ * - the argmax of each row of float32 logits (greedy decoding): torch 2.13's CPU argmax over a 128k
+ *   vocabulary took about 0.3 ms a row here, several % of a quantized decode step (benchmarks/RESULTS.md).
+ */
+#include <immintrin.h>
+#include <stdint.h>
+
+enum { KIND_BF16 = 0, KIND_F16 = 1, KIND_F32 = 2 };
+
+static int64_t count_scalar(const void *p, int64_t begin, int64_t end, int kind) {
+    int64_t bad = 0;
+    if (kind == KIND_F32) {
+        const uint32_t *v = (const uint32_t *)p;
+        for (int64_t i = begin; i < end; i++) bad += (v[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *v = (const uint16_t *)p;
+        const uint16_t mask = kind == KIND_BF16 ? 0x7F80 : 0x7C00;
+        for (int64_t i = begin; i < end; i++) bad += (v[i] & mask) == mask;
+    }
+    return bad;
+}
+
+/* [begin, end) in 256-bit steps: lanes whose exponent equals the mask, counted by movemask. */
+__attribute__((target("avx2,popcnt")))
+static int64_t count_avx2(const void *p, int64_t begin, int64_t end, int kind) {
+    const int per = kind == KIND_F32 ? 8 : 16;  /* values per 32 bytes */
+    const int64_t stop = begin + (end - begin) / per * per;
+    int64_t bad_bytes = 0;  /* matching lanes x their bytes (the movemask counts bytes) */
+    const __m256i mask = kind == KIND_F32 ? _mm256_set1_epi32(0x7F800000) :
+                         _mm256_set1_epi16((short)(kind == KIND_BF16 ? 0x7F80 : 0x7C00));
+    const char *base = (const char *)p + begin * (kind == KIND_F32 ? 4 : 2);
+    for (int64_t i = begin; i < stop; i += per, base += 32) {
+        const __m256i v = _mm256_and_si256(_mm256_loadu_si256((const __m256i *)base), mask);
+        const __m256i eq = kind == KIND_F32 ? _mm256_cmpeq_epi32(v, mask) : _mm256_cmpeq_epi16(v, mask);
+        bad_bytes += __builtin_popcount((unsigned)_mm256_movemask_epi8(eq));
+    }
+    return bad_bytes / (kind == KIND_F32 ? 4 : 2) + count_scalar(p, stop, end, kind);
+}
+
+/* The number of NaN or infinite values among p[0..n) of the given kind, or -1 for an unknown kind. */
+int64_t mllama_count_nonfinite(const void *p, int64_t n, int kind, int threads) {
+    if (kind < KIND_BF16 || kind > KIND_F32 || n < 0) return -1;
+    __builtin_cpu_init();
+    const int avx2 = __builtin_cpu_supports("avx2");
+    const int64_t slices = threads > 0 ? threads : 1;
+    int64_t bad = 0;
+#pragma omp parallel for reduction(+ : bad) schedule(static) num_threads(threads > 0 ? threads : 1)
+    for (int64_t s = 0; s < slices; s++) {
+        const int64_t begin = n * s / slices, end = n * (s + 1) / slices;
+        bad += avx2 ? count_avx2(p, begin, end, kind) : count_scalar(p, begin, end, kind);
+    }
+    return bad;
+}
+
+
+/* The first index of row's largest value, NaN counting as larger than every number (as torch.argmax):
+ * per lane the first strictly larger value, then the smallest index among the lanes holding the
+ * maximum; a row with a NaN is scanned again for its first NaN. */
+__attribute__((target("avx512f")))
+static int64_t argmax_avx512(const float *row, int64_t v) {
+    __m512 best = _mm512_set1_ps(-__builtin_inff());
+    __m512i at = _mm512_set1_epi32(0), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    __mmask16 nan = 0;
+    for (int64_t i = 0; i < v; i += 16) {
+        const __mmask16 take = v - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (v - i)) - 1);
+        const __m512 x = _mm512_mask_loadu_ps(best, take, row + i);  /* past the end: best itself, never larger */
+        nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+        const __mmask16 larger = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
+        best = _mm512_mask_mov_ps(best, larger, x);
+        at = _mm512_mask_mov_epi32(at, larger, idx);
+        idx = _mm512_add_epi32(idx, sixteen);
+    }
+    if (nan) {
+        for (int64_t i = 0; i < v; i++)
+            if (row[i] != row[i]) return i;
+    }
+    const float top = _mm512_reduce_max_ps(best);
+    const __mmask16 holders = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
+    return (int64_t)_mm512_mask_reduce_min_epi32(holders, at);
+}
+
+static int64_t argmax_scalar(const float *row, int64_t v) {
+    int64_t at = 0;
+    for (int64_t i = 0; i < v; i++) {
+        if (row[i] != row[i]) return i;
+        if (row[i] > row[at]) at = i;
+    }
+    return at;
+}
+
+/* out[r] = the argmax of logits[r, 0..v) for r < b; -1 for arguments it does not take (v past int32,
+ * whose lane indices are 32-bit). */
+int mllama_argmax_rows(const float *logits, int64_t b, int64_t v, int64_t *out, int threads) {
+    if (b < 0 || v < 1 || v > 0x7FFFFFF0) return -1;
+    __builtin_cpu_init();
+    const int avx512 = __builtin_cpu_supports("avx512f");
+#pragma omp parallel for schedule(static) num_threads(threads > 0 && b > 1 ? threads : 1)
+    for (int64_t r = 0; r < b; r++)
+        out[r] = avx512 ? argmax_avx512(logits + r * v, v) : argmax_scalar(logits + r * v, v);
+    return 0;
+}
