@@ -336,7 +336,8 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
  * bytes per second, this at 0.86x (benchmarks/RESULTS.md). */
 #define DEFINE_INT4_TILE512(NAME, R)                                                                \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
-    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot, \
+                     int64_t apart) {  /* R rows: row, row + apart, ... */                        \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
         __m512 sum[R];                                                                              \
@@ -350,7 +351,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
             const __m512 xq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(take, x->xqsum + gv));    \
             const __m512 centre = _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_fnmadd_ps(sx, xq, xs)); \
             for (int r = 0; r < R; r++) {  /* the centring terms go into the lanes of sum (summed at the end) */ \
-                const int64_t p = (row + r) * x->groups + gv;                                       \
+                const int64_t p = (row + r * apart) * x->groups + gv;                                       \
                 const __m512 sc = params16(d->scale, p, ng, d->scale_bf16);                         \
                 _mm512_storeu_ps(ssx[r], _mm512_mul_ps(sc, sx));                                    \
                 sum[r] = _mm512_fmadd_ps(sc, centre, sum[r]);                                       \
@@ -363,7 +364,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                 for (int64_t i = g0; i < g0 + d->group; i += 128) {                                 \
                     const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
                     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
-                        const uint8_t *p = w + r * (d->k / 2) + i / 2;                              \
+                        const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                              \
                         if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
                         __builtin_prefetch(p + d->ahead);                                           \
                         const __m512i packed = _mm512_loadu_si512(p);                               \
@@ -375,7 +376,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                     sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(ssx[r][g]), sum[r]); \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < R; r++) tot[r * MMAX] = add_folded(tot[r * MMAX], sum[r], 0.0f);        \
+        for (int r = 0; r < R; r++) tot[r * apart * MMAX] = add_folded(tot[r * apart * MMAX], sum[r], 0.0f);        \
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
@@ -588,10 +589,20 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                 if (fmt == FMT_INT4) {
                     const xdesc xj = {x8 ? NULL : xd.xq + j0 * k, x8 ? xd.xq8 + j0 * k : NULL, xd.sx + j0 * xd.groups,
                                       xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups, NULL};
-                    for (; r + wide <= rows; r += wide)
-                        (z ? int4z_8x1 : INT4_TILES[path][kind])(&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
-                    for (; r < rows; r++)
-                        (z ? int4z_1x1 : INT4_TILES[path][3 + kind])(&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                    if (z) {  /* rows r, r + 2, ..., r + 14, then r + 1, ..., r + 15: the 2 KiB rows of a
+                               * 4096-wide weight lie two to a 4 KiB page, and 8 rows side by side then
+                               * stream from 8 pages, one stream each (+4-8%, benchmarks/RESULTS.md) */
+                        for (; r + 16 <= rows; r += 16) {
+                            int4z_8x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 2);
+                            int4z_8x1(&d, &xj, row0 + r + 1, k0, k1, tot + (r + 1) * MMAX, 2);
+                        }
+                        for (; r + 8 <= rows; r += 8) int4z_8x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 1);
+                        for (; r < rows; r++) int4z_1x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 1);
+                    }
+                    for (; !z && r + wide <= rows; r += wide)
+                        INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                    for (; !z && r < rows; r++)
+                        INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else if (w16) {
                     for (; r + 8 <= rows; r += 8) int8w_8x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
                     for (; r < rows; r++) int8w_1x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
