@@ -337,7 +337,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
 #define DEFINE_INT4_TILE512(NAME, R)                                                                \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot, \
-                     int64_t apart) {  /* R rows: row, row + apart, ... */                        \
+                     int64_t apart) {  /* R rows: row, row + apart, ... */                          \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
         __m512 sum[R];                                                                              \
@@ -351,7 +351,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
             const __m512 xq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(take, x->xqsum + gv));    \
             const __m512 centre = _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_fnmadd_ps(sx, xq, xs)); \
             for (int r = 0; r < R; r++) {  /* the centring terms go into the lanes of sum (summed at the end) */ \
-                const int64_t p = (row + r * apart) * x->groups + gv;                                       \
+                const int64_t p = (row + r * apart) * x->groups + gv;                               \
                 const __m512 sc = params16(d->scale, p, ng, d->scale_bf16);                         \
                 _mm512_storeu_ps(ssx[r], _mm512_mul_ps(sc, sx));                                    \
                 sum[r] = _mm512_fmadd_ps(sc, centre, sum[r]);                                       \
@@ -364,7 +364,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                 for (int64_t i = g0; i < g0 + d->group; i += 128) {                                 \
                     const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
                     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
-                        const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                              \
+                        const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
                         if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
                         __builtin_prefetch(p + d->ahead);                                           \
                         const __m512i packed = _mm512_loadu_si512(p);                               \
@@ -376,7 +376,8 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                     sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(ssx[r][g]), sum[r]); \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < R; r++) tot[r * apart * MMAX] = add_folded(tot[r * apart * MMAX], sum[r], 0.0f);        \
+        for (int r = 0; r < R; r++)                                                                 \
+            tot[r * apart * MMAX] = add_folded(tot[r * apart * MMAX], sum[r], 0.0f);                \
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
@@ -400,7 +401,7 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
                     const int8_t *p = (const int8_t *)d->w + (row + r) * d->k + i;                  \
                     /* in the row only: also prefetching the rows this thread takes next (as the   \
-                     * other loops do) cost one row 6-9% here (benchmarks/RESULTS.md) */           \
+                     * other loops do) cost one row about 8% here (benchmarks/RESULTS.md) */      \
                     if ((i & 63) == 0 && PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);            \
                     acc[r] = _mm512_dpwssd_epi32(acc[r], _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i *)p)), xv); \
                 }                                                                                   \
@@ -426,12 +427,7 @@ static const int4_tile_fn INT4_TILES[4][6] = {
     {int4x8vex_8x1, int4x8vex_4x2, int4x8vex_3x4, int4x8vex_1x1, int4x8vex_1x2, int4x8vex_1x4},
 };
 
-/* x rounded per group of each row, with each group's step, float sum and integer sum: to int8
- * (x8: groups of a multiple of 64) in the X8 order, where each run of 64 holds x[0..15], x[32..47],
- * x[16..31], x[48..63], the order in which the low and then the high nibbles of two 16-byte weight
- * runs lie in one 32-byte load, or (x8 == 2: groups of a multiple of 128) in the X16 order, the same
- * for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
- * x[48..63], x[80..95], x[112..127]; else to int16 in the natural order. */
+/* The lane sum of v. */
 __attribute__((target("avx2,fma")))
 static float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
