@@ -94,11 +94,11 @@ static int64_t argmax_scalar(const float *row, int64_t v) {
 }
 
 /* out[r] = the argmax of logits[r, 0..v) for r < b; -1 for arguments it does not take (v past int32,
- * whose lane indices are 32-bit). */
-int mllama_argmax_rows(const float *logits, int64_t b, int64_t v, int64_t *out, int threads) {
+ * whose lane indices are 32-bit). plain_c: the loop CPUs without AVX-512 run (for tests). */
+int mllama_argmax_rows(const float *logits, int64_t b, int64_t v, int64_t *out, int threads, int plain_c) {
     if (b < 0 || v < 1 || v > 0x7FFFFFF0) return -1;
     __builtin_cpu_init();
-    const int avx512 = __builtin_cpu_supports("avx512f");
+    const int avx512 = !plain_c && __builtin_cpu_supports("avx512f");
 #pragma omp parallel for schedule(static) num_threads(threads > 0 && b > 1 ? threads : 1)
     for (int64_t r = 0; r < b; r++)
         out[r] = avx512 ? argmax_avx512(logits + r * v, v) : argmax_scalar(logits + r * v, v);
