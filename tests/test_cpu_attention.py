@@ -11,6 +11,7 @@ from mllama.config import MllamaVisionConfig
 from mllama.cpu_attention import (AmxTileAttentionCore, _attend, amx_attention, amx_attention_available,
                                   apply_cpu_attention)
 from mllama.linear import apply_cpu_kernels
+from mllama.tile_attention import KeyBias, sdpa_attend
 from mllama.vision import MllamaVisionModel, TileAttentionCore, TileLayout, tile_attention
 
 needs_amx = pytest.mark.skipif(not amx_attention_available(), reason="needs AMX-BF16 and the kernel build")
@@ -107,6 +108,51 @@ def test_tile_attention_with_kernel(real_tiles):
     torch_bf16 = tile_attention(q, k, v, layout)
     err = (got.double() - exact).abs().max().item()
     assert err <= 2 * (torch_bf16.double() - exact).abs().max().item() + 2 ** -9 * exact.abs().max().item()
+
+
+@needs_amx
+@pytest.mark.parametrize("lq, lk, start, copies", [
+    (40, 100, 37, 2),       # the biased keys start inside a tile of 16 and inside the first block
+    (300, 1100, 520, 3),    # inside the second block of 512, two work items of rows
+    (33, 530, 513, 5),      # only the last, partial block
+    (20, 64, 0, 3),         # every key (then the bias changes nothing)
+])
+def test_kernel_key_bias_weighs_keys_as_copies(lq, lk, start, copies):
+    """key_bias log(c) on keys [start, lk): as if those keys and values were there c times."""
+    gen = torch.Generator().manual_seed(lq + start)
+    q, k, v = (torch.randn(1, 2, n, 80, generator=gen).bfloat16() for n in (lq, lk, lk))
+
+    def repeated(x):
+        return torch.cat([x[:, :, :start]] + [x[:, :, start:]] * copies, dim=2)
+
+    got = amx_attention(q, k, v, key_bias=KeyBias(start, float(torch.tensor(copies).log())))
+    assert got is not None
+    check_close(got, q, repeated(k), repeated(v))
+    if start:  # without the bias the result is measurably different
+        assert (amx_attention(q, k, v).double() - reference(q, repeated(k), repeated(v))).abs().max() > 0.02
+
+
+@needs_amx
+def test_tile_attention_with_copies_through_kernel():
+    """One padded tile for three, through the kernel, against the float64 tiles written out."""
+    gen = torch.Generator().manual_seed(8)
+    real, copies, tile_len, real_len = 1, 3, 40, 33
+    q, k, v = (torch.randn(2, (real + 1) * tile_len, 2, 80, generator=gen).transpose(1, 2).contiguous().bfloat16()
+               for _ in range(3))
+    shared = TileLayout.from_counts([real, real], num_tiles=real + 1, tile_len=tile_len, real_len=real_len,
+                                    padded_copies=copies)
+    got = tile_attention(q, k, v, shared, attend=_attend)
+    exact = tile_attention(q.double(), k.double(), v.double(), shared)
+    torch_bf16 = tile_attention(q, k, v, shared)
+    err = (got.double() - exact).abs().max().item()
+    assert err <= 2 * (torch_bf16.double() - exact).abs().max().item() + 2 ** -9 * exact.abs().max().item()
+
+
+def test_key_bias_fallback_is_sdpa():
+    q = torch.randn(1, 2, 9, 16)
+    bias = KeyBias(4, 0.7)
+    assert amx_attention(q, q, q, key_bias=bias) is None  # float32
+    assert torch.equal(_attend(q, q, q, key_bias=bias), sdpa_attend(q, q, q, key_bias=bias))
 
 
 def vision_model() -> MllamaVisionModel:

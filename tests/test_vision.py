@@ -193,6 +193,38 @@ def test_tile_attention_equals_dense_mask(real_tiles):
     assert (F.scaled_dot_product_attention(q, k, v) - want).abs().max() > 1e-2
 
 
+@pytest.mark.parametrize("real,copies", [(1, 3), (2, 2), (1, 2)])
+def test_one_padded_tile_with_copies_equals_the_copies(real, copies):
+    """padded_copies: one padded tile standing for `copies` equal ones gives every real and padding row
+    what the tiles repeated give (float64, both through tile_attention's plain SDPA route)."""
+    gen = torch.Generator().manual_seed(real * 10 + copies)
+    tile_len, real_len, heads, d = 8, 5, 3, 16
+    q, k, v = (torch.randn(2, (real + 1) * tile_len, heads, d, generator=gen, dtype=torch.float64).transpose(1, 2) * 2
+               for _ in range(3))
+
+    def repeated(x):  # the last tile written out `copies` times
+        return torch.cat([x] + [x[:, :, real * tile_len:]] * (copies - 1), dim=2)
+
+    full = TileLayout.from_counts([real, real], num_tiles=real + copies, tile_len=tile_len, real_len=real_len)
+    want = tile_attention(repeated(q), repeated(k), repeated(v), full)
+    shared = TileLayout.from_counts([real, real], num_tiles=real + 1, tile_len=tile_len, real_len=real_len,
+                                    padded_copies=copies)
+    got = tile_attention(q, k, v, shared)
+    assert (got - want[:, :, :(real + 1) * tile_len]).abs().max() <= 1e-12
+    for c in range(1, copies):  # the copies' rows really are equal in the full result
+        assert torch.equal(want[:, :, (real + c) * tile_len:(real + c + 1) * tile_len], want[:, :, real * tile_len:(real + 1) * tile_len])
+    # Without the copies' weight the real rows differ: the test sees the log(copies).
+    plain = TileLayout.from_counts([real, real], num_tiles=real + 1, tile_len=tile_len, real_len=real_len)
+    assert (tile_attention(q, k, v, plain) - got).abs().max() > 1e-2
+
+
+def test_layout_rejects_copies_without_one_padded_tile():
+    with pytest.raises(ValueError, match="padded_copies"):
+        TileLayout.from_counts([2, 1], num_tiles=3, tile_len=8, real_len=5, padded_copies=2)
+    with pytest.raises(ValueError, match="padded_copies"):
+        TileLayout.from_counts([3], num_tiles=3, tile_len=8, real_len=5, padded_copies=2)
+
+
 def test_layout_rejects_images_without_real_tiles():
     with pytest.raises(ValueError, match="real tiles"):
         TileLayout.from_counts([2, 0], num_tiles=4, tile_len=8, real_len=5)
@@ -288,3 +320,72 @@ def test_skip_padded_tiles_changes_nothing_without_padded_tiles():
         fast, exact = ours.features(pixels, ids, mask, skip_padded_tiles=True), ours.features(pixels, ids, mask)
     assert torch.equal(fast[:, 0], exact[:, 0]) and torch.equal(fast[1, 1], exact[1, 1])
     assert not torch.equal(fast[0, 1], exact[0, 1])
+
+
+def published_like(ours: MllamaVisionModel, ref: torch.nn.Module) -> None:
+    """Zero the tile tables' rows of the slots each aspect ratio leaves empty, as the published
+    checkpoints hold them (Meta's tables have no such slots; the conversion writes zeros)."""
+    cfg = ours.config
+    with torch.no_grad():
+        for model in (ours, ref):
+            for name in ("pre_tile_positional_embedding.embedding.weight",
+                         "post_tile_positional_embedding.embedding.weight",
+                         "gated_positional_embedding.tile_embedding.weight"):
+                table = model.get_parameter(name).view(cfg.max_aspect_ratio_id + 1, cfg.max_num_tiles, -1)
+                table[0] = 0
+                for i, (h, w) in enumerate(cfg.supported_aspect_ratios, start=1):
+                    table[i, h * w:] = 0
+
+
+def encoded_tiles(model: MllamaVisionModel, pixels, ids, mask) -> tuple[torch.Tensor, list[int]]:
+    """features, and the tile counts the first local layer ran (one entry per call)."""
+    seen: list[int] = []
+    handle = model.transformer.layers[0].register_forward_pre_hook(
+        lambda _m, args: seen.append(args[0].shape[1] // model.tile_len))
+    try:
+        with torch.no_grad():
+            return model.features(pixels, ids, mask), seen
+    finally:
+        handle.remove()
+
+
+def test_equal_padded_tiles_run_once_and_match_transformers():
+    """With the published checkpoints' zero rows and the processor's zero pixels, an image's padded
+    tiles are equal: one of them runs for all (1 real tile: 2 tiles run, not 4; 2 real: 3) and every
+    output, padded tiles' included, matches transformers running all four."""
+    ours, ref, cfg = make_pair("tiles4-pad7", seed=11)
+    published_like(ours, ref)
+    ratio = {tuple(r): i for i, r in enumerate(cfg.supported_aspect_ratios, start=1)}
+    # image 0: 1x1, image 1: 1x2, image 2: 1x3 (one padded tile: nothing to share), image 3: 2x2
+    ids = torch.tensor([[ratio[1, 1], ratio[1, 2]], [ratio[1, 3], ratio[2, 2]]])
+    mask = torch.tensor([[[1, 0, 0, 0], [1, 1, 0, 0]], [[1, 1, 1, 0], [1, 1, 1, 1]]])
+    pixels = torch.randn(2, 2, 4, cfg.num_channels, cfg.image_size, cfg.image_size,
+                         generator=torch.Generator().manual_seed(4))
+    pixels[mask == 0] = 0
+    got, seen = encoded_tiles(ours, pixels, ids, mask)
+    assert sorted(seen) == [2, 3, 4]  # the 1-tile image, the 2-tile one, the other two in one call
+    want = reference(ref, pixels, ids, mask)
+    assert (got - want).abs().max().item() <= 1e-4 and want.abs().max() > 0.1
+    assert (got[0, 0, 1:] - want[0, 0, 1:]).abs().max().item() <= 1e-4  # the padded tiles' features too
+    # A padded tile that differs (pixels in it) makes that image run all four tiles, still exact.
+    pixels[0, 0, 3] = 1.0
+    got, seen = encoded_tiles(ours, pixels, ids, mask)
+    assert sorted(seen) == [3, 4]
+    assert (got - reference(ref, pixels, ids, mask)).abs().max().item() <= 1e-4
+
+
+def test_equal_padded_tiles_run_in_full_under_autograd():
+    """Training the tile tables: every padded slot's rows need their own gradient, so all tiles run."""
+    ours, ref, cfg = make_pair("tiles4-pad7", seed=12)
+    published_like(ours, ref)
+    pixels = torch.zeros(1, 1, 4, cfg.num_channels, cfg.image_size, cfg.image_size)
+    pixels[:, :, 0] = torch.randn(cfg.num_channels, cfg.image_size, cfg.image_size)
+    ids, mask = torch.tensor([[1]]), torch.tensor([[[1, 0, 0, 0]]])
+    seen: list[int] = []
+    ours.transformer.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1] // ours.tile_len))
+    ours.features(pixels, ids, mask).sum().backward()
+    assert seen == [4]
+    table = ours.pre_tile_positional_embedding.embedding.weight.grad.view(cfg.max_aspect_ratio_id + 1, 4, -1)
+    ref(pixel_values=pixels, aspect_ratio_ids=ids, aspect_ratio_mask=mask).last_hidden_state.sum().backward()
+    want = ref.pre_tile_positional_embedding.embedding.weight.grad.view(cfg.max_aspect_ratio_id + 1, 4, -1)
+    assert (table[1] - want[1]).abs().max() <= 1e-3 * want[1].abs().max() and want[1, 1:].abs().max() > 0

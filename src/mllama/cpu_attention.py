@@ -19,12 +19,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from mllama.cpu_kernels import amx_available
 from mllama.kernel_cache import build_kernel
-from mllama.vision import TileAttentionCore, TileLayout, tile_attention
+from mllama.tile_attention import KeyBias, TileAttentionCore, TileLayout, sdpa_attend, tile_attention
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_amx.c"
 MAX_HEAD_DIM = 96  # attention_amx.c's MAX_D: six result tiles of 16
@@ -45,7 +44,8 @@ def _load() -> None:
                       stacklevel=3)
         return
     lib.mllama_attention_amx.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
-                                         + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int])
+                                         + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_float,
+                                            ctypes.c_int])
     lib.mllama_attention_amx.restype = ctypes.c_int
     _lib = lib
 
@@ -57,9 +57,10 @@ def amx_attention_available() -> bool:
     return _lib is not None
 
 
-def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(head_dim)) v for (batch, heads, length, head_dim) bf16 tensors through the
-    tiles; None where the kernel does not apply (then call SDPA)."""
+def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                  key_bias: KeyBias | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(head_dim) [+ key_bias]) v for (batch, heads, length, head_dim) bf16 tensors
+    through the tiles; None where the kernel does not apply (then call SDPA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not amx_attention_available():
         return None
     if any(t.dtype != torch.bfloat16 or t.device.type != "cpu" or t.stride(-1) != 1 for t in (q, k, v)):
@@ -73,14 +74,15 @@ def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
         return None
     out = torch.empty(n1, n2, lq, d, dtype=torch.bfloat16)
     strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
+    bias_from, bias = (key_bias.start, key_bias.value) if key_bias is not None else (lk, 0.0)
     rc = _lib.mllama_attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n1, n2, lq, lk, d,
-                                   strides, d ** -0.5, torch.get_num_threads())
+                                   strides, d ** -0.5, bias_from, bias, torch.get_num_threads())
     return out if rc == 0 else None
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    out = None if torch.compiler.is_compiling() else amx_attention(q, k, v)
-    return out if out is not None else F.scaled_dot_product_attention(q, k, v)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: KeyBias | None = None) -> torch.Tensor:
+    out = None if torch.compiler.is_compiling() else amx_attention(q, k, v, key_bias=key_bias)
+    return out if out is not None else sdpa_attend(q, k, v, key_bias=key_bias)
 
 
 class AmxTileAttentionCore(TileAttentionCore):

@@ -11,14 +11,15 @@ Padding, as trained: every tile's positions are zero-padded to a multiple of 8 a
 `layernorm_pre`, and the tiles beyond an image's tile count are padding as a whole. Attention is
 masked only between two padding positions: real queries see padding keys, padding queries see
 real keys. The trained model used a dense additive mask over all positions for this; here the
-same attention is computed exactly without one (see `tile_attention`).
+same attention is computed exactly without one (mllama.tile_attention). An image whose padded tiles
+enter the encoder equal (the published checkpoints with the processor's zero tiles) runs one of
+them for all: exact, and half the work for a one-tile image (see mllama.tile_attention).
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -27,6 +28,10 @@ from torch import nn
 
 from .config import MllamaVisionConfig
 from .outputs import BaseModelOutput
+from .tile_attention import TileAttentionCore, TileLayout, tile_attention
+
+__all__ = ["MllamaVisionAttention", "MllamaVisionEncoder", "MllamaVisionEncoderLayer", "MllamaVisionMLP",
+           "MllamaVisionModel", "TileAttentionCore", "TileLayout", "tile_attention"]
 
 # `layernorm_pre`/`layernorm_post` were trained with PyTorch's default eps, not `norm_eps`.
 _OUTER_NORM_EPS = 1e-5
@@ -41,100 +46,15 @@ def _add_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x.add_(y)
 
 
+def _equal_tiles(x: torch.Tensor) -> bool:
+    """Whether every tile of x (tiles, ...) equals the first."""
+    return bool(torch.equal(x[1:], x[:1].expand_as(x[1:])))
+
+
 def _mul_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     if torch.is_grad_enabled() and (x.requires_grad or y.requires_grad):
         return x * y
     return x.mul_(y)
-
-
-@dataclass(frozen=True)
-class TileLayout:
-    """Where the real positions of a batch of images are.
-
-    Sequences are (images, num_tiles * tile_len). Each image's real tiles come first; in a real
-    tile the first `real_len` positions are real, the rest padding; later tiles are all padding.
-    `runs` are (start, stop, real_tiles) for consecutive images sharing one real-tile count.
-    """
-
-    num_tiles: int
-    tile_len: int
-    real_len: int
-    runs: tuple[tuple[int, int, int], ...]
-
-    @classmethod
-    def from_counts(cls, real_tiles: list[int], *, num_tiles: int, tile_len: int, real_len: int) -> "TileLayout":
-        if not real_tiles or min(real_tiles) < 1 or max(real_tiles) > num_tiles:
-            raise ValueError(f"every image needs 1..{num_tiles} real tiles, got {real_tiles}")
-        if not 0 < real_len <= tile_len:
-            raise ValueError(f"real_len {real_len} must be in 1..tile_len={tile_len}")
-        runs: list[tuple[int, int, int]] = []
-        for i, n in enumerate(real_tiles):
-            if runs and runs[-1][2] == n:
-                runs[-1] = (runs[-1][0], i + 1, n)
-            else:
-                runs.append((i, i + 1, n))
-        return cls(num_tiles, tile_len, real_len, tuple(runs))
-
-
-Attend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, *,
-                   attend: Attend = F.scaled_dot_product_attention) -> torch.Tensor:
-    """Self-attention where only padding<->padding pairs are masked, without a dense mask.
-
-    q, k, v: (images, heads, num_tiles * tile_len, head_dim). Real query rows attend to every key,
-    so they take one unmasked SDPA call; padding rows attend to the real keys only, so they take a
-    second unmasked call over the gathered real keys. Both are exact. attend(q, k, v): the unmasked
-    attention (mllama.cpu_attention swaps in its AMX kernel).
-    """
-    if len(layout.runs) == 1:
-        return _attend_run(q, k, v, layout, layout.runs[0][2], attend)
-    out = torch.empty_like(q)
-    for start, stop, n in layout.runs:
-        out[start:stop] = _attend_run(q[start:stop], k[start:stop], v[start:stop], layout, n, attend)
-    return out
-
-
-def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileLayout, n: int,
-                attend: Attend) -> torch.Tensor:
-    """`tile_attention` for images that all have `n` real tiles."""
-    m, h, _, d = q.shape
-    t, tile_len, real = layout.num_tiles, layout.tile_len, layout.real_len
-    pad = tile_len - real
-    real_block = n * tile_len  # positions of the real tiles, their padding rows included
-
-    def tiles(x: torch.Tensor) -> torch.Tensor:
-        return x.view(m, h, t, tile_len, d)
-
-    # (m, h, n * real, d): the keys/values every padding query may see.
-    k_real = tiles(k)[:, :, :n, :real].reshape(m, h, n * real, d)
-    v_real = tiles(v)[:, :, :n, :real].reshape(m, h, n * real, d)
-    # Padding queries: the `pad` tail rows of each real tile, then all rows of the padded tiles.
-    q_pad = tiles(q)[:, :, :n, real:].reshape(m, h, n * pad, d)
-    if n < t:
-        q_pad = torch.cat([q_pad, q[:, :, real_block:]], dim=2)
-    pad_out = attend(q_pad, k_real, v_real)
-
-    if n == t:  # the common case: no padded tile, one plain SDPA over everything
-        out = attend(q, k, v)
-        if out.requires_grad:  # SDPA saved its output for backward; overwrite a copy
-            out = out.clone()
-    else:
-        out = torch.empty_like(q)
-        out[:, :, :real_block] = attend(q[:, :, :real_block], k, v)
-        out[:, :, real_block:] = pad_out[:, :, n * pad:]
-    # The real tiles' padding rows were computed unmasked above; overwrite them.
-    tiles(out)[:, :, :n, real:] = pad_out[:, :, : n * pad].view(m, h, n, pad, d)
-    return out
-
-
-class TileAttentionCore(nn.Module):
-    """tile_attention as a module: each call is a boundary where a paused vision forward may stop
-    (mllama.vision_cache), so attention over thousands of tokens can be split by heads."""
-
-    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: "TileLayout") -> torch.Tensor:
-        return tile_attention(q, k, v, layout)
 
 
 class MllamaVisionAttention(nn.Module):
@@ -377,9 +297,7 @@ class MllamaVisionModel(nn.Module):
         if order is not None:
             post = post[rows, order]
         if not skip_padded_tiles:
-            layout = TileLayout.from_counts(counts.tolist(), num_tiles=max_tiles, tile_len=tile_len,
-                                            real_len=positions)
-            out = self._encoders(x, post, layout)
+            out = self._encode_exact(x, post, counts)
         else:
             out = x.new_zeros(m, max_tiles, positions, cfg.vision_output_dim)
             for n in counts.unique().tolist():  # images with n real tiles: encode those n tiles alone
@@ -388,6 +306,36 @@ class MllamaVisionModel(nn.Module):
                 out[group, :n] = self._encoders(x[group, :n], post[group, :n], layout)
         if order is not None:
             out[rows, order] = out.clone()
+        return out
+
+    def _encode_exact(self, x: torch.Tensor, post: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """Embedded tiles x (m, t, tile_len, dim), real ones first, -> (m, t, num_patches, vision_output_dim).
+        Images whose padded tiles are equal run one of them for all (exact: mllama.tile_attention)."""
+        m, t = x.shape[:2]
+        positions, tile_len = self.num_patches, self.tile_len
+        counts_list = counts.tolist()
+        shared = [n <= t - 2 and _equal_tiles(x[i, n:]) and _equal_tiles(post[i, n:])
+                  for i, n in enumerate(counts_list)]
+        if torch.is_grad_enabled() and x.requires_grad:
+            # One tile standing for several would pass all their gradient to one slot's table rows (and
+            # pixels); gradients of the layers' weights alone would be exact.
+            shared = [False] * m
+        if not any(shared):
+            layout = TileLayout.from_counts(counts_list, num_tiles=t, tile_len=tile_len, real_len=positions)
+            return self._encoders(x, post, layout)
+        out = x.new_empty(m, t, positions, self.config.vision_output_dim)
+        full = [i for i in range(m) if not shared[i]]
+        if full:
+            layout = TileLayout.from_counts([counts_list[i] for i in full], num_tiles=t, tile_len=tile_len,
+                                            real_len=positions)
+            out[full] = self._encoders(x[full], post[full], layout)
+        for n in sorted({n for n, s in zip(counts_list, shared) if s}):
+            group = [i for i, (c, s) in enumerate(zip(counts_list, shared)) if s and c == n]
+            layout = TileLayout.from_counts([n] * len(group), num_tiles=n + 1, tile_len=tile_len,
+                                            real_len=positions, padded_copies=t - n)
+            encoded = self._encoders(x[group, :n + 1], post[group, :n + 1], layout)  # (g, n + 1, P, out)
+            out[group, :n + 1] = encoded
+            out[group, n + 1:] = encoded[:, n:]  # the padded tiles' equal features
         return out
 
     def _encoders(self, x: torch.Tensor, post: torch.Tensor, layout: TileLayout) -> torch.Tensor:

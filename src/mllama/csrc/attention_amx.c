@@ -1,6 +1,8 @@
 /* Unmasked softmax attention over bf16 q, k, v on AMX-BF16 tiles, for the vision encoder's thousands
  * of positions per image (speed against torch's CPU flash attention: benchmarks/RESULTS.md):
- *   out[i] = sum_j softmax_j(scale * q[i] . k[j]) v[j],   float32 sums, out rounded to bf16 once.
+ *   out[i] = sum_j softmax_j(scale * q[i] . k[j] + b[j]) v[j],   float32 sums, out rounded to bf16 once,
+ * where b[j] is `bias` for keys j >= bias_from and 0 before: a key that stands for exp(bias) equal
+ * keys (one padded tile run for several, mllama/tile_attention.py).
  *
  * Keys and values are packed once per call into the second tile operand's layout (pairs of the
  * summed index):
@@ -103,8 +105,8 @@ static void pack_v(const uint16_t *v, int64_t v_l, int64_t lk, int64_t d, int64_
  * bf16. */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint16_t *kpack, const uint16_t *vpack,
-                        uint16_t *out, int64_t o_l, int64_t lk, int64_t d, float scale, uint16_t *qbuf, float *acc,
-                        float *s, uint16_t *p) {
+                        uint16_t *out, int64_t o_l, int64_t lk, int64_t d, float scale, int64_t bias_from,
+                        float bias, uint16_t *qbuf, float *acc, float *s, uint16_t *p) {
     const int64_t dchunks = (d + 31) / 32, dblocks = (d + 15) / 16, dq = dchunks * 32, da = dblocks * 16;
     const int64_t pairs = (rows + 31) / 32;
     float mx[QROWS], sum[QROWS];
@@ -117,6 +119,7 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
     }
     const float c = scale * 1.44269504088896341f;  /* exp(scale * x) = 2^(c * x) */
     const __m512 cv = _mm512_set1_ps(c);
+    const __m512 raw_bias = _mm512_set1_ps(bias / scale);  /* in units of q . k, as the stored scores */
 
     for (int64_t key0 = 0; key0 < lk; key0 += KEYS) {
         const int64_t nk = lk - key0 < KEYS ? lk - key0 : KEYS, nkp = (nk + 31) / 32 * 32;
@@ -144,6 +147,16 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
                 _tile_stored(2, s + kt * 256 + 256, 64);
                 _tile_stored(3, s + 16 * KEYS + kt * 256 + 256, 64);
             }
+            if (key0 + nk > bias_from)  /* keys from bias_from on: their scores rise by the bias */
+                for (int64_t kt = (bias_from > key0 ? bias_from - key0 : 0) / 16; kt < nkp / 16; kt++) {
+                    const int64_t first = bias_from - key0 - kt * 16;  /* the tile's first biased key */
+                    const __mmask16 keys = first <= 0 ? (__mmask16)0xffff : (__mmask16)(0xffffu << first);
+                    for (int64_t i = 0; i < 32; i++) {
+                        float *srow = s + (i / 16) * 16 * KEYS + kt * 256 + (i % 16) * 16;
+                        const __m512 x = _mm512_loadu_ps(srow);
+                        _mm512_storeu_ps(srow, _mm512_mask_add_ps(x, keys, x, raw_bias));
+                    }
+                }
             /* the block's probabilities, unnormalized, into bf16; padding keys and rows get 0 */
             if (nk < nkp)  /* the last block: scores of the padding keys (zero keys) must not count */
                 for (int64_t i = 0; i < 32; i++)
@@ -214,12 +227,13 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
 }
 
 /* q (n1, n2, lq, d), k and v (n1, n2, lk, d), out (n1, n2, lq, d): bf16, d contiguous, strides in
- * elements: strides[0..2] q's (n1, n2, row), [3..5] k's, [6..8] v's, [9..11] out's. 0 on success,
- * -1 for an unsupported shape or no memory (nothing written then). */
+ * elements: strides[0..2] q's (n1, n2, row), [3..5] k's, [6..8] v's, [9..11] out's; keys from
+ * bias_from on get `bias` added to their scaled scores (bias_from >= lk: none). 0 on success, -1 for
+ * an unsupported shape or no memory (nothing written then). */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
 int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t n1,
                          int64_t n2, int64_t lq, int64_t lk, int64_t d, const int64_t *strides, float scale,
-                         int threads) {
+                         int64_t bias_from, float bias, int threads) {
     if (n1 < 1 || n2 < 1 || lq < 1 || lk < 1 || d < 1 || d > MAX_D) return -1;
     const int64_t heads = n1 * n2, dchunks = (d + 31) / 32, dblocks = (d + 15) / 16;
     const int64_t kchunks = (lk + 31) / 32;
@@ -264,7 +278,7 @@ int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v
                 const uint16_t *qh = q + (h / n2) * strides[0] + (h % n2) * strides[1] + row0 * strides[2];
                 uint16_t *oh = out + (h / n2) * strides[9] + (h % n2) * strides[10] + row0 * strides[11];
                 attend_rows(qh, strides[2], rows, kpack + h * kpack_len, vpack + h * vpack_len, oh, strides[11], lk,
-                            d, scale, qbuf, acc, s, p);
+                            d, scale, bias_from, bias, qbuf, acc, s, p);
             }
             _tile_release();
         }
