@@ -7,7 +7,7 @@ encoder and lm_head too) in a fresh process each: load time, peak RSS, text deco
 
 The checkpoint (21 GB) is written once under benchmarks/_work/11b-random, a shard at a time (the
 writer never holds more than one 2 GB shard). Weights ~ N(0, 0.02), norm scales ~ 1, gates 0.3-0.8,
-as bench_checkpoints.py draws them.
+as bench_checkpoints.py draws them (the tile tables' empty slots zero, as published).
 """
 
 from __future__ import annotations
@@ -31,9 +31,12 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
     from mllama import MllamaConfig, MllamaForConditionalGeneration
     from mllama.safetensors_io import ShardWriter
 
+    from bench_checkpoints import LAYOUT_VERSION, zero_empty_tile_slots
+
     stamp = directory / "bench_spec.json"
     spec = json.loads(config_path.read_text())
-    if stamp.exists() and json.loads(stamp.read_text()) == spec:
+    want = {**spec, "layout_version": LAYOUT_VERSION}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
         return
     start = time.perf_counter()
     config = MllamaConfig.from_dict(spec)
@@ -49,10 +52,10 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
             data.copy_(1 + 0.05 * torch.randn(p.shape, generator=gen))
         else:
             data.normal_(0, 0.02, generator=gen)
-        writer.add(name, data)
+        writer.add(name, zero_empty_tile_slots(name, data, config.vision_config))
     writer.close()
     config.save_pretrained(directory)
-    stamp.write_text(json.dumps(spec))
+    stamp.write_text(json.dumps(want))
     print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", flush=True)
 
 

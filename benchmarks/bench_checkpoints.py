@@ -5,7 +5,8 @@ the per-layer cost of the 11B model with 10 vision and 4 text layers.
 "tiny": a few-kB model whose generate is bound by per-step overhead, not by arithmetic.
 
 Both are written by mllama (transformers loads them too); every parameter is random and non-zero,
-gates included. "bench" also gets the real Llama 3 tokenizer and the published image-processor
+gates included, except where the published checkpoints hold zeros by construction: the tile tables'
+rows for the tile slots an aspect ratio leaves empty (`zero_empty_tile_slots`). "bench" also gets the real Llama 3 tokenizer and the published image-processor
 settings, so it can be served (bench_serve.py --model). No eos_token_id, so greedy decoding always runs for max_new_tokens.
 """
 
@@ -50,6 +51,28 @@ CONFIGS = {
         "dtype": "float32",
     },
 }
+
+
+# Written beside the config in the stamp: checkpoints written before the tile tables had their empty
+# slots zeroed are rewritten.
+LAYOUT_VERSION = 2
+TILE_TABLES = ("vision_model.pre_tile_positional_embedding.embedding.weight",
+               "vision_model.post_tile_positional_embedding.embedding.weight",
+               "vision_model.gated_positional_embedding.tile_embedding.weight")
+
+
+def zero_empty_tile_slots(name: str, tensor: torch.Tensor, vision_config) -> torch.Tensor:
+    """The published checkpoints' tile tables (one row per aspect-ratio id, a block per tile slot) are
+    Meta's tables per tile row and column written out, zeros where an aspect ratio has no tile (and
+    all of row 0, the padding id): the same zeros here, so an image's padded tiles are what they are
+    in the real model. Other tensors pass unchanged."""
+    if not name.endswith(TILE_TABLES):
+        return tensor
+    table = tensor.view(vision_config.max_aspect_ratio_id + 1, vision_config.max_num_tiles, -1)
+    table[0] = 0
+    for i, (rows, cols) in enumerate(vision_config.supported_aspect_ratios, start=1):
+        table[i, rows * cols:] = 0
+    return tensor
 
 
 def checkpoint_dir(name: str) -> Path:
@@ -98,7 +121,8 @@ def ensure_checkpoint(name: str, *, processor_files: bool = True, init_device: s
     spec = dict(CONFIGS[name])
     dtype = getattr(torch, spec.pop("dtype"))
     stamp = directory / "bench_spec.json"
-    if stamp.exists() and json.loads(stamp.read_text()) == CONFIGS[name]:
+    want = {**CONFIGS[name], "layout_version": LAYOUT_VERSION}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
         if processor_files and name == "bench" and not (directory / "tokenizer.json").is_file():  # an older version
             _write_processor_files(directory, tile=spec["vision_config"]["image_size"])
         return directory
@@ -107,6 +131,8 @@ def ensure_checkpoint(name: str, *, processor_files: bool = True, init_device: s
     with torch.device("meta"):
         model = MllamaForConditionalGeneration(config)
     _randomize(model, dtype=dtype, seed=0, device=init_device)
+    for key, p in model.named_parameters():
+        zero_empty_tile_slots(key, p.data, config.vision_config)
     for module in model.modules():  # non-persistent buffers (RoPE inverse frequencies) off the meta device
         for key, buf in list(module._buffers.items()):
             if buf is not None and buf.is_meta:
@@ -114,7 +140,7 @@ def ensure_checkpoint(name: str, *, processor_files: bool = True, init_device: s
     model.save_pretrained(directory, max_shard_size="2GB")
     if name == "bench" and processor_files:
         _write_processor_files(directory, tile=spec["vision_config"]["image_size"])
-    stamp.write_text(json.dumps(CONFIGS[name]))
+    stamp.write_text(json.dumps(want))
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {name} checkpoint: {params / 1e9:.3f}B parameters in {time.perf_counter() - start:.0f} s "
           f"-> {directory}", flush=True)
