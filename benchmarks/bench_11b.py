@@ -87,6 +87,7 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool) -> dict:
         size = model.config.vision_config.image_size
         for tiles, ratio_id in ((1, 1), (4, 6)):
             pixels = torch.randn(1, 1, 4, 3, size, size, generator=torch.Generator().manual_seed(tiles))
+            pixels[:, :, tiles:] = 0  # padded tiles, as the image processor fills them
             mask = torch.zeros(1, 4, dtype=torch.long)
             mask[0, :tiles] = 1
             cam = torch.zeros(1, 32, 1, 4, dtype=torch.long)
