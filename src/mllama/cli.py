@@ -280,7 +280,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
 # longer time to first token of the image request (RESULTS.md, serving: with 1.5, 16 clients saw
 # inter-token p99 of 3.2-4.5x the idle latency).
 DEFAULT_STEP_BUDGET_S = 1.0
-DEFAULT_STEP_BUDGET_RATIO = 1.2
+DEFAULT_STEP_BUDGET_RATIO = 0.8
 
 
 def _serve_arguments(parser: argparse.ArgumentParser) -> None:
