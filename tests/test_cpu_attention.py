@@ -11,7 +11,8 @@ from mllama.config import MllamaVisionConfig
 from mllama.cpu_attention import (AmxTileAttentionCore, _attend, amx_attention, amx_attention_available,
                                   apply_cpu_attention)
 from mllama.linear import apply_cpu_kernels
-from mllama.tile_attention import KeyBias, sdpa_attend
+import mllama.tile_attention as tile_attention_module
+from mllama.tile_attention import KeyCopies, sdpa_attend
 from mllama.vision import MllamaVisionModel, TileAttentionCore, TileLayout, tile_attention
 
 needs_amx = pytest.mark.skipif(not amx_attention_available(), reason="needs AMX-BF16 and the kernel build")
@@ -117,15 +118,16 @@ def test_tile_attention_with_kernel(real_tiles):
     (33, 530, 513, 5),      # only the last, partial block
     (20, 64, 0, 3),         # every key (then the bias changes nothing)
 ])
-def test_kernel_key_bias_weighs_keys_as_copies(lq, lk, start, copies):
-    """key_bias log(c) on keys [start, lk): as if those keys and values were there c times."""
+def test_kernel_weighs_keys_as_copies(lq, lk, start, copies):
+    """KeyCopies(start, c): log(c) on the scores of keys [start, lk), as if those keys and values were
+    there c times."""
     gen = torch.Generator().manual_seed(lq + start)
     q, k, v = (torch.randn(1, 2, n, 80, generator=gen).bfloat16() for n in (lq, lk, lk))
 
     def repeated(x):
         return torch.cat([x[:, :, :start]] + [x[:, :, start:]] * copies, dim=2)
 
-    got = amx_attention(q, k, v, key_bias=KeyBias(start, float(torch.tensor(copies).log())))
+    got = amx_attention(q, k, v, key_copies=KeyCopies(start, copies))
     assert got is not None
     check_close(got, q, repeated(k), repeated(v))
     if start:  # without the bias the result is measurably different
@@ -148,11 +150,26 @@ def test_tile_attention_with_copies_through_kernel():
     assert err <= 2 * (torch_bf16.double() - exact).abs().max().item() + 2 ** -9 * exact.abs().max().item()
 
 
-def test_key_bias_fallback_is_sdpa():
+def test_key_copies_fallback_is_sdpa():
     q = torch.randn(1, 2, 9, 16)
-    bias = KeyBias(4, 0.7)
-    assert amx_attention(q, q, q, key_bias=bias) is None  # float32
-    assert torch.equal(_attend(q, q, q, key_bias=bias), sdpa_attend(q, q, q, key_bias=bias))
+    copies = KeyCopies(4, 2)
+    assert amx_attention(q, q, q, key_copies=copies) is None  # float32
+    assert torch.equal(_attend(q, q, q, key_copies=copies), sdpa_attend(q, q, q, key_copies=copies))
+
+
+def test_sdpa_key_copies_mask_and_written_out_agree(monkeypatch):
+    """The float32 mask (CPU) and the keys written out (where a backend takes no float32 mask with a
+    16-bit q) are the same attention: both against float64 with the copies written out."""
+    gen = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(1, 2, n, 16, generator=gen).bfloat16() for n in (9, 20, 20))
+    copies = KeyCopies(12, 3)
+    want = reference(q, torch.cat([k] + [k[:, :, 12:]] * 2, 2), torch.cat([v] + [v[:, :, 12:]] * 2, 2))
+    masked = sdpa_attend(q, k, v, key_copies=copies)
+    monkeypatch.setattr(tile_attention_module, "_float_mask_exact", lambda q: False)  # as on a GPU
+    written = sdpa_attend(q, k, v, key_copies=copies)
+    assert not torch.equal(masked, written)  # the two routes really ran
+    for got in (masked, written):
+        assert (got.double() - want).abs().max() <= 2 ** -7 * want.abs().max()
 
 
 def vision_model() -> MllamaVisionModel:

@@ -23,7 +23,7 @@ from torch import nn
 
 from mllama.cpu_kernels import amx_available
 from mllama.kernel_cache import build_kernel
-from mllama.tile_attention import KeyBias, TileAttentionCore, TileLayout, sdpa_attend, tile_attention
+from mllama.tile_attention import KeyCopies, TileAttentionCore, TileLayout, sdpa_attend, tile_attention
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_amx.c"
 MAX_HEAD_DIM = 96  # attention_amx.c's MAX_D: six result tiles of 16
@@ -58,8 +58,8 @@ def amx_attention_available() -> bool:
 
 
 def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                  key_bias: KeyBias | None = None) -> torch.Tensor | None:
-    """softmax(q k^T / sqrt(head_dim) [+ key_bias]) v for (batch, heads, length, head_dim) bf16 tensors
+                  key_copies: KeyCopies | None = None) -> torch.Tensor | None:
+    """softmax(q k^T / sqrt(head_dim) [+ key_copies]) v for (batch, heads, length, head_dim) bf16 tensors
     through the tiles; None where the kernel does not apply (then call SDPA)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or not amx_attention_available():
         return None
@@ -74,15 +74,15 @@ def amx_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
         return None
     out = torch.empty(n1, n2, lq, d, dtype=torch.bfloat16)
     strides = (ctypes.c_int64 * 12)(*q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3])
-    bias_from, bias = (key_bias.start, key_bias.value) if key_bias is not None else (lk, 0.0)
+    bias_from, bias = (key_copies.start, key_copies.log_weight) if key_copies is not None else (lk, 0.0)
     rc = _lib.mllama_attention_amx(q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), n1, n2, lq, lk, d,
                                    strides, d ** -0.5, bias_from, bias, torch.get_num_threads())
     return out if rc == 0 else None
 
 
-def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: KeyBias | None = None) -> torch.Tensor:
-    out = None if torch.compiler.is_compiling() else amx_attention(q, k, v, key_bias=key_bias)
-    return out if out is not None else sdpa_attend(q, k, v, key_bias=key_bias)
+def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_copies: KeyCopies | None = None) -> torch.Tensor:
+    out = None if torch.compiler.is_compiling() else amx_attention(q, k, v, key_copies=key_copies)
+    return out if out is not None else sdpa_attend(q, k, v, key_copies=key_copies)
 
 
 class AmxTileAttentionCore(TileAttentionCore):

@@ -8,8 +8,8 @@ only between two padding positions: real queries see padding keys, padding queri
 Identical padded tiles: in the published checkpoints the tile tables hold zeros for the tile slots
 an aspect ratio leaves empty, and the processor fills those tiles with zero pixels, so all padded
 tiles of an image enter the encoder equal. A padded query sees only real keys, so they stay equal
-through every layer, and c equal keys weigh in a softmax like one key with log(c) added to its
-score. An encoder may then run one padded tile for all of them (`TileLayout.padded_copies`); the
+through every layer, and c equal keys (with their equal values) weigh in a softmax like one key
+with log(c) added to its score. An encoder may then run one padded tile for all of them (`TileLayout.padded_copies`); the
 attention below gives that tile's keys the log(c) and the result is the one of c tiles.
 """
 
@@ -25,27 +25,45 @@ from torch import nn
 
 
 @dataclass(frozen=True)
-class KeyBias:
-    """Keys from index `start` on get `value` added to their (scaled) scores."""
+class KeyCopies:
+    """Each key (and value) from index `start` on stands for `copies` equal ones: log(copies) is
+    added to its scaled score."""
 
     start: int
-    value: float
+    copies: int
+
+    @property
+    def log_weight(self) -> float:
+        return math.log(self.copies)
 
 
 class Attend(Protocol):
     def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
-                 key_bias: KeyBias | None = None) -> torch.Tensor: ...
+                 key_copies: KeyCopies | None = None) -> torch.Tensor: ...
 
 
-def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, key_bias: KeyBias | None = None) -> torch.Tensor:
-    """softmax(q k^T / sqrt(d) [+ key_bias]) v through torch's SDPA."""
-    if key_bias is None:
+def _float_mask_exact(q: torch.Tensor) -> bool:
+    """Whether SDPA takes a float32 (float64) additive mask with q: on the CPU even for a bf16 q, where
+    log(c) rounded to bf16 would weigh c keys as 1.003 c."""
+    return q.device.type == "cpu" or q.dtype in (torch.float32, torch.float64)
+
+
+def sdpa_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
+                key_copies: KeyCopies | None = None) -> torch.Tensor:
+    """softmax(q k^T / sqrt(d)) v through torch's SDPA, the keys from key_copies.start on counted
+    key_copies.copies times."""
+    if key_copies is None:
         return F.scaled_dot_product_attention(q, k, v)
-    # float32 even for bf16 q (SDPA takes it): log(c) rounded to bf16 would weigh c keys as 1.003 c.
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    mask = torch.zeros(k.shape[-2], dtype=dtype, device=q.device)
-    mask[key_bias.start:] = key_bias.value
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 1, 1, -1))
+    if _float_mask_exact(q):
+        dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+        mask = torch.zeros(k.shape[-2], dtype=dtype, device=q.device)
+        mask[key_copies.start:] = key_copies.log_weight
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask.view(1, 1, 1, -1))
+    # Elsewhere some backends refuse a float32 mask with 16-bit q (or misread it): write the copies out.
+    start, c = key_copies.start, key_copies.copies
+    k = torch.cat([k[:, :, :start]] + [k[:, :, start:]] * c, dim=2)
+    v = torch.cat([v[:, :, :start]] + [v[:, :, start:]] * c, dim=2)
+    return F.scaled_dot_product_attention(q, k, v)
 
 
 @dataclass(frozen=True)
@@ -126,9 +144,9 @@ def _attend_run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: TileL
         if out.requires_grad:  # SDPA saved its output for backward; overwrite a copy
             out = out.clone()
     else:
-        copies = KeyBias(real_block, math.log(layout.padded_copies)) if layout.padded_copies > 1 else None
+        copies = KeyCopies(real_block, layout.padded_copies) if layout.padded_copies > 1 else None
         out = torch.empty_like(q)
-        out[:, :, :real_block] = attend(q[:, :, :real_block], k, v, key_bias=copies)
+        out[:, :, :real_block] = attend(q[:, :, :real_block], k, v, key_copies=copies)
         out[:, :, real_block:] = pad_out[:, :, n * pad:]
     # The real tiles' padding rows were computed unmasked above; overwrite them.
     tiles(out)[:, :, :n, real:] = pad_out[:, :, : n * pad].view(m, h, n, pad, d)
