@@ -129,3 +129,26 @@ def test_bad_labels_are_rejected():
     ids = torch.tensor([[1, 5, 7]])
     with pytest.raises(ValueError, match="labels"):
         ours(ids, labels=torch.tensor([[1, 5, 1000]]))
+
+
+def test_projector_and_cross_kv_skip_tiles_no_row_sees():
+    """Tiles no text row sees (padded tiles, a padded image slot) skip the projector and the cross
+    layers' K/V; the logits equal those from every tile's projected tokens with the full mask."""
+    _, ours = hf_pair("b", seed=5)
+    tiles, positions, seq_len = [[1, 2], [3]], [[0, 1], [0]], 8
+    inputs = _inputs("b", tiles, positions, seq_len)
+    rows: list[int] = []
+    hook = ours.model.multi_modal_projector.register_forward_pre_hook(
+        lambda _m, args: rows.append(args[0].shape[:-1].numel()))
+    with torch.no_grad():
+        got = ours(**inputs).logits
+        patches = ours.config.vision_config.num_patches
+        assert rows == [2 * 3 * patches]  # 3 seen tiles per row at most (row 0: 1 + 2; row 1: 3), not 2 x 4
+        hook.remove()
+        every_tile = ours.model.encode_images(inputs["pixel_values"], inputs["aspect_ratio_ids"],
+                                              inputs["aspect_ratio_mask"])
+        assert every_tile.shape[1] == 2 * 4 * patches  # 2 image slots x 4 tiles
+        rest = {k: v for k, v in inputs.items() if k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        want = ours(**rest, cross_attention_states=every_tile).logits
+    assert (got - want).abs().max().item() <= 1e-5
+    assert want.abs().max() > 0.1

@@ -16,7 +16,7 @@ from mllama.generation_compat import (HARMLESS, NEUTRAL, GenerateDecoderOnlyOutp
                                       with_model_tokens)
 from mllama.hf_surface import TrainingSurfaceMixin, load_options, record_hidden_states
 from mllama.outputs import BaseModelOutputWithPast, CausalLMOutput, CausalLMOutputWithPast
-from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, self_attention_mask
+from mllama.text import CrossInputs, MllamaTextModel, cross_attention_inputs, seen_tiles, self_attention_mask
 from mllama.checks import check_pixel_values
 from mllama.text import check_forward_inputs
 from mllama.vision import MllamaVisionModel
@@ -82,13 +82,19 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
         self.language_model = MllamaTextModel(config.text_config)
 
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                      aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
-        """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
+                      aspect_ratio_mask: torch.Tensor, *,
+                      cross_attention_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden). With a
+        cross_attention_mask (B, S, N_images, N_tiles): (tokens of the K tiles some row sees, the mask
+        over those (B, S, 1, K)), see mllama.text.seen_tiles."""
         check_pixel_values(pixel_values, max_num_tiles=self.config.vision_config.max_num_tiles)
         dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = self.vision_model.features(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
-        b = vision.shape[0]
-        return self.multi_modal_projector(vision).reshape(b, -1, self.config.text_config.hidden_size)
+        b, hidden = vision.shape[0], self.config.text_config.hidden_size
+        if cross_attention_mask is None:
+            return self.multi_modal_projector(vision).reshape(b, -1, hidden)
+        vision, cross_attention_mask = seen_tiles(vision, cross_attention_mask)
+        return self.multi_modal_projector(vision).reshape(b, -1, hidden), cross_attention_mask
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **options: Any) -> "MllamaModel":
@@ -151,7 +157,12 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
                                  "aspect_ratio_mask, aspect_ratio_ids, attention_mask): pass attention_mask=...")
             if aspect_ratio_ids is None or aspect_ratio_mask is None:
                 raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
-            cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+            if cross_attention_mask is not None and cross_attention_mask.dim() == 4 and (
+                    cross_attention_mask.shape[0], *cross_attention_mask.shape[2:]) == tuple(pixel_values.shape[:3]):
+                cross_attention_states, cross_attention_mask = self.encode_images(
+                    pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask=cross_attention_mask)
+            else:  # a mask that does not fit the images is named by the checks below
+                cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         cross = None
         if cross_attention_states is not None:
             if cross_attention_mask is None:

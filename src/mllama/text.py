@@ -102,6 +102,26 @@ def self_attention_mask(attention_mask: torch.Tensor | None, *, query_len: int, 
     return mask
 
 
+def seen_tiles(features: torch.Tensor, cross_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Only the tiles some text row may see: (B, I, T, P, D) vision features and (B, S, I, T) 0/1 mask
+    -> (B, K, P, D) features and (B, S, 1, K) mask, K the most tiles any batch row sees (rows with fewer
+    are zero-padded and masked; at least one). Exact: a tile no row sees adds nothing to any row, and
+    the processor's padded tiles are such tiles, so the projector and every cross layer's K/V skip them."""
+    b, i, t, p, d = features.shape
+    seen = cross_attention_mask.bool().any(dim=1).reshape(b, i * t)  # (B, I * T)
+    if bool(seen.all()):
+        return features.reshape(b, i * t, p, d), cross_attention_mask.reshape(b, -1, 1, i * t)
+    counts = seen.sum(dim=1)
+    k = max(int(counts.max()), 1)
+    # (B, K): each row's seen tiles first, in order; the rest point at tiles whose mask column is zeroed.
+    order = torch.argsort((~seen).to(torch.int8), dim=1, stable=True)[:, :k]
+    rows = torch.arange(b, device=features.device)[:, None]
+    kept = features.reshape(b, i * t, p, d)[rows, order]
+    mask = cross_attention_mask.reshape(b, -1, i * t).gather(2, order[:, None].expand(-1, cross_attention_mask.shape[1], -1))
+    mask = mask.masked_fill((torch.arange(k, device=mask.device)[None] >= counts[:, None])[:, None], 0)
+    return kept, mask[:, :, None]
+
+
 def cross_attention_inputs(cross_attention_mask: torch.Tensor, *, num_patches: int,
                            dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, S, N_images, N_tiles) 0/1 tile mask -> bool (B, 1, S, N_images * N_tiles * num_patches)
