@@ -91,6 +91,20 @@ def test_tp2_matches_tp1_logits_generate_engine(runs, rank):
     assert results[rank]["kv_heads"] == 1  # 2 K/V heads split over 2 ranks: the cache holds one per rank
 
 
+def test_tp2_shares_the_padded_tile_as_tp1(runs):
+    """Heads split over 2 ranks with one padded tile standing for two (the 1-tile image) beside an
+    image that runs every slot, in one batch: the same logits as one process."""
+    results, _, _ = runs
+    model = tp_worker.build_published()
+    seen: list[int] = []
+    vision = model.model.vision_model
+    vision.transformer.layers[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].shape[1] // vision.tile_len))
+    reference = tp_worker.shared_tile_logits(model)
+    assert sorted(seen) == [2, 3]  # the shared path (1 real + 1 padded tile) and the full one ran
+    for rank in range(WORLD):
+        _compare(results[rank]["shared"], reference, f"shared tile, rank {rank}")
+
+
 def test_tp2_int8_matches_tp1_int8(runs):
     results, _, reference_int8 = runs
     for rank in range(WORLD):

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from mllama.config import MllamaVisionConfig
 from mllama.vision import MllamaVisionMLP, MllamaVisionModel, TileLayout, tile_attention
-from tiny import tap_layer_inputs
+from tiny import publish_tile_tables_, tap_layer_inputs
 
 hf_mllama = pytest.importorskip("transformers.models.mllama.modeling_mllama")
 hf_config = pytest.importorskip("transformers.models.mllama.configuration_mllama")
@@ -323,18 +323,9 @@ def test_skip_padded_tiles_changes_nothing_without_padded_tiles():
 
 
 def published_like(ours: MllamaVisionModel, ref: torch.nn.Module) -> None:
-    """Zero the tile tables' rows of the slots each aspect ratio leaves empty, as the published
-    checkpoints hold them (Meta's tables have no such slots; the conversion writes zeros)."""
-    cfg = ours.config
-    with torch.no_grad():
-        for model in (ours, ref):
-            for name in ("pre_tile_positional_embedding.embedding.weight",
-                         "post_tile_positional_embedding.embedding.weight",
-                         "gated_positional_embedding.tile_embedding.weight"):
-                table = model.get_parameter(name).view(cfg.max_aspect_ratio_id + 1, cfg.max_num_tiles, -1)
-                table[0] = 0
-                for i, (h, w) in enumerate(cfg.supported_aspect_ratios, start=1):
-                    table[i, h * w:] = 0
+    """Both models with the published checkpoints' zero rows in the tile tables."""
+    for model in (ours, ref):
+        publish_tile_tables_(model, ours.config)
 
 
 def encoded_tiles(model: MllamaVisionModel, pixels, ids, mask) -> tuple[torch.Tensor, list[int]]:

@@ -55,6 +55,26 @@ def randomize_(module: torch.nn.Module, seed: int, scale: float = 0.3) -> None:
                 p.copy_(0.5 + torch.rand(p.shape, generator=gen))
 
 
+TILE_TABLES = ("pre_tile_positional_embedding.embedding.weight", "post_tile_positional_embedding.embedding.weight",
+               "gated_positional_embedding.tile_embedding.weight")
+
+
+def publish_tile_tables_(model: torch.nn.Module, vision_config, *, ratios: list[tuple[int, int]] | None = None) -> None:
+    """Zero the tile tables' rows of the slots an aspect ratio leaves empty (all of them for the padding
+    id 0), as the published checkpoints hold them: Meta's tables have no such slots and the conversion
+    writes zeros. `ratios`: only those aspect ratios (default: every one)."""
+    tiles = vision_config.max_num_tiles
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if not name.endswith(TILE_TABLES):
+                continue
+            table = p.view(p.shape[0], tiles, -1)
+            table[0] = 0
+            for i, (h, w) in enumerate(vision_config.supported_aspect_ratios, start=1):
+                if ratios is None or (h, w) in ratios:
+                    table[i, h * w:] = 0
+
+
 def tap_layer_inputs(hf_model: torch.nn.Module) -> list:
     """Make transformers' vision encoders tap layer inputs, as Meta's reference does.
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from tiny import cross_mask, randomize_, random_images, tiny_config
+from tiny import cross_mask, publish_tile_tables_, randomize_, random_images, tiny_config
 
 SEED = 3
 
@@ -23,6 +23,19 @@ def build(name: str = "a"):
     model = MllamaForConditionalGeneration(tiny_config(name))
     randomize_(model, SEED)
     return model.eval()
+
+
+def build_published():
+    """Config "c" (3 tile slots, 4 vision heads) with the published zero rows for the 1x1 aspect ratio
+    only: its 1-tile image runs one padded tile for two, the 2-tile image of the same batch every slot."""
+    model = build("c")
+    publish_tile_tables_(model, model.config.vision_config, ratios=[(1, 1)])
+    return model
+
+
+def shared_tile_logits(model) -> dict[str, torch.Tensor]:
+    with torch.inference_mode():
+        return {"logits/shared": model(**batches(model.config)["image"]).logits}
 
 
 def build_int4_friendly(group_size: int = 32):
@@ -128,6 +141,7 @@ def scenario_main(out: dict[str, Any], work: Path) -> None:
     out["split"] = run_model(model)
     out["bytes"] = tensor_bytes(model)
     out["kv_heads"] = model.model.language_model.layers[0].self_attn.num_kv_heads
+    out["shared"] = shared_tile_logits(tensor_parallel(build_published()))
     out["int8"] = run_model(tensor_parallel(quantize_model(build(), "int8")))
     loaded = load_tensor_parallel(MllamaForConditionalGeneration, work / "float", dtype=torch.float32)
     out["loaded"] = run_model(loaded)
