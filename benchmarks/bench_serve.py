@@ -183,7 +183,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 50])
-    parser.add_argument("--requests", type=int, default=3, help="requests per client, one after another")
+    parser.add_argument("--requests", type=int, default=6, help="requests per client, one after another (default 6: with 3 the first burst of prompts and the tail are a third of a 16-client run)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--skip-baseline", action="store_true")
