@@ -1,7 +1,7 @@
 """`mllama serve` under 1, 4, 16 and 50 concurrent streaming clients, against transformers serving the
 same requests one at a time.
 
-    python benchmarks/bench_serve.py [--model DIR] [--clients 1 4 16 50] [--requests 3] [--tokens 32]
+    python benchmarks/bench_serve.py [--model DIR] [--clients 1 4 16 50] [--requests 6] [--tokens 32]
                                      [--svg benchmarks/serve.svg]
 
 The server runs as `mllama serve` in a subprocess (default: the shipped demo model), with enough
@@ -183,7 +183,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default=None, help="checkpoint directory (default: the demo model)")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 50])
-    parser.add_argument("--requests", type=int, default=6, help="requests per client, one after another (default 6: with 3 the first burst of prompts and the tail are a third of a 16-client run)")
+    parser.add_argument("--requests", type=int, default=6,
+                        help="requests per client, one after another (with 3, a 16-client run's first burst "
+                             "of prompts and its tail are a third of it)")
     parser.add_argument("--tokens", type=int, default=32)
     parser.add_argument("--baseline-requests", type=int, default=8)
     parser.add_argument("--skip-baseline", action="store_true")
