@@ -314,12 +314,11 @@ class MllamaVisionModel(nn.Module):
         m, t = x.shape[:2]
         positions, tile_len = self.num_patches, self.tile_len
         counts_list = counts.tolist()
-        shared = [n <= t - 2 and _equal_tiles(x[i, n:]) and _equal_tiles(post[i, n:])
+        # Under autograd for x, one tile standing for several would pass all their gradient to one
+        # slot's table rows (and pixels); gradients of the layers' weights alone would be exact.
+        sharing = not (torch.is_grad_enabled() and x.requires_grad)
+        shared = [sharing and n <= t - 2 and _equal_tiles(x[i, n:]) and _equal_tiles(post[i, n:])
                   for i, n in enumerate(counts_list)]
-        if torch.is_grad_enabled() and x.requires_grad:
-            # One tile standing for several would pass all their gradient to one slot's table rows (and
-            # pixels); gradients of the layers' weights alone would be exact.
-            shared = [False] * m
         if not any(shared):
             layout = TileLayout.from_counts(counts_list, num_tiles=t, tile_len=tile_len, real_len=positions)
             return self._encoders(x, post, layout)
