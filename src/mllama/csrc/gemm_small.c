@@ -594,11 +594,12 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                         }
                         for (; r + 8 <= rows; r += 8) int4z_8x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 1);
                         for (; r < rows; r++) int4z_1x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 1);
+                    } else {
+                        for (; r + wide <= rows; r += wide)
+                            INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                        for (; r < rows; r++)
+                            INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                     }
-                    for (; !z && r + wide <= rows; r += wide)
-                        INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
-                    for (; !z && r < rows; r++)
-                        INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else if (w16) {
                     for (; r + 8 <= rows; r += 8) int8w_8x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
                     for (; r < rows; r++) int8w_1x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
