@@ -35,19 +35,27 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
         self.language_model = MllamaTextModel(config.text_config)
 
     def encode_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                      aspect_ratio_mask: torch.Tensor, *,
-                      cross_attention_mask: torch.Tensor | None = None) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden). With a
-        cross_attention_mask (B, S, N_images, N_tiles): (tokens of the K tiles some row sees, the mask
-        over those (B, S, 1, K)), see mllama.text.seen_tiles."""
+                      aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
+        """Pixels -> projected vision tokens (B, N_images * N_tiles * num_patches, text hidden)."""
+        vision = self._vision_features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        return self.multi_modal_projector(vision).reshape(vision.shape[0], -1, self.config.text_config.hidden_size)
+
+    def encode_seen_images(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                           aspect_ratio_mask: torch.Tensor,
+                           cross_attention_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """encode_images for the tiles some text row of cross_attention_mask (B, S, N_images, N_tiles)
+        sees: (B, K * num_patches, text hidden) tokens and their (B, S, 1, K) mask (see
+        mllama.text.seen_tiles); the projector and the cross layers' K/V skip the others."""
+        vision = self._vision_features(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
+        vision, cross_attention_mask = seen_tiles(vision, cross_attention_mask)
+        hidden = self.config.text_config.hidden_size
+        return self.multi_modal_projector(vision).reshape(vision.shape[0], -1, hidden), cross_attention_mask
+
+    def _vision_features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
+                         aspect_ratio_mask: torch.Tensor) -> torch.Tensor:
         check_pixel_values(pixel_values, max_num_tiles=self.config.vision_config.max_num_tiles)
         dtype = self.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
-        vision = self.vision_model.features(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
-        b, hidden = vision.shape[0], self.config.text_config.hidden_size
-        if cross_attention_mask is None:
-            return self.multi_modal_projector(vision).reshape(b, -1, hidden)
-        vision, cross_attention_mask = seen_tiles(vision, cross_attention_mask)
-        return self.multi_modal_projector(vision).reshape(b, -1, hidden), cross_attention_mask
+        return self.vision_model.features(pixel_values.to(dtype), aspect_ratio_ids, aspect_ratio_mask)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, **options: Any) -> "MllamaModel":
@@ -112,8 +120,8 @@ class MllamaModel(TrainingSurfaceMixin, nn.Module):
                 raise ValueError("pixel_values needs aspect_ratio_ids and aspect_ratio_mask")
             if cross_attention_mask is not None and cross_attention_mask.dim() == 4 and (
                     cross_attention_mask.shape[0], *cross_attention_mask.shape[2:]) == tuple(pixel_values.shape[:3]):
-                cross_attention_states, cross_attention_mask = self.encode_images(
-                    pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask=cross_attention_mask)
+                cross_attention_states, cross_attention_mask = self.encode_seen_images(
+                    pixel_values, aspect_ratio_ids, aspect_ratio_mask, cross_attention_mask)
             else:  # a mask that does not fit the images is named by the checks below
                 cross_attention_states = self.encode_images(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         cross = None
