@@ -6,19 +6,23 @@ the per-layer cost of the 11B model with 10 vision and 4 text layers.
 
 Both are written by mllama (transformers loads them too); every parameter is random and non-zero,
 gates included, except where the published checkpoints hold zeros by construction: the tile tables'
-rows for the tile slots an aspect ratio leaves empty (`zero_empty_tile_slots`). "bench" also gets the real Llama 3 tokenizer and the published image-processor
+rows for the tile slots an aspect ratio leaves empty (`zero_empty_tile_slots`, tests/tiny.py). "bench" also gets the real Llama 3 tokenizer and the published image-processor
 settings, so it can be served (bench_serve.py --model). No eos_token_id, so greedy decoding always runs for max_new_tokens.
 """
 
 from __future__ import annotations
 
 import json
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from mllama import MllamaConfig, MllamaForConditionalGeneration
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from tiny import zero_empty_tile_slots  # noqa: E402  (re-exported for bench_11b)
 
 WORK = Path(__file__).resolve().parent / "_work"
 
@@ -56,25 +60,6 @@ CONFIGS = {
 # Written beside the config in the stamp: checkpoints written before the tile tables had their empty
 # slots zeroed are rewritten.
 LAYOUT_VERSION = 2
-TILE_TABLES = ("vision_model.pre_tile_positional_embedding.embedding.weight",
-               "vision_model.post_tile_positional_embedding.embedding.weight",
-               "vision_model.gated_positional_embedding.tile_embedding.weight")
-
-
-def zero_empty_tile_slots(name: str, tensor: torch.Tensor, vision_config) -> torch.Tensor:
-    """The published checkpoints' tile tables (one row per aspect-ratio id, a block per tile slot) are
-    Meta's tables per tile row and column written out, zeros where an aspect ratio has no tile (and
-    all of row 0, the padding id): the same zeros here, so an image's padded tiles are what they are
-    in the real model. Other tensors pass unchanged."""
-    if not name.endswith(TILE_TABLES):
-        return tensor
-    table = tensor.view(vision_config.max_aspect_ratio_id + 1, vision_config.max_num_tiles, -1)
-    table[0] = 0
-    for i, (rows, cols) in enumerate(vision_config.supported_aspect_ratios, start=1):
-        table[i, rows * cols:] = 0
-    return tensor
-
-
 def checkpoint_dir(name: str) -> Path:
     return WORK / f"{name}-checkpoint"
 

@@ -59,20 +59,27 @@ TILE_TABLES = ("pre_tile_positional_embedding.embedding.weight", "post_tile_posi
                "gated_positional_embedding.tile_embedding.weight")
 
 
-def publish_tile_tables_(model: torch.nn.Module, vision_config, *, ratios: list[tuple[int, int]] | None = None) -> None:
-    """Zero the tile tables' rows of the slots an aspect ratio leaves empty (all of them for the padding
-    id 0), as the published checkpoints hold them: Meta's tables have no such slots and the conversion
-    writes zeros. `ratios`: only those aspect ratios (default: every one)."""
-    tiles = vision_config.max_num_tiles
+def zero_empty_tile_slots(name: str, tensor: torch.Tensor, vision_config, *,
+                          ratios: list[tuple[int, int]] | None = None) -> torch.Tensor:
+    """A tile table (one row per aspect-ratio id, a block per tile slot) with zeros where the published
+    checkpoints hold them: the slots an aspect ratio leaves empty, and all of row 0 (the padding id).
+    Meta's tables have no such slots and the conversion writes zeros. `ratios`: only those aspect
+    ratios' rows (default: every one). Other tensors pass unchanged; the table is changed in place."""
+    if not name.endswith(TILE_TABLES):
+        return tensor
     with torch.no_grad():
-        for name, p in model.named_parameters():
-            if not name.endswith(TILE_TABLES):
-                continue
-            table = p.view(p.shape[0], tiles, -1)
-            table[0] = 0
-            for i, (h, w) in enumerate(vision_config.supported_aspect_ratios, start=1):
-                if ratios is None or (h, w) in ratios:
-                    table[i, h * w:] = 0
+        table = tensor.view(tensor.shape[0], vision_config.max_num_tiles, -1)
+        table[0] = 0
+        for i, (h, w) in enumerate(vision_config.supported_aspect_ratios, start=1):
+            if ratios is None or (h, w) in ratios:
+                table[i, h * w:] = 0
+    return tensor
+
+
+def publish_tile_tables_(model: torch.nn.Module, vision_config, *, ratios: list[tuple[int, int]] | None = None) -> None:
+    """zero_empty_tile_slots on every tile table of `model`."""
+    for name, p in model.named_parameters():
+        zero_empty_tile_slots(name, p, vision_config, ratios=ratios)
 
 
 def tap_layer_inputs(hf_model: torch.nn.Module) -> list:
