@@ -337,7 +337,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
 #define DEFINE_INT4_TILE512(NAME, R)                                                                \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot, \
-                     int64_t apart) {  /* R rows: row, row + apart, ... */                          \
+                     int64_t apart, int64_t tstride) {  /* R rows: row, row + apart, ...; their sums tstride apart in tot */ \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
         __m512 sum[R];                                                                              \
@@ -377,7 +377,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
-            tot[r * apart * MMAX] = add_folded(tot[r * apart * MMAX], sum[r], 0.0f);                \
+            tot[r * tstride] = add_folded(tot[r * tstride], sum[r], 0.0f);                          \
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
@@ -389,7 +389,8 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 #define INT8W_RUN 128
 #define DEFINE_INT8_TILE_W16(NAME, R)                                                               \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
-    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot) { \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot, \
+                     int64_t apart, int64_t tstride) {  /* as the int4z tiles */                    \
         const int64_t main_end = d->k / INT8W_RUN * INT8W_RUN, stop = k1 < main_end ? k1 : main_end; \
         __m512 sum[R];                                                                              \
         for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
@@ -399,7 +400,7 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
             for (int64_t i = g0; i < g0 + INT8W_RUN; i += 32) {                                     \
                 const __m512i xv = _mm512_loadu_si512(x->xq + i);                                   \
                 _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                               \
-                    const int8_t *p = (const int8_t *)d->w + (row + r) * d->k + i;                  \
+                    const int8_t *p = (const int8_t *)d->w + (row + r * apart) * d->k + i;          \
                     /* in the row only: also prefetching the rows this thread takes next (as the   \
                      * other loops do) cost one row about 8% here (benchmarks/RESULTS.md) */      \
                     if ((i & 63) == 0 && PREFETCH_W) __builtin_prefetch(p + PREFETCH_W);            \
@@ -411,8 +412,8 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
         }                                                                                           \
         for (int r = 0; r < R; r++) {                                                               \
             float tail = 0.0f;                                                                      \
-            for (int64_t i = k0 > main_end ? k0 : main_end; i < k1; i++) tail += load1(d, FMT_INT8, row + r, i) * x->xf[i]; \
-            tot[r * MMAX] = add_folded(tot[r * MMAX], sum[r], tail);                                \
+            for (int64_t i = k0 > main_end ? k0 : main_end; i < k1; i++) tail += load1(d, FMT_INT8, row + r * apart, i) * x->xf[i]; \
+            tot[r * tstride] = add_folded(tot[r * tstride], sum[r], tail);                          \
         }                                                                                           \
     }
 DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
@@ -520,6 +521,41 @@ int mllama_gemm_small_level(void) {
     return 1;
 }
 
+#ifndef ONE_RB
+#define ONE_RB 64    /* one row of x: weight rows per work item, a multiple of 8 ONE_APART */
+#endif
+#ifndef ONE_APART
+#define ONE_APART 4
+#endif
+typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *, int64_t, int64_t);
+/* One row of x against int8 (int8w tiles) or int4 (int4z tiles) weights, out = the n sums (times the
+ * row scale for int8). Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
+ * r, r + ONE_APART, ..., then r + 1, ...): the tile's 8 rows lie in 8 runs of ONE_APART consecutive rows,
+ * and the ONE_APART tiles in turn read each run from start to end, so a block streams as 8 sequential
+ * runs of ONE_APART rows (8 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB; with the
+ * block's sums kept in ONE_RB vectors (not RB x MMAX zeroed per block) int4 gained 17-22% and int8
+ * 7-10% (benchmarks/RESULTS.md). */
+__attribute__((target("avx2,fma")))
+static void one_row_product(const wdesc *d0, const xdesc *x, int64_t n, int64_t row_bytes, float *out, int threads,
+                            one_row_tile tile8, one_row_tile tile1, int row_scaled) {
+    wdesc d = *d0;
+    d.ahead = (int64_t)(threads > 0 ? threads : 1) * ONE_RB * row_bytes;  /* a thread's likely next block */
+    const int64_t blocks = (n + ONE_RB - 1) / ONE_RB;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        __m256 tot[ONE_RB];
+        const int64_t row0 = b * ONE_RB, rows = n - row0 < ONE_RB ? n - row0 : ONE_RB;
+        for (int64_t t = 0; t < rows; t++) tot[t] = _mm256_setzero_ps();
+        int64_t r = 0;
+        for (; r + 8 * ONE_APART <= rows; r += 8 * ONE_APART)
+            for (int a = 0; a < ONE_APART; a++) tile8(&d, x, row0 + r + a, 0, d.k, tot + r + a, ONE_APART, ONE_APART);
+        for (; r + 8 <= rows; r += 8) tile8(&d, x, row0 + r, 0, d.k, tot + r, 1, 1);
+        for (; r < rows; r++) tile1(&d, x, row0 + r, 0, d.k, tot + r, 1, 1);
+        for (int64_t t = 0; t < rows; t++)
+            out[row0 + t] = hsum(tot[t]) * (row_scaled ? param(d.scale, row0 + t, d.scale_bf16) : 1.0f);
+    }
+}
+
 /* x: (m, k) float32, m in 1..MMAX and even unless 1 (the caller pads with zero rows); for int4 k is
  * the padded row length. level: the instruction set (mllama_gemm_small_level's numbers; 1 forces the
  * AVX2 path, for tests). Returns 0, or -1 for arguments the kernel does not take (or no memory). */
@@ -567,6 +603,15 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
         xd.xqsum = xqsum;
         xd.xf = x;
     }
+    if (z || w16) {
+        if (z)
+            one_row_product(&d, &xd, n, row_bytes, out, threads, int4z_8x1, int4z_1x1, 0);
+        else
+            one_row_product(&d, &xd, n, row_bytes, out, threads, int8w_8x1, int8w_1x1, 1);
+        free(z ? (void *)xd.xq8 : (void *)xd.xq);
+        free((void *)xd.sx);
+        return 0;
+    }
     const int64_t kmain = k - k % 8;
     const int64_t blocks = (n + RB - 1) / RB;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -574,7 +619,9 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
         __m256 tot[RB * MMAX];
         const int64_t row0 = b * RB;
         const int64_t rows = n - row0 < RB ? n - row0 : RB;
-        for (int64_t t = 0; t < rows * MMAX; t++) tot[t] = _mm256_setzero_ps();
+        /* only the m sums of each row: zeroing all MMAX cost a one-row call a store for every 32 it needs */
+        for (int64_t t = 0; t < rows; t++)
+            for (int64_t j = 0; j < m; j++) tot[t * MMAX + j] = _mm256_setzero_ps();
         for (int64_t k0 = 0; k0 < k; k0 += kc) {
             const int64_t k1 = k - k0 < kc ? k : k0 + kc;
             for (int64_t j0 = 0; j0 < m;) {
@@ -585,24 +632,10 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
                 if (fmt == FMT_INT4) {
                     const xdesc xj = {x8 ? NULL : xd.xq + j0 * k, x8 ? xd.xq8 + j0 * k : NULL, xd.sx + j0 * xd.groups,
                                       xd.xsum + j0 * xd.groups, xd.xqsum + j0 * xd.groups, xd.groups, NULL};
-                    if (z) {  /* rows r, r + 2, ..., r + 14, then r + 1, ..., r + 15: the 2 KiB rows of a
-                               * 4096-wide weight lie two to a 4 KiB page, and 8 rows side by side then
-                               * stream from 8 pages, one stream each (+4-8%, benchmarks/RESULTS.md) */
-                        for (; r + 16 <= rows; r += 16) {
-                            int4z_8x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 2);
-                            int4z_8x1(&d, &xj, row0 + r + 1, k0, k1, tot + (r + 1) * MMAX, 2);
-                        }
-                        for (; r + 8 <= rows; r += 8) int4z_8x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 1);
-                        for (; r < rows; r++) int4z_1x1(&d, &xj, row0 + r, k0, k1, tot + r * MMAX, 1);
-                    } else {
-                        for (; r + wide <= rows; r += wide)
-                            INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
-                        for (; r < rows; r++)
-                            INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
-                    }
-                } else if (w16) {
-                    for (; r + 8 <= rows; r += 8) int8w_8x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
-                    for (; r < rows; r++) int8w_1x1(&d, &xd, row0 + r, k0, k1, tot + r * MMAX);
+                    for (; r + wide <= rows; r += wide)
+                        INT4_TILES[path][kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
+                    for (; r < rows; r++)
+                        INT4_TILES[path][3 + kind](&d, &xj, row0 + r, k0, k1, tot + r * MMAX + j0);
                 } else {
                     for (; r + wide <= rows; r += wide)
                         TILES[fmt][kind](&d, x + j0 * k, row0 + r, k0, k1, kmain, tot + r * MMAX + j0);
