@@ -365,8 +365,9 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                     const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
                     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
                         const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
+                        /* in the row only, as int8w: also prefetching the block this thread takes  \
+                         * next cost 9-17% with the rows four apart (benchmarks/RESULTS.md) */      \
                         if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
-                        __builtin_prefetch(p + d->ahead);                                           \
                         const __m512i packed = _mm512_loadu_si512(p);                               \
                         acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(packed, low), x0);    \
                         acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x1); \
@@ -536,10 +537,8 @@ typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, int64_t, int
  * block's sums kept in ONE_RB vectors (not RB x MMAX zeroed per block) int4 gained 17-22% and int8
  * 7-10% (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
-static void one_row_product(const wdesc *d0, const xdesc *x, int64_t n, int64_t row_bytes, float *out, int threads,
-                            one_row_tile tile8, one_row_tile tile1, int row_scaled) {
-    wdesc d = *d0;
-    d.ahead = (int64_t)(threads > 0 ? threads : 1) * ONE_RB * row_bytes;  /* a thread's likely next block */
+static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *out, int threads, one_row_tile tile8,
+                            one_row_tile tile1, int row_scaled) {
     const int64_t blocks = (n + ONE_RB - 1) / ONE_RB;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
@@ -548,11 +547,11 @@ static void one_row_product(const wdesc *d0, const xdesc *x, int64_t n, int64_t 
         for (int64_t t = 0; t < rows; t++) tot[t] = _mm256_setzero_ps();
         int64_t r = 0;
         for (; r + 8 * ONE_APART <= rows; r += 8 * ONE_APART)
-            for (int a = 0; a < ONE_APART; a++) tile8(&d, x, row0 + r + a, 0, d.k, tot + r + a, ONE_APART, ONE_APART);
-        for (; r + 8 <= rows; r += 8) tile8(&d, x, row0 + r, 0, d.k, tot + r, 1, 1);
-        for (; r < rows; r++) tile1(&d, x, row0 + r, 0, d.k, tot + r, 1, 1);
+            for (int a = 0; a < ONE_APART; a++) tile8(d, x, row0 + r + a, 0, d->k, tot + r + a, ONE_APART, ONE_APART);
+        for (; r + 8 <= rows; r += 8) tile8(d, x, row0 + r, 0, d->k, tot + r, 1, 1);
+        for (; r < rows; r++) tile1(d, x, row0 + r, 0, d->k, tot + r, 1, 1);
         for (int64_t t = 0; t < rows; t++)
-            out[row0 + t] = hsum(tot[t]) * (row_scaled ? param(d.scale, row0 + t, d.scale_bf16) : 1.0f);
+            out[row0 + t] = hsum(tot[t]) * (row_scaled ? param(d->scale, row0 + t, d->scale_bf16) : 1.0f);
     }
 }
 
@@ -571,8 +570,8 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
      * int8 +4-10%, benchmarks/RESULTS.md) */
     const int64_t kc = m == 1 && fmt != FMT_BF16 ? k : fmt != FMT_INT4 ? KC : KC < 8 * group ? 8 * group : KC / group * group;
     /* Work items go to the threads in turn, so a thread's next block of RB rows is about `threads`
-     * blocks on: the runs prefetch there too (the one-row int4 product 64 -> 76-79 G weights/s, as
-     * fast as torch's own int4 op; benchmarks/RESULTS.md) */
+     * blocks on: the int4 runs prefetch there too (the one-row int4 product on an AMD EPYC 64 -> 76-79
+     * G weights/s; benchmarks/RESULTS.md; one_row_product's tiles, measured on a Xeon, do not) */
     const int64_t row_bytes = fmt == FMT_INT4 ? k / 2 : fmt == FMT_INT8 ? k : 2 * k;
     const wdesc d = {w, scale, offset, k, group, (int64_t)(threads > 0 ? threads : 1) * RB * row_bytes, scale_bf16};
     xdesc xd = {0};
@@ -605,9 +604,9 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     }
     if (z || w16) {
         if (z)
-            one_row_product(&d, &xd, n, row_bytes, out, threads, int4z_8x1, int4z_1x1, 0);
+            one_row_product(&d, &xd, n, out, threads, int4z_8x1, int4z_1x1, 0);
         else
-            one_row_product(&d, &xd, n, row_bytes, out, threads, int8w_8x1, int8w_1x1, 1);
+            one_row_product(&d, &xd, n, out, threads, int8w_8x1, int8w_1x1, 1);
         free(z ? (void *)xd.xq8 : (void *)xd.xq);
         free((void *)xd.sx);
         return 0;
