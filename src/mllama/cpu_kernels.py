@@ -413,7 +413,7 @@ def linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> t
 def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     k = x.shape[-1]
     out = None
-    if x.dtype == torch.bfloat16 and amx_int8_tiles(k) and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS:
+    if x.dtype == torch.bfloat16 and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS and amx_int8_tiles(k):
         # the route eager Int8Linear takes: the same bits compiled or not
         out = amx_product(x.reshape(-1, k), "int8", weight, scale)
     if out is None:
@@ -442,8 +442,8 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
                  group_size: int) -> torch.Tensor:
     k = x.shape[-1]
     out = None
-    if (x.dtype == torch.bfloat16 and amx_int4_tiles(packed.shape[0], group_size)
-            and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS):  # as eager Int4Linear: the same bits
+    if (x.dtype == torch.bfloat16 and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS
+            and amx_int4_tiles(packed.shape[0], group_size)):  # as eager Int4Linear: the same bits
         out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)

@@ -76,7 +76,10 @@ class _QuantizedLinear(nn.Module):
 
     def _use_amx(self, x: torch.Tensor) -> bool:
         rows = x.shape[:-1].numel()
-        if x.dtype != torch.bfloat16 or torch.compiler.is_compiling() or not self._on_cpu_kernels(x):
+        # the row count first: a decode step's one row (most calls) skips the checks below
+        if rows < cpu_kernels.AMX_INT8_MIN_ROWS or x.dtype != torch.bfloat16 or torch.compiler.is_compiling():
+            return False
+        if not self._on_cpu_kernels(x):
             return False
         if self._int8_tiles():  # any number of rows
             return rows >= cpu_kernels.AMX_INT8_MIN_ROWS
