@@ -325,8 +325,11 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
     return _mm512_maskz_loadu_ps(take, (const float *)base + i);
 }
 
-/* int4 against one row of x with 512-bit VNNI (level 2, groups of a multiple of 128): 128 weights per
- * two vpdpbusd, x in the X16 order (see quantize_x). Each group's int32 lanes become float and are
+/* int4 against one row of x with 512-bit VNNI (level 2, groups of a multiple of 128, or of 64 in rows
+ * of a multiple of 128): 128 weights per two vpdpbusd, x in the X16 order (see quantize_x), where
+ * lanes 0-7 hold values 0-63 of the 128 and lanes 8-15 values 64-127, so a pair of 64-value groups
+ * takes one run of 128 with s sx of the first group in lanes 0-7 and of the second in lanes 8-15.
+ * Each group's int32 lanes become float and are
  * scaled lane by lane (sum += s sx acc): no horizontal sum per group, which with 256-bit vectors
  * was a quarter of the one-row time and left it at half the bf16 loop's bytes per second on a Xeon
  * with AMX (benchmarks/RESULTS.md). The centring of the other paths is folded into one float term
@@ -340,6 +343,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                      int64_t apart, int64_t tstride) {  /* R rows: row, row + apart, ...; their sums tstride apart in tot */ \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
+        const int pair = d->group == 64;  /* two groups per run of 128 */                           \
         __m512 sum[R];                                                                              \
         float ssx[R][16];  /* s sx of the 16 groups in hand, per row */                             \
         for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
@@ -357,11 +361,11 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                 sum[r] = _mm512_fmadd_ps(sc, centre, sum[r]);                                       \
                 sum[r] = _mm512_fmadd_ps(params16(d->offset, p, ng, d->scale_bf16), xs, sum[r]);    \
             }                                                                                       \
-            for (int g = 0; g < ng; g++) {                                                          \
+            for (int g = 0; g < ng; g += pair + 1) {  /* ng is even for pairs (k % 128 == 0) */      \
                 const int64_t g0 = (gv + g) * d->group;                                             \
                 __m512i acc[R];                                                                     \
                 for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                        \
-                for (int64_t i = g0; i < g0 + d->group; i += 128) {                                 \
+                for (int64_t i = g0; i < g0 + (pair + 1) * d->group; i += 128) {                    \
                     const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
                     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
                         const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
@@ -373,8 +377,12 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                         acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x1); \
                     }                                                                               \
                 }                                                                                   \
-                for (int r = 0; r < R; r++)                                                         \
-                    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), _mm512_set1_ps(ssx[r][g]), sum[r]); \
+                for (int r = 0; r < R; r++) {                                                       \
+                    const __m512 step = pair ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ssx[r][g]), \
+                                                                    _mm512_set1_ps(ssx[r][g + 1]))  \
+                                             : _mm512_set1_ps(ssx[r][g]);                           \
+                    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), step, sum[r]);              \
+                }                                                                                   \
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
@@ -493,7 +501,7 @@ static void quantize_x(const float *x, int64_t m, int64_t k, int64_t group, int 
                 qsum8 = _mm256_add_epi32(qsum8, q);
                 const __m128i q16 = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
                 if (x8)
-                    _mm_storel_epi64((__m128i *)((int8_t *)xq + j * k + g0 + x_slot(x8, i)), _mm_packs_epi16(q16, q16));
+                    _mm_storel_epi64((__m128i *)((int8_t *)xq + j * k + x_slot(x8, g0 + i)), _mm_packs_epi16(q16, q16));
                 else
                     _mm_storeu_si128((__m128i *)((int16_t *)xq + j * k + g0 + i), q16);
             }
@@ -576,7 +584,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     const wdesc d = {w, scale, offset, k, group, (int64_t)(threads > 0 ? threads : 1) * RB * row_bytes, scale_bf16};
     xdesc xd = {0};
     /* one row of x with 512-bit VNNI: the int4z tiles and the X16 order; else X8 where groups allow */
-    const int z = fmt == FMT_INT4 && m == 1 && level == 2 && group % 128 == 0;
+    const int z = fmt == FMT_INT4 && m == 1 && level == 2 && (group % 128 == 0 || (group == 64 && k % 128 == 0));
     const int x8 = z ? 2 : fmt == FMT_INT4 && group % 64 == 0;
     const int path = x8 ? level : 0;
     const int w16 = fmt == FMT_INT8 && m == 1 && level == 2;  /* one row of x: the int8w tiles */
