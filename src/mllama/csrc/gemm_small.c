@@ -370,7 +370,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                     _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
                         const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
                         /* in the row only, as int8w: also prefetching the block this thread takes  \
-                         * next cost 9-17% with the rows four apart (benchmarks/RESULTS.md) */      \
+                         * next was slower with the rows four apart (benchmarks/RESULTS.md) */      \
                         if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
                         const __m512i packed = _mm512_loadu_si512(p);                               \
                         acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(packed, low), x0);    \
@@ -471,8 +471,8 @@ static inline float hmax8(__m256 v) {
 /* x rounded per group of each row, with each group's step, float sum and integer sum: to int8
  * (x8: groups of a multiple of 64) in the X8 order, where each run of 64 holds x[0..15], x[32..47],
  * x[16..31], x[48..63], the order in which the low and then the high nibbles of two 16-byte weight
- * runs lie in one 32-byte load, or (x8 == 2: groups of a multiple of 128) in the X16 order, the same
- * for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
+ * runs lie in one 32-byte load, or (x8 == 2: the one-row 512-bit tile, rows of a multiple of 128) in
+ * the X16 order, the same for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
  * x[48..63], x[80..95], x[112..127]; else to int16 in the natural order. Eight values at a time, as
  * the one-row products spend about as long here as on a small weight (the float sums of a group are
  * taken in eight lanes: one order on every CPU, so every instruction set rounds x alike). */
@@ -541,9 +541,9 @@ typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, int64_t, int
  * row scale for int8). Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
  * r, r + ONE_APART, ..., then r + 1, ...): the tile's 8 rows lie in 8 runs of ONE_APART consecutive rows,
  * and the ONE_APART tiles in turn read each run from start to end, so a block streams as 8 sequential
- * runs of ONE_APART rows (8 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB; with the
- * block's sums kept in ONE_RB vectors (not RB x MMAX zeroed per block) int4 gained 17-22% and int8
- * 7-10% (benchmarks/RESULTS.md). */
+ * runs of ONE_APART rows (8 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB. The
+ * block's sums are ONE_RB vectors: the general loop's RB x MMAX, zeroed per block, were a store for
+ * every 32 bytes of int4 read (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
 static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *out, int threads, one_row_tile tile8,
                             one_row_tile tile1, int row_scaled) {
