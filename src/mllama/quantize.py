@@ -81,8 +81,8 @@ class _QuantizedLinear(nn.Module):
             return False
         if not self._on_cpu_kernels(x):
             return False
-        if self._int8_tiles():  # any number of rows
-            return rows >= cpu_kernels.AMX_INT8_MIN_ROWS
+        if self._int8_tiles():  # any number of rows from AMX_INT8_MIN_ROWS (checked above)
+            return True
         return AMX_MIN_ROWS[self.mode] <= rows <= cpu_kernels.MAX_AMX_ROWS and cpu_kernels.amx_available()
 
     def _int8_tiles(self) -> bool:
