@@ -566,12 +566,14 @@ def test_amx_int8_tiles_are_exact_integer_sums(n, k):
 
 
 @pytest.mark.skipif(not cpu_kernels.amx_int4_tiles(32, 64), reason="no AMX-INT8 on this CPU")
-@pytest.mark.parametrize("n,k,group", [(64, 256, 64), (96, 1056, 128), (32, 4096, 128), (64, 512, 256), (32, 192, 64)])
+@pytest.mark.parametrize("n,k,group", [(64, 256, 64), (96, 1056, 128), (32, 4096, 128), (64, 512, 256), (32, 192, 64),
+                                        (224, 512, 128)])
 def test_amx_int4_tiles_round_x_as_the_small_row_kernels(n, k, group):
     """int4 weights through the int8 tiles, group by group: within the x rounding bound of a float64
     product over the dequantized weight (k past the last group included), equal up to float summation
     order to the small-row kernel that rounds x the same way (int8 per group); the module sends bf16 x
-    of 2 rows or more there (several chunks of 64 rows), one row to the one-row kernel."""
+    of 2 rows or more there (several chunks of 64 rows), one row to the one-row kernel. n = 96 and 224:
+    blocks of 32 rows two apart in 64-row work items, then a block of 32 consecutive rows."""
     _, q = _quantized_linear("int4", n, k, group_size=group, dtype=torch.bfloat16, seed=n + k)
     w = q.dequantize(torch.float64)
     gen = torch.Generator().manual_seed(k)

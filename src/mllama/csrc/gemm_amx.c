@@ -36,6 +36,12 @@ static float dot_bf16_avx512(const uint16_t *a, const uint16_t *b, int64_t k) {
  * weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over k; more rows
  * of x pass over the same block again, from cache. Each output is its own row of x against the
  * weights, summed in one order: a row gets the same bits in any batch. */
+#ifndef AMX_APART
+/* int4: blocks of 32 weight rows AMX_APART apart, taken in turn by one work item, so the item reads
+ * runs of AMX_APART consecutive rows from start to end (as gemm_small.c's one-row loops; 2 streamed
+ * faster than 1 or 4 at 4-64 rows of x, benchmarks/RESULTS.md) */
+#define AMX_APART 2
+#endif
 #define AMX_ROWS 32        /* weight rows per block: two tiles (streamed faster than one or four) */
 #define AMX_MAX_M 64       /* rows of x per call (torch's GEMM wins from about 128); the int8 tiles' chunk */
 
@@ -350,18 +356,19 @@ static void unpack_int4_group(const uint8_t *w, int64_t row_bytes, int64_t group
     }
 }
 
-/* 32 int4 weight rows (w: the first, k / 2 bytes apart) against every row of x, to out's columns
- * row0 ... row0 + 31: group by group, the group's nibbles unpacked into buf (32 rows of it: the 32
- * rows stream from memory side by side), then per tile of x its sums D folded into acc. */
+/* 32 int4 weight rows (w: the first, `apart` rows of k / 2 bytes apart) against every row of x, to
+ * out's columns row0, row0 + apart, ...: group by group, the group's nibbles unpacked into buf (32
+ * rows of it: the 32 rows stream from memory side by side), then per tile of x its sums D folded
+ * into acc. */
 __attribute__((target("amx-tile,amx-int8,avx512f,avx512bw")))
-static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t j0, int64_t j1, const float *sf,
-                           const float *of, int8_t *buf, float *acc, int64_t row0, float *out, int64_t n) {
+static void amx_block_int4(const uint8_t *w, int64_t k, int64_t apart, const x8desc *x, int64_t j0, int64_t j1,
+                           const float *sf, const float *of, int8_t *buf, float *acc, int64_t row0, float *out, int64_t n) {
     const int64_t kblocks = k / 64, group = x->group, per_group = group / 64;
     const int64_t t0 = j0 / 16, mtiles = (j1 - j0 + 15) / 16;
     memset(acc, 0, (size_t)(mtiles * 32 * 16) * sizeof(float));
     int32_t c[2][16][16] __attribute__((aligned(64)));
     for (int64_t g = 0; g < x->groups; g++) {
-        unpack_int4_group(w + g * group / 2, k / 2, group, buf);
+        unpack_int4_group(w + g * group / 2, apart * (k / 2), group, buf);
         for (int64_t t = 0; t < mtiles; t++) {
             const uint32_t *xt = x->xq + (t0 + t) * kblocks * 256;
             _tile_zero(0);
@@ -387,7 +394,7 @@ static void amx_block_int4(const uint8_t *w, int64_t k, const x8desc *x, int64_t
         }
     }
     for (int64_t j = j0; j < j1; j++)
-        for (int r = 0; r < 32; r++) out[j * n + row0 + r] = acc[(((j - j0) / 16) * 32 + r) * 16 + j % 16];
+        for (int r = 0; r < 32; r++) out[j * n + row0 + r * apart] = acc[(((j - j0) / 16) * 32 + r) * 16 + j % 16];
 }
 
 /* mllama_gemm_amx for int4 weights through the int8 tiles: groups a multiple of 64, n a multiple of
@@ -415,7 +422,10 @@ static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int
     }
     free(rowq);
     const x8desc xd = {xq, sx, xsum, groups, group};
-    const int64_t blocks = n / AMX_ROWS, chunks = (m + AMX_MAX_M - 1) / AMX_MAX_M;
+    /* items: super-blocks of AMX_APART * 32 rows (as AMX_APART blocks of 32 rows AMX_APART apart, in
+     * turn), then the blocks of 32 rows left */
+    const int64_t supers = n / (AMX_APART * AMX_ROWS), rest = (n - supers * AMX_APART * AMX_ROWS) / AMX_ROWS;
+    const int64_t blocks = supers + rest, chunks = (m + AMX_MAX_M - 1) / AMX_MAX_M;
     int failed = 0;
 #pragma omp parallel num_threads(threads)
     {
@@ -432,14 +442,19 @@ static int gemm_amx_int4(const uint16_t *x, int64_t m, int64_t n, int64_t k, int
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t item = 0; item < chunks * blocks; item++) {
                 const int64_t b = item % blocks, j0 = item / blocks * AMX_MAX_M;
-                const int64_t p0 = b * AMX_ROWS * groups;  /* the block's scales and offsets, (32, groups) */
-                for (int64_t i = 0; i < AMX_ROWS * groups; i++) {
-                    const float sc = param(scale, p0 + i, scale_bf16);
-                    sf[i] = sc;
-                    of[i] = 8.0f * sc + param(offset, p0 + i, scale_bf16);
+                const int64_t apart = b < supers ? AMX_APART : 1;
+                const int64_t first = b < supers ? b * AMX_APART * AMX_ROWS : supers * AMX_APART * AMX_ROWS + (b - supers) * AMX_ROWS;
+                for (int64_t a = 0; a < apart; a++) {
+                    for (int64_t r = 0; r < AMX_ROWS; r++)  /* the block's scales and offsets, (32, groups) */
+                        for (int64_t g = 0; g < groups; g++) {
+                            const int64_t p = (first + a + r * apart) * groups + g;
+                            const float sc = param(scale, p, scale_bf16);
+                            sf[r * groups + g] = sc;
+                            of[r * groups + g] = 8.0f * sc + param(offset, p, scale_bf16);
+                        }
+                    amx_block_int4(w + (first + a) * (k / 2), k, apart, &xd, j0, m < j0 + AMX_MAX_M ? m : j0 + AMX_MAX_M,
+                                   sf, of, buf, acc, first + a, out, n);
                 }
-                amx_block_int4(w + b * AMX_ROWS * (k / 2), k, &xd, j0, m < j0 + AMX_MAX_M ? m : j0 + AMX_MAX_M, sf, of,
-                               buf, acc, b * AMX_ROWS, out, n);
             }
             _tile_release();
         }
