@@ -339,16 +339,16 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
  * bytes per second, this at 0.86x (benchmarks/RESULTS.md). */
 #define DEFINE_INT4_TILE512(NAME, R)                                                                \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
-    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot, \
-                     int64_t apart, int64_t tstride) {  /* R rows: row, row + apart, ...; their sums tstride apart in tot */ \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, __m256 *tot, int64_t apart) {     \
+        /* R whole rows: row, row + apart, ...; their sums as far apart in tot */                  \
         const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
         const int pair = d->group == 64;  /* two groups per run of 128 */                           \
         __m512 sum[R];                                                                              \
         float ssx[R][16];  /* s sx of the 16 groups in hand, per row */                             \
         for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
-        const int64_t gi1 = k1 / d->group;                                                          \
-        for (int64_t gv = k0 / d->group; gv < gi1; gv += 16) {                                      \
+        const int64_t gi1 = d->k / d->group;                                                        \
+        for (int64_t gv = 0; gv < gi1; gv += 16) {                                                  \
             const int ng = gi1 - gv < 16 ? (int)(gi1 - gv) : 16;                                    \
             const __mmask16 take = (__mmask16)((1u << ng) - 1);                                     \
             const __m512 sx = _mm512_maskz_loadu_ps(take, x->sx + gv), xs = _mm512_maskz_loadu_ps(take, x->xsum + gv); \
@@ -386,7 +386,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
-            tot[r * tstride] = add_folded(tot[r * tstride], sum[r], 0.0f);                          \
+            tot[r * apart] = add_folded(tot[r * apart], sum[r], 0.0f);                              \
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
@@ -394,16 +394,16 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
  * int4 path's int16 x: an error below 2^-16 of the run's largest |x|), 32 weights per widening and
  * vpdpwssd (the products exact in int32), each run's lanes scaled by its step lane by lane; the last
  * k % 128 values in float. One row streamed 17-25% faster than widening the weights to float
- * (benchmarks/RESULTS.md). The row's scale is applied by mllama_gemm_small at the end. */
+ * (benchmarks/RESULTS.md). The row's scale is applied by one_row_product at the end. */
 #define INT8W_RUN 128
 #define DEFINE_INT8_TILE_W16(NAME, R)                                                               \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
-    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t k0, int64_t k1, __m256 *tot, \
-                     int64_t apart, int64_t tstride) {  /* as the int4z tiles */                    \
-        const int64_t main_end = d->k / INT8W_RUN * INT8W_RUN, stop = k1 < main_end ? k1 : main_end; \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, __m256 *tot, int64_t apart) {     \
+        /* as the int4z tiles */                                                                    \
+        const int64_t main_end = d->k / INT8W_RUN * INT8W_RUN;                                      \
         __m512 sum[R];                                                                              \
         for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
-        for (int64_t g0 = k0; g0 < stop; g0 += INT8W_RUN) {                                         \
+        for (int64_t g0 = 0; g0 < main_end; g0 += INT8W_RUN) {                                      \
             __m512i acc[R];                                                                         \
             for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                            \
             for (int64_t i = g0; i < g0 + INT8W_RUN; i += 32) {                                     \
@@ -421,8 +421,8 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
         }                                                                                           \
         for (int r = 0; r < R; r++) {                                                               \
             float tail = 0.0f;                                                                      \
-            for (int64_t i = k0 > main_end ? k0 : main_end; i < k1; i++) tail += load1(d, FMT_INT8, row + r * apart, i) * x->xf[i]; \
-            tot[r * tstride] = add_folded(tot[r * tstride], sum[r], tail);                          \
+            for (int64_t i = main_end; i < d->k; i++) tail += load1(d, FMT_INT8, row + r * apart, i) * x->xf[i]; \
+            tot[r * apart] = add_folded(tot[r * apart], sum[r], tail);                              \
         }                                                                                           \
     }
 DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
@@ -536,7 +536,7 @@ int mllama_gemm_small_level(void) {
 #ifndef ONE_APART
 #define ONE_APART 4
 #endif
-typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *, int64_t, int64_t);
+typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, __m256 *, int64_t);
 /* One row of x against int8 (int8w tiles) or int4 (int4z tiles) weights, out = the n sums (times the
  * row scale for int8). Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
  * r, r + ONE_APART, ..., then r + 1, ...): the tile's 8 rows lie in 8 runs of ONE_APART consecutive rows,
@@ -555,9 +555,9 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
         for (int64_t t = 0; t < rows; t++) tot[t] = _mm256_setzero_ps();
         int64_t r = 0;
         for (; r + 8 * ONE_APART <= rows; r += 8 * ONE_APART)
-            for (int a = 0; a < ONE_APART; a++) tile8(d, x, row0 + r + a, 0, d->k, tot + r + a, ONE_APART, ONE_APART);
-        for (; r + 8 <= rows; r += 8) tile8(d, x, row0 + r, 0, d->k, tot + r, 1, 1);
-        for (; r < rows; r++) tile1(d, x, row0 + r, 0, d->k, tot + r, 1, 1);
+            for (int a = 0; a < ONE_APART; a++) tile8(d, x, row0 + r + a, tot + r + a, ONE_APART);
+        for (; r + 8 <= rows; r += 8) tile8(d, x, row0 + r, tot + r, 1);
+        for (; r < rows; r++) tile1(d, x, row0 + r, tot + r, 1);
         for (int64_t t = 0; t < rows; t++)
             out[row0 + t] = hsum(tot[t]) * (row_scaled ? param(d->scale, row0 + t, d->scale_bf16) : 1.0f);
     }
