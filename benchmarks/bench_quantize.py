@@ -115,6 +115,35 @@ def kernels(n: int, k: int, rounds: int) -> None:
               flush=True)
 
 
+def decode_step_linears(model, prompt: torch.Tensor) -> list[torch.nn.Module]:
+    """The modules with weights that one decode step calls, in order (a text-only prompt skips the
+    cross-attention layers; the embedding excluded)."""
+    order: list[torch.nn.Module] = []
+    embed = model.model.embed_tokens
+    hooks = [module.register_forward_hook(lambda mod, args, out: order.append(mod))
+             for module in model.modules() if not list(module.children()) and module is not embed
+             and any(t.dim() == 2 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))]
+    hooks.append(embed.register_forward_pre_hook(lambda mod, args: order.clear()))  # each forward starts there
+    model.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # the prompt, then one decode step
+    for hook in hooks:
+        hook.remove()
+    return list(order)
+
+
+def linears_alone(modules: list[torch.nn.Module], rounds: int) -> float:
+    """Seconds for one pass over a decode step's linears called back to back through their modules
+    (one bf16 row each, no other work between them): the best of `rounds` passes."""
+    xs = [torch.randn(1, 1, m.in_features, dtype=torch.bfloat16) for m in modules]
+    best = float("inf")
+    with torch.inference_mode():
+        for _ in range(rounds):
+            start = time.perf_counter()
+            for module, x in zip(modules, xs):
+                module(x)
+            best = min(best, time.perf_counter() - start)
+    return best
+
+
 def decode_step_bytes(model, prompt: torch.Tensor) -> int:
     """Bytes of the weights (and scales) that one decode step reads: every linear that runs in it (a
     text-only prompt skips the cross-attention layers) and one embedding row."""
@@ -182,6 +211,13 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
                 ttfts[name, n].append(time.perf_counter() - start)
 
     read_limit = max(read_rates(5).values())  # GB/s, measured after the rounds (the machine drifts)
+    # the step apart: its linears alone, back to back, against the whole step (the rest: attention,
+    # norms, the cache, sampling, Python); passes interleaved over the models
+    step_linears = {name: decode_step_linears(model, prompt) for name, model in models.items()}
+    alone = {name: [] for name in models}
+    for _ in range(rounds):
+        for name in models:
+            alone[name].append(linears_alone(step_linears[name], 3))
     step_bytes = {name: decode_step_bytes(model, prompt) for name, model in models.items()}
 
     def ratio(values: list[float], base: list[float]) -> str:  # the median of the rounds' own ratios
@@ -200,6 +236,13 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
         line += "".join(f"; TTFT {n} tokens {min(ttfts[name, n]) * 1e3:.0f} ms ({ratio(ttfts[name, n], ttfts['bf16', n])})"
                         for n in prompt_tokens)
         print(line, flush=True)
+    print("  the step apart (best figures): its linears alone, back to back through their modules, against the "
+          "whole step")
+    for name, r in rates.items():
+        step, linears = 1 / max(r), min(alone[name])
+        print(f"    {name}: step {step * 1e3:.1f} ms, {len(step_linears[name])} linears alone {linears * 1e3:.1f} ms "
+              f"({step_bytes[name] / linears / 1e9:.1f} GB/s = {step_bytes[name] / linears / 1e9 / read_limit:.0%} of the "
+              f"read limit), the rest {(step - linears) * 1e3:.1f} ms", flush=True)
 
 
 def main() -> None:
