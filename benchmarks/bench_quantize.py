@@ -119,7 +119,7 @@ def decode_step_linears(model, prompt: torch.Tensor) -> list[torch.nn.Module]:
     """The modules with weights that one decode step calls, in order (a text-only prompt skips the
     cross-attention layers; the embedding excluded)."""
     order: list[torch.nn.Module] = []
-    embed = model.model.embed_tokens
+    embed = model.get_input_embeddings()
     hooks = [module.register_forward_hook(lambda mod, args, out: order.append(mod))
              for module in model.modules() if not list(module.children()) and module is not embed
              and any(t.dim() == 2 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))]
@@ -148,7 +148,7 @@ def decode_step_bytes(model, prompt: torch.Tensor) -> int:
     """Bytes of the weights (and scales) that one decode step reads: every linear that runs in it (a
     text-only prompt skips the cross-attention layers) and one embedding row."""
     called: dict[int, torch.nn.Module] = {}
-    embed = model.model.embed_tokens
+    embed = model.get_input_embeddings()
     hooks = [module.register_forward_hook(lambda mod, args, out: called.__setitem__(id(mod), mod))
              for module in model.modules() if not list(module.children()) and module is not embed]
     hooks.append(embed.register_forward_pre_hook(lambda mod, args: called.clear()))  # each forward starts there
@@ -199,9 +199,16 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
         model.generate(ids, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0)
         return ids.shape[0] * new_tokens / (time.perf_counter() - start - first)
 
+    # the step apart: its linears alone, back to back, right after each step rate (the rest of the
+    # step: attention, norms, the cache, sampling, Python); the read limit once a round (the machine drifts)
+    step_linears = {name: decode_step_linears(model, prompt) for name, model in models.items()}
+    alone = {name: [] for name in models}
+    limits = []
     for _ in range(rounds):
+        limits.append(max(read_rates(2).values()))  # GB/s
         for name, model in models.items():
             rates[name].append(decode_rate(prompt, model))
+            alone[name].append(linears_alone(step_linears[name], 3))
             if streams > 1:
                 batch_rates[name].append(decode_rate(batch, model))
             for n in prompt_tokens:  # a fresh prompt each time: nothing cached
@@ -210,14 +217,7 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
                 model.generate(fresh, max_new_tokens=1, eos_token_id=[], pad_token_id=0)
                 ttfts[name, n].append(time.perf_counter() - start)
 
-    read_limit = max(read_rates(5).values())  # GB/s, measured after the rounds (the machine drifts)
-    # the step apart: its linears alone, back to back, against the whole step (the rest: attention,
-    # norms, the cache, sampling, Python); passes interleaved over the models
-    step_linears = {name: decode_step_linears(model, prompt) for name, model in models.items()}
-    alone = {name: [] for name in models}
-    for _ in range(rounds):
-        for name in models:
-            alone[name].append(linears_alone(step_linears[name], 3))
+    read_limit = max(limits)
     step_bytes = {name: decode_step_bytes(model, prompt) for name, model in models.items()}
 
     def ratio(values: list[float], base: list[float]) -> str:  # the median of the rounds' own ratios
@@ -225,7 +225,7 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
 
     print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, {rounds} interleaved rounds; "
           f"best figure, and the median of each round's ratio to bf16; read limit {read_limit:.1f} GB/s (the fastest "
-          "full read of 1 GiB, benchmarks/bench_phases.py)")
+          f"full read of 1 GiB in any round, benchmarks/bench_phases.py; {min(limits):.1f} in the slowest round)")
     for name, r in rates.items():
         streamed = max(r) * step_bytes[name] / 1e9
         line = (f"  {name}: {max(r):.2f} tok/s ({ratio(r, rates['bf16'])} bf16; {step_bytes[name] / 1e9:.2f} GB a token, "
@@ -236,13 +236,14 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
         line += "".join(f"; TTFT {n} tokens {min(ttfts[name, n]) * 1e3:.0f} ms ({ratio(ttfts[name, n], ttfts['bf16', n])})"
                         for n in prompt_tokens)
         print(line, flush=True)
-    print("  the step apart (best figures): its linears alone, back to back through their modules, against the "
-          "whole step")
+    print("  the step apart: its linears alone, back to back through their modules (best pass), and the rest of the "
+          "step (the median over the rounds of the step less its linears, each measured right after the other)")
     for name, r in rates.items():
-        step, linears = 1 / max(r), min(alone[name])
-        print(f"    {name}: step {step * 1e3:.1f} ms, {len(step_linears[name])} linears alone {linears * 1e3:.1f} ms "
+        linears = min(alone[name])
+        rest = statistics.median(1 / step_rate - linears_s for step_rate, linears_s in zip(r, alone[name]))
+        print(f"    {name}: step {1e3 / max(r):.1f} ms, {len(step_linears[name])} linears alone {linears * 1e3:.1f} ms "
               f"({step_bytes[name] / linears / 1e9:.1f} GB/s = {step_bytes[name] / linears / 1e9 / read_limit:.0%} of the "
-              f"read limit), the rest {(step - linears) * 1e3:.1f} ms", flush=True)
+              f"read limit), the rest {rest * 1e3:.1f} ms", flush=True)
 
 
 def main() -> None:
