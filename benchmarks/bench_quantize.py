@@ -115,19 +115,27 @@ def kernels(n: int, k: int, rounds: int) -> None:
               flush=True)
 
 
-def decode_step_linears(model, prompt: torch.Tensor) -> list[torch.nn.Module]:
-    """The modules with weights that one decode step calls, in order (a text-only prompt skips the
-    cross-attention layers; the embedding excluded)."""
+def decode_step_modules(model, prompt: torch.Tensor) -> list[torch.nn.Module]:
+    """The leaf modules that one decode step calls, in order, but the embedding (a text-only prompt
+    skips the cross-attention layers)."""
     order: list[torch.nn.Module] = []
     embed = model.get_input_embeddings()
     hooks = [module.register_forward_hook(lambda mod, args, out: order.append(mod))
-             for module in model.modules() if not list(module.children()) and module is not embed
-             and any(t.dim() == 2 for t in (*module.parameters(recurse=False), *module.buffers(recurse=False)))]
+             for module in model.modules() if not list(module.children()) and module is not embed]
     hooks.append(embed.register_forward_pre_hook(lambda mod, args: order.clear()))  # each forward starts there
     model.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # the prompt, then one decode step
     for hook in hooks:
         hook.remove()
     return list(order)
+
+
+def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
+    return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
+
+
+def decode_step_linears(model, prompt: torch.Tensor) -> list[torch.nn.Module]:
+    """The modules with a weight matrix that one decode step calls, in order."""
+    return [m for m in decode_step_modules(model, prompt) if any(t.dim() == 2 for t in _tensors(m))]
 
 
 def linears_alone(modules: list[torch.nn.Module], rounds: int) -> float:
@@ -145,17 +153,11 @@ def linears_alone(modules: list[torch.nn.Module], rounds: int) -> float:
 
 
 def decode_step_bytes(model, prompt: torch.Tensor) -> int:
-    """Bytes of the weights (and scales) that one decode step reads: every linear that runs in it (a
-    text-only prompt skips the cross-attention layers) and one embedding row."""
-    called: dict[int, torch.nn.Module] = {}
+    """Bytes of the weights (and scales) that one decode step reads: every module that runs in it and
+    one embedding row."""
+    called = {id(m): m for m in decode_step_modules(model, prompt)}
+    tensors = [t for module in called.values() for t in _tensors(module)]
     embed = model.get_input_embeddings()
-    hooks = [module.register_forward_hook(lambda mod, args, out: called.__setitem__(id(mod), mod))
-             for module in model.modules() if not list(module.children()) and module is not embed]
-    hooks.append(embed.register_forward_pre_hook(lambda mod, args: called.clear()))  # each forward starts there
-    model.generate(prompt, max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # the prompt, then one decode step
-    for hook in hooks:
-        hook.remove()
-    tensors = [t for module in called.values() for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))]
     return sum(t.numel() * t.element_size() for t in tensors if t.dim() >= 1) + embed.weight[0].numel() * embed.weight.element_size()
 
 
