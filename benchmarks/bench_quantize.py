@@ -133,9 +133,9 @@ def _tensors(module: torch.nn.Module) -> list[torch.Tensor]:
     return [*module.parameters(recurse=False), *module.buffers(recurse=False)]
 
 
-def decode_step_linears(model, prompt: torch.Tensor) -> list[torch.nn.Module]:
-    """The modules with a weight matrix that one decode step calls, in order."""
-    return [m for m in decode_step_modules(model, prompt) if any(t.dim() == 2 for t in _tensors(m))]
+def weight_matrices(modules: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """Those of `modules` that hold a weight matrix (the linears, quantized or not), in order."""
+    return [m for m in modules if any(t.dim() == 2 for t in _tensors(m))]
 
 
 def linears_alone(modules: list[torch.nn.Module], rounds: int) -> float:
@@ -152,10 +152,10 @@ def linears_alone(modules: list[torch.nn.Module], rounds: int) -> float:
     return best
 
 
-def decode_step_bytes(model, prompt: torch.Tensor) -> int:
-    """Bytes of the weights (and scales) that one decode step reads: every module that runs in it and
-    one embedding row."""
-    called = {id(m): m for m in decode_step_modules(model, prompt)}
+def decode_step_bytes(model, modules: list[torch.nn.Module]) -> int:
+    """Bytes of the weights (and scales) that one decode step reads: every module that runs in it
+    (`decode_step_modules`) and one embedding row."""
+    called = {id(m): m for m in modules}
     tensors = [t for module in called.values() for t in _tensors(module)]
     embed = model.get_input_embeddings()
     return sum(t.numel() * t.element_size() for t in tensors if t.dim() >= 1) + embed.weight[0].numel() * embed.weight.element_size()
@@ -203,7 +203,8 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
 
     # the step apart: its linears alone, back to back, right after each step rate (the rest of the
     # step: attention, norms, the cache, sampling, Python); the read limit once a round (the machine drifts)
-    step_linears = {name: decode_step_linears(model, prompt) for name, model in models.items()}
+    step_modules = {name: decode_step_modules(model, prompt) for name, model in models.items()}
+    step_linears = {name: weight_matrices(modules) for name, modules in step_modules.items()}
     alone = {name: [] for name in models}
     limits = []
     for _ in range(rounds):
@@ -220,7 +221,7 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
                 ttfts[name, n].append(time.perf_counter() - start)
 
     read_limit = max(limits)
-    step_bytes = {name: decode_step_bytes(model, prompt) for name, model in models.items()}
+    step_bytes = {name: decode_step_bytes(model, step_modules[name]) for name, model in models.items()}
 
     def ratio(values: list[float], base: list[float]) -> str:  # the median of the rounds' own ratios
         return f"{statistics.median(v / b for v, b in zip(values, base)):.2f}x"
