@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 
 from mllama import cpu_kernels, host_memory
+from mllama import linear as linear_module
 from mllama.linear import DecodeLinear, apply_cpu_kernels, swap_linears
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.gemv_available(), reason="no C compiler or x86 SIMD here")
@@ -360,3 +361,53 @@ def test_a_kernel_op_called_first_in_a_fresh_process_loads_the_kernels(call):
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "(1, 16)"
+
+
+needs_onednn = pytest.mark.skipif(not linear_module.onednn_bias_available() or not linear_module.cpu_has_native_bf16(),
+                                  reason="no oneDNN linear or no native bf16 here")
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape,n,k", [((1601, 96), 40, 96), ((2, 300, 64), 130, 64), ((5, 1280), 33, 1280)])
+def test_bias_products_of_many_bf16_rows_go_through_onednn(shape, n, k, monkeypatch):
+    """The vision MLP's and the projector's products (a bias, many rows): oneDNN's linear adds the bias
+    in its product; x W^T + b rounded once to bf16, as F.linear's addmm gives it."""
+    gen = torch.Generator().manual_seed(n + k)
+    layer = DecodeLinear.from_linear(torch.nn.Linear(k, n))
+    with torch.no_grad():
+        layer.weight.copy_(torch.randn(n, k, generator=gen) * k**-0.5)
+        layer.bias.copy_(torch.randn(n, generator=gen))
+    layer.to(torch.bfloat16)
+    x = torch.randn(*shape, generator=gen).bfloat16()
+    if x.shape[:-1].numel() <= linear_module.decode_kernel_rows():
+        x = torch.cat([x] * (linear_module.decode_kernel_rows() // x.shape[0] + 1))
+    calls = []
+    real = linear_module.onednn_linear
+    monkeypatch.setattr(linear_module, "onednn_linear", lambda *a: calls.append(1) or real(*a))
+    with torch.no_grad():
+        out = layer(x)
+    assert calls == [1]
+    ref = x.double() @ layer.weight.double().T + layer.bias.double()
+    bound = 2**-8 * ref.abs() + 1e-6 * (x.double().abs() @ layer.weight.double().abs().T) + 1e-30
+    assert out.shape == (*x.shape[:-1], n) and out.dtype == torch.bfloat16
+    assert ((out.double() - ref).abs() <= bound).all()
+    expect = F.linear(x, layer.weight, layer.bias).double()
+    assert ((out.double() - expect).abs() <= 2**-7 * expect.abs() + 1e-6).all()
+
+
+@needs_onednn
+def test_onednn_route_only_for_bias_products_of_many_rows_without_gradients():
+    layer = DecodeLinear.from_linear(torch.nn.Linear(64, 40, dtype=torch.bfloat16))
+    many = torch.randn(linear_module.decode_kernel_rows() + 1, 64).bfloat16()
+    use = linear_module.use_onednn_bias
+    assert layer.weight.requires_grad and not use(many, layer.weight, layer.bias)  # autograd would need it
+    with torch.no_grad():
+        assert use(many, layer.weight, layer.bias)
+        assert not use(many, layer.weight, None)  # no bias: F.linear's mm, as fast
+        assert not use(many[:linear_module.decode_kernel_rows()], layer.weight, layer.bias)  # the decode kernel's
+        assert not use(many.float(), layer.weight.float(), layer.bias.float())
+        with pytest.raises(RuntimeError, match="cannot be multiplied"):  # F.linear's message, not oneDNN's
+            layer(many[:, :63])
+    out = layer(many)  # autograd: F.linear, and gradients flow
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and layer.bias.grad is not None

@@ -119,14 +119,51 @@ def wide_fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     return out.view(*x.shape[:-1], weight.shape[0])
 
 
+@functools.cache
+def onednn_bias_available() -> bool:
+    """Whether oneDNN's linear (`torch.ops.mkldnn._linear_pointwise`, the op inductor's CPU linears call)
+    takes a plain bf16 weight here and adds the bias as part of its product."""
+    if not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        out = torch.ops.mkldnn._linear_pointwise(torch.ones(8, 32, dtype=torch.bfloat16),
+                                                 torch.ones(16, 32, dtype=torch.bfloat16),
+                                                 torch.ones(16, dtype=torch.bfloat16), "none", [], "")
+    except (AttributeError, RuntimeError):
+        return False
+    return out.shape == (8, 16) and bool((out == 33).all())
+
+
+def use_onednn_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """A bf16 product with a bias and more rows than the decode kernel takes (the vision MLP and the
+    projector), on a CPU with native bf16, where no gradient is needed. torch's F.linear runs it as
+    addmm, whose bias handling costs 5-15% of the GEMM on the vision MLP's shapes; oneDNN's linear
+    adds the bias inside its product, with the same values (benchmarks/RESULTS.md)."""
+    return (bias is not None and x.dim() >= 2 and x.shape[-1] == weight.shape[-1] and weight.dim() == 2
+            and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
+            and bias.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.device.type == "cpu"
+            and bias.device.type == "cpu" and x.shape[:-1].numel() > decode_kernel_rows()
+            and not torch.compiler.is_compiling()
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
+            and cpu_has_native_bf16() and onednn_bias_available())
+
+
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """x @ weight.T + bias through oneDNN's linear (see use_onednn_bias); no autograd."""
+    flat = x.reshape(-1, x.shape[-1]).contiguous()  # (rows, in)
+    out = torch.ops.mkldnn._linear_pointwise(flat, weight, bias, "none", [], "")
+    return out.view(*x.shape[:-1], weight.shape[0])
+
+
 class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with faster bf16 products on CPUs.
 
     A product with at most cpu_kernels.MAX_ROWS rows (NATIVE_BF16_KERNEL_ROWS on a CPU with native
     bf16 but no AMX, MAX_AMX_ROWS with AMX) in bf16 on the CPU, outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
     weight faster than F.linear with few rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
-    (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear);
-    everything else (float32, autograd, GPU) calls F.linear.
+    (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear); with
+    native bf16, more rows with a bias go to oneDNN's linear (onednn_linear); everything else
+    (float32, autograd, GPU) calls F.linear.
     """
 
     @classmethod
@@ -147,6 +184,8 @@ class DecodeLinear(nn.Linear):
             return blocked_kernel_linear(x, self.weight, self.bias)
         if use_wide_fp32(x, self.weight):
             return wide_fp32_linear(x, self.weight, self.bias)
+        if use_onednn_bias(x, self.weight, self.bias):
+            return onednn_linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
