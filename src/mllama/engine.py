@@ -60,16 +60,25 @@ class Engine(PrepareRequests):
     vision-token width, attending over the whole max_len under a length mask; fuse_prefill: a new
     prompt's chunks (once its images are encoded) join the eager decode steps' forward, so its prefill
     and the others' decoding read the weights once (MllamaTextModel.forward_parts); off, each chunk is
-    a forward of its own.
+    a forward of its own; vision_threads: a new image is encoded in a thread of its own on this many
+    torch threads, in parallel with the decode steps and prompts, which take the other threads
+    meanwhile (all of them once it ends; the vision thread all while nothing else runs); None: the
+    image's vision pieces take turns with the steps in the engine's thread.
     """
 
     def __init__(self, model: nn.Module, *, max_slots: int = 8, max_len: int = 2048, tokenizer=None,
                  prefill_chunk: int = 128, vision_piece_layers: int | None = 4, image_cache_bytes: int = 1 << 30,
                  prefix_cache_bytes: int = 1 << 30, prefill_budget_s: float | None = None, fast_vision: bool = False,
-                 compile: bool = False, prefill_budget_ratio: float | None = None, fuse_prefill: bool = True) -> None:
+                 compile: bool = False, prefill_budget_ratio: float | None = None, fuse_prefill: bool = True,
+                 vision_threads: int | None = None) -> None:
         if max_slots < 1 or max_len < 2 or prefill_chunk < 1:
             raise ValueError(f"need max_slots >= 1, max_len >= 2, prefill_chunk >= 1; got {max_slots}, "
                              f"{max_len}, {prefill_chunk}")
+        self._threads = torch.get_num_threads()  # the engine thread's, restored after a background encode
+        if vision_threads is not None and not 1 <= vision_threads < self._threads:
+            raise ValueError(f"vision_threads must be None or 1..{self._threads - 1} (torch has {self._threads} "
+                             f"threads here; the engine keeps at least one), got {vision_threads}")
+        self.vision_threads = vision_threads
         self.model = model
         self.text_model: MllamaTextModel = getattr(model.model, "language_model", model.model)
         self.lm_head = model.lm_head
@@ -213,11 +222,13 @@ class Engine(PrepareRequests):
 
     def _step(self) -> bool:
         self._apply_cancels()
-        # An image being encoded and prompt work take turns, VISION_TURNS vision pieces to one of
+        # With vision_threads an image being encoded runs in a thread of its own and the steps go on
+        # beside it. Otherwise it and prompt work take turns, VISION_TURNS vision pieces to one of
         # prompt work (a prompt chunk in the decode step's forward counts too): neither waits for the
         # other to end, and a step carries one of them, so the others' inter-token latency stays
         # bounded by one piece. The image gets more turns: it is the longer work.
-        vision_due = self._encode_pending() and self._vision_turns < VISION_TURNS
+        in_background = self._vision_background()
+        vision_due = not in_background and self._encode_pending() and self._vision_turns < VISION_TURNS
         group = [] if vision_due else self._take_group()
         if not group:
             self._admit()
@@ -238,12 +249,16 @@ class Engine(PrepareRequests):
             self._prepare_piece()
             while self._incoming is not None and not self._decoding:  # nobody to stall: go on
                 self._prepare_piece()
+        elif self._encode_pending() and self.vision_threads is not None:
+            in_background = self._vision_background()  # admitted in this step
         elif self._encode_pending():
             work = "vision"
             self._encode_piece()
         if work is not None:
             self._vision_turns = self._vision_turns + 1 if work == "vision" else 0
-        return worked or work is not None
+        elif not worked and in_background:
+            self._wait_for_vision()
+        return worked or work is not None or in_background
 
     def _may_admit(self, seq: Sequence) -> bool:
         """Whether a queued request may start now (a tensor-parallel rank 0 holds back the ones its

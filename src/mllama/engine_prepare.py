@@ -54,6 +54,40 @@ class PrepareRequests:
         """A request's images are encoded: it waits for the prompt line."""
         return self._encoding is not None and self._encoding.vision_job.finished
 
+    def _vision_background(self) -> bool:
+        """With vision_threads: the encoding request's images run in a thread of their own on
+        vision_threads torch threads while this thread decodes and prefills on the others (started
+        here, collected here when done; this thread gets all its threads back then, or after a
+        cancel). Whether it is running after this call."""
+        if self.vision_threads is None:
+            return False
+        job = self._encoding.vision_job if self._encoding is not None else None
+        running = job is not None and not job.finished
+        if running and not job.in_background:
+            job.run_background(self.vision_threads, on_done=self._vision_ended)
+        if running and job.poll():  # ended: its results are in the job (and the image cache)
+            running = False
+        if running:
+            job.set_threads(self.vision_threads)  # its share again, should an idle wait have lent it all
+        threads = self._threads - self.vision_threads if running else self._threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return running
+
+    def _vision_ended(self) -> None:
+        """Called from the vision thread when it ends: an idle engine waiting on it goes on."""
+        with self._lock:
+            self._wake.notify_all()
+
+    def _wait_for_vision(self) -> None:
+        """Nothing to decode or prefill while the vision thread runs: it takes every torch thread
+        until it ends or work it does not hold up arrives (a text request, a cancel, stop)."""
+        job = self._encoding.vision_job
+        job.set_threads(self._threads)
+        with self._lock:
+            self._wake.wait_for(lambda: job.poll_ready or self._stopping or bool(self._cancels)
+                                or any(s.vision_job is None for s in self._queue), timeout=1.0)
+
     def _encode_piece(self) -> None:
         """One bounded piece of the encoding request's vision work; with nobody decoding (nobody to
         stall) all of it, and its prompt too."""

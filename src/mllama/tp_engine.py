@@ -44,6 +44,9 @@ def _check_options(options: dict[str, Any]) -> None:
         if options.get(name) is not None:
             raise ValueError(f"{name} cannot be used with tensor parallelism: prompt chunks sized from "
                              "measured time would differ between ranks")
+    if options.get("vision_threads") is not None:
+        raise ValueError("vision_threads cannot be used with tensor parallelism: when an image's encode ends "
+                         "would differ between ranks")
 
 
 class LockstepEngine(Engine):

@@ -13,6 +13,7 @@ import hashlib
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -141,6 +142,10 @@ class _PausableRun:
     not seen yet: the longest so far); every
     piece runs at least one module. None lifts either limit. Returns whether fn() has returned.
     abort() unwinds a paused worker.
+
+    run_free() instead lets the worker run to the end in parallel with the caller, on `threads` torch
+    threads (changed at the next module boundary when set again), and calls on_done when it ends;
+    `done` then says so, and collect() gives the result.
     """
 
     class _Aborted(Exception):
@@ -156,6 +161,8 @@ class _PausableRun:
         self._took: dict[tuple, float] = {}  # seconds from a module's start to the next boundary, per kind
         self._worker_turn = False
         self._aborted = False
+        self.threads: int | None = None  # torch threads the worker uses (run_free); None: as it is
+        self._on_done: Callable[[], None] | None = None
         self.done = False
         self.result = None
         self._error: BaseException | None = None
@@ -168,6 +175,7 @@ class _PausableRun:
     def _pause_point(self, is_layer: bool, module: nn.Module, args) -> None:
         if threading.current_thread() is not self._thread:
             return  # the model used elsewhere meanwhile: not ours to pause
+        self._use_threads()
         # The same kind of module in another layer (same class, same parameter shapes) takes as long.
         kind = (type(module).__name__, tuple(tuple(p.shape) for p in module.parameters(recurse=False)))
         with self._cond:
@@ -187,18 +195,46 @@ class _PausableRun:
                 self._layers_left -= 1
             self._ran, self._last = True, (kind, time.perf_counter())
 
+    def _use_threads(self) -> None:
+        threads = self.threads  # torch's thread count is the calling thread's own (OpenMP)
+        if threads is not None and torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+
     def _main(self) -> None:
         try:
+            self._use_threads()
             with torch.inference_mode():
                 self.result = self._fn()
         except self._Aborted:
             pass
-        except BaseException as error:  # handed to the engine's thread by resume()
+        except BaseException as error:  # handed to the engine's thread by resume() or collect()
             self._error = error
         finally:
             with self._cond:
                 self.done, self._worker_turn = True, False
                 self._cond.notify_all()
+            if self._on_done is not None:
+                self._on_done()
+
+    def run_free(self, threads: int, on_done: Callable[[], None] | None = None) -> None:
+        """Let the worker run to the end without pausing, in parallel with the caller (see the class
+        docstring); returns at once."""
+        with self._cond:
+            self.threads, self._on_done = threads, on_done
+            self._layers_left, self._deadline, self._worker_turn, self._ran = None, None, True, False
+            if not self._thread.is_alive() and not self.done:
+                self._thread.start()
+            self._cond.notify_all()
+
+    def collect(self):
+        """The result of a run that is done (its error raised here)."""
+        if not self.done:
+            raise RuntimeError("the vision worker has not finished")
+        self._thread.join()
+        self._close()
+        if self._error is not None:
+            raise self._error
+        return self.result
 
     def resume(self, layers: int | None, seconds: float | None = None) -> bool:
         with self._cond:
@@ -253,6 +289,7 @@ class VisionJob:
             raise ValueError(f"piece_s must be > 0 or None, got {piece_s}")
         self.piece_layers, self.piece_s = piece_layers, piece_s
         self._run: _PausableRun | None = None
+        self._background = False
         self.pixels, self.ids = pixel_values, aspect_ratio_ids
         self.real = aspect_ratio_mask.bool()
         self.cross_mask = cross_attention_mask.bool()
@@ -285,12 +322,7 @@ class VisionJob:
             self.done[j] = self._encode(j)
         else:
             if self._run is None:
-                mm = self.model.model
-                vision = mm.vision_model
-                layers = list(vision.transformer.layers) + list(vision.global_transformer.layers)
-                units = [mm.multi_modal_projector] + [layer.cross_attn for layer in mm.language_model.layers
-                                                      if isinstance(layer, CrossAttentionDecoderLayer)]
-                self._run = _PausableRun(lambda: self._encode(j), layers, units)
+                self._run = self._pausable(lambda: self._encode(j))
             if not self._run.resume(self.piece_layers, limit):
                 return
             self.done[j], self._run = self._run.result, None
@@ -298,11 +330,58 @@ class VisionJob:
         if self.cache is not None:
             self.cache.put(self.keys[j], self.done[j])
 
+    def _pausable(self, fn) -> _PausableRun:
+        mm = self.model.model
+        vision = mm.vision_model
+        layers = list(vision.transformer.layers) + list(vision.global_transformer.layers)
+        units = [mm.multi_modal_projector] + [layer.cross_attn for layer in mm.language_model.layers
+                                              if isinstance(layer, CrossAttentionDecoderLayer)]
+        return _PausableRun(fn, layers, units)
+
+    @property
+    def in_background(self) -> bool:
+        """Its images are being encoded in a thread of their own (run_background)."""
+        return self._background
+
+    def run_background(self, threads: int, on_done: Callable[[], None] | None = None) -> None:
+        """Encode every pending image in a thread of its own on `threads` torch threads (set_threads
+        changes that at the next module boundary), in parallel with the caller; on_done is called from
+        that thread when it ends. poll() collects the result. Not after run_piece has started one."""
+        if self._run is not None:
+            raise RuntimeError("this vision job is already running in pieces")
+        images = list(self.pending)
+        self._run = self._pausable(lambda: {j: self._encode(j) for j in images})
+        self._background = True
+        self._run.run_free(threads, on_done)
+
+    @property
+    def poll_ready(self) -> bool:
+        """Whether poll() would find the background encode ended (no side effects: any thread)."""
+        return self._run is None or self._run.done
+
+    def set_threads(self, threads: int) -> None:
+        if self._run is not None:
+            self._run.threads = threads
+
+    def poll(self) -> bool:
+        """Whether the background encode has ended; when it has, its images are done (and cached),
+        or its error is raised here."""
+        if self._run is None or not self._run.done:
+            return self._run is None
+        run, self._run, self._background = self._run, None, False
+        for j, kv in run.collect().items():
+            self.done[j] = kv
+            if self.cache is not None:
+                self.cache.put(self.keys[j], kv)
+        self.pending = []
+        return True
+
     def abort(self) -> None:
-        """Stop a vision forward paused half way (the request was cancelled)."""
+        """Stop a vision forward paused half way or running in the background (the request was
+        cancelled); a background one stops at its next module boundary."""
         if self._run is not None:
             self._run.abort()
-            self._run = None
+            self._run, self._background = None, False
 
     def _encode(self, j: int) -> KV:
         """Vision tower, projector and every cross layer's K/V of image j's real tiles."""

@@ -1,0 +1,169 @@
+"""The engine with vision_threads: a new image is encoded in a thread of its own, beside the decode
+steps, on its share of torch's threads; every request still equals itself alone."""
+
+from __future__ import annotations
+
+import random
+import threading
+
+import pytest
+import torch
+
+from mllama.engine import Engine
+from mllama.vision_cache import VisionJob
+from test_engine import MAX_LEN, _alone, _mixed_requests, _request, _run_schedule
+from tiny import hf_pair
+
+THREADS = torch.get_num_threads()
+needs_two = pytest.mark.skipif(THREADS < 2, reason="vision_threads needs torch to have 2 or more threads here")
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {name: hf_pair(name, seed=31)[1] for name in ("a", "b")}
+
+
+def _vision_threads_alive() -> int:
+    return sum(t.name == "mllama-vision" for t in threading.enumerate())
+
+
+@needs_two
+@pytest.mark.parametrize("name", ["a", "b"])
+def test_requests_at_random_steps_with_vision_in_its_thread_equal_each_alone(models, name):
+    model = models[name]
+    rng = random.Random(11)
+    requests = _mixed_requests(name, rng)
+    schedule = [(rng.randint(0, 12), r) for r in requests]
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3, vision_threads=1)
+    handles = _run_schedule(engine, schedule)
+    by_request = {id(r): h for (_, r), h in zip(sorted(schedule, key=lambda x: x[0]), handles)}
+    for request in requests:
+        events = list(by_request[id(request)])
+        ref_tokens, ref_logits = _alone(model, request)
+        assert [e.token for e in events] == ref_tokens
+        assert (torch.stack([e.logits for e in events]) - ref_logits).abs().max().item() <= 1e-5
+    assert not engine.has_work and _vision_threads_alive() == 0
+    assert torch.get_num_threads() == THREADS  # the stepping thread has its threads back
+
+
+class _HeldEncode:
+    """VisionJob._encode held at its start until released; records the worker's torch threads."""
+
+    def __init__(self, monkeypatch, *, fail: bool = False) -> None:
+        self.release, self.started = threading.Event(), threading.Event()
+        self.threads: list[int] = []
+        real = VisionJob._encode
+
+        def held(job, j):
+            self.threads.append(torch.get_num_threads())
+            self.started.set()
+            assert self.release.wait(30), "the test never released the encode"
+            if fail:
+                raise RuntimeError("the vision tower broke")
+            return real(job, j)
+
+        monkeypatch.setattr(VisionJob, "_encode", held)
+
+
+@needs_two
+def test_decode_steps_go_on_while_an_image_encodes_in_its_thread(models, monkeypatch):
+    """While the image is held in its thread the running stream gets a token at every step, on the
+    threads the vision thread leaves; then the image request starts and equals itself alone."""
+    model = models["b"]
+    running = _request("b", length=5, seed=60, max_tokens=30)
+    image = _request("b", length=8, tiles=[3, 2], image_at=[1, 4], seed=61, max_tokens=5)
+    ref = _alone(model, image)
+    held = _HeldEncode(monkeypatch)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+    first = engine.submit(running)
+    engine.step()
+    second = engine.submit(image)
+    engine.step()  # admitted to the encoder
+    engine.step()  # its thread started
+    assert held.started.wait(30) and held.threads == [1]
+    for _ in range(5):
+        before = len(first.tokens)
+        engine.step()
+        assert len(first.tokens) == before + 1 and second.tokens == []
+        assert torch.get_num_threads() == THREADS - 1 and _vision_threads_alive() == 1
+    held.release.set()
+    while not second.tokens:
+        engine.step()
+    assert torch.get_num_threads() == THREADS
+    events = list(second)
+    assert [e.token for e in events] == ref[0]
+    assert (torch.stack([e.logits for e in events]) - ref[1]).abs().max().item() <= 1e-5
+    assert first.result() == _alone(model, running)[0]
+
+
+@needs_two
+def test_an_idle_engine_lends_the_vision_thread_every_thread(models, monkeypatch):
+    """Nobody decoding: a step waits for the image (no busy loop) and the vision thread runs on all
+    of torch's threads; a text request arriving meanwhile starts at once."""
+    model = models["b"]
+    image = _request("b", length=8, tiles=[2], image_at=[1], seed=62, max_tokens=3)
+    text = _request("b", length=6, seed=63, max_tokens=3)
+    seen: list[int] = []
+    layer = model.model.vision_model.transformer.layers[0]
+    hook = layer.register_forward_hook(lambda m, a, out: seen.append(torch.get_num_threads())
+                                       if threading.current_thread().name == "mllama-vision" else None)
+    held = _HeldEncode(monkeypatch)
+    try:
+        engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+        with_image = engine.submit(image)
+        engine.step()  # admitted and started: nobody to decode, so this step waits for it
+        assert held.started.wait(30)
+        threading.Timer(0.3, held.release.set).start()
+        engine.step()  # returns when the encode ends
+        assert seen and seen[0] == THREADS  # lent every thread by its first layer
+        text_only = engine.submit(text)
+        with_image.result(), text_only.result()
+        for handle, request in ((with_image, image), (text_only, text)):
+            assert handle.tokens == _alone(model, request)[0]
+    finally:
+        hook.remove()
+
+
+@needs_two
+def test_cancel_and_failure_of_an_image_in_its_thread(models, monkeypatch):
+    model = models["b"]
+    running = _request("b", length=5, seed=64, max_tokens=20)
+    image = _request("b", length=8, tiles=[2], image_at=[1], seed=65, max_tokens=3)
+    held = _HeldEncode(monkeypatch)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+    first = engine.submit(running)
+    engine.step()
+    second = engine.submit(image)
+    engine.step()
+    engine.step()
+    assert held.started.wait(30) and _vision_threads_alive() == 1
+    second.cancel()
+    held.release.set()
+    engine.step()
+    assert second.finish_reason == "cancelled" and second.tokens == []
+    assert _vision_threads_alive() == 0 and engine.num_waiting == 0
+    engine.step()
+    assert torch.get_num_threads() == THREADS
+    assert first.result() == _alone(model, running)[0]
+
+    broken = _HeldEncode(monkeypatch, fail=True)
+    broken.release.set()
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+    handle = engine.submit(image)
+    with pytest.raises(RuntimeError, match="the vision tower broke"):
+        while engine.has_work:
+            engine.step()
+    with pytest.raises(RuntimeError, match="the vision tower broke"):
+        handle.result()
+    engine.step()
+    assert torch.get_num_threads() == THREADS and not engine.has_work
+
+
+def test_bad_vision_threads(models):
+    from mllama.tp_engine import LockstepEngine
+
+    for bad in (0, -1, THREADS):
+        with pytest.raises(ValueError, match="vision_threads must be None or"):
+            Engine(models["a"], max_slots=1, max_len=8, vision_threads=bad)
+    with pytest.raises(ValueError, match="vision_threads cannot be used with tensor parallelism"):
+        LockstepEngine(models["a"], max_slots=1, max_len=8, vision_threads=1)
