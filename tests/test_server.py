@@ -615,6 +615,8 @@ def test_chat_page_in_a_browser(server, tmp_path):
                                           (["--step-budget", "-1"], "--step-budget must be >= 0"),
                                           (["--step-budget-ratio", "-2"], "--step-budget-ratio must be >= 0"),
                                           (["--prefix-cache-bytes", "-1"], "--prefix-cache-bytes must be >= 0"),
+                                          (["--vision-threads", "-1"], "--vision-threads must be >= 0"),
+                                          (["--vision-threads", "4096"], "--vision-threads must be below torch's"),
                                           (["--model", "/nonexistent/model"], "not a model directory")])
 def test_serve_command_line_errors(flags, words, capsys):
     from mllama.cli import main

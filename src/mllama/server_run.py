@@ -95,18 +95,21 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
           max_body_bytes: int = 64 * 1024 * 1024, images: ImagePolicy | None = None, shutdown_timeout: float = 30.0,
           compile: bool = False, fast_vision: bool = False, log_level: str = "info",
           tensor_parallel: bool = False, step_budget_s: float | None = None, image_cache_bytes: int = 1 << 30,
-          prefix_cache_bytes: int = 1 << 30, step_budget_ratio: float | None = None) -> None:
+          prefix_cache_bytes: int = 1 << 30, step_budget_ratio: float | None = None,
+          vision_threads: int | None = None) -> None:
     """Serve a loaded model until SIGTERM or Ctrl-C (see the module docstring and ServerOptions).
     max_len: tokens per request, prompt and answer (default: 4096 or the model's limit).
     tensor_parallel: this is rank 0 of a model split by mllama.tp; the other ranks run
     `follow_server` with the same options (mllama.tp_engine). step_budget_s, step_budget_ratio: the
-    engine's prefill_budget_s and prefill_budget_ratio (None under tensor parallelism)."""
+    engine's prefill_budget_s and prefill_budget_ratio (None under tensor parallelism); vision_threads:
+    the engine's (None under tensor parallelism)."""
     logging.basicConfig(level=log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     options = engine_options(model, processor, max_slots=max_slots, max_len=max_len, compile=compile,
                              fast_vision=fast_vision, image_cache_bytes=image_cache_bytes,
                              prefix_cache_bytes=prefix_cache_bytes)
     max_len = options["max_len"]
-    budgets = {"prefill_budget_s": step_budget_s, "prefill_budget_ratio": step_budget_ratio}
+    budgets = {"prefill_budget_s": step_budget_s, "prefill_budget_ratio": step_budget_ratio,
+               "vision_threads": vision_threads}
     if tensor_parallel:
         from mllama.tp_engine import LockstepEngine
 
@@ -121,8 +124,10 @@ def serve(model: Any, processor: MllamaProcessor, *, host: str = "127.0.0.1", po
                             access_log=log_level == "debug")
     server = _Uvicorn(config, api, shutdown_timeout)
     engine.start()
-    log.info("serving %s on http://%s:%d (%d slots, context %d, step budget %s)%s", model_name, host, port, max_slots,
-             max_len, _describe_budget(step_budget_s, step_budget_ratio), ", API key required" if api_key else "")
+    log.info("serving %s on http://%s:%d (%d slots, context %d, step budget %s, images encoded %s)%s", model_name,
+             host, port, max_slots, max_len, _describe_budget(step_budget_s, step_budget_ratio),
+             f"on {vision_threads} thread(s) of their own" if vision_threads else "in pieces between steps",
+             ", API key required" if api_key else "")
     try:
         server.run()
     finally:
