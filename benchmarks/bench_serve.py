@@ -195,6 +195,8 @@ def main() -> None:
                         help="passed to `mllama serve` (default: serve's own)")
     parser.add_argument("--step-budget-ratio", type=float, default=None, metavar="X",
                         help="passed to `mllama serve` (default: serve's own)")
+    parser.add_argument("--vision-threads", type=int, default=None, metavar="N",
+                        help="passed to `mllama serve` (default: serve's own; 0: vision pieces take turns)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="passed to `mllama serve` (the baseline keeps transformers' bf16)")
     args = parser.parse_args()
@@ -204,6 +206,7 @@ def main() -> None:
     model_dir = args.model or str(default_model_dir())
     budget = [] if args.step_budget is None else ["--step-budget", str(args.step_budget)]
     budget += [] if args.step_budget_ratio is None else ["--step-budget-ratio", str(args.step_budget_ratio)]
+    budget += [] if args.vision_threads is None else ["--vision-threads", str(args.vision_threads)]
     budget += [] if args.quantize is None else ["--quantize", args.quantize]
     server = Server("--model", model_dir, "--max-slots", str(max(args.clients)), "--max-queue", "1024", *budget)
     rows = []

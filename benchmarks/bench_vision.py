@@ -1,7 +1,8 @@
 """An image through the vision tower and the projector, by tile count: mllama (an image's equal
-padded tiles run once, exact), mllama running every tile slot (what it did before), transformers,
-and `fast_vision` (real tiles only, not exact), interleaved in one process; median seconds and the
-features' agreement.
+padded tiles run once, exact), mllama running every tile slot (what it did before), mllama with its
+biased products through F.linear's addmm (what it did before mllama.linear.onednn_linear),
+transformers, and `fast_vision` (real tiles only, not exact), interleaved in one process; median
+seconds and the features' agreement.
 
     python benchmarks/bench_vision.py [--rounds 3] [--tiles 1 2 3 4]
 
@@ -44,6 +45,19 @@ def image_inputs(checkpoint: str, tiles: int) -> dict[str, torch.Tensor]:
     out = processor([[image]], return_tensors="pt")
     assert int(out["aspect_ratio_mask"].sum()) == tiles, (tiles, out["aspect_ratio_mask"])
     return {k: out[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+
+
+@contextmanager
+def addmm_bias():
+    """mllama with its biased bf16 products (vision MLP, projector) through F.linear's addmm."""
+    import mllama.linear as linear
+
+    saved = linear.use_onednn_bias
+    linear.use_onednn_bias = lambda *args: False
+    try:
+        yield
+    finally:
+        linear.use_onednn_bias = saved
 
 
 @contextmanager
@@ -92,7 +106,12 @@ def main() -> None:
         with every_tile_slot():
             return encode(ours, x)
 
+    def with_addmm(x):
+        with addmm_bias():
+            return encode(ours, x)
+
     variants["mllama, every slot"] = all_slots
+    variants["mllama, addmm bias"] = with_addmm
     variants["fast_vision"] = lambda x: encode(ours, x, skip_padded_tiles=True)  # real tiles only, not exact
     times: dict[tuple[str, int], list[float]] = {}
     results: dict[tuple[str, int], torch.Tensor] = {}
@@ -108,19 +127,23 @@ def main() -> None:
                 results[name, n] = fn(inputs[n])
                 times.setdefault((name, n), []).append(time.perf_counter() - start)
     print(f"vision tower + projector, bench checkpoint (bf16), {args.rounds} interleaved rounds, median seconds")
-    print("| tiles | mllama | mllama, every slot | transformers | fast_vision | mllama vs every slot "
-          "| mllama vs transformers | features vs transformers | vs every slot |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| tiles | mllama | mllama, every slot | mllama, addmm bias | transformers | fast_vision "
+          "| mllama vs every slot | mllama vs addmm bias | mllama vs transformers | features vs transformers "
+          "| vs every slot | vs addmm bias |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for n in args.tiles:
         med = {name: statistics.median(times[name, n]) for name in variants if (name, n) in times}
         slot = med.get("mllama, every slot")
         fast = med.get("fast_vision")
-        row = [str(n), f"{med['mllama']:.2f}", f"{slot:.2f}" if slot else "-", f"{med['transformers']:.2f}",
-               f"{fast:.2f}" if fast else "-",
-               f"{slot / med['mllama']:.2f}x" if slot else "-", f"{med['transformers'] / med['mllama']:.2f}x",
+        addmm = med["mllama, addmm bias"]
+        row = [str(n), f"{med['mllama']:.2f}", f"{slot:.2f}" if slot else "-", f"{addmm:.2f}",
+               f"{med['transformers']:.2f}", f"{fast:.2f}" if fast else "-",
+               f"{slot / med['mllama']:.2f}x" if slot else "-", f"{addmm / med['mllama']:.3f}x",
+               f"{med['transformers'] / med['mllama']:.2f}x",
                f"{agreement(results['mllama', n], results['transformers', n]):.4f}",
                f"{agreement(results['mllama', n], results['mllama, every slot', n]):.4f}"
-               if ("mllama, every slot", n) in results else "-"]
+               if ("mllama, every slot", n) in results else "-",
+               f"{agreement(results['mllama', n], results['mllama, addmm bias', n]):.4f}"]
         print("| " + " | ".join(row) + " |", flush=True)
 
 
