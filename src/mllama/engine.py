@@ -92,6 +92,7 @@ class Engine(PrepareRequests):
         self.fuse_prefill = fuse_prefill
         self._prefill_s_per_token: float | None = None  # measured, for the budgets
         self._decode_s: float | None = None  # the last decode step's time, for prefill_budget_ratio
+        self._idle_decode_s: float | None = None  # the same with no vision thread beside it
         self.tokenizer, self.fast_vision, self.vision_piece_layers = tokenizer, fast_vision, vision_piece_layers
         embed = self.text_model.embed_tokens.weight
         self.dtype, self.device = embed.dtype, embed.device
@@ -238,6 +239,8 @@ class Engine(PrepareRequests):
             fused = self._decode(fuse=not vision_due)
             if not fused:  # the ratio budget is relative to a step without new work
                 self._decode_s = time.perf_counter() - started
+                if not in_background:  # and to one on all of the engine's threads (see _budget_s)
+                    self._idle_decode_s = self._decode_s
             worked = True
         work = None
         if group or fused:

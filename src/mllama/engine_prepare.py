@@ -229,12 +229,16 @@ class PrepareRequests:
 
     def _budget_s(self) -> float | None:
         """Seconds a new request's work may take in this step while others decode (None: no bound):
-        the smaller of prefill_budget_s and prefill_budget_ratio times this step's decode."""
+        the smaller of prefill_budget_s and what keeps this step's decode plus the piece within
+        1 + prefill_budget_ratio decode steps on all threads (ratio times the step, with no vision thread)."""
         if not self._decoding:
             return None
         bounds = [] if self.prefill_budget_s is None else [self.prefill_budget_s]
         if self.prefill_budget_ratio is not None and self._decode_s is not None:
-            bounds.append(max(MIN_BUDGET_S, self.prefill_budget_ratio * self._decode_s))
+            # The others' gap, this step and the piece, within 1 + ratio idle steps: a step slowed by
+            # a vision thread beside it (vision_threads) leaves less room for the piece.
+            idle = self._decode_s if self._idle_decode_s is None else self._idle_decode_s
+            bounds.append(max(MIN_BUDGET_S, (1 + self.prefill_budget_ratio) * idle - self._decode_s))
         return min(bounds, default=None)
 
     def _chunk_size(self) -> int:

@@ -8,10 +8,7 @@ an image seen before (same preprocessed tiles) costs no vision encode and no K/V
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,6 +17,7 @@ import torch
 from torch import nn
 
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs
+from mllama.vision_worker import PausableRun
 
 KV = dict[int, tuple[torch.Tensor, torch.Tensor]]
 # Vision tokens per projector call of a paused encode: the projector is the widest GEMM of the image
@@ -129,141 +127,6 @@ def image_key(pixels: torch.Tensor, aspect_ratio_id: int, real: torch.Tensor, *,
     return h.digest()
 
 
-class _PausableRun:
-    """Runs fn() in a worker thread that pauses at module boundaries of the vision forward, so the
-    vision work of one image can be done a piece at a time between decode steps without
-    restructuring the vision model. Only one of the two threads runs at a time (a handoff, not
-    parallelism).
-
-    resume(layers, seconds) lets the worker run until it is about to start its (layers+1)-th encoder
-    layer from here, or fn() returns, or (seconds) it reaches a module boundary (any submodule of the
-    layers, or of `units`: the projector, the cross-attention K/V projections) where the next module
-    would end past the time limit, judged by how long a module of the same kind took before (a kind
-    not seen yet: the longest so far); every
-    piece runs at least one module. None lifts either limit. Returns whether fn() has returned.
-    abort() unwinds a paused worker.
-
-    run_free() instead lets the worker run to the end in parallel with the caller, on `threads` torch
-    threads (changed at the next module boundary when set again), and calls on_done when it ends;
-    `done` then says so, and collect() gives the result.
-    """
-
-    class _Aborted(Exception):
-        pass
-
-    def __init__(self, fn, layers: list[nn.Module], units: list[nn.Module] = ()) -> None:
-        self._fn = fn
-        self._cond = threading.Condition()
-        self._layers_left: int | None = None
-        self._deadline: float | None = None
-        self._ran = False  # a module ran since the last resume
-        self._last: tuple[tuple, float] | None = None  # the kind of module that started last, and when
-        self._took: dict[tuple, float] = {}  # seconds from a module's start to the next boundary, per kind
-        self._worker_turn = False
-        self._aborted = False
-        self.threads: int | None = None  # torch threads the worker uses (run_free); None: as it is
-        self._on_done: Callable[[], None] | None = None
-        self.done = False
-        self.result = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._main, name="mllama-vision", daemon=True)
-        layer_ids = {id(layer) for layer in layers}
-        modules = {id(m): m for root in [*layers, *units] for m in root.modules()}
-        self._hooks = [m.register_forward_pre_hook(functools.partial(self._pause_point, id(m) in layer_ids))
-                       for m in modules.values()]
-
-    def _pause_point(self, is_layer: bool, module: nn.Module, args) -> None:
-        if threading.current_thread() is not self._thread:
-            return  # the model used elsewhere meanwhile: not ours to pause
-        self._use_threads()
-        # The same kind of module in another layer (same class, same parameter shapes) takes as long.
-        kind = (type(module).__name__, tuple(tuple(p.shape) for p in module.parameters(recurse=False)))
-        with self._cond:
-            now = time.perf_counter()
-            if self._last is not None:
-                self._took[self._last[0]] = now - self._last[1]
-            due = (is_layer and self._layers_left == 0) or (
-                self._deadline is not None and self._ran
-                and now + self._took.get(kind, max(self._took.values(), default=0.0)) >= self._deadline)
-            if due:
-                self._worker_turn = False
-                self._cond.notify_all()
-                self._cond.wait_for(lambda: self._worker_turn)
-            if self._aborted:
-                raise self._Aborted
-            if is_layer and self._layers_left is not None:
-                self._layers_left -= 1
-            self._ran, self._last = True, (kind, time.perf_counter())
-
-    def _use_threads(self) -> None:
-        threads = self.threads  # torch's thread count is the calling thread's own (OpenMP)
-        if threads is not None and torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
-
-    def _main(self) -> None:
-        try:
-            self._use_threads()
-            with torch.inference_mode():
-                self.result = self._fn()
-        except self._Aborted:
-            pass
-        except BaseException as error:  # handed to the engine's thread by resume() or collect()
-            self._error = error
-        finally:
-            with self._cond:
-                self.done, self._worker_turn = True, False
-                self._cond.notify_all()
-            if self._on_done is not None:
-                self._on_done()
-
-    def run_free(self, threads: int, on_done: Callable[[], None] | None = None) -> None:
-        """Let the worker run to the end without pausing, in parallel with the caller (see the class
-        docstring); returns at once."""
-        with self._cond:
-            self.threads, self._on_done = threads, on_done
-            self._layers_left, self._deadline, self._worker_turn, self._ran = None, None, True, False
-            if not self._thread.is_alive() and not self.done:
-                self._thread.start()
-            self._cond.notify_all()
-
-    def collect(self):
-        """The result of a run that is done (its error raised here)."""
-        if not self.done:
-            raise RuntimeError("the vision worker has not finished")
-        self._thread.join()
-        self._close()
-        if self._error is not None:
-            raise self._error
-        return self.result
-
-    def resume(self, layers: int | None, seconds: float | None = None) -> bool:
-        with self._cond:
-            self._layers_left, self._worker_turn, self._ran = layers, True, False
-            self._deadline = time.perf_counter() + seconds if seconds is not None else None
-            if not self._thread.is_alive() and not self.done:
-                self._thread.start()
-            self._cond.notify_all()
-            self._cond.wait_for(lambda: not self._worker_turn)
-        if self.done:
-            self._close()
-            if self._error is not None:
-                raise self._error
-        return self.done
-
-    def abort(self) -> None:
-        with self._cond:
-            self._aborted, self._worker_turn = True, True
-            self._cond.notify_all()
-        if self._thread.is_alive():
-            self._thread.join()
-        self._close()
-
-    def _close(self) -> None:
-        for hook in self._hooks:
-            hook.remove()
-        self._hooks = []
-
-
 class VisionJob:
     """The vision work of one request, done a piece per `run_piece()` call so an engine can
     interleave it with decode steps: at most `piece_layers` vision encoder layers of one image, and
@@ -288,7 +151,7 @@ class VisionJob:
         if piece_s is not None and not piece_s > 0:
             raise ValueError(f"piece_s must be > 0 or None, got {piece_s}")
         self.piece_layers, self.piece_s = piece_layers, piece_s
-        self._run: _PausableRun | None = None
+        self._run: PausableRun | None = None
         self._background = False
         self.pixels, self.ids = pixel_values, aspect_ratio_ids
         self.real = aspect_ratio_mask.bool()
@@ -330,13 +193,13 @@ class VisionJob:
         if self.cache is not None:
             self.cache.put(self.keys[j], self.done[j])
 
-    def _pausable(self, fn) -> _PausableRun:
+    def _pausable(self, fn) -> PausableRun:
         mm = self.model.model
         vision = mm.vision_model
         layers = list(vision.transformer.layers) + list(vision.global_transformer.layers)
         units = [mm.multi_modal_projector] + [layer.cross_attn for layer in mm.language_model.layers
                                               if isinstance(layer, CrossAttentionDecoderLayer)]
-        return _PausableRun(fn, layers, units)
+        return PausableRun(fn, layers, units)
 
     @property
     def in_background(self) -> bool:
@@ -391,7 +254,7 @@ class VisionJob:
                                  self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
         # K/V are per vision token: in chunks of rows, each projection is a short place to pause.
         tokens = vision[0, 0][self.real[j]].flatten(0, 1)  # (T_real * P, vision_output_dim)
-        parts = tokens.tensor_split(-(-tokens.shape[0] // PROJECTOR_ROWS_PER_CALL))  # equal: see _PausableRun
+        parts = tokens.tensor_split(-(-tokens.shape[0] // PROJECTOR_ROWS_PER_CALL))  # equal: see PausableRun
         chunks = [mm.language_model.cross_kv(mm.multi_modal_projector(part[None])) for part in parts]
         return {i: (torch.cat([kv[i][0][0] for kv in chunks], dim=1), torch.cat([kv[i][1][0] for kv in chunks], dim=1))
                 for i in chunks[0]}  # (H_kv, T_real * P, D)
