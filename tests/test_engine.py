@@ -88,13 +88,17 @@ def _mixed_requests(name: str, rng: random.Random) -> list[Request]:
     return out
 
 
+@pytest.mark.parametrize("vision_threads", [None, 1])
 @pytest.mark.parametrize("name", ["a", "b"])
-def test_requests_at_random_steps_equal_each_request_alone(models, name):
+def test_requests_at_random_steps_equal_each_request_alone(models, name, vision_threads):
+    """vision_threads=1: the images encoded in a thread of their own beside the steps."""
+    if vision_threads is not None and torch.get_num_threads() < 2:
+        pytest.skip("vision_threads needs torch to have 2 or more threads here")
     model = models[name]
     rng = random.Random(7)
     requests = _mixed_requests(name, rng)
     schedule = [(rng.randint(0, 12), r) for r in requests]
-    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3)
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3, vision_threads=vision_threads)
     handles = _run_schedule(engine, schedule)
     by_request = {id(r): h for (_, r), h in zip(sorted(schedule, key=lambda x: x[0]), handles)}
     for request in requests:
@@ -106,6 +110,8 @@ def test_requests_at_random_steps_equal_each_request_alone(models, name):
         assert len(tokens) == request.sampling.max_tokens
         assert (logits - ref_logits).abs().max().item() <= 1e-5
     assert engine.num_decoding == 0 and not engine.has_work
+    assert not any(t.name == "mllama-vision" for t in threading.enumerate())
+    assert torch.get_num_threads() == engine._threads  # the stepping thread has its threads back
 
 
 def test_engine_alone_equals_full_uncached_forward(models):

@@ -1,18 +1,18 @@
 """The engine with vision_threads: a new image is encoded in a thread of its own, beside the decode
-steps, on its share of torch's threads; every request still equals itself alone."""
+steps, on its share of torch's threads; every request still equals itself alone (requests at random
+steps: tests/test_engine.py)."""
 
 from __future__ import annotations
 
-import random
 import threading
 
 import pytest
 import torch
+from test_engine import MAX_LEN, _alone, _request
+from tiny import hf_pair
 
 from mllama.engine import Engine
 from mllama.vision_cache import VisionJob
-from test_engine import MAX_LEN, _alone, _mixed_requests, _request, _run_schedule
-from tiny import hf_pair
 
 THREADS = torch.get_num_threads()
 needs_two = pytest.mark.skipif(THREADS < 2, reason="vision_threads needs torch to have 2 or more threads here")
@@ -25,25 +25,6 @@ def models():
 
 def _vision_threads_alive() -> int:
     return sum(t.name == "mllama-vision" for t in threading.enumerate())
-
-
-@needs_two
-@pytest.mark.parametrize("name", ["a", "b"])
-def test_requests_at_random_steps_with_vision_in_its_thread_equal_each_alone(models, name):
-    model = models[name]
-    rng = random.Random(11)
-    requests = _mixed_requests(name, rng)
-    schedule = [(rng.randint(0, 12), r) for r in requests]
-    engine = Engine(model, max_slots=3, max_len=MAX_LEN, prefill_chunk=3, vision_threads=1)
-    handles = _run_schedule(engine, schedule)
-    by_request = {id(r): h for (_, r), h in zip(sorted(schedule, key=lambda x: x[0]), handles)}
-    for request in requests:
-        events = list(by_request[id(request)])
-        ref_tokens, ref_logits = _alone(model, request)
-        assert [e.token for e in events] == ref_tokens
-        assert (torch.stack([e.logits for e in events]) - ref_logits).abs().max().item() <= 1e-5
-    assert not engine.has_work and _vision_threads_alive() == 0
-    assert torch.get_num_threads() == THREADS  # the stepping thread has its threads back
 
 
 class _HeldEncode:

@@ -16,16 +16,16 @@ from torch import nn
 class PausableRun:
     """Runs fn() in a worker thread that pauses at module boundaries of the vision forward, so the
     vision work of one image can be done a piece at a time between decode steps without
-    restructuring the vision model. Only one of the two threads runs at a time (a handoff, not
-    parallelism).
+    restructuring the vision model. With resume() only one of the two threads runs at a time (a
+    handoff, not parallelism); run_free() runs them in parallel.
 
     resume(layers, seconds) lets the worker run until it is about to start its (layers+1)-th encoder
     layer from here, or fn() returns, or (seconds) it reaches a module boundary (any submodule of the
     layers, or of `units`: the projector, the cross-attention K/V projections) where the next module
     would end past the time limit, judged by how long a module of the same kind took before (a kind
-    not seen yet: the longest so far); every
-    piece runs at least one module. None lifts either limit. Returns whether fn() has returned.
-    abort() unwinds a paused worker.
+    not seen yet: the longest so far); every piece runs at least one module. None lifts either limit.
+    Returns whether fn() has returned. abort() unwinds a paused worker (a free one at its next
+    module boundary).
 
     run_free() instead lets the worker run to the end in parallel with the caller, on `threads` torch
     threads (changed at the next module boundary when set again), and calls on_done when it ends;
