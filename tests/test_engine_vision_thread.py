@@ -141,6 +141,8 @@ def test_cancel_and_failure_of_an_image_in_its_thread(models, monkeypatch):
 
 
 def test_bad_vision_threads(models):
+    from mllama import MllamaForConditionalGeneration
+    from mllama.cli import default_vision_threads
     from mllama.tp_engine import LockstepEngine
 
     for bad in (0, -1, THREADS):
@@ -148,3 +150,12 @@ def test_bad_vision_threads(models):
             Engine(models["a"], max_slots=1, max_len=8, vision_threads=bad)
     with pytest.raises(ValueError, match="vision_threads cannot be used with tensor parallelism"):
         LockstepEngine(models["a"], max_slots=1, max_len=8, vision_threads=1)
+    if THREADS >= 2:
+        with torch.device("meta"):  # a model off the CPU
+            elsewhere = MllamaForConditionalGeneration(models["a"].config)
+        with pytest.raises(ValueError, match="this model is on meta"):
+            Engine(elsewhere, max_slots=1, max_len=8, vision_threads=1)
+    # serve's default: half the threads for a model on the CPU, the pieces elsewhere or when told 0
+    assert default_vision_threads(None, device="cpu") == (THREADS // 2 or None)
+    assert default_vision_threads(None, device="cuda") is None
+    assert default_vision_threads(0, device="cpu") is None

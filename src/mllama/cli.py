@@ -264,8 +264,10 @@ def cmd_serve(args: argparse.Namespace) -> None:
     if world > 1 and args.vision_threads:
         raise CliError("--vision-threads cannot be used under torchrun: when an image's encode ends would differ "
                        "between ranks")
-    vision_threads = None if world > 1 else default_vision_threads(args.vision_threads)
+    check_vision_threads(args.vision_threads)  # before a long load
     model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
+    device = next(model.parameters()).device.type
+    vision_threads = None if world > 1 else default_vision_threads(args.vision_threads, device=device)
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         from mllama.server_run import follow_server
 
@@ -283,19 +285,27 @@ def cmd_serve(args: argparse.Namespace) -> None:
           vision_threads=vision_threads, **caches)
 
 
-def default_vision_threads(given: int | None) -> int | None:
-    """serve's vision_threads: given (0: None, pieces taking turns), else half of torch's threads where it
-    has two or more. An image encodes beside the decode steps then: on 2 cores the image's vision work
-    went about 1.4x faster at the same inter-token latency as pieces taking turns (RESULTS.md)."""
+def check_vision_threads(given: int | None) -> None:
     import torch
 
     threads = torch.get_num_threads()
+    if given is not None and given >= threads:
+        raise CliError(f"--vision-threads must be below torch's {threads} threads (the decode steps keep the "
+                       f"rest), got {given}")
+
+
+def default_vision_threads(given: int | None, *, device: str) -> int | None:
+    """serve's vision_threads: given (0: None, pieces taking turns), else, for a model on the CPU, half of
+    torch's threads where it has two or more. An image encodes beside the decode steps then: on 2 cores
+    its vision work went 1.2-1.5x faster than pieces taking turns at a similar inter-token latency
+    (RESULTS.md). On a GPU both threads would queue on one stream: the pieces stay."""
+    import torch
+
+    check_vision_threads(given)
     if given is not None:
-        if given >= threads:
-            raise CliError(f"--vision-threads must be below torch's {threads} threads (the decode steps keep "
-                           f"the rest), got {given}")
         return given or None
-    return threads // 2 if threads >= 2 else None
+    threads = torch.get_num_threads()
+    return threads // 2 if threads >= 2 and device == "cpu" else None
 
 
 # While an image arrives, a stream's steps stay within about 1 + 1.2 = 2.2x their idle time, for a
@@ -326,8 +336,8 @@ def _serve_arguments(parser: argparse.ArgumentParser) -> None:
                              f"{DEFAULT_STEP_BUDGET_RATIO}; 0: off; the smaller of the two bounds holds)")
     parser.add_argument("--vision-threads", type=int, default=None, metavar="N",
                         help="encode a new image in a thread of its own on N of torch's threads, beside the decode "
-                             "steps (default: half of them where there are 2 or more; 0: pieces of its vision "
-                             "work take turns with the steps instead; not under torchrun)")
+                             "steps (default for a model on the CPU: half of them where there are 2 or more; 0: "
+                             "pieces of its vision work take turns with the steps instead; not under torchrun)")
     parser.add_argument("--api-key", default=None,
                         help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
     parser.add_argument("--served-model-name", default=None, help="the model id reported by /v1/models")

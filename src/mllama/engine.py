@@ -96,6 +96,9 @@ class Engine(PrepareRequests):
         self.tokenizer, self.fast_vision, self.vision_piece_layers = tokenizer, fast_vision, vision_piece_layers
         embed = self.text_model.embed_tokens.weight
         self.dtype, self.device = embed.dtype, embed.device
+        if vision_threads is not None and self.device.type != "cpu":
+            raise ValueError(f"vision_threads encodes images beside the steps on CPU threads; this model is on "
+                             f"{self.device.type} (its work would queue on one stream): leave it None")
         self.vocab = self.text_model.config.vocab_size
         layers = list(self.text_model.layers)
         self_attn = [i for i, layer in enumerate(layers) if not isinstance(layer, CrossAttentionDecoderLayer)]
