@@ -127,17 +127,20 @@ def test_cancel_and_failure_of_an_image_in_its_thread(models, monkeypatch):
     assert torch.get_num_threads() == THREADS
     assert first.result() == _alone(model, running)[0]
 
+    # An encode that fails ends its own request with the error; the others go on.
     broken = _HeldEncode(monkeypatch, fail=True)
     broken.release.set()
     engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+    first = engine.submit(running)
+    engine.step()
     handle = engine.submit(image)
-    with pytest.raises(RuntimeError, match="the vision tower broke"):
-        while engine.has_work:
-            engine.step()
+    while engine.has_work:
+        engine.step()
     with pytest.raises(RuntimeError, match="the vision tower broke"):
         handle.result()
-    engine.step()
-    assert torch.get_num_threads() == THREADS and not engine.has_work
+    assert handle.finish_reason == "error"
+    assert first.result() == _alone(model, running)[0]
+    assert torch.get_num_threads() == THREADS and _vision_threads_alive() == 0
 
 
 def test_bad_vision_threads(models):

@@ -58,15 +58,20 @@ class PrepareRequests:
         """With vision_threads: the encoding request's images run in a thread of their own on
         vision_threads torch threads while this thread decodes and prefills on the others (started
         here, collected here when done; this thread gets all its threads back then, or after a
-        cancel). Whether it is running after this call."""
+        cancel). An encode that fails ends its own request with the error. Whether it is running
+        after this call."""
         if self.vision_threads is None:
             return False
         job = self._encoding.vision_job if self._encoding is not None else None
         running = job is not None and not job.finished
         if running and not job.in_background:
             job.run_background(self.vision_threads, on_done=self._vision_ended)
-        if running and job.poll():  # ended: its results are in the job (and the image cache)
-            running = False
+        if running:
+            try:
+                running = not job.poll()  # ended: its results are in the job (and the image cache)
+            except Exception as error:  # the encode failed: that request ends with the error, the others go on
+                seq, self._encoding, running = self._encoding, None, False
+                seq.handle._fail(error)
         if running:
             job.set_threads(self.vision_threads)  # its share again, should an idle wait have lent it all
         threads = self._threads - self.vision_threads if running else self._threads
