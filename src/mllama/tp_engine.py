@@ -10,7 +10,8 @@ order, prompt chunks, sampling) is deterministic given those inputs, because:
   them, and cancellations are applied at the start of a step on every rank;
 - a sampled request without a seed gets one drawn on rank 0 (generators cannot be broadcast), so
   every rank draws the same token from the same (all-reduced) logits;
-- prefill_budget_s and prefill_budget_ratio are refused: chunk sizes from measured time would differ between ranks.
+- prefill_budget_s and prefill_budget_ratio are refused: chunk sizes from measured time would differ between ranks;
+  so is vision_threads: when an image's encode ends would differ too.
 While idle, rank 0 broadcasts a heartbeat every `heartbeat_s`, so followers waiting in a collective
 with a timeout do not fail when nobody sends requests.
 """
