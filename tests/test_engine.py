@@ -183,6 +183,35 @@ def test_cancel_during_a_paused_vision_forward(models):
     assert _alone(model, request)[0] == _alone(model, request, vision_piece_layers=None)[0]
 
 
+@pytest.mark.parametrize("others_decoding", [True, False])
+def test_a_failing_vision_piece_ends_only_its_own_request(models, monkeypatch, others_decoding):
+    """An image whose vision work raises (in a piece between steps, or in pieces back to back with
+    nobody decoding) ends its request with that error; the others decode on and equal themselves alone."""
+    model = models["b"]
+    running = _request("b", length=5, seed=44, max_tokens=12)
+    image = _request("b", length=8, tiles=[2], image_at=[1], seed=45, max_tokens=3)
+    after = _request("b", length=6, seed=46, max_tokens=3)
+    expected = [_alone(model, r)[0] for r in (running, after)]
+
+    def broken(job, j):
+        raise RuntimeError("the vision tower broke")
+
+    monkeypatch.setattr(VisionJob, "_encode", broken)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_piece_layers=1, image_cache_bytes=0)
+    first = engine.submit(running) if others_decoding else None
+    engine.step()
+    handle = engine.submit(image)
+    while engine.has_work:
+        engine.step()
+    with pytest.raises(RuntimeError, match="the vision tower broke"):
+        handle.result()
+    assert handle.finish_reason == "error" and engine.num_waiting == 0
+    assert not any(t.name == "mllama-vision" for t in threading.enumerate())
+    if first is not None:
+        assert first.result() == expected[0]
+    assert engine.submit(after).result() == expected[1]  # the engine serves on
+
+
 def test_text_requests_do_not_wait_behind_an_image(models):
     """A text request queued after one with an image starts (and decodes) while that image is still
     in the vision encoder, a piece per step; every request equals itself alone."""

@@ -69,15 +69,28 @@ class PrepareRequests:
         if running:
             try:
                 running = not job.poll()  # ended: its results are in the job (and the image cache)
-            except Exception as error:  # the encode failed: that request ends with the error, the others go on
-                seq, self._encoding, running = self._encoding, None, False
-                seq.handle._fail(error)
+            except Exception as error:
+                self._vision_failed(error)
+                running = False
         if running:
             job.set_threads(self.vision_threads)  # its share again, should an idle wait have lent it all
         threads = self._threads - self.vision_threads if running else self._threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
         return running
+
+    def _vision_failed(self, error: Exception) -> None:
+        """The encoding request's vision work raised: that request ends with the error, the others go
+        on (its encode touched nothing of theirs)."""
+        seq, self._encoding = self._encoding, None
+        seq.vision_job.abort()
+        seq.handle._fail(error)
+
+    def _run_vision_piece(self, seconds: float | None) -> None:
+        try:
+            self._encoding.vision_job.run_piece(seconds=seconds)
+        except Exception as error:
+            self._vision_failed(error)
 
     def _vision_ended(self) -> None:
         """Called from the vision thread when it ends: an idle engine waiting on it goes on."""
@@ -95,11 +108,11 @@ class PrepareRequests:
 
     def _encode_piece(self) -> None:
         """One bounded piece of the encoding request's vision work; with nobody decoding (nobody to
-        stall) all of it, and its prompt too."""
-        self._encoding.vision_job.run_piece(seconds=self._budget_s())
+        stall) all of it, and its prompt too. A piece that raises ends that request (_vision_failed)."""
+        self._run_vision_piece(self._budget_s())
         while not self._decoding and self._incoming is None and self._encoding is not None:
             if self._encode_pending():
-                self._encoding.vision_job.run_piece(seconds=None)
+                self._run_vision_piece(None)
                 continue
             self._admit()  # the encoded request takes the prompt line (no slot is in use)
             while self._incoming is not None and not self._decoding:
