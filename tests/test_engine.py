@@ -183,10 +183,14 @@ def test_cancel_during_a_paused_vision_forward(models):
     assert _alone(model, request)[0] == _alone(model, request, vision_piece_layers=None)[0]
 
 
+@pytest.mark.parametrize("vision_threads", [None, 1])
 @pytest.mark.parametrize("others_decoding", [True, False])
-def test_a_failing_vision_piece_ends_only_its_own_request(models, monkeypatch, others_decoding):
-    """An image whose vision work raises (in a piece between steps, or in pieces back to back with
-    nobody decoding) ends its request with that error; the others decode on and equal themselves alone."""
+def test_a_failing_vision_piece_ends_only_its_own_request(models, monkeypatch, others_decoding, vision_threads):
+    """An image whose vision work raises (in a piece between steps, in pieces back to back with nobody
+    decoding, or in a thread of its own) ends its request with that error; the others decode on and
+    equal themselves alone."""
+    if vision_threads is not None and torch.get_num_threads() < 2:
+        pytest.skip("vision_threads needs torch to have 2 or more threads here")
     model = models["b"]
     running = _request("b", length=5, seed=44, max_tokens=12)
     image = _request("b", length=8, tiles=[2], image_at=[1], seed=45, max_tokens=3)
@@ -197,7 +201,8 @@ def test_a_failing_vision_piece_ends_only_its_own_request(models, monkeypatch, o
         raise RuntimeError("the vision tower broke")
 
     monkeypatch.setattr(VisionJob, "_encode", broken)
-    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_piece_layers=1, image_cache_bytes=0)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_piece_layers=1, image_cache_bytes=0,
+                    vision_threads=vision_threads)
     first = engine.submit(running) if others_decoding else None
     engine.step()
     handle = engine.submit(image)
@@ -210,6 +215,7 @@ def test_a_failing_vision_piece_ends_only_its_own_request(models, monkeypatch, o
     if first is not None:
         assert first.result() == expected[0]
     assert engine.submit(after).result() == expected[1]  # the engine serves on
+    assert torch.get_num_threads() == engine._threads
 
 
 def test_text_requests_do_not_wait_behind_an_image(models):
