@@ -152,7 +152,6 @@ class VisionJob:
             raise ValueError(f"piece_s must be > 0 or None, got {piece_s}")
         self.piece_layers, self.piece_s = piece_layers, piece_s
         self._run: PausableRun | None = None
-        self._background = False
         self.pixels, self.ids = pixel_values, aspect_ratio_ids
         self.real = aspect_ratio_mask.bool()
         self.cross_mask = cross_attention_mask.bool()
@@ -203,8 +202,9 @@ class VisionJob:
 
     @property
     def in_background(self) -> bool:
-        """Its images are being encoded in a thread of their own (run_background)."""
-        return self._background
+        """Its images are being encoded in a thread of their own (run_background: the only run given
+        a thread count)."""
+        return self._run is not None and self._run.threads is not None
 
     def run_background(self, threads: int, on_done: Callable[[], None] | None = None) -> None:
         """Encode every pending image in a thread of its own on `threads` torch threads (set_threads
@@ -214,7 +214,6 @@ class VisionJob:
             raise RuntimeError("this vision job is already running in pieces")
         images = list(self.pending)
         self._run = self._pausable(lambda: {j: self._encode(j) for j in images})
-        self._background = True
         self._run.run_free(threads, on_done)
 
     @property
@@ -231,7 +230,7 @@ class VisionJob:
         or its error is raised here."""
         if self._run is None or not self._run.done:
             return self._run is None
-        run, self._run, self._background = self._run, None, False
+        run, self._run = self._run, None
         for j, kv in run.collect().items():
             self.done[j] = kv
             if self.cache is not None:
@@ -244,7 +243,7 @@ class VisionJob:
         cancelled); a background one stops at its next module boundary."""
         if self._run is not None:
             self._run.abort()
-            self._run, self._background = None, False
+            self._run = None
 
     def _encode(self, j: int) -> KV:
         """Vision tower, projector and every cross layer's K/V of image j's real tiles."""
