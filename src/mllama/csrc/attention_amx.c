@@ -48,6 +48,48 @@ static inline __m512 exp2_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* The largest of a row's raw scores in a block (tile kt at srow + 256 kt), each tile's `add` added. */
+__attribute__((target("avx512f")))
+static inline float block_max(const float *srow, const __m512 *add, int64_t ntiles) {
+    __m512 m0 = _mm512_set1_ps(-__builtin_inff()), m1 = m0;
+    for (int64_t kt = 0; kt < ntiles; kt += 2) {
+        __m512 x0 = _mm512_loadu_ps(srow + kt * 256), x1 = _mm512_loadu_ps(srow + kt * 256 + 256);
+        if (add) {
+            x0 = _mm512_add_ps(x0, add[kt]);
+            x1 = _mm512_add_ps(x1, add[kt + 1]);
+        }
+        m0 = _mm512_max_ps(m0, x0);
+        m1 = _mm512_max_ps(m1, x1);
+    }
+    return _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+}
+
+/* 2^(c x - shift) of a row's raw scores x in a block (each tile's `add` added) into prow as bf16; returns
+ * their float32 sum and, with `seen`, the largest x (one pass over the scores instead of two). */
+__attribute__((target("avx512f,avx512bf16")))
+static inline float exp_row(const float *srow, const __m512 *add, int64_t ntiles, __m512 cv, __m512 shift,
+                            uint16_t *prow, float *seen) {
+    __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
+    __m512 m0 = _mm512_set1_ps(-__builtin_inff()), m1 = m0;
+    for (int64_t kt = 0; kt < ntiles; kt += 2) {
+        __m512 x0 = _mm512_loadu_ps(srow + kt * 256), x1 = _mm512_loadu_ps(srow + kt * 256 + 256);
+        if (add) {
+            x0 = _mm512_add_ps(x0, add[kt]);
+            x1 = _mm512_add_ps(x1, add[kt + 1]);
+        }
+        if (seen) {
+            m0 = _mm512_max_ps(m0, x0);
+            m1 = _mm512_max_ps(m1, x1);
+        }
+        const __m512 e0 = exp2_neg(_mm512_fmsub_ps(x0, cv, shift)), e1 = exp2_neg(_mm512_fmsub_ps(x1, cv, shift));
+        t0 = _mm512_add_ps(t0, e0);
+        t1 = _mm512_add_ps(t1, e1);
+        _mm512_storeu_si512(prow + kt * 16, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+    }
+    if (seen) *seen = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1));
+    return _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+}
+
 /* Key block kb (16 keys) into kpack: a tile per d chunk, row r holding dims (2r, 2r + 1) of each key. */
 static void pack_k(const uint16_t *k, int64_t k_l, int64_t lk, int64_t d, int64_t dchunks, int64_t kb,
                    uint16_t *kpack) {
@@ -120,6 +162,7 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
     const float c = scale * 1.44269504088896341f;  /* exp(scale * x) = 2^(c * x) */
     const __m512 cv = _mm512_set1_ps(c);
     const __m512 raw_bias = _mm512_set1_ps(bias / scale);  /* in units of q . k, as the stored scores */
+    __m512 add[KEYS / 16];
 
     for (int64_t key0 = 0; key0 < lk; key0 += KEYS) {
         const int64_t nk = lk - key0 < KEYS ? lk - key0 : KEYS, nkp = (nk + 31) / 32 * 32;
@@ -147,21 +190,26 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
                 _tile_stored(2, s + kt * 256 + 256, 64);
                 _tile_stored(3, s + 16 * KEYS + kt * 256 + 256, 64);
             }
-            if (key0 + nk > bias_from)  /* keys from bias_from on: their scores rise by the bias */
-                for (int64_t kt = (bias_from > key0 ? bias_from - key0 : 0) / 16; kt < nkp / 16; kt++) {
-                    const int64_t first = bias_from - key0 - kt * 16;  /* the tile's first biased key */
-                    const __mmask16 keys = first <= 0 ? (__mmask16)0xffff : (__mmask16)(0xffffu << first);
-                    for (int64_t i = 0; i < 32; i++) {
-                        float *srow = s + (i / 16) * 16 * KEYS + kt * 256 + (i % 16) * 16;
-                        const __m512 x = _mm512_loadu_ps(srow);
-                        _mm512_storeu_ps(srow, _mm512_mask_add_ps(x, keys, x, raw_bias));
-                    }
+            /* What each key tile of the block adds to its raw scores (units of q . k): the bias for keys
+             * from bias_from on, -inf for the padding keys past lk (zero keys whose scores must not
+             * count), 0 elsewhere; none at all for a block of plain keys. */
+            const int64_t ntiles = nkp / 16;
+            const int plain = key0 + nkp <= bias_from && nk == nkp;
+            if (!plain) {
+                const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+                const __m512i first_biased = _mm512_set1_epi32((int)(bias_from - key0 < nkp ? bias_from - key0 : nkp));
+                const __m512i first_pad = _mm512_set1_epi32((int)nk);
+                for (int64_t kt = 0; kt < ntiles; kt++) {
+                    const __m512i key = _mm512_add_epi32(lane, _mm512_set1_epi32((int)(kt * 16)));
+                    __m512 b = _mm512_maskz_mov_ps(_mm512_cmpge_epi32_mask(key, first_biased), raw_bias);
+                    add[kt] = _mm512_mask_mov_ps(b, _mm512_cmpge_epi32_mask(key, first_pad),
+                                                 _mm512_set1_ps(-__builtin_inff()));
                 }
-            /* the block's probabilities, unnormalized, into bf16; padding keys and rows get 0 */
-            if (nk < nkp)  /* the last block: scores of the padding keys (zero keys) must not count */
-                for (int64_t i = 0; i < 32; i++)
-                    for (int64_t j = nk; j < nkp; j++) s[(i / 16) * 16 * KEYS + (j / 16) * 256 + (i % 16) * 16 + j % 16] =
-                        -__builtin_inff();
+            }
+            /* the block's probabilities, unnormalized, into bf16; padding keys and rows get 0. A row's
+             * block maximum decides whether its reference maximum moves; past its first block the
+             * exponentials are taken at the current reference while the maximum is found, and taken
+             * again only in the rare block that moves it. */
             for (int64_t i = 0; i < 32; i++) {
                 const float *srow = s + (i / 16) * 16 * KEYS + (i % 16) * 16;  /* key tile kt at srow + 256 kt */
                 uint16_t *prow = p + i * KEYS;
@@ -170,31 +218,26 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
                     memset(prow, 0, (size_t)nkp * 2);
                     continue;
                 }
-                __m512 m0 = _mm512_loadu_ps(srow), m1 = _mm512_loadu_ps(srow + 256);
-                for (int64_t kt = 2; kt < nkp / 16; kt += 2) {
-                    m0 = _mm512_max_ps(m0, _mm512_loadu_ps(srow + kt * 256));
-                    m1 = _mm512_max_ps(m1, _mm512_loadu_ps(srow + kt * 256 + 256));
-                }
-                const float block_max = _mm512_reduce_max_ps(_mm512_max_ps(m0, m1)) * c;
-                if (block_max > mx[row] + RESCALE) {
-                    const float alpha = mx[row] == -__builtin_inff() ? 0.0f : __builtin_exp2f(mx[row] - block_max);
-                    mx[row] = block_max;
-                    sum[row] *= alpha;
-                    float *arow = acc + row * da;
-                    for (int64_t e = 0; e < da; e += 16)
-                        _mm512_storeu_ps(arow + e, _mm512_mul_ps(_mm512_loadu_ps(arow + e), _mm512_set1_ps(alpha)));
-                }
-                const __m512 shift = _mm512_set1_ps(mx[row]);
-                __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
-                for (int64_t kt = 0; kt < nkp / 16; kt += 2) {
-                    const __m512 e0 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(srow + kt * 256), cv, shift));
-                    const __m512 e1 = exp2_neg(_mm512_fmsub_ps(_mm512_loadu_ps(srow + kt * 256 + 256), cv, shift));
-                    t0 = _mm512_add_ps(t0, e0);
-                    t1 = _mm512_add_ps(t1, e1);
-                    _mm512_storeu_si512(prow + kt * 16, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+                const __m512 *adds = plain ? NULL : add;
+                float part;
+                if (mx[row] == -__builtin_inff()) {  /* the row's first block: nothing to rescale yet */
+                    mx[row] = block_max(srow, adds, ntiles) * c;
+                    part = exp_row(srow, adds, ntiles, cv, _mm512_set1_ps(mx[row]), prow, NULL);
+                } else {
+                    float seen;
+                    part = exp_row(srow, adds, ntiles, cv, _mm512_set1_ps(mx[row]), prow, &seen);
+                    if (seen * c > mx[row] + RESCALE) {
+                        const float alpha = __builtin_exp2f(mx[row] - seen * c);
+                        mx[row] = seen * c;
+                        sum[row] *= alpha;
+                        float *arow = acc + row * da;
+                        for (int64_t e = 0; e < da; e += 16)
+                            _mm512_storeu_ps(arow + e, _mm512_mul_ps(_mm512_loadu_ps(arow + e), _mm512_set1_ps(alpha)));
+                        part = exp_row(srow, adds, ntiles, cv, _mm512_set1_ps(mx[row]), prow, NULL);
+                    }
                 }
                 if (nk < nkp) memset(prow + nk, 0, (size_t)(nkp - nk) * 2);
-                sum[row] += _mm512_reduce_add_ps(_mm512_add_ps(t0, t1));
+                sum[row] += part;
             }
             /* acc += p v, a query tile at a time, its sums in up to six tiles */
             for (int64_t qt = 0; qt < 2 && r0 + qt * 16 < rows; qt++) {
