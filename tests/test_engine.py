@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from mllama.engine import Engine
+from mllama.engine_prepare import ENCODED_AHEAD
 from mllama.request import Request, SamplingParams
 from mllama.vision_cache import VisionJob
 from mllama.vision_cache import ImageCache
@@ -236,6 +237,48 @@ def test_text_requests_do_not_wait_behind_an_image(models):
     assert any(t.name == "mllama-vision" for t in threading.enumerate())
     for handle, request in ((first, running), (with_image, image), (text_only, text)):
         assert handle.result() == _alone(model, request)[0]
+
+
+@pytest.mark.parametrize("cancel_encoded", [False, True])
+def test_the_encoder_goes_on_while_encoded_requests_wait_for_a_slot(models, monkeypatch, cancel_encoded):
+    """With the one slot busy, queued image requests are encoded meanwhile, ENCODED_AHEAD of them (each
+    holds its cross K/V until its turn); then each takes the slot in turn and equals itself alone. One
+    cancelled while it waits encoded ends at once; the others are unaffected."""
+    model = models["a"]
+    started: list[VisionJob] = []
+    real_encode = VisionJob._encode
+
+    def encode(job, j):
+        started.append(job)
+        return real_encode(job, j)
+
+    monkeypatch.setattr(VisionJob, "_encode", encode)
+    running = _request("a", length=5, seed=90, max_tokens=40)
+    images = [_request("a", length=6, tiles=[1 + i % 2], image_at=[2], seed=91 + i, max_tokens=3)
+              for i in range(ENCODED_AHEAD + 1)]
+    expected = [_alone(model, r)[0] for r in (running, *images)]
+    started.clear()
+    engine = Engine(model, max_slots=1, max_len=MAX_LEN, vision_piece_layers=None)
+    first = engine.submit(running)
+    engine.step()
+    handles = [engine.submit(r) for r in images]
+    for _ in range(8):
+        engine.step()
+    assert len(first.tokens) < 40 and engine.num_decoding == 1  # the slot is still busy
+    assert len(started) == ENCODED_AHEAD and all(job.finished for job in started)
+    assert engine.num_waiting == len(images)
+    if cancel_encoded:
+        handles[0].cancel()
+        engine.step()
+        assert handles[0].finish_reason == "cancelled" and handles[0].tokens == []
+        assert len(started) == ENCODED_AHEAD + 1  # the next image took the place it left
+    while engine.has_work:
+        engine.step()
+    assert first.result() == expected[0]
+    for i, (handle, tokens) in enumerate(zip(handles, expected[1:])):
+        if not (cancel_encoded and i == 0):
+            assert handle.result() == tokens
+    assert engine.num_waiting == 0 and len({id(job) for job in started}) == len(images)
 
 
 def test_an_image_and_arriving_prompts_take_turns(models, monkeypatch):

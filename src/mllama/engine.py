@@ -116,9 +116,10 @@ class Engine(PrepareRequests):
         self._presence = torch.zeros(max_slots, self.vocab, dtype=torch.bool, device=self.device)
         self._queue: collections.deque[Sequence] = collections.deque()
         self._incoming: Sequence | None = None  # in prefill, at slot len(_decoding)
-        # Its images in the vision encoder, a piece per step, while other requests start and decode;
-        # then it takes its turn as _incoming.
+        # Its images in the vision encoder (a piece per step, or in a thread of its own) while other
+        # requests start and decode; then it waits in _encoded for its turn as _incoming.
         self._encoding: Sequence | None = None
+        self._encoded: collections.deque[Sequence] = collections.deque()
         self._vision_turns = 0  # vision pieces since the last prompt work
         self._decoding: list[Sequence] = []  # index = slot
         self._cancels: set[int] = set()
@@ -168,8 +169,8 @@ class Engine(PrepareRequests):
 
     @property
     def has_work(self) -> bool:
-        return bool(self._queue or self._incoming is not None or self._encoding is not None or self._decoding
-                    or self._cancels)
+        return bool(self._queue or self._incoming is not None or self._encoding is not None or self._encoded
+                    or self._decoding or self._cancels)
 
     @property
     def num_decoding(self) -> int:
@@ -177,8 +178,8 @@ class Engine(PrepareRequests):
 
     @property
     def num_waiting(self) -> int:
-        """Requests not started yet: queued, or with their images in the encoder."""
-        return len(self._queue) + (self._encoding is not None)
+        """Requests not started yet: queued, with their images in the encoder, or encoded."""
+        return len(self._queue) + (self._encoding is not None) + len(self._encoded)
 
     @property
     def running(self) -> bool:
@@ -272,22 +273,16 @@ class Engine(PrepareRequests):
         return True
 
     def _admit(self) -> None:
-        """The first queued request with images goes to the vision encoder when it is free; the prompt
-        line (_incoming, which needs a free slot) takes an encoded request first, else the first
-        queued text-only one: text requests do not wait behind another request's images."""
-        with self._lock:
-            to_encode = None
-            if self._encoding is None:
-                to_encode = next((s for s in self._queue if s.vision_job is not None), None)
-                if to_encode is not None and self._may_admit(to_encode):
-                    self._queue.remove(to_encode)
-                    self._encoding = to_encode
-        if to_encode is not None and self._encoding is to_encode:
-            to_encode.vision_job.lookup()  # an image cache hit finishes it at once
+        """The first queued request with images goes to the vision encoder when it is free
+        (_admit_encode); the prompt line (_incoming, which needs a free slot) takes an encoded request
+        first, else the first queued text-only one: text requests do not wait behind another
+        request's images."""
+        self._admit_encode()
         if self._incoming is not None or len(self._decoding) >= self.max_slots:
             return
-        if self._encoded_waiting():
-            self._incoming, self._encoding = self._encoding, None
+        if self._encoded:
+            self._incoming = self._encoded.popleft()
+            self._admit_encode()  # room for one more encoded request
             return
         with self._lock:
             seq = next((s for s in self._queue if s.vision_job is None), None)
@@ -311,6 +306,9 @@ class Engine(PrepareRequests):
         if self._encoding is not None and self._encoding.handle.id in cancels:
             seq, self._encoding = self._encoding, None
             seq.vision_job.abort()
+            self._finish(seq, "cancelled", Event(token=None))
+        for seq in [s for s in self._encoded if s.handle.id in cancels]:
+            self._encoded.remove(seq)
             self._finish(seq, "cancelled", Event(token=None))
         gone = [slot for slot, seq in enumerate(self._decoding) if seq.handle.id in cancels]
         for slot in gone:
@@ -340,11 +338,13 @@ class Engine(PrepareRequests):
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
-            seqs = list(self._queue) + [s for s in (self._encoding, self._incoming) if s] + self._decoding
+            seqs = (list(self._queue) + [s for s in (self._encoding, self._incoming) if s] + list(self._encoded)
+                    + self._decoding)
             self._queue.clear()
         if self._encoding is not None:
             self._encoding.vision_job.abort()
         self._incoming, self._encoding, self._decoding, self._batch_dirty = None, None, [], True
+        self._encoded.clear()
         for seq in seqs:
             seq.handle._fail(error)
 

@@ -23,6 +23,9 @@ from mllama.vision_cache import VisionJob
 MIN_BUDGET_S = 0.02
 # While an image is encoded, vision pieces per turn of prompt work (engine.Engine._step).
 VISION_TURNS = 2
+# Requests whose images are encoded that may wait for the prompt line before the encoder takes the
+# next one: the encoder goes on while a slot or the prompt line is busy, but each holds its cross K/V.
+ENCODED_AHEAD = 2
 
 
 class PrepareRequests:
@@ -50,9 +53,23 @@ class PrepareRequests:
         """A request's images are in the vision encoder, not finished."""
         return self._encoding is not None and not self._encoding.vision_job.finished
 
-    def _encoded_waiting(self) -> bool:
-        """A request's images are encoded: it waits for the prompt line."""
-        return self._encoding is not None and self._encoding.vision_job.finished
+    def _admit_encode(self) -> None:
+        """A request whose images are encoded moves to _encoded; the encoder, when free, takes the
+        first queued request with images (an image cache hit finishes it at once), unless
+        ENCODED_AHEAD encoded ones already wait."""
+        while True:
+            if self._encoding is not None and self._encoding.vision_job.finished:
+                self._encoded.append(self._encoding)
+                self._encoding = None
+            if self._encoding is not None or len(self._encoded) >= ENCODED_AHEAD:
+                return
+            with self._lock:
+                seq = next((s for s in self._queue if s.vision_job is not None), None)
+                if seq is None or not self._may_admit(seq):
+                    return
+                self._queue.remove(seq)
+            self._encoding = seq
+            seq.vision_job.lookup()
 
     def _vision_background(self) -> bool:
         """With vision_threads: the encoding request's images run in a thread of their own on
@@ -62,6 +79,19 @@ class PrepareRequests:
         after this call."""
         if self.vision_threads is None:
             return False
+        running = self._poll_background()
+        if not running:  # the encoder is free: the next queued image starts now, not a step later
+            self._admit_encode()
+            running = self._poll_background()
+        if running:
+            self._encoding.vision_job.set_threads(self.vision_threads)  # its share again, should an idle wait have lent it all
+        threads = self._threads - self.vision_threads if running else self._threads
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
+        return running
+
+    def _poll_background(self) -> bool:
+        """Starts the encoding request's background run if it has not started; whether it runs."""
         job = self._encoding.vision_job if self._encoding is not None else None
         running = job is not None and not job.finished
         if running and not job.in_background:
@@ -72,11 +102,6 @@ class PrepareRequests:
             except Exception as error:
                 self._vision_failed(error)
                 running = False
-        if running:
-            job.set_threads(self.vision_threads)  # its share again, should an idle wait have lent it all
-        threads = self._threads - self.vision_threads if running else self._threads
-        if torch.get_num_threads() != threads:
-            torch.set_num_threads(threads)
         return running
 
     def _vision_failed(self, error: Exception) -> None:
@@ -194,7 +219,7 @@ class PrepareRequests:
         padded, and with a time budget while others decode (`_budget_s`), no more than the measured prefill rate
         does within the budget; none while another request is being prepared or an encoded one waits
         for its turn. Requests with images are skipped: they queue for the vision encoder."""
-        if self._incoming is not None or self._encoded_waiting():
+        if self._incoming is not None or self._encoded:
             return []
         cap = 4 * self.prefill_chunk  # padded tokens
         budget = self._budget_s()
