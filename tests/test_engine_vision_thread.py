@@ -5,6 +5,7 @@ steps: tests/test_engine.py)."""
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 import torch
@@ -125,6 +126,52 @@ def test_cancel_of_an_image_in_its_thread(models, monkeypatch):
     engine.step()
     assert torch.get_num_threads() == THREADS
     assert first.result() == _alone(model, running)[0]
+
+
+@needs_two
+@pytest.mark.parametrize("cancel_next", [False, True])
+def test_the_vision_thread_goes_on_to_the_next_image_without_a_step(models, monkeypatch, cancel_next):
+    """Two image requests queued behind a decoding one: the second waits staged while the first
+    encodes, and the vision thread starts it as the first ends, with no engine step in between.
+    Cancelled while staged, it ends and is never encoded. Every request equals itself alone."""
+    model = models["a"]
+    running = _request("a", length=5, seed=66, max_tokens=40)
+    images = [_request("a", length=6, tiles=[1 + i], image_at=[2], seed=67 + i, max_tokens=3) for i in range(2)]
+    expected = [_alone(model, r)[0] for r in (running, *images)]
+    release, encodes = threading.Event(), []
+    real = VisionJob._encode
+
+    def encode(job, j):
+        encodes.append(job)
+        if len(encodes) == 1:
+            assert release.wait(30), "the test never released the first encode"
+        return real(job, j)
+
+    monkeypatch.setattr(VisionJob, "_encode", encode)
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+    first = engine.submit(running)
+    engine.step()
+    handles = [engine.submit(r) for r in images]
+    engine.step()  # the first image starts in its thread, the second is staged behind it
+    assert engine.num_waiting == 2 and len(first.tokens) < 40
+    if cancel_next:
+        handles[1].cancel()
+        engine.step()
+        assert handles[1].finish_reason == "cancelled" and handles[1].tokens == []
+    release.set()
+    deadline = time.monotonic() + 30
+    while len(encodes) < (1 if cancel_next else 2) or not encodes[-1].poll_ready:
+        assert time.monotonic() < deadline, "the second image did not start without a step"
+        time.sleep(0.01)
+    time.sleep(0.1)
+    assert len(encodes) == (1 if cancel_next else 2)
+    while engine.has_work:
+        engine.step()
+    assert first.result() == expected[0] and handles[0].result() == expected[1]
+    if not cancel_next:
+        assert handles[1].result() == expected[2]
+    assert _vision_threads_alive() == 0 and engine.num_waiting == 0
+    assert torch.get_num_threads() == THREADS
 
 
 def test_bad_vision_threads(models):

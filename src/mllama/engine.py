@@ -35,7 +35,7 @@ from mllama.request import Event, Request, RequestHandle
 from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, TextPart, check_ids
 from mllama.tokenizer import StreamDetokenizer
-from mllama.vision_cache import ImageCache, decode_cross
+from mllama.vision_cache import ImageCache, VisionJob, decode_cross
 
 
 class Engine(PrepareRequests):
@@ -120,6 +120,11 @@ class Engine(PrepareRequests):
         # requests start and decode; then it waits in _encoded for its turn as _incoming.
         self._encoding: Sequence | None = None
         self._encoded: collections.deque[Sequence] = collections.deque()
+        # With vision_threads: the next request with images, started by the vision thread itself when
+        # the one it encodes (_staged_after) ends; _vision_lock orders that against this thread.
+        self._staged: Sequence | None = None
+        self._staged_after: VisionJob | None = None
+        self._vision_lock = threading.Lock()
         self._vision_turns = 0  # vision pieces since the last prompt work
         self._decoding: list[Sequence] = []  # index = slot
         self._cancels: set[int] = set()
@@ -170,7 +175,7 @@ class Engine(PrepareRequests):
     @property
     def has_work(self) -> bool:
         return bool(self._queue or self._incoming is not None or self._encoding is not None or self._encoded
-                    or self._decoding or self._cancels)
+                    or self._staged is not None or self._decoding or self._cancels)
 
     @property
     def num_decoding(self) -> int:
@@ -178,8 +183,8 @@ class Engine(PrepareRequests):
 
     @property
     def num_waiting(self) -> int:
-        """Requests not started yet: queued, with their images in the encoder, or encoded."""
-        return len(self._queue) + (self._encoding is not None) + len(self._encoded)
+        """Requests not started yet: queued, with their images in the encoder (or next), or encoded."""
+        return len(self._queue) + (self._encoding is not None) + (self._staged is not None) + len(self._encoded)
 
     @property
     def running(self) -> bool:
@@ -307,6 +312,8 @@ class Engine(PrepareRequests):
             seq, self._encoding = self._encoding, None
             seq.vision_job.abort()
             self._finish(seq, "cancelled", Event(token=None))
+        if self._staged is not None and self._staged.handle.id in cancels:
+            self._drop_staged("cancelled")
         for seq in [s for s in self._encoded if s.handle.id in cancels]:
             self._encoded.remove(seq)
             self._finish(seq, "cancelled", Event(token=None))
@@ -338,9 +345,11 @@ class Engine(PrepareRequests):
 
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
-            seqs = (list(self._queue) + [s for s in (self._encoding, self._incoming) if s] + list(self._encoded)
-                    + self._decoding)
+            seqs = (list(self._queue) + [s for s in (self._encoding, self._staged, self._incoming) if s]
+                    + list(self._encoded) + self._decoding)
             self._queue.clear()
+        if self._staged is not None:
+            self._drop_staged(None)
         if self._encoding is not None:
             self._encoding.vision_job.abort()
         self._incoming, self._encoding, self._decoding, self._batch_dirty = None, None, [], True

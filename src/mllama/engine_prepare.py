@@ -7,13 +7,14 @@ apart only to keep the engine's loop, slots and decode step readable on their ow
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
 
 from mllama.cache import KVWindow
 from mllama.engine_sequence import Sequence
-from mllama.request import Request
+from mllama.request import Event, Request
 from mllama.sampling import SamplingTensors, ban_ids, mark_seen, select_next
 from mllama.text import CrossInputs, TextPart
 from mllama.vision_cache import VisionJob
@@ -63,13 +64,52 @@ class PrepareRequests:
                 self._encoding = None
             if self._encoding is not None or len(self._encoded) >= ENCODED_AHEAD:
                 return
-            with self._lock:
-                seq = next((s for s in self._queue if s.vision_job is not None), None)
-                if seq is None or not self._may_admit(seq):
-                    return
-                self._queue.remove(seq)
+            if self._staged is not None:  # its run may have started already
+                with self._vision_lock:
+                    self._encoding, self._staged, self._staged_after = self._staged, None, None
+                continue
+            seq = self._next_to_encode()
+            if seq is None:
+                return
             self._encoding = seq
-            seq.vision_job.lookup()
+
+    def _next_to_encode(self) -> Sequence | None:
+        """The first queued request with images, out of the queue, its image cache hits taken."""
+        with self._lock:
+            seq = next((s for s in self._queue if s.vision_job is not None), None)
+            if seq is None or not self._may_admit(seq):
+                return None
+            self._queue.remove(seq)
+        seq.vision_job.lookup()
+        return seq
+
+    def _stage_next(self) -> None:
+        """While the encoding request's images run in the background, the next request with images
+        waits staged: the vision thread starts it the moment the running one ends, with no step in
+        between (if, with the running one encoded too, fewer than ENCODED_AHEAD would wait)."""
+        if self._staged is not None or len(self._encoded) + 1 >= ENCODED_AHEAD:
+            return
+        seq = self._next_to_encode()
+        if seq is None:
+            return
+        running = self._encoding.vision_job
+        with self._vision_lock:
+            self._staged, self._staged_after = seq, running
+            if running.poll_ready:  # it ended before it could see the staged one
+                self._start_background(seq.vision_job)
+
+    def _start_background(self, job: VisionJob) -> None:
+        """Under _vision_lock: start job's background run unless it has started or needs none."""
+        if not job.finished and not job.in_background:
+            job.run_background(self.vision_threads, on_done=functools.partial(self._vision_ended, job))
+
+    def _drop_staged(self, reason: str | None) -> None:
+        """The staged request leaves (cancelled: finished with `reason`; None: failed by the caller)."""
+        with self._vision_lock:
+            seq, self._staged, self._staged_after = self._staged, None, None
+        seq.vision_job.abort()
+        if reason is not None:
+            self._finish(seq, reason, Event(token=None))
 
     def _vision_background(self) -> bool:
         """With vision_threads: the encoding request's images run in a thread of their own on
@@ -85,6 +125,7 @@ class PrepareRequests:
             running = self._poll_background()
         if running:
             self._encoding.vision_job.set_threads(self.vision_threads)  # its share again, should an idle wait have lent it all
+            self._stage_next()
         threads = self._threads - self.vision_threads if running else self._threads
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
@@ -95,7 +136,8 @@ class PrepareRequests:
         job = self._encoding.vision_job if self._encoding is not None else None
         running = job is not None and not job.finished
         if running and not job.in_background:
-            job.run_background(self.vision_threads, on_done=self._vision_ended)
+            with self._vision_lock:
+                self._start_background(job)
         if running:
             try:
                 running = not job.poll()  # ended: its results are in the job (and the image cache)
@@ -117,8 +159,12 @@ class PrepareRequests:
         except Exception as error:
             self._vision_failed(error)
 
-    def _vision_ended(self) -> None:
-        """Called from the vision thread when it ends: an idle engine waiting on it goes on."""
+    def _vision_ended(self, job: VisionJob) -> None:
+        """Called from the vision thread when job's run ends: the request staged after it starts at
+        once; an idle engine waiting on it goes on."""
+        with self._vision_lock:
+            if self._staged is not None and self._staged_after is job:
+                self._start_background(self._staged.vision_job)
         with self._lock:
             self._wake.notify_all()
 
