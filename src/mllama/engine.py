@@ -308,12 +308,12 @@ class Engine(PrepareRequests):
             seq, self._incoming = self._incoming, None
             self._keep(seq, len(self._decoding))  # a partial prompt is still a valid prefix
             self._finish(seq, "cancelled", Event(token=None))
+        if self._staged is not None and self._staged.handle.id in cancels:  # first: the encoding one's end starts it
+            self._drop_staged("cancelled")
         if self._encoding is not None and self._encoding.handle.id in cancels:
             seq, self._encoding = self._encoding, None
             seq.vision_job.abort()
             self._finish(seq, "cancelled", Event(token=None))
-        if self._staged is not None and self._staged.handle.id in cancels:
-            self._drop_staged("cancelled")
         for seq in [s for s in self._encoded if s.handle.id in cancels]:
             self._encoded.remove(seq)
             self._finish(seq, "cancelled", Event(token=None))

@@ -62,12 +62,12 @@ class PrepareRequests:
             if self._encoding is not None and self._encoding.vision_job.finished:
                 self._encoded.append(self._encoding)
                 self._encoding = None
-            if self._encoding is not None or len(self._encoded) >= ENCODED_AHEAD:
-                return
-            if self._staged is not None:  # its run may have started already
+            if self._encoding is None and self._staged is not None:  # admitted already; it may be running
                 with self._vision_lock:
                     self._encoding, self._staged, self._staged_after = self._staged, None, None
                 continue
+            if self._encoding is not None or len(self._encoded) >= ENCODED_AHEAD:
+                return
             seq = self._next_to_encode()
             if seq is None:
                 return
