@@ -903,14 +903,23 @@ def test_prompt_chunks_in_the_decode_forward_equal_each_request_alone(models, fu
     calls = []
     real = text_model.forward_parts
     monkeypatch.setattr(text_model, "forward_parts", lambda parts: calls.append([p.cross is not None for p in parts]) or real(parts))
+    # Which step each forward_parts and lm_head call is in: a fused step passes over lm_head once,
+    # also when its chunk ends a prompt (the first token's row joins the decoding rows).
+    step_of, heads, parts_steps = [0], [], []
+    real_head, real_parts = model.lm_head.forward, text_model.forward_parts
+    monkeypatch.setattr(model.lm_head, "forward", lambda x: heads.append(step_of[0]) or real_head(x))
+    monkeypatch.setattr(text_model, "forward_parts", lambda parts: parts_steps.append(step_of[0]) or real_parts(parts))
     short = _request("a", length=5, seed=1, max_tokens=2)
     image = _request("a", length=12, tiles=[2], image_at=[4], seed=2, max_tokens=9)
     long = _request("a", length=14, seed=3, max_tokens=6)  # 5 chunks of 3, two of them fused after short ends
     other = _request("a", length=9, seed=4, max_tokens=4)
     steady = _request("a", length=4, seed=5, max_tokens=30)  # decodes while the others prefill
     engine = Engine(model, max_slots=4, max_len=MAX_LEN, prefill_chunk=3, fuse_prefill=fuse)
+    real_step = engine.step
+    monkeypatch.setattr(engine, "step", lambda: step_of.__setitem__(0, step_of[0] + 1) or real_step())
     schedule = [(0, steady), (0, short), (0, image), (2, long), (3, other)]
     handles = _run_schedule(engine, schedule)
+    assert all(heads.count(step) == 1 for step in parts_steps)
     for (_, request), handle in zip(schedule, handles):
         tokens, logits = _events(handle)
         ref_tokens, ref_logits = _alone(model, request)

@@ -387,7 +387,11 @@ class Engine(PrepareRequests):
             started = time.perf_counter()
             part, end = self._prompt_chunk(incoming)
             hidden, chunk = self.text_model.forward_parts([TextPart(tokens, positions, mask, self._cross, window), part])
-            logits = self.lm_head(hidden[:, -1])[:n]
+            last = hidden[:n, -1]
+            if end == incoming.prompt.numel():  # its first token's logits in the same pass over lm_head
+                last = torch.cat([last, chunk[:, -1]])
+            logits = self.lm_head(last)
+            first, logits = logits[n:], logits[:n]
             if self._decode_s is not None:  # what the chunk added to the step, per token
                 self._measured_prefill(max(0.0, time.perf_counter() - started - self._decode_s) / (end - incoming.prefilled))
             incoming.prefilled = incoming.cached = end  # before _free below, which moves its K/V with the slots
@@ -409,7 +413,7 @@ class Engine(PrepareRequests):
             self._keep(seqs[slot], slot)
         self._free(done)
         if fused:
-            self._chunk_done(incoming, chunk)
+            self._chunk_done(incoming, chunk, first if len(first) else None)
         return fused
 
     def _rebuild_batch(self, n: int) -> None:

@@ -229,12 +229,13 @@ class PrepareRequests:
         old = self._prefill_s_per_token
         self._prefill_s_per_token = rate if old is None or rate > old else 0.5 * (old + rate)
 
-    def _chunk_done(self, seq: Sequence, hidden: torch.Tensor) -> None:
-        """After a chunk's forward (seq.prefilled already past it): the last one samples the first token."""
+    def _chunk_done(self, seq: Sequence, hidden: torch.Tensor, logits: torch.Tensor | None = None) -> None:
+        """After a chunk's forward (seq.prefilled already past it): the last one samples the first token
+        (from `logits` (1, V) where the caller has them already)."""
         if seq.prefilled < seq.prompt.numel():
             return
         self._incoming = None
-        self._start_decoding(seq, len(self._decoding), self.lm_head(hidden[:, -1]))
+        self._start_decoding(seq, len(self._decoding), self.lm_head(hidden[:, -1]) if logits is None else logits)
 
     def _start_decoding(self, seq: Sequence, slot: int, logits: torch.Tensor) -> None:
         """Sample the first token from the prompt's last logits (1, V); unless that ends the request,
