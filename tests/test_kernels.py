@@ -93,7 +93,7 @@ def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
 def test_amx_rows_get_the_same_bits_in_any_batch(n, k):
     """The tiles sum each row of x against the weights in one order whatever else is in the batch:
     every batch of 2 to MAX_AMX_ROWS rows gives each row the bits it gets in any other such batch
-    (one or two tiles of x per pass, a partial last tile)."""
+    (one to four tiles of x per pass, a partial last tile)."""
     gen = torch.Generator().manual_seed(n + k)
     x = torch.randn(cpu_kernels.MAX_AMX_ROWS, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()

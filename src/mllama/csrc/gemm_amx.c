@@ -32,10 +32,9 @@ static float dot_bf16_avx512(const uint16_t *a, const uint16_t *b, int64_t k) {
  * buffer of the thread's that stays in its cache (the same bf16 values as mllama_dequant_int4 / _int8
  * give). x, packed once per call into
  * pairs of k (the second operand's layout), fills 16 columns per tile; a tile product costs the same
- * for 1 or 16 of them, so up to 16 rows of x stream the weights once at memory speed. A block of 32
- * weight rows (two tiles) meets 32 rows of x (two tiles, four results) per pass over k; more rows
- * of x pass over the same block again, from cache. Each output is its own row of x against the
- * weights, summed in one order: a row gets the same bits in any batch. */
+ * for 1 or 16 of them, so up to 16 rows of x stream the weights once at memory speed. Past 16 rows,
+ * each weight tile meets every tile of x (up to four) per pass over k (amx_block). Each output is its
+ * own row of x against the weights, summed in one order: a row gets the same bits in any batch. */
 #ifndef AMX_APART
 /* int4: blocks of 32 weight rows AMX_APART apart, taken in turn by one work item, so the item reads
  * runs of AMX_APART consecutive rows from start to end (as gemm_small.c's one-row loops; 2 streamed
@@ -67,54 +66,60 @@ static void pack_row(const uint32_t *row, int64_t words, uint32_t *tiles, int64_
 }
 
 /* 32 bf16 weight rows (w0: the first 16, w1: the next, `stride` bytes between rows) against every
- * row of x (xpack: (m tiles, k / 32, 16, 16) pairs of k), to out's columns row0 ... row0 + 31. */
+ * row of x (xpack: (m tiles, k / 32, 16, 16) pairs of k), to out's columns row0 ... row0 + 31. Past 16
+ * rows of x, each 16 weight rows meet every tile of x (up to four, one result tile each) in one pass
+ * over k, so the weights stream from memory once whatever the rows: two x tiles against both weight
+ * tiles per pass (four results) read the block a second time for a third or fourth x tile, and
+ * each tile load there waited on the products that read the tile before it. */
 __attribute__((target("amx-tile,amx-bf16,avx512f")))
 static void amx_block(const uint16_t *w0, const uint16_t *w1, int64_t stride, const uint32_t *xpack, float *out,
                       int64_t row0, int64_t m, int64_t n, int64_t k) {
-    const int64_t kblocks = k / 32;
+    const int64_t kblocks = k / 32, mt = (m + 15) / 16;
     float c[4][16][16] __attribute__((aligned(64)));  /* [result tile][weight row][column of x] */
-    int64_t j0 = 0;
-    for (; m - j0 > 16; j0 += 32) {  /* two tiles of x: results (w0, x0) (w1, x0) (w0, x1) (w1, x1) */
-        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256, *x1 = x0 + kblocks * 256;
+    const uint32_t *x0 = xpack, *x1 = x0 + kblocks * 256, *x2 = x1 + kblocks * 256, *x3 = x2 + kblocks * 256;
+    if (mt == 1) {  /* one tile of x: results (w0, x) (w1, x) */
         _tile_zero(0);
         _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
         for (int64_t kb = 0; kb < kblocks; kb++) {
             _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(7, x1 + kb * 256, 64);
             _tile_loadd(4, w0 + kb * 32, stride);
             _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(2, 4, 7);
             _tile_loadd(5, w1 + kb * 32, stride);
             _tile_dpbf16ps(1, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
         }
         _tile_stored(0, c[0], 64);
         _tile_stored(1, c[1], 64);
-        _tile_stored(2, c[2], 64);
-        _tile_stored(3, c[3], 64);
-        const int64_t cols1 = m - j0 - 16 < 16 ? m - j0 - 16 : 16;
-        amx_put(c[0], out, n, row0, j0, 16);
-        amx_put(c[1], out, n, row0 + 16, j0, 16);
-        amx_put(c[2], out, n, row0, j0 + 16, cols1);
-        amx_put(c[3], out, n, row0 + 16, j0 + 16, cols1);
+        amx_put(c[0], out, n, row0, 0, m);
+        amx_put(c[1], out, n, row0 + 16, 0, m);
+        return;
     }
-    if (j0 < m) {  /* one tile of x left: results (w0, x) (w1, x) */
-        const uint32_t *x0 = xpack + (j0 / 16) * kblocks * 256;
+    for (int h = 0; h < 2; h++) {  /* weight tile h against x tiles 0 .. mt - 1: results in tiles 0 .. 3 */
+        const uint16_t *w = h ? w1 : w0;
         _tile_zero(0);
         _tile_zero(1);
+        if (mt > 2) _tile_zero(2);
+        if (mt > 3) _tile_zero(3);
         for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(5, w1 + kb * 32, stride);
-            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(4, w + kb * 32, stride);
+            _tile_loadd(5, x0 + kb * 256, 64);
+            _tile_dpbf16ps(0, 4, 5);
+            _tile_loadd(6, x1 + kb * 256, 64);
+            _tile_dpbf16ps(1, 4, 6);
+            if (mt > 2) {
+                _tile_loadd(7, x2 + kb * 256, 64);
+                _tile_dpbf16ps(2, 4, 7);
+            }
+            if (mt > 3) {
+                _tile_loadd(5, x3 + kb * 256, 64);
+                _tile_dpbf16ps(3, 4, 5);
+            }
         }
         _tile_stored(0, c[0], 64);
         _tile_stored(1, c[1], 64);
-        amx_put(c[0], out, n, row0, j0, m - j0);
-        amx_put(c[1], out, n, row0 + 16, j0, m - j0);
+        if (mt > 2) _tile_stored(2, c[2], 64);
+        if (mt > 3) _tile_stored(3, c[3], 64);
+        for (int64_t t = 0; t < mt; t++)
+            amx_put(c[t], out, n, row0 + 16 * h, 16 * t, m - 16 * t < 16 ? m - 16 * t : 16);
     }
 }
 
