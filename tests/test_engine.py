@@ -892,6 +892,27 @@ def test_lockstep_engine_refuses_time_budgets(models, option):
             build(models["a"], max_slots=1, max_len=8, **{option: 1.0})
 
 
+def test_an_encoded_prompt_of_one_chunk_joins_the_decode_forward(models, monkeypatch):
+    """An image request whose prompt is one chunk has it in a decode step's forward once its image is
+    encoded (a prompt forward of its own would pass over the weights a second time that step), with
+    its cross-attention rows; it and the decoding request equal themselves alone."""
+    model = models["b"]
+    text_model = model.model.language_model
+    parts_seen = []
+    real = text_model.forward_parts
+    monkeypatch.setattr(text_model, "forward_parts",
+                        lambda parts: parts_seen.append([p.cross is not None for p in parts]) or real(parts))
+    steady = _request("b", length=4, seed=6, max_tokens=12)
+    image = _request("b", length=7, tiles=[2], image_at=[1], seed=7, max_tokens=4)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_piece_layers=None)
+    handles = _run_schedule(engine, [(0, steady), (1, image)])
+    assert parts_seen == [[False, True]]  # the decoding row without images, the image prompt with them
+    for request, handle in zip((steady, image), handles):
+        tokens, logits = _events(handle)
+        ref_tokens, ref_logits = _alone(model, request)
+        assert tokens == ref_tokens and (logits - ref_logits).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("fuse", [True, False])
 def test_prompt_chunks_in_the_decode_forward_equal_each_request_alone(models, fuse, monkeypatch):
     """With fuse_prefill a prompt's chunks run in the decode steps' forward (forward_parts: one pass

@@ -286,7 +286,8 @@ class Engine(PrepareRequests):
         if self._incoming is not None or len(self._decoding) >= self.max_slots:
             return
         if self._encoded:
-            self._incoming = self._encoded.popleft()
+            seq = self._incoming = self._encoded.popleft()
+            seq.vision, seq.vision_job = seq.vision_job.result(), None  # its first chunk may fuse (_fuses) too
             self._admit_encode()  # room for one more encoded request
             return
         with self._lock:
