@@ -77,20 +77,30 @@ static void amx_block(const uint16_t *w0, const uint16_t *w1, int64_t stride, co
     const int64_t kblocks = k / 32, mt = (m + 15) / 16;
     float c[4][16][16] __attribute__((aligned(64)));  /* [result tile][weight row][column of x] */
     const uint32_t *x0 = xpack, *x1 = x0 + kblocks * 256, *x2 = x1 + kblocks * 256, *x3 = x2 + kblocks * 256;
-    if (mt == 1) {  /* one tile of x: results (w0, x) (w1, x) */
-        _tile_zero(0);
-        _tile_zero(1);
-        for (int64_t kb = 0; kb < kblocks; kb++) {
-            _tile_loadd(6, x0 + kb * 256, 64);
-            _tile_loadd(4, w0 + kb * 32, stride);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_loadd(5, w1 + kb * 32, stride);
-            _tile_dpbf16ps(1, 5, 6);
+    if (mt == 1) {
+        /* One tile of x: the weight tiles one after the other (16 rows streaming side by side, not
+         * 32), their loads alternating between two registers so that a load need not wait for the
+         * product reading the tile before it. */
+        for (int h = 0; h < 2; h++) {
+            const uint16_t *w = h ? w1 : w0;
+            _tile_zero(0);
+            int64_t kb = 0;
+            for (; kb + 1 < kblocks; kb += 2) {
+                _tile_loadd(6, x0 + kb * 256, 64);
+                _tile_loadd(4, w + kb * 32, stride);
+                _tile_dpbf16ps(0, 4, 6);
+                _tile_loadd(7, x0 + kb * 256 + 256, 64);
+                _tile_loadd(5, w + kb * 32 + 32, stride);
+                _tile_dpbf16ps(0, 5, 7);
+            }
+            if (kb < kblocks) {
+                _tile_loadd(6, x0 + kb * 256, 64);
+                _tile_loadd(4, w + kb * 32, stride);
+                _tile_dpbf16ps(0, 4, 6);
+            }
+            _tile_stored(0, c[0], 64);
+            amx_put(c[0], out, n, row0 + 16 * h, 0, m);
         }
-        _tile_stored(0, c[0], 64);
-        _tile_stored(1, c[1], 64);
-        amx_put(c[0], out, n, row0, 0, m);
-        amx_put(c[1], out, n, row0 + 16, 0, m);
         return;
     }
     for (int h = 0; h < 2; h++) {  /* weight tile h against x tiles 0 .. mt - 1: results in tiles 0 .. 3 */
