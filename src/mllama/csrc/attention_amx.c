@@ -48,16 +48,25 @@ static inline __m512 exp2_neg(__m512 x) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* The largest of a row's raw scores in a block (tile kt at srow + 256 kt), each tile's `add` added. */
+/* Key tiles kt and kt + 1 of a row's raw scores in a block (tile kt at srow + 256 kt), each tile's
+ * `add` added (none: NULL). */
+__attribute__((target("avx512f")))
+static inline void load_scores(const float *srow, const __m512 *add, int64_t kt, __m512 *x0, __m512 *x1) {
+    *x0 = _mm512_loadu_ps(srow + kt * 256);
+    *x1 = _mm512_loadu_ps(srow + kt * 256 + 256);
+    if (add) {
+        *x0 = _mm512_add_ps(*x0, add[kt]);
+        *x1 = _mm512_add_ps(*x1, add[kt + 1]);
+    }
+}
+
+/* The largest of a row's raw scores in a block, each tile's `add` added. */
 __attribute__((target("avx512f")))
 static inline float block_max(const float *srow, const __m512 *add, int64_t ntiles) {
     __m512 m0 = _mm512_set1_ps(-__builtin_inff()), m1 = m0;
     for (int64_t kt = 0; kt < ntiles; kt += 2) {
-        __m512 x0 = _mm512_loadu_ps(srow + kt * 256), x1 = _mm512_loadu_ps(srow + kt * 256 + 256);
-        if (add) {
-            x0 = _mm512_add_ps(x0, add[kt]);
-            x1 = _mm512_add_ps(x1, add[kt + 1]);
-        }
+        __m512 x0, x1;
+        load_scores(srow, add, kt, &x0, &x1);
         m0 = _mm512_max_ps(m0, x0);
         m1 = _mm512_max_ps(m1, x1);
     }
@@ -72,11 +81,8 @@ static inline float exp_row(const float *srow, const __m512 *add, int64_t ntiles
     __m512 t0 = _mm512_setzero_ps(), t1 = _mm512_setzero_ps();
     __m512 m0 = _mm512_set1_ps(-__builtin_inff()), m1 = m0;
     for (int64_t kt = 0; kt < ntiles; kt += 2) {
-        __m512 x0 = _mm512_loadu_ps(srow + kt * 256), x1 = _mm512_loadu_ps(srow + kt * 256 + 256);
-        if (add) {
-            x0 = _mm512_add_ps(x0, add[kt]);
-            x1 = _mm512_add_ps(x1, add[kt + 1]);
-        }
+        __m512 x0, x1;
+        load_scores(srow, add, kt, &x0, &x1);
         if (seen) {
             m0 = _mm512_max_ps(m0, x0);
             m1 = _mm512_max_ps(m1, x1);
