@@ -174,6 +174,33 @@ def test_the_vision_thread_goes_on_to_the_next_image_without_a_step(models, monk
     assert torch.get_num_threads() == THREADS
 
 
+@needs_two
+def test_an_image_being_encoded_is_not_staged_twice(models, monkeypatch):
+    """A request with the image the vision thread is encoding is not staged behind it: it waits for
+    the image cache, so the image is encoded once; both equal themselves alone."""
+    model = models["a"]
+    running = _request("a", length=5, seed=68, max_tokens=30)
+    first = _request("a", length=6, tiles=[2], image_at=[2], seed=69, max_tokens=3)
+    again = _request("a", length=8, seed=70, max_tokens=3)
+    again.input_ids[3] = first.input_ids[2]  # the same image at another place in another prompt
+    for name in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask"):
+        setattr(again, name, getattr(first, name))
+    again.cross_attention_mask = torch.zeros(8, *first.cross_attention_mask.shape[1:], dtype=torch.long)
+    again.cross_attention_mask[3:] = first.cross_attention_mask[2]
+    expected = [_alone(model, r)[0] for r in (running, first, again)]
+    encodes = []
+    real = VisionJob._encode
+    monkeypatch.setattr(VisionJob, "_encode", lambda job, j: encodes.append(job) or real(job, j))
+    engine = Engine(model, max_slots=3, max_len=MAX_LEN, vision_threads=1)
+    handles = [engine.submit(running)]
+    engine.step()
+    handles += [engine.submit(first), engine.submit(again)]
+    while engine.has_work:
+        engine.step()
+    assert [h.result() for h in handles] == expected
+    assert len(encodes) == 1
+
+
 def test_bad_vision_threads(models):
     from mllama import MllamaForConditionalGeneration
     from mllama.cli import default_vision_threads

@@ -89,10 +89,14 @@ class PrepareRequests:
         between (if, with the running one encoded too, fewer than ENCODED_AHEAD would wait)."""
         if self._staged is not None or len(self._encoded) + 1 >= ENCODED_AHEAD:
             return
+        running = self._encoding.vision_job
+        with self._lock:
+            seq = next((s for s in self._queue if s.vision_job is not None), None)
+        if seq is None or not set(seq.vision_job.keys.values()).isdisjoint(running.keys.values()):
+            return  # an image the running encode has: it waits to find it in the image cache
         seq = self._next_to_encode()
         if seq is None:
             return
-        running = self._encoding.vision_job
         with self._vision_lock:
             self._staged, self._staged_after = seq, running
             if running.poll_ready:  # it ended before it could see the staged one
