@@ -361,9 +361,9 @@ class Engine(PrepareRequests):
     # ---- decoding -------------------------------------------------------------------------------
     def _fuses(self, seq: Sequence | None) -> bool:
         """Whether the incoming request's next prompt chunk joins this decode step's forward (one pass
-        over the weights for both; eager steps only, once its images are encoded)."""
-        return (self.fuse_prefill and not self.compile and seq is not None and seq.vision_job is None
-                and seq.prefilled < seq.prompt.numel())
+        over the weights for both; eager steps only; a request with images is encoded before it takes
+        the prompt line)."""
+        return self.fuse_prefill and not self.compile and seq is not None and seq.prefilled < seq.prompt.numel()
 
     def _decode(self, *, fuse: bool = True) -> bool:
         """One decode step for every decoding request, with the incoming prompt's next chunk in the same
@@ -388,11 +388,9 @@ class Engine(PrepareRequests):
             started = time.perf_counter()
             part, end = self._prompt_chunk(incoming)
             hidden, chunk = self.text_model.forward_parts([TextPart(tokens, positions, mask, self._cross, window), part])
-            last = hidden[:n, -1]
-            if end == incoming.prompt.numel():  # its first token's logits in the same pass over lm_head
-                last = torch.cat([last, chunk[:, -1]])
-            logits = self.lm_head(last)
-            first, logits = logits[n:], logits[:n]
+            ends = end == incoming.prompt.numel()  # its first token's logits in the same pass over lm_head
+            logits = self.lm_head(torch.cat([hidden[:n, -1], chunk[:, -1]]) if ends else hidden[:n, -1])
+            first, logits = (logits[n:] if ends else None), logits[:n]
             if self._decode_s is not None:  # what the chunk added to the step, per token
                 self._measured_prefill(max(0.0, time.perf_counter() - started - self._decode_s) / (end - incoming.prefilled))
             incoming.prefilled = incoming.cached = end  # before _free below, which moves its K/V with the slots
@@ -414,7 +412,7 @@ class Engine(PrepareRequests):
             self._keep(seqs[slot], slot)
         self._free(done)
         if fused:
-            self._chunk_done(incoming, chunk, first if len(first) else None)
+            self._chunk_done(incoming, chunk, first)
         return fused
 
     def _rebuild_batch(self, n: int) -> None:

@@ -73,11 +73,14 @@ class PrepareRequests:
                 return
             self._encoding = seq
 
-    def _next_to_encode(self) -> Sequence | None:
-        """The first queued request with images, out of the queue, its image cache hits taken."""
+    def _next_to_encode(self, *, besides: VisionJob | None = None) -> Sequence | None:
+        """The first queued request with images, out of the queue, its image cache hits taken; None
+        if it has an image of `besides` (the running encode's: it waits to find it in the cache)."""
         with self._lock:
             seq = next((s for s in self._queue if s.vision_job is not None), None)
             if seq is None or not self._may_admit(seq):
+                return None
+            if besides is not None and not set(seq.vision_job.keys.values()).isdisjoint(besides.keys.values()):
                 return None
             self._queue.remove(seq)
         seq.vision_job.lookup()
@@ -90,11 +93,7 @@ class PrepareRequests:
         if self._staged is not None or len(self._encoded) + 1 >= ENCODED_AHEAD:
             return
         running = self._encoding.vision_job
-        with self._lock:
-            seq = next((s for s in self._queue if s.vision_job is not None), None)
-        if seq is None or not set(seq.vision_job.keys.values()).isdisjoint(running.keys.values()):
-            return  # an image the running encode has: it waits to find it in the image cache
-        seq = self._next_to_encode()
+        seq = self._next_to_encode(besides=running)
         if seq is None:
             return
         with self._vision_lock:
@@ -195,10 +194,8 @@ class PrepareRequests:
 
     def _prepare_piece(self) -> None:
         """One chunk of the incoming request's prompt (the last chunk also samples its first token);
-        a request with images comes here encoded (engine._admit)."""
+        a request with images comes here with its vision K/V (engine._admit)."""
         seq = self._incoming
-        if seq.vision_job is not None:
-            seq.vision, seq.vision_job = seq.vision_job.result(), None
         part, end = self._prompt_chunk(seq)
         started = time.perf_counter()
         hidden = self.text_model(part.input_ids, position_ids=part.position_ids, mask=part.mask, cross=part.cross,
