@@ -40,10 +40,6 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module
 
 
 WIDE_MIN_ROWS = 112  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
-# On a CPU with native bf16, torch's GEMM overtakes the decode kernel's AVX-512 loop from about 4 rows
-# (1.3-1.6x faster at 16: benchmarks/RESULTS.md); without it the kernel wins up to MAX_ROWS, and
-# with the kernel's AMX tiles up to MAX_AMX_ROWS.
-NATIVE_BF16_KERNEL_ROWS = 4
 WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a time
 
 
@@ -75,13 +71,13 @@ def _slow_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> int | None:
 
 def decode_kernel_rows() -> int:
     """The most rows of a bf16 product that go through the decode kernel on this CPU."""
-    if gemv_level() >= 3:
-        return MAX_AMX_ROWS
-    return NATIVE_BF16_KERNEL_ROWS if cpu_has_native_bf16() else MAX_ROWS
+    # The kernel beats torch's GEMM up to MAX_ROWS rows with AVX-512 BF16 (three rows of x a weight
+    # load) and with AVX2, and up to MAX_AMX_ROWS on AMX tiles (benchmarks/RESULTS.md).
+    return MAX_AMX_ROWS if gemv_level() >= 3 else MAX_ROWS
 
 
 def use_decode_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """cpu_kernels.use_gemv, with fewer rows on a CPU with native bf16 but no AMX."""
+    """cpu_kernels.use_gemv, up to decode_kernel_rows()."""
     return use_gemv(x, weight) and x.shape[:-1].numel() <= decode_kernel_rows()
 
 
@@ -158,8 +154,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with faster bf16 products on CPUs.
 
-    A product with at most cpu_kernels.MAX_ROWS rows (NATIVE_BF16_KERNEL_ROWS on a CPU with native
-    bf16 but no AMX, MAX_AMX_ROWS with AMX) in bf16 on the CPU, outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
+    A product with at most cpu_kernels.MAX_ROWS rows (MAX_AMX_ROWS with AMX) in bf16 on the CPU,
+    outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
     weight faster than F.linear with few rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
     (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear); with
     native bf16, more rows with a bias go to oneDNN's linear (onednn_linear); everything else
