@@ -1,5 +1,6 @@
-"""The AMX attention kernel (csrc/attention_amx.c): against a float64 reference and torch's SDPA on odd
-shapes, the running softmax's rescaling, the fallbacks, and the vision encoder with it swapped in."""
+"""The CPU attention kernel (csrc/attention_cpu.c), its products on AMX tiles and with AVX-512 BF16 (each
+path this CPU has): against a float64 reference and torch's SDPA on odd shapes, the running softmax's
+rescaling, the fallbacks, and the vision encoder with it swapped in."""
 
 from __future__ import annotations
 
@@ -8,14 +9,19 @@ import torch
 import torch.nn.functional as F
 
 from mllama.config import MllamaVisionConfig
-from mllama.cpu_attention import (AmxTileAttentionCore, _attend, amx_attention, amx_attention_available,
-                                  apply_cpu_attention)
+from mllama.cpu_attention import (KernelTileAttentionCore, _attend, apply_cpu_attention, attention_kernel_available,
+                                  kernel_attention)
+from mllama.cpu_kernels import amx_available
 from mllama.linear import apply_cpu_kernels
 import mllama.tile_attention as tile_attention_module
 from mllama.tile_attention import KeyCopies, sdpa_attend
 from mllama.vision import MllamaVisionModel, TileAttentionCore, TileLayout, tile_attention
 
-needs_amx = pytest.mark.skipif(not amx_attention_available(), reason="needs AMX-BF16 and the kernel build")
+needs_kernel = pytest.mark.skipif(not attention_kernel_available(),
+                                  reason="needs AVX-512 BF16 or AMX-BF16 and the kernel build")
+# The products' paths this CPU runs: AMX tiles (True) where it has them, AVX-512 BF16 (False) wherever the kernel runs.
+PATHS = [path for path, here in ((True, amx_available()), (False, attention_kernel_available())) if here] or [False]
+paths = pytest.mark.parametrize("tiles", PATHS, ids=lambda t: "tiles" if t else "avx512")
 
 
 def reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -34,7 +40,7 @@ def check_close(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     assert err <= bound, (err, bound)
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("n1, n2, lq, lk, d", [
     (1, 1, 1, 1, 1),        # one query, one key: the output is v
     (1, 1, 5, 7, 8),        # everything under one tile
@@ -43,27 +49,30 @@ def check_close(got: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Te
     (1, 1, 64, 513, 96),    # the largest head_dim; one key past a block
     (3, 1, 17, 31, 72),     # d a multiple of 8 but not of 16 or 32
 ])
-def test_kernel_matches_reference(n1, n2, lq, lk, d):
+@paths
+def test_kernel_matches_reference(n1, n2, lq, lk, d, tiles):
     gen = torch.Generator().manual_seed(lq * 7 + lk)
     q, k, v = (torch.randn(n, n2, length, d, generator=gen).bfloat16() for n, length in ((n1, lq), (n1, lk), (n1, lk)))
-    got = amx_attention(q, k, v)
+    got = kernel_attention(q, k, v, tiles=tiles)
     assert got is not None
     check_close(got, q, k, v)
 
 
-@needs_amx
-def test_kernel_reads_strided_views():
+@needs_kernel
+@paths
+def test_kernel_reads_strided_views(tiles):
     """A head slice of (m, heads, L, d) and a sequence slice, as tile_attention passes them."""
     gen = torch.Generator().manual_seed(3)
     q, k, v = (torch.randn(2, 80, 4, 40, generator=gen).bfloat16().transpose(1, 2) for _ in range(3))
     for qs, ks, vs in ((q[:, 1:2], k[:, 1:2], v[:, 1:2]), (q[:, :, 10:50], k, v), (q, k[:, :, 3:70], v[:, :, 3:70])):
-        got = amx_attention(qs, ks, vs)
+        got = kernel_attention(qs, ks, vs, tiles=tiles)
         assert got is not None
         check_close(got, qs, ks, vs)
 
 
-@needs_amx
-def test_running_softmax_rescales():
+@needs_kernel
+@paths
+def test_running_softmax_rescales(tiles):
     """Scores that grow block after block (each block of 512 keys far above the last) and one huge
     score: the running maximum must move and scale the sums so far; nothing overflows."""
     gen = torch.Generator().manual_seed(5)
@@ -77,24 +86,26 @@ def test_running_softmax_rescales():
     scores = (q.double() @ k.double().transpose(-1, -2))[0, 0] * d ** -0.5
     assert (scores[:, 512:1024].amax(1) - scores[:, :512].amax(1)).min() > 8  # blocks really move the maximum
     assert (scores[:, 1024:].amax(1) - scores[:, 512:1024].amax(1)).min() > 8
-    got = amx_attention(q, k, v)
+    got = kernel_attention(q, k, v, tiles=tiles)
     assert got is not None
     check_close(got, q, k, v)
 
 
 def test_fallbacks_are_sdpa():
     q = torch.randn(1, 2, 9, 16)
-    assert amx_attention(q, q, q) is None  # float32
+    assert kernel_attention(q, q, q) is None  # float32
     qb = q.bfloat16()
-    assert amx_attention(qb[..., :8].expand(1, 2, 9, 8).clone().requires_grad_(), qb[..., :8], qb[..., :8]) is None
+    assert kernel_attention(qb[..., :8].expand(1, 2, 9, 8).clone().requires_grad_(), qb[..., :8], qb[..., :8]) is None
     big = torch.randn(1, 1, 9, 128).bfloat16()
-    assert amx_attention(big, big, big) is None  # head_dim > 96
-    assert amx_attention(qb, qb[:, :1], qb[:, :1]) is None  # heads differ
+    assert kernel_attention(big, big, big) is None  # head_dim > 96
+    assert kernel_attention(qb, qb[:, :1], qb[:, :1]) is None  # heads differ
+    if not amx_available():
+        assert kernel_attention(qb, qb, qb, tiles=True) is None  # no tiles here
     for args in ((q, q, q), (big, big, big)):
         assert torch.equal(_attend(*args), F.scaled_dot_product_attention(*args))
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("real_tiles", [[3], [1, 3, 2]])
 def test_tile_attention_with_kernel(real_tiles):
     """tile_attention's masked pattern, each part through the kernel, against the float64 dense mask."""
@@ -111,14 +122,15 @@ def test_tile_attention_with_kernel(real_tiles):
     assert err <= 2 * (torch_bf16.double() - exact).abs().max().item() + 2 ** -9 * exact.abs().max().item()
 
 
-@needs_amx
+@needs_kernel
 @pytest.mark.parametrize("lq, lk, start, copies", [
     (40, 100, 37, 2),       # the biased keys start inside a tile of 16 and inside the first block
     (300, 1100, 520, 3),    # inside the second block of 512, two work items of rows
     (33, 530, 513, 5),      # only the last, partial block
     (20, 64, 0, 3),         # every key (then the bias changes nothing)
 ])
-def test_kernel_weighs_keys_as_copies(lq, lk, start, copies):
+@paths
+def test_kernel_weighs_keys_as_copies(lq, lk, start, copies, tiles):
     """KeyCopies(start, c): log(c) on the scores of keys [start, lk), as if those keys and values were
     there c times."""
     gen = torch.Generator().manual_seed(lq + start)
@@ -127,14 +139,14 @@ def test_kernel_weighs_keys_as_copies(lq, lk, start, copies):
     def repeated(x):
         return torch.cat([x[:, :, :start]] + [x[:, :, start:]] * copies, dim=2)
 
-    got = amx_attention(q, k, v, key_copies=KeyCopies(start, copies))
+    got = kernel_attention(q, k, v, key_copies=KeyCopies(start, copies), tiles=tiles)
     assert got is not None
     check_close(got, q, repeated(k), repeated(v))
     if start:  # without the bias the result is measurably different
-        assert (amx_attention(q, k, v).double() - reference(q, repeated(k), repeated(v))).abs().max() > 0.02
+        assert (kernel_attention(q, k, v, tiles=tiles).double() - reference(q, repeated(k), repeated(v))).abs().max() > 0.02
 
 
-@needs_amx
+@needs_kernel
 def test_tile_attention_with_copies_through_kernel():
     """One padded tile for three, through the kernel, against the float64 tiles written out."""
     gen = torch.Generator().manual_seed(8)
@@ -153,7 +165,7 @@ def test_tile_attention_with_copies_through_kernel():
 def test_key_copies_fallback_is_sdpa():
     q = torch.randn(1, 2, 9, 16)
     copies = KeyCopies(4, 2)
-    assert amx_attention(q, q, q, key_copies=copies) is None  # float32
+    assert kernel_attention(q, q, q, key_copies=copies) is None  # float32
     assert torch.equal(_attend(q, q, q, key_copies=copies), sdpa_attend(q, q, q, key_copies=copies))
 
 
@@ -189,13 +201,13 @@ def test_apply_swaps_every_core():
     model = vision_model()
     assert apply_cpu_attention(model) is model
     cores = [m for m in model.modules() if isinstance(m, TileAttentionCore)]
-    assert len(cores) == 5 and all(type(c) is AmxTileAttentionCore for c in cores)
+    assert len(cores) == 5 and all(type(c) is KernelTileAttentionCore for c in cores)
     plain = vision_model()
     apply_cpu_kernels(plain)  # what from_pretrained applies
-    assert all(type(m) is AmxTileAttentionCore for m in plain.modules() if isinstance(m, TileAttentionCore))
+    assert all(type(m) is KernelTileAttentionCore for m in plain.modules() if isinstance(m, TileAttentionCore))
 
 
-@needs_amx
+@needs_kernel
 def test_vision_encoder_with_kernel():
     """bf16 encoder with the kernel against the same weights in float32 with SDPA: as close as the bf16
     encoder with SDPA is (real tiles 4 and 2, head_dim 80)."""

@@ -109,7 +109,7 @@ def tile_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, layout: Ti
     q, k, v: (images, heads, num_tiles * tile_len, head_dim). Real query rows attend to every key,
     so they take one unmasked call; padding rows attend to the real keys only, so they take a second
     unmasked call over the gathered real keys. Both are exact. attend: the unmasked attention
-    (mllama.cpu_attention swaps in its AMX kernel).
+    (mllama.cpu_attention swaps in its CPU kernel).
     """
     if len(layout.runs) == 1:
         return _attend_run(q, k, v, layout, layout.runs[0][2], attend)

@@ -1,4 +1,4 @@
-/* What the AMX kernels (gemm_amx.c, attention_amx.c) share: the tile configuration they all use
+/* What the AMX kernels (gemm_amx.c, attention_cpu.c) share: the tile configuration they all use
  * (palette 1, eight tiles of 16 rows x 64 bytes) and the Linux request for the tiles' register state.
  * Included into each .c file (mllama.kernel_cache hashes local headers into a build's key). */
 #ifndef MLLAMA_AMX_H

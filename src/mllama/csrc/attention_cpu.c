@@ -1,21 +1,24 @@
-/* Unmasked softmax attention over bf16 q, k, v on AMX-BF16 tiles, for the vision encoder's thousands
- * of positions per image (speed against torch's CPU flash attention: benchmarks/RESULTS.md):
+/* Unmasked softmax attention over bf16 q, k, v, for the vision encoder's thousands of positions per
+ * image, on AMX-BF16 tiles or with AVX-512 BF16 (speed against torch's CPU flash attention:
+ * benchmarks/RESULTS.md):
  *   out[i] = sum_j softmax_j(scale * q[i] . k[j] + b[j]) v[j],   float32 sums, out rounded to bf16 once,
  * where b[j] is `bias` for keys j >= bias_from and 0 before: a key that stands for exp(bias) equal
  * keys (one padded tile run for several, mllama/tile_attention.py).
  *
  * Keys and values are packed once per call into the second tile operand's layout (pairs of the
- * summed index):
+ * summed index), which is also vdpbf16ps's: a 64-byte row of kpack is 16 keys' values at two dims,
+ * one of vpack 16 dims' values at two keys:
  *   kpack[key block of 16][d chunk of 32][pair r][key n][2] = k[16 kb + n][32 c + 2 r + i]
  *   vpack[key chunk of 32][d block of 16][pair r][dim n][2] = v[32 kc + 2 r + i][16 e + n]
  * zero past lk and d, so padding adds nothing to any sum. A work item is QROWS query rows of one
  * (batch, head) pair: each packed key and value is read from L3 once for all of them. It walks the
- * keys in blocks of KEYS (scores of 32 rows in tiles, the row softmax running over the blocks, the
+ * keys in blocks of KEYS (scores of 32 rows, the row softmax running over the blocks, the
  * probabilities rounded to bf16 as torch's CPU flash attention does before its second product, p v
- * accumulated in float32 through the tiles) and scales each row by 1 / sum at the end. head_dim up
- * to 96 (six result tiles of 16 dims beside one tile of probabilities and one of values). Built at
- * first use by mllama/cpu_attention.py and called only where gemm_amx.c's mllama_amx_usable said
- * yes (the process then holds the tile state); the OpenMP runtime is the one torch loaded.
+ * accumulated in float32) and scales each row by 1 / sum at the end. head_dim up to 96 (six result
+ * tiles of 16 dims beside one tile of probabilities and one of values). The tiles run only where
+ * gemm_amx.c's mllama_amx_usable said yes (the process then holds the tile state); the AVX-512 BF16
+ * products take each q (or p) pair broadcast against a packed row. Built at first use by
+ * mllama/cpu_attention.py; the OpenMP runtime is the one torch loaded.
  */
 #include <immintrin.h>
 #include <stdint.h>
@@ -135,6 +138,74 @@ static void pack_v(const uint16_t *v, int64_t v_l, int64_t lk, int64_t d, int64_
     }
 }
 
+/* Scores of the 32 query rows at qbuf (rows dq apart) against the ntiles key tiles (16 keys each) of
+ * a block, into s: key tile kt of row i at s + (i / 16) * 16 * KEYS + kt * 256 + (i % 16) * 16 (the
+ * layout of the tiles' stores). Tiles: two query tiles x two key tiles per pass over d. */
+__attribute__((target("amx-tile,amx-bf16")))
+static void scores_tiles(const uint16_t *qbuf, int64_t dq, int64_t dchunks, const uint16_t *kblock, int64_t ntiles,
+                         float *s) {
+    for (int64_t kt = 0; kt < ntiles; kt += 2) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (int64_t ch = 0; ch < dchunks; ch++) {
+            _tile_loadd(4, qbuf + ch * 32, dq * 2);
+            _tile_loadd(5, qbuf + 16 * dq + ch * 32, dq * 2);
+            _tile_loadd(6, kblock + (kt * dchunks + ch) * 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 5, 6);
+            _tile_loadd(7, kblock + ((kt + 1) * dchunks + ch) * 512, 64);
+            _tile_dpbf16ps(2, 4, 7);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, s + kt * 256, 64);
+        _tile_stored(1, s + 16 * KEYS + kt * 256, 64);
+        _tile_stored(2, s + kt * 256 + 256, 64);
+        _tile_stored(3, s + 16 * KEYS + kt * 256 + 256, 64);
+    }
+}
+
+/* The same with AVX-512 BF16: SROWS query rows (a divisor of 32) x STILES key tiles (even) of sums in
+ * registers, each packed key row (16 keys at a pair of dims) loaded once for the SROWS rows' broadcast
+ * q pairs. */
+#ifndef SROWS
+#define SROWS 8
+#endif
+#ifndef STILES
+#define STILES 2  /* 8 x 2 against 4 x 4 or 2 x 8: 1.09x / 1.34x on the AMD EPYC */
+#endif
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void scores_avx512(const uint16_t *qbuf, int64_t dq, int64_t d, int64_t dchunks, const uint16_t *kblock,
+                          int64_t ntiles, float *s) {
+    const int64_t dpairs = (d + 1) / 2;  /* an odd d's last pair holds a zero in q and in k */
+    for (int64_t i0 = 0; i0 < 32; i0 += SROWS) {
+        for (int64_t kt0 = 0; kt0 < ntiles; kt0 += STILES) {
+            const int tiles = ntiles - kt0 < STILES ? (int)(ntiles - kt0) : STILES;  /* ntiles is even */
+            __m512 acc[SROWS][STILES];
+            for (int i = 0; i < SROWS; i++)
+                for (int t = 0; t < STILES; t++) acc[i][t] = _mm512_setzero_ps();
+            for (int64_t pp = 0; pp < dpairs; pp++) {
+                const uint16_t *krow = kblock + (kt0 * dchunks + pp / 16) * 512 + (pp % 16) * 32;
+                __m512bh qv[SROWS];
+                for (int i = 0; i < SROWS; i++) {
+                    uint32_t pair;
+                    memcpy(&pair, qbuf + (i0 + i) * dq + 2 * pp, 4);
+                    qv[i] = (__m512bh)_mm512_set1_epi32((int)pair);
+                }
+                for (int t = 0; t < STILES; t++) {
+                    if (t >= tiles) break;
+                    const __m512bh kv = (__m512bh)_mm512_loadu_si512(krow + t * dchunks * 512);
+                    for (int i = 0; i < SROWS; i++) acc[i][t] = _mm512_dpbf16_ps(acc[i][t], kv, qv[i]);
+                }
+            }
+            for (int i = 0; i < SROWS; i++)
+                for (int t = 0; t < tiles; t++)
+                    _mm512_storeu_ps(s + ((i0 + i) / 16) * 16 * KEYS + (kt0 + t) * 256 + ((i0 + i) % 16) * 16, acc[i][t]);
+        }
+    }
+}
+
 /* The six result tiles of 16 dims (tile numbers must be immediates). */
 #define TILE_EACH(dblocks, OP) do {                          \
         OP(0);                                              \
@@ -145,16 +216,71 @@ static void pack_v(const uint16_t *v, int64_t v_l, int64_t lk, int64_t d, int64_
         if ((dblocks) > 5) OP(5);                           \
     } while (0)
 
+/* acc (rows da apart) += p v for the first `rows` (<= 32) of the block's probability rows p (KEYS
+ * apart) and its nkp keys' packed values, a query tile at a time, its sums in up to six tiles. */
+__attribute__((target("amx-tile,amx-bf16")))
+static void pv_tiles(const uint16_t *p, const uint16_t *vblock, int64_t nkp, int64_t dblocks, int64_t da,
+                     int64_t rows, float *acc) {
+    for (int64_t qt = 0; qt < 2 && qt * 16 < rows; qt++) {
+        float *a = acc + qt * 16 * da;
+#define LOAD_ACC(e) _tile_loadd(e, a + (e) * 16, da * 4)
+#define STORE_ACC(e) _tile_stored(e, a + (e) * 16, da * 4)
+#define PV(e) do { _tile_loadd(7, vt + (e) * 512, 64); _tile_dpbf16ps(e, 6, 7); } while (0)
+        TILE_EACH(dblocks, LOAD_ACC);
+        for (int64_t kc = 0; kc < nkp / 32; kc++) {
+            _tile_loadd(6, p + qt * 16 * KEYS + kc * 32, KEYS * 2);
+            const uint16_t *vt = vblock + kc * dblocks * 512;
+            TILE_EACH(dblocks, PV);
+        }
+        TILE_EACH(dblocks, STORE_ACC);
+#undef LOAD_ACC
+#undef STORE_ACC
+#undef PV
+    }
+}
+
+/* The same with AVX-512 BF16: PROWS rows (a divisor of 32) x up to six blocks of 16 dims in registers, each packed
+ * value row (16 dims at a pair of keys) loaded once for the PROWS rows' broadcast p pairs. */
+#ifndef PROWS
+#define PROWS 4
+#endif
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void pv_avx512(const uint16_t *p, const uint16_t *vblock, int64_t nkp, int64_t dblocks, int64_t da,
+                      int64_t rows, float *acc) {
+    for (int64_t i0 = 0; i0 < rows; i0 += PROWS) {
+        __m512 sum[PROWS][MAX_D / 16];
+        for (int i = 0; i < PROWS; i++)
+            for (int e = 0; e < MAX_D / 16; e++)
+                sum[i][e] = e < dblocks ? _mm512_loadu_ps(acc + (i0 + i) * da + e * 16) : _mm512_setzero_ps();
+        for (int64_t kp = 0; kp < nkp / 2; kp++) {  /* keys 2 kp and 2 kp + 1 */
+            const uint16_t *vrow = vblock + (kp / 16) * dblocks * 512 + (kp % 16) * 32;
+            __m512bh pv[PROWS];
+            for (int i = 0; i < PROWS; i++) {
+                uint32_t pair;
+                memcpy(&pair, p + (i0 + i) * KEYS + 2 * kp, 4);
+                pv[i] = (__m512bh)_mm512_set1_epi32((int)pair);
+            }
+            for (int e = 0; e < MAX_D / 16; e++) {
+                if (e >= dblocks) break;
+                const __m512bh vv = (__m512bh)_mm512_loadu_si512(vrow + e * 512);
+                for (int i = 0; i < PROWS; i++) sum[i][e] = _mm512_dpbf16_ps(sum[i][e], vv, pv[i]);
+            }
+        }
+        for (int i = 0; i < PROWS; i++)
+            for (int e = 0; e < dblocks; e++) _mm512_storeu_ps(acc + (i0 + i) * da + e * 16, sum[i][e]);
+    }
+}
+
 /* One work item: rows [0, rows) of q (at most QROWS) against all lk keys, a block of KEYS keys at a
  * time, the softmax running over the blocks. Each row's reference maximum moves only when a block's
  * maximum exceeds it by more than 2^RESCALE (then the row's sums so far are scaled down): the
  * probabilities stay below 2^RESCALE, and the result is the same softmax. Buffers (thread's own):
  * qbuf QROWS x (32 * dchunks) bf16, acc QROWS x (16 * dblocks) float32, s 32 x KEYS float32, p 32 x KEYS
- * bf16. */
-__attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
+ * bf16. tiles: the products on AMX tiles, else AVX-512 BF16. */
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint16_t *kpack, const uint16_t *vpack,
                         uint16_t *out, int64_t o_l, int64_t lk, int64_t d, float scale, int64_t bias_from,
-                        float bias, uint16_t *qbuf, float *acc, float *s, uint16_t *p) {
+                        float bias, uint16_t *qbuf, float *acc, float *s, uint16_t *p, int tiles) {
     const int64_t dchunks = (d + 31) / 32, dblocks = (d + 15) / 16, dq = dchunks * 32, da = dblocks * 16;
     const int64_t pairs = (rows + 31) / 32;
     float mx[QROWS], sum[QROWS];
@@ -173,33 +299,16 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
     for (int64_t key0 = 0; key0 < lk; key0 += KEYS) {
         const int64_t nk = lk - key0 < KEYS ? lk - key0 : KEYS, nkp = (nk + 31) / 32 * 32;
         const uint16_t *kblock = kpack + (key0 / 16) * dchunks * 512, *vblock = vpack + (key0 / 32) * dblocks * 512;
+        const int64_t ntiles = nkp / 16;
         for (int64_t pair = 0; pair < pairs; pair++) {
             const int64_t r0 = pair * 32;
-            /* scores of 32 rows: two query tiles x two key tiles per pass over d */
-            for (int64_t kt = 0; kt < nkp / 16; kt += 2) {
-                _tile_zero(0);
-                _tile_zero(1);
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t ch = 0; ch < dchunks; ch++) {
-                    _tile_loadd(4, qbuf + r0 * dq + ch * 32, dq * 2);
-                    _tile_loadd(5, qbuf + (r0 + 16) * dq + ch * 32, dq * 2);
-                    _tile_loadd(6, kblock + (kt * dchunks + ch) * 512, 64);
-                    _tile_dpbf16ps(0, 4, 6);
-                    _tile_dpbf16ps(1, 5, 6);
-                    _tile_loadd(7, kblock + ((kt + 1) * dchunks + ch) * 512, 64);
-                    _tile_dpbf16ps(2, 4, 7);
-                    _tile_dpbf16ps(3, 5, 7);
-                }
-                _tile_stored(0, s + kt * 256, 64);
-                _tile_stored(1, s + 16 * KEYS + kt * 256, 64);
-                _tile_stored(2, s + kt * 256 + 256, 64);
-                _tile_stored(3, s + 16 * KEYS + kt * 256 + 256, 64);
-            }
+            if (tiles)
+                scores_tiles(qbuf + r0 * dq, dq, dchunks, kblock, ntiles, s);
+            else
+                scores_avx512(qbuf + r0 * dq, dq, d, dchunks, kblock, ntiles, s);
             /* What each key tile of the block adds to its raw scores (units of q . k): the bias for keys
              * from bias_from on, -inf for the padding keys past lk (zero keys whose scores must not
              * count), 0 elsewhere; none at all for a block of plain keys. */
-            const int64_t ntiles = nkp / 16;
             const int plain = key0 + nkp <= bias_from && nk == nkp;
             if (!plain) {
                 const __m512i lane = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
@@ -245,23 +354,11 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
                 if (nk < nkp) memset(prow + nk, 0, (size_t)(nkp - nk) * 2);
                 sum[row] += part;
             }
-            /* acc += p v, a query tile at a time, its sums in up to six tiles */
-            for (int64_t qt = 0; qt < 2 && r0 + qt * 16 < rows; qt++) {
-                float *a = acc + (r0 + qt * 16) * da;
-#define LOAD_ACC(e) _tile_loadd(e, a + (e) * 16, da * 4)
-#define STORE_ACC(e) _tile_stored(e, a + (e) * 16, da * 4)
-#define PV(e) do { _tile_loadd(7, vt + (e) * 512, 64); _tile_dpbf16ps(e, 6, 7); } while (0)
-                TILE_EACH(dblocks, LOAD_ACC);
-                for (int64_t kc = 0; kc < nkp / 32; kc++) {
-                    _tile_loadd(6, p + qt * 16 * KEYS + kc * 32, KEYS * 2);
-                    const uint16_t *vt = vblock + kc * dblocks * 512;
-                    TILE_EACH(dblocks, PV);
-                }
-                TILE_EACH(dblocks, STORE_ACC);
-#undef LOAD_ACC
-#undef STORE_ACC
-#undef PV
-            }
+            const int64_t live = rows - r0 < 32 ? rows - r0 : 32;
+            if (tiles)
+                pv_tiles(p, vblock, nkp, dblocks, da, live, acc + r0 * da);
+            else
+                pv_avx512(p, vblock, nkp, dblocks, da, live, acc + r0 * da);
         }
     }
     const __mmask16 last = (__mmask16)((1u << (d - (dblocks - 1) * 16)) - 1);
@@ -277,12 +374,13 @@ static void attend_rows(const uint16_t *q, int64_t q_l, int64_t rows, const uint
 
 /* q (n1, n2, lq, d), k and v (n1, n2, lk, d), out (n1, n2, lq, d): bf16, d contiguous, strides in
  * elements: strides[0..2] q's (n1, n2, row), [3..5] k's, [6..8] v's, [9..11] out's; keys from
- * bias_from on get `bias` added to their scaled scores (bias_from >= lk: none). 0 on success, -1 for
- * an unsupported shape or no memory (nothing written then). */
+ * bias_from on get `bias` added to their scaled scores (bias_from >= lk: none). tiles: the products on
+ * AMX tiles (only where mllama_amx_usable said yes), else with AVX-512 BF16. 0 on success, -1 for an
+ * unsupported shape or no memory (nothing written then). */
 __attribute__((target("amx-tile,amx-bf16,avx512f,avx512bw,avx512vl,avx512bf16")))
-int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t n1,
-                         int64_t n2, int64_t lq, int64_t lk, int64_t d, const int64_t *strides, float scale,
-                         int64_t bias_from, float bias, int threads) {
+int mllama_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t n1,
+                     int64_t n2, int64_t lq, int64_t lk, int64_t d, const int64_t *strides, float scale,
+                     int64_t bias_from, float bias, int tiles, int threads) {
     if (n1 < 1 || n2 < 1 || lq < 1 || lk < 1 || d < 1 || d > MAX_D) return -1;
     const int64_t heads = n1 * n2, dchunks = (d + 31) / 32, dblocks = (d + 15) / 16;
     const int64_t kchunks = (lk + 31) / 32;
@@ -319,7 +417,7 @@ int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v
         }
 #pragma omp barrier
         if (!failed) {
-            _tile_loadconfig(&cfg);
+            if (tiles) _tile_loadconfig(&cfg);
 #pragma omp for schedule(dynamic, 1) nowait
             for (int64_t item = 0; item < heads * qblocks; item++) {
                 const int64_t h = item / qblocks, row0 = (item % qblocks) * QROWS;
@@ -327,9 +425,9 @@ int mllama_attention_amx(const uint16_t *q, const uint16_t *k, const uint16_t *v
                 const uint16_t *qh = q + (h / n2) * strides[0] + (h % n2) * strides[1] + row0 * strides[2];
                 uint16_t *oh = out + (h / n2) * strides[9] + (h % n2) * strides[10] + row0 * strides[11];
                 attend_rows(qh, strides[2], rows, kpack + h * kpack_len, vpack + h * vpack_len, oh, strides[11], lk,
-                            d, scale, bias_from, bias, qbuf, acc, s, p);
+                            d, scale, bias_from, bias, qbuf, acc, s, p, tiles);
             }
-            _tile_release();
+            if (tiles) _tile_release();
         }
         free(s);
         free(p);
