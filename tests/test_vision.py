@@ -367,6 +367,27 @@ def test_equal_padded_tiles_run_once_and_match_transformers():
     assert (got - reference(ref, pixels, ids, mask)).abs().max().item() <= 1e-4
 
 
+def test_without_padded_tiles_the_real_tiles_are_the_same():
+    """features(padded_tiles=False) skips writing the shared padded tiles' features (the engine reads
+    the real tiles only): every real tile bit for bit as with them, for images encoded straight into
+    the output (consecutive rows) and through a list of rows (a 1-tile image between two others)."""
+    ours, ref, cfg = make_pair("tiles4-pad7", seed=13)
+    published_like(ours, ref)
+    ratio = {tuple(r): i for i, r in enumerate(cfg.supported_aspect_ratios, start=1)}
+    for layout in ([[1, 1], [2, 2]], [[1, 1], [2, 2], [1, 1]], [[1, 2], [1, 3], [1, 2]]):
+        ids = torch.tensor([[ratio[tuple(r)] for r in layout]])
+        mask = torch.tensor([[[1] * (a * b) + [0] * (4 - a * b) for a, b in layout]])
+        pixels = torch.randn(1, len(layout), 4, cfg.num_channels, cfg.image_size, cfg.image_size,
+                             generator=torch.Generator().manual_seed(len(layout)))
+        pixels[mask == 0] = 0
+        with torch.no_grad():
+            full = ours.features(pixels, ids, mask)
+            real = ours.features(pixels, ids, mask, padded_tiles=False)
+        shown = mask[0].bool()
+        assert torch.equal(real[0][shown], full[0][shown]), layout
+        assert (full[0][shown] - reference(ref, pixels, ids, mask)[0][shown]).abs().max() <= 1e-4
+
+
 def test_equal_padded_tiles_run_in_full_under_autograd():
     """Training the tile tables: every padded slot's rows need their own gradient, so all tiles run."""
     ours, ref, cfg = make_pair("tiles4-pad7", seed=12)

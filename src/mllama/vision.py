@@ -46,6 +46,14 @@ def _add_(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x.add_(y)
 
 
+def _rows(indices: list[int]) -> slice | list[int]:
+    """Consecutive (non-empty) indices as a slice: written through, a plain strided copy, where a list
+    of rows takes index_put, several times slower on an image's 98 MB of features; else the list."""
+    if indices == list(range(indices[0], indices[-1] + 1)):
+        return slice(indices[0], indices[-1] + 1)
+    return indices
+
+
 def _equal_tiles(x: torch.Tensor) -> bool:
     """Whether every tile of x (tiles, ...) equals the first."""
     return bool(torch.equal(x[1:], x[:1].expand_as(x[1:])))
@@ -237,11 +245,14 @@ class MllamaVisionModel(nn.Module):
         return out if return_dict is not False else out.to_tuple()
 
     def features(self, pixel_values: torch.Tensor, aspect_ratio_ids: torch.Tensor,
-                 aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False) -> torch.Tensor:
+                 aspect_ratio_mask: torch.Tensor, *, skip_padded_tiles: bool = False,
+                 padded_tiles: bool = True) -> torch.Tensor:
         """The tensor itself (what mllama's own code calls: no output object on its hot path).
         skip_padded_tiles: encode each image's real tiles only (padded tiles' outputs are zeros).
         Not exact: as trained, real patches also attend to the padded tiles' positions. The speed-up
-        and the logit drift it causes are measured by benchmarks/bench_fast_vision.py."""
+        and the logit drift it causes are measured by benchmarks/bench_fast_vision.py.
+        padded_tiles=False: exact, but the padded tiles' slots of the output may hold anything (for a
+        caller that reads the real tiles only: writing an image's padded features is a 98 MB copy)."""
         batch, images, tiles = self._check_inputs(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         cfg = self.config
         weight = self.patch_embedding.weight
@@ -253,15 +264,17 @@ class MllamaVisionModel(nn.Module):
         # Image slots without a real tile are padding: nothing downstream reads them, skip them.
         keep = real_tiles.any(dim=1)
         if m and bool(keep.all()):
-            return self._encode(pixels, ids, real_tiles, skip_padded_tiles)[:, :tiles].contiguous().view(out_shape)
+            out = self._encode(pixels, ids, real_tiles, skip_padded_tiles, padded_tiles)
+            return out[:, :tiles].contiguous().view(out_shape)
         out = torch.zeros(m, tiles, self.num_patches, cfg.vision_output_dim, dtype=weight.dtype, device=weight.device)
         kept = keep.nonzero().squeeze(1)
         if kept.numel():
-            out[kept] = self._encode(pixels[kept], ids[kept], real_tiles[kept], skip_padded_tiles)[:, :tiles]
+            encoded = self._encode(pixels[kept], ids[kept], real_tiles[kept], skip_padded_tiles, padded_tiles)
+            out[kept] = encoded[:, :tiles]
         return out.reshape(out_shape)
 
     def _encode(self, pixels: torch.Tensor, ids: torch.Tensor, real_tiles: torch.Tensor,
-                skip_padded_tiles: bool) -> torch.Tensor:
+                skip_padded_tiles: bool, padded_tiles: bool = True) -> torch.Tensor:
         """(m, tiles, C, H, W) -> (m, max_num_tiles, num_patches, vision_output_dim).
 
         Fewer tiles than max_num_tiles are padded with zero tiles, as the image processor does.
@@ -297,7 +310,7 @@ class MllamaVisionModel(nn.Module):
         if order is not None:
             post = post[rows, order]
         if not skip_padded_tiles:
-            out = self._encode_exact(x, post, counts)
+            out = self._encode_exact(x, post, counts, padded_tiles=padded_tiles)
         else:
             out = x.new_zeros(m, max_tiles, positions, cfg.vision_output_dim)
             for n in counts.unique().tolist():  # images with n real tiles: encode those n tiles alone
@@ -308,9 +321,11 @@ class MllamaVisionModel(nn.Module):
             out[rows, order] = out.clone()
         return out
 
-    def _encode_exact(self, x: torch.Tensor, post: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def _encode_exact(self, x: torch.Tensor, post: torch.Tensor, counts: torch.Tensor, *,
+                      padded_tiles: bool) -> torch.Tensor:
         """Embedded tiles x (m, t, tile_len, dim), real ones first, -> (m, t, num_patches, vision_output_dim).
-        Images whose padded tiles are equal run one of them for all (exact: mllama.tile_attention)."""
+        Images whose padded tiles are equal run one of them for all (exact: mllama.tile_attention);
+        without padded_tiles the others' slots are left unwritten."""
         m, t = x.shape[:2]
         positions, tile_len = self.num_patches, self.tile_len
         counts_list = counts.tolist()
@@ -327,22 +342,30 @@ class MllamaVisionModel(nn.Module):
         if full:
             layout = TileLayout.from_counts([counts_list[i] for i in full], num_tiles=t, tile_len=tile_len,
                                             real_len=positions)
-            out[full] = self._encoders(x[full], post[full], layout)
+            rows = _rows(full)
+            out[rows] = self._encoders(x[rows], post[rows], layout)
         for n in sorted({n for n, s in zip(counts_list, shared) if s}):
             group = [i for i, (c, s) in enumerate(zip(counts_list, shared)) if s and c == n]
             layout = TileLayout.from_counts([n] * len(group), num_tiles=n + 1, tile_len=tile_len,
                                             real_len=positions, padded_copies=t - n)
-            encoded = self._encoders(x[group, :n + 1], post[group, :n + 1], layout)  # (g, n + 1, P, out)
-            out[group, :n + 1] = encoded
-            out[group, n + 1:] = encoded[:, n:]  # the padded tiles' equal features
+            rows = _rows(group)
+            if isinstance(rows, slice):  # encoded straight into its place
+                encoded = self._encoders(x[rows, :n + 1], post[rows, :n + 1], layout, out=out[rows, :n + 1])
+            else:
+                out[rows, :n + 1] = encoded = self._encoders(x[rows, :n + 1], post[rows, :n + 1], layout)
+            if padded_tiles:  # (g, n + 1, P, out): the padded tiles' equal features
+                out[rows, n + 1:] = encoded[:, n:]
         return out
 
-    def _encoders(self, x: torch.Tensor, post: torch.Tensor, layout: TileLayout) -> torch.Tensor:
-        """Embedded tiles x (m, t, tile_len, dim) -> (m, t, num_patches, vision_output_dim)."""
+    def _encoders(self, x: torch.Tensor, post: torch.Tensor, layout: TileLayout, *,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Embedded tiles x (m, t, tile_len, dim) -> (m, t, num_patches, vision_output_dim), written into
+        `out` where given (a view of that shape whose last dim is contiguous)."""
         cfg = self.config
         m, t, tile_len, dim = x.shape
         positions = self.num_patches
-        out = x.new_empty(m, t, positions, cfg.vision_output_dim)
+        if out is None:
+            out = x.new_empty(m, t, positions, cfg.vision_output_dim)
         # (m, t, positions, dim, K): intermediate slot j of feature d sits at dim + d * K + j.
         intermediate = out[..., dim:].unflatten(-1, (dim, len(cfg.intermediate_layers_indices)))
 

@@ -250,7 +250,8 @@ class VisionJob:
         mm = self.model.model
         dtype = mm.vision_model.patch_embedding.weight.dtype  # the projector may be quantized
         vision = mm.vision_model.features(self.pixels[j][None, None].to(dtype), self.ids[j].view(1, 1),
-                                 self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision)
+                                 self.real[j].long()[None, None], skip_padded_tiles=self.fast_vision,
+                                 padded_tiles=False)  # only the real tiles are read below
         # K/V are per vision token: in chunks of rows, each projection is a short place to pause.
         tokens = vision[0, 0][self.real[j]].flatten(0, 1)  # (T_real * P, vision_output_dim)
         parts = tokens.tensor_split(-(-tokens.shape[0] // PROJECTOR_ROWS_PER_CALL))  # equal: see PausableRun
