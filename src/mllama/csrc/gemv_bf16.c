@@ -5,8 +5,8 @@
  * process does not hold the rest back) and read the 8 rows side by side, one accumulator each;
  * measured on the project's AMD EPYC this streamed faster than one row at a time or 2-4 rows.
  * The block is then reused (from cache) for the M input rows, three at a time with AVX-512 BF16 (so
- * one weight load feeds three products: past a few rows this CPU is bound by the products, not by
- * memory), one at a time with AVX2. Accumulation is in float32,
+ * one weight load feeds three products; from four rows a KC-value chunk of the block at a time, kept
+ * in L1), one at a time with AVX2. Accumulation is in float32,
  * as in the library GEMM. Built at first use by mllama/cpu_kernels.py; the OpenMP runtime is the
  * one torch already loaded (same soname), so both share one thread pool.
  */
@@ -27,13 +27,12 @@ static float bf16_to_float(uint16_t v) {
 }
 
 /* AVX-512 BF16: vdpbf16ps multiplies pairs of bf16 and adds both products to float32 lanes.
- * ROWS rows of w starting at w, against XR rows of x (x_stride apart), one accumulator per pair, so
- * each weight vector loaded serves XR rows; out[j * n + r]. Only the last partial vector of 32 is
- * loaded masked (masked loads on every step streamed 38 GB/s against 45 unmasked: benchmarks/RESULTS.md).
- * Each pair's sum is taken in the same order whatever XR is: a row's result does not depend on
- * the rows beside it. PF: prefetch ahead in the weight rows (the first pass over a block, from
- * memory; the later passes find the block in cache). */
-#define DEFINE_AVX512(NAME, ROWS, XR, PF)                                                           \
+ * ROWS rows of w starting at w, against XR rows of x (k apart), one accumulator per pair, so each
+ * weight vector loaded serves XR rows; out[j * n + r]. Only the last partial vector of 32 is loaded
+ * masked (masked loads on every step streamed 38 GB/s against 45 unmasked: benchmarks/RESULTS.md).
+ * Each pair's sum is taken in the same order whatever XR is: a row's result does not depend on the
+ * rows beside it. */
+#define DEFINE_AVX512(NAME, ROWS, XR)                                                           \
     __attribute__((target("avx512f,avx512bw,avx512bf16")))                                          \
     static void NAME(const uint16_t *x, const uint16_t *w, float *out, int64_t n, int64_t k) {       \
         __m512 acc[ROWS][XR];                                                                       \
@@ -44,7 +43,7 @@ static float bf16_to_float(uint16_t v) {
             __m512bh xv[XR];                                                                        \
             for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_loadu_si512((const void *)(x + j * k + i)); \
             _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                \
-                if (PF) __builtin_prefetch((const char *)(w + r * k + i) + PREFETCH);                \
+                __builtin_prefetch((const char *)(w + r * k + i) + PREFETCH);                        \
                 const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + r * k + i));    \
                 for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
             }                                                                                       \
@@ -61,35 +60,92 @@ static float bf16_to_float(uint16_t v) {
         for (int j = 0; j < XR; j++)                                                                \
             for (int r = 0; r < ROWS; r++) out[j * n + r] = _mm512_reduce_add_ps(acc[r][j]);        \
     }
-/* Three rows of x a pass: 24 accumulators, a weight vector and three of x fill the 32 registers; on
- * the AMD EPYC (Zen 5) 16 rows of x stream 1.8x the one-row-at-a-time passes and 1.1x torch's GEMM
- * (benchmarks/RESULTS.md). */
-DEFINE_AVX512(avx512_block_x3, BLOCK, 3, 1)
-DEFINE_AVX512(avx512_block_x3_cached, BLOCK, 3, 0)
-DEFINE_AVX512(avx512_block_x2, BLOCK, 2, 1)
-DEFINE_AVX512(avx512_block_x2_cached, BLOCK, 2, 0)
-DEFINE_AVX512(avx512_block_x1, BLOCK, 1, 1)
-DEFINE_AVX512(avx512_block_x1_cached, BLOCK, 1, 0)
-DEFINE_AVX512(avx512_one_x1, 1, 1, 1)
+DEFINE_AVX512(avx512_block_x3, BLOCK, 3)
+DEFINE_AVX512(avx512_block_x2, BLOCK, 2)
+DEFINE_AVX512(avx512_block_x1, BLOCK, 1)
+DEFINE_AVX512(avx512_one_x1, 1, 1)
 
-/* All m rows of x against one block of 8 weight rows at `row`, XGROUP rows of x a pass. */
+/* Four rows of x or more: the block's 8 weight rows are walked KC values at a time, each chunk (8 x
+ * KC bf16) staying in L1 while every group of three rows of x passes over it, the 24 sums of a group
+ * kept in `part` between chunks (so each pair's sum is still taken in one order: the same bits as one
+ * row at a time). The first group of the block's first chunk streams the weights with the in-row
+ * prefetch; the later groups of every chunk prefetch the next chunk into L2, a share each (the k-steps
+ * with step % every == phase), so that memory streams while they compute, and the next chunk's first
+ * group finds it there. Against the block read whole per group (where the later passes came from L2
+ * and the first did not overlap them): 16 rows 1.25x, 12 rows 1.1x on the AMD EPYC (RESULTS.md). */
+#define KC 1024
+#define NO_PREFETCH (-2)
+#define DEFINE_CHUNK(NAME, XR)                                                                      \
+    __attribute__((target("avx512f,avx512bw,avx512bf16")))                                          \
+    static void NAME(const uint16_t *x, const uint16_t *w, int64_t k, int64_t i0, int64_t i1, __m512 *part, \
+                     int first, int phase, int every) {                                              \
+        __m512 acc[BLOCK][XR];                                                                      \
+        for (int r = 0; r < BLOCK; r++)                                                             \
+            for (int j = 0; j < XR; j++) acc[r][j] = first ? _mm512_setzero_ps() : part[r * XR + j]; \
+        const int64_t kmain = k / 32 * 32, stop = i1 < kmain ? i1 : kmain;                         \
+        int step = 0;                                                                               \
+        for (int64_t i = i0; i < stop; i += 32, step++) {                                           \
+            __m512bh xv[XR];                                                                        \
+            for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_loadu_si512((const void *)(x + j * k + i)); \
+            const int ahead = phase >= 0 && step % every == phase && i + KC < kmain;                \
+            _Pragma("GCC unroll 8") for (int r = 0; r < BLOCK; r++) {                               \
+                if (phase == -1) __builtin_prefetch((const char *)(w + r * k + i) + PREFETCH);       \
+                else if (ahead) _mm_prefetch((const char *)(w + r * k + i + KC), _MM_HINT_T1);       \
+                const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + r * k + i));    \
+                for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
+            }                                                                                       \
+        }                                                                                           \
+        if (i1 == k && kmain < k) {  /* the last partial vector of 32 */                            \
+            const __mmask32 take = (__mmask32)((1u << (k - kmain)) - 1);                            \
+            __m512bh xv[XR];                                                                        \
+            for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(take, x + j * k + kmain); \
+            for (int r = 0; r < BLOCK; r++) {                                                       \
+                const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(take, w + r * k + kmain);    \
+                for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < BLOCK; r++)                                                             \
+            for (int j = 0; j < XR; j++) part[r * XR + j] = acc[r][j];                              \
+    }
+DEFINE_CHUNK(avx512_chunk_x3, 3)
+DEFINE_CHUNK(avx512_chunk_x2, 2)
+DEFINE_CHUNK(avx512_chunk_x1, 1)
+
+#define MAX_M 16  /* rows of x the chunked path takes (cpu_kernels.MAX_ROWS) */
+
+/* All m rows of x against one block of 8 weight rows at `row`: up to three in one pass, more through
+ * the chunks (m <= MAX_M). */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
 static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                          int64_t row) {
-    for (int64_t j = 0; j < m;) {
-        const int64_t left = m - j;
-        const int first = j == 0;
-        const uint16_t *xj = x + j * k, *wb = w + row * k;
-        float *o = out + j * n + row;
-        if (left >= 3) {
-            (first ? avx512_block_x3 : avx512_block_x3_cached)(xj, wb, o, n, k);
-            j += 3;
-        } else if (left == 2) {
-            (first ? avx512_block_x2 : avx512_block_x2_cached)(xj, wb, o, n, k);
-            j += 2;
-        } else {
-            (first ? avx512_block_x1 : avx512_block_x1_cached)(xj, wb, o, n, k);
-            j += 1;
+    if (m > MAX_M) {
+        for (int64_t j0 = 0; j0 < m; j0 += MAX_M)
+            avx512_block(x + j0 * k, w, out + j0 * n, m - j0 < MAX_M ? m - j0 : MAX_M, n, k, row);
+        return;
+    }
+    const uint16_t *wb = w + row * k;
+    if (m <= 3) {
+        (m == 3 ? avx512_block_x3 : m == 2 ? avx512_block_x2 : avx512_block_x1)(x, wb, out + row, n, k);
+        return;
+    }
+    __m512 part[MAX_M * BLOCK];  /* group j's sums at part[j * BLOCK]: BLOCK x (its rows of x) */
+    const int groups = (int)((m + 2) / 3);
+    for (int64_t i0 = 0; i0 < k; i0 += KC) {
+        const int64_t i1 = i0 + KC < k ? i0 + KC : k;
+        for (int64_t j = 0, g = 0; j < m; g++) {
+            const int64_t xr = m - j < 3 ? m - j : 3;
+            const int phase = g > 0 ? (int)(g - 1) : i0 == 0 ? -1 : NO_PREFETCH;
+            (xr == 3 ? avx512_chunk_x3 : xr == 2 ? avx512_chunk_x2 : avx512_chunk_x1)(
+                x + j * k, wb, k, i0, i1, part + j * BLOCK, i0 == 0, phase, groups - 1);
+            j += xr;
         }
+    }
+    for (int64_t j = 0; j < m;) {
+        const int64_t xr = m - j < 3 ? m - j : 3;
+        for (int64_t r = 0; r < BLOCK; r++)
+            for (int64_t jj = 0; jj < xr; jj++)
+                out[(j + jj) * n + row + r] = _mm512_reduce_add_ps(part[j * BLOCK + r * xr + jj]);
+        j += xr;
     }
 }
 
