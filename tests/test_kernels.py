@@ -92,14 +92,15 @@ def test_gemv_op_rounds_like_f_linear_and_keeps_leading_shape():
 @pytest.mark.parametrize("n,k", [(100, 64), (4096, 4096), (33, 14336), (31, 45)])
 def test_avx512_rows_get_the_same_bits_in_any_batch(n, k):
     """The AVX-512 loop takes three rows of x a pass (two or one for the rest), each row summed in the
-    same order: every batch of 1 to MAX_ROWS rows gives each row the bits it gets alone."""
+    same order, in chunks of k from four rows and in slices of 16 past 16: every batch of 1 to
+    MAX_AVX512_ROWS rows gives each row the bits it gets alone."""
     gen = torch.Generator().manual_seed(n + k + 1)
-    x = torch.randn(cpu_kernels.MAX_ROWS, k, generator=gen).bfloat16()
+    x = torch.randn(cpu_kernels.MAX_AVX512_ROWS, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()
     alone = torch.cat([cpu_kernels.gemv_float32(x[i:i + 1], w, level=2) for i in range(x.shape[0])])
     ref = x.double() @ w.double().T
     assert ((alone.double() - ref).abs() <= 1e-6 * (x.double().abs() @ w.double().abs().T) + 1e-30).all()
-    for m in range(2, cpu_kernels.MAX_ROWS + 1):
+    for m in range(2, cpu_kernels.MAX_AVX512_ROWS + 1):
         assert torch.equal(cpu_kernels.gemv_float32(x[:m], w, level=2), alone[:m]), m
         assert torch.equal(cpu_kernels.gemv_float32(x[-m:], w, level=2), alone[-m:]), m
 
@@ -140,8 +141,13 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
             assert torch.equal(layer(most), cpu_kernels.gemv_bf16(most, layer.weight) + layer.bias)
             more = torch.randn(1, cpu_kernels.MAX_AMX_ROWS + 1, 64).bfloat16()
             assert torch.equal(layer(more), F.linear(more, layer.weight, layer.bias))
-        monkeypatch.setattr(cpu_kernels, "_amx_lib", None)  # native bf16, no AMX: torch's GEMM past MAX_ROWS
-        assert torch.equal(layer(many), F.linear(many, layer.weight, layer.bias))
+        monkeypatch.setattr(cpu_kernels, "_amx_lib", None)  # no AMX: torch's GEMM past gemv_max_rows()
+        most = torch.randn(1, cpu_kernels.gemv_max_rows(), 64).bfloat16()
+        more = torch.randn(1, cpu_kernels.gemv_max_rows() + 1, 64).bfloat16()
+        assert cpu_kernels.gemv_max_rows() == (cpu_kernels.MAX_AVX512_ROWS if cpu_kernels.gemv_level() == 2
+                                              else cpu_kernels.MAX_ROWS)
+        assert torch.equal(layer(more), F.linear(more, layer.weight, layer.bias))
+        assert torch.equal(layer(most), cpu_kernels.gemv_bf16(most, layer.weight) + layer.bias)
         assert torch.equal(layer(few), cpu_kernels.gemv_bf16(few, layer.weight) + layer.bias)
         monkeypatch.setattr(linear, "cpu_has_native_bf16", lambda: False)  # else: the kernel, MAX_ROWS at a time
         blocks = torch.cat([cpu_kernels.gemv_bf16(many[0, :cpu_kernels.MAX_ROWS], layer.weight),

@@ -38,6 +38,7 @@ SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
 AMX_SOURCE = Path(__file__).parent / "csrc" / "gemm_amx.c"
 SCANS_SOURCE = Path(__file__).parent / "csrc" / "scans.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
+MAX_AVX512_ROWS = 32  # with AVX-512 BF16, up to this many (its chunked passes beat torch's GEMM up to 32)
 MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemm_amx.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
 MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the library GEMM
 
@@ -175,7 +176,8 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
 
 def gemv_max_rows() -> int:
     """The most rows of x that use_gemv sends to the kernel here."""
-    return MAX_AMX_ROWS if gemv_level() >= 3 else MAX_ROWS
+    level = gemv_level()
+    return MAX_AMX_ROWS if level >= 3 else MAX_AVX512_ROWS if level == 2 else MAX_ROWS
 
 
 def use_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

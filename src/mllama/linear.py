@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama.cpu_attention import apply_cpu_attention
-from mllama.cpu_kernels import MAX_AMX_ROWS, MAX_ROWS, gemv_available, gemv_bf16, gemv_level, use_gemv
+from mllama.cpu_kernels import MAX_ROWS, gemv_available, gemv_bf16, gemv_max_rows, use_gemv
 
 
 def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module | None]) -> list[str]:
@@ -71,9 +71,9 @@ def _slow_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> int | None:
 
 def decode_kernel_rows() -> int:
     """The most rows of a bf16 product that go through the decode kernel on this CPU."""
-    # The kernel beats torch's GEMM up to MAX_ROWS rows with AVX-512 BF16 (three rows of x a weight
-    # load) and with AVX2, and up to MAX_AMX_ROWS on AMX tiles (benchmarks/RESULTS.md).
-    return MAX_AMX_ROWS if gemv_level() >= 3 else MAX_ROWS
+    # The kernel beats torch's GEMM up to MAX_ROWS rows with AVX2, MAX_AVX512_ROWS with AVX-512 BF16
+    # (three rows of x a weight load) and MAX_AMX_ROWS on AMX tiles (benchmarks/RESULTS.md).
+    return gemv_max_rows()
 
 
 def use_decode_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -154,8 +154,8 @@ def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 class DecodeLinear(nn.Linear):
     """nn.Linear (same parameters, same state-dict names) with faster bf16 products on CPUs.
 
-    A product with at most cpu_kernels.MAX_ROWS rows (MAX_AMX_ROWS with AMX) in bf16 on the CPU,
-    outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
+    A product with at most cpu_kernels.gemv_max_rows() rows (16 with AVX2, 32 with AVX-512 BF16, 64
+    on AMX tiles) in bf16 on the CPU, outside autograd, runs through cpu_kernels.gemv_bf16, which streams the
     weight faster than F.linear with few rows. On a CPU without native bf16, more rows go through that kernel MAX_ROWS at a time
     (blocked_kernel_linear), and WIDE_MIN_ROWS or more as float32 GEMMs (wide_fp32_linear); with
     native bf16, more rows with a bias go to oneDNN's linear (onednn_linear); everything else

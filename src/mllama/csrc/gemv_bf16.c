@@ -111,10 +111,10 @@ DEFINE_CHUNK(avx512_chunk_x3, 3)
 DEFINE_CHUNK(avx512_chunk_x2, 2)
 DEFINE_CHUNK(avx512_chunk_x1, 1)
 
-#define MAX_M 16  /* rows of x the chunked path takes (cpu_kernels.MAX_ROWS) */
+#define MAX_M 16  /* rows of x the chunks take at once (their sums: MAX_M x BLOCK vectors) */
 
 /* All m rows of x against one block of 8 weight rows at `row`: up to three in one pass, more through
- * the chunks (m <= MAX_M). */
+ * the chunks, MAX_M rows at a time (each slice past the first reads the block again from cache). */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                          int64_t row) {
