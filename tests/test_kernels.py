@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
+import tomllib
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +165,21 @@ def test_linear_uses_kernel_only_for_few_rows_without_autograd(monkeypatch):
         layer32 = DecodeLinear(64, 48).float()
         x32 = few.float()
         assert torch.equal(layer32(x32), F.linear(x32, layer32.weight, layer32.bias))
+
+
+def test_installed_package_carries_every_file_the_kernels_include():
+    """The kernels are compiled from the installed package's csrc/ on first use: every local header a
+    .c file includes must be package data too (a wheel without it builds no kernel at all)."""
+    root = Path(__file__).resolve().parents[1]
+    globs = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["mllama"]
+    csrc = root / "src" / "mllama" / "csrc"
+    sources = sorted(csrc.glob("*.c"))
+    assert sources
+    for source in sources:
+        names = [f"csrc/{source.name}"] + [f"csrc/{h}" for h in re.findall(r'#include "([^"]+)"', source.read_text())]
+        for name in names:
+            assert (csrc.parent / name).is_file(), name
+            assert any(fnmatch.fnmatch(name, g) for g in globs), f"{name} (included by {source.name}) is not package data"
 
 
 def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
