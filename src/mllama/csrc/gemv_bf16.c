@@ -27,60 +27,22 @@ static float bf16_to_float(uint16_t v) {
 }
 
 /* AVX-512 BF16: vdpbf16ps multiplies pairs of bf16 and adds both products to float32 lanes.
- * ROWS rows of w starting at w, against XR rows of x (k apart), one accumulator per pair, so each
- * weight vector loaded serves XR rows; out[j * n + r]. Only the last partial vector of 32 is loaded
- * masked (masked loads on every step streamed 38 GB/s against 45 unmasked: benchmarks/RESULTS.md).
- * Each pair's sum is taken in the same order whatever XR is: a row's result does not depend on the
- * rows beside it. */
-#define DEFINE_AVX512(NAME, ROWS, XR)                                                           \
-    __attribute__((target("avx512f,avx512bw,avx512bf16")))                                          \
-    static void NAME(const uint16_t *x, const uint16_t *w, float *out, int64_t n, int64_t k) {       \
-        __m512 acc[ROWS][XR];                                                                       \
-        for (int r = 0; r < ROWS; r++)                                                              \
-            for (int j = 0; j < XR; j++) acc[r][j] = _mm512_setzero_ps();                           \
-        const int64_t kmain = k / 32 * 32;  /* plain loads there: masked ones every step were slower */ \
-        for (int64_t i = 0; i < kmain; i += 32) {                                                   \
-            __m512bh xv[XR];                                                                        \
-            for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_loadu_si512((const void *)(x + j * k + i)); \
-            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                \
-                __builtin_prefetch((const char *)(w + r * k + i) + PREFETCH);                        \
-                const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + r * k + i));    \
-                for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
-            }                                                                                       \
-        }                                                                                           \
-        for (int64_t i = kmain; i < k; i += 32) {                                                   \
-            const __mmask32 take = k - i >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (k - i)) - 1); \
-            __m512bh xv[XR];                                                                        \
-            for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(take, x + j * k + i); \
-            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                \
-                const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(take, w + r * k + i);        \
-                for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
-            }                                                                                       \
-        }                                                                                           \
-        for (int j = 0; j < XR; j++)                                                                \
-            for (int r = 0; r < ROWS; r++) out[j * n + r] = _mm512_reduce_add_ps(acc[r][j]);        \
-    }
-DEFINE_AVX512(avx512_block_x3, BLOCK, 3)
-DEFINE_AVX512(avx512_block_x2, BLOCK, 2)
-DEFINE_AVX512(avx512_block_x1, BLOCK, 1)
-DEFINE_AVX512(avx512_one_x1, 1, 1)
-
-/* Four rows of x or more: the block's 8 weight rows are walked KC values at a time, each chunk (8 x
- * KC bf16) staying in L1 while every group of three rows of x passes over it, the 24 sums of a group
- * kept in `part` between chunks (so each pair's sum is still taken in one order: the same bits as one
- * row at a time). The first group of the block's first chunk streams the weights with the in-row
- * prefetch; the later groups of every chunk prefetch the next chunk into L2, a share each (the k-steps
- * with step % every == phase), so that memory streams while they compute, and the next chunk's first
- * group finds it there. Against the block read whole per group (where the later passes came from L2
- * and the first did not overlap them): 16 rows 1.25x, 12 rows 1.1x on the AMD EPYC (RESULTS.md). */
+ * ROWS rows of w starting at w, against XR rows of x (k apart), one accumulator per pair (so each
+ * weight vector loaded serves XR rows), over the values [i0, i1) of k; the sums start at zero (first)
+ * or from `part`, and go back to part[r * XR + j]. Only the last partial vector of 32 is loaded masked
+ * (masked loads on every step streamed 38 GB/s against 45 unmasked: benchmarks/RESULTS.md). Each
+ * pair's sum is taken in one order whatever XR and the chunks are: a row's result does not depend on
+ * the rows beside it. Prefetch: phase -1, PREFETCH bytes ahead in each weight row (the pass that
+ * streams from memory); phase >= 0, the same place KC values on (the next chunk) into L2 in the
+ * k-steps with step % every == phase; else none. */
 #define KC 1024
 #define NO_PREFETCH (-2)
-#define DEFINE_CHUNK(NAME, XR)                                                                      \
+#define DEFINE_AVX512(NAME, ROWS, XR)                                                               \
     __attribute__((target("avx512f,avx512bw,avx512bf16")))                                          \
     static void NAME(const uint16_t *x, const uint16_t *w, int64_t k, int64_t i0, int64_t i1, __m512 *part, \
                      int first, int phase, int every) {                                              \
-        __m512 acc[BLOCK][XR];                                                                      \
-        for (int r = 0; r < BLOCK; r++)                                                             \
+        __m512 acc[ROWS][XR];                                                                       \
+        for (int r = 0; r < ROWS; r++)                                                              \
             for (int j = 0; j < XR; j++) acc[r][j] = first ? _mm512_setzero_ps() : part[r * XR + j]; \
         const int64_t kmain = k / 32 * 32, stop = i1 < kmain ? i1 : kmain;                         \
         int step = 0;                                                                               \
@@ -88,7 +50,7 @@ DEFINE_AVX512(avx512_one_x1, 1, 1)
             __m512bh xv[XR];                                                                        \
             for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_loadu_si512((const void *)(x + j * k + i)); \
             const int ahead = phase >= 0 && step % every == phase && i + KC < kmain;                \
-            _Pragma("GCC unroll 8") for (int r = 0; r < BLOCK; r++) {                               \
+            _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                \
                 if (phase == -1) __builtin_prefetch((const char *)(w + r * k + i) + PREFETCH);       \
                 else if (ahead) _mm_prefetch((const char *)(w + r * k + i + KC), _MM_HINT_T1);       \
                 const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + r * k + i));    \
@@ -99,22 +61,38 @@ DEFINE_AVX512(avx512_one_x1, 1, 1)
             const __mmask32 take = (__mmask32)((1u << (k - kmain)) - 1);                            \
             __m512bh xv[XR];                                                                        \
             for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_maskz_loadu_epi16(take, x + j * k + kmain); \
-            for (int r = 0; r < BLOCK; r++) {                                                       \
+            for (int r = 0; r < ROWS; r++) {                                                        \
                 const __m512bh wv = (__m512bh)_mm512_maskz_loadu_epi16(take, w + r * k + kmain);    \
                 for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
             }                                                                                       \
         }                                                                                           \
-        for (int r = 0; r < BLOCK; r++)                                                             \
+        for (int r = 0; r < ROWS; r++)                                                              \
             for (int j = 0; j < XR; j++) part[r * XR + j] = acc[r][j];                              \
     }
-DEFINE_CHUNK(avx512_chunk_x3, 3)
-DEFINE_CHUNK(avx512_chunk_x2, 2)
-DEFINE_CHUNK(avx512_chunk_x1, 1)
+DEFINE_AVX512(avx512_block_x3, BLOCK, 3)
+DEFINE_AVX512(avx512_block_x2, BLOCK, 2)
+DEFINE_AVX512(avx512_block_x1, BLOCK, 1)
+DEFINE_AVX512(avx512_one_x1, 1, 1)
 
-#define MAX_M 16  /* rows of x the chunks take at once (their sums: MAX_M x BLOCK vectors) */
+/* One row of x against one weight row (the last n % BLOCK rows). */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
+static void avx512_one_row(const uint16_t *x, const uint16_t *w, float *out, int64_t k) {
+    __m512 sum;
+    avx512_one_x1(x, w, k, 0, k, &sum, 1, -1, 1);
+    *out = _mm512_reduce_add_ps(sum);
+}
 
-/* All m rows of x against one block of 8 weight rows at `row`: up to three in one pass, more through
- * the chunks, MAX_M rows at a time (each slice past the first reads the block again from cache). */
+#define MAX_M 16  /* rows of x a pass over a block takes at once (their sums: MAX_M x BLOCK vectors) */
+
+/* All m rows of x against one block of 8 weight rows at `row`, three rows of x a pass (two or one for
+ * the rest), MAX_M at a time (each slice past the first reads the block again from cache). Up to three
+ * rows: one pass over all of k, streaming with the in-row prefetch. From four: k in chunks of KC, each
+ * (8 x KC bf16) staying in L1 while every group passes over it, the sums kept in `part` between chunks
+ * (the same bits as one pass); the first group of the first chunk streams the weights, the later
+ * groups of every chunk prefetch a share each of the next chunk into L2, so that memory streams while
+ * they compute and the next chunk's first group finds it there. Against the block read whole per
+ * group (the later passes from L2, the first not overlapping them): 16 rows 1.25x, 12 rows 1.1x on
+ * the AMD EPYC (RESULTS.md). */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                          int64_t row) {
@@ -124,18 +102,15 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
         return;
     }
     const uint16_t *wb = w + row * k;
-    if (m <= 3) {
-        (m == 3 ? avx512_block_x3 : m == 2 ? avx512_block_x2 : avx512_block_x1)(x, wb, out + row, n, k);
-        return;
-    }
     __m512 part[MAX_M * BLOCK];  /* group j's sums at part[j * BLOCK]: BLOCK x (its rows of x) */
     const int groups = (int)((m + 2) / 3);
-    for (int64_t i0 = 0; i0 < k; i0 += KC) {
-        const int64_t i1 = i0 + KC < k ? i0 + KC : k;
+    const int64_t chunk = groups == 1 ? k : KC;
+    for (int64_t i0 = 0; i0 < k; i0 += chunk) {
+        const int64_t i1 = i0 + chunk < k ? i0 + chunk : k;
         for (int64_t j = 0, g = 0; j < m; g++) {
             const int64_t xr = m - j < 3 ? m - j : 3;
             const int phase = g > 0 ? (int)(g - 1) : i0 == 0 ? -1 : NO_PREFETCH;
-            (xr == 3 ? avx512_chunk_x3 : xr == 2 ? avx512_chunk_x2 : avx512_chunk_x1)(
+            (xr == 3 ? avx512_block_x3 : xr == 2 ? avx512_block_x2 : avx512_block_x1)(
                 x + j * k, wb, k, i0, i1, part + j * BLOCK, i0 == 0, phase, groups - 1);
             j += xr;
         }
@@ -208,7 +183,7 @@ void mllama_gemv_bf16(const uint16_t *x, const uint16_t *w, float *out, int64_t 
         for (int64_t row = blocks * BLOCK; row < n; row++) {  /* the last n % BLOCK rows */
             for (int64_t j = 0; j < m; j++) {
                 if (level == 2)
-                    avx512_one_x1(x + j * k, w + row * k, out + j * n + row, n, k);
+                    avx512_one_row(x + j * k, w + row * k, out + j * n + row, k);
                 else
                     rows_avx2_one(x + j * k, w + row * k, out + j * n + row, k);
             }
