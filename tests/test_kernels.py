@@ -418,8 +418,8 @@ def test_bias_products_of_many_bf16_rows_go_through_onednn(shape, n, k, monkeypa
         layer.bias.copy_(torch.randn(n, generator=gen))
     layer.to(torch.bfloat16)
     x = torch.randn(*shape, generator=gen).bfloat16()
-    if x.shape[:-1].numel() <= linear_module.decode_kernel_rows():
-        x = torch.cat([x] * (linear_module.decode_kernel_rows() // x.shape[0] + 1))
+    if x.shape[:-1].numel() <= cpu_kernels.gemv_max_rows():
+        x = torch.cat([x] * (cpu_kernels.gemv_max_rows() // x.shape[0] + 1))
     calls = []
     real = linear_module.onednn_linear
     monkeypatch.setattr(linear_module, "onednn_linear", lambda *a: calls.append(1) or real(*a))
@@ -437,13 +437,13 @@ def test_bias_products_of_many_bf16_rows_go_through_onednn(shape, n, k, monkeypa
 @needs_onednn
 def test_onednn_route_only_for_bias_products_of_many_rows_without_gradients():
     layer = DecodeLinear.from_linear(torch.nn.Linear(64, 40, dtype=torch.bfloat16))
-    many = torch.randn(linear_module.decode_kernel_rows() + 1, 64).bfloat16()
+    many = torch.randn(cpu_kernels.gemv_max_rows() + 1, 64).bfloat16()
     use = linear_module.use_onednn_bias
     assert layer.weight.requires_grad and not use(many, layer.weight, layer.bias)  # autograd would need it
     with torch.no_grad():
         assert use(many, layer.weight, layer.bias)
         assert not use(many, layer.weight, None)  # no bias: F.linear's mm, as fast
-        assert not use(many[:linear_module.decode_kernel_rows()], layer.weight, layer.bias)  # the decode kernel's
+        assert not use(many[:cpu_kernels.gemv_max_rows()], layer.weight, layer.bias)  # the decode kernel's
         assert not use(many.float(), layer.weight.float(), layer.bias.float())
         with pytest.raises(RuntimeError, match="cannot be multiplied"):  # F.linear's message, not oneDNN's
             layer(many[:, :63])

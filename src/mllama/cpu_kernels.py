@@ -175,7 +175,9 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
 
 
 def gemv_max_rows() -> int:
-    """The most rows of x that use_gemv sends to the kernel here."""
+    """The most rows of x that use_gemv sends to the kernel here: where it beats torch's GEMM, up to
+    MAX_ROWS with AVX2, MAX_AVX512_ROWS with AVX-512 BF16 (three rows of x a weight load) and
+    MAX_AMX_ROWS on AMX tiles (benchmarks/RESULTS.md)."""
     level = gemv_level()
     return MAX_AMX_ROWS if level >= 3 else MAX_AVX512_ROWS if level == 2 else MAX_ROWS
 

@@ -69,18 +69,6 @@ def _slow_bf16_rows(x: torch.Tensor, weight: torch.Tensor) -> int | None:
     return x.shape[:-1].numel()
 
 
-def decode_kernel_rows() -> int:
-    """The most rows of a bf16 product that go through the decode kernel on this CPU."""
-    # The kernel beats torch's GEMM up to MAX_ROWS rows with AVX2, MAX_AVX512_ROWS with AVX-512 BF16
-    # (three rows of x a weight load) and MAX_AMX_ROWS on AMX tiles (benchmarks/RESULTS.md).
-    return gemv_max_rows()
-
-
-def use_decode_kernel(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """cpu_kernels.use_gemv, up to decode_kernel_rows()."""
-    return use_gemv(x, weight) and x.shape[:-1].numel() <= decode_kernel_rows()
-
-
 def use_wide_fp32(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """A bf16 product of many rows (prefill, vision) on a CPU without native bf16, outside autograd."""
     rows = _slow_bf16_rows(x, weight)
@@ -138,7 +126,7 @@ def use_onednn_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return (bias is not None and x.dim() >= 2 and x.shape[-1] == weight.shape[-1] and weight.dim() == 2
             and x.dtype == torch.bfloat16 and weight.dtype == torch.bfloat16
             and bias.dtype == torch.bfloat16 and x.device.type == "cpu" and weight.device.type == "cpu"
-            and bias.device.type == "cpu" and x.shape[:-1].numel() > decode_kernel_rows()
+            and bias.device.type == "cpu" and x.shape[:-1].numel() > gemv_max_rows()
             and not torch.compiler.is_compiling()
             and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad))
             and cpu_has_native_bf16() and onednn_bias_available())
@@ -173,7 +161,7 @@ class DecodeLinear(nn.Linear):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_decode_kernel(x, self.weight):
+        if use_gemv(x, self.weight):
             out = gemv_bf16(x, self.weight)
             return out if self.bias is None else out + self.bias
         if use_blocked_kernel(x, self.weight):
@@ -186,7 +174,7 @@ class DecodeLinear(nn.Linear):
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
         """x @ weight.T without the bias (a row-parallel layer adds it once, after its all-reduce)."""
-        if use_decode_kernel(x, self.weight):
+        if use_gemv(x, self.weight):
             return gemv_bf16(x, self.weight)
         if use_blocked_kernel(x, self.weight):
             return blocked_kernel_linear(x, self.weight)
