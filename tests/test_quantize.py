@@ -122,15 +122,17 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         x = torch.randn(rows, k, generator=gen).to(dtype)
         ref = x.double() @ w.T + q.bias.double()
         bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
-        # else the AMX tiles or the blocked dequantize + GEMM (fewer kernel rows with native bf16)
-        kernel = q._use_kernel(x) and not q._use_amx(x)
+        # else the AMX tiles, the bf16 passes over weights dequantized a chunk at a time (bf16 x, AVX-512
+        # BF16 without AMX) or the blocked dequantize + GEMM (fewer kernel rows with native bf16)
+        fused = dtype == torch.bfloat16 and cpu_kernels.fused_quant_rows(mode, rows)
+        kernel = q._use_kernel(x) and not q._use_amx(x) and not fused
         assert kernel == (rows <= cpu_kernels.MAX_QUANT_ROWS) or dtype == torch.bfloat16
         tiles = _int8_tiles(q, x) or _int4_tiles(q, x)
         if kernel or tiles:
             bound = bound + _x_rounding_bound(q, x)
         if dtype == torch.bfloat16:  # the output is rounded to bf16 once (and the bias added in bf16)
             bound = bound + ref.abs() * 2**-7 + q.bias.double().abs() * 2**-8
-            if not kernel and not tiles:  # prefill and AMX-BF16: the weight may be dequantized to bf16
+            if not kernel and not tiles:  # prefill, AMX-BF16, fused: the weight may be dequantized to bf16
                 bound = bound + 2**-8 * (x.double().abs() @ w.abs().T)
         with torch.no_grad():
             out = q(x)
@@ -521,6 +523,60 @@ def test_amx_product_is_the_dequantized_weight_through_the_tiles(mode, group, n,
     with torch.no_grad():  # the module routes AMX_MIN_ROWS rows there
         x = torch.randn(AMX_MIN_ROWS[mode], k, generator=gen).bfloat16()
         assert torch.equal(q(x), q._amx_product(x).bfloat16())
+
+
+@pytest.mark.skipif(not cpu_kernels.quant_kernels_available() or cpu_kernels.gemv_level() < 2,
+                    reason="no AVX-512 BF16 on this CPU")
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)])
+@pytest.mark.parametrize("n,k", [(37, 300), (19, 1000), (9, 2080), (24, 96)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_fused_quant_gemv_is_the_bf16_kernel_on_the_dequantized_weight(mode, group, n, k, scale_dtype):
+    """quant_gemv dequantizes each chunk of 1024 values of 8 weight rows into L1 and runs the bf16
+    kernel's passes over it: bit for bit gemv_bf16 on the weight dequantize_* gives (odd n, k past one
+    chunk and not a multiple of the group or of 32, int4 rows padded), every row the same alone as in
+    a batch, and within float32 rounding of a float64 product over that weight."""
+    _, q = _quantized_linear(mode, n, k, group_size=group or 64, dtype=scale_dtype, seed=n + k)
+    wq = q.dequantize(torch.bfloat16)
+    args = ((q.weight, q.weight_scale) if mode == "int8"
+            else (q.weight_packed, q.weight_scale, q.weight_offset))
+    gen = torch.Generator().manual_seed(k)
+    x = torch.randn(cpu_kernels.MAX_AVX512_ROWS, k, generator=gen).bfloat16()
+    alone = [cpu_kernels.quant_gemv(x[j:j + 1], mode, *args, group_size=group) for j in range(x.shape[0])]
+    for rows in (1, 2, 3, 4, 7, 16, 17, cpu_kernels.MAX_AVX512_ROWS):
+        out = cpu_kernels.quant_gemv(x[:rows], mode, *args, group_size=group)
+        assert out is not None and out.shape == (rows, n) and out.dtype == torch.float32
+        assert torch.equal(out, cpu_kernels.gemv_float32(x[:rows], wq, level=2)), rows
+        assert torch.equal(out, torch.cat(alone[:rows])), rows
+        ref = x[:rows].double() @ wq.double().T
+        assert ((out.double() - ref).abs() <= 1e-6 * (x[:rows].double().abs() @ wq.double().abs().T) + 1e-30).all()
+    assert cpu_kernels.quant_gemv(x[:2].float(), mode, *args, group_size=group) is None  # bf16 x only
+    too_many = torch.zeros(cpu_kernels.MAX_AVX512_ROWS + 1, k, dtype=torch.bfloat16)
+    assert cpu_kernels.quant_gemv(too_many, mode, *args, group_size=group) is None
+    with pytest.raises(ValueError, match="features"):
+        cpu_kernels.quant_gemv(x[:2, :k - 1] if mode == "int8" else torch.zeros(2, k + 300, dtype=torch.bfloat16),
+                               mode, *args, group_size=group)
+
+
+@pytest.mark.skipif(not any(cpu_kernels.fused_quant_rows("int4", r) for r in (8, 16)),
+                    reason="the fused quantized passes do not run here (no AVX-512 BF16, or AMX tiles)")
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, monkeypatch):
+    """On a CPU with AVX-512 BF16 and no AMX, bf16 decode batches of FUSED_MIN_ROWS to MAX_AVX512_ROWS
+    rows go through quant_gemv (eager and through the custom op), fewer through gemm_small.c."""
+    _, q = _quantized_linear(mode, 40, 96, dtype=torch.bfloat16, bias=True)
+    calls = []
+    real = cpu_kernels.quant_gemv
+    monkeypatch.setattr(cpu_kernels, "quant_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
+    lo, hi = cpu_kernels.FUSED_MIN_ROWS[mode], cpu_kernels.MAX_AVX512_ROWS
+    with torch.no_grad():
+        for rows in (1, lo - 1, lo, hi, hi + 1):
+            x = torch.randn(rows, 96).bfloat16()
+            out = q(x)
+            if lo <= rows <= hi:
+                expected = real(x, mode, *((q.weight, q.weight_scale) if mode == "int8" else
+                                           (q.weight_packed, q.weight_scale, q.weight_offset)), group_size=64)
+                assert torch.equal(out, expected.bfloat16() + q.bias), rows
+    assert calls == [lo, hi]
 
 
 def _int8_tiles_reference(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:

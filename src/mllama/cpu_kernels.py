@@ -53,6 +53,10 @@ AMX_INT8_MAX_K = 65536  # gemm_amx.c's: the tiles' int32 sums stay exact up to t
 # From this many rows of bf16 x, int8 and int4 weights take the AMX-INT8 tiles; one row streams as
 # fast or faster through gemm_small.c's one-row loops (benchmarks/RESULTS.md), int8's with a finer x grid.
 AMX_INT8_MIN_ROWS = 2
+# On a CPU with AVX-512 BF16 but no AMX tiles, bf16 x of this many rows (up to MAX_AVX512_ROWS) against
+# int8 or int4 weights takes quant_gemv (weights dequantized a chunk at a time into L1 for the bf16
+# passes); fewer rows stream faster through gemm_small.c's integer loops (benchmarks/RESULTS.md).
+FUSED_MIN_ROWS = {"int8": 2, "int4": 6}
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -77,6 +81,9 @@ def _load() -> None:
         return
     lib.mllama_gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.mllama_gemv_bf16.restype = None
+    lib.mllama_gemv_quant.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3 + [ctypes.c_void_p] * 3
+                                      + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
+    lib.mllama_gemv_quant.restype = ctypes.c_int
     small.mllama_gemm_small.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
                                         + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                                    ctypes.c_int, ctypes.c_int])
@@ -327,6 +334,44 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     return out[:m]
 
 
+def fused_quant_rows(fmt: str, rows: int) -> bool:
+    """Whether `rows` rows of bf16 x against `fmt` ("int8" / "int4") weights take quant_gemv here."""
+    return (FUSED_MIN_ROWS[fmt] <= rows <= MAX_AVX512_ROWS and quant_kernels_available() and _level == 2
+            and not amx_available())
+
+
+def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor,
+               offset: torch.Tensor | None = None, *, group_size: int = 0) -> torch.Tensor | None:
+    """(M, K) bf16 rows x int8 or int4 weights (small_gemm's formats) -> (M, N) float32 by
+    csrc/gemv_bf16.c's AVX-512 BF16 passes over the weights dequantized a chunk at a time: equal bit
+    for bit to gemv_bf16 on the weight dequantized to bf16 (dequantize_int8 / dequantize_int4), in
+    any batch. None where it does not run: no AVX-512 BF16, M outside 1..MAX_AVX512_ROWS, x not bf16,
+    a group that does not divide the kernel's chunk of 1024 values."""
+    m, k = rows.shape
+    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    if (not quant_kernels_available() or _level != 2 or rows.dtype != torch.bfloat16 or not 1 <= m <= MAX_AVX512_ROWS
+            or (fmt == "int4" and (group_size < 32 or 1024 % group_size))):
+        return None
+    if k > k_row or (fmt != "int4" and k != k_row):
+        raise ValueError(f"quant_gemv: {m} rows of {k} features against a {fmt} weight of shape {tuple(weight.shape)}")
+    scale_bf16 = _scales_bf16(scale, offset)
+    if scale_bf16 is None:
+        raise ValueError("quant_gemv: scales and offsets must be contiguous, all float32 or all bf16")
+    if k == k_row:
+        x = rows.contiguous()
+    else:  # int4 rows padded to the group: the padding's weights meet zeros
+        x = rows.new_zeros((m, k_row))
+        x[:, :k] = rows
+    weight = weight.contiguous()
+    out = torch.empty(m, weight.shape[0], dtype=torch.float32)
+    rc = _lib.mllama_gemv_quant(_FORMATS[fmt], x.data_ptr(), m, weight.shape[0], k_row, weight.data_ptr(),
+                                scale.data_ptr(), offset.data_ptr() if offset is not None else None,
+                                int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"quant_gemv: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
+    return out
+
+
 def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor, *, group_size: int,
                     in_features: int, dtype: torch.dtype, out: torch.Tensor | None = None,
                     level: int = 0) -> torch.Tensor | None:
@@ -420,6 +465,8 @@ def _linear_int8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> 
     if x.dtype == torch.bfloat16 and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS and amx_int8_tiles(k):
         # the route eager Int8Linear takes: the same bits compiled or not
         out = amx_product(x.reshape(-1, k), "int8", weight, scale)
+    elif x.dtype == torch.bfloat16 and fused_quant_rows("int8", x.shape[:-1].numel()):
+        out = quant_gemv(x.reshape(-1, k), "int8", weight, scale)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int8", weight, scale)
     return out.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
@@ -449,6 +496,8 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
     if (x.dtype == torch.bfloat16 and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS
             and amx_int4_tiles(packed.shape[0], group_size)):  # as eager Int4Linear: the same bits
         out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
+    elif x.dtype == torch.bfloat16 and fused_quant_rows("int4", x.shape[:-1].numel()):
+        out = quant_gemv(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     return out.to(x.dtype).reshape(*x.shape[:-1], packed.shape[0])

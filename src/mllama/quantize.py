@@ -13,7 +13,10 @@ cpu_kernels.MAX_AMX_ROWS rows of bf16 x dequantize blocks of rows into cache for
 AMX-INT8, int8 weights take the int8 tiles for bf16 x from cpu_kernels.AMX_INT8_MIN_ROWS rows up
 (batched decode and prefill), never dequantized: each row of x is rounded to int16 on its own grid
 (cpu_kernels.amx_int8_tiles); int4 weights take them too from that many rows up, x rounded to int8
-per group as the small-row kernels do (cpu_kernels.amx_int4_tiles). Anything
+per group as the small-row kernels do (cpu_kernels.amx_int4_tiles). On a CPU with AVX-512 BF16 and
+no AMX, bf16 x of cpu_kernels.FUSED_MIN_ROWS to MAX_AVX512_ROWS rows (batched decode) takes
+cpu_kernels.quant_gemv: the bf16 kernel's passes over the weight dequantized a chunk at a time into
+L1 (the values of the bf16 dequantization, x not rounded). Anything
 else (prefill, vision, GPU, no kernel) dequantizes the weight to the input's dtype, a block of rows at
 a time on the CPU, and multiplies with the library GEMM.
 """
@@ -36,7 +39,8 @@ from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize i
 # The modules swapped in for nn.Linear.
 
 # On a CPU with native bf16, the blocked dequantize + GEMM overtakes the small-row kernels from about
-# this many rows of bf16 x (benchmarks/RESULTS.md); elsewhere they win up to MAX_QUANT_ROWS.
+# this many rows of bf16 x (benchmarks/RESULTS.md); elsewhere they win up to MAX_QUANT_ROWS. (Where
+# cpu_kernels.fused_quant_rows holds, the fused passes take the kernel's rows up to MAX_QUANT_ROWS.)
 NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 # Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
 # them instead, the weights dequantized a block at a time (faster than the small-row kernels from
@@ -66,7 +70,7 @@ class _QuantizedLinear(nn.Module):
         """The small-row kernels: up to MAX_QUANT_ROWS rows, fewer for bf16 x where the CPU has native bf16."""
         rows = x.shape[:-1].numel()
         limit = cpu_kernels.MAX_QUANT_ROWS
-        if x.dtype == torch.bfloat16 and cpu_has_native_bf16():
+        if x.dtype == torch.bfloat16 and cpu_has_native_bf16() and not cpu_kernels.fused_quant_rows(self.mode, rows):
             limit = NATIVE_BF16_KERNEL_ROWS[self.mode]
         return 0 < rows <= limit and self._on_cpu_kernels(x)
 

@@ -59,10 +59,12 @@ static void dequant_int4_row_avx512(const uint8_t *row, const void *scale, const
             const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(v, v);  /* words 0..15: value q */
             const int64_t end = g0 + group < k_out ? g0 + group : k_out;
             for (int64_t i = g0; i < end; i += 32) {
-                const __m128i packed = _mm_loadu_si128((const __m128i *)(row + i / 2));
-                const __m256i lo = _mm256_cvtepu8_epi16(_mm_and_si128(packed, _mm_set1_epi8(0x0F)));
-                const __m256i hi = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16(packed, 4), _mm_set1_epi8(0x0F)));
-                const __m512i w = _mm512_permutexvar_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(lo), hi, 1), table);
+                /* words 0-15: bytes 0-15, words 16-31: the same bytes shifted down by 4. vpermw reads
+                 * an index's low 5 bits and the table holds its 16 values twice, so a word's bits
+                 * past its low nibble never matter: no masking */
+                const __m512i bytes = _mm512_cvtepu8_epi16(_mm256_broadcastsi128_si256(
+                    _mm_loadu_si128((const __m128i *)(row + i / 2))));
+                const __m512i w = _mm512_permutexvar_epi16(_mm512_mask_srli_epi16(bytes, 0xFFFF0000u, bytes, 4), table);
                 if (k_out - i >= 32)
                     _mm512_storeu_si512((uint16_t *)out + i, w);
                 else
