@@ -109,10 +109,11 @@ def test_quantization_error_is_within_half_a_step(mode, group, n, k):
 
 
 @pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 64), ("int4", 128)])
-@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256), (40, 1152), (24, 4736)])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (25, 256), (40, 1152), (24, 4736), (777, 256)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
-    """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile;
+    """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile
+    (777: past the one-row loops' work items of 256 rows, with 9 left);
     1..32 rows go through the kernel (bf16 x on a CPU with native bf16: fewer), more rows through the
     blocked dequantize + GEMM, autograd through dequantize + F.linear."""
     _, q = _quantized_linear(mode, n, k, group_size=group, dtype=dtype, bias=True, seed=3)

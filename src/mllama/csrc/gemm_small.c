@@ -531,17 +531,19 @@ int mllama_gemm_small_level(void) {
 }
 
 #ifndef ONE_RB
-#define ONE_RB 64    /* one row of x: weight rows per work item, a multiple of 8 ONE_APART */
+#define ONE_RB 256   /* one row of x: weight rows per work item, a multiple of 8 ONE_APART */
 #endif
 #ifndef ONE_APART
-#define ONE_APART 4
+#define ONE_APART 32
 #endif
 typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, __m256 *, int64_t);
 /* One row of x against int8 (int8w tiles) or int4 (int4z tiles) weights, out = the n sums (times the
  * row scale for int8). Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
  * r, r + ONE_APART, ..., then r + 1, ...): the tile's 8 rows lie in 8 runs of ONE_APART consecutive rows,
  * and the ONE_APART tiles in turn read each run from start to end, so a block streams as 8 sequential
- * runs of ONE_APART rows (8 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB. The
+ * runs of ONE_APART rows (64 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB
+ * (4 rows apart, runs of 8 KiB, measured best on a Xeon; 32 on the AMD EPYC streamed 7-17% faster,
+ * benchmarks/RESULTS.md). The
  * block's sums are ONE_RB vectors: the general loop's RB x MMAX, zeroed per block, were a store for
  * every 32 bytes of int4 read (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))

@@ -30,15 +30,15 @@
  * loaded masked (masked loads on every step streamed 38 GB/s against 45 unmasked:
  * benchmarks/RESULTS.md). Each pair's sum is taken in one order whatever XR and the chunks are: a
  * row's result does not depend on the rows beside it. Prefetch: phase -1, PREFETCH bytes ahead in
- * each weight row (the pass that streams from memory); phase >= 0, the same place KC values on (the
- * next chunk, while it lies before ahead_end) into L2 in the k-steps with step % every == phase;
- * else none. */
+ * each weight row (the pass that streams from memory); phase >= 0, the values at the same offset from
+ * `pf` (rows ws apart: the next chunk), those before pf_len, into L2 in the k-steps with
+ * step % every == phase; else none. */
 #define KC 1024
 #define NO_PREFETCH (-2)
 #define DEFINE_AVX512(NAME, ROWS, XR)                                                               \
     __attribute__((target("avx512f,avx512bw,avx512bf16")))                                          \
     static void NAME(const uint16_t *x, int64_t xs, const uint16_t *w, int64_t ws, int64_t len,      \
-                     __m512 *part, int first, int phase, int every, int64_t ahead_end) {             \
+                     __m512 *part, int first, int phase, int every, const uint16_t *pf, int64_t pf_len) { \
         __m512 acc[ROWS][XR];                                                                       \
         for (int r = 0; r < ROWS; r++)                                                              \
             for (int j = 0; j < XR; j++) acc[r][j] = first ? _mm512_setzero_ps() : part[r * XR + j]; \
@@ -47,10 +47,10 @@
         for (int64_t i = 0; i < main_len; i += 32, step++) {                                        \
             __m512bh xv[XR];                                                                        \
             for (int j = 0; j < XR; j++) xv[j] = (__m512bh)_mm512_loadu_si512((const void *)(x + j * xs + i)); \
-            const int ahead = phase >= 0 && step % every == phase && i + KC < ahead_end;            \
+            const int ahead = phase >= 0 && step % every == phase && i < pf_len;                    \
             _Pragma("GCC unroll 8") for (int r = 0; r < ROWS; r++) {                                \
                 if (phase == -1) __builtin_prefetch((const char *)(w + r * ws + i) + PREFETCH);      \
-                else if (ahead) _mm_prefetch((const char *)(w + r * ws + i + KC), _MM_HINT_T1);      \
+                else if (ahead) _mm_prefetch((const char *)(pf + r * ws + i), _MM_HINT_T1);          \
                 const __m512bh wv = (__m512bh)_mm512_loadu_si512((const void *)(w + r * ws + i));   \
                 for (int j = 0; j < XR; j++) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], wv, xv[j]);    \
             }                                                                                       \
@@ -73,14 +73,14 @@ DEFINE_AVX512(avx512_block_x1, BLOCK, 1)
 DEFINE_AVX512(avx512_one_x1, 1, 1)
 
 typedef void (*avx512_pass)(const uint16_t *, int64_t, const uint16_t *, int64_t, int64_t, __m512 *, int, int, int,
-                            int64_t);
+                            const uint16_t *, int64_t);
 static const avx512_pass BLOCK_PASSES[4] = {NULL, avx512_block_x1, avx512_block_x2, avx512_block_x3};
 
 /* One row of x against one weight row (the last n % BLOCK rows). */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 static void avx512_one_row(const uint16_t *x, const uint16_t *w, float *out, int64_t k) {
     __m512 sum;
-    avx512_one_x1(x, k, w, k, k, &sum, 1, -1, 1, 0);
+    avx512_one_x1(x, k, w, k, k, &sum, 1, -1, 1, NULL, 0);
     *out = _mm512_reduce_add_ps(sum);
 }
 
@@ -126,7 +126,7 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
             const int64_t xr = m - j < 3 ? m - j : 3;
             const int phase = g > 0 ? (int)(g - 1) : i0 == 0 ? -1 : NO_PREFETCH;
             BLOCK_PASSES[xr](x + j * k + i0, k, wb + i0, k, len, part + j * BLOCK, i0 == 0, phase, groups - 1,
-                             kmain - i0);
+                             wb + i0 + KC, kmain - i0 - KC);
             j += xr;
         }
     }
@@ -187,7 +187,7 @@ static void avx512_quant_block(const qdesc *q, const uint16_t *x, float *out, in
         for (int64_t j = 0; j < m;) {
             const int64_t xr = rows == 1 ? 1 : m - j < 3 ? m - j : 3;
             (rows == 1 ? avx512_one_x1 : BLOCK_PASSES[xr])(x + j * k + i0, k, buf, KC, len, part + j * BLOCK,
-                                                           i0 == 0, NO_PREFETCH, 1, 0);
+                                                           i0 == 0, NO_PREFETCH, 1, NULL, 0);
             j += xr;
         }
     }
