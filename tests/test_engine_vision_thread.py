@@ -77,6 +77,33 @@ def test_decode_steps_go_on_while_an_image_encodes_in_its_thread(models, monkeyp
 
 
 @needs_two
+def test_stop_halts_an_image_encoding_in_its_thread(models, monkeypatch):
+    """stop() does not return with the vision thread still working: the encode stops at its next
+    module boundary, and the request, left queued, is encoded again once the engine runs again and
+    equals itself alone."""
+    model = models["a"]
+    image = _request("a", length=6, tiles=[2], image_at=[1], seed=64, max_tokens=4)
+    ref = _alone(model, image)
+    held = _HeldEncode(monkeypatch)
+    engine = Engine(model, max_slots=2, max_len=MAX_LEN, vision_threads=1, image_cache_bytes=0)
+    engine.start()
+    handle = engine.submit(image)
+    assert held.started.wait(30)
+    threading.Timer(0.2, held.release.set).start()  # while stop() waits for the vision thread
+    engine.stop()
+    assert _vision_threads_alive() == 0 and handle.tokens == []
+    assert engine.num_waiting == 1 and not engine._encoding.vision_job.finished
+    engine.start()
+    try:
+        events = list(handle)
+    finally:
+        engine.stop()
+    assert len(held.threads) == 2  # encoded again from the start
+    assert [e.token for e in events] == ref[0]
+    assert (torch.stack([e.logits for e in events]) - ref[1]).abs().max().item() <= 1e-5
+
+
+@needs_two
 def test_an_idle_engine_lends_the_vision_thread_every_thread(models, monkeypatch):
     """Nobody decoding: a step waits for the image (no busy loop) and the vision thread runs on all
     of torch's threads; a text request arriving meanwhile starts at once."""

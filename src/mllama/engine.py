@@ -199,6 +199,8 @@ class Engine(PrepareRequests):
         self._thread.start()
 
     def stop(self) -> None:
+        """End the thread of start() after its step; an image encoding in a thread of its own stops
+        at its next module boundary (its request stays queued: encoded again by the next steps)."""
         if self._thread is None:
             return
         with self._lock:
@@ -206,6 +208,7 @@ class Engine(PrepareRequests):
             self._wake.notify_all()
         self._thread.join()
         self._thread = None
+        self._halt_vision()
 
     def step(self) -> bool:
         """One decode step for all decoding requests plus one piece of a new request's work.

@@ -134,6 +134,16 @@ class PrepareRequests:
             torch.set_num_threads(threads)
         return running
 
+    def _halt_vision(self) -> None:
+        """Stop a background encode that has not ended (and a staged one its end may have started) at
+        its next module boundary and wait for its thread: nothing runs once the engine is stopped.
+        The requests keep their places; their images are encoded from the start when steps resume."""
+        with self._vision_lock:
+            self._staged_after = None  # an encode ending now must not start the staged one
+        for seq in (self._encoding, self._staged):
+            if seq is not None and seq.vision_job.in_background and not seq.vision_job.poll_ready:
+                seq.vision_job.abort()
+
     def _poll_background(self) -> bool:
         """Starts the encoding request's background run if it has not started; whether it runs."""
         job = self._encoding.vision_job if self._encoding is not None else None
