@@ -2,7 +2,8 @@
 the prompt in chunks (or several queued text prompts in one padded forward), then the first token.
 
 A mixin of mllama.engine.Engine (it uses the engine's cache, slots, caches and settings); it is
-apart only to keep the engine's loop, slots and decode step readable on their own.
+apart only to keep the engine's loop and slots readable on their own (the decode step is
+mllama.engine_decode).
 """
 
 from __future__ import annotations
