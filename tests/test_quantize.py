@@ -125,7 +125,7 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
         bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
         # else the AMX tiles, the bf16 passes over weights dequantized a chunk at a time (bf16 x, AVX-512
         # BF16 without AMX) or the blocked dequantize + GEMM (fewer kernel rows with native bf16)
-        fused = dtype == torch.bfloat16 and cpu_kernels.fused_quant_rows(mode, rows)
+        fused = dtype == torch.bfloat16 and q._fused_rows(rows)
         kernel = q._use_kernel(x) and not q._use_amx(x) and not fused
         assert kernel == (rows <= cpu_kernels.MAX_QUANT_ROWS) or dtype == torch.bfloat16
         tiles = _int8_tiles(q, x) or _int4_tiles(q, x)
@@ -336,14 +336,16 @@ def test_transformers_style_configs_map():
 
 @pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no VNNI on this CPU")
 @pytest.mark.parametrize("n,k,group", [(29, 100, 64), (50, 1030, 128), (40, 4096, 64), (9, 300, 256), (24, 4736, 128),
-                                        (75, 4736, 64), (11, 1000, 64), (11, 4160, 64)])
+                                        (75, 4736, 64), (11, 1000, 64), (11, 4160, 64), (266, 1024, 128)])
 def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
     """vpdpbusd forms the same int32 sums as vpmaddubsw + vpmaddwd (which never saturate on nibbles
     times int8 x), so the VNNI path's output is the AVX2 path's bit for bit, for every tile shape;
-    one row of x with groups of a multiple of 128 (or of 64 in padded rows of a multiple of 128: a
-    pair of groups per run) takes the 512-bit tile, which turns the same sums to float lane by lane:
-    equal within float32 rounding of the terms' magnitudes (4736 = 37 groups of 128: two whole
-    vectors of 16 groups' scales and a part of one; 4736 in groups of 64: 74, two vectors and 5 pairs)."""
+    groups of a multiple of 128 (or of 64 in padded rows of a multiple of 128: a pair of groups per
+    run) take the 512-bit tiles, which turn the same sums to float lane by lane: equal within float32
+    rounding of the terms' magnitudes (4736 = 37 groups of 128: two whole vectors of 16 groups' scales
+    and a part of one; 4736 in groups of 64: 74, two vectors and 5 pairs), and every row of a batch
+    (two rows of x a tile) exactly as it comes out alone (266 rows: two work items of 128 rows and
+    a partial one of 10)."""
     _, q = _quantized_linear("int4", n, k, group_size=group, seed=k)
     w = _reference_weight(q)
     gen = torch.Generator().manual_seed(n)
@@ -353,11 +355,15 @@ def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
         vnni = cpu_kernels.small_gemm(*args, group_size=group)
         avx2 = cpu_kernels.small_gemm(*args, group_size=group, level=1)
         padded = q.weight_packed.shape[1] * 2
-        if rows == 1 and (group % 128 == 0 or (group == 64 and padded % 128 == 0)):
+        if group % 128 == 0 or (group == 64 and padded % 128 == 0):
+            assert cpu_kernels.int4_tile512(group, padded)
             bound = 1e-6 * (x.double().abs() @ w.abs().T)
-            assert ((vnni.double() - avx2.double()).abs() <= bound).all(), "1 row, 512-bit tile"
+            assert ((vnni.double() - avx2.double()).abs() <= bound).all(), f"{rows} rows, 512-bit tiles"
             assert not torch.equal(vnni, avx2) or k < 2 * group  # it did take the other path
+            alone = torch.cat([cpu_kernels.small_gemm(x[j:j + 1], *args[1:], group_size=group) for j in range(rows)])
+            assert torch.equal(vnni, alone), f"{rows} rows: each row's bits as alone"
         else:
+            assert not cpu_kernels.int4_tile512(group, padded)
             assert torch.equal(vnni, avx2), f"{rows} rows"
     with pytest.raises(RuntimeError, match="level 7 not available"):
         cpu_kernels.small_gemm(*args, group_size=group, level=7)
@@ -558,24 +564,29 @@ def test_fused_quant_gemv_is_the_bf16_kernel_on_the_dequantized_weight(mode, gro
                                mode, *args, group_size=group)
 
 
-@pytest.mark.skipif(not any(cpu_kernels.fused_quant_rows("int4", r) for r in (8, 16)),
+@pytest.mark.skipif(not any(cpu_kernels.fused_quant_rows("int4", r, group_size=32, k_row=96) for r in (8, 16)),
                     reason="the fused quantized passes do not run here (no AVX-512 BF16, or AMX tiles)")
-@pytest.mark.parametrize("mode", ["int8", "int4"])
-def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, monkeypatch):
+@pytest.mark.parametrize("mode,group,k", [("int8", 64, 96), ("int4", 32, 96), ("int4", 64, 96), ("int4", 128, 200)])
+def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, group, k, monkeypatch):
     """On a CPU with AVX-512 BF16 and no AMX, bf16 decode batches of FUSED_MIN_ROWS to MAX_AVX512_ROWS
-    rows go through quant_gemv (eager and through the custom op), fewer through gemm_small.c."""
-    _, q = _quantized_linear(mode, 40, 96, dtype=torch.bfloat16, bias=True)
+    rows go through quant_gemv (eager and through the custom op), fewer through gemm_small.c; int4
+    rows that gemm_small.c's 512-bit tiles take (groups of 64 in rows padded to 128, groups of 128)
+    from FUSED_MIN_ROWS_INT4_TILE512 rows."""
+    _, q = _quantized_linear(mode, 40, k, group_size=group, dtype=torch.bfloat16, bias=True)
+    tile512 = mode == "int4" and cpu_kernels.int4_tile512(group, q.weight_packed.shape[1] * 2)
+    assert tile512 == (mode == "int4" and group >= 64)  # 96 values padded to 128 for groups of 64
+    lo = cpu_kernels.FUSED_MIN_ROWS_INT4_TILE512 if tile512 else cpu_kernels.FUSED_MIN_ROWS[mode]
+    hi = cpu_kernels.MAX_AVX512_ROWS
     calls = []
     real = cpu_kernels.quant_gemv
     monkeypatch.setattr(cpu_kernels, "quant_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
-    lo, hi = cpu_kernels.FUSED_MIN_ROWS[mode], cpu_kernels.MAX_AVX512_ROWS
     with torch.no_grad():
         for rows in (1, lo - 1, lo, hi, hi + 1):
-            x = torch.randn(rows, 96).bfloat16()
+            x = torch.randn(rows, k).bfloat16()
             out = q(x)
             if lo <= rows <= hi:
                 expected = real(x, mode, *((q.weight, q.weight_scale) if mode == "int8" else
-                                           (q.weight_packed, q.weight_scale, q.weight_offset)), group_size=64)
+                                           (q.weight_packed, q.weight_scale, q.weight_offset)), group_size=group)
                 assert torch.equal(out, expected.bfloat16() + q.bias), rows
     assert calls == [lo, hi]
 

@@ -55,8 +55,10 @@ AMX_INT8_MAX_K = 65536  # gemm_amx.c's: the tiles' int32 sums stay exact up to t
 AMX_INT8_MIN_ROWS = 2
 # On a CPU with AVX-512 BF16 but no AMX tiles, bf16 x of this many rows (up to MAX_AVX512_ROWS) against
 # int8 or int4 weights takes quant_gemv (weights dequantized a chunk at a time into L1 for the bf16
-# passes); fewer rows stream faster through gemm_small.c's integer loops (benchmarks/RESULTS.md).
+# passes); fewer rows stream faster through gemm_small.c's integer loops (benchmarks/RESULTS.md):
+# int4 rows that its 512-bit VNNI tiles take (int4_tile512) up to FUSED_MIN_ROWS_INT4_TILE512.
 FUSED_MIN_ROWS = {"int8": 2, "int4": 6}
+FUSED_MIN_ROWS_INT4_TILE512 = 24
 _tried = False
 _FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
 
@@ -334,10 +336,20 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     return out[:m]
 
 
-def fused_quant_rows(fmt: str, rows: int) -> bool:
-    """Whether `rows` rows of bf16 x against `fmt` ("int8" / "int4") weights take quant_gemv here."""
-    return (FUSED_MIN_ROWS[fmt] <= rows <= MAX_AVX512_ROWS and quant_kernels_available() and _level == 2
-            and not amx_available())
+def int4_tile512(group_size: int, k_row: int) -> bool:
+    """Whether gemm_small.c takes int4 weights of this group size and padded row length (k_row values)
+    through its 512-bit VNNI tiles here (any rows up to MAX_QUANT_ROWS): groups of a multiple of 128,
+    or of 64 in rows of a multiple of 128 (a pair of groups per run)."""
+    return small_kernel_level() == 2 and (group_size % 128 == 0 or (group_size == 64 and k_row % 128 == 0))
+
+
+def fused_quant_rows(fmt: str, rows: int, *, group_size: int = 0, k_row: int = 0) -> bool:
+    """Whether `rows` rows of bf16 x against `fmt` ("int8" / "int4") weights take quant_gemv here
+    (int4: of this group size and padded row length)."""
+    least = FUSED_MIN_ROWS[fmt]
+    if rows < least or rows > MAX_AVX512_ROWS or not quant_kernels_available() or _level != 2 or amx_available():
+        return False
+    return fmt != "int4" or rows >= FUSED_MIN_ROWS_INT4_TILE512 or not int4_tile512(group_size, k_row)
 
 
 def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor,
@@ -496,7 +508,8 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
     if (x.dtype == torch.bfloat16 and x.shape[:-1].numel() >= AMX_INT8_MIN_ROWS
             and amx_int4_tiles(packed.shape[0], group_size)):  # as eager Int4Linear: the same bits
         out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
-    elif x.dtype == torch.bfloat16 and fused_quant_rows("int4", x.shape[:-1].numel()):
+    elif x.dtype == torch.bfloat16 and fused_quant_rows("int4", x.shape[:-1].numel(), group_size=group_size,
+                                                         k_row=packed.shape[1] * 2):
         out = quant_gemv(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)

@@ -14,7 +14,8 @@ AMX-INT8, int8 weights take the int8 tiles for bf16 x from cpu_kernels.AMX_INT8_
 (batched decode and prefill), never dequantized: each row of x is rounded to int16 on its own grid
 (cpu_kernels.amx_int8_tiles); int4 weights take them too from that many rows up, x rounded to int8
 per group as the small-row kernels do (cpu_kernels.amx_int4_tiles). On a CPU with AVX-512 BF16 and
-no AMX, bf16 x of cpu_kernels.FUSED_MIN_ROWS to MAX_AVX512_ROWS rows (batched decode) takes
+no AMX, bf16 x of cpu_kernels.FUSED_MIN_ROWS (int4 in gemm_small.c's 512-bit tiles:
+FUSED_MIN_ROWS_INT4_TILE512) to MAX_AVX512_ROWS rows (batched decode) takes
 cpu_kernels.quant_gemv: the bf16 kernel's passes over the weight dequantized a chunk at a time into
 L1 (the values of the bf16 dequantization, x not rounded). Anything
 else (prefill, vision, GPU, no kernel) dequantizes the weight to the input's dtype, a block of rows at
@@ -70,9 +71,13 @@ class _QuantizedLinear(nn.Module):
         """The small-row kernels: up to MAX_QUANT_ROWS rows, fewer for bf16 x where the CPU has native bf16."""
         rows = x.shape[:-1].numel()
         limit = cpu_kernels.MAX_QUANT_ROWS
-        if x.dtype == torch.bfloat16 and cpu_has_native_bf16() and not cpu_kernels.fused_quant_rows(self.mode, rows):
+        if x.dtype == torch.bfloat16 and cpu_has_native_bf16() and not self._fused_rows(rows):
             limit = NATIVE_BF16_KERNEL_ROWS[self.mode]
         return 0 < rows <= limit and self._on_cpu_kernels(x)
+
+    def _fused_rows(self, rows: int) -> bool:
+        """Whether `rows` rows of bf16 x take cpu_kernels.quant_gemv (cpu_kernels.fused_quant_rows)."""
+        return cpu_kernels.fused_quant_rows(self.mode, rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.product(x)
@@ -198,6 +203,10 @@ class Int4Linear(_QuantizedLinear):
         self.register_buffer("weight_scale", torch.empty(out_features, groups, dtype=dtype, device=device))
         self.register_buffer("weight_offset", torch.empty(out_features, groups, dtype=dtype, device=device))
         self._init_bias(bias, dtype, device)
+
+    def _fused_rows(self, rows: int) -> bool:
+        return cpu_kernels.fused_quant_rows("int4", rows, group_size=self.group_size,
+                                            k_row=self.weight_packed.shape[1] * 2)
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)

@@ -40,6 +40,9 @@
 #define KC 1024    /* k values per cache block: a multiple of 32 */
 #endif
 #define MMAX 32    /* most rows of x per call */
+#ifndef MULTI_MAX_M
+#define MULTI_MAX_M 32  /* int4 with 512-bit VNNI: up to this many rows of x through the int4m tiles */
+#endif
 
 
 typedef struct {
@@ -308,6 +311,15 @@ DEFINE_INT4_TILES("avx2,fma", int4x8, INT4_RUN_X8_AVX2)
 DEFINE_INT4_TILES("avx2,fma,avx512f,avx512vl,avx512vnni", int4x8evex, INT4_RUN_X8_AVX512VNNI)
 DEFINE_INT4_TILES("avx2,fma,avxvnni", int4x8vex, INT4_RUN_X8_AVXVNNI)
 
+/* The lane sum of v. */
+__attribute__((target("avx2,fma")))
+static float hsum(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_hadd_ps(s, s);
+    s = _mm_hadd_ps(s, s);
+    return _mm_cvtss_f32(s);
+}
+
 /* tot + (v's 16 lanes folded to 8) + lane0 in the first lane: a 512-bit tile's sums into tot. */
 __attribute__((target("avx2,fma,avx512f")))
 static inline __m256 add_folded(__m256 tot, __m512 v, float lane0) {
@@ -390,6 +402,78 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
     }
 DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 
+/* int4 against M rows of x (xq8 + j k, their params j groups apart) with 512-bit VNNI, R consecutive
+ * weight rows from `row`, the whole of k: each (row, x row) pair in the int4z tiles' operations and
+ * order, then folded and summed as one_row_product does, into out[j n + row + r]. So a row of x gets
+ * the bits it gets alone (the one-row path), in any batch; the weight bytes loaded once serve M rows
+ * of x. For 2 to a few rows, where the 256-bit loops summed each group's lanes across vectors. */
+#define DEFINE_INT4_MULTI512(NAME, R, M)                                                            \
+    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
+    static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t apart, float *out, int64_t n) { \
+        const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
+        const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
+        const int pair = d->group == 64;                                                            \
+        __m512 sum[R][M];                                                                           \
+        float ssx[R][M][16];                                                                        \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int j = 0; j < M; j++) sum[r][j] = _mm512_setzero_ps();                           \
+        const int64_t gi1 = d->k / d->group;                                                        \
+        for (int64_t gv = 0; gv < gi1; gv += 16) {                                                  \
+            const int ng = gi1 - gv < 16 ? (int)(gi1 - gv) : 16;                                    \
+            const __mmask16 take = (__mmask16)((1u << ng) - 1);                                     \
+            __m512 sx[M], xs[M], centre[M];                                                         \
+            for (int j = 0; j < M; j++) {                                                           \
+                const int64_t q = j * x->groups + gv;                                               \
+                sx[j] = _mm512_maskz_loadu_ps(take, x->sx + q);                                     \
+                xs[j] = _mm512_maskz_loadu_ps(take, x->xsum + q);                                   \
+                const __m512 xq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(take, x->xqsum + q)); \
+                centre[j] = _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_fnmadd_ps(sx[j], xq, xs[j])); \
+            }                                                                                       \
+            for (int r = 0; r < R; r++) {                                                           \
+                const int64_t p = (row + r * apart) * x->groups + gv;                               \
+                const __m512 sc = params16(d->scale, p, ng, d->scale_bf16);                         \
+                const __m512 off = params16(d->offset, p, ng, d->scale_bf16);                       \
+                for (int j = 0; j < M; j++) {                                                       \
+                    _mm512_storeu_ps(ssx[r][j], _mm512_mul_ps(sc, sx[j]));                          \
+                    sum[r][j] = _mm512_fmadd_ps(sc, centre[j], sum[r][j]);                          \
+                    sum[r][j] = _mm512_fmadd_ps(off, xs[j], sum[r][j]);                             \
+                }                                                                                   \
+            }                                                                                       \
+            for (int g = 0; g < ng; g += pair + 1) {                                                \
+                const int64_t g0 = (gv + g) * d->group;                                             \
+                __m512i acc[R][M];                                                                  \
+                for (int r = 0; r < R; r++)                                                         \
+                    for (int j = 0; j < M; j++) acc[r][j] = _mm512_setzero_si512();                 \
+                for (int64_t i = g0; i < g0 + (pair + 1) * d->group; i += 128) {                    \
+                    __m512i x0[M], x1[M];                                                           \
+                    for (int j = 0; j < M; j++) {                                                   \
+                        x0[j] = _mm512_loadu_si512(x->xq8 + j * d->k + i);                          \
+                        x1[j] = _mm512_loadu_si512(x->xq8 + j * d->k + i + 64);                     \
+                    }                                                                               \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                           \
+                        const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
+                        if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
+                        const __m512i packed = _mm512_loadu_si512(p);                               \
+                        const __m512i lo = _mm512_and_si512(packed, low);                           \
+                        const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);     \
+                        for (int j = 0; j < M; j++)                                                 \
+                            acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], lo, x0[j]), hi, x1[j]); \
+                    }                                                                               \
+                }                                                                                   \
+                for (int r = 0; r < R; r++)                                                         \
+                    for (int j = 0; j < M; j++) {                                                   \
+                        const __m512 step = pair ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ssx[r][j][g]), \
+                                                                        _mm512_set1_ps(ssx[r][j][g + 1])) \
+                                                 : _mm512_set1_ps(ssx[r][j][g]);                    \
+                        sum[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), step, sum[r][j]); \
+                    }                                                                               \
+            }                                                                                       \
+        }                                                                                           \
+        for (int r = 0; r < R; r++)                                                                 \
+            for (int j = 0; j < M; j++)                                                             \
+                out[j * n + row + r * apart] = hsum(add_folded(_mm256_setzero_ps(), sum[r][j], 0.0f)); \
+    }
+
 /* int8 against one row of x with AVX512-VNNI (level 2): x rounded to int16 per 128 values (as the
  * int4 path's int16 x: an error below 2^-16 of the run's largest |x|), 32 weights per widening and
  * vpdpwssd (the products exact in int32), each run's lanes scaled by its step lane by lane; the last
@@ -426,6 +510,7 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
         }                                                                                           \
     }
 DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
+DEFINE_INT4_MULTI512(int4m_4x2, 4, 2) DEFINE_INT4_MULTI512(int4m_1x2, 1, 2)
 
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
 /* [0]: int16 x (any group); int8 x (groups that are multiples of 64): [1] AVX2, [2] AVX512-VNNI,
@@ -437,14 +522,6 @@ static const int4_tile_fn INT4_TILES[4][6] = {
     {int4x8vex_8x1, int4x8vex_4x2, int4x8vex_3x4, int4x8vex_1x1, int4x8vex_1x2, int4x8vex_1x4},
 };
 
-/* The lane sum of v. */
-__attribute__((target("avx2,fma")))
-static float hsum(__m256 v) {
-    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    s = _mm_hadd_ps(s, s);
-    s = _mm_hadd_ps(s, s);
-    return _mm_cvtss_f32(s);
-}
 
 /* Where the 8 values of x from i (a multiple of 8) within their group go in xq (see quantize_x):
  * a run of 8 never straddles a 16-value chunk, and chunks move whole. */
@@ -565,6 +642,34 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
     }
 }
 
+#ifndef MULTI_APART
+#define MULTI_APART 32
+#endif
+#define MULTI_RB (4 * MULTI_APART)  /* int4m: weight rows per work item (kept in cache while each pair of x rows passes) */
+/* m (even) rows of x against int4 weights with the int4m tiles, two rows of x a pass over each
+ * work item of MULTI_RB weight rows (the later passes read it from cache). Rows 32 apart against 1
+ * (consecutive) ran 2 rows of x 37.5 -> 47.6-63.8, 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about
+ * the same (benchmarks/RESULTS.md). */
+__attribute__((target("avx2,fma")))
+static void multi_row_product(const wdesc *d, const xdesc *x, int64_t m, int64_t n, float *out, int threads) {
+    const int64_t blocks = (n + MULTI_RB - 1) / MULTI_RB;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t row0 = b * MULTI_RB, rows = n - row0 < MULTI_RB ? n - row0 : MULTI_RB;
+        for (int64_t j0 = 0; j0 < m; j0 += 2) {
+            const xdesc xj = {NULL, x->xq8 + j0 * d->k, x->sx + j0 * x->groups, x->xsum + j0 * x->groups,
+                              x->xqsum + j0 * x->groups, x->groups, NULL};
+            if (rows == MULTI_RB) {  /* tiles of 4 rows MULTI_APART apart: 4 sequential runs, as one_row_product */
+                for (int64_t a = 0; a < MULTI_APART; a++) int4m_4x2(d, &xj, row0 + a, MULTI_APART, out + j0 * n, n);
+                continue;
+            }
+            int64_t r = 0;  /* the last, partial work item: consecutive rows */
+            for (; r + 4 <= rows; r += 4) int4m_4x2(d, &xj, row0 + r, 1, out + j0 * n, n);
+            for (; r < rows; r++) int4m_1x2(d, &xj, row0 + r, 1, out + j0 * n, n);
+        }
+    }
+}
+
 /* x: (m, k) float32, m in 1..MMAX and even unless 1 (the caller pads with zero rows); for int4 k is
  * the padded row length. level: the instruction set (mllama_gemm_small_level's numbers; 1 forces the
  * AVX2 path, for tests). Returns 0, or -1 for arguments the kernel does not take (or no memory). */
@@ -585,8 +690,9 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     const int64_t row_bytes = fmt == FMT_INT4 ? k / 2 : fmt == FMT_INT8 ? k : 2 * k;
     const wdesc d = {w, scale, offset, k, group, (int64_t)(threads > 0 ? threads : 1) * RB * row_bytes, scale_bf16};
     xdesc xd = {0};
-    /* one row of x with 512-bit VNNI: the int4z tiles and the X16 order; else X8 where groups allow */
-    const int z = fmt == FMT_INT4 && m == 1 && level == 2 && (group % 128 == 0 || (group == 64 && k % 128 == 0));
+    /* int4 with 512-bit VNNI: the int4z tiles (one row of x) or int4m (two rows a tile), the X16 order;
+     * else X8 where groups allow */
+    const int z = fmt == FMT_INT4 && m <= MULTI_MAX_M && level == 2 && (group % 128 == 0 || (group == 64 && k % 128 == 0));
     const int x8 = z ? 2 : fmt == FMT_INT4 && group % 64 == 0;
     const int path = x8 ? level : 0;
     const int w16 = fmt == FMT_INT8 && m == 1 && level == 2;  /* one row of x: the int8w tiles */
@@ -613,7 +719,9 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
         xd.xf = x;
     }
     if (z || w16) {
-        if (z)
+        if (z && m > 1)
+            multi_row_product(&d, &xd, m, n, out, threads);
+        else if (z)
             one_row_product(&d, &xd, n, out, threads, int4z_8x1, int4z_1x1, 0);
         else
             one_row_product(&d, &xd, n, out, threads, int8w_8x1, int8w_1x1, 1);
