@@ -571,15 +571,17 @@ def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, group, k, m
     """On a CPU with AVX-512 BF16 and no AMX, bf16 decode batches of FUSED_MIN_ROWS to MAX_AVX512_ROWS
     rows go through quant_gemv (eager and through the custom op), fewer through gemm_small.c; int4
     rows that gemm_small.c's 512-bit tiles take (groups of 64 in rows padded to 128, groups of 128)
-    from FUSED_MIN_ROWS_INT4_TILE512 rows."""
+    from FUSED_MIN_ROWS_INT4_TILE512 rows. Only past MAX_AVX512_ROWS the blocked dequantize + GEMM."""
     _, q = _quantized_linear(mode, 40, k, group_size=group, dtype=torch.bfloat16, bias=True)
     tile512 = mode == "int4" and cpu_kernels.int4_tile512(group, q.weight_packed.shape[1] * 2)
     assert tile512 == (mode == "int4" and group >= 64)  # 96 values padded to 128 for groups of 64
     lo = cpu_kernels.FUSED_MIN_ROWS_INT4_TILE512 if tile512 else cpu_kernels.FUSED_MIN_ROWS[mode]
     hi = cpu_kernels.MAX_AVX512_ROWS
-    calls = []
-    real = cpu_kernels.quant_gemv
+    calls, blocked = [], []
+    real, real_blocked = cpu_kernels.quant_gemv, cpu_kernels.blocked_product
     monkeypatch.setattr(cpu_kernels, "quant_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
+    monkeypatch.setattr(cpu_kernels, "blocked_product",
+                        lambda x, *a, **kw: blocked.append(x.shape[0]) or real_blocked(x, *a, **kw))
     with torch.no_grad():
         for rows in (1, lo - 1, lo, hi, hi + 1):
             x = torch.randn(rows, k).bfloat16()
@@ -589,6 +591,7 @@ def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, group, k, m
                                            (q.weight_packed, q.weight_scale, q.weight_offset)), group_size=group)
                 assert torch.equal(out, expected.bfloat16() + q.bias), rows
     assert calls == [lo, hi]
+    assert blocked == [hi + 1]  # below lo the small-row kernel, not the blocked dequantize + GEMM
 
 
 def _int8_tiles_reference(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:

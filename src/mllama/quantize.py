@@ -41,7 +41,8 @@ from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize i
 
 # On a CPU with native bf16, the blocked dequantize + GEMM overtakes the small-row kernels from about
 # this many rows of bf16 x (benchmarks/RESULTS.md); elsewhere they win up to MAX_QUANT_ROWS. (Where
-# cpu_kernels.fused_quant_rows holds, the fused passes take the kernel's rows up to MAX_QUANT_ROWS.)
+# cpu_kernels.fused_quant_rows holds, the fused passes take the kernel's rows up to MAX_QUANT_ROWS, and
+# so do gemm_small.c's 512-bit int4 tiles where they apply: _QuantizedLinear._outruns_gemm.)
 NATIVE_BF16_KERNEL_ROWS = {"int8": 12, "int4": 12}
 # Where the CPU has AMX tiles, bf16 x of this many rows (up to cpu_kernels.MAX_AMX_ROWS) goes through
 # them instead, the weights dequantized a block at a time (faster than the small-row kernels from
@@ -71,13 +72,18 @@ class _QuantizedLinear(nn.Module):
         """The small-row kernels: up to MAX_QUANT_ROWS rows, fewer for bf16 x where the CPU has native bf16."""
         rows = x.shape[:-1].numel()
         limit = cpu_kernels.MAX_QUANT_ROWS
-        if x.dtype == torch.bfloat16 and cpu_has_native_bf16() and not self._fused_rows(rows):
+        if x.dtype == torch.bfloat16 and cpu_has_native_bf16() and not self._outruns_gemm(rows):
             limit = NATIVE_BF16_KERNEL_ROWS[self.mode]
         return 0 < rows <= limit and self._on_cpu_kernels(x)
 
     def _fused_rows(self, rows: int) -> bool:
         """Whether `rows` rows of bf16 x take cpu_kernels.quant_gemv (cpu_kernels.fused_quant_rows)."""
         return cpu_kernels.fused_quant_rows(self.mode, rows)
+
+    def _outruns_gemm(self, rows: int) -> bool:
+        """Whether the kernel route for `rows` rows of bf16 x beats the blocked dequantize + library GEMM
+        on a CPU with native bf16 past NATIVE_BF16_KERNEL_ROWS."""
+        return self._fused_rows(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.product(x)
@@ -207,6 +213,9 @@ class Int4Linear(_QuantizedLinear):
     def _fused_rows(self, rows: int) -> bool:
         return cpu_kernels.fused_quant_rows("int4", rows, group_size=self.group_size,
                                             k_row=self.weight_packed.shape[1] * 2)
+
+    def _outruns_gemm(self, rows: int) -> bool:  # gemm_small.c's 512-bit int4 tiles do, up to 32 rows
+        return self._fused_rows(rows) or cpu_kernels.int4_tile512(self.group_size, self.weight_packed.shape[1] * 2)
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)

@@ -645,22 +645,27 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
 #ifndef MULTI_APART
 #define MULTI_APART 32
 #endif
-#define MULTI_RB (4 * MULTI_APART)  /* int4m: weight rows per work item (kept in cache while each pair of x rows passes) */
-/* m (even) rows of x against int4 weights with the int4m tiles, two rows of x a pass over each
- * work item of MULTI_RB weight rows (the later passes read it from cache). Rows 32 apart against 1
- * (consecutive) ran 2 rows of x 37.5 -> 47.6-63.8, 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about
- * the same (benchmarks/RESULTS.md). */
+#ifndef MULTI_BYTES
+#define MULTI_BYTES (256 << 10)
+#endif
+/* m (even) rows of x against int4 weights with the int4m tiles, two rows of x a pass over each work
+ * item of 4 x `apart` weight rows, tiles of 4 rows `apart` apart (4 sequential runs, as
+ * one_row_product): apart is MULTI_APART where a work item fits MULTI_BYTES, which the later passes
+ * read from cache, else less. Rows 32 apart against 1 (consecutive) ran 2 rows of x 37.5 -> 47.6-63.8,
+ * 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about the same (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
 static void multi_row_product(const wdesc *d, const xdesc *x, int64_t m, int64_t n, float *out, int threads) {
-    const int64_t blocks = (n + MULTI_RB - 1) / MULTI_RB;
+    const int64_t fit = MULTI_BYTES / (4 * (d->k / 2));
+    const int64_t apart = m == 2 || fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1, item = 4 * apart;
+    const int64_t blocks = (n + item - 1) / item;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
-        const int64_t row0 = b * MULTI_RB, rows = n - row0 < MULTI_RB ? n - row0 : MULTI_RB;
+        const int64_t row0 = b * item, rows = n - row0 < item ? n - row0 : item;
         for (int64_t j0 = 0; j0 < m; j0 += 2) {
             const xdesc xj = {NULL, x->xq8 + j0 * d->k, x->sx + j0 * x->groups, x->xsum + j0 * x->groups,
                               x->xqsum + j0 * x->groups, x->groups, NULL};
-            if (rows == MULTI_RB) {  /* tiles of 4 rows MULTI_APART apart: 4 sequential runs, as one_row_product */
-                for (int64_t a = 0; a < MULTI_APART; a++) int4m_4x2(d, &xj, row0 + a, MULTI_APART, out + j0 * n, n);
+            if (rows == item) {
+                for (int64_t a = 0; a < apart; a++) int4m_4x2(d, &xj, row0 + a, apart, out + j0 * n, n);
                 continue;
             }
             int64_t r = 0;  /* the last, partial work item: consecutive rows */
