@@ -336,7 +336,8 @@ def test_transformers_style_configs_map():
 
 @pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no VNNI on this CPU")
 @pytest.mark.parametrize("n,k,group", [(29, 100, 64), (50, 1030, 128), (40, 4096, 64), (9, 300, 256), (24, 4736, 128),
-                                        (75, 4736, 64), (11, 1000, 64), (11, 4160, 64), (266, 1024, 128)])
+                                        (75, 4736, 64), (11, 1000, 64), (11, 4160, 64), (266, 1024, 128),
+                                        (70, 8192, 128)])
 def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
     """vpdpbusd forms the same int32 sums as vpmaddubsw + vpmaddwd (which never saturate on nibbles
     times int8 x), so the VNNI path's output is the AVX2 path's bit for bit, for every tile shape;
@@ -345,7 +346,7 @@ def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
     rounding of the terms' magnitudes (4736 = 37 groups of 128: two whole vectors of 16 groups' scales
     and a part of one; 4736 in groups of 64: 74, two vectors and 5 pairs), and every row of a batch
     (two rows of x a tile) exactly as it comes out alone (266 rows: two work items of 128 rows and
-    a partial one of 10)."""
+    a partial one of 10; 8192 values: work items of 64 rows, 16 apart, from 4 rows of x on)."""
     _, q = _quantized_linear("int4", n, k, group_size=group, seed=k)
     w = _reference_weight(q)
     gen = torch.Generator().manual_seed(n)
