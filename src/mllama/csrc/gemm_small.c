@@ -337,7 +337,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
     return _mm512_maskz_loadu_ps(take, (const float *)base + i);
 }
 
-/* int4 against one row of x with 512-bit VNNI (level 2, groups of a multiple of 128, or of 64 in rows
+/* int4 against rows of x with 512-bit VNNI (level 2, groups of a multiple of 128, or of 64 in rows
  * of a multiple of 128): 128 weights per two vpdpbusd, x in the X16 order (see quantize_x), where
  * lanes 0-7 hold values 0-63 of the 128 and lanes 8-15 values 64-127, so a pair of 64-value groups
  * takes one run of 128 with s sx of the first group in lanes 0-7 and of the second in lanes 8-15.
@@ -348,65 +348,12 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
  * per group, s (8 sum x - 8 sx sum xq) + z sum x: the same value as theirs up to float rounding.
  * The scales and these terms are taken 16 groups at a time in vectors, and each group's s sx is
  * broadcast from memory: one scalar scale at a time held one-row int4 at 0.74x of the bf16 loop's
- * bytes per second, this at 0.86x (benchmarks/RESULTS.md). */
-#define DEFINE_INT4_TILE512(NAME, R)                                                                \
-    __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
-    static void NAME(const wdesc *d, const xdesc *x, int64_t row, __m256 *tot, int64_t apart) {     \
-        /* R whole rows: row, row + apart, ...; their sums as far apart in tot */                  \
-        const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
-        const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
-        const int pair = d->group == 64;  /* two groups per run of 128 */                           \
-        __m512 sum[R];                                                                              \
-        float ssx[R][16];  /* s sx of the 16 groups in hand, per row */                             \
-        for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
-        const int64_t gi1 = d->k / d->group;                                                        \
-        for (int64_t gv = 0; gv < gi1; gv += 16) {                                                  \
-            const int ng = gi1 - gv < 16 ? (int)(gi1 - gv) : 16;                                    \
-            const __mmask16 take = (__mmask16)((1u << ng) - 1);                                     \
-            const __m512 sx = _mm512_maskz_loadu_ps(take, x->sx + gv), xs = _mm512_maskz_loadu_ps(take, x->xsum + gv); \
-            const __m512 xq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(take, x->xqsum + gv));    \
-            const __m512 centre = _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_fnmadd_ps(sx, xq, xs)); \
-            for (int r = 0; r < R; r++) {  /* the centring terms go into the lanes of sum (summed at the end) */ \
-                const int64_t p = (row + r * apart) * x->groups + gv;                               \
-                const __m512 sc = params16(d->scale, p, ng, d->scale_bf16);                         \
-                _mm512_storeu_ps(ssx[r], _mm512_mul_ps(sc, sx));                                    \
-                sum[r] = _mm512_fmadd_ps(sc, centre, sum[r]);                                       \
-                sum[r] = _mm512_fmadd_ps(params16(d->offset, p, ng, d->scale_bf16), xs, sum[r]);    \
-            }                                                                                       \
-            for (int g = 0; g < ng; g += pair + 1) {  /* ng is even for pairs (k % 128 == 0) */      \
-                const int64_t g0 = (gv + g) * d->group;                                             \
-                __m512i acc[R];                                                                     \
-                for (int r = 0; r < R; r++) acc[r] = _mm512_setzero_si512();                        \
-                for (int64_t i = g0; i < g0 + (pair + 1) * d->group; i += 128) {                    \
-                    const __m512i x0 = _mm512_loadu_si512(x->xq8 + i), x1 = _mm512_loadu_si512(x->xq8 + i + 64); \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
-                        const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
-                        /* in the row only, as int8w: also prefetching the block this thread takes  \
-                         * next was slower with the rows four apart (benchmarks/RESULTS.md) */      \
-                        if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
-                        const __m512i packed = _mm512_loadu_si512(p);                               \
-                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(packed, low), x0);    \
-                        acc[r] = _mm512_dpbusd_epi32(acc[r], _mm512_and_si512(_mm512_srli_epi16(packed, 4), low), x1); \
-                    }                                                                               \
-                }                                                                                   \
-                for (int r = 0; r < R; r++) {                                                       \
-                    const __m512 step = pair ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ssx[r][g]), \
-                                                                    _mm512_set1_ps(ssx[r][g + 1]))  \
-                                             : _mm512_set1_ps(ssx[r][g]);                           \
-                    sum[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r]), step, sum[r]);              \
-                }                                                                                   \
-            }                                                                                       \
-        }                                                                                           \
-        for (int r = 0; r < R; r++)                                                                 \
-            tot[r * apart] = add_folded(tot[r * apart], sum[r], 0.0f);                              \
-    }
-DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
-
-/* int4 against M rows of x (xq8 + j k, their params j groups apart) with 512-bit VNNI, R consecutive
- * weight rows from `row`, the whole of k: each (row, x row) pair in the int4z tiles' operations and
- * order, then folded and summed as one_row_product does, into out[j n + row + r]. So a row of x gets
- * the bits it gets alone (the one-row path), in any batch; the weight bytes loaded once serve M rows
- * of x. For 2 to a few rows, where the 256-bit loops summed each group's lanes across vectors. */
+ * bytes per second, this at 0.86x (benchmarks/RESULTS.md).
+ * The tiles take R weight rows (`apart` apart) against M rows of x (xq8 + j k, their params j groups
+ * apart), the whole of k, each (weight row, x row) pair in the same operations and order, folded and
+ * summed into out[j n + row + r apart]: a row of x gets the same bits in any batch, and each weight
+ * vector loaded serves M rows of x (int4m_4x2: 2-32 rows, where the 256-bit loops had summed each
+ * group's lanes across vectors). */
 #define DEFINE_INT4_MULTI512(NAME, R, M)                                                            \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t apart, float *out, int64_t n) { \
@@ -450,7 +397,7 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
                         x0[j] = _mm512_loadu_si512(x->xq8 + j * d->k + i);                          \
                         x1[j] = _mm512_loadu_si512(x->xq8 + j * d->k + i + 64);                     \
                     }                                                                               \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                           \
+                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
                         const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
                         if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
                         const __m512i packed = _mm512_loadu_si512(p);                               \
@@ -473,6 +420,8 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
             for (int j = 0; j < M; j++)                                                             \
                 out[j * n + row + r * apart] = hsum(add_folded(_mm256_setzero_ps(), sum[r][j], 0.0f)); \
     }
+DEFINE_INT4_MULTI512(int4m_8x1, 8, 1) DEFINE_INT4_MULTI512(int4m_1x1, 1, 1)
+DEFINE_INT4_MULTI512(int4m_4x2, 4, 2) DEFINE_INT4_MULTI512(int4m_1x2, 1, 2)
 
 /* int8 against one row of x with AVX512-VNNI (level 2): x rounded to int16 per 128 values (as the
  * int4 path's int16 x: an error below 2^-16 of the run's largest |x|), 32 weights per widening and
@@ -483,7 +432,7 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
 #define DEFINE_INT8_TILE_W16(NAME, R)                                                               \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, __m256 *tot, int64_t apart) {     \
-        /* as the int4z tiles */                                                                    \
+        /* as the int4m tiles */                                                                    \
         const int64_t main_end = d->k / INT8W_RUN * INT8W_RUN;                                      \
         __m512 sum[R];                                                                              \
         for (int r = 0; r < R; r++) sum[r] = _mm512_setzero_ps();                                   \
@@ -510,7 +459,6 @@ DEFINE_INT4_TILE512(int4z_8x1, 8) DEFINE_INT4_TILE512(int4z_1x1, 1)
         }                                                                                           \
     }
 DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
-DEFINE_INT4_MULTI512(int4m_4x2, 4, 2) DEFINE_INT4_MULTI512(int4m_1x2, 1, 2)
 
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
 /* [0]: int16 x (any group); int8 x (groups that are multiples of 64): [1] AVX2, [2] AVX512-VNNI,
@@ -614,8 +562,7 @@ int mllama_gemm_small_level(void) {
 #define ONE_APART 32
 #endif
 typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, __m256 *, int64_t);
-/* One row of x against int8 (int8w tiles) or int4 (int4z tiles) weights, out = the n sums (times the
- * row scale for int8). Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
+/* One row of x against int8 weights (int8w tiles), out = the n sums times the row scales. Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
  * r, r + ONE_APART, ..., then r + 1, ...): the tile's 8 rows lie in 8 runs of ONE_APART consecutive rows,
  * and the ONE_APART tiles in turn read each run from start to end, so a block streams as 8 sequential
  * runs of ONE_APART rows (64 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB
@@ -625,7 +572,7 @@ typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, __m256 *, in
  * every 32 bytes of int4 read (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
 static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *out, int threads, one_row_tile tile8,
-                            one_row_tile tile1, int row_scaled) {
+                            one_row_tile tile1) {
     const int64_t blocks = (n + ONE_RB - 1) / ONE_RB;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
@@ -638,7 +585,7 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
         for (; r + 8 <= rows; r += 8) tile8(d, x, row0 + r, tot + r, 1);
         for (; r < rows; r++) tile1(d, x, row0 + r, tot + r, 1);
         for (int64_t t = 0; t < rows; t++)
-            out[row0 + t] = hsum(tot[t]) * (row_scaled ? param(d->scale, row0 + t, d->scale_bf16) : 1.0f);
+            out[row0 + t] = hsum(tot[t]) * param(d->scale, row0 + t, d->scale_bf16);
     }
 }
 
@@ -648,29 +595,33 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
 #ifndef MULTI_BYTES
 #define MULTI_BYTES (256 << 10)
 #endif
-/* m (even) rows of x against int4 weights with the int4m tiles, two rows of x a pass over each work
- * item of 4 x `apart` weight rows, tiles of 4 rows `apart` apart (4 sequential runs, as
- * one_row_product): apart is MULTI_APART where a work item fits MULTI_BYTES, which the later passes
- * read from cache, else less. Rows 32 apart against 1 (consecutive) ran 2 rows of x 37.5 -> 47.6-63.8,
+/* m rows of x (1, or an even number) against int4 weights with the int4m tiles: one row of x 8 weight
+ * rows a tile (int4m_8x1), else two rows of x a pass over each work item (int4m_4x2); work items of
+ * R x `apart` weight rows swept as tiles of R rows `apart` apart (R sequential runs, as
+ * one_row_product): apart is MULTI_APART where one pass over x suffices or a work item fits
+ * MULTI_BYTES, which the later passes read from cache, else less. Rows 32 apart against 1 (consecutive) ran 2 rows of x 37.5 -> 47.6-63.8,
  * 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about the same (benchmarks/RESULTS.md). */
+typedef void (*int4m_tile)(const wdesc *, const xdesc *, int64_t, int64_t, float *, int64_t);
 __attribute__((target("avx2,fma")))
-static void multi_row_product(const wdesc *d, const xdesc *x, int64_t m, int64_t n, float *out, int threads) {
-    const int64_t fit = MULTI_BYTES / (4 * (d->k / 2));
-    const int64_t apart = m == 2 || fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1, item = 4 * apart;
+static void int4m_product(const wdesc *d, const xdesc *x, int64_t m, int64_t n, float *out, int threads) {
+    const int64_t tile_m = m == 1 ? 1 : 2, tile_r = m == 1 ? 8 : 4;  /* rows of x and of w a tile */
+    const int4m_tile wide = m == 1 ? int4m_8x1 : int4m_4x2, one = m == 1 ? int4m_1x1 : int4m_1x2;
+    const int64_t fit = MULTI_BYTES / (tile_r * (d->k / 2));
+    const int64_t apart = m <= tile_m || fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1, item = tile_r * apart;
     const int64_t blocks = (n + item - 1) / item;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
         const int64_t row0 = b * item, rows = n - row0 < item ? n - row0 : item;
-        for (int64_t j0 = 0; j0 < m; j0 += 2) {
+        for (int64_t j0 = 0; j0 < m; j0 += tile_m) {
             const xdesc xj = {NULL, x->xq8 + j0 * d->k, x->sx + j0 * x->groups, x->xsum + j0 * x->groups,
                               x->xqsum + j0 * x->groups, x->groups, NULL};
             if (rows == item) {
-                for (int64_t a = 0; a < apart; a++) int4m_4x2(d, &xj, row0 + a, apart, out + j0 * n, n);
+                for (int64_t a = 0; a < apart; a++) wide(d, &xj, row0 + a, apart, out + j0 * n, n);
                 continue;
             }
             int64_t r = 0;  /* the last, partial work item: consecutive rows */
-            for (; r + 4 <= rows; r += 4) int4m_4x2(d, &xj, row0 + r, 1, out + j0 * n, n);
-            for (; r < rows; r++) int4m_1x2(d, &xj, row0 + r, 1, out + j0 * n, n);
+            for (; r + tile_r <= rows; r += tile_r) wide(d, &xj, row0 + r, 1, out + j0 * n, n);
+            for (; r < rows; r++) one(d, &xj, row0 + r, 1, out + j0 * n, n);
         }
     }
 }
@@ -695,7 +646,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     const int64_t row_bytes = fmt == FMT_INT4 ? k / 2 : fmt == FMT_INT8 ? k : 2 * k;
     const wdesc d = {w, scale, offset, k, group, (int64_t)(threads > 0 ? threads : 1) * RB * row_bytes, scale_bf16};
     xdesc xd = {0};
-    /* int4 with 512-bit VNNI: the int4z tiles (one row of x) or int4m (two rows a tile), the X16 order;
+    /* int4 with 512-bit VNNI: the int4m tiles (one or two rows of x a tile), the X16 order;
      * else X8 where groups allow */
     const int z = fmt == FMT_INT4 && m <= MULTI_MAX_M && level == 2 && (group % 128 == 0 || (group == 64 && k % 128 == 0));
     const int x8 = z ? 2 : fmt == FMT_INT4 && group % 64 == 0;
@@ -724,12 +675,10 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
         xd.xf = x;
     }
     if (z || w16) {
-        if (z && m > 1)
-            multi_row_product(&d, &xd, m, n, out, threads);
-        else if (z)
-            one_row_product(&d, &xd, n, out, threads, int4z_8x1, int4z_1x1, 0);
+        if (z)
+            int4m_product(&d, &xd, m, n, out, threads);
         else
-            one_row_product(&d, &xd, n, out, threads, int8w_8x1, int8w_1x1, 1);
+            one_row_product(&d, &xd, n, out, threads, int8w_8x1, int8w_1x1);
         free(z ? (void *)xd.xq8 : (void *)xd.xq);
         free((void *)xd.sx);
         return 0;
