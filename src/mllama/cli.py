@@ -32,7 +32,8 @@ class CliError(Exception):
     """A problem with the user's input, reported as one line without a traceback."""
 
 
-def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | None = None) -> tuple[Any, Any]:
+def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | None = None, *,
+          pack: bool = False) -> tuple[Any, Any]:
     import torch
 
     from mllama.model import MllamaForConditionalGeneration
@@ -62,6 +63,10 @@ def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | No
         raise CliError(f"cannot load the model from {path}: {err}") from None
     if adapter is not None:
         apply_adapter(model_obj, adapter, CliError)
+    if pack and world == 1:  # bf16 CPU weights in oneDNN's layout (mllama.packed_linear); others stay
+        from mllama.packed_linear import pack_linears
+
+        pack_linears(model_obj)
     return model_obj, processor
 
 
@@ -118,13 +123,19 @@ def _user_message(text: str, n_images: int) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
+def _packs(args: argparse.Namespace) -> bool:
+    """Whether to pack the bf16 weights for oneDNN: by default, not with --no-pack or --compile
+    (torch.compile traces the plain linears)."""
+    return not args.no_pack and not args.compile
+
+
 def cmd_generate(args: argparse.Namespace) -> None:
     if args.prompt == "-":  # the prompt from stdin: `echo "..." | mllama generate -`
         args.prompt = sys.stdin.read().strip()
         if not args.prompt:
             raise CliError("the prompt read from stdin is empty")
     images = _load_images(args.image or [])
-    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter, pack=_packs(args))
     if args.raw:
         prompt = args.prompt
         if images and prompt.count("<|image|>") == 0:
@@ -135,7 +146,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_chat(args: argparse.Namespace) -> None:
-    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter, pack=_packs(args))
     images: list[Any] = []
     pending: list[Any] = []
     messages: list[dict[str, Any]] = []
@@ -265,7 +276,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         raise CliError("--vision-threads cannot be used under torchrun: when an image's encode ends would differ "
                        "between ranks")
     check_vision_threads(args.vision_threads)  # before a long load
-    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter)
+    model, processor = _load(args.model, args.dtype, args.quantize, args.adapter, pack=_packs(args))
     device = next(model.parameters()).device.type
     vision_threads = None if world > 1 else default_vision_threads(args.vision_threads, device=device)
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
@@ -375,6 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--seed", type=int, default=None)
     common.add_argument("--compile", action="store_true",
                         help="torch.compile the decode step (slow first call, faster decoding after)")
+    common.add_argument("--no-pack", action="store_true",
+                        help="keep bf16 weights in their plain layout (default on a CPU with native bf16: packed "
+                             "once for oneDNN, faster products, the same values)")
     common.add_argument("--fast-vision", action="store_true",
                         help="skip padded tiles in the vision encoder (faster, not exact)")
     common.add_argument("--quantize", choices=["int8", "int4"], default=None,
@@ -417,7 +431,7 @@ def build_parser() -> argparse.ArgumentParser:
     quant.add_argument("--max-shard-size", default="5GB")
     quant.set_defaults(func=cmd_quantize)
     serve = sub.add_parser("serve", help="OpenAI-compatible HTTP API and a web chat page (needs mllama[serve])")
-    for flag in ("--model", "--dtype", "--compile", "--fast-vision", "--quantize", "--adapter"):
+    for flag in ("--model", "--dtype", "--compile", "--no-pack", "--fast-vision", "--quantize", "--adapter"):
         action = next(a for a in common._actions if flag in a.option_strings)
         serve._add_action(action)
     _serve_arguments(serve)

@@ -1,0 +1,187 @@
+"""bf16 linears with their weights reordered once into oneDNN's blocked layout (a module swap).
+
+torch's CPU linear hands a plain (out, in) bf16 weight to oneDNN, which reorders it into the layout
+its GEMM kernels read on every call. Reordered once and kept so (`torch.ops.mkldnn._reorder_linear_weight`,
+what inductor does to frozen weights), the same products run faster at every row count on a CPU
+with native bf16, and with the bits of F.linear on the plain weight (benchmarks/RESULTS.md): the
+served decode steps (a row per slot), prefill chunks and the vision tower alike.
+
+`pack_linears(model)` swaps a model's bf16 CPU linears for `PackedLinear`, whose weight then exists
+only in the blocked layout (no second copy); `unpack_linears` swaps them back. A PackedLinear keeps
+the interface code relies on: `in_features`, `out_features`, `bias`, `weight` (a plain copy, made on
+each read), its state-dict entries (plain, so checkpoints save and load unchanged), `.to()` within
+bf16 on the CPU. It is for inference: it holds no weight parameter, so training, moving the model
+to another device or dtype, quantizing and torch.compile need `unpack_linears` first (each says so).
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import platform
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllama.linear import cpu_has_native_bf16, swap_linears
+
+PACK_ROWS = 16  # oneDNN's hint of the rows per call; any value from 1 to 1608 measured the same here
+_UNPACK_FIRST = "call mllama.packed_linear.unpack_linears(model) first"
+
+
+@functools.cache
+def packing_available() -> bool:
+    """Whether bf16 weights can be packed here: oneDNN in torch, an x86 CPU with native bf16 (AVX512_BF16
+    or AMX; elsewhere oneDNN's bf16 path is emulated and slower than F.linear), and a probe product
+    equal to F.linear's."""
+    if platform.machine().lower() not in ("x86_64", "amd64") or not torch.backends.mkldnn.is_available():
+        return False
+    if not cpu_has_native_bf16():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        weight = torch.randn(48, 64, generator=gen).bfloat16()
+        x = torch.randn(3, 64, generator=gen).bfloat16()
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, PACK_ROWS)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+    return out.shape == (3, 48) and torch.equal(out, F.linear(x, weight))
+
+
+def _pack(weight: torch.Tensor) -> torch.Tensor:
+    return torch.ops.mkldnn._reorder_linear_weight(weight.detach().contiguous(), PACK_ROWS)
+
+
+def can_pack(weight: torch.Tensor) -> bool:
+    """A real (not meta) bf16 CPU matrix, on a machine where packing_available()."""
+    return (weight.dim() == 2 and weight.dtype == torch.bfloat16 and weight.device.type == "cpu"
+            and not weight.is_meta and packing_available())
+
+
+class PackedLinear(nn.Module):
+    """y = x @ W.T + b with W held in oneDNN's blocked layout (see the module docstring).
+
+    bf16 CPU inputs outside autograd go through oneDNN's linear on the packed weight; a single row is
+    computed as the first of two equal rows, so that every row of a batch gets the bits it gets
+    alone (oneDNN takes another kernel for one row). Anything else (float32 inputs, gradients)
+    falls back to F.linear on a plain copy of the weight."""
+
+    def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None) -> None:
+        super().__init__()
+        if not can_pack(weight):
+            raise ValueError(f"PackedLinear: needs a bf16 CPU weight matrix on a CPU with native bf16 and oneDNN; "
+                             f"got {weight.dtype} {tuple(weight.shape)} on {weight.device}")
+        self.out_features, self.in_features = weight.shape
+        self.packed = _pack(weight)
+        self.bias = bias
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> "PackedLinear":
+        """The linear's weight packed (a new tensor), its bias shared."""
+        return cls(linear.weight, linear.bias)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """A plain (out, in) copy of the weight, made on each read; changing it changes nothing."""
+        return self.packed.to_dense()
+
+    def _fast(self, x: torch.Tensor) -> bool:
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.dim() >= 1
+                and x.shape[-1] == self.in_features and not torch.compiler.is_compiling()
+                and not (torch.is_grad_enabled() and (x.requires_grad
+                                                      or (self.bias is not None and self.bias.requires_grad))))
+
+    def _product(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features)  # (rows, in)
+        rows = flat.shape[0]
+        if rows == 1:
+            flat = flat.expand(2, self.in_features)  # see the class docstring
+        out = torch.ops.mkldnn._linear_pointwise(flat.contiguous(), self.packed, bias, "none", [], "")
+        return out[:rows].view(*x.shape[:-1], self.out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._fast(x):
+            return self._product(x, self.bias)
+        if torch.compiler.is_compiling():
+            raise RuntimeError(f"PackedLinear cannot be compiled; {_UNPACK_FIRST}")
+        return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ weight.T without the bias."""
+        return self._product(x, None) if self._fast(x) else F.linear(x, self.weight.to(x.dtype))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        destination[prefix + "weight"] = self.weight
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs):
+        key = prefix + "weight"
+        if key not in state_dict:
+            missing_keys.append(key)
+        else:
+            weight = state_dict[key]
+            if tuple(weight.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(weight.shape)}, "
+                                  f"the shape in current model is {(self.out_features, self.in_features)}.")
+            else:
+                self.packed = _pack(weight.to("cpu", torch.bfloat16))
+        rest = {k: v for k, v in state_dict.items() if k != key}
+        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        probe = fn(torch.empty(0, dtype=torch.bfloat16))
+        if probe.dtype == torch.bfloat16 and probe.device.type == "cpu":  # .to() that changes nothing here
+            return super()._apply(fn, recurse)
+        weight = fn(self.weight)
+        if not can_pack(weight):
+            raise RuntimeError(f"a model with packed bf16 weights stays bf16 on the CPU ({weight.dtype} on "
+                               f"{weight.device} asked); {_UNPACK_FIRST}")
+        self.packed = _pack(weight)
+        return super()._apply(fn, recurse)
+
+    def __deepcopy__(self, memo: dict) -> "PackedLinear":
+        new = PackedLinear(self.weight, copy.deepcopy(self.bias, memo))
+        new.train(self.training)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
+
+
+def pack_linears(model: nn.Module) -> list[str]:
+    """Swap every linear of `model` whose weight can be packed (bf16, on the CPU) for a PackedLinear, in place, one at a time (so the plain and the packed copy of only
+    one weight exist together). Linears with other weights (quantized modules, float32) stay. Returns
+    the names of the swapped linears; none where packing_available() is false."""
+    if not packing_available():
+        return []
+
+    def replace(_: str, linear: nn.Linear) -> nn.Module | None:
+        return PackedLinear.from_linear(linear) if can_pack(linear.weight) else None
+
+    return swap_linears(model, replace)
+
+
+def unpack_linears(model: nn.Module) -> list[str]:
+    """Swap every PackedLinear of `model` back for a plain linear (mllama.linear.DecodeLinear, the
+    class from_pretrained gives) holding its weight as a parameter; returns their names."""
+    from mllama.linear import DecodeLinear
+
+    names = []
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, PackedLinear):
+            continue
+        linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        linear.weight = nn.Parameter(module.weight)
+        linear.bias = module.bias
+        new = DecodeLinear.from_linear(linear)
+        if not name:
+            raise ValueError("unpack_linears: the model itself is a PackedLinear")
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, new)
+        names.append(name)
+    return names

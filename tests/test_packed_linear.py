@@ -1,0 +1,150 @@
+"""bf16 weights packed once for oneDNN (mllama.packed_linear): the bits of F.linear, every row of a
+batch as alone, state dicts and checkpoints unchanged, the fallbacks and the errors; a packed model in
+the engine equals each request alone; the CLI packs by default."""
+
+from __future__ import annotations
+
+import copy
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mllama.engine import Engine
+from mllama.linear import DecodeLinear, apply_cpu_kernels
+from mllama.packed_linear import PackedLinear, pack_linears, packing_available, unpack_linears
+from tiny import hf_pair
+
+pytestmark = pytest.mark.skipif(not packing_available(), reason="needs oneDNN and a CPU with native bf16")
+
+
+def _linear(n: int, k: int, *, bias: bool, seed: int = 0) -> nn.Linear:
+    gen = torch.Generator().manual_seed(seed)
+    linear = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(n, k, generator=gen))
+        if bias:
+            linear.bias.copy_(torch.randn(n, generator=gen))
+    return linear.bfloat16()
+
+
+@pytest.mark.parametrize("n,k,bias", [(77, 130, True), (256, 4096, False), (40, 96, True)])
+def test_products_equal_f_linear_and_each_row_alone(n, k, bias):
+    linear = _linear(n, k, bias=bias)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(40, k, generator=torch.Generator().manual_seed(1)).bfloat16()
+    with torch.no_grad():
+        batch = packed(x)
+        assert batch.dtype == torch.bfloat16 and batch.shape == (40, n)
+        assert torch.equal(batch, F.linear(x, linear.weight, linear.bias))
+        for rows in (1, 2, 3, 17, 33):
+            assert torch.equal(packed(x[:rows]), batch[:rows])
+        for i in range(40):  # one row alone: the bits it has in any batch
+            assert torch.equal(packed(x[i:i + 1]), batch[i:i + 1])
+        assert torch.equal(packed(x.view(4, 10, k)), batch.view(4, 10, n))
+        assert torch.equal(packed.product(x), F.linear(x, linear.weight))
+
+
+def test_fallbacks_float32_and_gradients():
+    linear = _linear(24, 40, bias=True)
+    packed = PackedLinear.from_linear(linear)
+    x = torch.randn(5, 40)
+    with torch.no_grad():
+        assert torch.equal(packed(x), F.linear(x, linear.weight.float(), linear.bias.float()))
+    xb = x.bfloat16().requires_grad_()
+    packed(xb).float().sum().backward()
+    xr = x.bfloat16().requires_grad_()
+    F.linear(xr, linear.weight.detach(), linear.bias.detach()).float().sum().backward()
+    assert torch.equal(xb.grad, xr.grad)
+
+
+def test_state_dict_weight_property_and_loading():
+    linear = _linear(33, 64, bias=True)
+    packed = PackedLinear.from_linear(linear)
+    state = packed.state_dict()
+    assert set(state) == {"weight", "bias"} and torch.equal(state["weight"], linear.weight)
+    assert torch.equal(packed.weight, linear.weight)
+    other = _linear(33, 64, bias=True, seed=5)
+    packed.load_state_dict(other.state_dict())
+    x = torch.randn(3, 64).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(packed(x), F.linear(x, other.weight, other.bias))
+    with pytest.raises(RuntimeError, match="Missing key.*weight"):
+        packed.load_state_dict({"bias": other.bias})
+    with pytest.raises(RuntimeError, match="size mismatch for weight"):
+        packed.load_state_dict({"weight": torch.zeros(32, 64, dtype=torch.bfloat16), "bias": other.bias})
+    clone = copy.deepcopy(packed)
+    assert torch.equal(clone.weight, packed.weight) and clone.packed is not packed.packed
+
+
+def test_pack_unpack_and_moves():
+    model = nn.Sequential(_linear(16, 8, bias=True), nn.ReLU(), _linear(4, 16, bias=False), nn.Linear(4, 2))
+    reference = copy.deepcopy(model)
+    assert pack_linears(model) == ["0", "2"]  # the float32 linear stays
+    assert isinstance(model[0], PackedLinear) and type(model[3]) is nn.Linear
+    x = torch.randn(3, 8).bfloat16()
+    with torch.no_grad():
+        assert torch.equal(model[:3](x), reference[:3](x))
+    model.to(torch.bfloat16)  # nothing to change: fine
+    model.cpu()
+    with pytest.raises(RuntimeError, match="unpack_linears"):
+        model.to(torch.float32)
+    assert unpack_linears(model) == ["0", "2"]
+    assert type(model[0]) is DecodeLinear and torch.equal(model[0].weight, reference[0].weight)
+    model.to(torch.float32)  # now it can
+
+
+def test_packed_model_in_the_engine_equals_each_request_alone_and_saves_unchanged(tmp_path):
+    from test_engine import _mixed_requests, _run_schedule
+
+    _, plain = hf_pair("a", seed=31)
+    plain = apply_cpu_kernels(plain.bfloat16())
+    model = copy.deepcopy(plain)
+    names = pack_linears(model)
+    assert any(n.startswith("model.vision_model") for n in names) and "lm_head" in names
+    assert not any(type(m) in (nn.Linear, DecodeLinear) for m in model.modules())
+    rng = random.Random(7)
+    requests = _mixed_requests("a", rng)
+    schedule = [(rng.randint(0, 12), r) for r in requests]
+    engine = Engine(model, max_slots=3, max_len=64, prefill_chunk=3)
+    handles = _run_schedule(engine, schedule)
+    by_request = {id(r): h for (_, r), h in zip(sorted(schedule, key=lambda x: x[0]), handles)}
+    for request in requests:
+        events = list(by_request[id(request)])
+        alone = list(Engine(model, max_slots=1, max_len=64, prefill_chunk=1000).submit(request))
+        assert [e.token for e in events] == [e.token for e in alone]
+        assert torch.equal(torch.stack([e.logits for e in events]), torch.stack([e.logits for e in alone]))
+    # against the plain layout: the same model, other kernels' rounding
+    request = requests[0]
+    ids = request.input_ids[None]
+    with torch.no_grad():
+        a = model(ids).logits.float()
+        b = plain(ids).logits.float()
+    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+    model.save_pretrained(tmp_path)
+    from mllama import MllamaForConditionalGeneration
+
+    loaded = MllamaForConditionalGeneration.from_pretrained(tmp_path, dtype=torch.bfloat16)
+    saved = loaded.state_dict()
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(saved[name], tensor), name
+
+
+def test_cli_packs_bf16_weights_unless_told_not_to(tmp_path):
+    import shutil
+
+    from mllama import MllamaForConditionalGeneration, cli
+
+    directory = tmp_path / "demo-bf16"
+    shutil.copytree(cli.default_model_dir(), directory)
+    MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).save_pretrained(directory)
+
+    def load(*flags: str):
+        args = cli.build_parser().parse_args(["generate", "--model", str(directory), "hi", *flags])
+        return cli._load(args.model, args.dtype, pack=cli._packs(args))[0]
+
+    assert any(isinstance(m, PackedLinear) for m in load().modules())
+    for flag in ("--no-pack", "--compile"):
+        assert not any(isinstance(m, PackedLinear) for m in load(flag).modules())
