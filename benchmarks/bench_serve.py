@@ -199,6 +199,8 @@ def main() -> None:
                         help="passed to `mllama serve` (default: serve's own; 0: vision pieces take turns)")
     parser.add_argument("--quantize", choices=["int8", "int4"], default=None,
                         help="passed to `mllama serve` (the baseline keeps transformers' bf16)")
+    parser.add_argument("--no-pack", action="store_true",
+                        help="passed to `mllama serve`: bf16 weights in their plain layout, not packed for oneDNN")
     args = parser.parse_args()
     from mllama.cli import default_model_dir
     from test_server import Server  # the tests' subprocess runner: free port, waits for /health
@@ -208,6 +210,7 @@ def main() -> None:
     budget += [] if args.step_budget_ratio is None else ["--step-budget-ratio", str(args.step_budget_ratio)]
     budget += [] if args.vision_threads is None else ["--vision-threads", str(args.vision_threads)]
     budget += [] if args.quantize is None else ["--quantize", args.quantize]
+    budget += ["--no-pack"] if args.no_pack else []
     server = Server("--model", model_dir, "--max-slots", str(max(args.clients)), "--max-queue", "1024", *budget)
     rows = []
     try:

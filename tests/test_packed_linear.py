@@ -148,3 +148,18 @@ def test_cli_packs_bf16_weights_unless_told_not_to(tmp_path):
     assert any(isinstance(m, PackedLinear) for m in load().modules())
     for flag in ("--no-pack", "--compile"):
         assert not any(isinstance(m, PackedLinear) for m in load(flag).modules())
+
+
+def test_transforms_that_need_plain_linears_refuse_packed_ones():
+    from mllama.lora import apply_lora
+    from mllama.quantize import quantize_model
+    from mllama.tp import tensor_parallel
+
+    _, model = hf_pair("b", seed=3)
+    pack_linears(model.bfloat16())
+    for transform, name in ((lambda m: quantize_model(m, "int8"), "quantize_model"), (apply_lora, "apply_lora"),
+                            (tensor_parallel, "tensor_parallel")):
+        with pytest.raises(ValueError, match=f"{name} needs plain linears.*unpack_linears"):
+            transform(model)
+    unpack_linears(model)
+    quantize_model(model, "int8")  # then it can

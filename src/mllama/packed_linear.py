@@ -153,6 +153,16 @@ class PackedLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, packed"
 
 
+def refuse_packed(model: nn.Module, what: str) -> None:
+    """Raise, naming `what` and the way out, where `model` holds packed weights: transforms that
+    rebuild linears from their weight parameter (quantization, LoRA, tensor parallelism) would
+    skip them silently."""
+    names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
+    if names:
+        raise ValueError(f"{what} needs plain linears, but {len(names)} are packed for oneDNN (e.g. {names[0]}); "
+                         f"{_UNPACK_FIRST}")
+
+
 def pack_linears(model: nn.Module) -> list[str]:
     """Swap every linear of `model` whose weight can be packed (bf16, on the CPU) for a PackedLinear, in place, one at a time (so the plain and the packed copy of only
     one weight exist together). Linears with other weights (quantized modules, float32) stay. Returns

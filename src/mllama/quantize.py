@@ -32,6 +32,7 @@ from torch import nn
 
 from mllama import cpu_kernels
 from mllama.linear import cpu_has_native_bf16, swap_linears
+from mllama.packed_linear import refuse_packed
 from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize is the public module)
     DEFAULT_GROUP_SIZE, FORMAT_VERSION, GROUP_SIZES, MODES, QUANT_METHOD, QuantizationConfig, dequantize_int4,
     dequantize_int8, quantize_int4, quantize_int8, resolve_quantization, unpack_int4)
@@ -283,6 +284,7 @@ def quantize_model(model: nn.Module, config: QuantizationConfig | str) -> nn.Mod
         raise ValueError(f"the model is already quantized ({model.quantization_config.mode})")
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("quantize the model before splitting it with mllama.tp.tensor_parallel, not after")
+    refuse_packed(model, "quantize_model")
 
     def replace(name: str, linear: nn.Linear) -> nn.Module | None:
         if isinstance(linear, _QuantizedLinear) or not is_target(name, config):

@@ -33,6 +33,7 @@ from torch import nn
 
 from mllama.attention import _Projections
 from mllama.layers import TextMLP
+from mllama.packed_linear import refuse_packed
 from mllama.vision import MllamaVisionAttention, MllamaVisionMLP
 
 
@@ -267,6 +268,7 @@ def tensor_parallel(model: nn.Module, *, group: dist.ProcessGroup | None = None)
     """
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError(f"the model is split already ({model.tensor_parallel})")
+    refuse_packed(model, "tensor_parallel")
     world, rank = world_of(group)
     shards, heads = shard_plan(model, world_size=world, rank=rank)
     shard_modules(model, shards, heads, group=group)
