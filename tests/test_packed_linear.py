@@ -163,3 +163,36 @@ def test_transforms_that_need_plain_linears_refuse_packed_ones():
             transform(model)
     unpack_linears(model)
     quantize_model(model, "int8")  # then it can
+
+
+def test_served_packed_model_answers_concurrent_requests_as_alone(tmp_path):
+    """`mllama serve` packs a bf16 model by default: concurrent chat requests (images encoded in the
+    vision thread beside the decode steps, both through oneDNN) equal each request sent alone."""
+    import shutil
+    from concurrent.futures import ThreadPoolExecutor
+
+    pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from mllama import MllamaForConditionalGeneration, cli
+    from test_server import Server, _ask, _shape_uri
+
+    directory = tmp_path / "demo-bf16"
+    shutil.copytree(cli.default_model_dir(), directory)
+    MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).save_pretrained(directory)
+    server = Server("--model", str(directory), "--served-model-name", "m", "--max-slots", "4")
+    try:
+        client = server.client(None)
+        messages = [_ask(_shape_uri("circle", "red", 3)), [{"role": "user", "content": "Tell me a story."}],
+                    _ask(_shape_uri("square", "blue", 4)), [{"role": "user", "content": "What do you see?"}]]
+
+        def ask(m):
+            return client.chat.completions.create(model="m", messages=m, temperature=0,
+                                                  max_tokens=12).choices[0].message.content
+
+        alone = [ask(m) for m in messages]
+        with ThreadPoolExecutor(4) as pool:
+            together = list(pool.map(ask, messages))
+        assert together == alone
+        assert "circle" in alone[0] and "square" in alone[2]
+    finally:
+        server.stop()
