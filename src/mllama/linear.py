@@ -21,12 +21,14 @@ from mllama.cpu_attention import apply_cpu_attention
 from mllama.cpu_kernels import MAX_ROWS, gemv_available, gemv_bf16, gemv_max_rows, use_gemv
 
 
-def swap_linears(model: nn.Module, replace: Callable[[str, nn.Linear], nn.Module | None]) -> list[str]:
-    """Offer every `nn.Linear` of `model` (by its module name) to `replace`; where it returns a
-    module, that module takes the linear's place. Returns the names of the replaced linears."""
+def swap_linears(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], *,
+                 kind: type[nn.Module] = nn.Linear) -> list[str]:
+    """Offer every module of `kind` (default: every `nn.Linear`) of `model` (by its module name) to
+    `replace`; where it returns a module, that module takes the linear's place. Returns the names of
+    the replaced linears."""
     swapped = []
     for name, module in list(model.named_modules()):
-        if not isinstance(module, nn.Linear):
+        if not isinstance(module, kind):
             continue
         new = replace(name, module)
         if new is None or new is module:

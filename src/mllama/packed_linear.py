@@ -181,17 +181,10 @@ def unpack_linears(model: nn.Module) -> list[str]:
     class from_pretrained gives) holding its weight as a parameter; returns their names."""
     from mllama.linear import DecodeLinear
 
-    names = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, PackedLinear):
-            continue
+    def replace(_: str, module: nn.Module) -> nn.Module:
         linear = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
         linear.weight = nn.Parameter(module.weight)
         linear.bias = module.bias
-        new = DecodeLinear.from_linear(linear)
-        if not name:
-            raise ValueError("unpack_linears: the model itself is a PackedLinear")
-        parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent), attr, new)
-        names.append(name)
-    return names
+        return DecodeLinear.from_linear(linear)
+
+    return swap_linears(model, replace, kind=PackedLinear)
