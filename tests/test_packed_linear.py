@@ -150,6 +150,28 @@ def test_cli_packs_bf16_weights_unless_told_not_to(tmp_path):
         assert not any(isinstance(m, PackedLinear) for m in load(flag).modules())
 
 
+def test_packing_that_would_not_fit_in_memory_is_refused(monkeypatch, tmp_path, capsys):
+    import shutil
+
+    import mllama.packed_linear as packed_linear
+    from mllama import MllamaForConditionalGeneration, cli
+
+    model = nn.Sequential(_linear(64, 32, bias=False), _linear(8, 64, bias=False))  # 2048 + 512 weights: 5120 bytes
+    monkeypatch.setattr(packed_linear, "memory_for_packing", lambda: 5119)
+    with pytest.raises(MemoryError, match="packing 0.0 GiB of bf16 weights"):
+        pack_linears(model)
+    assert all(type(m) is nn.Linear for m in model)  # nothing packed
+    monkeypatch.setattr(packed_linear, "memory_for_packing", lambda: 5120)
+    assert pack_linears(model) == ["0", "1"]
+    directory = tmp_path / "demo-bf16"
+    shutil.copytree(cli.default_model_dir(), directory)
+    MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).save_pretrained(directory)
+    monkeypatch.setattr(packed_linear, "memory_for_packing", lambda: 0)
+    loaded, _ = cli._load(str(directory), "auto", pack=True)  # the CLI goes on with the plain layout
+    assert not any(isinstance(m, PackedLinear) for m in loaded.modules())
+    assert "bf16 weights left unpacked" in capsys.readouterr().err
+
+
 def test_transforms_that_need_plain_linears_refuse_packed_ones():
     from mllama.lora import apply_lora
     from mllama.quantize import quantize_model

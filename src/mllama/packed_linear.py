@@ -163,14 +163,42 @@ def refuse_packed(model: nn.Module, what: str) -> None:
                          f"{_UNPACK_FIRST}")
 
 
+MEMORY_MARGIN = 2**30  # bytes left free beside the packed weights (see memory_for_packing)
+
+
+def _kib_field(path: str, field: str) -> int | None:
+    try:
+        with open(path, encoding="ascii", errors="replace") as f:
+            line = next((line for line in f if line.startswith(field + ":")), None)
+    except OSError:
+        return None
+    return int(line.split()[1]) * 1024 if line is not None else None
+
+
+def memory_for_packing() -> int | None:
+    """Bytes the packed weights may take: the machine's memory less this process's anonymous memory
+    and MEMORY_MARGIN (None where /proc cannot tell). Packed weights are anonymous memory; the plain
+    weights they replace are often pages of mapped checkpoint files, which the kernel may drop under
+    pressure, so a model that only fits mapped must not be packed whole."""
+    total, anon = _kib_field("/proc/meminfo", "MemTotal"), _kib_field("/proc/self/status", "RssAnon")
+    return None if total is None or anon is None else total - anon - MEMORY_MARGIN
+
+
 def pack_linears(model: nn.Module) -> list[str]:
-    """Swap every linear of `model` whose weight can be packed (bf16, on the CPU) for a PackedLinear, in place, one at a time (so the plain and the packed copy of only
-    one weight exist together). Linears with other weights (quantized modules, float32) stay. Returns
-    the names of the swapped linears; none where packing_available() is false."""
+    """Swap every linear of `model` whose weight can be packed (bf16, on the CPU) for a PackedLinear,
+    in place, one at a time (so the plain and the packed copy of only one weight exist together).
+    Linears with other weights (quantized modules, float32) stay. Returns the names of the swapped
+    linears; none where packing_available() is false. Raises MemoryError, before packing anything,
+    where the packed weights would not fit beside this process's memory (memory_for_packing)."""
     if not packing_available():
         return []
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, nn.Linear) and can_pack(m.weight)}
+    need, room = sum(w.numel() * w.element_size() for w in weights.values()), memory_for_packing()
+    if room is not None and need > room:
+        raise MemoryError(f"packing {need / 2**30:.1f} GiB of bf16 weights needs that much memory of its own; "
+                          f"about {max(room, 0) / 2**30:.1f} GiB are left beside this process")
 
-    def replace(_: str, linear: nn.Linear) -> nn.Module | None:
+    def replace(_: str, linear: nn.Module) -> nn.Module | None:
         return PackedLinear.from_linear(linear) if can_pack(linear.weight) else None
 
     return swap_linears(model, replace)
