@@ -99,7 +99,7 @@ def test_pack_unpack_and_moves():
 def test_packed_model_in_the_engine_equals_each_request_alone_and_saves_unchanged(tmp_path):
     from test_engine import _mixed_requests, _run_schedule
 
-    _, plain = hf_pair("a", seed=31)
+    oracle, plain = hf_pair("a", seed=31)  # transformers in float32
     plain = apply_cpu_kernels(plain.bfloat16())
     model = copy.deepcopy(plain)
     names = pack_linears(model)
@@ -116,13 +116,13 @@ def test_packed_model_in_the_engine_equals_each_request_alone_and_saves_unchange
         alone = list(Engine(model, max_slots=1, max_len=64, prefill_chunk=1000).submit(request))
         assert [e.token for e in events] == [e.token for e in alone]
         assert torch.equal(torch.stack([e.logits for e in events]), torch.stack([e.logits for e in alone]))
-    # against the plain layout: the same model, other kernels' rounding
-    request = requests[0]
-    ids = request.input_ids[None]
+    # against float32 transformers: no further from it than the plain bf16 layout (other kernels' rounding)
+    ids = requests[0].input_ids[None]
     with torch.no_grad():
-        a = model(ids).logits.float()
-        b = plain(ids).logits.float()
-    assert (a - b).abs().max() <= 0.05 * b.abs().max()
+        ref = oracle(ids).logits.float()
+        packed_error = (model(ids).logits.float() - ref).abs().max() / ref.abs().max()
+        plain_error = (plain(ids).logits.float() - ref).abs().max() / ref.abs().max()
+    assert 0 < packed_error <= 1.25 * plain_error + 1e-3
     model.save_pretrained(tmp_path)
     from mllama import MllamaForConditionalGeneration
 
