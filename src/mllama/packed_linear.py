@@ -129,9 +129,10 @@ class PackedLinear(nn.Module):
                                   f"the shape in current model is {(self.out_features, self.in_features)}.")
             else:
                 self.packed = _pack(weight.to("cpu", torch.bfloat16))
-        rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if key in unexpected_keys:  # the weight is not a parameter here, but it was taken above
+            unexpected_keys.remove(key)
 
     def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
         probe = fn(torch.empty(0, dtype=torch.bfloat16))
