@@ -346,7 +346,8 @@ def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
     rounding of the terms' magnitudes (4736 = 37 groups of 128: two whole vectors of 16 groups' scales
     and a part of one; 4736 in groups of 64: 74, two vectors and 5 pairs), and every row of a batch
     (two rows of x a tile) exactly as it comes out alone (266 rows: two work items of 128 rows and
-    a partial one of 10; 8192 values: work items of 64 rows, 16 apart, from 4 rows of x on)."""
+    a partial one of 10; one row of x: work items of 256 rows, 64 apart; 8192 values: work items of 64 rows,
+    16 apart, from 4 rows of x on)."""
     _, q = _quantized_linear("int4", n, k, group_size=group, seed=k)
     w = _reference_weight(q)
     gen = torch.Generator().manual_seed(n)

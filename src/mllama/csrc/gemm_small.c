@@ -420,7 +420,7 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
             for (int j = 0; j < M; j++)                                                             \
                 out[j * n + row + r * apart] = hsum(add_folded(_mm256_setzero_ps(), sum[r][j], 0.0f)); \
     }
-DEFINE_INT4_MULTI512(int4m_8x1, 8, 1) DEFINE_INT4_MULTI512(int4m_1x1, 1, 1)
+DEFINE_INT4_MULTI512(int4m_4x1, 4, 1) DEFINE_INT4_MULTI512(int4m_1x1, 1, 1)
 DEFINE_INT4_MULTI512(int4m_4x2, 4, 2) DEFINE_INT4_MULTI512(int4m_1x2, 1, 2)
 
 /* int8 against one row of x with AVX512-VNNI (level 2): x rounded to int16 per 128 values (as the
@@ -592,22 +592,29 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
 #ifndef MULTI_APART
 #define MULTI_APART 32
 #endif
+#ifndef ONE_APART_INT4M
+#define ONE_APART_INT4M 64
+#endif
 #ifndef MULTI_BYTES
 #define MULTI_BYTES (256 << 10)
 #endif
-/* m rows of x (1, or an even number) against int4 weights with the int4m tiles: one row of x 8 weight
- * rows a tile (int4m_8x1), else two rows of x a pass over each work item (int4m_4x2); work items of
- * R x `apart` weight rows swept as tiles of R rows `apart` apart (R sequential runs, as
- * one_row_product): apart is MULTI_APART where one pass over x suffices or a work item fits
- * MULTI_BYTES, which the later passes read from cache, else less. Rows 32 apart against 1 (consecutive) ran 2 rows of x 37.5 -> 47.6-63.8,
- * 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about the same (benchmarks/RESULTS.md). */
+/* m rows of x (1, or an even number) against int4 weights with the int4m tiles: four weight rows a
+ * tile, one row of x (int4m_4x1) or two a pass over each work item (int4m_4x2); work items of
+ * 4 x `apart` weight rows swept as tiles of 4 rows `apart` apart (4 sequential runs, as
+ * one_row_product). One row of x: 64 apart; 8 rows 32 apart (8 runs) had streamed one-row decode at
+ * 0.75-0.8x the rate of 4 runs or of one (an AMD EPYC, Zen 4; benchmarks/RESULTS.md), and 4 rows
+ * keep 4 sums in flight where one row at a time waits on its one chain of FMAs. More rows of x:
+ * apart is MULTI_APART where one pass over x suffices or a work item fits MULTI_BYTES, which the
+ * later passes read from cache, else less. Rows 32 apart against 1 (consecutive) ran 2 rows of x
+ * 37.5 -> 47.6-63.8, 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about the same. */
 typedef void (*int4m_tile)(const wdesc *, const xdesc *, int64_t, int64_t, float *, int64_t);
 __attribute__((target("avx2,fma")))
 static void int4m_product(const wdesc *d, const xdesc *x, int64_t m, int64_t n, float *out, int threads) {
-    const int64_t tile_m = m == 1 ? 1 : 2, tile_r = m == 1 ? 8 : 4;  /* rows of x and of w a tile */
-    const int4m_tile wide = m == 1 ? int4m_8x1 : int4m_4x2, one = m == 1 ? int4m_1x1 : int4m_1x2;
+    const int64_t tile_m = m == 1 ? 1 : 2, tile_r = 4;  /* rows of x and of w a tile */
+    const int4m_tile wide = m == 1 ? int4m_4x1 : int4m_4x2, one = m == 1 ? int4m_1x1 : int4m_1x2;
     const int64_t fit = MULTI_BYTES / (tile_r * (d->k / 2));
-    const int64_t apart = m <= tile_m || fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1, item = tile_r * apart;
+    const int64_t apart = m == 1 ? ONE_APART_INT4M : fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1;
+    const int64_t item = tile_r * apart;
     const int64_t blocks = (n + item - 1) / item;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
