@@ -458,7 +458,7 @@ DEFINE_INT4_MULTI512(int4m_4x2, 4, 2) DEFINE_INT4_MULTI512(int4m_1x2, 1, 2)
             tot[r * apart] = add_folded(tot[r * apart], sum[r], tail);                              \
         }                                                                                           \
     }
-DEFINE_INT8_TILE_W16(int8w_8x1, 8) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
+DEFINE_INT8_TILE_W16(int8w_4x1, 4) DEFINE_INT8_TILE_W16(int8w_1x1, 1)
 
 typedef void (*int4_tile_fn)(const wdesc *, const xdesc *, int64_t, int64_t, int64_t, __m256 *);
 /* [0]: int16 x (any group); int8 x (groups that are multiples of 64): [1] AVX2, [2] AVX512-VNNI,
@@ -555,23 +555,24 @@ int mllama_gemm_small_level(void) {
     return 1;
 }
 
+/* One row of x against int8 (int8w tiles) or int4 (int4m_4x1) weights: work items of ONE_RB rows,
+ * swept as tiles of 4 rows ONE_APART apart (rows r, r + ONE_APART, r + 2 ONE_APART, r + 3 ONE_APART,
+ * then r + 1, ...): the tile's rows lie in 4 runs of ONE_APART consecutive rows, and the ONE_APART
+ * tiles in turn read each run from start to end, so a work item streams as 4 sequential runs. On an
+ * AMD EPYC (Zen 4) 4 runs decoded int8 1.19x and int4 1.21-1.32x faster than 8 runs 32 apart (which a
+ * Zen 5 had preferred to 8 runs 4 apart, and a Xeon the latter); 2 runs about as 4, one row at a time
+ * 0.89x (one chain of FMAs a row, nothing else in flight; benchmarks/RESULTS.md). */
 #ifndef ONE_RB
-#define ONE_RB 256   /* one row of x: weight rows per work item, a multiple of 8 ONE_APART */
+#define ONE_RB 256   /* a multiple of 4 ONE_APART */
 #endif
 #ifndef ONE_APART
-#define ONE_APART 32
+#define ONE_APART 64
 #endif
 typedef void (*one_row_tile)(const wdesc *, const xdesc *, int64_t, __m256 *, int64_t);
-/* One row of x against int8 weights (int8w tiles), out = the n sums times the row scales. Each work item of ONE_RB rows is swept as tiles of 8 rows ONE_APART apart (rows
- * r, r + ONE_APART, ..., then r + 1, ...): the tile's 8 rows lie in 8 runs of ONE_APART consecutive rows,
- * and the ONE_APART tiles in turn read each run from start to end, so a block streams as 8 sequential
- * runs of ONE_APART rows (64 KiB for a 4096-wide int4 weight) where one row each left runs of 2 KiB
- * (4 rows apart, runs of 8 KiB, measured best on a Xeon; 32 on the AMD EPYC streamed 7-17% faster,
- * benchmarks/RESULTS.md). The
- * block's sums are ONE_RB vectors: the general loop's RB x MMAX, zeroed per block, were a store for
- * every 32 bytes of int4 read (benchmarks/RESULTS.md). */
+/* int8: out = the n sums times the row scales. The work item's sums are ONE_RB vectors: the general
+ * loop's RB x MMAX, zeroed per block, were a store for every 32 bytes of int4 read (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
-static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *out, int threads, one_row_tile tile8,
+static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *out, int threads, one_row_tile tile4,
                             one_row_tile tile1) {
     const int64_t blocks = (n + ONE_RB - 1) / ONE_RB;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -580,9 +581,9 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
         const int64_t row0 = b * ONE_RB, rows = n - row0 < ONE_RB ? n - row0 : ONE_RB;
         for (int64_t t = 0; t < rows; t++) tot[t] = _mm256_setzero_ps();
         int64_t r = 0;
-        for (; r + 8 * ONE_APART <= rows; r += 8 * ONE_APART)
-            for (int a = 0; a < ONE_APART; a++) tile8(d, x, row0 + r + a, tot + r + a, ONE_APART);
-        for (; r + 8 <= rows; r += 8) tile8(d, x, row0 + r, tot + r, 1);
+        for (; r + 4 * ONE_APART <= rows; r += 4 * ONE_APART)
+            for (int a = 0; a < ONE_APART; a++) tile4(d, x, row0 + r + a, tot + r + a, ONE_APART);
+        for (; r + 4 <= rows; r += 4) tile4(d, x, row0 + r, tot + r, 1);
         for (; r < rows; r++) tile1(d, x, row0 + r, tot + r, 1);
         for (int64_t t = 0; t < rows; t++)
             out[row0 + t] = hsum(tot[t]) * param(d->scale, row0 + t, d->scale_bf16);
@@ -592,19 +593,13 @@ static void one_row_product(const wdesc *d, const xdesc *x, int64_t n, float *ou
 #ifndef MULTI_APART
 #define MULTI_APART 32
 #endif
-#ifndef ONE_APART_INT4M
-#define ONE_APART_INT4M 64
-#endif
 #ifndef MULTI_BYTES
 #define MULTI_BYTES (256 << 10)
 #endif
 /* m rows of x (1, or an even number) against int4 weights with the int4m tiles: four weight rows a
  * tile, one row of x (int4m_4x1) or two a pass over each work item (int4m_4x2); work items of
  * 4 x `apart` weight rows swept as tiles of 4 rows `apart` apart (4 sequential runs, as
- * one_row_product). One row of x: 64 apart; 8 rows 32 apart (8 runs) had streamed one-row decode at
- * 0.75-0.8x the rate of 4 runs or of one (an AMD EPYC, Zen 4; benchmarks/RESULTS.md), and 4 rows
- * keep 4 sums in flight where one row at a time waits on its one chain of FMAs. More rows of x:
- * apart is MULTI_APART where one pass over x suffices or a work item fits MULTI_BYTES, which the
+ * one_row_product). One row of x: ONE_APART apart. More rows of x: apart is MULTI_APART where one pass over x suffices or a work item fits MULTI_BYTES, which the
  * later passes read from cache, else less. Rows 32 apart against 1 (consecutive) ran 2 rows of x
  * 37.5 -> 47.6-63.8, 8 rows 13.7 -> 21.6-23.6 G weights/s; 64 apart about the same. */
 typedef void (*int4m_tile)(const wdesc *, const xdesc *, int64_t, int64_t, float *, int64_t);
@@ -613,7 +608,7 @@ static void int4m_product(const wdesc *d, const xdesc *x, int64_t m, int64_t n, 
     const int64_t tile_m = m == 1 ? 1 : 2, tile_r = 4;  /* rows of x and of w a tile */
     const int4m_tile wide = m == 1 ? int4m_4x1 : int4m_4x2, one = m == 1 ? int4m_1x1 : int4m_1x2;
     const int64_t fit = MULTI_BYTES / (tile_r * (d->k / 2));
-    const int64_t apart = m == 1 ? ONE_APART_INT4M : fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1;
+    const int64_t apart = m == 1 ? ONE_APART : fit >= MULTI_APART ? MULTI_APART : fit > 1 ? fit : 1;
     const int64_t item = tile_r * apart;
     const int64_t blocks = (n + item - 1) / item;
 #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
@@ -685,7 +680,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
         if (z)
             int4m_product(&d, &xd, m, n, out, threads);
         else
-            one_row_product(&d, &xd, n, out, threads, int8w_8x1, int8w_1x1);
+            one_row_product(&d, &xd, n, out, threads, int8w_4x1, int8w_1x1);
         free(z ? (void *)xd.xq8 : (void *)xd.xq);
         free((void *)xd.sx);
         return 0;
