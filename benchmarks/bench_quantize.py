@@ -161,6 +161,18 @@ def decode_step_bytes(model, modules: list[torch.nn.Module]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t.dim() >= 1) + embed.weight[0].numel() * embed.weight.element_size()
 
 
+def sustained_read(nbytes: int, buffer: torch.Tensor) -> float:
+    """GB/s of torch's float32 sum over `buffer` for about `nbytes` (whole passes, at least one): the
+    machine's read rate over about as long as a decode that streams `nbytes` (on a shared machine the
+    rate moves within seconds, and the best 1 GiB read of a round can come from a moment no decode saw)."""
+    size = buffer.numel() * buffer.element_size()
+    passes = max(1, round(nbytes / size))
+    start = time.perf_counter()
+    for _ in range(passes):
+        buffer.sum()
+    return passes * size / (time.perf_counter() - start) / 1e9
+
+
 def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int], streams: int) -> None:
     from mllama.config import MllamaTextConfig
     from mllama.linear import apply_cpu_kernels
@@ -207,10 +219,15 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
     step_linears = {name: weight_matrices(modules) for name, modules in step_modules.items()}
     alone = {name: [] for name in models}
     limits = []
+    step_bytes = {name: decode_step_bytes(model, step_modules[name]) for name, model in models.items()}
+    buffer = torch.ones(2**30 // 4)
+    beside = {name: [] for name in models}  # GB/s of reads of the decode's bytes right before and after it
     for _ in range(rounds):
         limits.append(max(read_rates(2).values()))  # GB/s
         for name, model in models.items():
+            before = sustained_read(new_tokens * step_bytes[name], buffer)
             rates[name].append(decode_rate(prompt, model))
+            beside[name].append((before + sustained_read(new_tokens * step_bytes[name], buffer)) / 2)
             alone[name].append(linears_alone(step_linears[name], 3))
             if streams > 1:
                 batch_rates[name].append(decode_rate(batch, model))
@@ -221,18 +238,19 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
                 ttfts[name, n].append(time.perf_counter() - start)
 
     read_limit = max(limits)
-    step_bytes = {name: decode_step_bytes(model, step_modules[name]) for name, model in models.items()}
 
     def ratio(values: list[float], base: list[float]) -> str:  # the median of the rounds' own ratios
         return f"{statistics.median(v / b for v, b in zip(values, base)):.2f}x"
 
     print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, {rounds} interleaved rounds; "
           f"best figure, and the median of each round's ratio to bf16; read limit {read_limit:.1f} GB/s (the fastest "
-          f"full read of 1 GiB in any round, benchmarks/bench_phases.py; {min(limits):.1f} in the slowest round)")
+          f"full read of 1 GiB in any round, benchmarks/bench_phases.py; {min(limits):.1f} in the slowest round); "
+          f"reads beside it: torch's float32 sum over the bytes the decode streamed, right before and after it")
     for name, r in rates.items():
         streamed = max(r) * step_bytes[name] / 1e9
         line = (f"  {name}: {max(r):.2f} tok/s ({ratio(r, rates['bf16'])} bf16; {step_bytes[name] / 1e9:.2f} GB a token, "
-                f"{streamed:.1f} GB/s = {streamed / read_limit:.0%} of the read limit)")
+                f"{streamed:.1f} GB/s = {streamed / read_limit:.0%} of the read limit; median "
+                f"{statistics.median(v * step_bytes[name] / 1e9 / b for v, b in zip(r, beside[name])):.0%} of reads beside it)")
         if streams > 1:
             b = batch_rates[name]
             line += f"; {streams} streams {max(b):.1f} tok/s ({ratio(b, batch_rates['bf16'])})"
