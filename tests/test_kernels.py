@@ -30,8 +30,10 @@ def _levels() -> list[int]:
 
 @needs_kernel
 @pytest.mark.parametrize("m,n,k", [(1, 4, 32), (1, 7, 33), (3, 130, 100), (4, 257, 4096), (2, 9, 14336), (1, 1, 1),
-                                   (16, 100, 64), (5, 33, 96), (2, 31, 32), (9, 64, 4096)])
+                                   (16, 100, 64), (5, 33, 96), (2, 31, 32), (9, 64, 4096), (1, 600, 64), (3, 523, 96)])
 def test_gemv_matches_float64_reference(m, n, k):
+    """(600 and 523 rows: up to three rows of x take work items of 256 rows, blocks of 8 rows 32 apart,
+    then consecutive blocks, then single rows.)"""
     gen = torch.Generator().manual_seed(m * 1000 + n + k)
     x = torch.randn(m, k, generator=gen).bfloat16()
     w = torch.randn(n, k, generator=gen).bfloat16()

@@ -3,7 +3,10 @@
  * Decoding one token reads every weight once, so its speed is the rate at which the weights stream
  * from memory. Threads take blocks of 8 weight rows (dynamically, so a thread slowed by another
  * process does not hold the rest back) and read the 8 rows side by side, one accumulator each;
- * measured on the project's AMD EPYC this streamed faster than one row at a time or 2-4 rows.
+ * measured on an AMD EPYC (Zen 5) this streamed faster than one row at a time or 2-4 rows. Up to
+ * three rows of x, a block's rows lie ONE_APART apart (8 sequential runs per work item of 256 rows):
+ * on another AMD EPYC (Zen 4) 8 consecutive rows streamed at 0.70 of torch's read rate, 32 apart at
+ * 0.79-0.86 (benchmarks/RESULTS.md).
  * The block is then reused (from cache) for the M input rows, three at a time with AVX-512 BF16 (so
  * one weight load feeds three products; from four rows a KC-value chunk of the block at a time, kept
  * in L1), one at a time with AVX2. With AVX-512 BF16, mllama_gemv_quant runs the same passes over
@@ -19,6 +22,9 @@
 #include "dequant.h"
 
 #define BLOCK 8
+#ifndef ONE_APART
+#define ONE_APART 32
+#endif
 #ifndef PREFETCH
 #define PREFETCH 512  /* bytes ahead in each weight row (2-4 rows of x: +11-14%; benchmarks/RESULTS.md) */
 #endif
@@ -89,12 +95,12 @@ static void avx512_one_row(const uint16_t *x, const uint16_t *w, float *out, int
 /* The sums of m rows of x (groups of three, as the passes took them) against BLOCK weight rows from
  * `row`, into out (m, n). */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
-static void store_block(const __m512 *part, float *out, int64_t m, int64_t n, int64_t row) {
+static void store_block(const __m512 *part, float *out, int64_t m, int64_t n, int64_t row, int64_t apart) {
     for (int64_t j = 0; j < m;) {
         const int64_t xr = m - j < 3 ? m - j : 3;
         for (int64_t r = 0; r < BLOCK; r++)
             for (int64_t jj = 0; jj < xr; jj++)
-                out[(j + jj) * n + row + r] = _mm512_reduce_add_ps(part[j * BLOCK + r * xr + jj]);
+                out[(j + jj) * n + row + r * apart] = _mm512_reduce_add_ps(part[j * BLOCK + r * xr + jj]);
         j += xr;
     }
 }
@@ -110,10 +116,16 @@ static void store_block(const __m512 *part, float *out, int64_t m, int64_t n, in
  * the AMD EPYC (RESULTS.md). */
 __attribute__((target("avx512f,avx512bw,avx512bf16")))
 static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
-                         int64_t row) {
+                         int64_t row, int64_t apart) {
     if (m > MAX_M) {
         for (int64_t j0 = 0; j0 < m; j0 += MAX_M)
-            avx512_block(x + j0 * k, w, out + j0 * n, m - j0 < MAX_M ? m - j0 : MAX_M, n, k, row);
+            avx512_block(x + j0 * k, w, out + j0 * n, m - j0 < MAX_M ? m - j0 : MAX_M, n, k, row, 1);
+        return;
+    }
+    if (m <= 3) {  /* one pass over k: the block's rows `apart` apart */
+        __m512 part[3 * BLOCK];
+        BLOCK_PASSES[m](x, k, w + row * k, apart * k, k, part, 1, -1, 1, NULL, 0);
+        store_block(part, out, m, n, row, apart);
         return;
     }
     const uint16_t *wb = w + row * k;
@@ -130,7 +142,7 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
             j += xr;
         }
     }
-    store_block(part, out, m, n, row);
+    store_block(part, out, m, n, row, 1);
 }
 
 /* Quantized weights (csrc/gemm_small.c's int8 and int4 formats) against bf16 x with AVX-512 BF16:
@@ -192,7 +204,7 @@ static void avx512_quant_block(const qdesc *q, const uint16_t *x, float *out, in
         }
     }
     if (rows == BLOCK) {
-        store_block(part, out, m, n, row);
+        store_block(part, out, m, n, row, 1);
         return;
     }
     for (int64_t j = 0; j < m; j++) out[j * n + row] = _mm512_reduce_add_ps(part[j * BLOCK]);
@@ -238,16 +250,23 @@ int mllama_gemv_level(void) {
 void mllama_gemv_bf16(const uint16_t *x, const uint16_t *w, float *out, int64_t m, int64_t n, int64_t k,
                       int threads, int level) {
     const int64_t blocks = n / BLOCK;
+    /* up to three rows of x (one pass over k), AVX-512: work items of BLOCK x ONE_APART rows, whose
+     * blocks take rows ONE_APART apart, so the item streams as BLOCK runs of consecutive rows */
+    const int64_t spread = level == 2 && m <= 3 ? ONE_APART : 1;
+    const int64_t spread_blocks = blocks / spread * spread;
 #pragma omp parallel num_threads(threads)
     {
         float part[BLOCK];
 #pragma omp for schedule(dynamic, 64) nowait
         for (int64_t b = 0; b < blocks; b++) {
-            const int64_t row = b * BLOCK;
             if (level == 2) {
-                avx512_block(x, w, out, m, n, k, row);
+                if (b < spread_blocks)
+                    avx512_block(x, w, out, m, n, k, b / spread * spread * BLOCK + b % spread, spread);
+                else
+                    avx512_block(x, w, out, m, n, k, b * BLOCK, 1);
                 continue;
             }
+            const int64_t row = b * BLOCK;
             for (int64_t j = 0; j < m; j++) {
                 rows_avx2_block(x + j * k, w + row * k, part, k);
                 memcpy(out + j * n + row, part, sizeof part);
