@@ -133,6 +133,9 @@ def test_packed_model_in_the_engine_equals_each_request_alone_and_saves_unchange
 
 
 def test_cli_packs_bf16_weights_unless_told_not_to(tmp_path):
+    """serve packs every bf16 linear; generate and chat the vision tower's and the projector (image
+    rows), not the text decoder's (one row a step: the plain layout's decode kernel); --no-pack and
+    --compile none."""
     import shutil
 
     from mllama import MllamaForConditionalGeneration, cli
@@ -141,13 +144,24 @@ def test_cli_packs_bf16_weights_unless_told_not_to(tmp_path):
     shutil.copytree(cli.default_model_dir(), directory)
     MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).save_pretrained(directory)
 
-    def load(*flags: str):
-        args = cli.build_parser().parse_args(["generate", "--model", str(directory), "hi", *flags])
-        return cli._load(args.model, args.dtype, pack=cli._packs(args))[0]
+    def packed(command: str, *flags: str) -> set[str]:
+        words = [command, "--model", str(directory), *flags] + (["hi"] if command == "generate" else [])
+        args = cli.build_parser().parse_args(words)
+        model = cli._load(args.model, args.dtype, pack=cli._packs(args))[0]
+        return {name for name, m in model.named_modules() if isinstance(m, PackedLinear)}
 
-    assert any(isinstance(m, PackedLinear) for m in load().modules())
+    linears = {name for name, m in MllamaForConditionalGeneration.from_pretrained(directory).named_modules()
+               if isinstance(m, nn.Linear)}
+    vision = {name for name in linears if name.startswith(("model.vision_model.", "model.multi_modal_projector"))}
+    assert "model.multi_modal_projector" in vision and len(vision) < len(linears)
+    assert packed("serve") == linears
+    assert packed("generate") == vision
+    assert packed("chat") == vision
     for flag in ("--no-pack", "--compile"):
-        assert not any(isinstance(m, PackedLinear) for m in load(flag).modules())
+        assert packed("generate", flag) == set()
+        assert packed("serve", flag) == set()
+    with pytest.raises(ValueError, match="pack must be"):
+        cli._load(str(directory), "auto", pack=True)
 
 
 def test_packing_that_would_not_fit_in_memory_is_refused(monkeypatch, tmp_path, capsys):
@@ -167,7 +181,7 @@ def test_packing_that_would_not_fit_in_memory_is_refused(monkeypatch, tmp_path, 
     shutil.copytree(cli.default_model_dir(), directory)
     MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16).save_pretrained(directory)
     monkeypatch.setattr(packed_linear, "memory_for_packing", lambda: 0)
-    loaded, _ = cli._load(str(directory), "auto", pack=True)  # the CLI goes on with the plain layout
+    loaded, _ = cli._load(str(directory), "auto", pack="all")  # the CLI goes on with the plain layout
     assert not any(isinstance(m, PackedLinear) for m in loaded.modules())
     assert "bf16 weights left unpacked" in capsys.readouterr().err
 

@@ -33,7 +33,9 @@ class CliError(Exception):
 
 
 def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | None = None, *,
-          pack: bool = False) -> tuple[Any, Any]:
+          pack: str | None = None) -> tuple[Any, Any]:
+    """The model and processor at `model`; pack: None, "vision" (the vision tower's linears) or "all"
+    bf16 linears packed for oneDNN (mllama.packed_linear; not under tensor parallelism)."""
     import torch
 
     from mllama.model import MllamaForConditionalGeneration
@@ -63,14 +65,20 @@ def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | No
         raise CliError(f"cannot load the model from {path}: {err}") from None
     if adapter is not None:
         apply_adapter(model_obj, adapter, CliError)
-    if pack and world == 1:  # bf16 CPU weights in oneDNN's layout (mllama.packed_linear); others stay
+    if pack not in (None, "vision", "all"):
+        raise ValueError(f"pack must be None, 'vision' or 'all', got {pack!r}")
+    if pack is not None and world == 1:  # bf16 CPU weights in oneDNN's layout; others stay
         from mllama.packed_linear import pack_linears
 
         try:
-            pack_linears(model_obj)
+            pack_linears(model_obj, where=None if pack == "all" else _in_vision_tower)
         except MemoryError as err:  # the plain layout still works
             print(f"note: bf16 weights left unpacked ({err})", file=sys.stderr)
     return model_obj, processor
+
+
+def _in_vision_tower(name: str) -> bool:
+    return name.startswith(("model.vision_model.", "model.multi_modal_projector"))
 
 
 def tp_world_size() -> int:
@@ -126,10 +134,14 @@ def _user_message(text: str, n_images: int) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": text}]}
 
 
-def _packs(args: argparse.Namespace) -> bool:
-    """Whether to pack the bf16 weights for oneDNN: by default, not with --no-pack or --compile
-    (torch.compile traces the plain linears)."""
-    return not args.no_pack and not args.compile
+def _packs(args: argparse.Namespace) -> str | None:
+    """Which bf16 weights to pack for oneDNN (see _load): none with --no-pack or --compile (torch.compile
+    traces the plain linears); `serve` all of them (its steps carry a row per client); `generate` and
+    `chat` the vision tower's (whose products take an image's 1601+ rows), while the text decoder, one
+    row a step, keeps the plain layout that mllama's decode kernel streams faster (benchmarks/RESULTS.md)."""
+    if args.no_pack or args.compile:
+        return None
+    return "all" if args.command == "serve" else "vision"
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
@@ -391,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="torch.compile the decode step (slow first call, faster decoding after)")
     common.add_argument("--no-pack", action="store_true",
                         help="keep bf16 weights in their plain layout (default on a CPU with native bf16: packed "
-                             "once for oneDNN, faster products, the same values)")
+                             "once for oneDNN, faster products, the same values; generate and chat pack the "
+                             "vision tower only, serve all)")
     common.add_argument("--fast-vision", action="store_true",
                         help="skip padded tiles in the vision encoder (faster, not exact)")
     common.add_argument("--quantize", choices=["int8", "int4"], default=None,
