@@ -122,13 +122,7 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
             avx512_block(x + j0 * k, w, out + j0 * n, m - j0 < MAX_M ? m - j0 : MAX_M, n, k, row, 1);
         return;
     }
-    if (m <= 3) {  /* one pass over k: the block's rows `apart` apart */
-        __m512 part[3 * BLOCK];
-        BLOCK_PASSES[m](x, k, w + row * k, apart * k, k, part, 1, -1, 1, NULL, 0);
-        store_block(part, out, m, n, row, apart);
-        return;
-    }
-    const uint16_t *wb = w + row * k;
+    const uint16_t *wb = w + row * k;  /* the block's rows `apart` apart (1 from four rows of x) */
     __m512 part[MAX_M * BLOCK];  /* group j's sums at part[j * BLOCK]: BLOCK x (its rows of x) */
     const int groups = (int)((m + 2) / 3);
     const int64_t chunk = groups == 1 ? k : KC, kmain = k / 32 * 32;
@@ -137,12 +131,12 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
         for (int64_t j = 0, g = 0; j < m; g++) {
             const int64_t xr = m - j < 3 ? m - j : 3;
             const int phase = g > 0 ? (int)(g - 1) : i0 == 0 ? -1 : NO_PREFETCH;
-            BLOCK_PASSES[xr](x + j * k + i0, k, wb + i0, k, len, part + j * BLOCK, i0 == 0, phase, groups - 1,
+            BLOCK_PASSES[xr](x + j * k + i0, k, wb + i0, apart * k, len, part + j * BLOCK, i0 == 0, phase, groups - 1,
                              wb + i0 + KC, kmain - i0 - KC);
             j += xr;
         }
     }
-    store_block(part, out, m, n, row, 1);
+    store_block(part, out, m, n, row, apart);
 }
 
 /* Quantized weights (csrc/gemm_small.c's int8 and int4 formats) against bf16 x with AVX-512 BF16:
