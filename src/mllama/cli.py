@@ -36,6 +36,8 @@ def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | No
           pack: str | None = None) -> tuple[Any, Any]:
     """The model and processor at `model`; pack: None, "vision" (the vision tower's linears) or "all"
     bf16 linears packed for oneDNN (mllama.packed_linear; not under tensor parallelism)."""
+    if pack not in (None, "vision", "all"):  # before reading any weights
+        raise ValueError(f"pack must be None, 'vision' or 'all', got {pack!r}")
     import torch
 
     from mllama.model import MllamaForConditionalGeneration
@@ -65,8 +67,6 @@ def _load(model: str, dtype: str, quantize: str | None = None, adapter: str | No
         raise CliError(f"cannot load the model from {path}: {err}") from None
     if adapter is not None:
         apply_adapter(model_obj, adapter, CliError)
-    if pack not in (None, "vision", "all"):
-        raise ValueError(f"pack must be None, 'vision' or 'all', got {pack!r}")
     if pack is not None and world == 1:  # bf16 CPU weights in oneDNN's layout; others stay
         from mllama.packed_linear import pack_linears
 
