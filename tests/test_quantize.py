@@ -686,3 +686,53 @@ def test_quantized_linears_compile_into_one_graph(mode):
             x = torch.randn(1, rows, 256).to(torch.bfloat16)
             torch._dynamo.reset()
             assert torch.equal(torch.compile(stack, fullgraph=True)(x), stack(x)), f"{rows} rows"
+
+
+@needs_kernels
+@pytest.mark.parametrize("mode,group", [("int8", 0), ("int4", 32), ("int4", 64), ("int4", 128), ("int4", 256)])
+@pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (300, 1030), (24, 4096)])
+@pytest.mark.parametrize("scale_dtype", [torch.float32, torch.bfloat16])
+def test_one_bf16_row_is_small_gemm_rounded_to_bf16(mode, group, n, k, scale_dtype):
+    """A decode step's call (one bf16 row: cpu_kernels.small_gemm_row, the conversions in C) gives the
+    bits of the route it bypasses (small_gemm, then torch's .to(bfloat16)), on every instruction
+    path, for 1-, 2- and 3-D rows, with infinities and NaNs in x (NaNs where torch has them)."""
+    _, q = _quantized_linear(mode, n, k, group_size=group or 64, dtype=scale_dtype, seed=n + k)
+    weights = q._weights()
+    gen = torch.Generator().manual_seed(k)
+    rows = [torch.randn(k, generator=gen).bfloat16() * 10 for _ in range(3)]
+    rows[1][k // 2] = float("inf")
+    rows[2][k // 3] = float("nan")
+    for level in sorted({1, cpu_kernels.small_kernel_level()}):
+        for x in rows:
+            want = cpu_kernels.small_gemm(x[None], mode, *weights, group_size=group, level=level).to(torch.bfloat16)
+            got = cpu_kernels.small_gemm_row(x, mode, *weights, group_size=group, level=level)
+            assert got.shape == (n,) and got.dtype == torch.bfloat16
+            nan = want[0].isnan()  # torch's own NaN bits differ between its loops; a NaN stays a NaN
+            assert torch.equal(got.isnan(), nan)
+            assert torch.equal(got[~nan].view(torch.int16), want[0][~nan].view(torch.int16))
+    with torch.no_grad():
+        for shape in [(k,), (1, k), (1, 1, k)]:
+            x = rows[0].reshape(shape)
+            out = q(x)
+            assert out.shape == (*shape[:-1], n)
+            assert torch.equal(out.view(torch.int16), q.product(x).view(torch.int16))
+
+
+@needs_kernels
+def test_one_bf16_row_takes_the_kernel_call_only_where_product_would(monkeypatch):
+    _, q = _quantized_linear("int4", 40, 96, dtype=torch.bfloat16)
+    calls = []
+    row = cpu_kernels.small_gemm_row
+    monkeypatch.setattr(cpu_kernels, "small_gemm_row", lambda *a, **k: calls.append(1) or row(*a, **k))
+    x = torch.randn(1, 96).bfloat16()
+    with torch.no_grad():
+        q(x)
+        assert calls == [1]
+        q(torch.randn(96, 2).bfloat16().t()[:1])  # not contiguous
+        q(x.float())
+        q(torch.randn(2, 96).bfloat16())
+    q(x.clone().requires_grad_())  # autograd: the dequantized weight through F.linear
+    assert calls == [1]
+    for rows, dtype in [(1, torch.bfloat16), (3, torch.float32), (40, torch.bfloat16)]:
+        with pytest.raises(ValueError, match="input of 64 features, the weight takes 96"):
+            q(torch.randn(rows, 64, dtype=dtype))  # the int4 kernels would have padded it with zeros

@@ -90,6 +90,10 @@ def _load() -> None:
                                         + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
                                                                    ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small.restype = ctypes.c_int
+    small.mllama_gemm_small_row_bf16.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+                                                 + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64,
+                                                                            ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    small.mllama_gemm_small_row_bf16.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
@@ -334,6 +338,28 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     if rc != 0:
         raise ValueError(f"small_gemm: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
     return out[:m]
+
+
+def small_gemm_row(row: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor,
+                   offset: torch.Tensor | None = None, *, group_size: int = 0, level: int | None = None) -> torch.Tensor:
+    """One contiguous bf16 row (..., K) holding K values x int8 / int4 weights (small_gemm's formats,
+    all contiguous) -> (..., N) bf16: small_gemm's product rounded to bf16, the same bits as
+    small_gemm(row, level=level).to(bfloat16), with the conversions in the kernel (a decode step's call).
+    The caller checks what small_gemm checks (quant_kernels_available, dtypes, layout)."""
+    level = _small_level if level is None else level
+    if level not in (1, _small_level):
+        raise RuntimeError(f"kernel level {level} not available (this CPU: {_small_level})")
+    k, n = row.shape[-1], weight.shape[0]
+    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    scale_bf16 = scale.dtype == torch.bfloat16
+    out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
+    rc = _small.mllama_gemm_small_row_bf16(_FORMATS[fmt], row.data_ptr(), k, n, k_row, weight.data_ptr(),
+                                           scale.data_ptr(), offset.data_ptr() if offset is not None else None,
+                                           scale_bf16, group_size, out.data_ptr(), torch.get_num_threads(), level)
+    if rc != 0:
+        raise ValueError(f"small_gemm_row: the kernel refused a row of {k} features against a {fmt} weight of "
+                         f"shape {tuple(weight.shape)} (group size {group_size})")
+    return out
 
 
 def int4_tile512(group_size: int, k_row: int) -> bool:

@@ -87,8 +87,27 @@ class _QuantizedLinear(nn.Module):
         return self._fused_rows(rows)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.product(x)
+        if x.shape[-1] != self.in_features:  # the int4 kernels would pad a shorter row with zeros
+            raise ValueError(f"{type(self).__name__}: input of {x.shape[-1]} features, the weight takes "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
+        out = self._one_row(x) if x.dtype == torch.bfloat16 and x.numel() == self.in_features else None
+        if out is None:
+            out = self.product(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def _one_row(self, x: torch.Tensor) -> torch.Tensor | None:
+        """One bf16 row (a decode step's call) through cpu_kernels.small_gemm_row: product()'s route for
+        it (small_gemm, then .to(bfloat16)) and its bits, without the torch conversions around the call.
+        None where product() would take another route."""
+        weights = self._weights()
+        if (not x.is_contiguous() or torch.compiler.is_compiling()
+                or not self._on_cpu_kernels(x) or not all(t.is_contiguous() for t in weights)):
+            return None
+        return cpu_kernels.small_gemm_row(x, self.mode, *weights, group_size=getattr(self, "group_size", 0))
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        """The weight, its scales (and offsets), as small_gemm takes them."""
+        raise NotImplementedError
 
     def _use_amx(self, x: torch.Tensor) -> bool:
         rows = x.shape[:-1].numel()
@@ -176,6 +195,9 @@ class Int8Linear(_QuantizedLinear):
         self.register_buffer("weight_scale", torch.empty(out_features, dtype=dtype, device=device))
         self._init_bias(bias, dtype, device)
 
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        return self.weight, self.weight_scale
+
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
 
@@ -217,6 +239,9 @@ class Int4Linear(_QuantizedLinear):
 
     def _outruns_gemm(self, rows: int) -> bool:  # gemm_small.c's 512-bit int4 tiles do, up to 32 rows
         return self._fused_rows(rows) or cpu_kernels.int4_tile512(self.group_size, self.weight_packed.shape[1] * 2)
+
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        return self.weight_packed, self.weight_scale, self.weight_offset
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
         return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)

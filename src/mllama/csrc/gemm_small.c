@@ -753,6 +753,47 @@ static inline void store8(void *out, int out_bf16, int64_t at, __m256 v, int64_t
     }
 }
 
+/* One bf16 row of x (k_in values; int4 rows padded with zeros to k) -> n bf16 outputs: mllama_gemm_small
+ * with m = 1 and its float32 output rounded as torch's .to(bfloat16) (nearest even; a NaN as 0x7FC0,
+ * where torch's loops give 0x7FC0 or 0xFFFF), the same bits. A decode step's call: the conversions around it, in torch, had cost each call as much
+ * as a small weight's product (benchmarks/RESULTS.md). */
+__attribute__((target("avx2,fma")))
+int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
+                               const void *scale, const void *offset, int scale_bf16, int64_t group,
+                               uint16_t *out, int threads, int level) {
+    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || n < 1) return -1;
+    float *xf = malloc((size_t)k * sizeof *xf), *of = malloc((size_t)n * sizeof *of);
+    if (!xf || !of) {
+        free(xf);
+        free(of);
+        return -1;
+    }
+    for (int64_t i = 0; i < k_in; i++) {
+        const uint32_t bits = (uint32_t)x[i] << 16;
+        memcpy(xf + i, &bits, sizeof bits);
+    }
+    for (int64_t i = k_in; i < k; i++) xf[i] = 0.0f;
+    const int rc = mllama_gemm_small(fmt, xf, 1, n, k, w, scale, offset, scale_bf16, group, of, threads, level);
+    if (rc == 0) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            const __m256 v = _mm256_loadu_ps(of + i);
+            const __m128i nan = _mm_packs_epi32(  /* lanes of v that are NaN, as 8 x 16-bit masks */
+                _mm256_castsi256_si128(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))),
+                _mm256_extractf128_si256(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)), 1));
+            _mm_storeu_si128((__m128i *)(out + i), _mm_blendv_epi8(float8_to_bf16(v), _mm_set1_epi16(0x7FC0), nan));
+        }
+        for (; i < n; i++) {
+            uint32_t bits;
+            memcpy(&bits, of + i, sizeof bits);
+            out[i] = of[i] != of[i] ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
+        }
+    }
+    free(xf);
+    free(of);
+    return rc;
+}
+
 /* int4 weights (n, k: k the padded row length) -> out (n, k_out), k_out <= k the real in_features,
  * float32 or bf16 (out_bf16): w = q * scale + offset, multiplied then added (two roundings, as the
  * reference's torch ops), for the prefill and vision GEMMs that take plain weights. level 1 keeps to
