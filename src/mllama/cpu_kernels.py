@@ -103,7 +103,7 @@ def _load() -> None:
     scans.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
     scans.mllama_count_nonfinite.restype = ctypes.c_int64
     scans.mllama_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                                         ctypes.c_int]
+                                         ctypes.c_int, ctypes.c_int]
     scans.mllama_argmax_rows.restype = ctypes.c_int
     _scans = scans
     _level = lib.mllama_gemv_level()
@@ -266,17 +266,18 @@ def count_not_finite(tensor: torch.Tensor) -> int | None:
 
 
 def argmax_rows(logits: torch.Tensor, *, plain_c: bool = False) -> torch.Tensor:
-    """(B, V) float32 logits -> (B,) int64: each row's argmax as torch.argmax gives it (the first of
-    equal maxima; a NaN counts as the largest), by csrc/scans.c on CPU; torch.argmax elsewhere.
+    """(B, V) float32 or bf16 logits -> (B,) int64: each row's argmax as torch.argmax gives it (the first
+    of equal maxima; a NaN counts as the largest), by csrc/scans.c on CPU; torch.argmax elsewhere.
     plain_c: the C loop of CPUs without AVX-512 even where the CPU has it (tests)."""
     if not _tried:
         _load()
-    if (_scans is None or torch.compiler.is_compiling() or logits.dim() != 2 or logits.dtype != torch.float32
-            or logits.device.type != "cpu" or not logits.is_contiguous()):
+    if (_scans is None or torch.compiler.is_compiling() or logits.dim() != 2
+            or logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu"
+            or not logits.is_contiguous()):
         return logits.argmax(dim=-1)
     out = torch.empty(logits.shape[0], dtype=torch.int64)
     if _scans.mllama_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
-                                 torch.get_num_threads(), int(plain_c)) != 0:
+                                 torch.get_num_threads(), int(plain_c), int(logits.dtype == torch.bfloat16)) != 0:
         return logits.argmax(dim=-1)
     return out
 

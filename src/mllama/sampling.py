@@ -108,9 +108,10 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
     filtered distribution with the row's generator (None: torch's default generator)."""
     sampled = settings.temperature > 0
     if not bool(sampled.any()):  # all greedy: temperature and the filters cannot change the argmax
-        logits = logits.float()
         if presence is not None:
-            logits = apply_repetition_penalty(logits, presence, settings.repetition_penalty)
+            logits = apply_repetition_penalty(logits.float(), presence, settings.repetition_penalty)
+        elif logits.dtype != torch.bfloat16:  # bf16 logits: argmax_rows reads them as they are
+            logits = logits.float()
         return argmax_rows(logits.contiguous())
     logits = filtered_logits(logits, settings, presence)
     out = argmax_rows(logits.contiguous())

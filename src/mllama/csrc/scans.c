@@ -3,11 +3,12 @@
  * - counting the NaN and infinite values of a bf16, fp16 or float32 array: the load-time check of every
  *   weight (mllama.checks). A value is NaN or infinite exactly when its exponent bits are all ones.
  *   AVX2 where the CPU has it, else plain C; OpenMP threads over equal slices.
- * - the argmax of each row of float32 logits (greedy decoding): torch 2.13's CPU argmax over a 128k
+ * - the argmax of each row of float32 or bf16 logits (greedy decoding): torch 2.13's CPU argmax over a 128k
  *   vocabulary took about 0.3 ms a row here, several % of a quantized decode step (benchmarks/RESULTS.md).
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <string.h>
 
 enum { KIND_BF16 = 0, KIND_F16 = 1, KIND_F32 = 2 };
 
@@ -57,18 +58,36 @@ int64_t mllama_count_nonfinite(const void *p, int64_t n, int kind, int threads) 
 }
 
 
+/* The value at row[i] of float32 or bf16 (bf16) values, exactly as float32. */
+static inline float value_at(const void *row, int bf16, int64_t i) {
+    if (!bf16) return ((const float *)row)[i];
+    union { uint32_t u; float f; } bits = {(uint32_t)((const uint16_t *)row)[i] << 16};
+    return bits.f;
+}
+
 /* The first index of row's largest value, NaN counting as larger than every number (as torch.argmax):
  * per lane the first strictly larger value, then the smallest index among the lanes holding the
- * maximum; a row with a NaN is scanned again for its first NaN. */
+ * maximum; a row with a NaN is scanned again for its first NaN. bf16 values are widened exactly, so
+ * both kinds give torch's argmax of the same numbers. */
 __attribute__((target("avx512f")))
-static int64_t argmax_avx512(const float *row, int64_t v) {
+static int64_t argmax_avx512(const void *row, int bf16, int64_t v) {
     __m512 best = _mm512_set1_ps(-__builtin_inff());
     __m512i at = _mm512_set1_epi32(0), idx = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     const __m512i sixteen = _mm512_set1_epi32(16);
     __mmask16 nan = 0;
     for (int64_t i = 0; i < v; i += 16) {
         const __mmask16 take = v - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (v - i)) - 1);
-        const __m512 x = _mm512_mask_loadu_ps(best, take, row + i);  /* past the end: best itself, never larger */
+        /* past the end: best itself, never larger */
+        __m512 x;
+        if (bf16) {
+            uint16_t tail[16] = {0};
+            const uint16_t *h = (const uint16_t *)row + i;
+            if (take != 0xFFFF) h = memcpy(tail, h, (size_t)(v - i) * sizeof *tail);
+            x = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)h)), 16));
+            x = _mm512_mask_mov_ps(best, take, x);
+        } else {
+            x = _mm512_mask_loadu_ps(best, take, (const float *)row + i);
+        }
         nan |= _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
         const __mmask16 larger = _mm512_cmp_ps_mask(x, best, _CMP_GT_OQ);
         best = _mm512_mask_mov_ps(best, larger, x);
@@ -77,30 +96,39 @@ static int64_t argmax_avx512(const float *row, int64_t v) {
     }
     if (nan) {
         for (int64_t i = 0; i < v; i++)
-            if (row[i] != row[i]) return i;
+            if (value_at(row, bf16, i) != value_at(row, bf16, i)) return i;
     }
     const float top = _mm512_reduce_max_ps(best);
     const __mmask16 holders = _mm512_cmp_ps_mask(best, _mm512_set1_ps(top), _CMP_EQ_OQ);
     return (int64_t)_mm512_mask_reduce_min_epi32(holders, at);
 }
 
-static int64_t argmax_scalar(const float *row, int64_t v) {
+static int64_t argmax_scalar(const void *row, int bf16, int64_t v) {
     int64_t at = 0;
+    float top = value_at(row, bf16, 0);
     for (int64_t i = 0; i < v; i++) {
-        if (row[i] != row[i]) return i;
-        if (row[i] > row[at]) at = i;
+        const float x = value_at(row, bf16, i);
+        if (x != x) return i;
+        if (x > top) {
+            top = x;
+            at = i;
+        }
     }
     return at;
 }
 
-/* out[r] = the argmax of logits[r, 0..v) for r < b; -1 for arguments it does not take (v past int32,
- * whose lane indices are 32-bit). plain_c: the loop CPUs without AVX-512 run (for tests). */
-int mllama_argmax_rows(const float *logits, int64_t b, int64_t v, int64_t *out, int threads, int plain_c) {
+/* out[r] = the argmax of logits[r, 0..v) for r < b, float32 or bf16 (bf16) logits; -1 for arguments it
+ * does not take (v past int32, whose lane indices are 32-bit). plain_c: the loop CPUs without AVX-512
+ * run (for tests). */
+int mllama_argmax_rows(const void *logits, int64_t b, int64_t v, int64_t *out, int threads, int plain_c, int bf16) {
     if (b < 0 || v < 1 || v > 0x7FFFFFF0) return -1;
     __builtin_cpu_init();
     const int avx512 = !plain_c && __builtin_cpu_supports("avx512f");
 #pragma omp parallel for schedule(static) num_threads(threads > 0 && b > 1 ? threads : 1)
     for (int64_t r = 0; r < b; r++)
-        out[r] = avx512 ? argmax_avx512(logits + r * v, v) : argmax_scalar(logits + r * v, v);
+    {
+        const void *row = (const char *)logits + r * v * (bf16 ? 2 : 4);
+        out[r] = avx512 ? argmax_avx512(row, bf16, v) : argmax_scalar(row, bf16, v);
+    }
     return 0;
 }
