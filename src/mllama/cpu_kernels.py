@@ -105,6 +105,9 @@ def _load() -> None:
     scans.mllama_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
                                          ctypes.c_int, ctypes.c_int]
     scans.mllama_argmax_rows.restype = ctypes.c_int
+    scans.mllama_rms_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                                           ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+    scans.mllama_rms_norm_bf16.restype = ctypes.c_int
     _scans = scans
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
@@ -263,6 +266,25 @@ def count_not_finite(tensor: torch.Tensor) -> int | None:
         return None
     count = _scans.mllama_count_nonfinite(tensor.data_ptr(), tensor.numel(), kind, torch.get_num_threads())
     return None if count < 0 else int(count)
+
+
+def rms_norm_available() -> bool:
+    """Whether csrc/scans.c's RMSNorm of bf16 rows (rms_norm_bf16) runs here."""
+    if not _tried:
+        _load()
+    return _scans is not None
+
+
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """(..., D) contiguous bf16 CPU rows and a (D,) contiguous bf16 weight -> (..., D) bf16: the model's
+    RMSNorm in one C call (see csrc/scans.c for its order of sums). The caller checks the layout and
+    rms_norm_available()."""
+    out = torch.empty_like(x)
+    d = x.shape[-1]
+    if _scans.mllama_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // d, d, eps, out.data_ptr(),
+                                   torch.get_num_threads()) != 0:
+        raise ValueError(f"rms_norm_bf16: the kernel refused rows of shape {tuple(x.shape)}")
+    return out
 
 
 def argmax_rows(logits: torch.Tensor, *, plain_c: bool = False) -> torch.Tensor:

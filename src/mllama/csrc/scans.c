@@ -3,11 +3,15 @@
  * - counting the NaN and infinite values of a bf16, fp16 or float32 array: the load-time check of every
  *   weight (mllama.checks). A value is NaN or infinite exactly when its exponent bits are all ones.
  *   AVX2 where the CPU has it, else plain C; OpenMP threads over equal slices.
+ * - RMSNorm of bf16 rows (mllama.norm_kernel): one call where torch's formula takes eight ops, each of
+ *   which costs tens of microseconds in a decode step, whose weights have just streamed through every
+ *   cache (benchmarks/RESULTS.md).
  * - the argmax of each row of float32 or bf16 logits (greedy decoding): torch 2.13's CPU argmax over a 128k
  *   vocabulary took about 0.3 ms a row here, several % of a quantized decode step (benchmarks/RESULTS.md).
  */
 #include <immintrin.h>
 #include <stdint.h>
+#include <math.h>
 #include <string.h>
 
 enum { KIND_BF16 = 0, KIND_F16 = 1, KIND_F32 = 2 };
@@ -129,6 +133,50 @@ int mllama_argmax_rows(const void *logits, int64_t b, int64_t v, int64_t *out, i
     {
         const void *row = (const char *)logits + r * v * (bf16 ? 2 : 4);
         out[r] = avx512 ? argmax_avx512(row, bf16, v) : argmax_scalar(row, bf16, v);
+    }
+    return 0;
+}
+
+static inline float widen_bf16(uint16_t h) {
+    union { uint32_t u; float f; } bits = {(uint32_t)h << 16};
+    return bits.f;
+}
+
+/* float32 -> bf16, nearest even (as torch's .to(bfloat16)); a NaN as 0x7FC0. */
+static inline uint16_t round_bf16(float f) {
+    union { float f; uint32_t u; } bits = {f};
+    if (f != f) return 0x7FC0;
+    return (uint16_t)((bits.u + 0x7FFF + ((bits.u >> 16) & 1)) >> 16);
+}
+
+#define NORM_LANES 16
+/* out = weight * bf16(x * 1 / sqrt(mean(x^2) + eps)) for each of `rows` rows of d bf16 values, in
+ * float32 and rounded twice as the model's RMSNorm (layers.py; Meta's: normalise in float32, round to
+ * the activation dtype, then multiply by the weight). The squares are summed in NORM_LANES partial
+ * sums, lane i % NORM_LANES, added in lane order: one order on every CPU and for every batch, which
+ * torch's reduction may not share in the last bit. Returns 0, or -1 for arguments it does not take. */
+int mllama_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, int64_t rows, int64_t d, float eps,
+                         uint16_t *out, int threads) {
+    if (rows < 0 || d < 1) return -1;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 && rows > 8 ? threads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *row = x + r * d;
+        float lanes[NORM_LANES] = {0};
+        int64_t i = 0;
+        for (; i + NORM_LANES <= d; i += NORM_LANES)
+            for (int j = 0; j < NORM_LANES; j++) {
+                const float v = widen_bf16(row[i + j]);
+                lanes[j] += v * v;
+            }
+        for (; i < d; i++) {
+            const float v = widen_bf16(row[i]);
+            lanes[i % NORM_LANES] += v * v;
+        }
+        float sum = 0.0f;
+        for (int j = 0; j < NORM_LANES; j++) sum += lanes[j];
+        const float inv = 1.0f / sqrtf(sum / (float)d + eps);
+        for (i = 0; i < d; i++)
+            out[r * d + i] = round_bf16(widen_bf16(weight[i]) * widen_bf16(round_bf16(widen_bf16(row[i]) * inv)));
     }
     return 0;
 }
