@@ -3,6 +3,7 @@ mask, each row of a batch equal to that row alone, draws from the row's own gene
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -132,3 +133,18 @@ def test_ngram_bans_follow_every_earlier_occurrence_of_the_prefix():
     out = ban_ids(logits, [[6, 7, 12], []])  # 12 has no logit: skipped
     assert out[0].isinf().tolist() == [i in (6, 7) for i in range(10)] and not out[1].isinf().any()
     assert not logits.isinf().any()
+
+
+def test_greedy_rows_are_known_on_the_host():
+    """from_rows records whether every row is greedy, so a decode step asks no tensor; settings built
+    without it (all_greedy None) read the temperatures and choose the same ids."""
+    greedy = _settings((0.0, 0, 1.0, 0.0, 1.0), (0.0, 5, 0.9, 0.0, 1.0))
+    mixed = _settings((0.0, 0, 1.0, 0.0, 1.0), (0.7, 0, 1.0, 0.0, 1.0))
+    assert greedy.all_greedy is True and mixed.all_greedy is False
+    logits = torch.randn(2, 50, generator=torch.Generator().manual_seed(0))
+    for settings in (greedy, mixed):
+        unknown = dataclasses.replace(settings, all_greedy=None)
+        gens = [torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)]
+        want = select_next(logits, settings, generators=[torch.Generator().manual_seed(1) for _ in range(2)])
+        assert torch.equal(select_next(logits, unknown, generators=gens), want)
+    assert torch.equal(select_next(logits, greedy), logits.argmax(dim=-1))

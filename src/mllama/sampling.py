@@ -25,6 +25,9 @@ class SamplingTensors:
     top_p: torch.Tensor
     min_p: torch.Tensor
     repetition_penalty: torch.Tensor
+    # whether every row is greedy (temperature 0), known on the host: a decode step then needs no
+    # device op to find out; None: select_next reads `temperature`
+    all_greedy: bool | None = None
 
     @classmethod
     def from_rows(cls, rows: list[tuple[float, int, float, float, float]], *,
@@ -33,7 +36,8 @@ class SamplingTensors:
         cols = list(zip(*rows)) if rows else [(), (), (), (), ()]
         floats = [torch.tensor(c, dtype=torch.float32, device=device) for c in cols]
         return cls(temperature=floats[0], top_k=torch.tensor(cols[1], dtype=torch.long, device=device),
-                   top_p=floats[2], min_p=floats[3], repetition_penalty=floats[4])
+                   top_p=floats[2], min_p=floats[3], repetition_penalty=floats[4],
+                   all_greedy=not any(t > 0 for t in cols[0]))
 
 
 def mark_seen(presence: torch.Tensor, ids: torch.Tensor) -> None:
@@ -106,8 +110,10 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
                 generators: list[torch.Generator | None] | None = None) -> torch.Tensor:
     """(B, V) logits -> (B,) next ids: argmax for rows with temperature 0, else a draw from the
     filtered distribution with the row's generator (None: torch's default generator)."""
-    sampled = settings.temperature > 0
-    if not bool(sampled.any()):  # all greedy: temperature and the filters cannot change the argmax
+    greedy = settings.all_greedy
+    if greedy is None:
+        greedy = not bool((settings.temperature > 0).any())
+    if greedy:  # temperature and the filters cannot change the argmax
         if presence is not None:
             logits = apply_repetition_penalty(logits.float(), presence, settings.repetition_penalty)
         elif logits.dtype != torch.bfloat16:  # bf16 logits: argmax_rows reads them as they are
@@ -115,7 +121,7 @@ def select_next(logits: torch.Tensor, settings: SamplingTensors, *, presence: to
         return argmax_rows(logits.contiguous())
     logits = filtered_logits(logits, settings, presence)
     out = argmax_rows(logits.contiguous())
-    rows = sampled.nonzero().squeeze(1)
+    rows = (settings.temperature > 0).nonzero().squeeze(1)
     gens = generators if generators is not None else [None] * logits.shape[0]
     out[rows] = draw(logits[rows], [gens[r] for r in rows.tolist()])
     return out
