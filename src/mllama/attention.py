@@ -105,6 +105,12 @@ class TextSelfAttention(_Projections):
                 for q, k, v, (cos, sin), mask, cache in zip(qs, ks, vs, rope, masks, caches)]
         return split_parts(self.o_proj(join_parts(outs)), xs)
 
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """RoPE of q (B, H, S, D) and k (B, H_kv, S, D) with cos, sin (B, S, D); a kernel backend
+        overrides it (mllama.row_kernels)."""
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None, cache: KVWindow | None, layer_idx: int) -> torch.Tensor:
         """Projected q, k, v (B, S, heads * D) -> attention output (B, S, H * D), before o_proj."""
@@ -112,7 +118,7 @@ class TextSelfAttention(_Projections):
         q = q.view(b, s, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v = v.view(b, s, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k = self.rotate(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
         out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)

@@ -108,6 +108,9 @@ def _load() -> None:
     scans.mllama_rms_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                                            ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
     scans.mllama_rms_norm_bf16.restype = ctypes.c_int
+    scans.mllama_rope_bf16.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4
+                                       + [ctypes.c_int])
+    scans.mllama_rope_bf16.restype = ctypes.c_int
     _scans = scans
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
@@ -269,7 +272,7 @@ def count_not_finite(tensor: torch.Tensor) -> int | None:
 
 
 def rms_norm_available() -> bool:
-    """Whether csrc/scans.c's RMSNorm of bf16 rows (rms_norm_bf16) runs here."""
+    """Whether csrc/scans.c's RMSNorm and RoPE of bf16 rows (rms_norm_bf16, rope_bf16) run here."""
     if not _tried:
         _load()
     return _scans is not None
@@ -285,6 +288,18 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
                                    torch.get_num_threads()) != 0:
         raise ValueError(f"rms_norm_bf16: the kernel refused rows of shape {tuple(x.shape)}")
     return out
+
+
+def rope_bf16(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Contiguous bf16 CPU q (B, S, H, D), k (B, S, H_kv, D), cos and sin (B, S, D) -> rotated q, k in
+    the same layout: layers.apply_rotary's bits in one C call. The caller checks the layout and
+    rms_norm_available() (the same library)."""
+    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    b, s, hq, d = q.shape
+    if _scans.mllama_rope_bf16(q.data_ptr(), k.data_ptr(), b * s, hq, k.shape[2], d, cos.data_ptr(), sin.data_ptr(),
+                               q_out.data_ptr(), k_out.data_ptr(), torch.get_num_threads()) != 0:
+        raise ValueError(f"rope_bf16: the kernel refused q {tuple(q.shape)}, k {tuple(k.shape)}")
+    return q_out, k_out
 
 
 def argmax_rows(logits: torch.Tensor, *, plain_c: bool = False) -> torch.Tensor:

@@ -19,7 +19,7 @@ from torch import nn
 
 from mllama.cpu_attention import apply_cpu_attention
 from mllama.cpu_kernels import MAX_ROWS, gemv_available, gemv_bf16, gemv_max_rows, use_gemv
-from mllama.norm_kernel import apply_norm_kernel
+from mllama.row_kernels import apply_row_kernels
 
 
 def swap_linears(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module | None], *,
@@ -205,15 +205,15 @@ class Float32Conv2d(nn.Conv2d):
 
 def apply_cpu_kernels(model: nn.Module) -> nn.Module:
     """Swap every plain nn.Linear of `model` for a DecodeLinear, every plain nn.Conv2d for a
-    Float32Conv2d, every vision attention core for mllama.cpu_attention's and every RMSNorm for
-    mllama.norm_kernel's, in place; returns `model`.
+    Float32Conv2d, every vision attention core for mllama.cpu_attention's and every RMSNorm and text
+    self-attention for mllama.row_kernels', in place; returns `model`.
 
     from_pretrained does this for every model it loads. The swap is harmless where the kernel is
     unused (float32, GPU, prefill): the modules then call F.linear / conv2d exactly as torch's do.
     """
     swap_linears(model, lambda _, linear: DecodeLinear.from_linear(linear) if type(linear) is nn.Linear else None)
     apply_cpu_attention(model)
-    apply_norm_kernel(model)
+    apply_row_kernels(model)
     for name, module in list(model.named_modules()):
         if type(module) is nn.Conv2d and name:
             parent, _, attr = name.rpartition(".")

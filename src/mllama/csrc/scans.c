@@ -3,9 +3,9 @@
  * - counting the NaN and infinite values of a bf16, fp16 or float32 array: the load-time check of every
  *   weight (mllama.checks). A value is NaN or infinite exactly when its exponent bits are all ones.
  *   AVX2 where the CPU has it, else plain C; OpenMP threads over equal slices.
- * - RMSNorm of bf16 rows (mllama.norm_kernel): one call where torch's formula takes eight ops, each of
- *   which costs tens of microseconds in a decode step, whose weights have just streamed through every
- *   cache (benchmarks/RESULTS.md).
+ * - RMSNorm and RoPE of bf16 rows (mllama.row_kernels): one call where torch takes eight ops (RMSNorm)
+ *   or eighteen (RoPE of q and k), each of which costs tens of microseconds in a decode step, whose
+ *   weights have just streamed through every cache (benchmarks/RESULTS.md).
  * - the argmax of each row of float32 or bf16 logits (greedy decoding): torch 2.13's CPU argmax over a 128k
  *   vocabulary took about 0.3 ms a row here, several % of a quantized decode step (benchmarks/RESULTS.md).
  */
@@ -177,6 +177,31 @@ int mllama_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, int64_t rows
         const float inv = 1.0f / sqrtf(sum / (float)d + eps);
         for (i = 0; i < d; i++)
             out[r * d + i] = round_bf16(widen_bf16(weight[i]) * widen_bf16(round_bf16(widen_bf16(row[i]) * inv)));
+    }
+    return 0;
+}
+
+/* RoPE (the half-split layout of layers.apply_rotary) of bf16 q (rows, hq, d) and k (rows, hk, d) with
+ * cos, sin (rows, d): out = x * cos + rotate_half(x) * sin, each product and the sum rounded to bf16
+ * as torch's three bf16 ops round them (elementwise: the same bits). Returns 0, or -1 for arguments it
+ * does not take. */
+int mllama_rope_bf16(const uint16_t *q, const uint16_t *k, int64_t rows, int64_t hq, int64_t hk, int64_t d,
+                     const uint16_t *cos, const uint16_t *sin, uint16_t *q_out, uint16_t *k_out, int threads) {
+    if (rows < 0 || hq < 0 || hk < 0 || d < 2 || d % 2) return -1;
+    const int64_t half = d / 2, heads = hq + hk;
+#pragma omp parallel for schedule(static) num_threads(threads > 0 && rows > 8 ? threads : 1)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *c = cos + r * d, *s = sin + r * d;
+        for (int64_t h = 0; h < heads; h++) {
+            const uint16_t *x = h < hq ? q + (r * hq + h) * d : k + (r * hk + h - hq) * d;
+            uint16_t *o = h < hq ? q_out + (r * hq + h) * d : k_out + (r * hk + h - hq) * d;
+            for (int64_t i = 0; i < d; i++) {
+                const float turned = i < half ? -widen_bf16(x[i + half]) : widen_bf16(x[i - half]);
+                const float a = widen_bf16(round_bf16(widen_bf16(x[i]) * widen_bf16(c[i])));
+                const float b = widen_bf16(round_bf16(turned * widen_bf16(s[i])));
+                o[i] = round_bf16(a + b);
+            }
+        }
     }
     return 0;
 }

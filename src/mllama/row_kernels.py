@@ -1,0 +1,92 @@
+"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, applied to a built model by swapping
+modules (`apply_row_kernels`; linear.apply_cpu_kernels calls it).
+
+The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
+step each op comes right after a weight matrix has streamed through every cache, and then costs tens
+of microseconds whatever its size; one C call does the same arithmetic (benchmarks/RESULTS.md). RoPE
+gives torch's bits (elementwise, the same roundings). RMSNorm sums its squares in one fixed order for
+every row count, so a batch's rows equal the same rows alone; torch's reduction may differ from it
+in the last bit of a sum.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from mllama import cpu_kernels
+from mllama.attention import TextSelfAttention
+from mllama.layers import RMSNorm
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return cpu_kernels.rms_norm_bf16(x, weight, eps)
+
+
+def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return cpu_kernels.rope_bf16(q, k, cos, sin)
+
+
+# the custom ops keep a compiled step's graph whole (the C calls run inside it)
+_rms_norm_op = torch.library.custom_op("mllama::rms_norm_bf16", _rms_norm, mutates_args=())
+_rope_op = torch.library.custom_op("mllama::rope_bf16", _rope, mutates_args=())
+
+
+@_rms_norm_op.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+@_rope_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.empty_like(q), torch.empty_like(k)
+
+
+def _kernel_runs(*tensors: torch.Tensor) -> bool:
+    """Whether bf16 CPU tensors, contiguous, outside autograd, and the kernels here."""
+    grad = torch.is_grad_enabled()
+    return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
+                and not (grad and t.requires_grad) for t in tensors)
+            and cpu_kernels.rms_norm_available())
+
+
+class KernelRMSNorm(RMSNorm):
+    """RMSNorm whose bf16 CPU rows (outside autograd) take cpu_kernels.rms_norm_bf16 (the custom op
+    mllama::rms_norm_bf16 under torch.compile); everything else RMSNorm.forward."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
+        if x.shape[-1:] == weight.shape and x.numel() > 0 and _kernel_runs(x, weight):
+            return (_rms_norm_op if torch.compiler.is_compiling() else _rms_norm)(x, weight, self.eps)
+        return super().forward(x)
+
+
+class KernelTextSelfAttention(TextSelfAttention):
+    """TextSelfAttention whose RoPE of bf16 CPU q and k (outside autograd) takes cpu_kernels.rope_bf16
+    (mllama::rope_bf16 under torch.compile): the same bits as apply_rotary."""
+
+    def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # q, k arrive as (B, H, S, D) views of the projections' (B, S, H, D) rows
+        rows_q, rows_k = q.transpose(1, 2), k.transpose(1, 2)
+        b, s, _, d = rows_q.shape
+        if (cos.shape == sin.shape == (b, s, d) and rows_k.shape[:2] == (b, s) and rows_k.shape[3] == d
+                and q.numel() > 0 and _kernel_runs(rows_q, rows_k, cos, sin)):
+            rope = _rope_op if torch.compiler.is_compiling() else _rope
+            q_out, k_out = rope(rows_q, rows_k, cos, sin)
+            return q_out.transpose(1, 2), k_out.transpose(1, 2)
+        return super().rotate(q, k, cos, sin)
+
+
+_SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention}
+
+
+def apply_row_kernels(model: nn.Module) -> nn.Module:
+    """Give every plain RMSNorm and TextSelfAttention of `model` its kernel class, in place (the same
+    modules, parameters and hooks: only forward / rotate differ); returns `model`. Harmless where the
+    kernels do not run (float32, GPU, training): the base classes' code then."""
+    for module in model.modules():
+        swapped = _SWAPS.get(type(module))
+        if swapped is not None:
+            module.__class__ = swapped
+    return model

@@ -1,0 +1,150 @@
+"""RMSNorm and RoPE of bf16 rows through csrc/scans.c (mllama.row_kernels): the model's arithmetic (RoPE
+bit for bit), one order of sums for every batch, torch's code everywhere else."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mllama import cpu_kernels
+from mllama.layers import RMSNorm
+from mllama.model import MllamaForConditionalGeneration
+from mllama.attention import TextSelfAttention
+from mllama.layers import apply_rotary
+from mllama.row_kernels import KernelRMSNorm, KernelTextSelfAttention, apply_row_kernels
+from tiny import tiny_config
+
+needs_kernel = pytest.mark.skipif(not cpu_kernels.rms_norm_available(), reason="csrc/scans.c does not run here")
+
+
+def _norms(d: int, *, seed: int = 0, eps: float = 1e-5) -> tuple[RMSNorm, KernelRMSNorm]:
+    gen = torch.Generator().manual_seed(seed)
+    plain = RMSNorm(d, eps=eps).bfloat16()
+    with torch.no_grad():
+        plain.weight.copy_(torch.rand(d, generator=gen) * 2 - 0.5)
+    kernel = apply_row_kernels(torch.nn.Sequential(RMSNorm(d, eps=eps).bfloat16()))[0]
+    kernel.load_state_dict(plain.state_dict())
+    return plain, kernel
+
+
+@needs_kernel
+@pytest.mark.parametrize("d", [1, 33, 100, 128, 4096])
+def test_kernel_norm_is_the_model_arithmetic(d):
+    """Against float64 (normalised, rounded to bf16, times the weight, rounded): within the two bf16
+    roundings; against torch's formula at most a bf16 step where a sum's last bit moves a rounding; a
+    batch's rows (threads past 8 rows) equal each row alone; NaN and infinity as torch."""
+    plain, kernel = _norms(d, seed=d)
+    gen = torch.Generator().manual_seed(d + 1)
+    x = (torch.randn(40, d, generator=gen) * torch.logspace(-3, 3, 40)[:, None]).bfloat16()
+    with torch.no_grad():
+        out = kernel(x)
+        ref = plain(x)
+        x64, w64 = x.double(), plain.weight.double()
+        normed = x64 / (x64.pow(2).mean(-1, keepdim=True) + 1e-5).sqrt()
+        bound = (normed.abs() * 2**-8 + 1e-6) * w64.abs() + (normed * w64).abs() * 2**-8
+        assert ((out.double() - normed * w64).abs() <= bound).all()
+        assert ((out.double() - ref.double()).abs() <= (ref.double().abs() * 2**-7)).all()
+        assert (out != ref).float().mean() < 0.01
+        for r in (0, 9, 39):
+            assert torch.equal(kernel(x[r:r + 1]).view(torch.int16), out[r:r + 1].view(torch.int16))
+        assert torch.equal(kernel(x.reshape(8, 5, d)).view(torch.int16), out.reshape(8, 5, d).view(torch.int16))
+        odd = x[:3].clone()
+        odd[0, 0] = float("nan")
+        odd[1, -1] = float("inf")
+        assert torch.equal(kernel(odd).isnan(), plain(odd).isnan())
+
+
+@needs_kernel
+def test_kernel_norm_falls_back_to_the_formula_where_it_does_not_run(monkeypatch):
+    plain, kernel = _norms(96)
+    calls = []
+    norm = cpu_kernels.rms_norm_bf16
+    monkeypatch.setattr(cpu_kernels, "rms_norm_bf16", lambda *a: calls.append(1) or norm(*a))
+    x = torch.randn(3, 96).bfloat16()
+    with torch.no_grad():
+        kernel(x)
+        assert calls == [1]
+        kernel(torch.randn(96, 3).bfloat16().t())  # not contiguous
+        f32 = RMSNorm(96)
+        f32.load_state_dict(plain.float().state_dict())
+        apply_row_kernels(torch.nn.Sequential(f32))
+        x32 = torch.randn(3, 96)
+        assert type(f32) is KernelRMSNorm and torch.equal(f32(x32), RMSNorm.forward(f32, x32))  # float32
+    out = kernel(x.clone().requires_grad_())  # autograd: torch's ops, differentiable
+    out.float().sum().backward()
+    assert calls == [1]
+
+
+@needs_kernel
+def test_compiled_norm_is_the_eager_kernel():
+    _, kernel = _norms(64)
+    x = torch.randn(5, 64).bfloat16()
+    with torch.no_grad():
+        compiled = torch.compile(kernel, fullgraph=True)  # the custom op: no graph break
+        assert torch.equal(compiled(x).view(torch.int16), kernel(x).view(torch.int16))
+
+
+def _rope_inputs(b: int, s: int, hq: int, hk: int, d: int, *, seed: int):
+    """q (B, H, S, D), k (B, H_kv, S, D) as _attend sees them (views of (B, S, H, D) projections) and
+    the model's cos, sin (B, S, D) for positions from 0 to a long context."""
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(b, s, hq * d, generator=gen) * 3).bfloat16().view(b, s, hq, d).transpose(1, 2)
+    k = (torch.randn(b, s, hk * d, generator=gen) * 3).bfloat16().view(b, s, hk, d).transpose(1, 2)
+    positions = torch.randint(0, 100_000, (b, s), generator=gen)
+    freqs = positions.float()[..., None] * (1.0 / 500000.0 ** (torch.arange(0, d, 2).float() / d))
+    emb = torch.cat((freqs, freqs), dim=-1)
+    return q, k, emb.cos().bfloat16(), emb.sin().bfloat16()
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,s,hq,hk,d", [(1, 1, 32, 8, 128), (3, 1, 4, 2, 16), (2, 37, 4, 1, 64), (1, 5, 2, 2, 2)])
+def test_kernel_rope_is_apply_rotary_bit_for_bit(b, s, hq, hk, d):
+    q, k, cos, sin = _rope_inputs(b, s, hq, hk, d, seed=b * s + d)
+    q[0, 0, 0, 0] = float("inf")
+    k[-1, -1, -1, -1] = float("nan")
+    attention = KernelTextSelfAttention.__new__(KernelTextSelfAttention)
+    with torch.no_grad():
+        q_out, k_out = attention.rotate(q, k, cos, sin)
+    for got, x in ((q_out, q), (k_out, k)):
+        want = apply_rotary(x, cos, sin)
+        assert got.shape == want.shape
+        assert torch.equal(got.isnan(), want.isnan())
+        assert torch.equal(got.nan_to_num().view(torch.int16), want.nan_to_num().view(torch.int16))
+
+
+@needs_kernel
+def test_kernel_rope_falls_back_where_it_does_not_run(monkeypatch):
+    calls = []
+    rope = cpu_kernels.rope_bf16
+    monkeypatch.setattr(cpu_kernels, "rope_bf16", lambda *a: calls.append(1) or rope(*a))
+    attention = KernelTextSelfAttention.__new__(KernelTextSelfAttention)
+    q, k, cos, sin = _rope_inputs(2, 3, 4, 2, 16, seed=0)
+    with torch.no_grad():
+        attention.rotate(q, k, cos, sin)
+        assert calls == [1]
+        for args in [(q.float(), k.float(), cos.float(), sin.float()),  # float32
+                     (q, k, cos[:1].expand(2, 3, 16), sin[:1].expand(2, 3, 16)),  # broadcast cos / sin
+                     (q.contiguous(), k, cos, sin)]:  # (B, H, S, D) memory
+            got = attention.rotate(*args)
+            assert all(torch.equal(g, apply_rotary(x, args[2], args[3])) for g, x in zip(got, args[:2]))
+    attention.rotate(q.clone().requires_grad_(), k, cos, sin)[0].float().sum().backward()  # autograd
+    assert calls == [1]
+
+
+@needs_kernel
+def test_compiled_rope_is_the_eager_kernel():
+    attention = KernelTextSelfAttention.__new__(KernelTextSelfAttention)
+    q, k, cos, sin = _rope_inputs(1, 1, 4, 2, 32, seed=1)
+    with torch.no_grad():
+        compiled = torch.compile(attention.rotate, fullgraph=True)  # the custom op: no graph break
+        for got, want in zip(compiled(q, k, cos, sin), attention.rotate(q, k, cos, sin)):
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+
+
+def test_every_norm_and_self_attention_of_a_loaded_model_is_swapped(tmp_path):
+    MllamaForConditionalGeneration(tiny_config("a")).save_pretrained(tmp_path)
+    model = MllamaForConditionalGeneration.from_pretrained(tmp_path)
+    norms = [m for m in model.modules() if isinstance(m, RMSNorm)]
+    assert len(norms) > 10 and all(type(m) is KernelRMSNorm for m in norms)
+    attentions = [m for m in model.modules() if isinstance(m, TextSelfAttention)]
+    assert attentions and all(type(m) is KernelTextSelfAttention for m in attentions)
