@@ -173,7 +173,15 @@ def sustained_read(nbytes: int, buffer: torch.Tensor) -> float:
     return passes * size / (time.perf_counter() - start) / 1e9
 
 
-def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int], streams: int) -> None:
+DECODE_VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4", group_size=64),
+                   "int4 g128": QuantizationConfig("int4", group_size=128),
+                   "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
+                   "int4 g64 + lm_head": QuantizationConfig("int4", group_size=64, lm_head=True),
+                   "int4 g128 + lm_head": QuantizationConfig("int4", group_size=128, lm_head=True)}
+
+
+def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int], streams: int,
+                 variants: list[str]) -> None:
     from mllama.config import MllamaTextConfig
     from mllama.linear import apply_cpu_kernels
     from mllama.model import MllamaForCausalLM
@@ -192,11 +200,8 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
     _rebuild_buffers(base, torch.device("cpu"))  # rope's inv_freq is not in the state dict
     base = apply_cpu_kernels(base.eval())
     models = {"bf16": base}
-    for name, config_ in {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4", group_size=64),
-                          "int4 g128": QuantizationConfig("int4", group_size=128),
-                          "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
-                          "int4 g64 + lm_head": QuantizationConfig("int4", group_size=64, lm_head=True),
-                          "int4 g128 + lm_head": QuantizationConfig("int4", group_size=128, lm_head=True)}.items():
+    for name in variants:
+        config_ = DECODE_VARIANTS[name]
         shared = {id(p): p for p in (base.model.embed_tokens.weight, base.lm_head.weight)}  # not copied
         models[name] = quantize_model(copy.deepcopy(base, shared), config_)
     prompt = torch.randint(0, 128000, (1, 16), generator=gen)
@@ -283,6 +288,8 @@ def main() -> None:
                         help="decode: also the time to first token of fresh prompts of these lengths")
     parser.add_argument("--streams", type=int, default=16,
                         help="decode: also the tokens/s of this many prompts decoded together (1: not measured)")
+    parser.add_argument("--decode-variants", nargs="+", default=list(DECODE_VARIANTS), choices=list(DECODE_VARIANTS),
+                        help="decode: the quantized variants beside bf16 (fewer: more rounds in the same minutes)")
     parser.add_argument("--n", type=int, default=14336)
     parser.add_argument("--k", type=int, default=4096)
     args = parser.parse_args()
@@ -291,7 +298,7 @@ def main() -> None:
     elif args.what == "kernels":
         kernels(args.n, args.k, args.rounds)
     else:
-        decode_bench(args.layers, args.new_tokens, args.rounds, args.prompt_tokens, args.streams)
+        decode_bench(args.layers, args.new_tokens, args.rounds, args.prompt_tokens, args.streams, args.decode_variants)
 
 
 if __name__ == "__main__":
