@@ -14,7 +14,7 @@ from mllama.layers import apply_rotary
 from mllama.row_kernels import KernelRMSNorm, KernelTextSelfAttention, apply_row_kernels
 from tiny import tiny_config
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.rms_norm_available(), reason="csrc/scans.c does not run here")
+needs_kernel = pytest.mark.skipif(not cpu_kernels.row_kernels_available(), reason="csrc/scans.c does not run here")
 
 
 def _norms(d: int, *, seed: int = 0, eps: float = 1e-5) -> tuple[RMSNorm, KernelRMSNorm]:

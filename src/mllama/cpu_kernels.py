@@ -271,7 +271,7 @@ def count_not_finite(tensor: torch.Tensor) -> int | None:
     return None if count < 0 else int(count)
 
 
-def rms_norm_available() -> bool:
+def row_kernels_available() -> bool:
     """Whether csrc/scans.c's RMSNorm and RoPE of bf16 rows (rms_norm_bf16, rope_bf16) run here."""
     if not _tried:
         _load()
@@ -281,7 +281,7 @@ def rms_norm_available() -> bool:
 def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """(..., D) contiguous bf16 CPU rows and a (D,) contiguous bf16 weight -> (..., D) bf16: the model's
     RMSNorm in one C call (see csrc/scans.c for its order of sums). The caller checks the layout and
-    rms_norm_available()."""
+    row_kernels_available()."""
     out = torch.empty_like(x)
     d = x.shape[-1]
     if _scans.mllama_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // d, d, eps, out.data_ptr(),
@@ -293,7 +293,7 @@ def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Te
 def rope_bf16(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Contiguous bf16 CPU q (B, S, H, D), k (B, S, H_kv, D), cos and sin (B, S, D) -> rotated q, k in
     the same layout: layers.apply_rotary's bits in one C call. The caller checks the layout and
-    rms_norm_available() (the same library)."""
+    row_kernels_available()."""
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     b, s, hq, d = q.shape
     if _scans.mllama_rope_bf16(q.data_ptr(), k.data_ptr(), b * s, hq, k.shape[2], d, cos.data_ptr(), sin.data_ptr(),

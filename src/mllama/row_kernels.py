@@ -47,7 +47,7 @@ def _kernel_runs(*tensors: torch.Tensor) -> bool:
     grad = torch.is_grad_enabled()
     return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
                 and not (grad and t.requires_grad) for t in tensors)
-            and cpu_kernels.rms_norm_available())
+            and cpu_kernels.row_kernels_available())
 
 
 class KernelRMSNorm(RMSNorm):

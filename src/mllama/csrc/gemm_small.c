@@ -755,8 +755,8 @@ static inline void store8(void *out, int out_bf16, int64_t at, __m256 v, int64_t
 
 /* One bf16 row of x (k_in values; int4 rows padded with zeros to k) -> n bf16 outputs: mllama_gemm_small
  * with m = 1 and its float32 output rounded as torch's .to(bfloat16) (nearest even; a NaN as 0x7FC0,
- * where torch's loops give 0x7FC0 or 0xFFFF), the same bits. A decode step's call: the conversions around it, in torch, had cost each call as much
- * as a small weight's product (benchmarks/RESULTS.md). */
+ * where torch's loops give 0x7FC0 or 0xFFFF), the same bits. A decode step's call: the conversions
+ * around it, in torch, had cost each call as much as a small weight's product (benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
 int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
                                const void *scale, const void *offset, int scale_bf16, int64_t group,
