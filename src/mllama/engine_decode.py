@@ -39,7 +39,8 @@ class DecodeStep:
         tokens = torch.tensor([[s.next_token] for s in seqs] + [[0]] * (rows - n), device=self.device)
         positions = torch.tensor([[s.cached] for s in seqs] + [[0]] * (rows - n), device=self.device)
         slots = torch.arange(rows, device=self.device)
-        slots[n:] = self.max_slots  # padding rows of a compiled step write into the spare slot
+        if rows > n:  # padding rows of a compiled step write into the spare slot
+            slots[n:] = self.max_slots
         length = self.max_len if self.compile else max(s.cached for s in seqs) + 1
         mask = None
         if self.compile or any(s.cached + 1 != length for s in seqs):
