@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from mllama import cpu_kernels
-from mllama.layers import RMSNorm
-from mllama.model import MllamaForConditionalGeneration
 from mllama.attention import TextSelfAttention
-from mllama.layers import apply_rotary
+from mllama.layers import RMSNorm, apply_rotary
+from mllama.model import MllamaForConditionalGeneration
 from mllama.row_kernels import KernelRMSNorm, KernelTextSelfAttention, apply_row_kernels
 from tiny import tiny_config
 
@@ -66,7 +65,7 @@ def test_kernel_norm_falls_back_to_the_formula_where_it_does_not_run(monkeypatch
         assert calls == [1]
         kernel(torch.randn(96, 3).bfloat16().t())  # not contiguous
         f32 = RMSNorm(96)
-        f32.load_state_dict(plain.float().state_dict())
+        f32.load_state_dict({name: t.float() for name, t in plain.state_dict().items()})
         apply_row_kernels(torch.nn.Sequential(f32))
         x32 = torch.randn(3, 96)
         assert type(f32) is KernelRMSNorm and torch.equal(f32(x32), RMSNorm.forward(f32, x32))  # float32
