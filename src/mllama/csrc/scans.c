@@ -62,11 +62,15 @@ int64_t mllama_count_nonfinite(const void *p, int64_t n, int kind, int threads) 
 }
 
 
+/* A bf16 value as float32 (exactly). */
+static inline float widen_bf16(uint16_t h) {
+    union { uint32_t u; float f; } bits = {(uint32_t)h << 16};
+    return bits.f;
+}
+
 /* The value at row[i] of float32 or bf16 (bf16) values, exactly as float32. */
 static inline float value_at(const void *row, int bf16, int64_t i) {
-    if (!bf16) return ((const float *)row)[i];
-    union { uint32_t u; float f; } bits = {(uint32_t)((const uint16_t *)row)[i] << 16};
-    return bits.f;
+    return bf16 ? widen_bf16(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 /* The first index of row's largest value, NaN counting as larger than every number (as torch.argmax):
@@ -135,11 +139,6 @@ int mllama_argmax_rows(const void *logits, int64_t b, int64_t v, int64_t *out, i
         out[r] = avx512 ? argmax_avx512(row, bf16, v) : argmax_scalar(row, bf16, v);
     }
     return 0;
-}
-
-static inline float widen_bf16(uint16_t h) {
-    union { uint32_t u; float f; } bits = {(uint32_t)h << 16};
-    return bits.f;
 }
 
 /* float32 -> bf16, nearest even (as torch's .to(bfloat16)); a NaN as 0x7FC0. */
