@@ -778,9 +778,9 @@ int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t
         int64_t i = 0;
         for (; i + 8 <= n; i += 8) {
             const __m256 v = _mm256_loadu_ps(of + i);
-            const __m128i nan = _mm_packs_epi32(  /* lanes of v that are NaN, as 8 x 16-bit masks */
-                _mm256_castsi256_si128(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q))),
-                _mm256_extractf128_si256(_mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)), 1));
+            const __m256i unordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            /* lanes of v that are NaN, as 8 x 16-bit masks */
+            const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(unordered), _mm256_extracti128_si256(unordered, 1));
             _mm_storeu_si128((__m128i *)(out + i), _mm_blendv_epi8(float8_to_bf16(v), _mm_set1_epi16(0x7FC0), nan));
         }
         for (; i < n; i++) {
