@@ -396,6 +396,35 @@ def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
         torch.testing.assert_close(q(x), expected, rtol=1e-5 if dtype == torch.float32 else 2**-7, atol=1e-5)
 
 
+@needs_kernels
+def test_prefill_buffer_is_kept_per_thread(monkeypatch):
+    """Prefill rows dequantize the whole weight (where it fits PREFILL_BLOCK_BYTES) into a buffer of
+    the calling thread's, the same one call after call; another thread gets its own (the engine's image
+    thread prefills beside the text one)."""
+    import threading
+
+    _, q = _quantized_linear("int4", 50, 200, group_size=64, dtype=torch.bfloat16, seed=6)
+    monkeypatch.setattr(type(q), "_use_amx", lambda self, x: False)  # the blocked route on any CPU
+    calls = []  # holding each buffer, so a fresh one could not reuse a freed one's address
+    original = type(q)._dequantize_rows
+    monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, dtype, out=None: calls.append(
+        (r0, r1, out, threading.get_ident())) or original(self, r0, r1, dtype, out))
+    x = torch.randn(40, 200).bfloat16()  # more rows than the small-row kernels take
+    compute = torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+    expected = F.linear(x.to(compute), q.dequantize(compute)).bfloat16()
+    results = []
+    with torch.no_grad():
+        results += [q(x), q(x)]
+        worker = threading.Thread(target=lambda: results.append(q(x)))
+        worker.start()
+        worker.join()
+    assert [c[:2] for c in calls] == [(0, 50)] * 3, "the whole weight in one block"
+    assert calls[0][2].data_ptr() == calls[1][2].data_ptr(), "the same buffer in one thread"
+    assert calls[2][3] != calls[0][3] and calls[2][2].data_ptr() != calls[0][2].data_ptr(), "another thread's own"
+    for out in results:
+        assert torch.equal(out, expected)
+
+
 @pytest.mark.skipif(cpu_kernels.small_kernel_level() < 2, reason="no AVX-512 int8 path on this CPU")
 @pytest.mark.parametrize("n,k", [(7, 33), (29, 100), (50, 1030), (24, 4096)])
 def test_int8_one_row_avx512_path_matches_the_reference(n, k):
