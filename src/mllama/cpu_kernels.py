@@ -95,6 +95,10 @@ def _load() -> None:
                                                  + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64,
                                                                             ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small_row_bf16.restype = ctypes.c_int
+    small.mllama_gemm_small_silu_bf16.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 3
+                                                  + [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_int64,
+                                                                             ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+    small.mllama_gemm_small_silu_bf16.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
@@ -181,7 +185,7 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
     rows_ok = m >= 1 if tiles else 2 <= m <= MAX_AMX_ROWS
     if not amx_available() or not rows_ok or k % 32 or x.dtype != torch.bfloat16:
         return None
-    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    k_row = _row_length(fmt, weight)
     scale_bf16 = _scales_bf16(scale, offset)
     if scale_bf16 is None:
         return None
@@ -356,7 +360,7 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
         raise RuntimeError(f"kernel level {level} not available (this CPU: {_small_level})")
     m, k = rows.shape
     n = weight.shape[0]
-    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    k_row = _row_length(fmt, weight)
     if not 1 <= m <= MAX_QUANT_ROWS or k > k_row or (fmt != "int4" and k != k_row):
         raise ValueError(f"small_gemm: {m} rows of {k} features against a {fmt} weight of shape {tuple(weight.shape)}")
     m_pad = m if m == 1 else m + m % 2  # the kernel tiles rows in pairs and fours
@@ -385,20 +389,50 @@ def small_gemm_row(row: torch.Tensor, fmt: str, weight: torch.Tensor, scale: tor
     all contiguous) -> (..., N) bf16: small_gemm's product rounded to bf16, the same bits as
     small_gemm(row, level=level).to(bfloat16), with the conversions in the kernel (a decode step's call).
     The caller checks what small_gemm checks (quant_kernels_available, dtypes, layout)."""
-    level = _small_level if level is None else level
-    if level not in (1, _small_level):
-        raise RuntimeError(f"kernel level {level} not available (this CPU: {_small_level})")
+    level = _row_level(level)
     k, n = row.shape[-1], weight.shape[0]
-    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
-    scale_bf16 = scale.dtype == torch.bfloat16
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
-    rc = _small.mllama_gemm_small_row_bf16(_FORMATS[fmt], row.data_ptr(), k, n, k_row, weight.data_ptr(),
-                                           scale.data_ptr(), offset.data_ptr() if offset is not None else None,
-                                           scale_bf16, group_size, out.data_ptr(), torch.get_num_threads(), level)
+    rc = _small.mllama_gemm_small_row_bf16(_FORMATS[fmt], row.data_ptr(), k, n, _row_length(fmt, weight),
+                                           *_pointers(weight, scale, offset), scale.dtype == torch.bfloat16,
+                                           group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"small_gemm_row: the kernel refused a row of {k} features against a {fmt} weight of "
                          f"shape {tuple(weight.shape)} (group size {group_size})")
     return out
+
+
+def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, ...], up: tuple[torch.Tensor, ...], *,
+                        group_size: int = 0, level: int | None = None) -> torch.Tensor:
+    """An MLP's silu(gate(row)) * up(row) in one C call: `gate` and `up` each (weight, scale[, offset]) as
+    small_gemm_row takes them, of one format, shape and scale dtype -> (..., N) bf16: the bits of
+    F.silu(small_gemm_row(row, *gate)) * small_gemm_row(row, *up) but where csrc/gemm_small.c's e^x and
+    torch's put a silu on two sides of a bf16 rounding (one bf16 step, a few outputs in 10^5)."""
+    level = _row_level(level)
+    k, n = row.shape[-1], gate[0].shape[0]
+    out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
+    rc = _small.mllama_gemm_small_silu_bf16(_FORMATS[fmt], row.data_ptr(), k, n, _row_length(fmt, gate[0]),
+                                            *_pointers(*gate), *_pointers(*up), gate[1].dtype == torch.bfloat16,
+                                            group_size, out.data_ptr(), torch.get_num_threads(), level)
+    if rc != 0:
+        raise ValueError(f"small_gemm_silu_row: the kernel refused a row of {k} features against {fmt} weights of "
+                         f"shape {tuple(gate[0].shape)} (group size {group_size})")
+    return out
+
+
+def _row_level(level: int | None) -> int:
+    level = _small_level if level is None else level
+    if level not in (1, _small_level):
+        raise RuntimeError(f"kernel level {level} not available (this CPU: {_small_level})")
+    return level
+
+
+def _row_length(fmt: str, weight: torch.Tensor) -> int:
+    """Values in a stored weight row (int4: two a byte, the row padded to whole groups)."""
+    return weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+
+
+def _pointers(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[int, int, int | None]:
+    return weight.data_ptr(), scale.data_ptr(), offset.data_ptr() if offset is not None else None
 
 
 def int4_tile512(group_size: int, k_row: int) -> bool:
@@ -425,7 +459,7 @@ def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     any batch. None where it does not run: no AVX-512 BF16, M outside 1..MAX_AVX512_ROWS, x not bf16,
     a group that does not divide the kernel's chunk of 1024 values."""
     m, k = rows.shape
-    k_row = weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
+    k_row = _row_length(fmt, weight)
     if (not quant_kernels_available() or _level != 2 or rows.dtype != torch.bfloat16 or not 1 <= m <= MAX_AVX512_ROWS
             or (fmt == "int4" and (group_size < 32 or 1024 % group_size))):
         return None

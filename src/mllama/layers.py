@@ -35,7 +35,11 @@ class TextMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.gated(x))
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """silu(gate(x)) * up(x), the input of down_proj; a kernel backend overrides it (mllama.row_kernels)."""
+        return F.silu(self.gate_proj(x)) * self.up_proj(x)
 
 
 def rope_inv_freq(config: MllamaTextConfig) -> torch.Tensor:

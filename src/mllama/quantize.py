@@ -58,6 +58,7 @@ class _QuantizedLinear(nn.Module):
     in_features: int
     out_features: int
     bias: nn.Parameter | None
+    group_size: int = 0  # int4's (int8 scales whole rows)
 
     def _init_bias(self, bias: bool, dtype: torch.dtype, device: torch.device | str | None) -> None:
         self.bias = nn.Parameter(torch.empty(self.out_features, dtype=dtype, device=device),
@@ -99,11 +100,24 @@ class _QuantizedLinear(nn.Module):
         """One bf16 row (a decode step's call) through cpu_kernels.small_gemm_row: product()'s route for
         it (small_gemm, then .to(bfloat16)) and its bits, without the torch conversions around the call.
         None where product() would take another route."""
-        weights = self._weights()
-        if (not x.is_contiguous() or torch.compiler.is_compiling()
-                or not self._on_cpu_kernels(x) or not all(t.is_contiguous() for t in weights)):
+        if not self._takes_row(x):
             return None
-        return cpu_kernels.small_gemm_row(x, self.mode, *weights, group_size=getattr(self, "group_size", 0))
+        return cpu_kernels.small_gemm_row(x, self.mode, *self._weights(), group_size=self.group_size)
+
+    def _takes_row(self, x: torch.Tensor) -> bool:
+        return (x.is_contiguous() and not torch.compiler.is_compiling() and self._on_cpu_kernels(x)
+                and all(t.is_contiguous() for t in self._weights()))
+
+    def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x, where both
+        would take _one_row and `up` is quantized as this one is, without a bias
+        (cpu_kernels.small_gemm_silu_row: F.silu and the product's roundings, e^x aside); None otherwise."""
+        if (type(up) is not type(self) or self.bias is not None or up.bias is not None or x.dtype != torch.bfloat16
+                or x.shape[-1] != self.in_features or x.numel() != self.in_features or up.in_features != self.in_features
+                or up.out_features != self.out_features or up.group_size != self.group_size
+                or up.weight_scale.dtype != self.weight_scale.dtype or not self._takes_row(x) or not up._takes_row(x)):
+            return None
+        return cpu_kernels.small_gemm_silu_row(x, self.mode, self._weights(), up._weights(), group_size=self.group_size)
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The weight, its scales (and offsets), as small_gemm takes them."""

@@ -1,22 +1,25 @@
-"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, applied to a built model by swapping
-modules (`apply_row_kernels`; linear.apply_cpu_kernels calls it).
+"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, and an MLP's gate and up products
+with silu in one call where its linears offer it (quantized ones: csrc/gemm_small.c), applied to a
+built model by swapping modules (`apply_row_kernels`; linear.apply_cpu_kernels calls it).
 
 The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
 step each op comes right after a weight matrix has streamed through every cache, and then costs tens
 of microseconds whatever its size; one C call does the same arithmetic (benchmarks/RESULTS.md). RoPE
 gives torch's bits (elementwise, the same roundings). RMSNorm sums its squares in one fixed order for
 every row count, so a batch's rows equal the same rows alone; torch's reduction may differ from it
-in the last bit of a sum.
+in the last bit of a sum. The MLP's silu takes e^x of its own (a bf16 step apart from torch's in a few
+outputs in 10^5).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.modules import module as _module
 
 from mllama import cpu_kernels
 from mllama.attention import TextSelfAttention
-from mllama.layers import RMSNorm
+from mllama.layers import RMSNorm, TextMLP
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -78,12 +81,33 @@ class KernelTextSelfAttention(TextSelfAttention):
         return super().rotate(q, k, cos, sin)
 
 
-_SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention}
+def _without_hooks(*modules: nn.Module) -> bool:
+    """Whether calling these modules runs no forward hooks (theirs or global): a fused call skips
+    their forward, so hooks (a profiler's, a benchmark's module trace) keep the plain route."""
+    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+
+class KernelTextMLP(TextMLP):
+    """TextMLP whose gate and up take one call where gate_proj offers `silu_product(up_proj, x)` (a
+    quantized linear's, for one bf16 row: mllama.quantize) and no hooks watch them; else TextMLP's."""
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        fused = getattr(self.gate_proj, "silu_product", None)
+        if fused is not None and _without_hooks(self.gate_proj, self.up_proj):
+            out = fused(self.up_proj, x)
+            if out is not None:
+                return out
+        return super().gated(x)
+
+
+_SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP}
 
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:
-    """Give every plain RMSNorm and TextSelfAttention of `model` its kernel class, in place (the same
-    modules, parameters and hooks: only forward / rotate differ); returns `model`. Harmless where the
+    """Give every plain RMSNorm, TextSelfAttention and TextMLP of `model` its kernel class, in place (the same
+    modules, parameters and hooks: only forward / rotate / gated differ); returns `model`. Harmless where the
     kernels do not run (float32, GPU, training): the base classes' code then."""
     for module in model.modules():
         swapped = _SWAPS.get(type(module))

@@ -753,44 +753,138 @@ static inline void store8(void *out, int out_bf16, int64_t at, __m256 v, int64_t
     }
 }
 
-/* One bf16 row of x (k_in values; int4 rows padded with zeros to k) -> n bf16 outputs: mllama_gemm_small
- * with m = 1 and its float32 output rounded as torch's .to(bfloat16) (nearest even; a NaN as 0x7FC0,
- * where torch's loops give 0x7FC0 or 0xFFFF), the same bits. A decode step's call: the conversions
- * around it, in torch, had cost each call as much as a small weight's product (benchmarks/RESULTS.md). */
+/* 8 float32 -> 8 bf16 as torch's .to(bfloat16) (nearest even), a NaN as 0x7FC0 (torch's loops give
+ * 0x7FC0 or 0xFFFF). */
 __attribute__((target("avx2,fma")))
-int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
-                               const void *scale, const void *offset, int scale_bf16, int64_t group,
-                               uint16_t *out, int threads, int level) {
-    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || n < 1) return -1;
-    float *xf = malloc((size_t)k * sizeof *xf), *of = malloc((size_t)n * sizeof *of);
-    if (!xf || !of) {
-        free(xf);
-        free(of);
-        return -1;
+static inline __m128i bf16_bits8(__m256 v) {
+    const __m256i unordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+    /* lanes of v that are NaN, as 8 x 16-bit masks */
+    const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(unordered), _mm256_extracti128_si256(unordered, 1));
+    return _mm_blendv_epi8(float8_to_bf16(v), _mm_set1_epi16(0x7FC0), nan);
+}
+
+/* n float32 -> n bf16 (bf16_bits8's rounding). */
+__attribute__((target("avx2,fma")))
+static void round_row_bf16(const float *of, int64_t n, uint16_t *out) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm_storeu_si128((__m128i *)(out + i), bf16_bits8(_mm256_loadu_ps(of + i)));
+    if (i < n) {
+        float tail[8] = {0};
+        uint16_t bits[8];
+        memcpy(tail, of + i, (size_t)(n - i) * sizeof *tail);
+        _mm_storeu_si128((__m128i *)bits, bf16_bits8(_mm256_loadu_ps(tail)));
+        memcpy(out + i, bits, (size_t)(n - i) * sizeof *out);
     }
+}
+
+/* One bf16 row (k_in values) widened to float32, zeros to k; NULL without memory. */
+static float *widen_row(const uint16_t *x, int64_t k_in, int64_t k) {
+    float *xf = malloc((size_t)k * sizeof *xf);
+    if (!xf) return NULL;
     for (int64_t i = 0; i < k_in; i++) {
         const uint32_t bits = (uint32_t)x[i] << 16;
         memcpy(xf + i, &bits, sizeof bits);
     }
     for (int64_t i = k_in; i < k; i++) xf[i] = 0.0f;
-    const int rc = mllama_gemm_small(fmt, xf, 1, n, k, w, scale, offset, scale_bf16, group, of, threads, level);
-    if (rc == 0) {
-        int64_t i = 0;
-        for (; i + 8 <= n; i += 8) {
-            const __m256 v = _mm256_loadu_ps(of + i);
-            const __m256i unordered = _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-            /* lanes of v that are NaN, as 8 x 16-bit masks */
-            const __m128i nan = _mm_packs_epi32(_mm256_castsi256_si128(unordered), _mm256_extracti128_si256(unordered, 1));
-            _mm_storeu_si128((__m128i *)(out + i), _mm_blendv_epi8(float8_to_bf16(v), _mm_set1_epi16(0x7FC0), nan));
-        }
-        for (; i < n; i++) {
-            uint32_t bits;
-            memcpy(&bits, of + i, sizeof bits);
-            out[i] = of[i] != of[i] ? 0x7FC0 : (uint16_t)((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16);
-        }
-    }
+    return xf;
+}
+
+/* One bf16 row of x (k_in values; int4 rows padded with zeros to k) -> n bf16 outputs: mllama_gemm_small
+ * with m = 1 and its float32 output rounded by bf16_bits8, the same bits as torch's .to(bfloat16) of it.
+ * A decode step's call: the conversions around it, in torch, had cost each call as much as a small
+ * weight's product (benchmarks/RESULTS.md). */
+__attribute__((target("avx2,fma")))
+int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
+                               const void *scale, const void *offset, int scale_bf16, int64_t group,
+                               uint16_t *out, int threads, int level) {
+    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || n < 1) return -1;
+    float *xf = widen_row(x, k_in, k), *of = malloc((size_t)n * sizeof *of);
+    int rc = -1;
+    if (xf && of) rc = mllama_gemm_small(fmt, xf, 1, n, k, w, scale, offset, scale_bf16, group, of, threads, level);
+    if (rc == 0) round_row_bf16(of, n, out);
     free(xf);
     free(of);
+    return rc;
+}
+
+/* 8 floats rounded to bf16 (nearest even) and widened back; NaN kept. */
+__attribute__((target("avx2,fma")))
+static inline __m256 bf16_round8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))),
+                                       _mm256_set1_epi32((int)0xFFFF0000u));
+    return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+}
+
+/* e^x of 8 floats: Cephes' expf (x = n ln 2 + r, a degree-5 polynomial in r), within a few ulp of the
+ * exact value; +inf past the float range, NaN kept. Below -87 it returns about 2^-126 or 0 instead of
+ * the exact tiny value: silu adds it to 1, where every one of them gives 1. */
+__attribute__((target("avx2,fma")))
+static inline __m256 exp8(__m256 x) {
+    const __m256 top = _mm256_set1_ps(88.72283935546875f);  /* the float nearest log(FLT_MAX) */
+    const __m256 over = _mm256_cmp_ps(x, top, _CMP_GT_OQ), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
+    const __m256 c = _mm256_max_ps(_mm256_min_ps(x, top), _mm256_set1_ps(-87.0f));
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);  /* ln 2 in two parts */
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
+    /* n in -126..128: 2^(n - 1) in the exponent field, then times 2, so n = 128 stays finite */
+    const __m256i half = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
+    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(half)), _mm256_set1_ps(2.0f));
+    y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), over);
+    return _mm256_blendv_ps(y, x, nan);
+}
+
+/* silu(g) * u of n float32 sums g, u as the model's bf16 ops round them: g and u to bf16, silu in
+ * float32 as torch's (g / (1 + e^-g)) to bf16, their product in float32 to bf16. torch's e^x is within
+ * 1 ulp, exp8 a few: a silu lands on the other side of a bf16 rounding boundary from torch's in a few
+ * outputs in 10^5 (one bf16 step). */
+__attribute__((target("avx2,fma")))
+static void silu_product_row(const float *g, const float *u, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i += 8) {
+        const int64_t take = n - i < 8 ? n - i : 8;
+        float gs[8] = {0}, us[8] = {0};
+        uint16_t bits[8];
+        memcpy(gs, g + i, (size_t)take * sizeof *gs);
+        memcpy(us, u + i, (size_t)take * sizeof *us);
+        const __m256 gb = bf16_round8(_mm256_loadu_ps(gs)), ub = bf16_round8(_mm256_loadu_ps(us));
+        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gb));
+        const __m256 silu = bf16_round8(_mm256_div_ps(gb, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+        _mm_storeu_si128((__m128i *)bits, bf16_bits8(_mm256_mul_ps(silu, ub)));
+        memcpy(out + i, bits, (size_t)take * sizeof *out);
+    }
+}
+
+/* An MLP's silu(gate(x)) * up(x) for one bf16 row of x against gate and up weights of one format
+ * (each as mllama_gemm_small_row_bf16 takes it) -> n bf16 values, rounded as silu_product_row says:
+ * one call where a decode step made four (two products, silu, the product), each of which, right
+ * after the weights had streamed through the caches, cost tens of microseconds. */
+__attribute__((target("avx2,fma")))
+int mllama_gemm_small_silu_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k,
+                                const void *w_gate, const void *scale_gate, const void *offset_gate,
+                                const void *w_up, const void *scale_up, const void *offset_up, int scale_bf16,
+                                int64_t group, uint16_t *out, int threads, int level) {
+    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || n < 1) return -1;
+    float *xf = widen_row(x, k_in, k), *sums = malloc((size_t)(2 * n) * sizeof *sums);
+    int rc = -1;
+    if (xf && sums) {
+        rc = mllama_gemm_small(fmt, xf, 1, n, k, w_gate, scale_gate, offset_gate, scale_bf16, group, sums,
+                               threads, level);
+        if (rc == 0)
+            rc = mllama_gemm_small(fmt, xf, 1, n, k, w_up, scale_up, offset_up, scale_bf16, group, sums + n,
+                                   threads, level);
+    }
+    if (rc == 0) silu_product_row(sums, sums + n, n, out);
+    free(xf);
+    free(sums);
     return rc;
 }
 
