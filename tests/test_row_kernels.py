@@ -13,7 +13,7 @@ from mllama.layers import RMSNorm, TextMLP, apply_rotary
 from mllama.model import MllamaForConditionalGeneration
 from mllama.quantize import QuantizationConfig, quantize_model
 from mllama.row_kernels import KernelRMSNorm, KernelTextMLP, KernelTextSelfAttention, apply_row_kernels
-from tiny import tiny_config
+from tiny import randomize_, tiny_config
 
 needs_kernel = pytest.mark.skipif(not cpu_kernels.row_kernels_available(), reason="csrc/scans.c does not run here")
 
@@ -246,3 +246,75 @@ def test_quantized_mlp_takes_the_plain_route_where_one_call_does_not_fit(monkeyp
         assert torch.equal(biased.gated(x), _unfused(biased, x))
     assert len(calls) == 1, "none of these took the fused call"
     assert mlp.gated(x.requires_grad_()).shape == (1, 96) and len(calls) == 1
+
+
+
+def _quantized_attention(mode: str, group: int, *, seed: int = 0) -> KernelTextSelfAttention:
+    attention = TextSelfAttention(tiny_config("a").text_config).bfloat16()
+    randomize_(attention, seed)
+    quantize_model(torch.nn.Sequential(attention), QuantizationConfig(mode, group_size=group))
+    return apply_row_kernels(attention)
+
+
+@needs_quant
+@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 64)])
+def test_quantized_q_k_v_in_one_call(mode, group, monkeypatch):
+    """One bf16 row: KernelTextSelfAttention.project takes cpu_kernels.small_gemm_rows and gives each
+    projection the bits of its own call; two rows, a hook on v_proj or a k_proj quantized otherwise take
+    the three calls."""
+    attention = _quantized_attention(mode, group, seed=group)
+    calls = []
+    joint = cpu_kernels.small_gemm_rows
+    monkeypatch.setattr(cpu_kernels, "small_gemm_rows", lambda *a, **k: calls.append(1) or joint(*a, **k))
+    gen = torch.Generator().manual_seed(group)
+    with torch.no_grad():
+        for scale in (0.01, 1.0, 1e3):
+            x = (torch.randn(1, 1, 64, generator=gen) * scale).bfloat16()
+            got, want = attention.project(x), TextSelfAttention.project(attention, x)
+            assert [t.shape for t in got] == [(1, 1, 64), (1, 1, 16), (1, 1, 16)]
+            for a, b in zip(got, want):
+                assert torch.equal(a.view(torch.int16), b.view(torch.int16))
+        assert len(calls) == 3
+        two = torch.randn(1, 2, 64, generator=gen).bfloat16()
+        assert all(torch.equal(a, b) for a, b in zip(attention.project(two), TextSelfAttention.project(attention, two)))
+        seen = []
+        handle = attention.v_proj.register_forward_hook(lambda *args: seen.append(1))
+        attention.project(x)
+        handle.remove()
+        other = _quantized_attention("int4", 64 if group == 32 else 32)
+        attention.k_proj = other.k_proj
+        mixed = attention.project(x)
+        assert all(torch.equal(a, b) for a, b in zip(mixed, TextSelfAttention.project(attention, x)))
+    assert seen == [1] and len(calls) == 3, "none of these took the joint call"
+
+
+@needs_quant
+def test_quantized_decode_through_the_joint_calls_matches_the_plain_route(monkeypatch):
+    """A tiny int4 model generating greedily: with q/k/v and gate/up/silu in joint calls, the tokens of the
+    plain route (each linear alone, torch's silu) and logits within a bf16 step's effect."""
+    from mllama.model import MllamaForCausalLM
+
+    model = MllamaForCausalLM(tiny_config("a").text_config).bfloat16().eval()
+    randomize_(model, 3, scale=0.1)
+    quantize_model(model, QuantizationConfig("int4", group_size=32))
+    apply_row_kernels(model)
+    calls = []
+    joint, silu = cpu_kernels.small_gemm_rows, cpu_kernels.small_gemm_silu_row
+    monkeypatch.setattr(cpu_kernels, "small_gemm_rows", lambda *a, **k: calls.append("qkv") or joint(*a, **k))
+    monkeypatch.setattr(cpu_kernels, "small_gemm_silu_row", lambda *a, **k: calls.append("mlp") or silu(*a, **k))
+    prompt = torch.tensor([[1, 5, 9, 33, 2, 71]])
+
+    def run():
+        return model.generate(prompt, max_new_tokens=8, eos_token_id=[], pad_token_id=0, output_logits=True,
+                              return_dict_in_generate=True)
+
+    fused = run()
+    assert calls.count("qkv") >= 7 * 3 and calls.count("mlp") >= 7 * 3  # 3 self-attention layers, 7 steps
+    monkeypatch.setattr(KernelTextSelfAttention, "project", TextSelfAttention.project)
+    monkeypatch.setattr(KernelTextMLP, "gated", TextMLP.gated)
+    calls.clear()
+    plain = run()
+    assert not calls
+    assert torch.equal(fused.sequences, plain.sequences)
+    for a, b in zip(fused.logits, plain.logits):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)

@@ -108,14 +108,28 @@ class _QuantizedLinear(nn.Module):
         return (x.is_contiguous() and not torch.compiler.is_compiling() and self._on_cpu_kernels(x)
                 and all(t.is_contiguous() for t in self._weights()))
 
+    def _joins(self, others: list[nn.Module], x: torch.Tensor) -> bool:
+        """Whether one kernel call can take x, one bf16 row, against this weight and `others` together: each
+        would take _one_row, all quantized alike, none with a bias."""
+        if x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features or x.numel() != self.in_features:
+            return False
+        return all(type(m) is type(self) and m.bias is None and m.in_features == self.in_features
+                   and m.group_size == self.group_size and m.weight_scale.dtype == self.weight_scale.dtype
+                   and m._takes_row(x) for m in (self, *others))
+
+    def products_with(self, others: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
+        """self(x), then each of others(x), in one kernel call for one bf16 row x (self-attention's q, k and
+        v: cpu_kernels.small_gemm_rows, each output the bits of its own call) where _joins; else None."""
+        if not self._joins(others, x):
+            return None
+        return cpu_kernels.small_gemm_rows(x, self.mode, [m._weights() for m in (self, *others)],
+                                           group_size=self.group_size)
+
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x, where both
-        would take _one_row and `up` is quantized as this one is, without a bias
-        (cpu_kernels.small_gemm_silu_row: F.silu and the product's roundings, e^x aside); None otherwise."""
-        if (type(up) is not type(self) or self.bias is not None or up.bias is not None or x.dtype != torch.bfloat16
-                or x.shape[-1] != self.in_features or x.numel() != self.in_features or up.in_features != self.in_features
-                or up.out_features != self.out_features or up.group_size != self.group_size
-                or up.weight_scale.dtype != self.weight_scale.dtype or not self._takes_row(x) or not up._takes_row(x)):
+        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x where _joins
+        and both have as many outputs (cpu_kernels.small_gemm_silu_row: F.silu and the product's
+        roundings, e^x aside); else None."""
+        if up.out_features != self.out_features or not self._joins([up], x):
             return None
         return cpu_kernels.small_gemm_silu_row(x, self.mode, self._weights(), up._weights(), group_size=self.group_size)
 

@@ -789,6 +789,31 @@ static float *widen_row(const uint16_t *x, int64_t k_in, int64_t k) {
     return xf;
 }
 
+/* One bf16 row of x against `count` weights of one format (self-attention's q, k and v), each as
+ * mllama_gemm_small_row_bf16 takes it, with n[i] outputs -> their outputs one after another in `out`
+ * (n[0] + n[1] + ... bf16 values), each the bits of mllama_gemm_small_row_bf16's: one call for the
+ * three, x widened once. */
+__attribute__((target("avx2,fma")))
+int mllama_gemm_small_rows_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t k, int count, const int64_t *n,
+                                const void *const *w, const void *const *scale, const void *const *offset,
+                                int scale_bf16, int64_t group, uint16_t *out, int threads, int level) {
+    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || count < 1) return -1;
+    int64_t total = 0;
+    for (int i = 0; i < count; i++) {
+        if (n[i] < 1) return -1;
+        total += n[i];
+    }
+    float *xf = widen_row(x, k_in, k), *sums = malloc((size_t)total * sizeof *sums);
+    int rc = xf && sums ? 0 : -1;
+    for (int64_t i = 0, at = 0; rc == 0 && i < count; at += n[i], i++)
+        rc = mllama_gemm_small(fmt, xf, 1, n[i], k, w[i], scale[i], offset[i], scale_bf16, group, sums + at,
+                               threads, level);
+    if (rc == 0) round_row_bf16(sums, total, out);
+    free(xf);
+    free(sums);
+    return rc;
+}
+
 /* One bf16 row of x (k_in values; int4 rows padded with zeros to k) -> n bf16 outputs: mllama_gemm_small
  * with m = 1 and its float32 output rounded by bf16_bits8, the same bits as torch's .to(bfloat16) of it.
  * A decode step's call: the conversions around it, in torch, had cost each call as much as a small
@@ -797,14 +822,8 @@ __attribute__((target("avx2,fma")))
 int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
                                const void *scale, const void *offset, int scale_bf16, int64_t group,
                                uint16_t *out, int threads, int level) {
-    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || n < 1) return -1;
-    float *xf = widen_row(x, k_in, k), *of = malloc((size_t)n * sizeof *of);
-    int rc = -1;
-    if (xf && of) rc = mllama_gemm_small(fmt, xf, 1, n, k, w, scale, offset, scale_bf16, group, of, threads, level);
-    if (rc == 0) round_row_bf16(of, n, out);
-    free(xf);
-    free(of);
-    return rc;
+    return mllama_gemm_small_rows_bf16(fmt, x, k_in, k, 1, &n, &w, &scale, &offset, scale_bf16, group, out,
+                                       threads, level);
 }
 
 /* 8 floats rounded to bf16 (nearest even) and widened back; NaN kept. */
