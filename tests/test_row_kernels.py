@@ -318,3 +318,19 @@ def test_quantized_decode_through_the_joint_calls_matches_the_plain_route(monkey
     assert torch.equal(fused.sequences, plain.sequences)
     for a, b in zip(fused.logits, plain.logits):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+
+
+@needs_quant
+def test_joint_calls_compile_into_one_graph():
+    """Under torch.compile (fullgraph) the joint calls step aside for the linears' own custom ops: q, k, v
+    the eager joint call's bits, gate/up/silu within a bf16 step of it."""
+    attention = _quantized_attention("int4", 32, seed=5)
+    mlp = _quantized_mlp("int4", 64, 96, group_size=32, seed=5)
+    x = torch.randn(1, 1, 64).bfloat16()
+    with torch.no_grad():
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda rows: (*attention.project(rows), mlp.gated(rows)), fullgraph=True)(x)
+        eager = (*attention.project(x), mlp.gated(x))
+    for got, want in zip(compiled[:3], eager[:3]):
+        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
+    assert (compiled[3].view(torch.int16).int() - eager[3].view(torch.int16).int()).abs().max() <= 1

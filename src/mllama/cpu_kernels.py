@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from mllama.host_memory import fresh_zeros
 from mllama.kernel_cache import build_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
@@ -568,12 +569,13 @@ _scratch = threading.local()
 
 def _scratch_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
     """A (rows, k) buffer of this thread's, kept between calls (memory a process has not touched yet
-    faults in a page at a time, slower than the dequantization that fills it); grown as needed, at most
-    about PREFILL_BLOCK_BYTES (or one 16-row block) a thread and dtype."""
+    faults in a page at a time, slower than the dequantization that fills it) and on huge pages where
+    the OS grants them (host_memory.fresh_zeros: fewer TLB misses for the GEMM that reads it); grown as
+    needed, at most about PREFILL_BLOCK_BYTES (or one 16-row block) a thread and dtype."""
     buffers = _scratch.__dict__.setdefault("buffers", {})
     flat = buffers.get(dtype)
     if flat is None or flat.numel() < rows * k:
-        flat = buffers[dtype] = torch.empty(rows * k, dtype=dtype)
+        flat = buffers[dtype] = fresh_zeros((rows * k,), dtype)
     return flat[:rows * k].view(rows, k)
 
 
