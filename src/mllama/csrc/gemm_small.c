@@ -789,27 +789,39 @@ static float *widen_row(const uint16_t *x, int64_t k_in, int64_t k) {
     return xf;
 }
 
-/* One bf16 row of x against `count` weights of one format (self-attention's q, k and v), each as
- * mllama_gemm_small_row_bf16 takes it, with n[i] outputs -> their outputs one after another in `out`
- * (n[0] + n[1] + ... bf16 values), each the bits of mllama_gemm_small_row_bf16's: one call for the
- * three, x widened once. */
+/* One bf16 row of x (k_in values; int4 rows padded with zeros to k) against `count` weights of one
+ * format, each as mllama_gemm_small takes it, with n[i] outputs -> their float32 sums one after another
+ * in `sums`, x widened once. Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+__attribute__((target("avx2,fma")))
+static int row_sums(int fmt, const uint16_t *x, int64_t k_in, int64_t k, int count, const int64_t *n,
+                    const void *const *w, const void *const *scale, const void *const *offset, int scale_bf16,
+                    int64_t group, float *sums, int threads, int level) {
+    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || count < 1) return -1;
+    float *xf = widen_row(x, k_in, k);
+    int rc = xf ? 0 : -1;
+    for (int64_t i = 0, at = 0; rc == 0 && i < count; at += n[i], i++)
+        rc = mllama_gemm_small(fmt, xf, 1, n[i], k, w[i], scale[i], offset[i], scale_bf16, group, sums + at,
+                               threads, level);
+    free(xf);
+    return rc;
+}
+
+/* One bf16 row of x against `count` weights of one format (self-attention's q, k and v: one call for
+ * the three), each as mllama_gemm_small_row_bf16 takes it, with n[i] outputs -> their outputs one after
+ * another in `out` (n[0] + n[1] + ... bf16 values), each the bits of mllama_gemm_small_row_bf16's. */
 __attribute__((target("avx2,fma")))
 int mllama_gemm_small_rows_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t k, int count, const int64_t *n,
                                 const void *const *w, const void *const *scale, const void *const *offset,
                                 int scale_bf16, int64_t group, uint16_t *out, int threads, int level) {
-    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || count < 1) return -1;
     int64_t total = 0;
     for (int i = 0; i < count; i++) {
         if (n[i] < 1) return -1;
         total += n[i];
     }
-    float *xf = widen_row(x, k_in, k), *sums = malloc((size_t)total * sizeof *sums);
-    int rc = xf && sums ? 0 : -1;
-    for (int64_t i = 0, at = 0; rc == 0 && i < count; at += n[i], i++)
-        rc = mllama_gemm_small(fmt, xf, 1, n[i], k, w[i], scale[i], offset[i], scale_bf16, group, sums + at,
-                               threads, level);
+    float *sums = malloc((size_t)total * sizeof *sums);
+    const int rc = sums ? row_sums(fmt, x, k_in, k, count, n, w, scale, offset, scale_bf16, group, sums, threads,
+                                   level) : -1;
     if (rc == 0) round_row_bf16(sums, total, out);
-    free(xf);
     free(sums);
     return rc;
 }
@@ -891,18 +903,13 @@ int mllama_gemm_small_silu_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_
                                 const void *w_gate, const void *scale_gate, const void *offset_gate,
                                 const void *w_up, const void *scale_up, const void *offset_up, int scale_bf16,
                                 int64_t group, uint16_t *out, int threads, int level) {
-    if (k_in < 1 || k_in > k || (fmt != FMT_INT4 && k_in != k) || n < 1) return -1;
-    float *xf = widen_row(x, k_in, k), *sums = malloc((size_t)(2 * n) * sizeof *sums);
-    int rc = -1;
-    if (xf && sums) {
-        rc = mllama_gemm_small(fmt, xf, 1, n, k, w_gate, scale_gate, offset_gate, scale_bf16, group, sums,
-                               threads, level);
-        if (rc == 0)
-            rc = mllama_gemm_small(fmt, xf, 1, n, k, w_up, scale_up, offset_up, scale_bf16, group, sums + n,
-                                   threads, level);
-    }
+    if (n < 1) return -1;
+    const int64_t ns[2] = {n, n};
+    const void *ws[2] = {w_gate, w_up}, *scales[2] = {scale_gate, scale_up}, *offsets[2] = {offset_gate, offset_up};
+    float *sums = malloc((size_t)(2 * n) * sizeof *sums);
+    const int rc = sums ? row_sums(fmt, x, k_in, k, 2, ns, ws, scales, offsets, scale_bf16, group, sums, threads,
+                                   level) : -1;
     if (rc == 0) silu_product_row(sums, sums + n, n, out);
-    free(xf);
     free(sums);
     return rc;
 }
