@@ -249,49 +249,10 @@ def test_quantized_mlp_takes_the_plain_route_where_one_call_does_not_fit(monkeyp
 
 
 
-def _quantized_attention(mode: str, group: int, *, seed: int = 0) -> KernelTextSelfAttention:
-    attention = TextSelfAttention(tiny_config("a").text_config).bfloat16()
-    randomize_(attention, seed)
-    quantize_model(torch.nn.Sequential(attention), QuantizationConfig(mode, group_size=group))
-    return apply_row_kernels(attention)
-
-
 @needs_quant
-@pytest.mark.parametrize("mode,group", [("int8", 64), ("int4", 32), ("int4", 64)])
-def test_quantized_q_k_v_in_one_call(mode, group, monkeypatch):
-    """One bf16 row: KernelTextSelfAttention.project takes cpu_kernels.small_gemm_rows and gives each
-    projection the bits of its own call; two rows, a hook on v_proj or a k_proj quantized otherwise take
-    the three calls."""
-    attention = _quantized_attention(mode, group, seed=group)
-    calls = []
-    joint = cpu_kernels.small_gemm_rows
-    monkeypatch.setattr(cpu_kernels, "small_gemm_rows", lambda *a, **k: calls.append(1) or joint(*a, **k))
-    gen = torch.Generator().manual_seed(group)
-    with torch.no_grad():
-        for scale in (0.01, 1.0, 1e3):
-            x = (torch.randn(1, 1, 64, generator=gen) * scale).bfloat16()
-            got, want = attention.project(x), TextSelfAttention.project(attention, x)
-            assert [t.shape for t in got] == [(1, 1, 64), (1, 1, 16), (1, 1, 16)]
-            for a, b in zip(got, want):
-                assert torch.equal(a.view(torch.int16), b.view(torch.int16))
-        assert len(calls) == 3
-        two = torch.randn(1, 2, 64, generator=gen).bfloat16()
-        assert all(torch.equal(a, b) for a, b in zip(attention.project(two), TextSelfAttention.project(attention, two)))
-        seen = []
-        handle = attention.v_proj.register_forward_hook(lambda *args: seen.append(1))
-        attention.project(x)
-        handle.remove()
-        other = _quantized_attention("int4", 64 if group == 32 else 32)
-        attention.k_proj = other.k_proj
-        mixed = attention.project(x)
-        assert all(torch.equal(a, b) for a, b in zip(mixed, TextSelfAttention.project(attention, x)))
-    assert seen == [1] and len(calls) == 3, "none of these took the joint call"
-
-
-@needs_quant
-def test_quantized_decode_through_the_joint_calls_matches_the_plain_route(monkeypatch):
-    """A tiny int4 model generating greedily: with q/k/v and gate/up/silu in joint calls, the tokens of the
-    plain route (each linear alone, torch's silu) and logits within a bf16 step's effect."""
+def test_quantized_decode_through_the_joint_mlp_call_matches_the_plain_route(monkeypatch):
+    """A tiny int4 model generating greedily: with gate, up and silu in one call, the tokens of the plain
+    route (each linear alone, torch's silu) and logits within a bf16 step's effect."""
     from mllama.model import MllamaForCausalLM
 
     model = MllamaForCausalLM(tiny_config("a").text_config).bfloat16().eval()
@@ -299,8 +260,7 @@ def test_quantized_decode_through_the_joint_calls_matches_the_plain_route(monkey
     quantize_model(model, QuantizationConfig("int4", group_size=32))
     apply_row_kernels(model)
     calls = []
-    joint, silu = cpu_kernels.small_gemm_rows, cpu_kernels.small_gemm_silu_row
-    monkeypatch.setattr(cpu_kernels, "small_gemm_rows", lambda *a, **k: calls.append("qkv") or joint(*a, **k))
+    silu = cpu_kernels.small_gemm_silu_row
     monkeypatch.setattr(cpu_kernels, "small_gemm_silu_row", lambda *a, **k: calls.append("mlp") or silu(*a, **k))
     prompt = torch.tensor([[1, 5, 9, 33, 2, 71]])
 
@@ -309,8 +269,7 @@ def test_quantized_decode_through_the_joint_calls_matches_the_plain_route(monkey
                               return_dict_in_generate=True)
 
     fused = run()
-    assert calls.count("qkv") >= 7 * 3 and calls.count("mlp") >= 7 * 3  # 3 self-attention layers, 7 steps
-    monkeypatch.setattr(KernelTextSelfAttention, "project", TextSelfAttention.project)
+    assert calls.count("mlp") >= 7 * 3  # 3 self-attention layers (their MLPs), 7 decode steps
     monkeypatch.setattr(KernelTextMLP, "gated", TextMLP.gated)
     calls.clear()
     plain = run()
@@ -321,16 +280,13 @@ def test_quantized_decode_through_the_joint_calls_matches_the_plain_route(monkey
 
 
 @needs_quant
-def test_joint_calls_compile_into_one_graph():
-    """Under torch.compile (fullgraph) the joint calls step aside for the linears' own custom ops: q, k, v
-    the eager joint call's bits, gate/up/silu within a bf16 step of it."""
-    attention = _quantized_attention("int4", 32, seed=5)
+def test_joint_mlp_call_compiles_into_one_graph():
+    """Under torch.compile (fullgraph) the joint call steps aside for the linears' own custom ops and
+    torch's silu: within a bf16 step of the eager joint call."""
     mlp = _quantized_mlp("int4", 64, 96, group_size=32, seed=5)
     x = torch.randn(1, 1, 64).bfloat16()
     with torch.no_grad():
         torch._dynamo.reset()
-        compiled = torch.compile(lambda rows: (*attention.project(rows), mlp.gated(rows)), fullgraph=True)(x)
-        eager = (*attention.project(x), mlp.gated(x))
-    for got, want in zip(compiled[:3], eager[:3]):
-        assert torch.equal(got.view(torch.int16), want.view(torch.int16))
-    assert (compiled[3].view(torch.int16).int() - eager[3].view(torch.int16).int()).abs().max() <= 1
+        compiled = torch.compile(mlp.gated, fullgraph=True)(x)
+        eager = mlp.gated(x)
+    assert (compiled.view(torch.int16).int() - eager.view(torch.int16).int()).abs().max() <= 1

@@ -92,11 +92,8 @@ class TextSelfAttention(_Projections):
                 cache: KVWindow | None = None, layer_idx: int = 0) -> torch.Tensor:
         """x (B, S, hidden); mask bool (B, 1, S, T) over the keys the cache window reads, or None for
         plain causal attention over x alone (nothing cached before it)."""
-        return self.o_proj(self._attend(*self.project(x), cos, sin, mask, cache, layer_idx))
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k, v projections of x (B, S, hidden); a kernel backend overrides it (mllama.row_kernels)."""
-        return self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        return self.o_proj(self._attend(self.q_proj(x), self.k_proj(x), self.v_proj(x), cos, sin, mask, cache,
+                                        layer_idx))
 
     def forward_parts(self, xs: list[torch.Tensor], rope: list[tuple[torch.Tensor, torch.Tensor]],
                       masks: list[torch.Tensor | None], caches: list[KVWindow], *, layer_idx: int) -> list[torch.Tensor]:

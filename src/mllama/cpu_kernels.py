@@ -100,12 +100,6 @@ def _load() -> None:
                                                   + [ctypes.c_void_p] * 6 + [ctypes.c_int, ctypes.c_int64,
                                                                              ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     small.mllama_gemm_small_silu_bf16.restype = ctypes.c_int
-    pointers = ctypes.POINTER(ctypes.c_void_p)
-    small.mllama_gemm_small_rows_bf16.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 2
-                                                  + [ctypes.c_int, ctypes.POINTER(ctypes.c_int64)] + [pointers] * 3
-                                                  + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                                                     ctypes.c_int])
-    small.mllama_gemm_small_rows_bf16.restype = ctypes.c_int
     small.mllama_dequant_int4.argtypes = ([ctypes.c_void_p] * 3 + [ctypes.c_int] + [ctypes.c_int64] * 4
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int4.restype = ctypes.c_int
@@ -406,27 +400,6 @@ def small_gemm_row(row: torch.Tensor, fmt: str, weight: torch.Tensor, scale: tor
         raise ValueError(f"small_gemm_row: the kernel refused a row of {k} features against a {fmt} weight of "
                          f"shape {tuple(weight.shape)} (group size {group_size})")
     return out
-
-
-def small_gemm_rows(row: torch.Tensor, fmt: str, weights: list[tuple[torch.Tensor, ...]], *, group_size: int = 0,
-                    level: int | None = None) -> list[torch.Tensor]:
-    """One row against several weights of one format and scale dtype in one C call (self-attention's
-    q, k and v): each of `weights` (weight, scale[, offset]) as small_gemm_row takes it -> their
-    (..., N_i) bf16 products, small_gemm_row's bits (views into one buffer)."""
-    level = _row_level(level)
-    k, count = row.shape[-1], len(weights)
-    sizes = [w[0].shape[0] for w in weights]
-    out = torch.empty(*row.shape[:-1], sum(sizes), dtype=torch.bfloat16)
-    columns = [_pointers(*w) for w in weights]
-    table = [(ctypes.c_void_p * count)(*column) for column in zip(*columns)]  # weights, scales, offsets
-    rc = _small.mllama_gemm_small_rows_bf16(_FORMATS[fmt], row.data_ptr(), k, _row_length(fmt, weights[0][0]), count,
-                                            (ctypes.c_int64 * count)(*sizes), *table,
-                                            weights[0][1].dtype == torch.bfloat16, group_size, out.data_ptr(),
-                                            torch.get_num_threads(), level)
-    if rc != 0:
-        raise ValueError(f"small_gemm_rows: the kernel refused a row of {k} features against {fmt} weights of "
-                         f"shapes {[tuple(w[0].shape) for w in weights]} (group size {group_size})")
-    return list(out.split(sizes, dim=-1))
 
 
 def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, ...], up: tuple[torch.Tensor, ...], *,

@@ -117,14 +117,6 @@ class _QuantizedLinear(nn.Module):
                    and m.group_size == self.group_size and m.weight_scale.dtype == self.weight_scale.dtype
                    and m._takes_row(x) for m in (self, *others))
 
-    def products_with(self, others: list[nn.Module], x: torch.Tensor) -> list[torch.Tensor] | None:
-        """self(x), then each of others(x), in one kernel call for one bf16 row x (self-attention's q, k and
-        v: cpu_kernels.small_gemm_rows, each output the bits of its own call) where _joins; else None."""
-        if not self._joins(others, x):
-            return None
-        return cpu_kernels.small_gemm_rows(x, self.mode, [m._weights() for m in (self, *others)],
-                                           group_size=self.group_size)
-
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x where _joins
         and both have as many outputs (cpu_kernels.small_gemm_silu_row: F.silu and the product's

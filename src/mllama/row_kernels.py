@@ -1,7 +1,6 @@
-"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, and one call for self-attention's q, k
-and v and for an MLP's gate and up with silu where the linears offer it (quantized ones:
-csrc/gemm_small.c), applied to a built model by swapping modules (`apply_row_kernels`;
-linear.apply_cpu_kernels calls it).
+"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, and an MLP's gate and up with silu in
+one call where its linears offer it (quantized ones: csrc/gemm_small.c), applied to a built model by
+swapping modules (`apply_row_kernels`; linear.apply_cpu_kernels calls it).
 
 The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
 step each op comes right after a weight matrix has streamed through every cache, and then costs tens
@@ -75,18 +74,7 @@ class KernelRMSNorm(RMSNorm):
 
 class KernelTextSelfAttention(TextSelfAttention):
     """TextSelfAttention whose RoPE of bf16 CPU q and k (outside autograd) takes cpu_kernels.rope_bf16
-    (mllama::rope_bf16 under torch.compile): the same bits as apply_rotary; and whose q, k and v take one
-    call where q_proj offers `products_with([k_proj, v_proj], x)` (quantized linears, one bf16 row:
-    mllama.quantize; the bits of three calls) and no hooks watch them."""
-
-    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        joint = getattr(self.q_proj, "products_with", None)
-        if joint is not None and _without_hooks(self.q_proj, self.k_proj, self.v_proj):
-            out = joint([self.k_proj, self.v_proj], x)
-            if out is not None:
-                q, k, v = out
-                return q, k, v
-        return super().project(x)
+    (mllama::rope_bf16 under torch.compile): the same bits as apply_rotary."""
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -119,7 +107,7 @@ _SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, Te
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:
     """Give every plain RMSNorm, TextSelfAttention and TextMLP of `model` its kernel class, in place (the
-    same modules, parameters and hooks: only forward / rotate / project / gated differ); returns `model`.
+    same modules, parameters and hooks: only forward / rotate / gated differ); returns `model`.
     Harmless where the kernels do not run (float32, GPU, training): the base classes' code then."""
     for module in model.modules():
         swapped = _SWAPS.get(type(module))

@@ -791,7 +791,8 @@ static float *widen_row(const uint16_t *x, int64_t k_in, int64_t k) {
 
 /* One bf16 row of x (k_in values; int4 rows padded with zeros to k) against `count` weights of one
  * format, each as mllama_gemm_small takes it, with n[i] outputs -> their float32 sums one after another
- * in `sums`, x widened once. Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+ * in `sums`, x widened once (an MLP's gate and up in one call). Returns 0, or -1 for arguments the
+ * kernel does not take (or no memory). */
 __attribute__((target("avx2,fma")))
 static int row_sums(int fmt, const uint16_t *x, int64_t k_in, int64_t k, int count, const int64_t *n,
                     const void *const *w, const void *const *scale, const void *const *offset, int scale_bf16,
@@ -806,26 +807,6 @@ static int row_sums(int fmt, const uint16_t *x, int64_t k_in, int64_t k, int cou
     return rc;
 }
 
-/* One bf16 row of x against `count` weights of one format (self-attention's q, k and v: one call for
- * the three), each as mllama_gemm_small_row_bf16 takes it, with n[i] outputs -> their outputs one after
- * another in `out` (n[0] + n[1] + ... bf16 values), each the bits of mllama_gemm_small_row_bf16's. */
-__attribute__((target("avx2,fma")))
-int mllama_gemm_small_rows_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t k, int count, const int64_t *n,
-                                const void *const *w, const void *const *scale, const void *const *offset,
-                                int scale_bf16, int64_t group, uint16_t *out, int threads, int level) {
-    int64_t total = 0;
-    for (int i = 0; i < count; i++) {
-        if (n[i] < 1) return -1;
-        total += n[i];
-    }
-    float *sums = malloc((size_t)total * sizeof *sums);
-    const int rc = sums ? row_sums(fmt, x, k_in, k, count, n, w, scale, offset, scale_bf16, group, sums, threads,
-                                   level) : -1;
-    if (rc == 0) round_row_bf16(sums, total, out);
-    free(sums);
-    return rc;
-}
-
 /* One bf16 row of x (k_in values; int4 rows padded with zeros to k) -> n bf16 outputs: mllama_gemm_small
  * with m = 1 and its float32 output rounded by bf16_bits8, the same bits as torch's .to(bfloat16) of it.
  * A decode step's call: the conversions around it, in torch, had cost each call as much as a small
@@ -834,8 +815,13 @@ __attribute__((target("avx2,fma")))
 int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
                                const void *scale, const void *offset, int scale_bf16, int64_t group,
                                uint16_t *out, int threads, int level) {
-    return mllama_gemm_small_rows_bf16(fmt, x, k_in, k, 1, &n, &w, &scale, &offset, scale_bf16, group, out,
-                                       threads, level);
+    if (n < 1) return -1;
+    float *sums = malloc((size_t)n * sizeof *sums);
+    const int rc = sums ? row_sums(fmt, x, k_in, k, 1, &n, &w, &scale, &offset, scale_bf16, group, sums, threads,
+                                   level) : -1;
+    if (rc == 0) round_row_bf16(sums, n, out);
+    free(sums);
+    return rc;
 }
 
 /* 8 floats rounded to bf16 (nearest even) and widened back; NaN kept. */
