@@ -407,7 +407,7 @@ def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, .
     """An MLP's silu(gate(row)) * up(row) in one C call: `gate` and `up` each (weight, scale[, offset]) as
     small_gemm_row takes them, of one format, shape and scale dtype -> (..., N) bf16: the bits of
     F.silu(small_gemm_row(row, *gate)) * small_gemm_row(row, *up) but where csrc/gemm_small.c's e^x and
-    torch's put a silu on two sides of a bf16 rounding (one bf16 step, a few outputs in 10^5)."""
+    torch's put a silu on two sides of a bf16 rounding (one bf16 step; rare, see row_kernels)."""
     level = _row_level(level)
     k, n = row.shape[-1], gate[0].shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)

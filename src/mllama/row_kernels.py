@@ -7,8 +7,8 @@ step each op comes right after a weight matrix has streamed through every cache,
 of microseconds whatever its size; one C call does the same arithmetic (benchmarks/RESULTS.md). RoPE
 gives torch's bits (elementwise, the same roundings). RMSNorm sums its squares in one fixed order for
 every row count, so a batch's rows equal the same rows alone; torch's reduction may differ from it
-in the last bit of a sum. The MLP's silu takes e^x of its own (a bf16 step apart from torch's in a few
-outputs in 10^5).
+in the last bit of a sum. The MLP's silu takes e^x of its own: a bf16 step from torch's where a silu
+lies within a few float ulps of a bf16 rounding (none of 286,720 outputs measured, RESULTS.md).
 """
 
 from __future__ import annotations

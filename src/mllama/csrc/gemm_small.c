@@ -862,8 +862,8 @@ static inline __m256 exp8(__m256 x) {
 
 /* silu(g) * u of n float32 sums g, u as the model's bf16 ops round them: g and u to bf16, silu in
  * float32 as torch's (g / (1 + e^-g)) to bf16, their product in float32 to bf16. torch's e^x is within
- * 1 ulp, exp8 a few: a silu lands on the other side of a bf16 rounding boundary from torch's in a few
- * outputs in 10^5 (one bf16 step). */
+ * 1 ulp, exp8 a few: where a silu lies that close to a bf16 rounding boundary it can round the other
+ * way from torch's (one bf16 step; none of 286,720 outputs in benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
 static void silu_product_row(const float *g, const float *u, int64_t n, uint16_t *out) {
     for (int64_t i = 0; i < n; i += 8) {
