@@ -497,7 +497,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     n = packed.shape[0]
     out = _output(out, (n, in_features), dtype)
     rc = _small.mllama_dequant_int4(packed.data_ptr(), scale.data_ptr(), offset.data_ptr(),
-                                    int(scale.dtype == torch.bfloat16), n, packed.shape[1] * 2, group_size,
+                                    int(scale.dtype == torch.bfloat16), n, _row_length("int4", packed), group_size,
                                     in_features, out.data_ptr(), int(dtype == torch.bfloat16),
                                     torch.get_num_threads(), level)
     if rc != 0:
@@ -626,7 +626,7 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
             and amx_int4_tiles(packed.shape[0], group_size)):  # as eager Int4Linear: the same bits
         out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     elif x.dtype == torch.bfloat16 and fused_quant_rows("int4", x.shape[:-1].numel(), group_size=group_size,
-                                                         k_row=packed.shape[1] * 2):
+                                                         k_row=_row_length("int4", packed)):
         out = quant_gemv(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)

@@ -75,11 +75,6 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         return emb.cos().to(dtype), emb.sin().to(dtype)
 
-    def table(self, length: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin (length, head_dim) for positions 0..length-1: the same values `forward` computes,
-        so a decode step can index them instead of recomputing."""
-        return self(torch.arange(length, device=self.inv_freq.device), dtype)
-
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotate (B, H, S, D) queries or keys; half-split layout (the HF checkpoints' q/k permutation)."""

@@ -254,11 +254,14 @@ class Int4Linear(_QuantizedLinear):
         self._init_bias(bias, dtype, device)
 
     def _fused_rows(self, rows: int) -> bool:
-        return cpu_kernels.fused_quant_rows("int4", rows, group_size=self.group_size,
-                                            k_row=self.weight_packed.shape[1] * 2)
+        return cpu_kernels.fused_quant_rows("int4", rows, group_size=self.group_size, k_row=self._k_row())
 
     def _outruns_gemm(self, rows: int) -> bool:  # gemm_small.c's 512-bit int4 tiles do, up to 32 rows
-        return self._fused_rows(rows) or cpu_kernels.int4_tile512(self.group_size, self.weight_packed.shape[1] * 2)
+        return self._fused_rows(rows) or cpu_kernels.int4_tile512(self.group_size, self._k_row())
+
+    def _k_row(self) -> int:
+        """Values in a stored row: in_features padded to whole groups."""
+        return self.weight_packed.shape[1] * 2
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         return self.weight_packed, self.weight_scale, self.weight_offset
