@@ -186,7 +186,7 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
     rows_ok = m >= 1 if tiles else 2 <= m <= MAX_AMX_ROWS
     if not amx_available() or not rows_ok or k % 32 or x.dtype != torch.bfloat16:
         return None
-    k_row = _row_length(fmt, weight)
+    k_row = row_length(fmt, weight)
     scale_bf16 = _scales_bf16(scale, offset)
     if scale_bf16 is None:
         return None
@@ -361,7 +361,7 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
         raise RuntimeError(f"kernel level {level} not available (this CPU: {_small_level})")
     m, k = rows.shape
     n = weight.shape[0]
-    k_row = _row_length(fmt, weight)
+    k_row = row_length(fmt, weight)
     if not 1 <= m <= MAX_QUANT_ROWS or k > k_row or (fmt != "int4" and k != k_row):
         raise ValueError(f"small_gemm: {m} rows of {k} features against a {fmt} weight of shape {tuple(weight.shape)}")
     m_pad = m if m == 1 else m + m % 2  # the kernel tiles rows in pairs and fours
@@ -393,7 +393,7 @@ def small_gemm_row(row: torch.Tensor, fmt: str, weight: torch.Tensor, scale: tor
     level = _row_level(level)
     k, n = row.shape[-1], weight.shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
-    rc = _small.mllama_gemm_small_row_bf16(_FORMATS[fmt], row.data_ptr(), k, n, _row_length(fmt, weight),
+    rc = _small.mllama_gemm_small_row_bf16(_FORMATS[fmt], row.data_ptr(), k, n, row_length(fmt, weight),
                                            *_pointers(weight, scale, offset), scale.dtype == torch.bfloat16,
                                            group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
@@ -411,7 +411,7 @@ def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, .
     level = _row_level(level)
     k, n = row.shape[-1], gate[0].shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
-    rc = _small.mllama_gemm_small_silu_bf16(_FORMATS[fmt], row.data_ptr(), k, n, _row_length(fmt, gate[0]),
+    rc = _small.mllama_gemm_small_silu_bf16(_FORMATS[fmt], row.data_ptr(), k, n, row_length(fmt, gate[0]),
                                             *_pointers(*gate), *_pointers(*up), gate[1].dtype == torch.bfloat16,
                                             group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
@@ -427,7 +427,7 @@ def _row_level(level: int | None) -> int:
     return level
 
 
-def _row_length(fmt: str, weight: torch.Tensor) -> int:
+def row_length(fmt: str, weight: torch.Tensor) -> int:
     """Values in a stored weight row (int4: two a byte, the row padded to whole groups)."""
     return weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
 
@@ -460,7 +460,7 @@ def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     any batch. None where it does not run: no AVX-512 BF16, M outside 1..MAX_AVX512_ROWS, x not bf16,
     a group that does not divide the kernel's chunk of 1024 values."""
     m, k = rows.shape
-    k_row = _row_length(fmt, weight)
+    k_row = row_length(fmt, weight)
     if (not quant_kernels_available() or _level != 2 or rows.dtype != torch.bfloat16 or not 1 <= m <= MAX_AVX512_ROWS
             or (fmt == "int4" and (group_size < 32 or 1024 % group_size))):
         return None
@@ -497,7 +497,7 @@ def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, offset: torch.Ten
     n = packed.shape[0]
     out = _output(out, (n, in_features), dtype)
     rc = _small.mllama_dequant_int4(packed.data_ptr(), scale.data_ptr(), offset.data_ptr(),
-                                    int(scale.dtype == torch.bfloat16), n, _row_length("int4", packed), group_size,
+                                    int(scale.dtype == torch.bfloat16), n, row_length("int4", packed), group_size,
                                     in_features, out.data_ptr(), int(dtype == torch.bfloat16),
                                     torch.get_num_threads(), level)
     if rc != 0:
@@ -626,7 +626,7 @@ def _linear_int4(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, off
             and amx_int4_tiles(packed.shape[0], group_size)):  # as eager Int4Linear: the same bits
         out = amx_product(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     elif x.dtype == torch.bfloat16 and fused_quant_rows("int4", x.shape[:-1].numel(), group_size=group_size,
-                                                         k_row=_row_length("int4", packed)):
+                                                         k_row=row_length("int4", packed)):
         out = quant_gemv(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)
     if out is None:
         out = small_gemm(x.reshape(-1, k), "int4", packed, scale, offset, group_size=group_size)

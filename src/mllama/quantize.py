@@ -108,20 +108,15 @@ class _QuantizedLinear(nn.Module):
         return (x.is_contiguous() and not torch.compiler.is_compiling() and self._on_cpu_kernels(x)
                 and all(t.is_contiguous() for t in self._weights()))
 
-    def _joins(self, others: list[nn.Module], x: torch.Tensor) -> bool:
-        """Whether one kernel call can take x, one bf16 row, against this weight and `others` together: each
-        would take _one_row, all quantized alike, none with a bias."""
-        if x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features or x.numel() != self.in_features:
-            return False
-        return all(type(m) is type(self) and m.bias is None and m.in_features == self.in_features
-                   and m.group_size == self.group_size and m.weight_scale.dtype == self.weight_scale.dtype
-                   and m._takes_row(x) for m in (self, *others))
-
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x where _joins
-        and both have as many outputs (cpu_kernels.small_gemm_silu_row: F.silu and the product's
-        roundings, e^x aside); else None."""
-        if up.out_features != self.out_features or not self._joins([up], x):
+        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x, where both
+        would take _one_row, quantized alike with as many outputs and neither with a bias
+        (cpu_kernels.small_gemm_silu_row: F.silu and the product's roundings, e^x aside); else None."""
+        if (x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features or x.numel() != self.in_features
+                or type(up) is not type(self) or self.bias is not None or up.bias is not None
+                or (up.in_features, up.out_features) != (self.in_features, self.out_features)
+                or up.group_size != self.group_size or up.weight_scale.dtype != self.weight_scale.dtype
+                or not self._takes_row(x) or not up._takes_row(x)):
             return None
         return cpu_kernels.small_gemm_silu_row(x, self.mode, self._weights(), up._weights(), group_size=self.group_size)
 
@@ -254,14 +249,12 @@ class Int4Linear(_QuantizedLinear):
         self._init_bias(bias, dtype, device)
 
     def _fused_rows(self, rows: int) -> bool:
-        return cpu_kernels.fused_quant_rows("int4", rows, group_size=self.group_size, k_row=self._k_row())
+        return cpu_kernels.fused_quant_rows("int4", rows, group_size=self.group_size,
+                                            k_row=cpu_kernels.row_length("int4", self.weight_packed))
 
     def _outruns_gemm(self, rows: int) -> bool:  # gemm_small.c's 512-bit int4 tiles do, up to 32 rows
-        return self._fused_rows(rows) or cpu_kernels.int4_tile512(self.group_size, self._k_row())
-
-    def _k_row(self) -> int:
-        """Values in a stored row: in_features padded to whole groups."""
-        return self.weight_packed.shape[1] * 2
+        return self._fused_rows(rows) or cpu_kernels.int4_tile512(self.group_size,
+                                                                  cpu_kernels.row_length("int4", self.weight_packed))
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         return self.weight_packed, self.weight_scale, self.weight_offset

@@ -729,12 +729,19 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
     return 0;
 }
 
+/* 8 float32's bits plus the nearest-even rounding increment: each high half is the value rounded to bf16
+ * (finite values; a carry into the exponent gives inf as torch's conversion does). */
+__attribute__((target("avx2,fma")))
+static inline __m256i bf16_rounded_bits8(__m256 v) {
+    const __m256i u = _mm256_castps_si256(v);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    return _mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF)));
+}
+
 /* 8 float32 -> 8 bf16, rounded to nearest even (as torch's .to(bfloat16) for finite values). */
 __attribute__((target("avx2,fma")))
 static inline __m128i float8_to_bf16(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+    const __m256i r = _mm256_srli_epi32(bf16_rounded_bits8(v), 16);
     /* (8 x 32-bit, each < 2^16) -> 8 x 16-bit in order */
     return _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
 }
@@ -827,10 +834,7 @@ int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t
 /* 8 floats rounded to bf16 (nearest even) and widened back; NaN kept. */
 __attribute__((target("avx2,fma")))
 static inline __m256 bf16_round8(__m256 v) {
-    const __m256i u = _mm256_castps_si256(v);
-    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))),
-                                       _mm256_set1_epi32((int)0xFFFF0000u));
+    const __m256i r = _mm256_and_si256(bf16_rounded_bits8(v), _mm256_set1_epi32((int)0xFFFF0000u));
     return _mm256_blendv_ps(_mm256_castsi256_ps(r), v, _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
 }
 
@@ -860,23 +864,31 @@ static inline __m256 exp8(__m256 x) {
     return _mm256_blendv_ps(y, x, nan);
 }
 
-/* silu(g) * u of n float32 sums g, u as the model's bf16 ops round them: g and u to bf16, silu in
+/* silu(g) * u of 8 float32 sums g, u as the model's bf16 ops round them: g and u to bf16, silu in
  * float32 as torch's (g / (1 + e^-g)) to bf16, their product in float32 to bf16. torch's e^x is within
  * 1 ulp, exp8 a few: where a silu lies that close to a bf16 rounding boundary it can round the other
  * way from torch's (one bf16 step; none of 286,720 outputs in benchmarks/RESULTS.md). */
 __attribute__((target("avx2,fma")))
+static inline __m128i silu_product8(__m256 g, __m256 u) {
+    const __m256 gb = bf16_round8(g), ub = bf16_round8(u);
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gb));
+    const __m256 silu = bf16_round8(_mm256_div_ps(gb, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
+    return bf16_bits8(_mm256_mul_ps(silu, ub));
+}
+
+/* silu_product8 over n sums of each. */
+__attribute__((target("avx2,fma")))
 static void silu_product_row(const float *g, const float *u, int64_t n, uint16_t *out) {
-    for (int64_t i = 0; i < n; i += 8) {
-        const int64_t take = n - i < 8 ? n - i : 8;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8)
+        _mm_storeu_si128((__m128i *)(out + i), silu_product8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
+    if (i < n) {
         float gs[8] = {0}, us[8] = {0};
         uint16_t bits[8];
-        memcpy(gs, g + i, (size_t)take * sizeof *gs);
-        memcpy(us, u + i, (size_t)take * sizeof *us);
-        const __m256 gb = bf16_round8(_mm256_loadu_ps(gs)), ub = bf16_round8(_mm256_loadu_ps(us));
-        const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gb));
-        const __m256 silu = bf16_round8(_mm256_div_ps(gb, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-        _mm_storeu_si128((__m128i *)bits, bf16_bits8(_mm256_mul_ps(silu, ub)));
-        memcpy(out + i, bits, (size_t)take * sizeof *out);
+        memcpy(gs, g + i, (size_t)(n - i) * sizeof *gs);
+        memcpy(us, u + i, (size_t)(n - i) * sizeof *us);
+        _mm_storeu_si128((__m128i *)bits, silu_product8(_mm256_loadu_ps(gs), _mm256_loadu_ps(us)));
+        memcpy(out + i, bits, (size_t)(n - i) * sizeof *out);
     }
 }
 
