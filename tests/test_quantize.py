@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllama import cpu_kernels
+from mllama import cpu_kernels, cpu_prefill
 from mllama.cli import main as cli_main
 from mllama.linear import cpu_has_native_bf16
 from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
@@ -115,11 +115,12 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
     """Odd shapes: k not a multiple of the group or the 32-value block, n not a multiple of any tile
     (777: past the one-row loops' work items of 256 rows, with 9 left);
     1..32 rows go through the kernel (bf16 x on a CPU with native bf16: fewer), more rows through the
-    blocked dequantize + GEMM, autograd through dequantize + F.linear."""
+    prefill kernel (bf16 x, AVX-512 BF16 without AMX) or the blocked dequantize + GEMM, autograd through
+    dequantize + F.linear."""
     _, q = _quantized_linear(mode, n, k, group_size=group, dtype=dtype, bias=True, seed=3)
     w = _reference_weight(q)
     gen = torch.Generator().manual_seed(n * k)
-    for rows in (1, 2, 3, 4, 5, 16, 17, 32, 33):
+    for rows in (1, 2, 3, 4, 5, 16, 17, 32, 33, 70):
         x = torch.randn(rows, k, generator=gen).to(dtype)
         ref = x.double() @ w.T + q.bias.double()
         bound = 1e-5 * (x.double().abs() @ w.abs().T + q.bias.double().abs()) + 1e-30
@@ -378,6 +379,7 @@ def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
     """Prefill rows dequantize the weight a block of output rows at a time (here 16, the last block
     short) into one buffer; the product equals F.linear over the whole dequantized weight."""
     monkeypatch.setattr(cpu_kernels, "PREFILL_BLOCK_BYTES", 1)  # the smallest block: 16 rows
+    monkeypatch.setattr(cpu_prefill, "takes", lambda *a: False)  # the blocked route on any CPU
     _, q = _quantized_linear(mode, 50, 200, group_size=64, dtype=dtype, bias=True, seed=5)
     blocks = []
     original = type(q)._dequantize_rows
@@ -405,6 +407,7 @@ def test_prefill_buffer_is_kept_per_thread(monkeypatch):
 
     _, q = _quantized_linear("int4", 50, 200, group_size=64, dtype=torch.bfloat16, seed=6)
     monkeypatch.setattr(type(q), "_use_amx", lambda self, x: False)  # the blocked route on any CPU
+    monkeypatch.setattr(cpu_prefill, "takes", lambda *a: False)
     calls = []  # holding each buffer, so a fresh one could not reuse a freed one's address
     original = type(q)._dequantize_rows
     monkeypatch.setattr(type(q), "_dequantize_rows", lambda self, r0, r1, dtype, out=None: calls.append(
@@ -602,17 +605,20 @@ def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, group, k, m
     """On a CPU with AVX-512 BF16 and no AMX, bf16 decode batches of FUSED_MIN_ROWS to MAX_AVX512_ROWS
     rows go through quant_gemv (eager and through the custom op), fewer through gemm_small.c; int4
     rows that gemm_small.c's 512-bit tiles take (groups of 64 in rows padded to 128, groups of 128)
-    from FUSED_MIN_ROWS_INT4_TILE512 rows. Only past MAX_AVX512_ROWS the blocked dequantize + GEMM."""
+    from FUSED_MIN_ROWS_INT4_TILE512 rows. Only past MAX_AVX512_ROWS the prefill kernel (cpu_prefill)."""
     _, q = _quantized_linear(mode, 40, k, group_size=group, dtype=torch.bfloat16, bias=True)
     tile512 = mode == "int4" and cpu_kernels.int4_tile512(group, q.weight_packed.shape[1] * 2)
     assert tile512 == (mode == "int4" and group >= 64)  # 96 values padded to 128 for groups of 64
     lo = cpu_kernels.FUSED_MIN_ROWS_INT4_TILE512 if tile512 else cpu_kernels.FUSED_MIN_ROWS[mode]
     hi = cpu_kernels.MAX_AVX512_ROWS
-    calls, blocked = [], []
+    calls, larger = [], []
     real, real_blocked = cpu_kernels.quant_gemv, cpu_kernels.blocked_product
     monkeypatch.setattr(cpu_kernels, "quant_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
     monkeypatch.setattr(cpu_kernels, "blocked_product",
-                        lambda x, *a, **kw: blocked.append(x.shape[0]) or real_blocked(x, *a, **kw))
+                        lambda x, *a, **kw: larger.append(x.shape[0]) or real_blocked(x, *a, **kw))
+    real_prefill = cpu_prefill.prefill_product  # the same CPUs (AVX-512 BF16, no AMX) have it
+    monkeypatch.setattr(cpu_prefill, "prefill_product",
+                        lambda x, *a, **kw: larger.append(x.shape[0]) or real_prefill(x, *a, **kw))
     with torch.no_grad():
         for rows in (1, lo - 1, lo, hi, hi + 1):
             x = torch.randn(rows, k).bfloat16()
@@ -622,7 +628,7 @@ def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, group, k, m
                                            (q.weight_packed, q.weight_scale, q.weight_offset)), group_size=group)
                 assert torch.equal(out, expected.bfloat16() + q.bias), rows
     assert calls == [lo, hi]
-    assert blocked == [hi + 1]  # below lo the small-row kernel, not the blocked dequantize + GEMM
+    assert larger == [hi + 1]  # below lo the small-row kernel, not the prefill kernel
 
 
 def _int8_tiles_reference(x: torch.Tensor, q: Int8Linear) -> torch.Tensor:

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama import cpu_kernels
+from mllama import cpu_kernels, cpu_prefill
 from mllama.linear import cpu_has_native_bf16, swap_linears
 from mllama.packed_linear import refuse_packed
 from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize is the public module)
@@ -140,8 +140,9 @@ class _QuantizedLinear(nn.Module):
         raise NotImplementedError
 
     def product(self, x: torch.Tensor) -> torch.Tensor:
-        """x @ W.T without the bias: the AMX tiles or the small-row kernel, else the blocked dequantize
-        + GEMM, else (autograd, torch.compile, no kernels) F.linear over the whole dequantized weight."""
+        """x @ W.T without the bias: the AMX tiles or the small-row kernel, else csrc/gemm_prefill.c
+        (cpu_prefill) or the blocked dequantize + GEMM, else (autograd, torch.compile, no kernels)
+        F.linear over the whole dequantized weight."""
         if self._use_amx(x):
             out = self._amx_product(x.reshape(-1, self.in_features))
             if out is not None:
@@ -149,6 +150,8 @@ class _QuantizedLinear(nn.Module):
         if self._use_kernel(x):
             return self._kernel_product(x)
         if x.shape[:-1].numel() > 0 and not torch.compiler.is_compiling() and self._on_cpu_kernels(x):
+            if cpu_prefill.takes(x, self.mode, self.group_size):
+                return cpu_prefill.prefill_product(x, self.mode, *self._weights(), group_size=self.group_size)
             # bf16 GEMMs are slow on a CPU without native bf16 (and fp16 on most): those go in float32
             native = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())
             compute = x.dtype if native else torch.float32
