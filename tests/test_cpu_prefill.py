@@ -80,7 +80,8 @@ def test_modules_take_it_for_prompt_rows_only(mode, monkeypatch):
     q.bias = torch.nn.Parameter(torch.randn(40).bfloat16(), requires_grad=False)
     calls = []
     original = cpu_prefill.prefill_product
-    monkeypatch.setattr(cpu_prefill, "prefill_product", lambda x, *a, **kw: calls.append(x.shape) or original(x, *a, **kw))
+    monkeypatch.setattr(cpu_prefill, "prefill_product",
+                        lambda x, *a, **kw: calls.append(x.shape) or original(x, *a, **kw))
     x = torch.randn(3, 20, 256).bfloat16()
     with torch.no_grad():
         out = q(x)

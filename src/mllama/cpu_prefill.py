@@ -1,8 +1,8 @@
 """Prompt-sized products against int8 / int4 weights on CPUs with AVX-512 BF16 and no AMX
 (csrc/gemm_prefill.c, built on first use like mllama.cpu_kernels' kernels).
 
-From PREFILL_MIN_ROWS to PREFILL_MAX_ROWS rows of bf16 x, `_QuantizedLinear.product` sends x here instead of dequantizing
-the whole weight for the library GEMM (cpu_kernels.blocked_product): the weight is dequantized a
+From PREFILL_MIN_ROWS to PREFILL_MAX_ROWS rows of bf16 x, `_QuantizedLinear.product` sends x here
+instead of dequantizing the whole weight for the library GEMM (cpu_kernels.blocked_product): the weight is dequantized a
 cache-sized block at a time and multiplied there, so its bf16 copy never goes to memory and back
 (benchmarks/RESULTS.md). Fewer rows take the small-row kernels (cpu_kernels), AMX CPUs their tiles.
 The result is the float32 product over the same dequantized weights, in another summation order than
@@ -77,7 +77,8 @@ def prefill_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torc
     k = x.shape[-1]
     k_row = cpu_kernels.row_length(fmt, weight)
     if k > k_row or (fmt == "int8" and k != k_row):
-        raise ValueError(f"prefill_product: input of {k} features against an {fmt} weight of shape {tuple(weight.shape)}")
+        raise ValueError(f"prefill_product: input of {k} features against an {fmt} weight of shape "
+                         f"{tuple(weight.shape)}")
     rows = x.reshape(-1, k).contiguous()
     weight, scale = weight.contiguous(), scale.contiguous()
     offset = offset.contiguous() if offset is not None else None

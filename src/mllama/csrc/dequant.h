@@ -12,6 +12,16 @@
 /* The weight formats (see gemm_small.c). */
 enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
 
+/* An int8 or int4 weight as the dequantizing products take it (gemv_bf16.c, gemm_prefill.c). */
+typedef struct {
+    int fmt;             /* FMT_INT8 or FMT_INT4 */
+    const void *w;       /* int8 (n, k) or int4 (n, k / 2) packed */
+    const void *scale;   /* int8: (n,); int4: (n, k / group) */
+    const void *offset;  /* int4: (n, k / group) */
+    int scale_bf16;      /* scales and offsets are bf16 (else float32) */
+    int64_t group;       /* int4 group size (each kernel's block of k values is a multiple of it) */
+} qweight;
+
 static inline float bf16_to_float(uint16_t v) {
     uint32_t bits = (uint32_t)v << 16;
     float f;

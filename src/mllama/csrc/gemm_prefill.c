@@ -111,12 +111,7 @@ static void dequant_int4_pairs(const uint8_t *row, const void *scale, const void
 }
 
 typedef struct {
-    int fmt;             /* FMT_INT8 or FMT_INT4 */
-    const void *w;       /* int8 (n, k) or int4 (n, k / 2) packed */
-    const void *scale;   /* int8: (n,); int4: (n, k / group) */
-    const void *offset;  /* int4: (n, k / group) */
-    int scale_bf16;      /* scales and offsets are bf16 (else float32) */
-    int64_t group;       /* int4 group size */
+    qweight weight;
     int64_t n, k;        /* k: the stored row length (int4: padded to the group) */
     int paired;          /* int4 in dequant_int4_pairs' order */
 } qdesc;
@@ -127,11 +122,12 @@ typedef struct {
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
 static void dequant_block(const qdesc *q, int64_t row, int64_t i0, int64_t len, int64_t next_row, int64_t next_i0,
                           uint16_t *buf) {
-    const int int4 = q->fmt == FMT_INT4;
+    const int int4 = q->weight.fmt == FMT_INT4;
     const int64_t row_bytes = int4 ? q->k / 2 : q->k, chunk = int4 ? KC / 2 : KC, at = int4 ? next_i0 / 2 : next_i0;
-    const int64_t bytes = row_bytes - at < chunk ? row_bytes - at : chunk;
+    const int64_t bytes = row_bytes - at < chunk ? row_bytes - at : chunk, groups = int4 ? q->k / q->weight.group : 0;
     for (int64_t r = next_row; r < next_row + NB && r < q->n; r++)
-        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)q->w + r * row_bytes + at + b);
+        for (int64_t b = 0; b < bytes; b += 64)
+            __builtin_prefetch((const char *)q->weight.w + r * row_bytes + at + b);
     for (int64_t r = 0; r < NB; r++) {
         uint16_t *dst = buf + r * KC;
         const int64_t n_row = row + r;
@@ -140,14 +136,16 @@ static void dequant_block(const qdesc *q, int64_t row, int64_t i0, int64_t len, 
             continue;
         }
         if (!int4)
-            dequant_int8_row_avx512((const int8_t *)q->w + n_row * q->k + i0, param(q->scale, n_row, q->scale_bf16),
-                                    len, dst, 1);
+            dequant_int8_row_avx512((const int8_t *)q->weight.w + n_row * q->k + i0,
+                                    param(q->weight.scale, n_row, q->weight.scale_bf16), len, dst, 1);
         else if (q->paired)
-            dequant_int4_pairs((const uint8_t *)q->w + n_row * row_bytes + i0 / 2, q->scale, q->offset, q->scale_bf16,
-                               n_row * (q->k / q->group) + i0 / q->group, q->group, len, dst);
+            dequant_int4_pairs((const uint8_t *)q->weight.w + n_row * row_bytes + i0 / 2, q->weight.scale,
+                               q->weight.offset, q->weight.scale_bf16, n_row * groups + i0 / q->weight.group,
+                               q->weight.group, len, dst);
         else
-            dequant_int4_row_avx512((const uint8_t *)q->w + n_row * row_bytes + i0 / 2, q->scale, q->offset,
-                                    q->scale_bf16, n_row * (q->k / q->group) + i0 / q->group, q->group, len, dst, 1);
+            dequant_int4_row_avx512((const uint8_t *)q->weight.w + n_row * row_bytes + i0 / 2, q->weight.scale,
+                                    q->weight.offset, q->weight.scale_bf16, n_row * groups + i0 / q->weight.group,
+                                    q->weight.group, len, dst, 1);
         if (len & 1) dst[len] = 0;  /* int8 of odd k: the last pair's second weight meets x's zero */
     }
 }
@@ -172,7 +170,7 @@ int mllama_prefill_quant(int fmt, const uint16_t *x, int64_t m, int64_t k_in, in
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || KC % group || k % group || k_in > k)) return -1;
     __builtin_cpu_init();
     if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw")) return -1;
-    const qdesc q = {fmt, w, scale, offset, scale_bf16, group, n, k, fmt == FMT_INT4 && group % 64 == 0};
+    const qdesc q = {{fmt, w, scale, offset, scale_bf16, group}, n, k, fmt == FMT_INT4 && group % 64 == 0};
     const int64_t pairs = (k + 1) / 2, panels = (m + LANES - 1) / LANES, mpad = panels * LANES;
     uint32_t *xp = aligned_alloc(64, (size_t)(panels * pairs * LANES * sizeof(uint32_t) + 63) / 64 * 64);
     if (xp == NULL) return -2;

@@ -144,14 +144,7 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
  * values mllama_dequant_int8 / _int4 give, dequant.h's row loops) and every row of x passes over it
  * as above. So the result is that of this kernel on the dequantized weight, bit for bit, in any
  * batch, at a quarter (int4) or half (int8) of the bytes from memory. */
-typedef struct {
-    int fmt;             /* FMT_INT8 or FMT_INT4 */
-    const void *w;       /* int8 (n, k) or int4 (n, k / 2) packed */
-    const void *scale;   /* int8: (n,); int4: (n, k / group) */
-    const void *offset;  /* int4: (n, k / group) */
-    int scale_bf16;      /* scales and offsets are bf16 (else float32) */
-    int64_t group;       /* int4 group size (KC is a multiple of it) */
-} qdesc;
+typedef qweight qdesc;
 
 /* Weight rows [row, row + rows) over values [i0, i0 + len) -> buf (rows, KC) bf16. Each row's bytes
  * of the next chunk (or, after the last, of the next block's first) are prefetched first: a chunk is
