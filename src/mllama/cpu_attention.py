@@ -16,14 +16,13 @@ Without a C compiler or with MLLAMA_NO_KERNELS=1 it is SDPA throughout.
 from __future__ import annotations
 
 import ctypes
-import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from mllama.cpu_kernels import amx_available, gemv_level
-from mllama.kernel_cache import build_kernel
+from mllama.kernel_cache import load_kernel
 from mllama.tile_attention import KeyCopies, TileAttentionCore, TileLayout, sdpa_attend, tile_attention
 
 SOURCE = Path(__file__).parent / "csrc" / "attention_cpu.c"
@@ -38,11 +37,8 @@ def _load() -> None:
     _tried = True
     if gemv_level() < 2:  # neither AVX-512 BF16 nor AMX (or MLLAMA_NO_KERNELS=1, off x86-64, no compiler)
         return
-    try:
-        lib = ctypes.CDLL(str(build_kernel(SOURCE)))
-    except (OSError, RuntimeError) as err:
-        warnings.warn(f"mllama: the CPU attention kernel is unavailable, using SDPA ({err})", RuntimeWarning,
-                      stacklevel=3)
+    lib = load_kernel(SOURCE, fallback="the CPU attention kernel is unavailable, using SDPA", stacklevel=3)
+    if lib is None:
         return
     lib.mllama_attention.argtypes = ([ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5
                                      + [ctypes.c_void_p, ctypes.c_float, ctypes.c_int64, ctypes.c_float,

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from mllama.host_memory import fresh_zeros
-from mllama.kernel_cache import build_kernel
+from mllama.kernel_cache import build_kernel, load_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
@@ -62,7 +62,7 @@ AMX_INT8_MIN_ROWS = 2
 FUSED_MIN_ROWS = {"int8": 2, "int4": 6}
 FUSED_MIN_ROWS_INT4_TILE512 = 24
 _tried = False
-_FORMATS = {"bf16": 0, "int8": 1, "int4": 2}
+FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}  # the C kernels' `fmt` (csrc/dequant.h)
 
 
 def _build(source: Path) -> Path:
@@ -130,10 +130,8 @@ def _load() -> None:
 def _load_amx() -> ctypes.CDLL | None:
     """csrc/gemm_amx.c, on its own: a compiler without the AMX intrinsics (gcc < 11) costs the tiles
     only, not the other kernels."""
-    try:
-        amx = ctypes.CDLL(str(_build(AMX_SOURCE)))
-    except (OSError, RuntimeError) as err:
-        warnings.warn(f"mllama: AMX tile kernels unavailable ({err})", RuntimeWarning, stacklevel=4)
+    amx = load_kernel(AMX_SOURCE, fallback="AMX tile kernels unavailable", stacklevel=4)
+    if amx is None:
         return None
     amx.mllama_gemm_amx.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 3
                                     + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int])
@@ -187,12 +185,12 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
     if not amx_available() or not rows_ok or k % 32 or x.dtype != torch.bfloat16:
         return None
     k_row = row_length(fmt, weight)
-    scale_bf16 = _scales_bf16(scale, offset)
+    scale_bf16 = scales_bf16(scale, offset)
     if scale_bf16 is None:
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    rc = _amx_lib.mllama_gemm_amx(_FORMATS[fmt], x.data_ptr(), m, weight.shape[0], k_row, k, weight.data_ptr(),
+    rc = _amx_lib.mllama_gemm_amx(FORMAT_CODES[fmt], x.data_ptr(), m, weight.shape[0], k_row, k, weight.data_ptr(),
                                 scale.data_ptr() if scale is not None else None,
                                 offset.data_ptr() if offset is not None else None,
                                 int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
@@ -335,7 +333,7 @@ def small_kernel_level() -> int:
     return _small_level if quant_kernels_available() else 0
 
 
-def _scales_bf16(*params: torch.Tensor | None) -> bool | None:
+def scales_bf16(*params: torch.Tensor | None) -> bool | None:
     """Whether the given scales and offsets are bf16 (else float32), as the C kernels' `scale_bf16`;
     None unless all are contiguous and of one of those dtypes."""
     given = [p for p in params if p is not None]
@@ -370,12 +368,12 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
     else:
         x = rows.new_zeros((m_pad, k_row), dtype=torch.float32)
         x[:m, :k] = rows
-    scale_bf16 = _scales_bf16(scale, offset)
+    scale_bf16 = scales_bf16(scale, offset)
     if scale_bf16 is None:
         raise ValueError("small_gemm: scales and offsets must be contiguous, all float32 or all bf16")
     out = torch.empty(m_pad, n, dtype=torch.float32)
     weight = weight.contiguous()
-    rc = _small.mllama_gemm_small(_FORMATS[fmt], x.data_ptr(), m_pad, n, k_row, weight.data_ptr(),
+    rc = _small.mllama_gemm_small(FORMAT_CODES[fmt], x.data_ptr(), m_pad, n, k_row, weight.data_ptr(),
                                   scale.data_ptr() if scale is not None else None,
                                   offset.data_ptr() if offset is not None else None,
                                   int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads(), level)
@@ -393,7 +391,7 @@ def small_gemm_row(row: torch.Tensor, fmt: str, weight: torch.Tensor, scale: tor
     level = _row_level(level)
     k, n = row.shape[-1], weight.shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
-    rc = _small.mllama_gemm_small_row_bf16(_FORMATS[fmt], row.data_ptr(), k, n, row_length(fmt, weight),
+    rc = _small.mllama_gemm_small_row_bf16(FORMAT_CODES[fmt], row.data_ptr(), k, n, row_length(fmt, weight),
                                            *_pointers(weight, scale, offset), scale.dtype == torch.bfloat16,
                                            group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
@@ -411,7 +409,7 @@ def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, .
     level = _row_level(level)
     k, n = row.shape[-1], gate[0].shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
-    rc = _small.mllama_gemm_small_silu_bf16(_FORMATS[fmt], row.data_ptr(), k, n, row_length(fmt, gate[0]),
+    rc = _small.mllama_gemm_small_silu_bf16(FORMAT_CODES[fmt], row.data_ptr(), k, n, row_length(fmt, gate[0]),
                                             *_pointers(*gate), *_pointers(*up), gate[1].dtype == torch.bfloat16,
                                             group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
@@ -466,7 +464,7 @@ def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
         return None
     if k > k_row or (fmt != "int4" and k != k_row):
         raise ValueError(f"quant_gemv: {m} rows of {k} features against a {fmt} weight of shape {tuple(weight.shape)}")
-    scale_bf16 = _scales_bf16(scale, offset)
+    scale_bf16 = scales_bf16(scale, offset)
     if scale_bf16 is None:
         raise ValueError("quant_gemv: scales and offsets must be contiguous, all float32 or all bf16")
     if k == k_row:
@@ -476,7 +474,7 @@ def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
         x[:, :k] = rows
     weight = weight.contiguous()
     out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    rc = _lib.mllama_gemv_quant(_FORMATS[fmt], x.data_ptr(), m, weight.shape[0], k_row, weight.data_ptr(),
+    rc = _lib.mllama_gemv_quant(FORMAT_CODES[fmt], x.data_ptr(), m, weight.shape[0], k_row, weight.data_ptr(),
                                 scale.data_ptr(), offset.data_ptr() if offset is not None else None,
                                 int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
     if rc != 0:

@@ -2,9 +2,9 @@
 (csrc/gemm_prefill.c, built on first use like mllama.cpu_kernels' kernels).
 
 From PREFILL_MIN_ROWS to PREFILL_MAX_ROWS rows of bf16 x, `_QuantizedLinear.product` sends x here
-instead of dequantizing the whole weight for the library GEMM (cpu_kernels.blocked_product): the weight is dequantized a
-cache-sized block at a time and multiplied there, so its bf16 copy never goes to memory and back
-(benchmarks/RESULTS.md). Fewer rows take the small-row kernels (cpu_kernels), AMX CPUs their tiles.
+instead of dequantizing the whole weight for the library GEMM (cpu_kernels.blocked_product): the
+weight is dequantized a cache-sized block at a time and multiplied there, so its bf16 copy never goes
+to memory and back (benchmarks/RESULTS.md). Fewer rows take the small-row kernels (cpu_kernels), AMX CPUs their tiles.
 The result is the float32 product over the same dequantized weights, in another summation order than
 the library's, rounded to bf16.
 """
@@ -12,24 +12,21 @@ the library's, rounded to bf16.
 from __future__ import annotations
 
 import ctypes
-import os
-import platform
-import warnings
 from pathlib import Path
 
 import torch
 
 from mllama import cpu_kernels
-from mllama.kernel_cache import build_kernel
+from mllama.kernel_cache import load_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemm_prefill.c"
-# Rows of x from which the kernel takes a product: at 64 rows it ran 0.96x (int8) / 1.12x (int4) the bf16
-# GEMM's time against 1.25x / 1.21x for the whole-weight route; fewer rows go to the small-row kernels.
+# Rows of x from which the kernel takes a product: at 64 rows it ran 0.99x (int8) / 0.98x (int4 g128) the
+# bf16 GEMM's time against 1.32x / 1.29x for the whole-weight route; fewer rows go to the small-row kernels.
 PREFILL_MIN_ROWS = cpu_kernels.MAX_QUANT_ROWS + 1
 # From about 500 rows the whole-weight route ran as fast (its dequantization is a small share there), and
 # past 1000 (an image's 1601 rows) faster: those rows keep it.
 PREFILL_MAX_ROWS = 384
-_FORMATS = {"int8": 1, "int4": 2}
+BLOCK_VALUES = 512  # csrc/gemm_prefill.c's KC: the k values a block dequantizes, a multiple of the int4 group
 
 _lib: ctypes.CDLL | None = None
 _tried = False
@@ -38,14 +35,10 @@ _tried = False
 def _load() -> None:
     global _lib, _tried
     _tried = True
-    if (os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64")
-            or cpu_kernels.gemv_level() != 2):  # AVX-512 BF16 without AMX (gemv_level 3 has the tiles)
+    if cpu_kernels.gemv_level() != 2:  # AVX-512 BF16 without AMX (0 also for MLLAMA_NO_KERNELS=1, no compiler)
         return
-    try:
-        lib = ctypes.CDLL(str(build_kernel(SOURCE)))
-    except (OSError, RuntimeError) as err:
-        warnings.warn(f"mllama: prefill kernel unavailable, dequantizing whole weights ({err})", RuntimeWarning,
-                      stacklevel=3)
+    lib = load_kernel(SOURCE, fallback="prefill kernel unavailable, dequantizing whole weights", stacklevel=3)
+    if lib is None:
         return
     lib.mllama_prefill_quant.argtypes = ([ctypes.c_int, ctypes.c_void_p] + [ctypes.c_int64] * 4
                                          + [ctypes.c_void_p] * 3 + [ctypes.c_int, ctypes.c_int64, ctypes.c_void_p,
@@ -66,7 +59,7 @@ def takes(x: torch.Tensor, fmt: str, group_size: int) -> bool:
     """Whether prefill_product takes bf16 x of this many rows against `fmt` weights of this group size."""
     return (x.dtype == torch.bfloat16 and PREFILL_MIN_ROWS <= x.shape[:-1].numel() <= PREFILL_MAX_ROWS
             and x.device.type == "cpu"
-            and (fmt == "int8" or (group_size >= 32 and 512 % group_size == 0)) and prefill_available())
+            and (fmt == "int8" or (group_size >= 32 and BLOCK_VALUES % group_size == 0)) and prefill_available())
 
 
 def prefill_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Tensor,
@@ -82,14 +75,15 @@ def prefill_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torc
     rows = x.reshape(-1, k).contiguous()
     weight, scale = weight.contiguous(), scale.contiguous()
     offset = offset.contiguous() if offset is not None else None
-    if scale.dtype not in (torch.float32, torch.bfloat16) or (offset is not None and offset.dtype != scale.dtype):
+    scale_bf16 = cpu_kernels.scales_bf16(scale, offset)
+    if scale_bf16 is None:
         raise ValueError("prefill_product: scales and offsets must be all float32 or all bf16")
     n = weight.shape[0]
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
-    rc = _lib.mllama_prefill_quant(_FORMATS[fmt], rows.data_ptr(), rows.shape[0], k, n, k_row, weight.data_ptr(),
-                                   scale.data_ptr(), offset.data_ptr() if offset is not None else None,
-                                   int(scale.dtype == torch.bfloat16), group_size, out.data_ptr(),
-                                   torch.get_num_threads())
+    rc = _lib.mllama_prefill_quant(cpu_kernels.FORMAT_CODES[fmt], rows.data_ptr(), rows.shape[0], k, n, k_row,
+                                   weight.data_ptr(), scale.data_ptr(),
+                                   offset.data_ptr() if offset is not None else None, int(scale_bf16), group_size,
+                                   out.data_ptr(), torch.get_num_threads())
     if rc == -2:
         raise MemoryError(f"prefill_product: could not allocate the kernel's buffers for {rows.shape[0]} rows")
     if rc != 0:

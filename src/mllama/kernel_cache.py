@@ -13,6 +13,7 @@ into place, so concurrent first uses neither race nor load a partial file.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import hashlib
 import os
 import platform
@@ -21,6 +22,7 @@ import shutil
 import stat
 import subprocess
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Iterator
 
@@ -142,3 +144,14 @@ def build_kernel(source: Path, *, cache_dir: Path | None = None, flags: tuple[st
     if not _verified(target, record):
         raise KernelCacheError(f"{target} changed while it was being built")
     return target
+
+
+def load_kernel(source: Path, *, fallback: str, stacklevel: int = 2) -> ctypes.CDLL | None:
+    """`source` built (build_kernel) and loaded; where it cannot be (no compiler, a failed build, an
+    unsafe cache, a library that does not load), None and a RuntimeWarning "mllama: {fallback} (why)"
+    attributed `stacklevel` frames above the caller."""
+    try:
+        return ctypes.CDLL(str(build_kernel(source)))
+    except (OSError, RuntimeError) as err:
+        warnings.warn(f"mllama: {fallback} ({err})", RuntimeWarning, stacklevel=stacklevel + 1)
+        return None

@@ -24,7 +24,7 @@
 #define MV 4              /* vectors of 16 rows of x a tile */
 #define LANES (16 * MV)   /* rows of x a packed panel */
 #define NR 6              /* weight rows a tile (MV x NR = 24 accumulators, 4 x loads and 6 broadcasts a pair) */
-#define KC 512            /* values of k a block (a multiple of every int4 group size) */
+#define KC 512            /* values of k a block (a multiple of every int4 group size; cpu_prefill.BLOCK_VALUES) */
 #define NB 48             /* weight rows a work item (a multiple of NR) */
 
 /* V vectors of x (the panel at xt, LANES lanes a pair) against NR weight rows (wb, KC values apart)
