@@ -190,10 +190,9 @@ def amx_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.Te
         return None
     x, weight = x.contiguous(), weight.contiguous()
     out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    rc = _amx_lib.mllama_gemm_amx(FORMAT_CODES[fmt], x.data_ptr(), m, weight.shape[0], k_row, k, weight.data_ptr(),
-                                scale.data_ptr() if scale is not None else None,
-                                offset.data_ptr() if offset is not None else None,
-                                int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
+    rc = _amx_lib.mllama_gemm_amx(FORMAT_CODES[fmt], x.data_ptr(), m, weight.shape[0], k_row, k,
+                                *weight_pointers(weight, scale, offset), int(scale_bf16), group_size, out.data_ptr(),
+                                torch.get_num_threads())
     return out if rc == 0 else None
 
 
@@ -373,10 +372,9 @@ def small_gemm(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
         raise ValueError("small_gemm: scales and offsets must be contiguous, all float32 or all bf16")
     out = torch.empty(m_pad, n, dtype=torch.float32)
     weight = weight.contiguous()
-    rc = _small.mllama_gemm_small(FORMAT_CODES[fmt], x.data_ptr(), m_pad, n, k_row, weight.data_ptr(),
-                                  scale.data_ptr() if scale is not None else None,
-                                  offset.data_ptr() if offset is not None else None,
-                                  int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads(), level)
+    rc = _small.mllama_gemm_small(FORMAT_CODES[fmt], x.data_ptr(), m_pad, n, k_row,
+                                  *weight_pointers(weight, scale, offset), int(scale_bf16), group_size, out.data_ptr(),
+                                  torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"small_gemm: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
     return out[:m]
@@ -392,7 +390,7 @@ def small_gemm_row(row: torch.Tensor, fmt: str, weight: torch.Tensor, scale: tor
     k, n = row.shape[-1], weight.shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
     rc = _small.mllama_gemm_small_row_bf16(FORMAT_CODES[fmt], row.data_ptr(), k, n, row_length(fmt, weight),
-                                           *_pointers(weight, scale, offset), scale.dtype == torch.bfloat16,
+                                           *weight_pointers(weight, scale, offset), scale.dtype == torch.bfloat16,
                                            group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"small_gemm_row: the kernel refused a row of {k} features against a {fmt} weight of "
@@ -410,7 +408,7 @@ def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, .
     k, n = row.shape[-1], gate[0].shape[0]
     out = torch.empty(*row.shape[:-1], n, dtype=torch.bfloat16)
     rc = _small.mllama_gemm_small_silu_bf16(FORMAT_CODES[fmt], row.data_ptr(), k, n, row_length(fmt, gate[0]),
-                                            *_pointers(*gate), *_pointers(*up), gate[1].dtype == torch.bfloat16,
+                                            *weight_pointers(*gate), *weight_pointers(*up), gate[1].dtype == torch.bfloat16,
                                             group_size, out.data_ptr(), torch.get_num_threads(), level)
     if rc != 0:
         raise ValueError(f"small_gemm_silu_row: the kernel refused a row of {k} features against {fmt} weights of "
@@ -430,8 +428,11 @@ def row_length(fmt: str, weight: torch.Tensor) -> int:
     return weight.shape[1] * 2 if fmt == "int4" else weight.shape[1]
 
 
-def _pointers(weight: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor | None = None) -> tuple[int, int, int | None]:
-    return weight.data_ptr(), scale.data_ptr(), offset.data_ptr() if offset is not None else None
+def weight_pointers(weight: torch.Tensor, scale: torch.Tensor | None = None,
+                    offset: torch.Tensor | None = None) -> tuple[int, int | None, int | None]:
+    """The C kernels' weight, scale and offset arguments (NULL for those a format does not have)."""
+    return (weight.data_ptr(), scale.data_ptr() if scale is not None else None,
+            offset.data_ptr() if offset is not None else None)
 
 
 def int4_tile512(group_size: int, k_row: int) -> bool:
@@ -474,9 +475,9 @@ def quant_gemv(rows: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torch.
         x[:, :k] = rows
     weight = weight.contiguous()
     out = torch.empty(m, weight.shape[0], dtype=torch.float32)
-    rc = _lib.mllama_gemv_quant(FORMAT_CODES[fmt], x.data_ptr(), m, weight.shape[0], k_row, weight.data_ptr(),
-                                scale.data_ptr(), offset.data_ptr() if offset is not None else None,
-                                int(scale_bf16), group_size, out.data_ptr(), torch.get_num_threads())
+    rc = _lib.mllama_gemv_quant(FORMAT_CODES[fmt], x.data_ptr(), m, weight.shape[0], k_row,
+                                *weight_pointers(weight, scale, offset), int(scale_bf16), group_size, out.data_ptr(),
+                                torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"quant_gemv: the kernel refused {fmt} with group size {group_size} for shape {tuple(weight.shape)}")
     return out

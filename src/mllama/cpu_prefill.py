@@ -81,8 +81,7 @@ def prefill_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torc
     n = weight.shape[0]
     out = torch.empty(rows.shape[0], n, dtype=torch.bfloat16)
     rc = _lib.mllama_prefill_quant(cpu_kernels.FORMAT_CODES[fmt], rows.data_ptr(), rows.shape[0], k, n, k_row,
-                                   weight.data_ptr(), scale.data_ptr(),
-                                   offset.data_ptr() if offset is not None else None, int(scale_bf16), group_size,
+                                   *cpu_kernels.weight_pointers(weight, scale, offset), int(scale_bf16), group_size,
                                    out.data_ptr(), torch.get_num_threads())
     if rc == -2:
         raise MemoryError(f"prefill_product: could not allocate the kernel's buffers for {rows.shape[0]} rows")
