@@ -52,6 +52,17 @@ static inline void store32_avx512(void *out, int out_bf16, int64_t at, __m512 a,
     }
 }
 
+/* Group g's 16 possible int4 values, q * scale + offset for q = 0..15 rounded to bf16, in words 0-15
+ * and again in 16-31 (vpermw reads an index's low 5 bits): the table the bf16 row loops look nibbles
+ * up in. Multiply, then add (no fused multiply-add): the values of the torch reference. */
+__attribute__((target("avx512f,avx512bw,avx512bf16"), optimize("fp-contract=off")))
+static inline __m512i int4_table_avx512(const void *scale, const void *offset, int scale_bf16, int64_t g) {
+    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512 v = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(param(scale, g, scale_bf16))),
+                                   _mm512_set1_ps(param(offset, g, scale_bf16)));
+    return (__m512i)_mm512_cvtne2ps_pbh(v, v);
+}
+
 /* The AVX512-BF16 form of one row: 16 lanes, and the rounding to bf16 in one instruction
  * (vcvtne2ps2bf16: to nearest even, as float8_to_bf16, for values above float32's denormals, which it
  * flushes to zero); the last partial run by masked stores. To bf16, a group's 16 possible values are
@@ -61,12 +72,8 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"), optimize("fp-contract=off"
 static void dequant_int4_row_avx512(const uint8_t *row, const void *scale, const void *offset, int scale_bf16,
                                     int64_t g_first, int64_t group, int64_t k_out, void *out, int out_bf16) {
     if (out_bf16) {
-        const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
         for (int64_t g0 = 0; g0 < k_out; g0 += group) {
-            const int64_t g = g_first + g0 / group;
-            const __m512 v = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(param(scale, g, scale_bf16))),
-                                           _mm512_set1_ps(param(offset, g, scale_bf16)));
-            const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(v, v);  /* words 0..15: value q */
+            const __m512i table = int4_table_avx512(scale, offset, scale_bf16, g_first + g0 / group);
             const int64_t end = g0 + group < k_out ? g0 + group : k_out;
             for (int64_t i = g0; i < end; i += 32) {
                 /* words 0-15: bytes 0-15, words 16-31: the same bytes shifted down by 4. vpermw reads

@@ -88,17 +88,13 @@ static void pack_x(const uint16_t *x, int64_t m, int64_t k_in, int64_t pairs, in
 
 /* One int4 row's `len` values (a multiple of 64, from the start of a group of 64 or more) -> bf16 at
  * out, in k_of's order: per 32 bytes, the low nibbles' values then the high nibbles', each by one
- * vpermw into the group's table of 16 values (those of dequant_int4_row_avx512, computed the same
- * way): half its instructions a value. */
-__attribute__((target("avx512f,avx512bw,avx512bf16"), optimize("fp-contract=off")))
+ * vpermw into the group's table (dequant.h's int4_table_avx512, as dequant_int4_row_avx512): half its
+ * instructions a value. */
+__attribute__((target("avx512f,avx512bw,avx512bf16")))
 static void dequant_int4_pairs(const uint8_t *row, const void *scale, const void *offset, int scale_bf16,
                                int64_t g_first, int64_t group, int64_t len, uint16_t *out) {
-    const __m512 q = _mm512_setr_ps(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
     for (int64_t g0 = 0; g0 < len; g0 += group) {
-        const int64_t g = g_first + g0 / group;
-        const __m512 v = _mm512_add_ps(_mm512_mul_ps(q, _mm512_set1_ps(param(scale, g, scale_bf16))),
-                                       _mm512_set1_ps(param(offset, g, scale_bf16)));
-        const __m512i table = (__m512i)_mm512_cvtne2ps_pbh(v, v);  /* words 0-15 and 16-31: value q */
+        const __m512i table = int4_table_avx512(scale, offset, scale_bf16, g_first + g0 / group);
         const int64_t end = g0 + group < len ? g0 + group : len;
         for (int64_t i = g0; i < end; i += 64) {
             /* vpermw reads an index's low 5 bits and the table holds its values twice: a byte's high
@@ -159,6 +155,13 @@ static inline uint16_t round_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
+/* Whether this CPU runs mllama_prefill_quant (AVX-512 BF16). */
+int mllama_prefill_usable(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
+           && __builtin_cpu_supports("avx512vl");
+}
+
 /* out (m, n) bf16 = x (m, k_in) bf16 @ dequant(w) ^T; k is the stored row length (int8: k_in; int4:
  * k_in padded to the group, which must divide KC). Returns 0; -1 for arguments it does not take, -2
  * where it could not allocate its buffers. */
@@ -168,8 +171,7 @@ int mllama_prefill_quant(int fmt, const uint16_t *x, int64_t m, int64_t k_in, in
     if ((fmt != FMT_INT8 && fmt != FMT_INT4) || m < 1 || n < 1 || k < 1) return -1;
     if (fmt == FMT_INT8 && k != k_in) return -1;
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || KC % group || k % group || k_in > k)) return -1;
-    __builtin_cpu_init();
-    if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw")) return -1;
+    if (!mllama_prefill_usable()) return -1;
     const qdesc q = {{fmt, w, scale, offset, scale_bf16, group}, n, k, fmt == FMT_INT4 && group % 64 == 0};
     const int64_t pairs = (k + 1) / 2, panels = (m + LANES - 1) / LANES, mpad = panels * LANES;
     uint32_t *xp = aligned_alloc(64, (size_t)(panels * pairs * LANES * sizeof(uint32_t) + 63) / 64 * 64);
@@ -207,11 +209,4 @@ int mllama_prefill_quant(int fmt, const uint16_t *x, int64_t m, int64_t k_in, in
     }
     free(xp);
     return failed ? -2 : 0;
-}
-
-/* Whether this CPU runs mllama_prefill_quant (AVX-512 BF16). */
-int mllama_prefill_usable(void) {
-    __builtin_cpu_init();
-    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
-           && __builtin_cpu_supports("avx512vl");
 }
