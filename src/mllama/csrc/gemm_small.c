@@ -347,8 +347,10 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
  * with AMX (benchmarks/RESULTS.md). The centring of the other paths is folded into one float term
  * per group, s (8 sum x - 8 sx sum xq) + z sum x: the same value as theirs up to float rounding.
  * The scales and these terms are taken 16 groups at a time in vectors, and each group's s sx is
- * broadcast from memory: one scalar scale at a time held one-row int4 at 0.74x of the bf16 loop's
- * bytes per second, this at 0.86x (benchmarks/RESULTS.md).
+ * permuted out of its vector: one scalar scale at a time held one-row int4 at 0.74x of the bf16 loop's
+ * bytes per second, vectors at 0.86x. Every loop over R and M is unrolled so that the sums, the
+ * accumulators and the 16 groups' s sx stay in registers: written with arrays the compiler had kept in
+ * memory, a tile ran about 1.4x slower from cache (benchmarks/RESULTS.md).
  * The tiles take R weight rows (`apart` apart) against M rows of x (xq8 + j k, their params j groups
  * apart), the whole of k, each (weight row, x row) pair in the same operations and order, folded and
  * summed into out[j n + row + r apart]: a row of x gets the same bits in any batch, and each weight
@@ -357,63 +359,66 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
 #define DEFINE_INT4_MULTI512(NAME, R, M)                                                            \
     __attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni")))                        \
     static void NAME(const wdesc *d, const xdesc *x, int64_t row, int64_t apart, float *out, int64_t n) { \
-        const uint8_t *w = (const uint8_t *)d->w + row * (d->k / 2);                                \
+        const int64_t half = d->k / 2, stride = apart * half;  /* bytes a row, between the tile's rows */ \
+        const uint8_t *w = (const uint8_t *)d->w + row * half;                                      \
         const __m512i low = _mm512_set1_epi8(0x0F);                                                 \
         const int pair = d->group == 64;                                                            \
+        const int64_t span = (pair + 1) * d->group;  /* values a step: one group, or a pair */      \
+        /* a step's lane of the 16 groups' s sx: lanes 8-15 the pair's second group */             \
+        const __m512i lift = pair ? _mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0) \
+                                  : _mm512_setzero_si512();                                         \
         __m512 sum[R][M];                                                                           \
-        float ssx[R][M][16];                                                                        \
-        for (int r = 0; r < R; r++)                                                                 \
-            for (int j = 0; j < M; j++) sum[r][j] = _mm512_setzero_ps();                           \
+        _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                         \
+            _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) sum[r][j] = _mm512_setzero_ps();    \
         const int64_t gi1 = d->k / d->group;                                                        \
         for (int64_t gv = 0; gv < gi1; gv += 16) {                                                  \
             const int ng = gi1 - gv < 16 ? (int)(gi1 - gv) : 16;                                    \
             const __mmask16 take = (__mmask16)((1u << ng) - 1);                                     \
-            __m512 sx[M], xs[M], centre[M];                                                         \
-            for (int j = 0; j < M; j++) {                                                           \
+            __m512 sx[M], xs[M], centre[M], ssx[R][M];                                              \
+            _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) {                                   \
                 const int64_t q = j * x->groups + gv;                                               \
                 sx[j] = _mm512_maskz_loadu_ps(take, x->sx + q);                                     \
                 xs[j] = _mm512_maskz_loadu_ps(take, x->xsum + q);                                   \
                 const __m512 xq = _mm512_cvtepi32_ps(_mm512_maskz_loadu_epi32(take, x->xqsum + q)); \
                 centre[j] = _mm512_mul_ps(_mm512_set1_ps(8.0f), _mm512_fnmadd_ps(sx[j], xq, xs[j])); \
             }                                                                                       \
-            for (int r = 0; r < R; r++) {                                                           \
+            _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                                   \
                 const int64_t p = (row + r * apart) * x->groups + gv;                               \
                 const __m512 sc = params16(d->scale, p, ng, d->scale_bf16);                         \
                 const __m512 off = params16(d->offset, p, ng, d->scale_bf16);                       \
-                for (int j = 0; j < M; j++) {                                                       \
-                    _mm512_storeu_ps(ssx[r][j], _mm512_mul_ps(sc, sx[j]));                          \
+                _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) {                               \
+                    ssx[r][j] = _mm512_mul_ps(sc, sx[j]);                                           \
                     sum[r][j] = _mm512_fmadd_ps(sc, centre[j], sum[r][j]);                          \
                     sum[r][j] = _mm512_fmadd_ps(off, xs[j], sum[r][j]);                             \
                 }                                                                                   \
             }                                                                                       \
-            for (int g = 0; g < ng; g += pair + 1) {                                                \
-                const int64_t g0 = (gv + g) * d->group;                                             \
+            const uint8_t *p = w + gv * d->group / 2;                                               \
+            const int8_t *xp = x->xq8 + gv * d->group;                                              \
+            for (int g = 0; g < ng; g += pair + 1, p += span / 2, xp += span) {                     \
                 __m512i acc[R][M];                                                                  \
-                for (int r = 0; r < R; r++)                                                         \
-                    for (int j = 0; j < M; j++) acc[r][j] = _mm512_setzero_si512();                 \
-                for (int64_t i = g0; i < g0 + (pair + 1) * d->group; i += 128) {                    \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                 \
+                    _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) acc[r][j] = _mm512_setzero_si512(); \
+                for (int64_t i = 0; i < span; i += 128) {                                           \
                     __m512i x0[M], x1[M];                                                           \
-                    for (int j = 0; j < M; j++) {                                                   \
-                        x0[j] = _mm512_loadu_si512(x->xq8 + j * d->k + i);                          \
-                        x1[j] = _mm512_loadu_si512(x->xq8 + j * d->k + i + 64);                     \
+                    _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) {                           \
+                        x0[j] = _mm512_loadu_si512(xp + j * d->k + i);                              \
+                        x1[j] = _mm512_loadu_si512(xp + j * d->k + i + 64);                         \
                     }                                                                               \
-                    _Pragma("GCC unroll 8") for (int r = 0; r < R; r++) {                           \
-                        const uint8_t *p = w + r * apart * (d->k / 2) + i / 2;                      \
-                        if (PREFETCH) __builtin_prefetch(p + PREFETCH);                             \
-                        const __m512i packed = _mm512_loadu_si512(p);                               \
+                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++) {                           \
+                        const uint8_t *q = p + r * stride + i / 2;                                  \
+                        if (PREFETCH) __builtin_prefetch(q + PREFETCH);                             \
+                        const __m512i packed = _mm512_loadu_si512(q);                               \
                         const __m512i lo = _mm512_and_si512(packed, low);                           \
                         const __m512i hi = _mm512_and_si512(_mm512_srli_epi16(packed, 4), low);     \
-                        for (int j = 0; j < M; j++)                                                 \
+                        _Pragma("GCC unroll 2") for (int j = 0; j < M; j++)                         \
                             acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], lo, x0[j]), hi, x1[j]); \
                     }                                                                               \
                 }                                                                                   \
-                for (int r = 0; r < R; r++)                                                         \
-                    for (int j = 0; j < M; j++) {                                                   \
-                        const __m512 step = pair ? _mm512_mask_blend_ps(0xFF00, _mm512_set1_ps(ssx[r][j][g]), \
-                                                                        _mm512_set1_ps(ssx[r][j][g + 1])) \
-                                                 : _mm512_set1_ps(ssx[r][j][g]);                    \
-                        sum[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]), step, sum[r][j]); \
-                    }                                                                               \
+                const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(g), lift);                    \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                 \
+                    _Pragma("GCC unroll 2") for (int j = 0; j < M; j++)                             \
+                        sum[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]),                  \
+                                                    _mm512_permutexvar_ps(at, ssx[r][j]), sum[r][j]); \
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
