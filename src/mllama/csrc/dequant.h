@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 /* The weight formats (see gemm_small.c). */
 enum { FMT_BF16 = 0, FMT_INT8 = 1, FMT_INT4 = 2 };
 
@@ -21,13 +23,6 @@ typedef struct {
     int scale_bf16;      /* scales and offsets are bf16 (else float32) */
     int64_t group;       /* int4 group size (each kernel's block of k values is a multiple of it) */
 } qweight;
-
-static inline float bf16_to_float(uint16_t v) {
-    uint32_t bits = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &bits, sizeof f);
-    return f;
-}
 
 static inline float param(const void *base, int64_t i, int is_bf16) {
     return is_bf16 ? bf16_to_float(((const uint16_t *)base)[i]) : ((const float *)base)[i];
@@ -103,7 +98,7 @@ static void dequant_int4_row_avx512(const uint8_t *row, const void *scale, const
     }
 }
 
-static int dequant_avx512(int level) {
+static inline int dequant_avx512(int level) {
     __builtin_cpu_init();
     return level != 1 && __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw")
            && __builtin_cpu_supports("avx512vl");

@@ -146,15 +146,6 @@ static void dequant_block(const qdesc *q, int64_t row, int64_t i0, int64_t len, 
     }
 }
 
-/* float32 -> bf16 to nearest even, NaN to 0x7FC0: torch's conversion, so the result equals the float32
- * product then .to(torch.bfloat16). */
-static inline uint16_t round_bf16(float f) {
-    uint32_t bits;
-    memcpy(&bits, &f, sizeof bits);
-    if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
-    return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
-}
-
 /* Whether this CPU runs mllama_prefill_quant (AVX-512 BF16). */
 int mllama_prefill_usable(void) {
     __builtin_cpu_init();

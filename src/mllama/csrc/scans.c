@@ -14,6 +14,8 @@
 #include <math.h>
 #include <string.h>
 
+#include "bf16.h"
+
 enum { KIND_BF16 = 0, KIND_F16 = 1, KIND_F32 = 2 };
 
 static int64_t count_scalar(const void *p, int64_t begin, int64_t end, int kind) {
@@ -62,15 +64,9 @@ int64_t mllama_count_nonfinite(const void *p, int64_t n, int kind, int threads) 
 }
 
 
-/* A bf16 value as float32 (exactly). */
-static inline float widen_bf16(uint16_t h) {
-    union { uint32_t u; float f; } bits = {(uint32_t)h << 16};
-    return bits.f;
-}
-
 /* The value at row[i] of float32 or bf16 (bf16) values, exactly as float32. */
 static inline float value_at(const void *row, int bf16, int64_t i) {
-    return bf16 ? widen_bf16(((const uint16_t *)row)[i]) : ((const float *)row)[i];
+    return bf16 ? bf16_to_float(((const uint16_t *)row)[i]) : ((const float *)row)[i];
 }
 
 /* The first index of row's largest value, NaN counting as larger than every number (as torch.argmax):
@@ -141,13 +137,6 @@ int mllama_argmax_rows(const void *logits, int64_t b, int64_t v, int64_t *out, i
     return 0;
 }
 
-/* float32 -> bf16, nearest even (as torch's .to(bfloat16)); a NaN as 0x7FC0. */
-static inline uint16_t round_bf16(float f) {
-    union { float f; uint32_t u; } bits = {f};
-    if (f != f) return 0x7FC0;
-    return (uint16_t)((bits.u + 0x7FFF + ((bits.u >> 16) & 1)) >> 16);
-}
-
 #define NORM_LANES 16
 /* out = weight * bf16(x * 1 / sqrt(mean(x^2) + eps)) for each of `rows` rows of d bf16 values, in
  * float32 and rounded twice as the model's RMSNorm (layers.py; Meta's: normalise in float32, round to
@@ -164,18 +153,18 @@ int mllama_rms_norm_bf16(const uint16_t *x, const uint16_t *weight, int64_t rows
         int64_t i = 0;
         for (; i + NORM_LANES <= d; i += NORM_LANES)
             for (int j = 0; j < NORM_LANES; j++) {
-                const float v = widen_bf16(row[i + j]);
+                const float v = bf16_to_float(row[i + j]);
                 lanes[j] += v * v;
             }
         for (; i < d; i++) {
-            const float v = widen_bf16(row[i]);
+            const float v = bf16_to_float(row[i]);
             lanes[i % NORM_LANES] += v * v;
         }
         float sum = 0.0f;
         for (int j = 0; j < NORM_LANES; j++) sum += lanes[j];
         const float inv = 1.0f / sqrtf(sum / (float)d + eps);
         for (i = 0; i < d; i++)
-            out[r * d + i] = round_bf16(widen_bf16(weight[i]) * widen_bf16(round_bf16(widen_bf16(row[i]) * inv)));
+            out[r * d + i] = round_bf16(bf16_to_float(weight[i]) * bf16_to_float(round_bf16(bf16_to_float(row[i]) * inv)));
     }
     return 0;
 }
@@ -195,9 +184,9 @@ int mllama_rope_bf16(const uint16_t *q, const uint16_t *k, int64_t rows, int64_t
             const uint16_t *x = h < hq ? q + (r * hq + h) * d : k + (r * hk + h - hq) * d;
             uint16_t *o = h < hq ? q_out + (r * hq + h) * d : k_out + (r * hk + h - hq) * d;
             for (int64_t i = 0; i < d; i++) {
-                const float turned = i < half ? -widen_bf16(x[i + half]) : widen_bf16(x[i - half]);
-                const float a = widen_bf16(round_bf16(widen_bf16(x[i]) * widen_bf16(c[i])));
-                const float b = widen_bf16(round_bf16(turned * widen_bf16(s[i])));
+                const float turned = i < half ? -bf16_to_float(x[i + half]) : bf16_to_float(x[i - half]);
+                const float a = bf16_to_float(round_bf16(bf16_to_float(x[i]) * bf16_to_float(c[i])));
+                const float b = bf16_to_float(round_bf16(turned * bf16_to_float(s[i])));
                 o[i] = round_bf16(a + b);
             }
         }
