@@ -17,7 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllama import cpu_kernels, host_memory
+from mllama import cpu_kernels, cpu_scans, host_memory
 from mllama import linear as linear_module
 from mllama.linear import DecodeLinear, apply_cpu_kernels, swap_linears
 
@@ -203,11 +203,31 @@ def test_failed_build_warns_and_falls_back(monkeypatch, tmp_path):
     assert not list(tmp_path.rglob("*.so"))
 
 
+def test_scans_failed_build_warns_once_and_falls_back_to_torch(monkeypatch, tmp_path):
+    """csrc/scans.c loads on its own: where it cannot be built the scans warn once and every caller gets
+    torch's answer (None for the NaN count, torch.argmax, no row kernels), the other kernels untouched."""
+    monkeypatch.setattr(cpu_scans, "_lib", None)
+    monkeypatch.setattr(cpu_scans, "_tried", False)
+    monkeypatch.setenv("MLLAMA_CACHE", str(tmp_path))
+    monkeypatch.setenv("CC", "false")
+    monkeypatch.delenv("MLLAMA_NO_KERNELS", raising=False)
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("the scans are built on x86-64 only")
+    with pytest.warns(RuntimeWarning, match="scan kernels unavailable"):
+        assert cpu_scans.count_not_finite(torch.tensor([1.0, float("nan")])) is None
+    logits = torch.randn(3, 1000).bfloat16()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once, not at every call
+        assert not cpu_scans.row_kernels_available()
+        assert torch.equal(cpu_scans.argmax_rows(logits), logits.argmax(dim=-1))
+
+
 def test_env_switch_disables_kernel():
-    code = "from mllama import cpu_kernels; print(cpu_kernels.gemv_available())"
+    code = ("from mllama import cpu_kernels, cpu_scans; import torch; "
+            "print(cpu_kernels.gemv_available(), cpu_scans.count_not_finite(torch.zeros(1)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"MLLAMA_NO_KERNELS": "1", "PATH": "/usr/bin:/bin"})
-    assert out.stdout.strip() == "False"
+    assert out.stdout.strip() == "False None"
 
 
 @needs_kernel
@@ -301,9 +321,7 @@ def test_bf16_conv_runs_in_float32_without_native_bf16(monkeypatch):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("n", [1, 15, 16, 17, 1000, 4099])
 def test_count_not_finite_equals_torch(dtype, n):
-    from mllama import cpu_kernels
-
-    if cpu_kernels.count_not_finite(torch.zeros(1)) is None:
+    if cpu_scans.count_not_finite(torch.zeros(1)) is None:
         pytest.skip("csrc/scans.c does not run here")
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(n, generator=gen) * 100).to(dtype)
@@ -311,9 +329,9 @@ def test_count_not_finite_equals_torch(dtype, n):
     for i in torch.randperm(n, generator=gen)[: max(1, n // 7)].tolist():
         x[i] = [float("nan"), float("inf"), -float("inf"), top, -top][i % 5]  # the largest finite ones too
     x[-1] = float("nan")  # the scalar tail
-    assert cpu_kernels.count_not_finite(x) == int((~torch.isfinite(x)).sum())
+    assert cpu_scans.count_not_finite(x) == int((~torch.isfinite(x)).sum())
     if n > 1:
-        assert cpu_kernels.count_not_finite(x[::2]) is None  # not contiguous: the caller counts with torch
+        assert cpu_scans.count_not_finite(x[::2]) is None  # not contiguous: the caller counts with torch
 
 
 @pytest.mark.parametrize("rows,vocab", [(1, 1), (1, 17), (3, 128264), (17, 1000)])
@@ -321,7 +339,7 @@ def test_argmax_rows_equals_torch(rows, vocab, monkeypatch):
     """Greedy decoding's argmax (csrc/scans.c, its AVX-512 loop and its plain C one) of float32 and bf16
     logits: the first of equal maxima, a NaN as the largest value, rows of -inf, +inf and the vector
     tail past a multiple of 16, as torch.argmax."""
-    if cpu_kernels.count_not_finite(torch.zeros(1)) is None:
+    if cpu_scans.count_not_finite(torch.zeros(1)) is None:
         pytest.skip("csrc/scans.c does not run here")
     gen = torch.Generator().manual_seed(rows * vocab)
     x = torch.randn(rows, vocab, generator=gen)
@@ -337,14 +355,14 @@ def test_argmax_rows_equals_torch(rows, vocab, monkeypatch):
         cases += [ties, same_lane, nan]
     cases += [torch.full((rows, vocab), -float("inf")), torch.full((rows, vocab), float("inf"))]
     calls = []
-    kernel = cpu_kernels._scans.mllama_argmax_rows
-    monkeypatch.setattr(cpu_kernels._scans, "mllama_argmax_rows", lambda *a: calls.append(1) or kernel(*a))
+    kernel = cpu_scans._lib.mllama_argmax_rows
+    monkeypatch.setattr(cpu_scans._lib, "mllama_argmax_rows", lambda *a: calls.append(1) or kernel(*a))
     for logits in cases + [c.bfloat16() for c in cases]:  # bf16: its own rounding ties more values
         expected = logits.argmax(dim=-1)
-        assert torch.equal(cpu_kernels.argmax_rows(logits), expected)
-        assert torch.equal(cpu_kernels.argmax_rows(logits, plain_c=True), expected)  # CPUs without AVX-512
+        assert torch.equal(cpu_scans.argmax_rows(logits), expected)
+        assert torch.equal(cpu_scans.argmax_rows(logits, plain_c=True), expected)  # CPUs without AVX-512
     assert len(calls) == 4 * len(cases)  # in C, not the fallback
-    assert torch.equal(cpu_kernels.argmax_rows(x.half()), x.half().argmax(dim=-1))  # other dtypes: torch
+    assert torch.equal(cpu_scans.argmax_rows(x.half()), x.half().argmax(dim=-1))  # other dtypes: torch
 
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64") or not (shutil.which("gcc") or shutil.which("cc"))
@@ -357,11 +375,11 @@ def test_every_kernel_builds_and_loads_here():
     from mllama import cpu_attention
     from mllama.kernel_cache import build_kernel
 
-    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.AMX_SOURCE, cpu_kernels.SCANS_SOURCE,
+    for source in (cpu_kernels.SOURCE, cpu_kernels.SMALL_SOURCE, cpu_kernels.AMX_SOURCE, cpu_scans.SOURCE,
                    cpu_attention.SOURCE):
         ctypes.CDLL(str(build_kernel(source)))  # raises KernelCacheError with the compiler's message
-    assert cpu_kernels.count_not_finite(torch.zeros(1)) == 0
-    assert cpu_kernels._scans is not None  # argmax_rows runs in C
+    assert cpu_scans.count_not_finite(torch.zeros(1)) == 0
+    assert cpu_scans._lib is not None  # argmax_rows runs in C
     if cpu_kernels._small_level:  # AVX2 + FMA here: every kernel in use
         assert cpu_kernels.gemv_available() and cpu_kernels.quant_kernels_available()
 
@@ -372,7 +390,7 @@ def test_an_amx_build_failure_costs_only_the_tiles(tmp_path, monkeypatch):
     the other kernels still load (they used to share one file and fall back to torch together)."""
     broken = tmp_path / "gemm_amx.c"
     broken.write_text("this is not C\n")
-    for name in ("_lib", "_small", "_amx_lib", "_scans", "_level", "_small_level", "_tried", "_amx_int8"):
+    for name in ("_lib", "_small", "_amx_lib", "_level", "_small_level", "_tried", "_amx_int8"):
         monkeypatch.setattr(cpu_kernels, name, getattr(cpu_kernels, name))  # restored afterwards
     monkeypatch.setattr(cpu_kernels, "AMX_SOURCE", broken)
     monkeypatch.setattr(cpu_kernels, "_tried", False)

@@ -589,14 +589,14 @@ def test_nan_weights_are_refused_at_load(tmp_path):
 
 
 def _finite_counter(which: str, monkeypatch) -> None:
-    """Pick the load-time check's counter: csrc/finite.c ("kernel") or the chunked torch fallback."""
+    """Pick the load-time check's counter: csrc/scans.c ("kernel") or the chunked torch fallback."""
     import mllama.checks
-    from mllama import cpu_kernels
+    from mllama import cpu_scans
 
     if which == "torch":
         monkeypatch.setattr(mllama.checks, "count_not_finite", lambda tensor: None)
-    elif cpu_kernels.count_not_finite(torch.zeros(1)) is None:
-        pytest.skip("csrc/finite.c does not run here")
+    elif cpu_scans.count_not_finite(torch.zeros(1)) is None:
+        pytest.skip("csrc/scans.c does not run here")
 
 
 @pytest.mark.parametrize("which", ["kernel", "torch"])

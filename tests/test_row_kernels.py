@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from mllama import cpu_kernels
+from mllama import cpu_kernels, cpu_scans
 from mllama.attention import TextSelfAttention
 from mllama.layers import RMSNorm, TextMLP, apply_rotary
 from mllama.model import MllamaForConditionalGeneration
@@ -15,7 +15,7 @@ from mllama.quantize import QuantizationConfig, quantize_model
 from mllama.row_kernels import KernelRMSNorm, KernelTextMLP, KernelTextSelfAttention, apply_row_kernels
 from tiny import randomize_, tiny_config
 
-needs_kernel = pytest.mark.skipif(not cpu_kernels.row_kernels_available(), reason="csrc/scans.c does not run here")
+needs_kernel = pytest.mark.skipif(not cpu_scans.row_kernels_available(), reason="csrc/scans.c does not run here")
 
 
 def _norms(d: int, *, seed: int = 0, eps: float = 1e-5) -> tuple[RMSNorm, KernelRMSNorm]:
@@ -59,8 +59,8 @@ def test_kernel_norm_is_the_model_arithmetic(d):
 def test_kernel_norm_falls_back_to_the_formula_where_it_does_not_run(monkeypatch):
     plain, kernel = _norms(96)
     calls = []
-    norm = cpu_kernels.rms_norm_bf16
-    monkeypatch.setattr(cpu_kernels, "rms_norm_bf16", lambda *a: calls.append(1) or norm(*a))
+    norm = cpu_scans.rms_norm_bf16
+    monkeypatch.setattr(cpu_scans, "rms_norm_bf16", lambda *a: calls.append(1) or norm(*a))
     x = torch.randn(3, 96).bfloat16()
     with torch.no_grad():
         kernel(x)
@@ -116,8 +116,8 @@ def test_kernel_rope_is_apply_rotary_bit_for_bit(b, s, hq, hk, d):
 @needs_kernel
 def test_kernel_rope_falls_back_where_it_does_not_run(monkeypatch):
     calls = []
-    rope = cpu_kernels.rope_bf16
-    monkeypatch.setattr(cpu_kernels, "rope_bf16", lambda *a: calls.append(1) or rope(*a))
+    rope = cpu_scans.rope_bf16
+    monkeypatch.setattr(cpu_scans, "rope_bf16", lambda *a: calls.append(1) or rope(*a))
     attention = KernelTextSelfAttention.__new__(KernelTextSelfAttention)
     q, k, cos, sin = _rope_inputs(2, 3, 4, 2, 16, seed=0)
     with torch.no_grad():

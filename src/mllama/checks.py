@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mllama.cpu_kernels import count_not_finite
+from mllama.cpu_scans import count_not_finite
 
 __all__ = ["check_finite_parameters", "check_pixel_values"]
 
@@ -35,7 +35,7 @@ _FINITE_CHUNK = 1 << 24
 
 
 def _count_not_finite(tensor: torch.Tensor) -> int:
-    fast = count_not_finite(tensor)  # one pass at memory speed where csrc/finite.c runs
+    fast = count_not_finite(tensor)  # one pass at memory speed where csrc/scans.c runs
     if fast is not None:
         return fast
     flat = tensor.reshape(-1)

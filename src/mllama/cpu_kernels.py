@@ -38,7 +38,6 @@ from mllama.kernel_cache import build_kernel, load_kernel
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
 AMX_SOURCE = Path(__file__).parent / "csrc" / "gemm_amx.c"
-SCANS_SOURCE = Path(__file__).parent / "csrc" / "scans.c"
 MAX_ROWS = 16  # rows of a decode step (one per engine slot) that go through the bf16 kernel
 MAX_AVX512_ROWS = 32  # with AVX-512 BF16, up to this many (its chunked passes beat torch's GEMM up to 32)
 MAX_AMX_ROWS = 64  # with AMX tiles, up to this many (gemm_amx.c's AMX_MAX_M; 1.3-1.8x torch's GEMM at 32-64)
@@ -47,7 +46,6 @@ MAX_QUANT_ROWS = 32  # gemm_small.c's limit; more rows dequantize and call the l
 _lib: ctypes.CDLL | None = None
 _small: ctypes.CDLL | None = None
 _amx_lib: ctypes.CDLL | None = None  # csrc/gemm_amx.c, where its AMX-BF16 tiles run here
-_scans: ctypes.CDLL | None = None
 _level = 0
 _small_level = 0  # csrc/gemm_small.c's instruction set: 1 AVX2, 2 AVX512-VNNI, 3 AVX-VNNI
 _amx_int8 = False  # and its AMX-INT8 tiles (int8 and int4 weights without dequantizing to bf16)
@@ -71,14 +69,13 @@ def _build(source: Path) -> Path:
 
 
 def _load() -> None:
-    global _lib, _small, _amx_lib, _scans, _level, _small_level, _tried, _amx_int8
+    global _lib, _small, _amx_lib, _level, _small_level, _tried, _amx_int8
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
     try:
         lib = ctypes.CDLL(str(_build(SOURCE)))
         small = ctypes.CDLL(str(_build(SMALL_SOURCE)))
-        scans = ctypes.CDLL(str(_build(SCANS_SOURCE)))
     except (OSError, RuntimeError) as err:
         warnings.warn(f"mllama: decode kernels unavailable, using F.linear ({err})", RuntimeWarning,
                       stacklevel=3)
@@ -106,18 +103,6 @@ def _load() -> None:
     small.mllama_dequant_int8.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int] + [ctypes.c_int64] * 2
                                           + [ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int])
     small.mllama_dequant_int8.restype = ctypes.c_int
-    scans.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-    scans.mllama_count_nonfinite.restype = ctypes.c_int64
-    scans.mllama_argmax_rows.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int,
-                                         ctypes.c_int, ctypes.c_int]
-    scans.mllama_argmax_rows.restype = ctypes.c_int
-    scans.mllama_rms_norm_bf16.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
-                                           ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-    scans.mllama_rms_norm_bf16.restype = ctypes.c_int
-    scans.mllama_rope_bf16.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] * 4 + [ctypes.c_void_p] * 4
-                                       + [ctypes.c_int])
-    scans.mllama_rope_bf16.restype = ctypes.c_int
-    _scans = scans
     _level = lib.mllama_gemv_level()
     _lib = lib if _level > 0 else None
     _small_level = small.mllama_gemm_small_level()
@@ -257,69 +242,6 @@ _gemv_bf16_op = torch.library.custom_op("mllama::gemv_bf16", _gemv_bf16, mutates
 @_gemv_bf16_op.register_fake
 def _(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], weight.shape[0])
-
-
-_FINITE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
-
-
-def count_not_finite(tensor: torch.Tensor) -> int | None:
-    """The number of NaN and infinite values of a contiguous CPU bf16, fp16 or float32 tensor, read
-    once at memory speed by csrc/scans.c; None where that does not run (then count with torch)."""
-    if not _tried:
-        _load()
-    kind = _FINITE_KINDS.get(tensor.dtype)
-    if _scans is None or kind is None or tensor.device.type != "cpu" or not tensor.is_contiguous():
-        return None
-    count = _scans.mllama_count_nonfinite(tensor.data_ptr(), tensor.numel(), kind, torch.get_num_threads())
-    return None if count < 0 else int(count)
-
-
-def row_kernels_available() -> bool:
-    """Whether csrc/scans.c's RMSNorm and RoPE of bf16 rows (rms_norm_bf16, rope_bf16) run here."""
-    if not _tried:
-        _load()
-    return _scans is not None
-
-
-def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """(..., D) contiguous bf16 CPU rows and a (D,) contiguous bf16 weight -> (..., D) bf16: the model's
-    RMSNorm in one C call (see csrc/scans.c for its order of sums). The caller checks the layout and
-    row_kernels_available()."""
-    out = torch.empty_like(x)
-    d = x.shape[-1]
-    if _scans.mllama_rms_norm_bf16(x.data_ptr(), weight.data_ptr(), x.numel() // d, d, eps, out.data_ptr(),
-                                   torch.get_num_threads()) != 0:
-        raise ValueError(f"rms_norm_bf16: the kernel refused rows of shape {tuple(x.shape)}")
-    return out
-
-
-def rope_bf16(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Contiguous bf16 CPU q (B, S, H, D), k (B, S, H_kv, D), cos and sin (B, S, D) -> rotated q, k in
-    the same layout: layers.apply_rotary's bits in one C call. The caller checks the layout and
-    row_kernels_available()."""
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    b, s, hq, d = q.shape
-    if _scans.mllama_rope_bf16(q.data_ptr(), k.data_ptr(), b * s, hq, k.shape[2], d, cos.data_ptr(), sin.data_ptr(),
-                               q_out.data_ptr(), k_out.data_ptr(), torch.get_num_threads()) != 0:
-        raise ValueError(f"rope_bf16: the kernel refused q {tuple(q.shape)}, k {tuple(k.shape)}")
-    return q_out, k_out
-
-
-def argmax_rows(logits: torch.Tensor, *, plain_c: bool = False) -> torch.Tensor:
-    """(B, V) float32 or bf16 logits -> (B,) int64: each row's argmax as torch.argmax gives it (the first
-    of equal maxima; a NaN counts as the largest), by csrc/scans.c on CPU; torch.argmax elsewhere.
-    plain_c: the C loop of CPUs without AVX-512 even where the CPU has it (tests)."""
-    if not _tried:
-        _load()
-    if (_scans is None or torch.compiler.is_compiling() or logits.dim() != 2
-            or logits.dtype not in (torch.float32, torch.bfloat16) or logits.device.type != "cpu"
-            or not logits.is_contiguous()):
-        return logits.argmax(dim=-1)
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
-    if _scans.mllama_argmax_rows(logits.data_ptr(), logits.shape[0], logits.shape[1], out.data_ptr(),
-                                 torch.get_num_threads(), int(plain_c), int(logits.dtype == torch.bfloat16)) != 0:
-        return logits.argmax(dim=-1)
-    return out
 
 
 def quant_kernels_available() -> bool:

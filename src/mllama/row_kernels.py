@@ -17,17 +17,17 @@ import torch
 from torch import nn
 from torch.nn.modules import module as _module
 
-from mllama import cpu_kernels
+from mllama import cpu_scans
 from mllama.attention import TextSelfAttention
 from mllama.layers import RMSNorm, TextMLP
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    return cpu_kernels.rms_norm_bf16(x, weight, eps)
+    return cpu_scans.rms_norm_bf16(x, weight, eps)
 
 
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return cpu_kernels.rope_bf16(q, k, cos, sin)
+    return cpu_scans.rope_bf16(q, k, cos, sin)
 
 
 # the custom ops keep a compiled step's graph whole (the C calls run inside it)
@@ -50,7 +50,7 @@ def _kernel_runs(*tensors: torch.Tensor) -> bool:
     grad = torch.is_grad_enabled()
     return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
                 and not (grad and t.requires_grad) for t in tensors)
-            and cpu_kernels.row_kernels_available())
+            and cpu_scans.row_kernels_available())
 
 
 def _without_hooks(*modules: nn.Module) -> bool:
@@ -62,7 +62,7 @@ def _without_hooks(*modules: nn.Module) -> bool:
 
 
 class KernelRMSNorm(RMSNorm):
-    """RMSNorm whose bf16 CPU rows (outside autograd) take cpu_kernels.rms_norm_bf16 (the custom op
+    """RMSNorm whose bf16 CPU rows (outside autograd) take cpu_scans.rms_norm_bf16 (the custom op
     mllama::rms_norm_bf16 under torch.compile); everything else RMSNorm.forward."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -73,7 +73,7 @@ class KernelRMSNorm(RMSNorm):
 
 
 class KernelTextSelfAttention(TextSelfAttention):
-    """TextSelfAttention whose RoPE of bf16 CPU q and k (outside autograd) takes cpu_kernels.rope_bf16
+    """TextSelfAttention whose RoPE of bf16 CPU q and k (outside autograd) takes cpu_scans.rope_bf16
     (mllama::rope_bf16 under torch.compile): the same bits as apply_rotary."""
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,

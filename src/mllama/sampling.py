@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mllama.cpu_kernels import argmax_rows
+from mllama.cpu_scans import argmax_rows
 
 
 @dataclass
