@@ -378,7 +378,7 @@ def test_vnni_int4_path_equals_the_avx2_one(n, k, group):
 def test_prefill_dequantizes_in_blocks_of_rows(mode, dtype, monkeypatch):
     """Prefill rows dequantize the weight a block of output rows at a time (here 16, the last block
     short) into one buffer; the product equals F.linear over the whole dequantized weight."""
-    monkeypatch.setattr(cpu_kernels, "PREFILL_BLOCK_BYTES", 1)  # the smallest block: 16 rows
+    monkeypatch.setattr(cpu_prefill, "PREFILL_BLOCK_BYTES", 1)  # the smallest block: 16 rows
     monkeypatch.setattr(cpu_prefill, "takes", lambda *a: False)  # the blocked route on any CPU
     _, q = _quantized_linear(mode, 50, 200, group_size=64, dtype=dtype, bias=True, seed=5)
     blocks = []
@@ -612,9 +612,9 @@ def test_modules_take_the_fused_passes_for_batched_decode_rows(mode, group, k, m
     lo = cpu_kernels.FUSED_MIN_ROWS_INT4_TILE512 if tile512 else cpu_kernels.FUSED_MIN_ROWS[mode]
     hi = cpu_kernels.MAX_AVX512_ROWS
     calls, larger = [], []
-    real, real_blocked = cpu_kernels.quant_gemv, cpu_kernels.blocked_product
+    real, real_blocked = cpu_kernels.quant_gemv, cpu_prefill.blocked_product
     monkeypatch.setattr(cpu_kernels, "quant_gemv", lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw))
-    monkeypatch.setattr(cpu_kernels, "blocked_product",
+    monkeypatch.setattr(cpu_prefill, "blocked_product",
                         lambda x, *a, **kw: larger.append(x.shape[0]) or real_blocked(x, *a, **kw))
     real_prefill = cpu_prefill.prefill_product  # the same CPUs (AVX-512 BF16, no AMX) have it
     monkeypatch.setattr(cpu_prefill, "prefill_product",

@@ -25,14 +25,11 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import threading
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from mllama.host_memory import fresh_zeros
 from mllama.kernel_cache import build_kernel, load_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
@@ -450,54 +447,6 @@ def _output(out: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype
     if tuple(out.shape) != shape or out.dtype != dtype or not out.is_contiguous() or out.device.type != "cpu":
         raise ValueError(f"dequantize: out must be a contiguous CPU {dtype} tensor of shape {shape}, "
                          f"got {out.dtype} {tuple(out.shape)}")
-    return out
-
-
-# The weight block each GEMM of blocked_product takes. Large: every (dequantize, GEMM) pair pays a
-# fixed cost (the library packs each block afresh, and each call starts on caches the other just
-# filled), which blocks small enough to stay in cache paid dozens of times a weight.
-PREFILL_BLOCK_BYTES = 64 * 2**20
-
-_scratch = threading.local()
-
-
-def _scratch_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
-    """A (rows, k) buffer of this thread's, kept between calls (memory a process has not touched yet
-    faults in a page at a time, slower than the dequantization that fills it) and on huge pages where
-    the OS grants them (host_memory.fresh_zeros: fewer TLB misses for the GEMM that reads it); grown as
-    needed, at most about PREFILL_BLOCK_BYTES (or one 16-row block) a thread and dtype."""
-    buffers = _scratch.__dict__.setdefault("buffers", {})
-    flat = buffers.get(dtype)
-    if flat is None or flat.numel() < rows * k:
-        flat = buffers[dtype] = fresh_zeros((rows * k,), dtype)
-    return flat[:rows * k].view(rows, k)
-
-
-def blocked_product(x: torch.Tensor, out_features: int,
-                    dequantize_rows: Callable[[int, int, torch.Tensor], torch.Tensor | None], *,
-                    compute_dtype: torch.dtype) -> torch.Tensor | None:
-    """(M, K) x -> (M, N) = x @ W.T in compute_dtype, W dequantized a block of output rows at a time
-    (PREFILL_BLOCK_BYTES; the whole weight where it fits) by `dequantize_rows(r0, r1, out)` (None: it
-    cannot) into a buffer kept per thread (_scratch_rows), each block through the library GEMM. None
-    where dequantize_rows declines."""
-    m, k = x.shape
-    x = x.to(compute_dtype).contiguous()
-    block = min(out_features, max(16, PREFILL_BLOCK_BYTES // (k * compute_dtype.itemsize) // 16 * 16))
-    scratch = _scratch_rows(block, k, compute_dtype)
-    if block == out_features:
-        w = dequantize_rows(0, block, scratch)
-        return None if w is None else x @ w.T
-    part = torch.empty(m, block, dtype=compute_dtype)
-    out = torch.empty(m, out_features, dtype=compute_dtype)
-    for r0 in range(0, out_features, block):
-        r1 = min(out_features, r0 + block)
-        w = dequantize_rows(r0, r1, scratch[:r1 - r0])
-        if w is None:
-            return None
-        if r1 - r0 == block:
-            out[:, r0:r1] = torch.mm(x, w.T, out=part)
-        else:
-            out[:, r0:r1] = x @ w.T
     return out
 
 

@@ -1,22 +1,26 @@
-"""Prompt-sized products against int8 / int4 weights on CPUs with AVX-512 BF16 and no AMX
-(csrc/gemm_prefill.c, built on first use like mllama.cpu_kernels' kernels).
+"""Prompt-sized products against int8 / int4 weights: csrc/gemm_prefill.c's tiles on CPUs with AVX-512
+BF16 and no AMX (built on first use like mllama.cpu_kernels' kernels), and the blocked route of the rest.
 
 From PREFILL_MIN_ROWS to PREFILL_MAX_ROWS rows of bf16 x, `_QuantizedLinear.product` sends x here
-instead of dequantizing the whole weight for the library GEMM (cpu_kernels.blocked_product): the
+instead of dequantizing the whole weight for the library GEMM (blocked_product, below): the
 weight is dequantized a cache-sized block at a time and multiplied there, so its bf16 copy never goes
 to memory and back (benchmarks/RESULTS.md). Fewer rows take the small-row kernels (cpu_kernels), AMX CPUs their tiles.
 The result is the float32 product over the same dequantized weights, in another summation order than
-the library's, rounded to bf16.
+the library's, rounded to bf16. Other prompts (more rows, float32 x, other CPUs) take blocked_product:
+the weight dequantized in large blocks of output rows, each block through the library GEMM.
 """
 
 from __future__ import annotations
 
 import ctypes
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from mllama import cpu_kernels
+from mllama.host_memory import fresh_zeros
 from mllama.kernel_cache import load_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemm_prefill.c"
@@ -89,3 +93,51 @@ def prefill_product(x: torch.Tensor, fmt: str, weight: torch.Tensor, scale: torc
         raise ValueError(f"prefill_product: the kernel refused {fmt} (group size {group_size}) for a weight of "
                          f"shape {tuple(weight.shape)}")
     return out.view(*x.shape[:-1], n)
+
+
+# The weight block each GEMM of blocked_product takes. Large: every (dequantize, GEMM) pair pays a
+# fixed cost (the library packs each block afresh, and each call starts on caches the other just
+# filled), which blocks small enough to stay in cache paid dozens of times a weight.
+PREFILL_BLOCK_BYTES = 64 * 2**20
+
+_scratch = threading.local()
+
+
+def _scratch_rows(rows: int, k: int, dtype: torch.dtype) -> torch.Tensor:
+    """A (rows, k) buffer of this thread's, kept between calls (memory a process has not touched yet
+    faults in a page at a time, slower than the dequantization that fills it) and on huge pages where
+    the OS grants them (host_memory.fresh_zeros: fewer TLB misses for the GEMM that reads it); grown as
+    needed, at most about PREFILL_BLOCK_BYTES (or one 16-row block) a thread and dtype."""
+    buffers = _scratch.__dict__.setdefault("buffers", {})
+    flat = buffers.get(dtype)
+    if flat is None or flat.numel() < rows * k:
+        flat = buffers[dtype] = fresh_zeros((rows * k,), dtype)
+    return flat[:rows * k].view(rows, k)
+
+
+def blocked_product(x: torch.Tensor, out_features: int,
+                    dequantize_rows: Callable[[int, int, torch.Tensor], torch.Tensor | None], *,
+                    compute_dtype: torch.dtype) -> torch.Tensor | None:
+    """(M, K) x -> (M, N) = x @ W.T in compute_dtype, W dequantized a block of output rows at a time
+    (PREFILL_BLOCK_BYTES; the whole weight where it fits) by `dequantize_rows(r0, r1, out)` (None: it
+    cannot) into a buffer kept per thread (_scratch_rows), each block through the library GEMM. None
+    where dequantize_rows declines."""
+    m, k = x.shape
+    x = x.to(compute_dtype).contiguous()
+    block = min(out_features, max(16, PREFILL_BLOCK_BYTES // (k * compute_dtype.itemsize) // 16 * 16))
+    scratch = _scratch_rows(block, k, compute_dtype)
+    if block == out_features:
+        w = dequantize_rows(0, block, scratch)
+        return None if w is None else x @ w.T
+    part = torch.empty(m, block, dtype=compute_dtype)
+    out = torch.empty(m, out_features, dtype=compute_dtype)
+    for r0 in range(0, out_features, block):
+        r1 = min(out_features, r0 + block)
+        w = dequantize_rows(r0, r1, scratch[:r1 - r0])
+        if w is None:
+            return None
+        if r1 - r0 == block:
+            out[:, r0:r1] = torch.mm(x, w.T, out=part)
+        else:
+            out[:, r0:r1] = x @ w.T
+    return out

@@ -155,7 +155,7 @@ class _QuantizedLinear(nn.Module):
             # bf16 GEMMs are slow on a CPU without native bf16 (and fp16 on most): those go in float32
             native = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and cpu_has_native_bf16())
             compute = x.dtype if native else torch.float32
-            out = cpu_kernels.blocked_product(x.reshape(-1, self.in_features), self.out_features,
+            out = cpu_prefill.blocked_product(x.reshape(-1, self.in_features), self.out_features,
                                               lambda r0, r1, out: self._dequantize_rows(r0, r1, compute, out),
                                               compute_dtype=compute)
             if out is not None:
