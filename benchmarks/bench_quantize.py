@@ -16,7 +16,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from mllama import cpu_kernels
+from mllama import cpu_kernels, quant_ops
 from mllama.cli import default_model_dir
 from mllama.quantize import QuantizationConfig, quantize_int4, quantize_int8, quantize_model
 
@@ -99,10 +99,10 @@ def kernels(n: int, k: int, rounds: int) -> None:
         cases = {
             "bf16 F.linear": lambda: F.linear(x, w),
             "bf16 kernel": lambda: cpu_kernels.gemv_bf16(x, w),
-            "int8 ours": lambda: cpu_kernels.linear_int8(x, q8["weight"], q8["weight_scale"]),
+            "int8 ours": lambda: quant_ops.linear_int8(x, q8["weight"], q8["weight_scale"]),
             "int8 small-row kernel": lambda: cpu_kernels.small_gemm(x, "int8", q8["weight"], q8["weight_scale"]),
             "int8 torch": lambda: torch.ops.aten._weight_int8pack_mm(x, q8["weight"], q8["weight_scale"]),
-            "int4 ours": lambda: cpu_kernels.linear_int4(x, q4["weight_packed"], q4["weight_scale"],
+            "int4 ours": lambda: quant_ops.linear_int4(x, q4["weight_packed"], q4["weight_scale"],
                                                          q4["weight_offset"], 64),
             "int4 torch": lambda: torch.ops.aten._weight_int4pack_mm_for_cpu(x, torch_int4, 64, scales_zeros),
         }

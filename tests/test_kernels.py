@@ -410,11 +410,12 @@ def test_a_kernel_op_called_first_in_a_fresh_process_loads_the_kernels(call):
     and raise 'not available on this machine' unless a bf16 product had run before."""
     code = {
         "linear_int4": "q = quantize_int4(w, group_size=64); "
-                       "y = cpu_kernels.linear_int4(x, q['weight_packed'], q['weight_scale'], q['weight_offset'], 64)",
-        "linear_int8": "q = quantize_int8(w); y = cpu_kernels.linear_int8(x, q['weight'], q['weight_scale'])",
+                       "y = quant_ops.linear_int4(x, q['weight_packed'], q['weight_scale'], q['weight_offset'], 64)",
+        "linear_int8": "q = quantize_int8(w); y = quant_ops.linear_int8(x, q['weight'], q['weight_scale'])",
         "gemv_float32": "y = cpu_kernels.gemv_float32(x, w, level=1)",
     }[call]
-    script = ("import torch; from mllama import cpu_kernels; from mllama.quantize import quantize_int4, quantize_int8; "
+    script = ("import torch; from mllama import cpu_kernels, quant_ops; "
+              "from mllama.quantize import quantize_int4, quantize_int8; "
               "w = torch.randn(16, 128).bfloat16(); x = torch.randn(1, 128).bfloat16(); "
               f"{code}; print(tuple(y.shape))")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mllama import cpu_kernels, cpu_prefill
+from mllama import cpu_kernels, cpu_prefill, quant_ops
 from mllama.cli import main as cli_main
 from mllama.linear import cpu_has_native_bf16
 from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
@@ -150,9 +150,9 @@ def test_quantized_linear_matches_float64_reference(mode, group, n, k, dtype):
 @pytest.mark.parametrize("mode", ["int8", "int4"])
 def test_kernel_is_used_for_decode_rows(mode, monkeypatch):
     _, q = _quantized_linear(mode, 40, 96)
-    op = cpu_kernels.linear_int8 if mode == "int8" else cpu_kernels.linear_int4
+    op = quant_ops.linear_int8 if mode == "int8" else quant_ops.linear_int4
     calls = []
-    monkeypatch.setattr(cpu_kernels, f"linear_{mode}", lambda *a: calls.append(1) or op(*a))
+    monkeypatch.setattr(quant_ops, f"linear_{mode}", lambda *a: calls.append(1) or op(*a))
     with torch.no_grad():
         q(torch.randn(1, 96))
         q(torch.randn(cpu_kernels.MAX_QUANT_ROWS, 96))
@@ -496,13 +496,13 @@ def test_c_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n, k, 
     q = quantize_int4((torch.randn(n, k, generator=gen) * 0.02).to(scale_dtype), group_size=group)
     args = (q["weight_packed"], q["weight_scale"], q["weight_offset"])
     ref = dequantize_int4(*args, in_features=k, dtype=out_dtype)
-    got = cpu_kernels.dequantize_int4(*args, group_size=group, in_features=k, dtype=out_dtype, level=level)
+    got = quant_ops.dequantize_int4(*args, group_size=group, in_features=k, dtype=out_dtype, level=level)
     assert got.dtype == out_dtype and got.shape == (n, k) and torch.equal(got, ref)
     module = Int4Linear(k, n, bias=False, dtype=scale_dtype, group_size=group)
     module.weight_packed, module.weight_scale, module.weight_offset = args
     calls = []
-    real = cpu_kernels.dequantize_int4
-    monkeypatch.setattr(cpu_kernels, "dequantize_int4", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    real = quant_ops.dequantize_int4
+    monkeypatch.setattr(quant_ops, "dequantize_int4", lambda *a, **kw: calls.append(1) or real(*a, **kw))
     with torch.no_grad():
         assert torch.equal(module.dequantize(out_dtype), ref) and calls == [1]
     assert torch.equal(module.dequantize(out_dtype), ref) and calls == [1]  # autograd: the torch reference
@@ -521,7 +521,7 @@ def test_c_int8_dequantizer_equals_the_torch_reference(out_dtype, scale_dtype, n
     gen = torch.Generator().manual_seed(n * k)
     q = quantize_int8((torch.randn(n, k, generator=gen) * 0.02).to(scale_dtype))
     ref = dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype)
-    got = cpu_kernels.dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype, level=level)
+    got = quant_ops.dequantize_int8(q["weight"], q["weight_scale"], dtype=out_dtype, level=level)
     assert got.dtype == out_dtype and torch.equal(got, ref)
     module = Int8Linear(k, n, bias=False, dtype=scale_dtype)
     module.weight, module.weight_scale = q["weight"], q["weight_scale"]

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama import cpu_kernels, cpu_prefill
+from mllama import cpu_kernels, cpu_prefill, quant_ops
 from mllama.linear import cpu_has_native_bf16, swap_linears
 from mllama.packed_linear import refuse_packed
 from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize is the public module)
@@ -217,7 +217,7 @@ class Int8Linear(_QuantizedLinear):
         return self.weight, self.weight_scale
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear_int8(x, self.weight, self.weight_scale)
+        return quant_ops.linear_int8(x, self.weight, self.weight_scale)
 
     def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
         return cpu_kernels.amx_product(x, "int8", self.weight, self.weight_scale)
@@ -227,7 +227,7 @@ class Int8Linear(_QuantizedLinear):
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
-        return cpu_kernels.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=dtype, out=out)
+        return quant_ops.dequantize_int8(self.weight[r0:r1], self.weight_scale[r0:r1], dtype=dtype, out=out)
 
     def _reference_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int8(self.weight, self.weight_scale, dtype=dtype)
@@ -263,7 +263,7 @@ class Int4Linear(_QuantizedLinear):
         return self.weight_packed, self.weight_scale, self.weight_offset
 
     def _kernel_product(self, x: torch.Tensor) -> torch.Tensor:
-        return cpu_kernels.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)
+        return quant_ops.linear_int4(x, self.weight_packed, self.weight_scale, self.weight_offset, self.group_size)
 
     def _amx_product(self, x: torch.Tensor) -> torch.Tensor | None:
         return cpu_kernels.amx_product(x, "int4", self.weight_packed, self.weight_scale, self.weight_offset,
@@ -274,7 +274,7 @@ class Int4Linear(_QuantizedLinear):
 
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
-        return cpu_kernels.dequantize_int4(self.weight_packed[r0:r1], self.weight_scale[r0:r1],
+        return quant_ops.dequantize_int4(self.weight_packed[r0:r1], self.weight_scale[r0:r1],
                                            self.weight_offset[r0:r1], group_size=self.group_size,
                                            in_features=self.in_features, dtype=dtype, out=out)
 
