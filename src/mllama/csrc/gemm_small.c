@@ -219,10 +219,7 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
 static float *widen_row(const uint16_t *x, int64_t k_in, int64_t k) {
     float *xf = malloc((size_t)k * sizeof *xf);
     if (!xf) return NULL;
-    for (int64_t i = 0; i < k_in; i++) {
-        const uint32_t bits = (uint32_t)x[i] << 16;
-        memcpy(xf + i, &bits, sizeof bits);
-    }
+    for (int64_t i = 0; i < k_in; i++) xf[i] = bf16_to_float(x[i]);
     for (int64_t i = k_in; i < k; i++) xf[i] = 0.0f;
     return xf;
 }

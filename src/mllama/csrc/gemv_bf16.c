@@ -144,14 +144,13 @@ static void avx512_block(const uint16_t *x, const uint16_t *w, float *out, int64
  * values mllama_dequant_int8 / _int4 give, dequant.h's row loops) and every row of x passes over it
  * as above. So the result is that of this kernel on the dequantized weight, bit for bit, in any
  * batch, at a quarter (int4) or half (int8) of the bytes from memory. */
-typedef qweight qdesc;
 
 /* Weight rows [row, row + rows) over values [i0, i0 + len) -> buf (rows, KC) bf16. Each row's bytes
  * of the next chunk (or, after the last, of the next block's first) are prefetched first: a chunk is
  * a short run of each of 8 rows, too short for the hardware prefetcher to run ahead. */
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void dequant_chunk(const qdesc *q, int64_t k, int64_t row, int64_t rows, int64_t i0, int64_t len, uint16_t *buf,
-                          int64_t n) {
+static void dequant_chunk(const qweight *q, int64_t k, int64_t row, int64_t rows, int64_t i0, int64_t len,
+                          uint16_t *buf, int64_t n) {
     const int64_t row_bytes = q->fmt == FMT_INT4 ? k / 2 : k, chunk_bytes = q->fmt == FMT_INT4 ? KC / 2 : KC;
     const int64_t at = q->fmt == FMT_INT4 ? i0 / 2 : i0;
     const int last = i0 + KC >= k;
@@ -176,7 +175,7 @@ static void dequant_chunk(const qdesc *q, int64_t k, int64_t row, int64_t rows, 
  * at `row`: chunk by chunk, dequantized once, then every group of three rows of x over it. */
 #define MMAX_QUANT 32
 __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
-static void avx512_quant_block(const qdesc *q, const uint16_t *x, float *out, int64_t m, int64_t n, int64_t k,
+static void avx512_quant_block(const qweight *q, const uint16_t *x, float *out, int64_t m, int64_t n, int64_t k,
                                int64_t row, int64_t rows) {
     uint16_t buf[BLOCK * KC] __attribute__((aligned(64)));
     __m512 part[MMAX_QUANT * BLOCK];
@@ -279,7 +278,7 @@ int mllama_gemv_quant(int fmt, const uint16_t *x, int64_t m, int64_t n, int64_t 
     if ((fmt != FMT_INT8 && fmt != FMT_INT4) || m < 1 || m > MMAX_QUANT || n < 1 || k < 1) return -1;
     if (fmt == FMT_INT4 && (group < 32 || group % 32 || KC % group || k % group)) return -1;
     if (mllama_gemv_level() != 2) return -1;
-    const qdesc q = {fmt, w, scale, offset, scale_bf16, group};
+    const qweight q = {fmt, w, scale, offset, scale_bf16, group};
     const int64_t blocks = (n + BLOCK - 1) / BLOCK;
 #pragma omp parallel for schedule(dynamic, 16) num_threads(threads)
     for (int64_t b = 0; b < blocks; b++) {
