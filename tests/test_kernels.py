@@ -233,10 +233,12 @@ def test_env_switch_disables_kernel():
 @needs_kernel
 def test_build_goes_to_cache_and_is_reused(monkeypatch, tmp_path):
     monkeypatch.setenv("MLLAMA_CACHE", str(tmp_path))
-    first = cpu_kernels._build(cpu_kernels.SOURCE)
+    from mllama.kernel_cache import build_kernel
+
+    first = build_kernel(cpu_kernels.SOURCE)
     assert first.exists() and first.is_relative_to(tmp_path)
     stamp = first.stat().st_mtime_ns
-    assert cpu_kernels._build(cpu_kernels.SOURCE) == first and first.stat().st_mtime_ns == stamp
+    assert build_kernel(cpu_kernels.SOURCE) == first and first.stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize("shape,dtype", [((3, 5), torch.float32), ((1024, 1100), torch.bfloat16), ((0, 4), torch.float32)])

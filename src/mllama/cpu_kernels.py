@@ -11,11 +11,12 @@ AVX-512 BF16 nor AVX2, with an unsafe cache, or with MLLAMA_NO_KERNELS=1, everyt
 `F.linear`.
 
 `gemv_bf16` (and mllama.quant_ops' `linear_int8` / `linear_int4`) are torch custom ops under
-torch.compile, so a compiled decode step keeps each as one opaque call (eager calls skip the op dispatcher). Up to MAX_ROWS rows
-(a batched decode step of the engine) each weight is read from memory once per call; beyond that the
-library GEMM reuses weights from cache as well. On CPUs with AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_amx.c's tiles take 2 to
-MAX_AMX_ROWS rows of bf16 x against bf16 weights in place and against int4 weights dequantized a
-block at a time (`amx_product`): a tile product costs the same for 1 or 16 rows. With AMX-INT8, int8
+torch.compile, so a compiled decode step keeps each as one opaque call (eager calls skip the op
+dispatcher). Up to MAX_ROWS rows (a batched decode step of the engine) each weight is read from
+memory once per call; beyond that the library GEMM reuses weights from cache as well. On CPUs with
+AMX-BF16 (Intel Sapphire Rapids and later) csrc/gemm_amx.c's tiles take 2 to MAX_AMX_ROWS rows
+of bf16 x against bf16 weights in place and against int4 weights dequantized a block at a time
+(`amx_product`): a tile product costs the same for 1 or 16 rows. With AMX-INT8, int8
 weights go through the int8 tiles as they are, from AMX_INT8_MIN_ROWS rows up (`amx_int8_tiles`), and
 int4 weights too, one group's integer sums at a time (`amx_int4_tiles`).
 """
@@ -25,12 +26,11 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
-import warnings
 from pathlib import Path
 
 import torch
 
-from mllama.kernel_cache import build_kernel, load_kernel
+from mllama.kernel_cache import load_kernel
 
 SOURCE = Path(__file__).parent / "csrc" / "gemv_bf16.c"
 SMALL_SOURCE = Path(__file__).parent / "csrc" / "gemm_small.c"
@@ -60,22 +60,15 @@ _tried = False
 FORMAT_CODES = {"bf16": 0, "int8": 1, "int4": 2}  # the C kernels' `fmt` (csrc/dequant.h)
 
 
-def _build(source: Path) -> Path:
-    """Compile `source` into the private, verified cache of mllama.kernel_cache; the .so path."""
-    return build_kernel(source)
-
-
 def _load() -> None:
     global _lib, _small, _amx_lib, _level, _small_level, _tried, _amx_int8
     _tried = True
     if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
         return
-    try:
-        lib = ctypes.CDLL(str(_build(SOURCE)))
-        small = ctypes.CDLL(str(_build(SMALL_SOURCE)))
-    except (OSError, RuntimeError) as err:
-        warnings.warn(f"mllama: decode kernels unavailable, using F.linear ({err})", RuntimeWarning,
-                      stacklevel=3)
+    fallback = "decode kernels unavailable, using F.linear"
+    lib = load_kernel(SOURCE, fallback=fallback, stacklevel=3)
+    small = load_kernel(SMALL_SOURCE, fallback=fallback, stacklevel=3) if lib is not None else None
+    if small is None:
         return
     lib.mllama_gemv_bf16.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 3 + [ctypes.c_int] * 2
     lib.mllama_gemv_bf16.restype = None

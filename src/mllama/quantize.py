@@ -275,8 +275,8 @@ class Int4Linear(_QuantizedLinear):
     def _dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype,
                          out: torch.Tensor | None = None) -> torch.Tensor | None:
         return quant_ops.dequantize_int4(self.weight_packed[r0:r1], self.weight_scale[r0:r1],
-                                           self.weight_offset[r0:r1], group_size=self.group_size,
-                                           in_features=self.in_features, dtype=dtype, out=out)
+                                         self.weight_offset[r0:r1], group_size=self.group_size,
+                                         in_features=self.in_features, dtype=dtype, out=out)
 
     def _reference_dequantize(self, dtype: torch.dtype) -> torch.Tensor:
         return dequantize_int4(self.weight_packed, self.weight_scale, self.weight_offset,
