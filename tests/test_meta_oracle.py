@@ -102,7 +102,8 @@ def oracle():
             pytest.skip("mllama.convert_meta does not exist yet")
         from mllama import MllamaForConditionalGeneration, MllamaImageProcessorPil
         from mllama.convert_meta import convert_meta_state_dict
-        from mllama.weights import _rebuild_buffers, map_checkpoint_key
+        from mllama.checkpoint_keys import map_checkpoint_key
+        from mllama.weights import _rebuild_buffers
 
         config, state = convert_meta_state_dict([ref.state_dict()], dict(ref.params))
         renamed = {}

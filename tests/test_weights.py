@@ -15,8 +15,9 @@ import mllama.weights as weights
 from mllama.config import MllamaConfig
 from mllama.layers import rope_inv_freq
 from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
-from mllama.weights import (CheckpointMismatchError, CorruptCheckpointError, MissingShardError,
-                            WrongModelTypeError, map_checkpoint_key, parse_size, to_checkpoint_key)
+from mllama.checkpoint_keys import map_checkpoint_key, to_checkpoint_key
+from mllama.saving import parse_size
+from mllama.weights import CheckpointMismatchError, CorruptCheckpointError, MissingShardError, WrongModelTypeError
 
 from tiny import tap_layer_inputs
 

@@ -24,6 +24,11 @@ KNOWN_ROPE_TYPES = ("default", "llama3")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def write_json(path: Path, data: Any) -> None:
+    """The one writer of mllama's JSON files (config.json, generation_config.json)."""
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _fail(cls_name: str, name: str, message: str) -> None:
     raise ValueError(f"{cls_name}.{name}: {message}")
 
@@ -128,7 +133,7 @@ class _ConfigIO:
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
-        (path / CONFIG_NAME).write_text(self.to_json_string())
+        write_json(path / CONFIG_NAME, self.to_dict())
 
 
 @dataclass
@@ -464,7 +469,7 @@ class GenerationConfig:
         return {k: v for k, v in out.items() if v is not None}
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
-        Path(directory, GENERATION_CONFIG_NAME).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        write_json(Path(directory, GENERATION_CONFIG_NAME), self.to_dict())
 
     @property
     def eos_token_ids(self) -> list[int]:

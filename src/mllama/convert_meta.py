@@ -18,11 +18,13 @@ from typing import Any
 
 import torch
 
+from mllama.checkpoint_keys import to_checkpoint_key
 from mllama.config import MllamaConfig
 from mllama.meta_layout import (CLIP_MEAN, CLIP_STD, CONVERSION_TABLE, PARAMS_NAME, TRANSFORMS, MetaCheckpointError,
                                 Rule, TransformShapes, cross_layer_count, hf_key, match_rule, meta_config, read_param)
 from mllama.safetensors_io import ShardWriter
-from mllama.weights import parse_dtype, parse_size, to_checkpoint_key, write_model_config
+from mllama.saving import parse_size, write_model_config
+from mllama.weights import parse_dtype
 
 TOKENIZER_MODEL_NAME = "tokenizer.model"
 

@@ -42,7 +42,7 @@ class LoraLinear(nn.Module):
     the update is computed in float32 and added in the base output's dtype.
     """
 
-    is_adapter_layer = True  # weights.save_pretrained refuses models that still hold these
+    is_adapter_layer = True  # saving.save_pretrained refuses models that still hold these
 
     def __init__(self, base: nn.Module, *, r: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()

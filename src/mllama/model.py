@@ -205,7 +205,7 @@ class _PretrainedMixin(TrainingSurfaceMixin):
         return model
 
     def save_pretrained(self, save_directory: str | os.PathLike, *, max_shard_size: int | str = "5GB") -> None:
-        from mllama.weights import save_pretrained
+        from mllama.saving import save_pretrained
 
         save_pretrained(self, save_directory, max_shard_size=max_shard_size)
 

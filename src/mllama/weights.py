@@ -1,4 +1,5 @@
-"""Checkpoint I/O: load and save Llama 3.2-Vision weights in the safetensors layouts met in the wild.
+"""Checkpoint loading: Llama 3.2-Vision weights in the safetensors layouts met in the wild (writing:
+mllama.saving; the tensor names: mllama.checkpoint_keys).
 
 Loading builds the model on the meta device and fills every parameter straight from the files, so
 the weights are held in memory once; a weight quantized on load is read a chunk of rows at a time,
@@ -13,7 +14,6 @@ loads. `mmap=False` reads into memory the process owns instead.
 
 from __future__ import annotations
 
-import json
 import mmap as _mmap
 import os
 import re
@@ -25,67 +25,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from mllama.config import CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed, hub_offline
+from mllama.checkpoint_keys import map_checkpoint_key
+from mllama.config import (CONFIG_NAME, GENERATION_CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed,
+                           hub_offline)
 from mllama.host_memory import fresh_zeros, trim_heap
 from mllama.hf_surface import override_config
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig, prepare_for_loading
 # The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
-from mllama.safetensors_io import (SAFE_INDEX_NAME, SAFE_WEIGHTS_NAME, CheckpointError,  # noqa: F401
-                                   CheckpointMismatchError, CorruptCheckpointError, MissingShardError,
-                                   ShardWriter, TensorInfo, WrongModelTypeError, _load_json, _read_into,
+from mllama.safetensors_io import (CheckpointError, CheckpointMismatchError, CorruptCheckpointError,  # noqa: F401
+                                   MissingShardError, TensorInfo, WrongModelTypeError, _load_json, _read_into,
                                    checkpoint_tensors)
 
-GENERATION_CONFIG_NAME = "generation_config.json"
 # What from_pretrained downloads from the hub: configs, weights and tokenizer files, not the
 # original/consolidated.pth copy that the published repos also carry.
 HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 PROGRESS_MIN_BYTES = 1 << 30
-
-# The one name table. Each row: (checkpoint prefix, in-memory prefix in MllamaForConditionalGeneration,
-# in-memory prefix in MllamaForCausalLM or None where the text-only model has no such part, so those
-# tensors are skipped unread). Loading takes the first row whose checkpoint prefix matches; saving
-# MllamaForConditionalGeneration takes the first row whose in-memory prefix matches, i.e. the hub
-# layout. MllamaForCausalLM is saved under its in-memory names, as transformers does.
-KEY_TABLE: list[tuple[str, str, str | None]] = [
-    # As published on the hub (transformers 4.45-4.51) and as transformers 5.x saves again.
-    ("language_model.lm_head.", "lm_head.", "lm_head."),
-    ("language_model.model.", "model.language_model.", "model."),
-    ("vision_model.", "model.vision_model.", None),
-    ("multi_modal_projector.", "model.multi_modal_projector.", None),
-    # transformers >= 4.52 in-memory names, which some versions also wrote to disk.
-    ("model.language_model.", "model.language_model.", "model."),
-    ("model.vision_model.", "model.vision_model.", None),
-    ("model.multi_modal_projector.", "model.multi_modal_projector.", None),
-    ("lm_head.", "lm_head.", "lm_head."),
-    # MllamaForCausalLM checkpoints: the text decoder alone.
-    ("model.embed_tokens.", "model.language_model.embed_tokens.", "model.embed_tokens."),
-    ("model.layers.", "model.language_model.layers.", "model.layers."),
-    ("model.norm.", "model.language_model.norm.", "model.norm."),
-]
-
-def map_checkpoint_key(key: str, *, text_only: bool = False) -> tuple[str | None, bool]:
-    """(in-memory name, known) for a checkpoint key.
-
-    known is False when no row of KEY_TABLE has the key. For text_only (MllamaForCausalLM) the
-    vision tower and projector are known but map to None: they are skipped, never read.
-    """
-    for disk, full, text in KEY_TABLE:
-        if key.startswith(disk):
-            prefix = text if text_only else full
-            return (None if prefix is None else prefix + key[len(disk):]), True
-    return None, False
-
-
-def to_checkpoint_key(name: str, *, text_only: bool = False) -> str:
-    """The on-disk name of an in-memory parameter name, in the layout transformers 5.x saves."""
-    if text_only:
-        return name
-    for disk, full, _ in KEY_TABLE:
-        if name.startswith(full):
-            return disk + name[len(full):]
-    raise ValueError(f"{name!r} is not a parameter name of MllamaForConditionalGeneration")
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = None,
@@ -444,77 +400,6 @@ def finish_loading(model: Any, directory: Path, *, dtype: torch.dtype, device: t
     return model.eval()
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from an int or a string such as '500MB', '2GB' (powers of 10) or '1GiB' (powers of 2)."""
-    if isinstance(size, int) and not isinstance(size, bool):
-        value = size
-    elif isinstance(size, str):
-        match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*([KMGT]i?B|B)?\s*", size, flags=re.IGNORECASE)
-        if match is None:
-            raise ValueError(f"cannot read the size {size!r}; use bytes or e.g. '500MB', '5GB', '2GiB'")
-        value = int(float(match[1]) * _SIZE_UNITS[(match[2] or "").upper()])
-    else:
-        raise TypeError(f"max_shard_size must be an int or a string, got {type(size).__name__}")
-    if value <= 0:
-        raise ValueError(f"max_shard_size must be positive, got {size!r}")
-    return value
-
-
-def _write_json(path: Path, data: Any) -> None:
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def save_pretrained(model: nn.Module, save_directory: str | os.PathLike, *,
-                    max_shard_size: int | str = "5GB") -> None:
-    """Write config.json, safetensors weights in the hub layout (see `ShardWriter`) and
-    generation_config.json."""
-    from mllama.model import MllamaForCausalLM, MllamaForConditionalGeneration
-
-    if not isinstance(model, (MllamaForConditionalGeneration, MllamaForCausalLM)):
-        raise TypeError(f"save_pretrained saves Mllama models, got {type(model).__name__}")
-    if any(getattr(m, "is_adapter_layer", False) for m in model.modules()):
-        raise ValueError("the model still holds LoRA layers, whose weights a checkpoint cannot name: merge them "
-                         "first (mllama.lora.merge_and_unload) or save the adapter alone (mllama.lora.save_adapter)")
-    text_only = isinstance(model, MllamaForCausalLM)
-    limit = parse_size(max_shard_size)
-    state = {to_checkpoint_key(k, text_only=text_only): _padded_embedding(k, t.detach(), model)
-             for k, t in model.state_dict().items()}
-    if any(t.is_meta for t in state.values()):
-        raise ValueError("the model has tensors on the meta device; materialise it before saving")
-    directory = Path(save_directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    floating = [t.dtype for t in state.values() if t.is_floating_point()]
-    quantization = getattr(model, "quantization_config", None)
-    write_model_config(directory, model.config, dtype=floating[0] if floating else torch.get_default_dtype(),
-                       architecture="MllamaForCausalLM" if text_only else "MllamaForConditionalGeneration",
-                       quantization=quantization.to_dict() if quantization is not None else None)
-    if getattr(model, "generation_config", None) is not None:
-        generation = model.generation_config  # mllama.config.GenerationConfig, or a plain dict
-        _write_json(directory / GENERATION_CONFIG_NAME,
-                    generation.to_dict() if hasattr(generation, "to_dict") else dict(generation))
-    writer = ShardWriter(directory, max_shard_size=limit)
-    for key, tensor in state.items():
-        writer.add(key, tensor)
-    writer.close()
-
-
-def _padded_embedding(name: str, tensor: torch.Tensor, model: nn.Module) -> torch.Tensor:
-    """The input embedding padded with zero rows to vocab_size + 8, the layout config.json implies
-    for Mllama: resize_token_embeddings (ours and transformers') leaves vocab_size rows, which
-    neither library could load back. Ids past the real rows are never looked up."""
-    if not name.endswith("embed_tokens.weight"):
-        return tensor
-    config = getattr(model.config, "text_config", model.config)
-    rows = config.vocab_size + 8
-    if tensor.shape[0] >= rows:
-        return tensor
-    return torch.cat([tensor, tensor.new_zeros(rows - tensor.shape[0], *tensor.shape[1:])])
-
-
 def _fit_resized_embedding(model: nn.Module, tensors: Mapping[str, TensorInfo], *, text_only: bool) -> None:
     """A checkpoint saved by transformers after resize_token_embeddings holds vocab_size embedding
     rows, not vocab_size + 8: build the (meta) embedding to its size instead of refusing it."""
@@ -529,16 +414,3 @@ def _fit_resized_embedding(model: nn.Module, tensors: Mapping[str, TensorInfo], 
         if vocab <= rows < embed.num_embeddings and info.shape[1] == embed.embedding_dim:
             text_model.embed_tokens = nn.Embedding(rows, embed.embedding_dim)
         return
-
-
-def write_model_config(directory: Path, config: MllamaConfig | MllamaTextConfig, *, dtype: torch.dtype,
-                       architecture: str, quantization: dict[str, Any] | None = None) -> None:
-    """config.json with the weights' dtype under both names that readers look for, and the
-    quantized format (mllama.quantize) if the weights are quantized."""
-    data = config.to_dict()
-    data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
-    data["architectures"] = [architecture]
-    data.pop("quantization_config", None)
-    if quantization is not None:
-        data["quantization_config"] = quantization
-    _write_json(Path(directory) / CONFIG_NAME, data)
