@@ -278,6 +278,28 @@ def test_missing_files(hf_dirs, tmp_path):
         MllamaForConditionalGeneration.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("name", ["my models/llama", "models/llama 11b", "-x/y", "a/b/c"])
+def test_no_repo_id_is_looked_up(name, monkeypatch, tmp_path):
+    """A missing path that no repo id could be is named as such by every hub entry point (the
+    checkpoint snapshot, config.json, the tokenizer's files), without asking the hub."""
+    import huggingface_hub
+
+    from mllama.hub import resolve_file
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", asked)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", asked)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub repo id"):
+        MllamaForConditionalGeneration.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub repo id"):
+        MllamaConfig.from_pretrained(name)
+    with pytest.raises(FileNotFoundError, match="neither a local directory nor a hub repo id"):
+        resolve_file(name, "tokenizer.json")
+
+
 def test_name_table():
     full = [("language_model.model.layers.3.cross_attn.q_proj.weight", "model.language_model.layers.3.cross_attn.q_proj.weight"),
             ("language_model.lm_head.weight", "lm_head.weight"),

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from mllama.hub import resolve_file
+
 CONFIG_NAME = "config.json"
 GENERATION_CONFIG_NAME = "generation_config.json"
 
@@ -360,51 +362,6 @@ class MllamaConfig(_ConfigIO):
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict(copy.deepcopy(PRESETS[name]))
-
-
-def resolve_file(path: str | os.PathLike, filename: str, *, revision: str | None = None,
-                 required: bool = True) -> Path | None:
-    """Find `filename` in a local directory, or download it from the hub when `path` is a repo id."""
-    local = Path(path)
-    if local.is_file():
-        return local
-    if local.is_dir():
-        candidate = local / filename
-        if candidate.is_file():
-            return candidate
-        if required:
-            raise FileNotFoundError(f"{local} has no {filename}")
-        return None
-    text = str(path)
-    if text.count("/") != 1 or text.startswith((".", "/", "~")):
-        raise FileNotFoundError(f"{text} is neither a local directory nor a hub repo id (owner/name)")
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
-
-    try:
-        return Path(hf_hub_download(text, filename, revision=revision, local_files_only=hub_offline()))
-    except Exception as err:  # not found, gated, offline, no network
-        if isinstance(err, EntryNotFoundError) and not isinstance(err, LocalEntryNotFoundError):
-            if required:  # the repo is there, the file is not
-                raise FileNotFoundError(f"hub repo {text} has no {filename}") from None
-            return None
-        if not required and hub_offline():
-            return None
-        raise FileNotFoundError(hub_lookup_failed(text, err)) from err
-
-
-def hub_offline() -> bool:
-    """HF_HUB_OFFLINE as set now (huggingface_hub reads it once, at import)."""
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
-
-
-def hub_lookup_failed(text: str, err: BaseException) -> str:
-    """The error for a name that is no local path and could not be had from the hub: a mistyped local
-    path looks like a repo id, so say plainly that it was looked up remotely."""
-    where = "in the local hub cache only (HF_HUB_OFFLINE is set)" if hub_offline() else "on the Hugging Face hub"
-    return (f"{text!r} is not a local path (relative to {os.getcwd()}), so it was looked up as a repo id "
-            f"{where}, and that failed: {type(err).__name__}: {str(err)[:300]} "
-            "(gated repos need `hf auth login`)")
 
 
 def _text_preset(layers: int, hidden: int, heads: int, inter: int, eos: int | list[int]) -> dict[str, Any]:

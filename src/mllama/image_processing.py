@@ -36,8 +36,8 @@ import torch
 from PIL import Image
 
 from mllama.batch import BatchFeature
-from mllama.config import resolve_file
 from mllama.devices import check_device
+from mllama.hub import resolve_file
 from mllama.image_loading import decode_image, load_image, nest_images
 
 PREPROCESSOR_CONFIG_NAME = "preprocessor_config.json"

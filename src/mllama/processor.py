@@ -11,8 +11,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from mllama.chat_template import render_template
-from mllama.config import resolve_file
 from mllama.control_tokens import control_tokens, encode_marked, mark_control_tokens
+from mllama.hub import resolve_file
 from mllama.image_processing import PREPROCESSOR_CONFIG_NAME, MllamaImageProcessor, MllamaImageProcessorPil, load_image
 from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors
 from mllama.tokenizer_extras import cut_after_final_message

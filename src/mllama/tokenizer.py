@@ -12,7 +12,7 @@ import numpy as np
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 
 from mllama.batch import BatchEncoding
-from mllama.config import resolve_file
+from mllama.hub import resolve_file
 from mllama.tokenizer_extras import TokenizerSurfaceMixin
 
 # Llama 3 pre-tokenizer split pattern (a fact shared by tiktoken's `tokenizer.model` and the HF files).

@@ -22,11 +22,12 @@ import torch.distributed as dist
 from torch import nn
 
 from mllama.host_memory import fresh_zeros
+from mllama.hub import resolve_checkpoint_dir
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig
 from mllama.safetensors_io import TensorInfo, _read_into
 from mllama.tp import Shard, TensorSlice, TPInfo, shard_modules, shard_plan, tensor_slice, world_of
-from mllama.weights import _mapped, finish_loading, prepare_model, resolve_checkpoint_dir
+from mllama.weights import _mapped, finish_loading, prepare_model
 
 DEFAULT_TIMEOUT_S = 300.0
 _COLUMN_READ_BYTES = 16 << 20  # rows read at a time when a rank needs some columns of a tensor

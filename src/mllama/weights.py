@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import mmap as _mmap
 import os
-import re
 from dataclasses import dataclass
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -26,10 +25,10 @@ import torch
 from torch import nn
 
 from mllama.checkpoint_keys import map_checkpoint_key
-from mllama.config import (CONFIG_NAME, GENERATION_CONFIG_NAME, MllamaConfig, MllamaTextConfig, hub_lookup_failed,
-                           hub_offline)
-from mllama.host_memory import fresh_zeros, trim_heap
+from mllama.config import CONFIG_NAME, GENERATION_CONFIG_NAME, MllamaConfig, MllamaTextConfig
 from mllama.hf_surface import override_config
+from mllama.host_memory import fresh_zeros, trim_heap
+from mllama.hub import resolve_checkpoint_dir
 from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig, prepare_for_loading
@@ -38,33 +37,7 @@ from mllama.safetensors_io import (CheckpointError, CheckpointMismatchError, Cor
                                    MissingShardError, TensorInfo, WrongModelTypeError, _load_json, _read_into,
                                    checkpoint_tensors)
 
-# What from_pretrained downloads from the hub: configs, weights and tokenizer files, not the
-# original/consolidated.pth copy that the published repos also carry.
-HUB_ALLOW_PATTERNS = ["*.json", "*.safetensors", "*.jinja", "tokenizer*", "*.model"]
 PROGRESS_MIN_BYTES = 1 << 30
-
-
-def resolve_checkpoint_dir(path: str | os.PathLike, *, revision: str | None = None,
-                           hub: Mapping[str, Any] | None = None) -> Path:
-    """A local checkpoint directory, or the snapshot of a hub repo id downloaded via huggingface_hub.
-    hub: extra snapshot_download keywords (token, cache_dir, local_files_only, force_download)."""
-    local = Path(path).expanduser()
-    if local.is_dir():
-        return local
-    if local.exists():
-        raise NotADirectoryError(f"{local} is a file; pass the checkpoint directory or a hub repo id")
-    text = str(path)
-    if not re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", text):
-        raise FileNotFoundError(f"{text} is neither a local directory nor a hub repo id (owner/name)")
-    from huggingface_hub import snapshot_download
-
-    options = dict(hub or {})
-    if hub_offline():
-        options["local_files_only"] = True
-    try:
-        return Path(snapshot_download(text, revision=revision, allow_patterns=HUB_ALLOW_PATTERNS, **options))
-    except Exception as err:  # not found, gated, offline, no network: all mean "no such checkpoint here"
-        raise FileNotFoundError(hub_lookup_failed(text, err)) from err
 
 
 def parse_dtype(dtype: torch.dtype | str) -> torch.dtype:
