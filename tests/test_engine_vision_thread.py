@@ -230,7 +230,7 @@ def test_an_image_being_encoded_is_not_staged_twice(models, monkeypatch):
 
 def test_bad_vision_threads(models):
     from mllama import MllamaForConditionalGeneration
-    from mllama.cli import default_vision_threads
+    from mllama.cli_serve import default_vision_threads
     from mllama.tp_engine import LockstepEngine
 
     for bad in (0, -1, THREADS):

@@ -14,9 +14,10 @@ from typing import Any, Sequence
 
 from mllama.cli_chat import CHAT_HELP, enable_line_editing, read_message
 from mllama.cli_finetune import add_finetune_parser, apply_adapter
+from mllama.cli_serve import (API_KEY_ENV, add_serve_arguments, check_vision_threads, default_vision_threads,
+                              serve_bounds)
 
 DEFAULT_MODEL = "demo"
-API_KEY_ENV = "MLLAMA_API_KEY"  # mllama serve reads the API key from it when --api-key is not given
 DEFAULT_GROUP_SIZE = 128  # mllama.quantize.DEFAULT_GROUP_SIZE (not imported: the CLI starts without torch)
 
 
@@ -266,39 +267,18 @@ def cmd_serve(args: argparse.Namespace) -> None:
         from mllama.server_run import serve
     except ImportError as err:
         raise CliError(f"mllama serve needs the serve extra: pip install 'mllama[serve]' ({err})") from None
-    for name in ("max_slots", "max_queue", "max_len", "max_body_bytes", "max_image_bytes"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            raise CliError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("image_cache_bytes", "prefix_cache_bytes"):
-        if getattr(args, name) < 0:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 0 (0 turns the cache off), got {getattr(args, name)}")
-    caches = {"image_cache_bytes": args.image_cache_bytes, "prefix_cache_bytes": args.prefix_cache_bytes}
-    for name in ("step_budget", "step_budget_ratio"):
-        if getattr(args, name) is not None and getattr(args, name) < 0:
-            raise CliError(f"--{name.replace('_', '-')} must be >= 0 (0: no such bound), got {getattr(args, name)}")
     world = tp_world_size()
-    if world > 1 and (args.step_budget or args.step_budget_ratio):
-        raise CliError("--step-budget and --step-budget-ratio cannot be used under torchrun: pieces timed on each "
-                       "rank would differ")
-    budget = None if world > 1 else (DEFAULT_STEP_BUDGET_S if args.step_budget is None else args.step_budget or None)
-    ratio = None if world > 1 else (DEFAULT_STEP_BUDGET_RATIO if args.step_budget_ratio is None
-                                    else args.step_budget_ratio or None)
-    if args.vision_threads is not None and args.vision_threads < 0:
-        raise CliError(f"--vision-threads must be >= 0 (0: vision pieces take turns with the steps), got "
-                       f"{args.vision_threads}")
-    if world > 1 and args.vision_threads:
-        raise CliError("--vision-threads cannot be used under torchrun: when an image's encode ends would differ "
-                       "between ranks")
-    check_vision_threads(args.vision_threads)  # before a long load
+    bounds = serve_bounds(args, world=world, error=CliError)
+    check_vision_threads(args.vision_threads, error=CliError)  # before a long load
     model, processor = _load(args.model, args.dtype, args.quantize, args.adapter, pack=_packs(args))
     device = next(model.parameters()).device.type
-    vision_threads = None if world > 1 else default_vision_threads(args.vision_threads, device=device)
+    vision_threads = None if world > 1 else default_vision_threads(args.vision_threads, device=device, error=CliError)
     if world > 1 and int(os.environ.get("RANK", "0")) != 0:
         from mllama.server_run import follow_server
 
         follow_server(model, processor, max_slots=args.max_slots, max_len=args.max_len, compile=args.compile,
-                      fast_vision=args.fast_vision, **caches)
+                      fast_vision=args.fast_vision, image_cache_bytes=bounds.image_cache_bytes,
+                      prefix_cache_bytes=bounds.prefix_cache_bytes)
         return
     serve(model, processor, host=args.host, port=args.port, max_slots=args.max_slots, max_len=args.max_len,
           model_name=args.served_model_name or ("mllama-demo" if args.model == DEFAULT_MODEL else args.model),
@@ -307,74 +287,9 @@ def cmd_serve(args: argparse.Namespace) -> None:
           images=ImagePolicy(max_bytes=args.max_image_bytes, timeout=args.image_timeout,
                              allow_private=args.allow_private_image_urls),
           shutdown_timeout=args.shutdown_timeout, compile=args.compile, fast_vision=args.fast_vision,
-          log_level=args.log_level, tensor_parallel=world > 1, step_budget_s=budget, step_budget_ratio=ratio,
-          vision_threads=vision_threads, **caches)
-
-
-def check_vision_threads(given: int | None) -> None:
-    import torch
-
-    threads = torch.get_num_threads()
-    if given is not None and given >= threads:
-        raise CliError(f"--vision-threads must be below torch's {threads} threads (the decode steps keep the "
-                       f"rest), got {given}")
-
-
-def default_vision_threads(given: int | None, *, device: str) -> int | None:
-    """serve's vision_threads: given (0: None, pieces taking turns), else, for a model on the CPU, half of
-    torch's threads where it has two or more. An image encodes beside the decode steps then: on 2 cores
-    its vision work went 1.2-1.5x faster than pieces taking turns at a similar inter-token latency
-    (RESULTS.md). On a GPU both threads would queue on one stream: the pieces stay."""
-    import torch
-
-    check_vision_threads(given)
-    if given is not None:
-        return given or None
-    threads = torch.get_num_threads()
-    return threads // 2 if threads >= 2 and device == "cpu" else None
-
-
-# While an image arrives, a stream's steps stay within about 1 + 1.2 = 2.2x their idle time, for a
-# longer time to first token of the image request (RESULTS.md, serving: with 1.5, 16 clients saw
-# inter-token p99 of 3.2-4.5x the idle latency).
-DEFAULT_STEP_BUDGET_S = 1.0
-DEFAULT_STEP_BUDGET_RATIO = 0.8
-
-
-def _serve_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of `mllama serve` (read by mllama.server_run.serve)."""
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--max-slots", type=int, default=8, help="requests decoded together")
-    parser.add_argument("--max-len", type=int, default=None,
-                        help="tokens per request, prompt and answer (default: 4096 or the model's limit)")
-    parser.add_argument("--max-queue", type=int, default=256, help="requests that may wait for a slot (then 429)")
-    for cache, what in (("image", "encoded images"), ("prefix", "ended requests' K/V, reused by follow-ups")):
-        parser.add_argument(f"--{cache}-cache-bytes", type=int, default=1 << 30, metavar="N",
-                            help=f"LRU budget of {what} (default 1 GiB; 0 turns it off)")
-    parser.add_argument("--step-budget", type=float, default=None, metavar="SECONDS",
-                        help=f"work on a new request (a prompt chunk, a piece of an image's vision forward) between "
-                             f"two decode steps of the others (default {DEFAULT_STEP_BUDGET_S}; 0: no bound in "
-                             f"seconds; with neither bound, a prompt chunk or 4 vision layers; not under torchrun)")
-    parser.add_argument("--step-budget-ratio", type=float, default=None, metavar="X",
-                        help=f"the same work bounded by X times the decode step it follows, so the others' "
-                             f"inter-token latency stays within about 1 + X times its idle value (default "
-                             f"{DEFAULT_STEP_BUDGET_RATIO}; 0: off; the smaller of the two bounds holds)")
-    parser.add_argument("--vision-threads", type=int, default=None, metavar="N",
-                        help="encode a new image in a thread of its own on N of torch's threads, beside the decode "
-                             "steps (default for a model on the CPU: half of them where there are 2 or more; 0: "
-                             "pieces of its vision work take turns with the steps instead; not under torchrun)")
-    parser.add_argument("--api-key", default=None,
-                        help=f"require 'Authorization: Bearer KEY' on /v1/* (or set {API_KEY_ENV})")
-    parser.add_argument("--served-model-name", default=None, help="the model id reported by /v1/models")
-    parser.add_argument("--allow-private-image-urls", action="store_true",
-                        help="let image URLs point at loopback, private and link-local addresses")
-    parser.add_argument("--max-image-bytes", type=int, default=20 * 1024 * 1024)
-    parser.add_argument("--image-timeout", type=float, default=10.0, help="seconds to fetch one image URL")
-    parser.add_argument("--max-body-bytes", type=int, default=64 * 1024 * 1024)
-    parser.add_argument("--shutdown-timeout", type=float, default=30.0,
-                        help="seconds to let running requests finish after SIGTERM before cancelling them")
-    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+          log_level=args.log_level, tensor_parallel=world > 1, vision_threads=vision_threads,
+          image_cache_bytes=bounds.image_cache_bytes, prefix_cache_bytes=bounds.prefix_cache_bytes,
+          step_budget_s=bounds.step_budget_s, step_budget_ratio=bounds.step_budget_ratio)
 
 
 def _version() -> str:
@@ -450,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
     for flag in ("--model", "--dtype", "--compile", "--no-pack", "--fast-vision", "--quantize", "--adapter"):
         action = next(a for a in common._actions if flag in a.option_strings)
         serve._add_action(action)
-    _serve_arguments(serve)
+    add_serve_arguments(serve)
     serve.set_defaults(func=cmd_serve)
     add_finetune_parser(sub, CliError)
     return parser
