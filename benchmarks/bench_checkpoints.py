@@ -90,7 +90,7 @@ def _write_processor_files(directory: Path, *, tile: int) -> None:
 
     from mllama.image_processing import MllamaImageProcessor
     from mllama.meta_layout import CLIP_MEAN, CLIP_STD
-    from mllama.tokenizer import convert_tiktoken_tokenizer
+    from mllama.tokenizer_convert import convert_tiktoken_tokenizer
 
     convert_tiktoken_tokenizer(Path(llama_models.__file__).parent / "llama3" / "tokenizer.model", directory)
     MllamaImageProcessor(size={"height": tile, "width": tile}, resample=2, image_mean=CLIP_MEAN, image_std=CLIP_STD,

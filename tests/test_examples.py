@@ -33,7 +33,7 @@ import torch
 import llama_models
 from mllama import MllamaConfig, MllamaForConditionalGeneration, MllamaImageProcessorPil, MllamaProcessor
 from mllama.generate import GenerationConfig
-from mllama.tokenizer import convert_tiktoken_tokenizer
+from mllama.tokenizer_convert import convert_tiktoken_tokenizer
 from tiny import CONFIGS, MetaSemantics, randomize_
 
 transformers = pytest.importorskip("transformers")

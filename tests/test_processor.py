@@ -16,7 +16,8 @@ from PIL import Image
 import llama_models
 from mllama.image_processing import MllamaImageProcessor, MllamaImageProcessorPil
 from mllama.processor import (AutoProcessor, MllamaProcessor, cross_attention_spans, dense_cross_attention_mask)
-from mllama.tokenizer import convert_tiktoken_tokenizer, default_chat_template
+from mllama.tokenizer import default_chat_template
+from mllama.tokenizer_convert import convert_tiktoken_tokenizer
 
 transformers = pytest.importorskip("transformers")
 

@@ -250,7 +250,7 @@ def test_sampling_params_check_types():
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory):
     import base64
 
-    from mllama.tokenizer import convert_tiktoken_tokenizer
+    from mllama.tokenizer_convert import convert_tiktoken_tokenizer
 
     root = tmp_path_factory.mktemp("tok")
     tokens = [bytes([b]) for b in range(256)] + [b"he", b"ll", b"hell", b"hello"]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import llama_models
-from mllama.tokenizer import (IMAGE_TOKEN, LLAMA3_SPLIT_PATTERN, MllamaTokenizer, StreamDetokenizer,
-                              convert_tiktoken_tokenizer, default_chat_template)
+from mllama.tokenizer import IMAGE_TOKEN, LLAMA3_SPLIT_PATTERN, MllamaTokenizer, StreamDetokenizer, default_chat_template
+from mllama.tokenizer_convert import convert_tiktoken_tokenizer
 
 MODEL_FILE = Path(llama_models.__file__).parent / "llama3" / "tokenizer.model"
 REFERENCE = Path("/work/shared/reference")

@@ -210,7 +210,7 @@ def _write_companions(directory: Path, config: MllamaConfig, source: Path, *, in
     """generation_config.json, preprocessor_config.json and (with tokenizer.model) the tokenizer files."""
     from mllama.config import GenerationConfig
     from mllama.image_processing import MllamaImageProcessor
-    from mllama.tokenizer import convert_tiktoken_tokenizer
+    from mllama.tokenizer_convert import convert_tiktoken_tokenizer
 
     text, vision = config.text_config, config.vision_config
     generation = {"bos_token_id": text.bos_token_id, "eos_token_id": text.eos_token_id,

@@ -14,7 +14,8 @@ from mllama.chat_template import render_template
 from mllama.control_tokens import control_tokens, encode_marked, mark_control_tokens
 from mllama.hub import resolve_file
 from mllama.image_processing import PREPROCESSOR_CONFIG_NAME, MllamaImageProcessor, MllamaImageProcessorPil, load_image
-from mllama.tokenizer import BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors
+from mllama.tokenizer import (BatchEncoding, MllamaTokenizer, default_chat_template, read_json_object, to_tensors,
+                              write_chat_template_json)
 from mllama.tokenizer_extras import cut_after_final_message
 
 _IMAGE_KEYS = ("image", "url", "path", "base64")  # where a chat content block may carry its image
@@ -163,8 +164,7 @@ class MllamaProcessor:
         saved.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         (out / "chat_template.jinja").write_text(self.chat_template, encoding="utf-8")
         if (out / "chat_template.json").exists():  # would shadow the .jinja file on load
-            (out / "chat_template.json").write_text(json.dumps({"chat_template": self.chat_template}, indent=2),
-                                                    encoding="utf-8")
+            write_chat_template_json(out, self.chat_template)
 
     # ---- prompts + images -> inputs ----------------------------------------------------------------------------
     def _with_bos(self, prompt: str) -> str:
