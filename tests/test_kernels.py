@@ -251,6 +251,29 @@ def test_fresh_zeros_is_a_writable_zero_tensor(shape, dtype):
         assert t.sum().item() == 3
 
 
+def test_fresh_params_share_huge_pages_without_overlap(monkeypatch):
+    """Small scale / offset tensors are carved out of one shared mapping (each zero, writable, on its own
+    cache lines, not overlapping the others); large ones, and a new mapping once one is full, stand alone."""
+    monkeypatch.setattr(host_memory, "_shared", host_memory._SharedHugePages())
+    small = [host_memory.fresh_params(shape, dtype) for shape in ((1, 32), (3, 5), (4096, 32), (100, 7))
+             for dtype in (torch.bfloat16, torch.float32)]
+    chunk = small[0].untyped_storage().data_ptr()
+    spans = []
+    for t in small:
+        assert not t.any() and t.is_contiguous()
+        assert t.untyped_storage().data_ptr() == chunk and t.data_ptr() % 64 == 0
+        spans.append((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size()))
+        t.fill_(len(spans))
+    spans.sort()
+    assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    assert [t.unique().tolist() for t in small] == [[i] for i in range(1, len(small) + 1)]  # nothing written twice
+    large = host_memory.fresh_params((host_memory.HUGE_PAGE_MIN_BYTES // 2, 1), torch.bfloat16)
+    assert large.untyped_storage().data_ptr() != chunk and not large.any()
+    # a mapping's worth of 1 MiB tensors after those: the last ones start a second mapping
+    filler = [host_memory.fresh_params((1 << 18,), torch.float32) for _ in range(host_memory.SHARED_CHUNK_BYTES >> 20)]
+    assert len({t.untyped_storage().data_ptr() for t in filler}) == 2 and not any(t.any() for t in filler)
+
+
 @pytest.mark.parametrize("rows, n, bias", [(48, 3000, True), (130, 1029, False), (64, 17, True)])
 def test_wide_fp32_linear_matches_float64_rounded_once(rows, n, bias):
     """Many-row bf16 products as blocked float32 GEMMs: within one bf16 rounding of the float64 product,

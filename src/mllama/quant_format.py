@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from mllama.host_memory import fresh_zeros
+from mllama.host_memory import fresh_params, fresh_zeros
 
 MODES = ("int8", "int4")
 GROUP_SIZES = (32, 64, 128, 256)
@@ -137,8 +137,8 @@ def quantize_int4(weight: torch.Tensor, *, group_size: int) -> dict[str, torch.T
     groups = math.ceil(k / group_size)
     kp = groups * group_size
     packed = fresh_zeros((n, kp // 2), torch.uint8)
-    scale = torch.empty(n, groups, dtype=weight.dtype)
-    offset = torch.empty(n, groups, dtype=weight.dtype)
+    scale = fresh_params((n, groups), weight.dtype)  # read beside the packed weights: huge pages too
+    offset = fresh_params((n, groups), weight.dtype)
     # Padding beyond K is left out of min/max. On the weight's device: loading onto a GPU quantizes there.
     real = (torch.arange(kp, device=weight.device) < k).view(groups, group_size)
     for start in range(0, n, _CHUNK_ROWS):
