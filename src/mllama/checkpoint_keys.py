@@ -1,5 +1,5 @@
 """The checkpoint's tensor names: the one table that maps every Mllama checkpoint layout met in the wild
-to the model's in-memory names and back. Loading (mllama.weights, mllama.tp_load), saving
+to the model's in-memory names and back. Loading (mllama.weights, which mllama.tp_load builds on), saving
 (mllama.saving) and the Meta conversion (mllama.convert_meta) all name tensors through it."""
 
 from __future__ import annotations
