@@ -161,12 +161,11 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
  * was a quarter of the one-row time and left it at half the bf16 loop's bytes per second on a Xeon
  * with AMX (benchmarks/RESULTS.md). The centring of the other paths is folded into one float term
  * per group, s (8 sum x - 8 sx sum xq) + z sum x: the same value as theirs up to float rounding.
- * The scales and these terms are taken 16 groups at a time in vectors (one scalar scale at a time
- * held one-row int4 at 0.74x of the bf16 loop's bytes per second, vectors at 0.86x); a pair of groups
- * of 64 permutes its two s sx out of that vector, a larger group takes its s sx from a stored copy as
- * the FMA's broadcast operand, which costs no shuffle (1.02-1.14x from cache, the same bits). Every
- * loop over R and M is unrolled so that the sums and the accumulators stay in registers: written with
- * arrays the compiler had kept in memory, a tile ran about 1.4x slower from cache (benchmarks/RESULTS.md).
+ * The scales and these terms are taken 16 groups at a time in vectors, and each group's s sx is
+ * permuted out of its vector: one scalar scale at a time held one-row int4 at 0.74x of the bf16 loop's
+ * bytes per second, vectors at 0.86x. Every loop over R and M is unrolled so that the sums, the
+ * accumulators and the 16 groups' s sx stay in registers: written with arrays the compiler had kept in
+ * memory, a tile ran about 1.4x slower from cache (benchmarks/RESULTS.md).
  * The tiles take R weight rows (`apart` apart) against M rows of x (xq8 + j k, their params j groups
  * apart), the whole of k, each (weight row, x row) pair in the same operations and order, folded and
  * summed into out[j n + row + r apart]: a row of x gets the same bits in any batch, and each weight
@@ -191,7 +190,6 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
             const int ng = gi1 - gv < 16 ? (int)(gi1 - gv) : 16;                                    \
             const __mmask16 take = (__mmask16)((1u << ng) - 1);                                     \
             __m512 sx[M], xs[M], centre[M], ssx[R][M];                                              \
-            float ssxa[R][M][16] __attribute__((aligned(64)));                                      \
             _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) {                                   \
                 const int64_t q = j * x->groups + gv;                                               \
                 sx[j] = _mm512_maskz_loadu_ps(take, x->sx + q);                                     \
@@ -205,7 +203,6 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                 const __m512 off = params16(d->offset, p, ng, d->scale_bf16);                       \
                 _Pragma("GCC unroll 2") for (int j = 0; j < M; j++) {                               \
                     ssx[r][j] = _mm512_mul_ps(sc, sx[j]);                                           \
-                    _mm512_store_ps(ssxa[r][j], ssx[r][j]);                                         \
                     sum[r][j] = _mm512_fmadd_ps(sc, centre[j], sum[r][j]);                          \
                     sum[r][j] = _mm512_fmadd_ps(off, xs[j], sum[r][j]);                             \
                 }                                                                                   \
@@ -232,18 +229,11 @@ static inline __m512 params16(const void *base, int64_t i, int n, int is_bf16) {
                             acc[r][j] = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(acc[r][j], lo, x0[j]), hi, x1[j]); \
                     }                                                                               \
                 }                                                                                   \
-                if (pair) {                                                                         \
-                    const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(g), lift);                \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                             \
-                        _Pragma("GCC unroll 2") for (int j = 0; j < M; j++)                         \
-                            sum[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]),              \
-                                                        _mm512_permutexvar_ps(at, ssx[r][j]), sum[r][j]); \
-                } else {                                                                            \
-                    _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                             \
-                        _Pragma("GCC unroll 2") for (int j = 0; j < M; j++)                         \
-                            sum[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]),              \
-                                                        _mm512_set1_ps(ssxa[r][j][g]), sum[r][j]);  \
-                }                                                                                   \
+                const __m512i at = _mm512_add_epi32(_mm512_set1_epi32(g), lift);                    \
+                _Pragma("GCC unroll 4") for (int r = 0; r < R; r++)                                 \
+                    _Pragma("GCC unroll 2") for (int j = 0; j < M; j++)                             \
+                        sum[r][j] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(acc[r][j]),                  \
+                                                    _mm512_permutexvar_ps(at, ssx[r][j]), sum[r][j]); \
             }                                                                                       \
         }                                                                                           \
         for (int r = 0; r < R; r++)                                                                 \
