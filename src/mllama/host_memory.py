@@ -62,8 +62,8 @@ def fresh_params(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> tor
     """A new zero CPU tensor for a weight's scales or offsets, on transparent huge pages: small ones
     (below HUGE_PAGE_MIN_BYTES, most of them) share mappings with others, large ones get their own
     (fresh_zeros). A one-row int4 product reads its weight's scales and offsets beside the packed
-    weights, 8 more streams a thread; from ordinary pages they slowed it by up to a tenth in fast
-    minutes (benchmarks/RESULTS.md). The tensor is a view: its storage may hold other tensors (a
+    weights, 8 more streams a thread: from huge pages the product alone ran 0-13% faster (most when
+    the machine read fast), a decode neutral to 10% (benchmarks/RESULTS.md). The tensor is a view: its storage may hold other tensors (a
     safetensors file gets the view's own bytes; torch.save would write the whole storage)."""
     nbytes = math.prod(shape) * dtype.itemsize
     if nbytes >= HUGE_PAGE_MIN_BYTES or nbytes == 0 or not hasattr(mmap, "MADV_HUGEPAGE"):
