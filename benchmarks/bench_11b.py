@@ -59,21 +59,9 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
     print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-class _TokenClock:
-    """A generate streamer that only notes when each put arrives: the prompt, then each new token."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def put(self, ids: torch.Tensor) -> None:
-        self.times.append(time.perf_counter())
-
-    def end(self) -> None:
-        pass
-
-
 def measure(directory: Path, mode: str, new_tokens: int, images: bool) -> dict:
     """In this (fresh) process: load quantized, then decode and optionally image TTFTs."""
+    from bench_phases import TokenClock
     from mllama import MllamaForConditionalGeneration
 
     torch.set_grad_enabled(False)
@@ -89,7 +77,7 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool) -> dict:
     ids = torch.randint(3, 120000, (1, 32), generator=torch.Generator().manual_seed(1))
     ids[0, 0] = 128000
     model.generate(ids, max_new_tokens=2, eos_token_id=[], pad_token_id=0)  # warm-up (kernel builds)
-    clock = _TokenClock()
+    clock = TokenClock()
     start = time.perf_counter()
     model.generate(ids, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0, streamer=clock)
     # the first token ends the prefill; the decode rate is that of the steps after it, timed as they
