@@ -26,9 +26,14 @@ KNOWN_ROPE_TYPES = ("default", "llama3")
 _LLAMA3_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
 
 
+def json_text(data: Any) -> str:
+    """config.json's and generation_config.json's text: 2-space indent, sorted keys, a final newline."""
+    return json.dumps(data, indent=2, sort_keys=True) + "\n"
+
+
 def write_json(path: Path, data: Any) -> None:
-    """The one writer of mllama's JSON files (config.json, generation_config.json)."""
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    """The one writer of config.json (the configs' and mllama.saving's) and generation_config.json."""
+    path.write_text(json_text(data))
 
 
 def _fail(cls_name: str, name: str, message: str) -> None:
@@ -130,7 +135,7 @@ class _ConfigIO:
         return out
 
     def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n"
+        return json_text(self.to_dict())
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
         path = Path(save_directory)
