@@ -36,8 +36,9 @@ def fresh_zeros(shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> torc
 
 class _SharedHugePages:
     """Bump allocation of small tensors out of shared MADV_HUGEPAGE mappings. Space is never reused:
-    a mapping is unmapped when its last tensor is gone (the tensors hold it), so it suits tensors that
-    live as long as a model, not per-request temporaries."""
+    a mapping is unmapped when its last tensor is gone (the tensors hold it; the allocator also holds
+    the one it is filling, at most SHARED_CHUNK_BYTES), so it suits tensors that live as long as a
+    model, not per-request temporaries."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
