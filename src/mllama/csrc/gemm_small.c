@@ -30,6 +30,8 @@
 
 #include "bf16.h"
 #include "small_int4.h"
+#include "int4_rows.h"
+#include "silu.h"
 
 /* The instruction sets this CPU runs: 0 none (the kernels need AVX2 + FMA), 1 AVX2 + FMA, 2 also
  * AVX512-VNNI with VL, 3 also AVX-VNNI (and not the former). */
@@ -259,60 +261,6 @@ int mllama_gemm_small_row_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_t
     return rc;
 }
 
-/* e^x of 8 floats: Cephes' expf (x = n ln 2 + r, a degree-5 polynomial in r), within a few ulp of the
- * exact value; +inf past the float range, NaN kept. Below -87 it returns about 2^-126 or 0 instead of
- * the exact tiny value: silu adds it to 1, where every one of them gives 1. */
-__attribute__((target("avx2,fma")))
-static inline __m256 exp8(__m256 x) {
-    const __m256 top = _mm256_set1_ps(88.72283935546875f);  /* the float nearest log(FLT_MAX) */
-    const __m256 over = _mm256_cmp_ps(x, top, _CMP_GT_OQ), nan = _mm256_cmp_ps(x, x, _CMP_UNORD_Q);
-    const __m256 c = _mm256_max_ps(_mm256_min_ps(x, top), _mm256_set1_ps(-87.0f));
-    const __m256 n = _mm256_round_ps(_mm256_mul_ps(c, _mm256_set1_ps(1.44269504088896341f)),
-                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), c);  /* ln 2 in two parts */
-    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), _mm256_set1_ps(1.0f));
-    /* n in -126..128: 2^(n - 1) in the exponent field, then times 2, so n = 128 stays finite */
-    const __m256i half = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(126)), 23);
-    __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(half)), _mm256_set1_ps(2.0f));
-    y = _mm256_blendv_ps(y, _mm256_set1_ps(__builtin_inff()), over);
-    return _mm256_blendv_ps(y, x, nan);
-}
-
-/* silu(g) * u of 8 float32 sums g, u as the model's bf16 ops round them: g and u to bf16, silu in
- * float32 as torch's (g / (1 + e^-g)) to bf16, their product in float32 to bf16. torch's e^x is within
- * 1 ulp, exp8 a few: where a silu lies that close to a bf16 rounding boundary it can round the other
- * way from torch's (one bf16 step; none of 286,720 outputs in benchmarks/RESULTS.md). */
-__attribute__((target("avx2,fma")))
-static inline __m128i silu_product8(__m256 g, __m256 u) {
-    const __m256 gb = bf16_round8(g), ub = bf16_round8(u);
-    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), gb));
-    const __m256 silu = bf16_round8(_mm256_div_ps(gb, _mm256_add_ps(_mm256_set1_ps(1.0f), e)));
-    return bf16_bits8(_mm256_mul_ps(silu, ub));
-}
-
-/* silu_product8 over n sums of each. */
-__attribute__((target("avx2,fma")))
-static void silu_product_row(const float *g, const float *u, int64_t n, uint16_t *out) {
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm_storeu_si128((__m128i *)(out + i), silu_product8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i)));
-    if (i < n) {
-        float gs[8] = {0}, us[8] = {0};
-        uint16_t bits[8];
-        memcpy(gs, g + i, (size_t)(n - i) * sizeof *gs);
-        memcpy(us, u + i, (size_t)(n - i) * sizeof *us);
-        _mm_storeu_si128((__m128i *)bits, silu_product8(_mm256_loadu_ps(gs), _mm256_loadu_ps(us)));
-        memcpy(out + i, bits, (size_t)(n - i) * sizeof *out);
-    }
-}
-
 /* An MLP's silu(gate(x)) * up(x) for one bf16 row of x against gate and up weights of one format
  * (each as mllama_gemm_small_row_bf16 takes it) -> n bf16 values, rounded as silu_product_row says:
  * one call where a decode step made four (two products, silu, the product), each of which, right
@@ -331,6 +279,83 @@ int mllama_gemm_small_silu_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_
     if (rc == 0) silu_product_row(sums, sums + n, n, out);
     free(sums);
     return rc;
+}
+
+/* m rows of bf16 x (k_in values each, zeros to k) against `count` int4 weights in the int4 rows layout
+ * (int4_rows.h; n rows each, a multiple of 32; scales and offsets (n / 32, groups, 32)) -> their float32
+ * sums (m, n) one weight after another in `sums`, x widened and rounded once. Needs 512-bit VNNI.
+ * Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+__attribute__((target("avx2,fma")))
+static int rows_sums(const uint16_t *x, int64_t m, int64_t k_in, int64_t k, int count, int64_t n,
+                     const void *const *w, const void *const *scale, const void *const *offset, int scale_bf16,
+                     int64_t group, float *sums, int threads) {
+    if (m < 1 || m > MMAX || n < 1 || n % ROWS_BLOCK || k_in < 1 || k_in > k || group < 32 || group % 32
+        || group > 256 || k % group || count < 1 || mllama_gemm_small_level() != 2)
+        return -1;
+    const int64_t groups = k / group;
+    float *xf = calloc((size_t)(m * k), sizeof *xf), *params = malloc((size_t)(4 * m * groups) * sizeof *params);
+    int8_t *xq = malloc((size_t)(m * k));
+    if (!xf || !params || !xq) {
+        free(xf);
+        free(params);
+        free(xq);
+        return -1;
+    }
+    for (int64_t j = 0; j < m; j++)
+        for (int64_t i = 0; i < k_in; i++) xf[j * k + i] = bf16_to_float(x[j * k_in + i]);
+    float *sx = params, *xsum = params + m * groups, *centres = params + 3 * m * groups;
+    int32_t *xqsum = (int32_t *)(params + 2 * m * groups);
+    quantize_x(xf, m, k, group, 3, xq, sx, xsum, xqsum);
+    for (int64_t i = 0; i < m * groups; i++) centres[i] = 8.0f * (xsum[i] - sx[i] * (float)xqsum[i]);
+    const xdesc xd = {NULL, xq, sx, xsum, xqsum, groups, NULL};
+    for (int i = 0; i < count; i++) {
+        const wdesc d = {w[i], scale[i], offset[i], k, group, 0, scale_bf16};
+        int4_rows_product(&d, &xd, centres, m, n, sums + i * m * n, threads);
+    }
+    free(xf);
+    free(params);
+    free(xq);
+    return 0;
+}
+
+/* rows_sums of one weight -> out (m, n) float32. */
+__attribute__((target("avx2,fma")))
+int mllama_int4_rows(const uint16_t *x, int64_t m, int64_t k_in, int64_t n, int64_t k, const void *w,
+                     const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads) {
+    return rows_sums(x, m, k_in, k, 1, n, &w, &scale, &offset, scale_bf16, group, out, threads);
+}
+
+/* One row: rows_sums rounded to n bf16 (bf16_bits8: the bits of torch's .to(bfloat16) of the sums). */
+__attribute__((target("avx2,fma")))
+int mllama_int4_rows_row_bf16(const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
+                              const void *scale, const void *offset, int scale_bf16, int64_t group, uint16_t *out,
+                              int threads) {
+    float *sums = n > 0 ? malloc((size_t)n * sizeof *sums) : NULL;
+    const int rc = sums ? rows_sums(x, 1, k_in, k, 1, n, &w, &scale, &offset, scale_bf16, group, sums, threads) : -1;
+    if (rc == 0) round_row_bf16(sums, n, out);
+    free(sums);
+    return rc;
+}
+
+/* An MLP's silu(gate(x)) * up(x) for one row, both weights in the int4 rows layout (silu_product_row). */
+__attribute__((target("avx2,fma")))
+int mllama_int4_rows_silu_bf16(const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w_gate,
+                               const void *scale_gate, const void *offset_gate, const void *w_up, const void *scale_up,
+                               const void *offset_up, int scale_bf16, int64_t group, uint16_t *out, int threads) {
+    const void *ws[2] = {w_gate, w_up}, *scales[2] = {scale_gate, scale_up}, *offsets[2] = {offset_gate, offset_up};
+    float *sums = n > 0 ? malloc((size_t)(2 * n) * sizeof *sums) : NULL;
+    const int rc = sums ? rows_sums(x, 1, k_in, k, 2, n, ws, scales, offsets, scale_bf16, group, sums, threads) : -1;
+    if (rc == 0) silu_product_row(sums, sums + n, n, out);
+    free(sums);
+    return rc;
+}
+
+/* Row-major int4 weights (n, k / 2) -> the int4 rows layout (unpack: back). Returns 0, or -1 where n is
+ * not a multiple of 32 or k of 32. */
+int mllama_int4_rows_pack(const uint8_t *src, int64_t n, int64_t k, uint8_t *dst, int unpack, int threads) {
+    if (n < 1 || n % ROWS_BLOCK || k < 32 || k % 32) return -1;
+    (unpack ? int4_rows_unpack : int4_rows_pack)(src, n, k, dst, threads);
+    return 0;
 }
 
 /* int4 weights (n, k: k the padded row length) -> out (n, k_out), k_out <= k the real in_features,

@@ -261,7 +261,7 @@ static inline int64_t x_slot(int x8, int64_t i) {
         const int64_t c = i % 128 / 16;
         return i / 128 * 128 + c % 2 * 64 + c / 2 * 16 + i % 16;
     }
-    if (x8) {  /* chunks 0, 1, 2, 3 of a run of 64 -> 0, 2, 1, 3 */
+    if (x8 == 1) {  /* chunks 0, 1, 2, 3 of a run of 64 -> 0, 2, 1, 3 */
         const int64_t c = i % 64 / 16;
         return i / 64 * 64 + (c == 1 ? 2 : c == 2 ? 1 : c) * 16 + i % 16;
     }
@@ -281,7 +281,8 @@ static inline float hmax8(__m256 v) {
  * x[16..31], x[48..63], the order in which the low and then the high nibbles of two 16-byte weight
  * runs lie in one 32-byte load, or (x8 == 2: the one-row 512-bit tile, rows of a multiple of 128) in
  * the X16 order, the same for four runs in one 64-byte load: x[0..15], x[32..47], x[64..79], x[96..111], then x[16..31],
- * x[48..63], x[80..95], x[112..127]; else to int16 in the natural order. Eight values at a time, as
+ * x[48..63], x[80..95], x[112..127], or (x8 == 3: int4_rows.h) in the natural order; else to int16 in the
+ * natural order. Eight values at a time, as
  * the one-row products spend about as long here as on a small weight (the float sums of a group are
  * taken in eight lanes: one order on every CPU, so every instruction set rounds x alike). */
 __attribute__((target("avx2,fma")))
