@@ -177,12 +177,15 @@ DECODE_VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationC
                    "int4 g128": QuantizationConfig("int4", group_size=128),
                    "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
                    "int4 g64 + lm_head": QuantizationConfig("int4", group_size=64, lm_head=True),
-                   "int4 g128 + lm_head": QuantizationConfig("int4", group_size=128, lm_head=True)}
+                   "int4 g128 + lm_head": QuantizationConfig("int4", group_size=128, lm_head=True),
+                   # the same weights in blocks of 32 rows (mllama.int4_rows.pack_int4_rows)
+                   "int4 g128 + lm_head, rows of 32": QuantizationConfig("int4", group_size=128, lm_head=True)}
 
 
 def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[int], streams: int,
                  variants: list[str]) -> None:
     from mllama.config import MllamaTextConfig
+    from mllama.int4_rows import pack_int4_rows
     from mllama.linear import apply_cpu_kernels
     from mllama.model import MllamaForCausalLM
     from mllama.weights import _rebuild_buffers
@@ -204,6 +207,8 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
         config_ = DECODE_VARIANTS[name]
         shared = {id(p): p for p in (base.model.embed_tokens.weight, base.lm_head.weight)}  # not copied
         models[name] = quantize_model(copy.deepcopy(base, shared), config_)
+        if name.endswith("rows of 32"):
+            pack_int4_rows(models[name])
     prompt = torch.randint(0, 128000, (1, 16), generator=gen)
     batch = torch.randint(0, 128000, (streams, 16), generator=gen)
     rates = {name: [] for name in models}

@@ -42,6 +42,14 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module
     return swapped
 
 
+class PackedWeights:
+    """A module whose weights are held in a kernel's own layout (packed_linear.PackedLinear,
+    int4_rows.Int4RowsLinear): transforms that rebuild linears from their weights refuse it
+    (packed_linear.refuse_packed), naming `unpack_hint`, the way back to plain modules."""
+
+    unpack_hint: str
+
+
 WIDE_MIN_ROWS = 112  # bf16 products of at least this many rows may go through float32 (see use_wide_fp32)
 WIDE_BLOCK = 1024  # output features whose weights are converted to float32 at a time
 

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mllama.linear import cpu_has_native_bf16, swap_linears
+from mllama.linear import PackedWeights, cpu_has_native_bf16, swap_linears
 
 PACK_ROWS = 16  # oneDNN's hint of the rows per call; any value from 1 to 1608 measured the same here
 _UNPACK_FIRST = "call mllama.packed_linear.unpack_linears(model) first"
@@ -63,13 +63,15 @@ def can_pack(weight: torch.Tensor) -> bool:
             and not weight.is_meta and packing_available())
 
 
-class PackedLinear(nn.Module):
+class PackedLinear(PackedWeights, nn.Module):
     """y = x @ W.T + b with W held in oneDNN's blocked layout (see the module docstring).
 
     bf16 CPU inputs outside autograd go through oneDNN's linear on the packed weight; a single row is
     computed as the first of two equal rows, so that every row of a batch gets the bits it gets
     alone (oneDNN takes another kernel for one row). Anything else (float32 inputs, gradients)
     falls back to F.linear on a plain copy of the weight."""
+
+    unpack_hint = _UNPACK_FIRST
 
     def __init__(self, weight: torch.Tensor, bias: nn.Parameter | None) -> None:
         super().__init__()
@@ -158,13 +160,15 @@ class PackedLinear(nn.Module):
 
 
 def refuse_packed(model: nn.Module, what: str) -> None:
-    """Raise, naming `what` and the way out, where `model` holds packed weights: transforms that
-    rebuild linears from their weight parameter (quantization, LoRA, tensor parallelism) would
-    skip them silently."""
-    names = [name for name, module in model.named_modules() if isinstance(module, PackedLinear)]
-    if names:
-        raise ValueError(f"{what} needs plain linears, but {len(names)} are packed for oneDNN (e.g. {names[0]}); "
-                         f"{_UNPACK_FIRST}")
+    """Raise, naming `what` and the way out, where `model` holds weights in a kernel's own layout
+    (linear.PackedWeights: bf16 packed for oneDNN, int4 in blocks of rows): transforms that rebuild
+    linears from their weight parameters (quantization, LoRA, tensor parallelism) would skip them
+    silently or read the wrong layout."""
+    packed = [(name, module) for name, module in model.named_modules() if isinstance(module, PackedWeights)]
+    if packed:
+        name, module = packed[0]
+        raise ValueError(f"{what} needs plain linears, but {len(packed)} hold packed weights (e.g. {name}, "
+                         f"{type(module).__name__}); {module.unpack_hint}")
 
 
 MEMORY_MARGIN = 2**30  # bytes left free beside the packed weights (see memory_for_packing)

@@ -386,6 +386,7 @@ class QuantizeOnLoad:
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized linear by a plain nn.Linear with its dequantized weights (the eager
     reference the tests compare against); returns the model."""
+    refuse_packed(model, "dequantize_model")
     for name, module in list(model.named_modules()):
         if isinstance(module, _QuantizedLinear):
             parent, _, attr = name.rpartition(".")

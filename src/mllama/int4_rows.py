@@ -1,0 +1,228 @@
+"""int4 linears with their weights in blocks of 32 rows for the decode products (a module swap).
+
+gemm_small.c's int4 products read the row-major int4 format (quant_format: a weight row after
+another), in which every group of every row ends in a conversion, a scale shuffle and an FMA of its
+own. csrc/int4_rows.h holds 32 rows in a block instead, a vector's lanes being 16 weight rows: per
+128 weights a load, two masks and two vpdpbusd, the group's float work shared by 16 rows. On a
+2-core AMD EPYC (Zen 4) one row of x ran 1.7x the row-major kernel's rate from cache and 1.1-1.2x from
+memory (benchmarks/RESULTS.md).
+
+`pack_int4_rows(model)` swaps a model's `Int4Linear`s (out_features a multiple of 32, on the CPU) for
+`Int4RowsLinear`, whose weight then exists only in the blocked layout (no second copy);
+`unpack_int4_rows` swaps them back. 1 to ROWS_MAX rows of bf16 x outside autograd take the blocked
+kernel (a row of x gets the same bits in any batch: not the row-major kernel's bits, the sums run in
+another order); anything else (prefill, float32, autograd) goes through an Int4Linear unpacked for
+the call. The state dict holds the row-major format, so checkpoints save and load unchanged. It is
+for inference on the CPU: moving to another device, quantizing, LoRA and tensor parallelism need
+`unpack_int4_rows` first (each says so).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+
+import torch
+from torch import nn
+
+from mllama import cpu_kernels
+from mllama.linear import PackedWeights, swap_linears
+from mllama.quantize import Int4Linear
+
+ROWS_BLOCK = 32  # csrc/int4_rows.h's ROWS_BLOCK
+ROWS_MAX = 32  # rows of x a call (gemm_small.c's MMAX)
+
+
+@functools.cache
+def _lib() -> ctypes.CDLL | None:
+    lib = cpu_kernels.small_library()
+    if lib is None or cpu_kernels.small_kernel_level() != 2:
+        return None
+    ptr, i64, c_int = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.mllama_int4_rows.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, c_int, i64, ptr, c_int]
+    lib.mllama_int4_rows_row_bf16.argtypes = [ptr, i64, i64, i64, ptr, ptr, ptr, c_int, i64, ptr, c_int]
+    lib.mllama_int4_rows_silu_bf16.argtypes = [ptr, i64, i64, i64] + [ptr] * 6 + [c_int, i64, ptr, c_int]
+    lib.mllama_int4_rows_pack.argtypes = [ptr, i64, i64, ptr, c_int, c_int]
+    for fn in (lib.mllama_int4_rows, lib.mllama_int4_rows_row_bf16, lib.mllama_int4_rows_silu_bf16,
+               lib.mllama_int4_rows_pack):
+        fn.restype = c_int
+    return lib
+
+
+def rows_available() -> bool:
+    """Whether the blocked int4 kernels run here (csrc/gemm_small.c with 512-bit VNNI)."""
+    return _lib() is not None
+
+
+def can_pack(module: nn.Module) -> bool:
+    """An Int4Linear (exactly) on the CPU, out_features a multiple of 32, float32 or bf16 scales, on a
+    machine where rows_available()."""
+    return (type(module) is Int4Linear and module.out_features % ROWS_BLOCK == 0
+            and module.weight_packed.device.type == "cpu" and not module.weight_packed.is_meta
+            and module.weight_scale.dtype in (torch.float32, torch.bfloat16) and rows_available())
+
+
+def _repack(packed: torch.Tensor, *, unpack: bool) -> torch.Tensor:
+    n, half = packed.shape
+    out = torch.empty_like(packed)
+    if _lib().mllama_int4_rows_pack(packed.contiguous().data_ptr(), n, 2 * half, out.data_ptr(), int(unpack),
+                                    torch.get_num_threads()) != 0:
+        raise ValueError(f"int4 rows: cannot repack a weight of shape {tuple(packed.shape)}")
+    return out
+
+
+def _block_params(params: torch.Tensor) -> torch.Tensor:  # (n, groups) -> (n / 32, groups, 32)
+    n, groups = params.shape
+    return params.view(n // ROWS_BLOCK, ROWS_BLOCK, groups).transpose(1, 2).contiguous()
+
+
+def _row_params(params: torch.Tensor) -> torch.Tensor:  # (n / 32, groups, 32) -> (n, groups)
+    blocks, groups, _ = params.shape
+    return params.transpose(1, 2).reshape(blocks * ROWS_BLOCK, groups)
+
+
+class Int4RowsLinear(PackedWeights, nn.Module):
+    """An Int4Linear whose weight, scales and offsets are held in blocks of 32 rows (see the module
+    docstring). `weight_packed`, `weight_scale` and `weight_offset` read as row-major copies."""
+
+    mode = "int4"
+    unpack_hint = "call mllama.int4_rows.unpack_int4_rows(model) first"
+
+    def __init__(self, linear: Int4Linear) -> None:
+        super().__init__()
+        if not can_pack(linear):
+            raise ValueError(f"Int4RowsLinear: needs an Int4Linear on the CPU with out_features a multiple of "
+                             f"{ROWS_BLOCK} on a CPU with AVX512-VNNI; got {linear}")
+        self.in_features, self.out_features, self.group_size = linear.in_features, linear.out_features, linear.group_size
+        # not in the state dict, which holds the row-major format (_save_to_state_dict)
+        self.register_buffer("rows_packed", _repack(linear.weight_packed, unpack=False), persistent=False)
+        self.register_buffer("rows_scale", _block_params(linear.weight_scale), persistent=False)
+        self.register_buffer("rows_offset", _block_params(linear.weight_offset), persistent=False)
+        self.register_parameter("bias", linear.bias)
+
+    @property
+    def weight_packed(self) -> torch.Tensor:
+        return _repack(self.rows_packed, unpack=True)
+
+    @property
+    def weight_scale(self) -> torch.Tensor:
+        return _row_params(self.rows_scale)
+
+    @property
+    def weight_offset(self) -> torch.Tensor:
+        return _row_params(self.rows_offset)
+
+    def to_int4(self) -> Int4Linear:
+        """The same weights as a row-major Int4Linear (new tensors; the bias shared)."""
+        linear = Int4Linear(self.in_features, self.out_features, bias=False, dtype=self.rows_scale.dtype,
+                            group_size=self.group_size, device="meta")
+        linear.weight_packed, linear.weight_scale = self.weight_packed, self.weight_scale.contiguous()
+        linear.weight_offset = self.weight_offset.contiguous()
+        linear.bias = self.bias
+        return linear
+
+    def _takes(self, x: torch.Tensor) -> bool:
+        rows = x.shape[:-1].numel()
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < rows <= ROWS_MAX
+                and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad))
+
+    def _pointers(self) -> tuple[int, int, int]:
+        return self.rows_packed.data_ptr(), self.rows_scale.data_ptr(), self.rows_offset.data_ptr()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"{type(self).__name__}: input of {x.shape[-1]} features, the weight takes "
+                             f"{self.in_features} (input shape {tuple(x.shape)})")
+        if not self._takes(x):
+            return self.to_int4()(x)
+        flat = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
+        rows, k = flat.shape[0], self.rows_packed.shape[1] * 2
+        bf16 = int(self.rows_scale.dtype == torch.bfloat16)
+        if rows == 1:
+            out = torch.empty(1, self.out_features, dtype=torch.bfloat16)
+            rc = _lib().mllama_int4_rows_row_bf16(flat.data_ptr(), self.in_features, self.out_features, k,
+                                                  *self._pointers(), bf16, self.group_size, out.data_ptr(),
+                                                  torch.get_num_threads())
+        else:
+            out = torch.empty(rows, self.out_features, dtype=torch.float32)
+            rc = _lib().mllama_int4_rows(flat.data_ptr(), rows, self.in_features, self.out_features, k,
+                                         *self._pointers(), bf16, self.group_size, out.data_ptr(),
+                                         torch.get_num_threads())
+        if rc != 0:
+            raise ValueError(f"Int4RowsLinear: the kernel refused {rows} rows against {self}")
+        out = out.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
+        return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row, where `up` is
+        an Int4RowsLinear of the same shape, group size and scale dtype and neither has a bias; else None."""
+        if (type(up) is not Int4RowsLinear or self.bias is not None or up.bias is not None
+                or x.shape[-1] != self.in_features or x.numel() != self.in_features or not self._takes(x)
+                or (up.in_features, up.out_features, up.group_size) != (self.in_features, self.out_features,
+                                                                        self.group_size)
+                or up.rows_scale.dtype != self.rows_scale.dtype):
+            return None
+        flat = x.contiguous()
+        out = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
+        rc = _lib().mllama_int4_rows_silu_bf16(flat.data_ptr(), self.in_features, self.out_features,
+                                               self.rows_packed.shape[1] * 2, *self._pointers(), *up._pointers(),
+                                               int(self.rows_scale.dtype == torch.bfloat16), self.group_size,
+                                               out.data_ptr(), torch.get_num_threads())
+        return out if rc == 0 else None
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        return self.to_int4().dequantize(dtype)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
+        super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
+        destination[prefix + "weight_packed"] = self.weight_packed
+        destination[prefix + "weight_scale"] = self.weight_scale.contiguous()
+        destination[prefix + "weight_offset"] = self.weight_offset.contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
+                              unexpected_keys, error_msgs):
+        shapes = {"weight_packed": tuple(self.rows_packed.shape), "weight_scale": tuple(self.weight_scale.shape),
+                  "weight_offset": tuple(self.weight_offset.shape)}
+        given = {}
+        for name, shape in shapes.items():
+            key = prefix + name
+            if key not in state_dict:
+                missing_keys.append(key)
+            elif tuple(state_dict[key].shape) != shape:
+                error_msgs.append(f"size mismatch for {key}: copying a param with shape {tuple(state_dict[key].shape)}, "
+                                  f"the shape in current model is {shape}.")
+            else:
+                given[name] = state_dict[key]
+        if len(given) == len(shapes):
+            self.rows_packed = _repack(given["weight_packed"].to("cpu", torch.uint8), unpack=False)
+            self.rows_scale = _block_params(given["weight_scale"].to("cpu", self.rows_scale.dtype))
+            self.rows_offset = _block_params(given["weight_offset"].to("cpu", self.rows_offset.dtype))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for name in shapes:  # not buffers here, but taken above
+            if prefix + name in unexpected_keys:
+                unexpected_keys.remove(prefix + name)
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        probe = fn(torch.empty(0, dtype=torch.uint8))
+        if probe.device.type != "cpu":
+            raise RuntimeError(f"int4 weights in blocks of 32 rows stay on the CPU ({probe.device} asked); "
+                               f"{self.unpack_hint}")
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"group_size={self.group_size}, rows of 32")
+
+
+def pack_int4_rows(model: nn.Module) -> list[str]:
+    """Swap every Int4Linear of `model` that can_pack() for an Int4RowsLinear, in place, one at a time;
+    returns their names (none where rows_available() is false)."""
+    if not rows_available():
+        return []
+    return swap_linears(model, lambda _, module: Int4RowsLinear(module) if can_pack(module) else None, kind=Int4Linear)
+
+
+def unpack_int4_rows(model: nn.Module) -> list[str]:
+    """Swap every Int4RowsLinear of `model` back for a row-major Int4Linear; returns their names."""
+    return swap_linears(model, lambda _, module: module.to_int4(), kind=Int4RowsLinear)
