@@ -3,9 +3,9 @@
 gemm_small.c's int4 products read the row-major int4 format (quant_format: a weight row after
 another), in which every group of every row ends in a conversion, a scale shuffle and an FMA of its
 own. csrc/int4_rows.h holds 32 rows in a block instead, a vector's lanes being 16 weight rows: per
-128 weights a load, two masks and two vpdpbusd, the group's float work shared by 16 rows. On a
-2-core AMD EPYC (Zen 4) one row of x ran 1.7x the row-major kernel's rate from cache and 1.1-1.2x from
-memory (benchmarks/RESULTS.md).
+128 weights a load, two masks and two vpdpbusd, the group's float work shared by 16 rows: about half
+the instructions a weight, which is what held the one-row product below the memory's rate
+(benchmarks/RESULTS.md).
 
 `pack_int4_rows(model)` swaps a model's `Int4Linear`s (out_features a multiple of 32, on the CPU) for
 `Int4RowsLinear`, whose weight then exists only in the blocked layout (no second copy);

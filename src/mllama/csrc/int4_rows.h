@@ -3,9 +3,8 @@
  *
  * Row-major int4 (gemm_small.c's format) puts one weight row in each vector, so every group of every
  * row ends in its own int32 -> float conversion, scale shuffle and FMA: about 10 instructions per 64
- * bytes, which a 2-core AMD EPYC (Zen 4) ran at 70-75 GB/s from cache, below what it reads from memory
- * when memory is fast (benchmarks/RESULTS.md). Here a vector's 16 lanes are 16 weight rows and its
- * bytes 4 values of k for each: a block of 32 rows is stored as k / 4 steps of 64 bytes, byte 4 r + b of
+ * bytes, too many to keep up with a fast memory (benchmarks/RESULTS.md). Here a vector's 16 lanes
+ * are 16 weight rows and its bytes 4 values of k for each: a block of 32 rows is stored as k / 4 steps of 64 bytes, byte 4 r + b of
  * step s holding row r's value 4 s + b in its low nibble and row 16 + r's in its high nibble. One x
  * value quad broadcast serves both nibbles (the high ones taken as 16 q with one mask, the 16 folded
  * into their scale: exact), so 128 weights cost a load, two masks and two vpdpbusd; the per-group
