@@ -38,6 +38,7 @@ def _int4(n: int, k: int, group: int, dtype: torch.dtype = torch.bfloat16, *, bi
     (160, 512, 128, 5, torch.float32),
     (32, 1024, 256, 32, torch.bfloat16),
     (128, 4096, 128, 16, torch.bfloat16),
+    (64, 256, 64, 70, torch.bfloat16),   # a prompt: rows taken 32 at a time
 ])
 def test_rows_product_is_the_dequantized_weight_within_the_rounding_of_x(n, k, group, rows, dtype):
     """Against float64 products with the dequantized weight: x is rounded per group to int8 (a step of
@@ -61,10 +62,10 @@ def test_rows_product_is_the_dequantized_weight_within_the_rounding_of_x(n, k, g
 
 def test_a_row_gets_the_same_bits_in_any_batch():
     packed = Int4RowsLinear(_int4(96, 256, 64))
-    x = torch.randn(7, 256, generator=torch.Generator().manual_seed(2)).bfloat16()
+    x = torch.randn(70, 256, generator=torch.Generator().manual_seed(2)).bfloat16()  # chunks of 32 rows
     with torch.no_grad():
         batch = packed(x)
-        for i in range(7):
+        for i in range(70):
             assert torch.equal(packed(x[i:i + 1])[0], batch[i])
 
 
@@ -89,13 +90,19 @@ def test_state_dict_is_the_row_major_format_and_loads_back():
     assert torch.equal(packed.to_int4().weight_packed, linear.weight_packed)
 
 
-def test_other_rows_and_dtypes_take_the_row_major_module():
-    """Past 32 rows (prefill) and for float32 x the product is the row-major Int4Linear's, bit for bit."""
+def test_float32_and_autograd_take_the_row_major_module():
+    """float32 x (and x that needs gradients) get the row-major Int4Linear's product, bit for bit."""
     linear = _int4(96, 256, 128, bias=True)
     packed = Int4RowsLinear(copy.deepcopy(linear))
+    x = torch.randn(3, 256)
     with torch.no_grad():
-        for x in (torch.randn(40, 256).bfloat16(), torch.randn(3, 256)):
-            assert torch.equal(packed(x), linear(x))
+        assert torch.equal(packed(x), linear(x))
+    xg = torch.randn(2, 256).bfloat16().requires_grad_()
+    out = packed(xg)
+    assert torch.equal(out, linear(xg))
+    out.float().sum().backward()
+    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    with torch.no_grad():
         with pytest.raises(ValueError, match="input of 255 features"):
             packed(torch.randn(1, 255).bfloat16())
 

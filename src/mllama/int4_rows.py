@@ -9,10 +9,11 @@ the instructions a weight, which is what held the one-row product below the memo
 
 `pack_int4_rows(model)` swaps a model's `Int4Linear`s (out_features a multiple of 32, on the CPU) for
 `Int4RowsLinear`, whose weight then exists only in the blocked layout (no second copy);
-`unpack_int4_rows` swaps them back. 1 to ROWS_MAX rows of bf16 x outside autograd take the blocked
-kernel (a row of x gets the same bits in any batch: not the row-major kernel's bits, the sums run in
-another order); anything else (prefill, float32, autograd) goes through an Int4Linear unpacked for
-the call. The state dict holds the row-major format, so checkpoints save and load unchanged. It is
+`unpack_int4_rows` swaps them back. bf16 x on the CPU outside autograd takes the blocked kernel, any
+number of rows (decode steps and prompts alike; each row of x rounded to int8 per group, as the one-row
+kernels and the AMX tiles do; a row of x gets the same bits in any batch, but not the row-major
+kernels' bits: the sums run in another order); anything else (float32 x, autograd, torch.compile)
+goes through an Int4Linear unpacked for the call. The state dict holds the row-major format, so checkpoints save and load unchanged. It is
 for inference on the CPU: moving to another device, quantizing, LoRA and tensor parallelism need
 `unpack_int4_rows` first (each says so).
 """
@@ -30,7 +31,6 @@ from mllama.linear import PackedWeights, swap_linears
 from mllama.quantize import Int4Linear
 
 ROWS_BLOCK = 32  # csrc/int4_rows.h's ROWS_BLOCK
-ROWS_MAX = 32  # rows of x a call (gemm_small.c's MMAX)
 
 
 @functools.cache
@@ -122,8 +122,7 @@ class Int4RowsLinear(PackedWeights, nn.Module):
         return linear
 
     def _takes(self, x: torch.Tensor) -> bool:
-        rows = x.shape[:-1].numel()
-        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and 0 < rows <= ROWS_MAX
+        return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > 0
                 and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad))
 
     def _pointers(self) -> tuple[int, int, int]:

@@ -283,14 +283,16 @@ int mllama_gemm_small_silu_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_
 
 /* m rows of bf16 x (k_in values each, zeros to k) against `count` int4 weights in the int4 rows layout
  * (int4_rows.h; n rows each, a multiple of 32; scales and offsets (n / 32, groups, 32)) -> their float32
- * sums (m, n) one weight after another in `sums`, x widened and rounded once. Needs 512-bit VNNI.
- * Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+ * sums (m, n) one weight after another in `sums`, x widened and rounded once (a thread a row), then
+ * taken ROWS_CHUNK rows at a time, each chunk's rounded x in L2 while the weights stream past.
+ * Needs 512-bit VNNI. Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+#define ROWS_CHUNK 32
 __attribute__((target("avx2,fma")))
 static int rows_sums(const uint16_t *x, int64_t m, int64_t k_in, int64_t k, int count, int64_t n,
                      const void *const *w, const void *const *scale, const void *const *offset, int scale_bf16,
                      int64_t group, float *sums, int threads) {
-    if (m < 1 || m > MMAX || n < 1 || n % ROWS_BLOCK || k_in < 1 || k_in > k || group < 32 || group % 32
-        || group > 256 || k % group || count < 1 || mllama_gemm_small_level() != 2)
+    if (m < 1 || n < 1 || n % ROWS_BLOCK || k_in < 1 || k_in > k || group < 32 || group % 32 || group > 256
+        || k % group || count < 1 || mllama_gemm_small_level() != 2)
         return -1;
     const int64_t groups = k / group;
     float *xf = calloc((size_t)(m * k), sizeof *xf), *params = malloc((size_t)(4 * m * groups) * sizeof *params);
@@ -301,16 +303,27 @@ static int rows_sums(const uint16_t *x, int64_t m, int64_t k_in, int64_t k, int 
         free(xq);
         return -1;
     }
-    for (int64_t j = 0; j < m; j++)
-        for (int64_t i = 0; i < k_in; i++) xf[j * k + i] = bf16_to_float(x[j * k_in + i]);
     float *sx = params, *xsum = params + m * groups, *centres = params + 3 * m * groups;
     int32_t *xqsum = (int32_t *)(params + 2 * m * groups);
-    quantize_x(xf, m, k, group, 3, xq, sx, xsum, xqsum);
-    for (int64_t i = 0; i < m * groups; i++) centres[i] = 8.0f * (xsum[i] - sx[i] * (float)xqsum[i]);
-    const xdesc xd = {NULL, xq, sx, xsum, xqsum, groups, NULL};
-    for (int i = 0; i < count; i++) {
-        const wdesc d = {w[i], scale[i], offset[i], k, group, 0, scale_bf16};
-        int4_rows_product(&d, &xd, centres, m, n, sums + i * m * n, threads);
+#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 4)
+    for (int64_t j = 0; j < m; j++) {
+        float *row = xf + j * k;
+        int64_t i = 0;
+        for (; i + 8 <= k_in; i += 8)
+            _mm256_storeu_ps(row + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j * k_in + i))), 16)));
+        for (; i < k_in; i++) row[i] = bf16_to_float(x[j * k_in + i]);
+        const int64_t q = j * groups;
+        quantize_x(row, 1, k, group, 3, xq + j * k, sx + q, xsum + q, xqsum + q);
+        for (int64_t g = q; g < q + groups; g++) centres[g] = 8.0f * (xsum[g] - sx[g] * (float)xqsum[g]);
+    }
+    for (int64_t c = 0; c < m; c += ROWS_CHUNK) {
+        const int64_t rows = m - c < ROWS_CHUNK ? m - c : ROWS_CHUNK, q = c * groups;
+        const xdesc xd = {NULL, xq + c * k, sx + q, xsum + q, xqsum + q, groups, NULL};
+        for (int i = 0; i < count; i++) {
+            const wdesc d = {w[i], scale[i], offset[i], k, group, 0, scale_bf16};
+            int4_rows_product(&d, &xd, centres + q, rows, n, sums + i * m * n + c * n, threads);
+        }
     }
     free(xf);
     free(params);

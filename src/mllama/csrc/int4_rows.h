@@ -1,5 +1,5 @@
-/* int4 weights in blocks of 32 rows ("int4 rows" layout) against 1 to MMAX rows of x with 512-bit VNNI:
- * the one-row int4 products' layout for decode. Included by gemm_small.c only.
+/* int4 weights in blocks of 32 rows ("int4 rows" layout) against rows of x with 512-bit VNNI: a layout
+ * for decode's one-row products first. Included by gemm_small.c only.
  *
  * Row-major int4 (gemm_small.c's format) puts one weight row in each vector, so every group of every
  * row ends in its own int32 -> float conversion, scale shuffle and FMA: about 10 instructions per 64
