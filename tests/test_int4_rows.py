@@ -148,12 +148,39 @@ def test_packed_model_decodes_as_the_row_major_one():
     assert not any(isinstance(m, Int4RowsLinear) for m in packed.modules())
 
 
-def test_transforms_that_need_plain_linears_refuse_packed_int4():
-    packed = _tiny(torch.float32)
+def test_transforms_unpack_or_refuse_packed_int4():
+    """LoRA (trained through autograd) unpacks the blocked modules first; dequantize_model takes them as
+    any quantized linear; moving to another device is refused, naming the way out."""
+    model = _tiny(torch.bfloat16)
+    packed = copy.deepcopy(model)
     pack_int4_rows(packed)
-    with pytest.raises(ValueError, match="dequantize_model needs plain linears.*Int4RowsLinear.*unpack_int4_rows"):
-        dequantize_model(packed)
-    with pytest.raises(ValueError, match="apply_lora needs plain linears.*unpack_int4_rows"):
-        apply_lora(packed, r=2)
+    plain = dequantize_model(copy.deepcopy(packed))
+    reference = dequantize_model(copy.deepcopy(model))
+    assert not any(isinstance(m, (Int4RowsLinear, Int4Linear)) for m in plain.modules())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(plain.state_dict()[key], value), key
     with pytest.raises(RuntimeError, match="stay on the CPU.*unpack_int4_rows"):
         packed.to("meta")
+    names = apply_lora(packed, r=2)
+    assert names and not any(isinstance(m, Int4RowsLinear) for m in packed.modules())
+    assert any(isinstance(m, Int4Linear) for m in packed.modules())
+
+
+def test_from_pretrained_packs_int4_of_bf16_models_on_the_cpu(tmp_path):
+    for dtype, packs in ((torch.bfloat16, True), (torch.float32, False)):
+        _tiny(dtype).save_pretrained(tmp_path / str(dtype))
+        loaded = MllamaForConditionalGeneration.from_pretrained(tmp_path / str(dtype))
+        assert any(isinstance(m, Int4RowsLinear) for m in loaded.modules()) == packs
+    saved = _tiny(torch.bfloat16)
+    loaded = MllamaForConditionalGeneration.from_pretrained(tmp_path / str(torch.bfloat16))
+    for key, value in saved.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), key
+
+
+def test_compiled_product_is_the_eager_one():
+    packed = Int4RowsLinear(_int4(64, 256, 64, bias=True))
+    compiled = torch.compile(packed, backend="eager", fullgraph=True)  # the custom op keeps the call opaque
+    with torch.no_grad():
+        for rows in (1, 5):
+            x = torch.randn(rows, 256).bfloat16()
+            assert torch.equal(compiled(x), packed(x))

@@ -1,34 +1,37 @@
-"""int4 linears with their weights in blocks of 32 rows for the decode products (a module swap).
+"""int4 linears with their weights in blocks of 32 rows for the CPU's products (a module swap).
 
 gemm_small.c's int4 products read the row-major int4 format (quant_format: a weight row after
 another), in which every group of every row ends in a conversion, a scale shuffle and an FMA of its
 own. csrc/int4_rows.h holds 32 rows in a block instead, a vector's lanes being 16 weight rows: per
 128 weights a load, two masks and two vpdpbusd, the group's float work shared by 16 rows: about half
 the instructions a weight, which is what held the one-row product below the memory's rate
-(benchmarks/RESULTS.md).
+(benchmarks/RESULTS.md). Prompts gain most: many rows of x against weights unpacked once in registers.
 
 `pack_int4_rows(model)` swaps a model's `Int4Linear`s (out_features a multiple of 32, on the CPU) for
 `Int4RowsLinear`, whose weight then exists only in the blocked layout (no second copy);
-`unpack_int4_rows` swaps them back. bf16 x on the CPU outside autograd takes the blocked kernel, any
-number of rows (decode steps and prompts alike; each row of x rounded to int8 per group, as the one-row
-kernels and the AMX tiles do; a row of x gets the same bits in any batch, but not the row-major
-kernels' bits: the sums run in another order); anything else (float32 x, autograd, torch.compile)
-goes through an Int4Linear unpacked for the call. The state dict holds the row-major format, so checkpoints save and load unchanged. It is
-for inference on the CPU: moving to another device, quantizing, LoRA and tensor parallelism need
-`unpack_int4_rows` first (each says so).
+`unpack_int4_rows` swaps them back. from_pretrained does it on the CPU for bf16 models (`pack_loaded`).
+bf16 x on the CPU outside autograd takes the blocked kernel, any number of rows: decode steps and
+prompts alike, each row of x rounded to int8 per group as the one-row kernels (and the AMX tiles)
+round it, so a row gets the same bits in any batch, though not the row-major kernels' bits (the sums
+run in another order). float32 x and autograd go through an Int4Linear unpacked for the call. The
+state dict holds the row-major format, so checkpoints save and load unchanged. LoRA and tensor
+parallelism unpack first (training and sharding read row-major weights); moving the model to another
+device is refused, naming unpack_int4_rows.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
+from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from mllama import cpu_kernels
+from mllama.host_memory import fresh_params, fresh_zeros
 from mllama.linear import PackedWeights, swap_linears
-from mllama.quantize import Int4Linear
+from mllama.quantize import Int4Linear, _QuantizedLinear
 
 ROWS_BLOCK = 32  # csrc/int4_rows.h's ROWS_BLOCK
 
@@ -64,7 +67,7 @@ def can_pack(module: nn.Module) -> bool:
 
 def _repack(packed: torch.Tensor, *, unpack: bool) -> torch.Tensor:
     n, half = packed.shape
-    out = torch.empty_like(packed)
+    out = fresh_zeros(packed.shape, packed.dtype)  # either layout may be kept: on huge pages, as quantize_int4's
     if _lib().mllama_int4_rows_pack(packed.contiguous().data_ptr(), n, 2 * half, out.data_ptr(), int(unpack),
                                     torch.get_num_threads()) != 0:
         raise ValueError(f"int4 rows: cannot repack a weight of shape {tuple(packed.shape)}")
@@ -73,15 +76,56 @@ def _repack(packed: torch.Tensor, *, unpack: bool) -> torch.Tensor:
 
 def _block_params(params: torch.Tensor) -> torch.Tensor:  # (n, groups) -> (n / 32, groups, 32)
     n, groups = params.shape
-    return params.view(n // ROWS_BLOCK, ROWS_BLOCK, groups).transpose(1, 2).contiguous()
+    out = fresh_params((n // ROWS_BLOCK, groups, ROWS_BLOCK), params.dtype)  # read beside the weights
+    return out.copy_(params.view(n // ROWS_BLOCK, ROWS_BLOCK, groups).transpose(1, 2))
 
 
 def _row_params(params: torch.Tensor) -> torch.Tensor:  # (n / 32, groups, 32) -> (n, groups)
     blocks, groups, _ = params.shape
-    return params.transpose(1, 2).reshape(blocks * ROWS_BLOCK, groups)
+    return fresh_params((blocks * ROWS_BLOCK, groups), params.dtype).view(blocks, ROWS_BLOCK, groups).copy_(
+        params.transpose(1, 2)).view(blocks * ROWS_BLOCK, groups)
 
 
-class Int4RowsLinear(PackedWeights, nn.Module):
+def rows_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                 group_size: int) -> torch.Tensor:
+    """(..., K) bf16 x (CPU) against int4 weights in blocks of 32 rows (packed (N, Kp / 2) uint8, scale and
+    offset (N / 32, groups, 32), all contiguous) -> (..., N) bf16. Under torch.compile the custom op
+    mllama::int4_rows_linear (the same call, opaque to the graph)."""
+    if torch.compiler.is_compiling():
+        return _rows_product_op(x, packed, scale, offset, group_size)
+    return _rows_product(x, packed, scale, offset, group_size)
+
+
+def _rows_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+                  group_size: int) -> torch.Tensor:
+    k_in = x.shape[-1]
+    flat = x.reshape(-1, k_in).contiguous()  # (rows, K)
+    (rows, _), (n, half) = flat.shape, packed.shape
+    pointers = (packed.data_ptr(), scale.data_ptr(), offset.data_ptr(), int(scale.dtype == torch.bfloat16), group_size)
+    if rows == 1:  # a decode step's call: rounded to bf16 in C
+        out = torch.empty(1, n, dtype=torch.bfloat16)
+        rc = _lib().mllama_int4_rows_row_bf16(flat.data_ptr(), k_in, n, 2 * half, *pointers, out.data_ptr(),
+                                              torch.get_num_threads())
+    else:
+        out = torch.empty(rows, n, dtype=torch.float32)
+        rc = _lib().mllama_int4_rows(flat.data_ptr(), rows, k_in, n, 2 * half, *pointers, out.data_ptr(),
+                                     torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"int4 rows: the kernel refused {rows} rows of {k_in} features against a weight of "
+                         f"shape {tuple(packed.shape)} (group size {group_size})")
+    return out.to(torch.bfloat16).view(*x.shape[:-1], n)
+
+
+_rows_product_op = torch.library.custom_op("mllama::int4_rows_linear", _rows_product, mutates_args=())
+
+
+@_rows_product_op.register_fake
+def _(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
+      group_size: int) -> torch.Tensor:
+    return x.new_empty(*x.shape[:-1], packed.shape[0])
+
+
+class Int4RowsLinear(PackedWeights, _QuantizedLinear):
     """An Int4Linear whose weight, scales and offsets are held in blocks of 32 rows (see the module
     docstring). `weight_packed`, `weight_scale` and `weight_offset` read as row-major copies."""
 
@@ -116,17 +160,17 @@ class Int4RowsLinear(PackedWeights, nn.Module):
         """The same weights as a row-major Int4Linear (new tensors; the bias shared)."""
         linear = Int4Linear(self.in_features, self.out_features, bias=False, dtype=self.rows_scale.dtype,
                             group_size=self.group_size, device="meta")
-        linear.weight_packed, linear.weight_scale = self.weight_packed, self.weight_scale.contiguous()
-        linear.weight_offset = self.weight_offset.contiguous()
+        linear.weight_packed, linear.weight_scale, linear.weight_offset = (self.weight_packed, self.weight_scale,
+                                                                           self.weight_offset)
         linear.bias = self.bias
         return linear
 
     def _takes(self, x: torch.Tensor) -> bool:
         return (x.dtype == torch.bfloat16 and x.device.type == "cpu" and x.shape[:-1].numel() > 0
-                and not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and x.requires_grad))
+                and not (torch.is_grad_enabled() and x.requires_grad))
 
-    def _pointers(self) -> tuple[int, int, int]:
-        return self.rows_packed.data_ptr(), self.rows_scale.data_ptr(), self.rows_offset.data_ptr()
+    def _weights(self) -> tuple[torch.Tensor, ...]:
+        return self.rows_packed, self.rows_scale, self.rows_offset
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
@@ -134,22 +178,7 @@ class Int4RowsLinear(PackedWeights, nn.Module):
                              f"{self.in_features} (input shape {tuple(x.shape)})")
         if not self._takes(x):
             return self.to_int4()(x)
-        flat = x.reshape(-1, self.in_features).contiguous()  # (rows, in)
-        rows, k = flat.shape[0], self.rows_packed.shape[1] * 2
-        bf16 = int(self.rows_scale.dtype == torch.bfloat16)
-        if rows == 1:
-            out = torch.empty(1, self.out_features, dtype=torch.bfloat16)
-            rc = _lib().mllama_int4_rows_row_bf16(flat.data_ptr(), self.in_features, self.out_features, k,
-                                                  *self._pointers(), bf16, self.group_size, out.data_ptr(),
-                                                  torch.get_num_threads())
-        else:
-            out = torch.empty(rows, self.out_features, dtype=torch.float32)
-            rc = _lib().mllama_int4_rows(flat.data_ptr(), rows, self.in_features, self.out_features, k,
-                                         *self._pointers(), bf16, self.group_size, out.data_ptr(),
-                                         torch.get_num_threads())
-        if rc != 0:
-            raise ValueError(f"Int4RowsLinear: the kernel refused {rows} rows against {self}")
-        out = out.to(torch.bfloat16).view(*x.shape[:-1], self.out_features)
+        out = rows_product(x, *self._weights(), self.group_size)
         return out if self.bias is None else out + self.bias.to(out.dtype)
 
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
@@ -157,6 +186,7 @@ class Int4RowsLinear(PackedWeights, nn.Module):
         an Int4RowsLinear of the same shape, group size and scale dtype and neither has a bias; else None."""
         if (type(up) is not Int4RowsLinear or self.bias is not None or up.bias is not None
                 or x.shape[-1] != self.in_features or x.numel() != self.in_features or not self._takes(x)
+                or torch.compiler.is_compiling()
                 or (up.in_features, up.out_features, up.group_size) != (self.in_features, self.out_features,
                                                                         self.group_size)
                 or up.rows_scale.dtype != self.rows_scale.dtype):
@@ -164,7 +194,7 @@ class Int4RowsLinear(PackedWeights, nn.Module):
         flat = x.contiguous()
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
         rc = _lib().mllama_int4_rows_silu_bf16(flat.data_ptr(), self.in_features, self.out_features,
-                                               self.rows_packed.shape[1] * 2, *self._pointers(), *up._pointers(),
+                                               self.rows_packed.shape[1] * 2, *(t.data_ptr() for t in self._weights()), *(t.data_ptr() for t in up._weights()),
                                                int(self.rows_scale.dtype == torch.bfloat16), self.group_size,
                                                out.data_ptr(), torch.get_num_threads())
         return out if rc == 0 else None
@@ -175,8 +205,8 @@ class Int4RowsLinear(PackedWeights, nn.Module):
     def _save_to_state_dict(self, destination, prefix, keep_vars):  # type: ignore[no-untyped-def]
         super()._save_to_state_dict(destination, prefix, keep_vars)  # the bias
         destination[prefix + "weight_packed"] = self.weight_packed
-        destination[prefix + "weight_scale"] = self.weight_scale.contiguous()
-        destination[prefix + "weight_offset"] = self.weight_offset.contiguous()
+        destination[prefix + "weight_scale"] = self.weight_scale
+        destination[prefix + "weight_offset"] = self.weight_offset
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs):
@@ -214,12 +244,26 @@ class Int4RowsLinear(PackedWeights, nn.Module):
                 f"group_size={self.group_size}, rows of 32")
 
 
-def pack_int4_rows(model: nn.Module) -> list[str]:
-    """Swap every Int4Linear of `model` that can_pack() for an Int4RowsLinear, in place, one at a time;
-    returns their names (none where rows_available() is false)."""
+def pack_int4_rows(model: nn.Module, *, where: Callable[[Int4Linear], bool] | None = None) -> list[str]:
+    """Swap every Int4Linear of `model` that can_pack() (and that `where` accepts) for an Int4RowsLinear,
+    in place, one at a time; returns their names (none where rows_available() is false)."""
     if not rows_available():
         return []
-    return swap_linears(model, lambda _, module: Int4RowsLinear(module) if can_pack(module) else None, kind=Int4Linear)
+
+    def replace(_: str, module: nn.Module) -> nn.Module | None:
+        return Int4RowsLinear(module) if can_pack(module) and (where is None or where(module)) else None
+
+    return swap_linears(model, replace, kind=Int4Linear)
+
+
+def pack_loaded(model: nn.Module) -> list[str]:
+    """from_pretrained's last step on the CPU: pack_int4_rows for int4 linears with bf16 scales (a bf16
+    model, whose activations take the blocked kernel; float32 ones would go row-major every call), on
+    machines without a CUDA GPU (a model loaded on the CPU there is usually moved to the GPU next,
+    which packed weights refuse)."""
+    if torch.cuda.is_available():
+        return []
+    return pack_int4_rows(model, where=lambda module: module.weight_scale.dtype == torch.bfloat16)
 
 
 def unpack_int4_rows(model: nn.Module) -> list[str]:

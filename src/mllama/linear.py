@@ -28,9 +28,10 @@ def swap_linears(model: nn.Module, replace: Callable[[str, nn.Module], nn.Module
     `replace`; where it returns a module, that module takes the linear's place. Returns the names of
     the replaced linears."""
     swapped = []
-    for name, module in list(model.named_modules()):
-        if not isinstance(module, kind):
-            continue
+    # names, not modules: a replaced module (and its weights) is freed as soon as it is swapped out,
+    # so a transform that copies weights holds the old and the new copy of one module at a time
+    for name in [name for name, module in model.named_modules() if isinstance(module, kind)]:
+        module = model.get_submodule(name)
         new = replace(name, module)
         if new is None or new is module:
             continue

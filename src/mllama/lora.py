@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from mllama.adapters import ADAPTER_CONFIG_NAME, ADAPTER_WEIGHTS_NAME, lora_deltas
+from mllama.int4_rows import unpack_int4_rows
 from mllama.packed_linear import refuse_packed
 from mllama.quantize import _QuantizedLinear
 from mllama.safetensors_io import write_safetensors
@@ -127,6 +128,7 @@ def apply_lora(model: nn.Module, *, r: int = 8, alpha: float = 16, dropout: floa
     `seed` makes the A matrices reproducible (None: the global RNG)."""
     if any(isinstance(m, LoraLinear) for m in model.modules()):
         raise ValueError("the model has LoRA layers already (merge_and_unload or reload the base first)")
+    unpack_int4_rows(model)  # trained through autograd, which the blocked int4 kernel does not take
     refuse_packed(model, "apply_lora")
     targets = set(select_targets(model, target_modules))
     model.requires_grad_(False)

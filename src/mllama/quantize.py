@@ -19,7 +19,9 @@ FUSED_MIN_ROWS_INT4_TILE512) to MAX_AVX512_ROWS rows (batched decode) takes
 cpu_kernels.quant_gemv: the bf16 kernel's passes over the weight dequantized a chunk at a time into
 L1 (the values of the bf16 dequantization, x not rounded). Anything
 else (prefill, vision, GPU, no kernel) dequantizes the weight to the input's dtype, a block of rows at
-a time on the CPU, and multiplies with the library GEMM.
+a time on the CPU, and multiplies with the library GEMM. On CPUs with AVX512-VNNI, from_pretrained
+then moves bf16 models' int4 linears into blocks of 32 rows (mllama.int4_rows), whose kernel takes
+every bf16 product on the CPU.
 """
 
 from __future__ import annotations
@@ -386,7 +388,6 @@ class QuantizeOnLoad:
 def dequantize_model(model: nn.Module) -> nn.Module:
     """Replace every quantized linear by a plain nn.Linear with its dequantized weights (the eager
     reference the tests compare against); returns the model."""
-    refuse_packed(model, "dequantize_model")
     for name, module in list(model.named_modules()):
         if isinstance(module, _QuantizedLinear):
             parent, _, attr = name.rpartition(".")

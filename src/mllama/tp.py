@@ -33,6 +33,7 @@ from torch import nn
 
 from mllama.attention import _Projections
 from mllama.layers import TextMLP
+from mllama.int4_rows import unpack_int4_rows
 from mllama.packed_linear import refuse_packed
 from mllama.vision import MllamaVisionAttention, MllamaVisionMLP
 
@@ -268,6 +269,7 @@ def tensor_parallel(model: nn.Module, *, group: dist.ProcessGroup | None = None)
     """
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError(f"the model is split already ({model.tensor_parallel})")
+    unpack_int4_rows(model)  # the shards are cut from row-major weights
     refuse_packed(model, "tensor_parallel")
     world, rank = world_of(group)
     shards, heads = shard_plan(model, world_size=world, rank=rank)

@@ -30,6 +30,7 @@ from mllama.hf_surface import override_config
 from mllama.host_memory import fresh_zeros, trim_heap
 from mllama.hub import resolve_checkpoint_dir
 from mllama.layers import rope_inv_freq
+from mllama.int4_rows import pack_loaded
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig, prepare_for_loading
 # The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
@@ -301,7 +302,8 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     progress: None shows a bar for checkpoints of 1 GiB and more.
     quantization: quantize the linears while reading (mllama.quantize; each weight is quantized as
     it is read, so the float model is never held whole). A checkpoint saved quantized loads as such.
-    Plain linears get the CPU decode kernel (linear.apply_cpu_kernels).
+    Plain linears get the CPU decode kernel (linear.apply_cpu_kernels); on the CPU, int4 linears of a bf16
+    model move into blocks of 32 rows for their kernel (int4_rows.pack_loaded).
     config: a config (MllamaConfig, or anything with to_dict()) used instead of the checkpoint's
     config.json, as transformers' `config=`. hub: see resolve_checkpoint_dir. mmap: tensors kept
     as stored are mapped from their files, copy-on-write (see the module docstring); False reads them.
@@ -319,7 +321,10 @@ def load_pretrained(cls: type, path: str | os.PathLike, *, dtype: torch.dtype | 
     check_finite_parameters(model, source=directory)
     apply_cpu_kernels(model)
     del state
-    return finish_loading(model, directory, dtype=setup.dtype, device=device)
+    model = finish_loading(model, directory, dtype=setup.dtype, device=device)
+    if device.type == "cpu":
+        pack_loaded(model)
+    return model
 
 
 @dataclass
