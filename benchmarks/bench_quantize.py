@@ -25,6 +25,8 @@ from bench_phases import read_rates
 VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("int4", group_size=32),
             "int4 g64": QuantizationConfig("int4", group_size=64),
             "int4 g128": QuantizationConfig("int4", group_size=128),
+            # the same, its int4 weights kept row-major (from_pretrained packs them in blocks of 32 rows)
+            "int4 g128 row-major": QuantizationConfig("int4", group_size=128),
             "int4 g64, vision and lm_head too": QuantizationConfig("int4", group_size=64, vision=True, lm_head=True),
             "int4 g128, vision and lm_head too": QuantizationConfig("int4", group_size=128, vision=True, lm_head=True),
             "bf16 again": None,  # a second bf16 load, which should change nothing
@@ -34,6 +36,7 @@ VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g32": QuantizationConfig("
 def accuracy(n_images: int, seed: int, variants: list[str], batch_size: int) -> None:
     from mllama.demo.recipe import eval_batches, score
     from mllama.demo.shapes import make_samples, parse_answer
+    from mllama.int4_rows import unpack_int4_rows
     from mllama.model import MllamaForConditionalGeneration
     from mllama.processor import MllamaProcessor
     from mllama.train import generation_config_for, greedy_decode
@@ -63,6 +66,8 @@ def accuracy(n_images: int, seed: int, variants: list[str], batch_size: int) -> 
             model = MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
         else:
             model = MllamaForConditionalGeneration.from_pretrained(directory, dtype=torch.bfloat16, quantization=config)
+            if name.endswith("row-major"):
+                unpack_int4_rows(model)
         logits, answers = run(model)
         drift = ((logits - ref_logits).abs().max() / ref_logits.abs().max()).item()
         kl = F.kl_div(logits.log_softmax(-1), ref_logits.log_softmax(-1), log_target=True, reduction="batchmean")
