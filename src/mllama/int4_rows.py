@@ -176,10 +176,12 @@ class Int4RowsLinear(PackedWeights, _QuantizedLinear):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"{type(self).__name__}: input of {x.shape[-1]} features, the weight takes "
                              f"{self.in_features} (input shape {tuple(x.shape)})")
-        if not self._takes(x):
-            return self.to_int4()(x)
-        out = rows_product(x, *self._weights(), self.group_size)
+        out = self.product(x)
         return out if self.bias is None else out + self.bias.to(out.dtype)
+
+    def product(self, x: torch.Tensor) -> torch.Tensor:
+        """x @ W.T without the bias (the row-major module's for what the blocked kernel does not take)."""
+        return rows_product(x, *self._weights(), self.group_size) if self._takes(x) else self.to_int4().product(x)
 
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row, where `up` is
@@ -193,8 +195,9 @@ class Int4RowsLinear(PackedWeights, _QuantizedLinear):
             return None
         flat = x.contiguous()
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
+        pointers = [t.data_ptr() for t in (*self._weights(), *up._weights())]
         rc = _lib().mllama_int4_rows_silu_bf16(flat.data_ptr(), self.in_features, self.out_features,
-                                               self.rows_packed.shape[1] * 2, *(t.data_ptr() for t in self._weights()), *(t.data_ptr() for t in up._weights()),
+                                               self.rows_packed.shape[1] * 2, *pointers,
                                                int(self.rows_scale.dtype == torch.bfloat16), self.group_size,
                                                out.data_ptr(), torch.get_num_threads())
         return out if rc == 0 else None
@@ -210,8 +213,9 @@ class Int4RowsLinear(PackedWeights, _QuantizedLinear):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys,  # type: ignore[no-untyped-def]
                               unexpected_keys, error_msgs):
-        shapes = {"weight_packed": tuple(self.rows_packed.shape), "weight_scale": tuple(self.weight_scale.shape),
-                  "weight_offset": tuple(self.weight_offset.shape)}
+        blocks, groups, _ = self.rows_scale.shape
+        params = (blocks * ROWS_BLOCK, groups)
+        shapes = {"weight_packed": tuple(self.rows_packed.shape), "weight_scale": params, "weight_offset": params}
         given = {}
         for name, shape in shapes.items():
             key = prefix + name

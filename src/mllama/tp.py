@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama.attention import _Projections
-from mllama.layers import TextMLP
 from mllama.int4_rows import unpack_int4_rows
+from mllama.layers import TextMLP
 from mllama.packed_linear import refuse_packed
 from mllama.vision import MllamaVisionAttention, MllamaVisionMLP
 

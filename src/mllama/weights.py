@@ -29,8 +29,8 @@ from mllama.config import CONFIG_NAME, GENERATION_CONFIG_NAME, MllamaConfig, Mll
 from mllama.hf_surface import override_config
 from mllama.host_memory import fresh_zeros, trim_heap
 from mllama.hub import resolve_checkpoint_dir
-from mllama.layers import rope_inv_freq
 from mllama.int4_rows import pack_loaded
+from mllama.layers import rope_inv_freq
 from mllama.linear import apply_cpu_kernels
 from mllama.quantize import QuantizationConfig, prepare_for_loading
 # The error classes are re-exported: callers catch them as mllama.weights.CheckpointError etc.
