@@ -30,8 +30,8 @@
 
 #include "bf16.h"
 #include "small_int4.h"
-#include "int4_rows.h"
 #include "silu.h"
+#include "int4_rows.h"
 
 /* The instruction sets this CPU runs: 0 none (the kernels need AVX2 + FMA), 1 AVX2 + FMA, 2 also
  * AVX512-VNNI with VL, 3 also AVX-VNNI (and not the former). */
@@ -279,96 +279,6 @@ int mllama_gemm_small_silu_bf16(int fmt, const uint16_t *x, int64_t k_in, int64_
     if (rc == 0) silu_product_row(sums, sums + n, n, out);
     free(sums);
     return rc;
-}
-
-/* m rows of bf16 x (k_in values each, zeros to k) against `count` int4 weights in the int4 rows layout
- * (int4_rows.h; n rows each, a multiple of 32; scales and offsets (n / 32, groups, 32)) -> their float32
- * sums (m, n) one weight after another in `sums`, x widened and rounded once (a thread a row), then
- * taken ROWS_CHUNK rows at a time, each chunk's rounded x in L2 while the weights stream past.
- * Needs 512-bit VNNI. Returns 0, or -1 for arguments the kernel does not take (or no memory). */
-#define ROWS_CHUNK 32
-__attribute__((target("avx2,fma")))
-static int rows_sums(const uint16_t *x, int64_t m, int64_t k_in, int64_t k, int count, int64_t n,
-                     const void *const *w, const void *const *scale, const void *const *offset, int scale_bf16,
-                     int64_t group, float *sums, int threads) {
-    if (m < 1 || n < 1 || n % ROWS_BLOCK || k_in < 1 || k_in > k || group < 32 || group % 32 || group > 256
-        || k % group || count < 1 || mllama_gemm_small_level() != 2)
-        return -1;
-    const int64_t groups = k / group;
-    float *xf = calloc((size_t)(m * k), sizeof *xf), *params = malloc((size_t)(4 * m * groups) * sizeof *params);
-    int8_t *xq = malloc((size_t)(m * k));
-    if (!xf || !params || !xq) {
-        free(xf);
-        free(params);
-        free(xq);
-        return -1;
-    }
-    float *sx = params, *xsum = params + m * groups, *centres = params + 3 * m * groups;
-    int32_t *xqsum = (int32_t *)(params + 2 * m * groups);
-#pragma omp parallel for schedule(static) num_threads(threads) if (m >= 4)
-    for (int64_t j = 0; j < m; j++) {
-        float *row = xf + j * k;
-        int64_t i = 0;
-        for (; i + 8 <= k_in; i += 8)
-            _mm256_storeu_ps(row + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j * k_in + i))), 16)));
-        for (; i < k_in; i++) row[i] = bf16_to_float(x[j * k_in + i]);
-        const int64_t q = j * groups;
-        quantize_x(row, 1, k, group, 3, xq + j * k, sx + q, xsum + q, xqsum + q);
-        for (int64_t g = q; g < q + groups; g++) centres[g] = 8.0f * (xsum[g] - sx[g] * (float)xqsum[g]);
-    }
-    for (int64_t c = 0; c < m; c += ROWS_CHUNK) {
-        const int64_t rows = m - c < ROWS_CHUNK ? m - c : ROWS_CHUNK, q = c * groups;
-        const xdesc xd = {NULL, xq + c * k, sx + q, xsum + q, xqsum + q, groups, NULL};
-        for (int i = 0; i < count; i++) {
-            const wdesc d = {w[i], scale[i], offset[i], k, group, 0, scale_bf16};
-            int4_rows_product(&d, &xd, centres + q, rows, n, sums + i * m * n + c * n, threads);
-        }
-    }
-    free(xf);
-    free(params);
-    free(xq);
-    return 0;
-}
-
-/* rows_sums of one weight -> out (m, n) float32. */
-__attribute__((target("avx2,fma")))
-int mllama_int4_rows(const uint16_t *x, int64_t m, int64_t k_in, int64_t n, int64_t k, const void *w,
-                     const void *scale, const void *offset, int scale_bf16, int64_t group, float *out, int threads) {
-    return rows_sums(x, m, k_in, k, 1, n, &w, &scale, &offset, scale_bf16, group, out, threads);
-}
-
-/* One row: rows_sums rounded to n bf16 (bf16_bits8: the bits of torch's .to(bfloat16) of the sums). */
-__attribute__((target("avx2,fma")))
-int mllama_int4_rows_row_bf16(const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w,
-                              const void *scale, const void *offset, int scale_bf16, int64_t group, uint16_t *out,
-                              int threads) {
-    float *sums = n > 0 ? malloc((size_t)n * sizeof *sums) : NULL;
-    const int rc = sums ? rows_sums(x, 1, k_in, k, 1, n, &w, &scale, &offset, scale_bf16, group, sums, threads) : -1;
-    if (rc == 0) round_row_bf16(sums, n, out);
-    free(sums);
-    return rc;
-}
-
-/* An MLP's silu(gate(x)) * up(x) for one row, both weights in the int4 rows layout (silu_product_row). */
-__attribute__((target("avx2,fma")))
-int mllama_int4_rows_silu_bf16(const uint16_t *x, int64_t k_in, int64_t n, int64_t k, const void *w_gate,
-                               const void *scale_gate, const void *offset_gate, const void *w_up, const void *scale_up,
-                               const void *offset_up, int scale_bf16, int64_t group, uint16_t *out, int threads) {
-    const void *ws[2] = {w_gate, w_up}, *scales[2] = {scale_gate, scale_up}, *offsets[2] = {offset_gate, offset_up};
-    float *sums = n > 0 ? malloc((size_t)(2 * n) * sizeof *sums) : NULL;
-    const int rc = sums ? rows_sums(x, 1, k_in, k, 2, n, ws, scales, offsets, scale_bf16, group, sums, threads) : -1;
-    if (rc == 0) silu_product_row(sums, sums + n, n, out);
-    free(sums);
-    return rc;
-}
-
-/* Row-major int4 weights (n, k / 2) -> the int4 rows layout (unpack: back). Returns 0, or -1 where n is
- * not a multiple of 32 or k of 32. */
-int mllama_int4_rows_pack(const uint8_t *src, int64_t n, int64_t k, uint8_t *dst, int unpack, int threads) {
-    if (n < 1 || n % ROWS_BLOCK || k < 32 || k % 32) return -1;
-    (unpack ? int4_rows_unpack : int4_rows_pack)(src, n, k, dst, threads);
-    return 0;
 }
 
 /* int4 weights (n, k: k the padded row length) -> out (n, k_out), k_out <= k the real in_features,
