@@ -15,6 +15,17 @@ static inline float bf16_to_float(uint16_t v) {
     return f;
 }
 
+/* k_in bf16 values -> k float32 (k >= k_in), zeros past k_in: a row of x widened for the kernels. */
+__attribute__((target("avx2,fma")))
+static inline void widen_bf16_row(const uint16_t *x, int64_t k_in, int64_t k, float *out) {
+    int64_t i = 0;
+    for (; i + 8 <= k_in; i += 8)
+        _mm256_storeu_ps(out + i, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + i))), 16)));
+    for (; i < k_in; i++) out[i] = bf16_to_float(x[i]);
+    for (; i < k; i++) out[i] = 0.0f;
+}
+
 /* float32 -> bf16 to nearest even, NaN to 0x7FC0: torch's .to(torch.bfloat16) (its loops give 0x7FC0
  * or 0xFFFF for a NaN). */
 static inline uint16_t round_bf16(float f) {

@@ -218,11 +218,10 @@ int mllama_gemm_small(int fmt, const float *x, int64_t m, int64_t n, int64_t k, 
 }
 
 /* One bf16 row (k_in values) widened to float32, zeros to k; NULL without memory. */
+__attribute__((target("avx2,fma")))
 static float *widen_row(const uint16_t *x, int64_t k_in, int64_t k) {
     float *xf = malloc((size_t)k * sizeof *xf);
-    if (!xf) return NULL;
-    for (int64_t i = 0; i < k_in; i++) xf[i] = bf16_to_float(x[i]);
-    for (int64_t i = k_in; i < k; i++) xf[i] = 0.0f;
+    if (xf) widen_bf16_row(x, k_in, k, xf);
     return xf;
 }
 

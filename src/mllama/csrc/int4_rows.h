@@ -133,7 +133,7 @@ static int rows_sums(const uint16_t *x, int64_t m, int64_t k_in, int64_t k, int 
         || k % group || count < 1 || mllama_gemm_small_level() != 2)
         return -1;
     const int64_t groups = k / group;
-    float *xf = calloc((size_t)(m * k), sizeof *xf), *params = malloc((size_t)(4 * m * groups) * sizeof *params);
+    float *xf = malloc((size_t)(m * k) * sizeof *xf), *params = malloc((size_t)(4 * m * groups) * sizeof *params);
     int8_t *xq = malloc((size_t)(m * k));
     if (!xf || !params || !xq) {
         free(xf);
@@ -146,11 +146,7 @@ static int rows_sums(const uint16_t *x, int64_t m, int64_t k_in, int64_t k, int 
 #pragma omp parallel for schedule(static) num_threads(threads) if (m >= 4)
     for (int64_t j = 0; j < m; j++) {
         float *row = xf + j * k;
-        int64_t i = 0;
-        for (; i + 8 <= k_in; i += 8)
-            _mm256_storeu_ps(row + i, _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x + j * k_in + i))), 16)));
-        for (; i < k_in; i++) row[i] = bf16_to_float(x[j * k_in + i]);
+        widen_bf16_row(x + j * k_in, k_in, k, row);
         const int64_t q = j * groups;
         quantize_x(row, 1, k, group, 3, xq + j * k, sx + q, xsum + q, xqsum + q);
         for (int64_t g = q; g < q + groups; g++) centres[g] = 8.0f * (xsum[g] - sx[g] * (float)xqsum[g]);
