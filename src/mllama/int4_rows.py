@@ -82,8 +82,9 @@ def _block_params(params: torch.Tensor) -> torch.Tensor:  # (n, groups) -> (n / 
 
 def _row_params(params: torch.Tensor) -> torch.Tensor:  # (n / 32, groups, 32) -> (n, groups)
     blocks, groups, _ = params.shape
-    return fresh_params((blocks * ROWS_BLOCK, groups), params.dtype).view(blocks, ROWS_BLOCK, groups).copy_(
-        params.transpose(1, 2)).view(blocks * ROWS_BLOCK, groups)
+    out = fresh_params((blocks * ROWS_BLOCK, groups), params.dtype)
+    out.view(blocks, ROWS_BLOCK, groups).copy_(params.transpose(1, 2))
+    return out
 
 
 def rows_product(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, offset: torch.Tensor,
