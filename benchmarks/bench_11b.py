@@ -1,9 +1,9 @@
 """The real 11B shapes on this machine: a random-weight bf16 checkpoint with Llama 3.2-11B-Vision's
 configuration (../shared/reference/config-11b.json), loaded quantized (int4, int8; "-all": vision
 encoder and lm_head too) in a fresh process each: load time, peak RSS, text decode tokens/s; optionally the time to first token with a
-1-tile and a 4-tile image.
+1-tile and a 4-tile image and the decode rate after each (and the decode attention kernel against SDPA).
 
-    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images]
+    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images [--attention-ab]]
 
 The checkpoint (21 GB) is written once under benchmarks/_work/11b-random, a shard at a time (the
 writer never holds more than one 2 GB shard). Weights ~ N(0, 0.02), norm scales ~ 1, gates 0.3-0.8,
@@ -59,7 +59,27 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
     print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def measure(directory: Path, mode: str, new_tokens: int, images: bool) -> dict:
+def _attention_ab(model, ids: torch.Tensor, image: dict, new_tokens: int, rounds: int = 4) -> list[float]:
+    """Decode tokens/s after this image prompt with the decode attention kernel over without it (torch's
+    SDPA), the same model in turn, each round's ratio."""
+    from bench_phases import TokenClock
+    from mllama import row_kernels
+
+    kernel = row_kernels.decode_attention
+    ratios = []
+    for _ in range(rounds):
+        rates = []
+        for attend in (kernel, lambda *args: None):
+            row_kernels.decode_attention = attend
+            clock = TokenClock()
+            model.generate(ids, **image, max_new_tokens=new_tokens + 1, streamer=clock)
+            rates.append(new_tokens / (clock.times[-1] - clock.times[1]))
+        ratios.append(round(rates[0] / rates[1], 3))
+    row_kernels.decode_attention = kernel
+    return ratios
+
+
+def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention_ab: bool = False) -> dict:
     """In this (fresh) process: load quantized, then decode and optionally image TTFTs."""
     from bench_phases import TokenClock
     from mllama import MllamaForConditionalGeneration
@@ -95,11 +115,15 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool) -> dict:
             cam[0, 1:, 0, :tiles] = 1
             img_ids = ids.clone()
             img_ids[0, 1] = model.config.image_token_index
+            image = dict(pixel_values=pixels.bfloat16(), aspect_ratio_ids=torch.tensor([[ratio_id]]),
+                         aspect_ratio_mask=mask[None], cross_attention_mask=cam, eos_token_id=[], pad_token_id=0)
+            clock = TokenClock()
             t = time.perf_counter()
-            model.generate(img_ids, pixel_values=pixels.bfloat16(), aspect_ratio_ids=torch.tensor([[ratio_id]]),
-                           aspect_ratio_mask=mask[None], cross_attention_mask=cam, max_new_tokens=1,
-                           eos_token_id=[], pad_token_id=0)
-            result[f"ttft_{tiles}_tile_s"] = time.perf_counter() - t
+            model.generate(img_ids, **image, max_new_tokens=new_tokens + 1, streamer=clock)
+            result[f"ttft_{tiles}_tile_s"] = clock.times[1] - t
+            result[f"decode_{tiles}_tile_tokens_s"] = new_tokens / (clock.times[-1] - clock.times[1])
+            if attention_ab:
+                result[f"decode_{tiles}_tile_kernel_over_sdpa"] = _attention_ab(model, img_ids, image, new_tokens)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
@@ -110,12 +134,15 @@ def main() -> None:
                         choices=["int4", "int4-all", "int8", "int8-all", "bf16"],
                         help="-all: the vision encoder and lm_head quantized too")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--images", action="store_true", help="also the TTFT with a 1-tile and a 4-tile image")
+    parser.add_argument("--images", action="store_true",
+                        help="also the TTFT and decode tokens/s with a 1-tile and a 4-tile image")
+    parser.add_argument("--attention-ab", action="store_true",
+                        help="with --images: decode with the decode attention kernel over SDPA, same model, 4 rounds")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one mode, this process
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(DIRECTORY, args.measure, args.new_tokens, args.images)), flush=True)
+        print(json.dumps(measure(DIRECTORY, args.measure, args.new_tokens, args.images, args.attention_ab)), flush=True)
         return
     write_checkpoint(DIRECTORY, args.config)
     weights = sum(f.stat().st_size for f in DIRECTORY.glob("*.safetensors"))
@@ -125,6 +152,8 @@ def main() -> None:
         cmd = [sys.executable, __file__, "--measure", mode, "--new-tokens", str(args.new_tokens)]
         if args.images:
             cmd.append("--images")
+        if args.attention_ab:
+            cmd.append("--attention-ab")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         print(line or f"{mode}: failed (exit {proc.returncode}): {proc.stderr[-2000:]}", flush=True)

@@ -75,6 +75,12 @@ class _Projections(nn.Module):
         self.v_proj = nn.Linear(hidden, self.num_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, hidden, bias=False)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+               is_causal: bool = False) -> torch.Tensor:
+        """grouped_attention of q (B, H, S, D) over k, v (B, H_kv, T, D); a kernel backend overrides it
+        (mllama.row_kernels)."""
+        return grouped_attention(q, k, v, mask, is_causal=is_causal)
+
 
 def join_parts(xs: list[torch.Tensor]) -> torch.Tensor:
     """Parts (B_i, S_i, F) -> (sum B_i S_i, F): one product over every part's rows."""
@@ -121,7 +127,7 @@ class TextSelfAttention(_Projections):
         q, k = self.rotate(q, k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer_idx, k, v)
-        out = grouped_attention(q, k, v, mask, is_causal=mask is None and s > 1)
+        out = self.attend(q, k, v, mask, is_causal=mask is None and s > 1)
         return out.transpose(1, 2).reshape(b, s, -1)
 
 
@@ -150,6 +156,6 @@ class TextCrossAttention(_Projections):
         q = self.q_norm(self.q_proj(x).view(b, s, self.num_heads, self.head_dim).transpose(1, 2))
         if mask is not None:
             mask = mask | (text_row_mask == 0).view(b, 1, s, 1)
-        out = grouped_attention(q, kv[0], kv[1], mask)
+        out = self.attend(q, kv[0], kv[1], mask)
         out = out.transpose(1, 2).reshape(b, s, -1) * text_row_mask
         return self.o_proj(out)

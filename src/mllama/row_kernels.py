@@ -1,6 +1,7 @@
-"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, and an MLP's gate and up with silu in
-one call where its linears offer it (quantized ones: csrc/gemm_small.c), applied to a built model by
-swapping modules (`apply_row_kernels`; linear.apply_cpu_kernels calls it).
+"""RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, an MLP's gate and up with silu in
+one call where its linears offer it (quantized ones: csrc/gemm_small.c) and a decode step's attention
+through mllama.decode_attention, applied to a built model by swapping modules (`apply_row_kernels`;
+linear.apply_cpu_kernels calls it).
 
 The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
 step each op comes right after a weight matrix has streamed through every cache, and then costs tens
@@ -18,7 +19,8 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from mllama import cpu_scans
-from mllama.attention import TextSelfAttention
+from mllama.attention import TextCrossAttention, TextSelfAttention
+from mllama.decode_attention import decode_attention
 from mllama.layers import RMSNorm, TextMLP
 
 
@@ -72,9 +74,23 @@ class KernelRMSNorm(RMSNorm):
         return super().forward(x)
 
 
-class KernelTextSelfAttention(TextSelfAttention):
+class _KernelAttend:
+    """A decode step's attention (one query token) through mllama.decode_attention where it applies
+    (eager bf16 on an AVX-512 CPU, no hooks needed: it replaces no module call)."""
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+               is_causal: bool = False) -> torch.Tensor:
+        if q.shape[2] == 1 and not torch.compiler.is_compiling():
+            out = decode_attention(q, k, v, mask)
+            if out is not None:
+                return out
+        return super().attend(q, k, v, mask, is_causal=is_causal)
+
+
+class KernelTextSelfAttention(_KernelAttend, TextSelfAttention):
     """TextSelfAttention whose RoPE of bf16 CPU q and k (outside autograd) takes cpu_scans.rope_bf16
-    (mllama::rope_bf16 under torch.compile): the same bits as apply_rotary."""
+    (mllama::rope_bf16 under torch.compile): the same bits as apply_rotary; decode steps' attention
+    through the decode attention kernel."""
 
     def rotate(self, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -102,12 +118,18 @@ class KernelTextMLP(TextMLP):
         return super().gated(x)
 
 
-_SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP}
+class KernelTextCrossAttention(_KernelAttend, TextCrossAttention):
+    """TextCrossAttention whose decode steps' attention to the vision tokens takes the decode attention kernel."""
+
+
+_SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP,
+          TextCrossAttention: KernelTextCrossAttention}
 
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:
-    """Give every plain RMSNorm, TextSelfAttention and TextMLP of `model` its kernel class, in place (the
-    same modules, parameters and hooks: only forward / rotate / gated differ); returns `model`.
+    """Give every plain RMSNorm, TextSelfAttention, TextCrossAttention and TextMLP of `model` its kernel
+    class, in place (the same modules, parameters and hooks: only forward / rotate / attend / gated
+    differ); returns `model`.
     Harmless where the kernels do not run (float32, GPU, training): the base classes' code then."""
     for module in model.modules():
         swapped = _SWAPS.get(type(module))

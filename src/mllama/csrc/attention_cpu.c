@@ -26,6 +26,7 @@
 #include <string.h>
 
 #include "amx.h"
+#include "exp2.h"
 
 #ifndef QROWS
 #define QROWS 256       /* query rows per work item: each key and value streams in once for all of them */
@@ -35,21 +36,6 @@
 #endif
 #define RESCALE 8.0f    /* log2 of how far probabilities may exceed 1 before a row's sums are rescaled */
 #define MAX_D 96
-
-/* 2^x for x <= 0 (relative error about 2e-7): 2^round(x) times a degree-5 polynomial in the rest. */
-__attribute__((target("avx512f")))
-static inline __m512 exp2_neg(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-126.0f));  /* no denormals: below 2^-126 nothing counts */
-    const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    const __m512 f = _mm512_sub_ps(x, n);  /* [-0.5, 0.5] */
-    __m512 p = _mm512_set1_ps(1.32764655e-3f);  /* minimax on [-0.5, 0.5] */
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.67554189e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55071346e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40221202e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93146944e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.00000012f));
-    return _mm512_scalef_ps(p, n);
-}
 
 /* Key tiles kt and kt + 1 of a row's raw scores in a block (tile kt at srow + 256 kt), each tile's
  * `add` added (none: NULL). */
