@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -59,24 +60,38 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
     print(f"wrote {directory} in {time.perf_counter() - start:.0f} s", flush=True)
 
 
-def _attention_ab(model, ids: torch.Tensor, image: dict, new_tokens: int, rounds: int = 4) -> list[float]:
-    """Decode tokens/s after this image prompt with the decode attention kernel over without it (torch's
-    SDPA), the same model in turn, each round's ratio."""
-    from bench_phases import TokenClock
-    from mllama import row_kernels
+class _Alternating:
+    """A streamer that switches the decode attention kernel on and off every `block` tokens of one
+    generation (one image prefill for both) and records each step's time under its setting."""
 
-    kernel = row_kernels.decode_attention
-    ratios = []
-    for _ in range(rounds):
-        rates = []
-        for attend in (kernel, lambda *args: None):
-            row_kernels.decode_attention = attend
-            clock = TokenClock()
-            model.generate(ids, **image, max_new_tokens=new_tokens + 1, streamer=clock)
-            rates.append(new_tokens / (clock.times[-1] - clock.times[1]))
-        ratios.append(round(rates[0] / rates[1], 3))
-    row_kernels.decode_attention = kernel
-    return ratios
+    def __init__(self, block: int) -> None:
+        from mllama import row_kernels
+
+        self.row_kernels, self.kernel, self.block = row_kernels, row_kernels.decode_attention, block
+        self.steps: dict[bool, list[float]] = {True: [], False: []}
+        self.last: float | None = None
+        self.count = 0
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter()
+        using = self.row_kernels.decode_attention is self.kernel
+        if self.last is not None and self.count > 1:  # the prompt's put, then the first token's
+            self.steps[using].append(now - self.last)
+        self.count += 1
+        self.last = now
+        on = (self.count // self.block) % 2 == 0
+        self.row_kernels.decode_attention = self.kernel if on else (lambda *args: None)
+
+    def end(self) -> None:
+        self.row_kernels.decode_attention = self.kernel
+
+
+def _attention_ab(model, ids: torch.Tensor, image: dict, new_tokens: int) -> float:
+    """Decode after this image prompt, the decode attention kernel switched on and off every 4 tokens
+    of one generation: the median step without it over the median step with it."""
+    clock = _Alternating(4)
+    model.generate(ids, **image, max_new_tokens=max(new_tokens, 32) + 1, streamer=clock)
+    return round(statistics.median(clock.steps[False]) / statistics.median(clock.steps[True]), 3)
 
 
 def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention_ab: bool = False) -> dict:
@@ -137,7 +152,7 @@ def main() -> None:
     parser.add_argument("--images", action="store_true",
                         help="also the TTFT and decode tokens/s with a 1-tile and a 4-tile image")
     parser.add_argument("--attention-ab", action="store_true",
-                        help="with --images: decode with the decode attention kernel over SDPA, same model, 4 rounds")
+                        help="with --images: decode speed with the decode attention kernel over SDPA, one generation each")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one mode, this process
     args = parser.parse_args()

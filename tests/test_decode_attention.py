@@ -47,38 +47,40 @@ def _reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 @pytest.mark.parametrize("b,h,h_kv,t,d", [(1, 32, 8, 33, 128), (3, 4, 2, 700, 64), (2, 16, 1, 513, 136),
                                           (2, 8, 2, 40, 8), (1, 4, 4, 300, 12), (2, 16, 16, 1, 24),
                                           (1, 2, 1, 256, 16), (1, 2, 1, 257, 16)])
-def test_kernel_is_softmax_attention(b, h, h_kv, t, d):
+@pytest.mark.parametrize("plain", [False, True])
+def test_kernel_is_softmax_attention(b, h, h_kv, t, d, plain):
     """Against float64 on the same bf16 inputs: within half a bf16 step of each output (the one rounding)
     and float32's sums, with and without a mask, across chunk boundaries (256 keys) and head sizes that
-    are not a multiple of 16."""
+    are not a multiple of 16; the scores by vdpbf16ps where the CPU has it and by float32 FMAs (plain)."""
     q, k, v = _cache_views(b, h, h_kv, t, d, seed=t + d)
     gen = torch.Generator().manual_seed(t)
     mask = torch.rand(b, 1, 1, t, generator=gen) < 0.6
     mask[..., 0] = True
     for m in (None, mask):
-        out = decode_attention(q, k, v, m)
+        out = decode_attention(q, k, v, m, plain=plain)
         assert out is not None and out.shape == (b, h, 1, d) and out.dtype == torch.bfloat16
         ref = _reference(q, k, v, m)
         assert ((out.double() - ref).abs() <= ref.abs() * 2**-8 + 1e-5).all()
     broadcast = mask[:1]
-    torch.testing.assert_close(decode_attention(q, k, v, broadcast).double(), _reference(q, k, v, broadcast),
+    torch.testing.assert_close(decode_attention(q, k, v, broadcast, plain=plain).double(), _reference(q, k, v, broadcast),
                                rtol=2**-8, atol=1e-5)
 
 
 @needs_kernel
-def test_a_row_has_the_same_bits_alone_and_in_a_ragged_batch():
+@pytest.mark.parametrize("plain", [False, True])
+def test_a_row_has_the_same_bits_alone_and_in_a_ragged_batch(plain):
     """Rows of 5, 300 and 600 cached keys in one call (a mask hiding each row's positions past its
     length, the engine's ragged decode) equal each row alone over its own keys, bit for bit: chunks lie
     at fixed positions and hidden keys count exactly zero. A row that sees no key gets zeros."""
     q, k, v = _cache_views(3, 8, 2, 600, 128, seed=5)
     lengths = torch.tensor([5, 300, 600])
     mask = (torch.arange(600)[None] < lengths[:, None])[:, None, None]
-    batch = decode_attention(q, k, v, mask)
+    batch = decode_attention(q, k, v, mask, plain=plain)
     for r, n in enumerate(lengths.tolist()):
-        alone = decode_attention(q[r:r + 1], k[r:r + 1, :, :n], v[r:r + 1, :, :n], None)
+        alone = decode_attention(q[r:r + 1], k[r:r + 1, :, :n], v[r:r + 1, :, :n], None, plain=plain)
         assert torch.equal(batch[r:r + 1].view(torch.int16), alone.view(torch.int16))
     mask[1] = False
-    blind = decode_attention(q, k, v, mask)
+    blind = decode_attention(q, k, v, mask, plain=plain)
     assert torch.equal(blind[1], torch.zeros_like(blind[1]))
     assert torch.equal(blind[0].view(torch.int16), batch[0].view(torch.int16))
 

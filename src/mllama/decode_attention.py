@@ -42,7 +42,7 @@ def _load() -> None:
     if lib is None:
         return
     lib.mllama_decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
-                                            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int])
+                                            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
     lib.mllama_decode_attention.restype = ctypes.c_int
     _lib = lib
 
@@ -54,11 +54,13 @@ def decode_attention_available() -> bool:
     return _lib is not None
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
+                     plain: bool = False) -> torch.Tensor | None:
     """softmax(q k^T / sqrt(D)) v for one query token: q (B, H, 1, D), k and v (B, H_kv, T, D) bf16 CPU
     tensors (any strides but a contiguous last dimension, e.g. views of a KV cache), H / H_kv query heads
     sharing each K/V head; mask None or bool (B or 1, 1, 1, T), True where a key is visible. Returns
-    (B, H, 1, D) bf16 (zeros for a row that sees no key), or None where the kernel does not apply."""
+    (B, H, 1, D) bf16 (zeros for a row that sees no key), or None where the kernel does not apply.
+    plain: the scores as float32 FMAs even on a CPU with AVX-512 BF16 (tests)."""
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4 or q.shape[2] != 1 or not decode_attention_available():
         return None
     b, h, _, d = q.shape
@@ -83,5 +85,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
                                    rows.stride(0) if rows is not None else 0)
     rc = _lib.mllama_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                       rows.data_ptr() if rows is not None else None, strides, b, h, h_kv, t, d,
-                                      d ** -0.5, out.data_ptr(), torch.get_num_threads())
+                                      d ** -0.5, out.data_ptr(), int(plain), torch.get_num_threads())
     return out if rc == 0 else None

@@ -33,6 +33,7 @@ typedef struct {
     int64_t mask_b;
     int64_t h, hkv, t, d;
     float scale2;            /* scale log2(e): the scores in base 2 */
+    int bf16;                /* AVX-512 BF16 here */
 } dattn;
 
 /* 16 bf16 -> float32, lanes outside `take` zero (and not read). */
@@ -57,40 +58,86 @@ static inline __m512 sum16(const __m512 *v) {
     return _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x88), _mm512_shuffle_f32x4(r[0], r[1], 0xDD));
 }
 
-/* One (row b, K/V head kh, chunk c) item for G query heads -> part: per head its max m (base 2, -inf
- * where the chunk has no visible key), sum l of 2^(s - m) and the d sums of 2^(s - m) v, as 2 + d floats.
- * G is a constant of each instance, so the G x 4 sums of the value pass stay in registers. */
-#define DEFINE_CHUNK(G)                                                                               \
+/* dots: lane i G + g the dot product of key t + i with query head g; -> s[g][i0 + i] in base 2, -inf
+ * where the mask hides the key. */
+__attribute__((target("avx512f")))
+static inline void keep_scores(const dattn *a, int64_t b, int64_t t, int64_t kn, int groups, __m512 sums,
+                               float (*s)[CHUNK], int64_t i0) {
+    float dots[16] __attribute__((aligned(64)));
+    _mm512_store_ps(dots, _mm512_mul_ps(sums, _mm512_set1_ps(a->scale2)));
+    const uint8_t *mask = a->mask ? a->mask + b * a->mask_b + t : NULL;
+    for (int64_t i = 0; i < kn; i++)
+        for (int g = 0; g < groups; g++) s[g][i0 + i] = mask && !mask[i] ? -INFINITY : dots[i * groups + g];
+}
+
+/* The scores of keys t0 .. t0 + n - 1 of row b, K/V head kh, for its G query heads, in base 2 (scale
+ * log2 e): s[g][i], -inf where the mask hides the key. KB = 16 / G keys at a time, their G x KB dot
+ * products' lanes summed in one tree (sum16). Past n the last key is read again and its scores dropped.
+ * With AVX-512 BF16, vdpbf16ps takes q and k as they are (its products exact in float32, summed in
+ * pairs); without, both are widened to float32 for FMAs. */
+#define DEFINE_SCORES(G)                                                                              \
     __attribute__((target("avx512f,avx512bw,avx512vl")))                                             \
-    static void chunk_g##G(const dattn *a, int64_t b, int64_t kh, int64_t c, float *part) {           \
+    static void scores_fma_g##G(const dattn *a, int64_t b, int64_t kh, int64_t t0, int64_t n, float (*s)[CHUNK]) { \
         enum { KB = 16 / G };                                                                         \
-        const int64_t width = 2 + 16 * ((a->d + 15) / 16);  /* a head's part */                    \
+        const int64_t dv = (a->d + 15) / 16;                                                          \
         const __mmask16 last = (__mmask16)(0xFFFFu >> (15 - (a->d - 1) % 16));                       \
-        const int64_t t0 = c * CHUNK, n = a->t - t0 < CHUNK ? a->t - t0 : CHUNK, dv = (a->d + 15) / 16;      \
         __m512 qf[G][MAX_D / 16];                                                                     \
-        float s[G][CHUNK] __attribute__((aligned(64)));                                               \
         for (int g = 0; g < G; g++)                                                                   \
             for (int64_t j = 0; j < dv; j++) qf[g][j] = widen16(a->q + b * a->q_b + (kh * G + g) * a->q_h + 16 * j, TAKE(j)); \
-        const uint16_t *kb = a->k + b * a->k_b + kh * a->k_h, *vb = a->v + b * a->v_b + kh * a->v_h;  \
-        const uint8_t *mask = a->mask ? a->mask + b * a->mask_b + t0 : NULL;                          \
-        /* KB keys at a time, the G x KB dot products' lanes summed in one tree (sum16) */            \
+        const uint16_t *kb = a->k + b * a->k_b + kh * a->k_h;                                         \
         for (int64_t i0 = 0; i0 < n; i0 += KB) {                                                      \
             __m512 acc[KB * G];                                                                       \
             _Pragma("GCC unroll 16") for (int e = 0; e < KB * G; e++) acc[e] = _mm512_setzero_ps();   \
             const int64_t kn = n - i0 < KB ? n - i0 : KB;                                             \
             for (int64_t j = 0; j < dv; j++)                                                          \
                 _Pragma("GCC unroll 16") for (int i = 0; i < KB; i++) {                               \
-                    /* past n: the last key again, its scores not kept */                            \
                     const __m512 kj = widen16(kb + (t0 + i0 + (i < kn ? i : kn - 1)) * a->k_t + 16 * j, TAKE(j)); \
                     _Pragma("GCC unroll 16") for (int g = 0; g < G; g++)                              \
                         acc[i * G + g] = _mm512_fmadd_ps(qf[g][j], kj, acc[i * G + g]);               \
                 }                                                                                     \
-            float dots[16] __attribute__((aligned(64)));                                              \
-            _mm512_store_ps(dots, _mm512_mul_ps(sum16(acc), _mm512_set1_ps(a->scale2)));              \
-            for (int64_t i = 0; i < kn; i++)                                                          \
-                for (int g = 0; g < G; g++)                                                           \
-                    s[g][i0 + i] = mask && !mask[i0 + i] ? -INFINITY : dots[i * G + g];               \
+            keep_scores(a, b, t0 + i0, kn, G, sum16(acc), s, i0);                                     \
         }                                                                                             \
+    }                                                                                                 \
+    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))                                  \
+    static void scores_bf16_g##G(const dattn *a, int64_t b, int64_t kh, int64_t t0, int64_t n, float (*s)[CHUNK]) { \
+        enum { KB = 16 / G };                                                                         \
+        const int64_t dw = (a->d + 31) / 32;                                                          \
+        const __mmask32 last = (__mmask32)(0xFFFFFFFFu >> (31 - (a->d - 1) % 32));                   \
+        __m512i qb[G][MAX_D / 32];                                                                    \
+        for (int g = 0; g < G; g++)                                                                   \
+            for (int64_t j = 0; j < dw; j++)                                                          \
+                qb[g][j] = _mm512_maskz_loadu_epi16(j + 1 < dw ? (__mmask32)0xFFFFFFFFu : last,       \
+                                                    a->q + b * a->q_b + (kh * G + g) * a->q_h + 32 * j); \
+        const uint16_t *kb = a->k + b * a->k_b + kh * a->k_h;                                         \
+        for (int64_t i0 = 0; i0 < n; i0 += KB) {                                                      \
+            __m512 acc[KB * G];                                                                       \
+            _Pragma("GCC unroll 16") for (int e = 0; e < KB * G; e++) acc[e] = _mm512_setzero_ps();   \
+            const int64_t kn = n - i0 < KB ? n - i0 : KB;                                             \
+            for (int64_t j = 0; j < dw; j++)                                                          \
+                _Pragma("GCC unroll 16") for (int i = 0; i < KB; i++) {                               \
+                    const __m512i kj = _mm512_maskz_loadu_epi16(j + 1 < dw ? (__mmask32)0xFFFFFFFFu : last, \
+                        kb + (t0 + i0 + (i < kn ? i : kn - 1)) * a->k_t + 32 * j);                    \
+                    _Pragma("GCC unroll 16") for (int g = 0; g < G; g++)                              \
+                        acc[i * G + g] = _mm512_dpbf16_ps(acc[i * G + g], (__m512bh)kj, (__m512bh)qb[g][j]); \
+                }                                                                                     \
+            keep_scores(a, b, t0 + i0, kn, G, sum16(acc), s, i0);                                     \
+        }                                                                                             \
+    }
+DEFINE_SCORES(1) DEFINE_SCORES(2) DEFINE_SCORES(4) DEFINE_SCORES(8) DEFINE_SCORES(16)
+
+/* One (row b, K/V head kh, chunk c) item for G query heads -> part: per head its max m (base 2, -inf
+ * where the chunk has no visible key), sum l of 2^(s - m) and the d sums of 2^(s - m) v, as 2 + d floats.
+ * G is a constant of each instance, so the G x 4 sums of the value pass stay in registers. */
+#define DEFINE_CHUNK(G)                                                                               \
+    __attribute__((target("avx512f,avx512bw,avx512vl")))                                             \
+    static void chunk_g##G(const dattn *a, int64_t b, int64_t kh, int64_t c, float *part) {           \
+        const int64_t width = 2 + 16 * ((a->d + 15) / 16);  /* a head's part */                    \
+        const int64_t t0 = c * CHUNK, n = a->t - t0 < CHUNK ? a->t - t0 : CHUNK, dv = (a->d + 15) / 16;      \
+        float s[G][CHUNK] __attribute__((aligned(64)));                                               \
+        (a->bf16 ? scores_bf16_g##G : scores_fma_g##G)(a, b, kh, t0, n, s);                          \
+        const uint16_t *vb = a->v + b * a->v_b + kh * a->v_h;                                         \
+        const uint8_t *mask = a->mask ? a->mask + b * a->mask_b + t0 : NULL;                          \
+        const __mmask16 last = (__mmask16)(0xFFFFu >> (15 - (a->d - 1) % 16));                       \
         for (int g = 0; g < G; g++) {                                                                 \
             float *pg = part + g * width;                                                        \
             __m512 mv = _mm512_set1_ps(-INFINITY);                                                    \
@@ -139,11 +186,12 @@ typedef void (*chunk_fn)(const dattn *, int64_t, int64_t, int64_t, float *);
 /* q (B, H, D), k and v (B, H_kv, T, D), each with the given batch, head and key strides (elements; the
  * last dimension contiguous), mask (B, T) bytes (nonzero: visible; NULL: all) -> out (B, H, D) bf16,
  * contiguous. H a multiple of H_kv with H / H_kv in 1, 2, 4, 8, 16; D up to MAX_D. A row
- * that sees no key gets zeros. Returns 0, or -1 for arguments the kernel does not take (or no memory). */
+ * that sees no key gets zeros. plain: the float32 FMA products even where the CPU has AVX-512 BF16
+ * (tests). Returns 0, or -1 for arguments the kernel does not take (or no memory). */
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 int mllama_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask,
                             const int64_t *strides, int64_t batch, int64_t h, int64_t hkv, int64_t t, int64_t d,
-                            float scale, uint16_t *out, int threads) {
+                            float scale, uint16_t *out, int plain, int threads) {
     if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") || !__builtin_cpu_supports("avx512vl"))
         return -1;
     if (batch < 1 || hkv < 1 || h < hkv || h % hkv || t < 1 || d < 1 || d > MAX_D) return -1;
@@ -151,7 +199,8 @@ int mllama_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t
     const chunk_fn fn = groups == 1 ? chunk_g1 : groups == 2 ? chunk_g2 : groups == 4 ? chunk_g4 : groups == 8 ? chunk_g8 : groups == 16 ? chunk_g16 : NULL;
     if (!fn) return -1;
     const dattn a = {q, k, v, mask, strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
-                     strides[6], strides[7], strides[8], h, hkv, t, d, scale * LOG2E};
+                     strides[6], strides[7], strides[8], h, hkv, t, d, scale * LOG2E,
+                     !plain && __builtin_cpu_supports("avx512bf16")};
     const int64_t chunks = (t + CHUNK - 1) / CHUNK, items = batch * hkv * chunks, width = 2 + 16 * ((d + 15) / 16);
     float *parts = malloc((size_t)(items * groups * width) * sizeof *parts);
     if (!parts) return -1;
