@@ -22,7 +22,6 @@
 #define CHUNK 256     /* keys a work item */
 #define MAX_D 256     /* head_dim up to this */
 #define LOG2E 1.44269504088896341f
-#define TAKE(j) ((j) + 1 < dv ? (__mmask16)0xFFFF : last)  /* the lanes of dims 16 j .. that exist */
 
 typedef struct {
     const uint16_t *q, *k, *v;
@@ -70,20 +69,35 @@ static inline void keep_scores(const dattn *a, int64_t b, int64_t t, int64_t kn,
         for (int g = 0; g < groups; g++) s[g][i0 + i] = mask && !mask[i] ? -INFINITY : dots[i * groups + g];
 }
 
+/* Vector j of a head's D values (16 as float32, or 32 bf16 as stored), zeros past D; and one step of
+ * the dot products of k and q in that form. */
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512 load_f32(const uint16_t *row, int64_t j, int64_t d) {
+    return widen16(row + 16 * j, d - 16 * j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - 16 * j)) - 1));
+}
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline __m512i load_bf16(const uint16_t *row, int64_t j, int64_t d) {
+    return _mm512_maskz_loadu_epi16(d - 32 * j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (d - 32 * j)) - 1),
+                                    row + 32 * j);
+}
+__attribute__((target("avx512f")))
+static inline __m512 dot_f32(__m512 acc, __m512 k, __m512 q) { return _mm512_fmadd_ps(q, k, acc); }
+__attribute__((target("avx512f,avx512bf16")))
+static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) { return _mm512_dpbf16_ps(acc, (__m512bh)k, (__m512bh)q); }
+
 /* The scores of keys t0 .. t0 + n - 1 of row b, K/V head kh, for its G query heads, in base 2 (scale
  * log2 e): s[g][i], -inf where the mask hides the key. KB = 16 / G keys at a time, their G x KB dot
  * products' lanes summed in one tree (sum16). Past n the last key is read again and its scores dropped.
  * With AVX-512 BF16, vdpbf16ps takes q and k as they are (its products exact in float32, summed in
  * pairs); without, both are widened to float32 for FMAs. */
-#define DEFINE_SCORES(G)                                                                              \
-    __attribute__((target("avx512f,avx512bw,avx512vl")))                                             \
-    static void scores_fma_g##G(const dattn *a, int64_t b, int64_t kh, int64_t t0, int64_t n, float (*s)[CHUNK]) { \
+#define DEFINE_SCORES(KIND, VEC, PER, TARGET, G)                                                      \
+    __attribute__((target(TARGET)))                                                                   \
+    static void scores_##KIND##_g##G(const dattn *a, int64_t b, int64_t kh, int64_t t0, int64_t n, float (*s)[CHUNK]) { \
         enum { KB = 16 / G };                                                                         \
-        const int64_t dv = (a->d + 15) / 16;                                                          \
-        const __mmask16 last = (__mmask16)(0xFFFFu >> (15 - (a->d - 1) % 16));                       \
-        __m512 qf[G][MAX_D / 16];                                                                     \
+        const int64_t dv = (a->d + PER - 1) / PER;                                                    \
+        VEC qv[G][MAX_D / PER];                                                                       \
         for (int g = 0; g < G; g++)                                                                   \
-            for (int64_t j = 0; j < dv; j++) qf[g][j] = widen16(a->q + b * a->q_b + (kh * G + g) * a->q_h + 16 * j, TAKE(j)); \
+            for (int64_t j = 0; j < dv; j++) qv[g][j] = load_##KIND(a->q + b * a->q_b + (kh * G + g) * a->q_h, j, a->d); \
         const uint16_t *kb = a->k + b * a->k_b + kh * a->k_h;                                         \
         for (int64_t i0 = 0; i0 < n; i0 += KB) {                                                      \
             __m512 acc[KB * G];                                                                       \
@@ -91,39 +105,16 @@ static inline void keep_scores(const dattn *a, int64_t b, int64_t t, int64_t kn,
             const int64_t kn = n - i0 < KB ? n - i0 : KB;                                             \
             for (int64_t j = 0; j < dv; j++)                                                          \
                 _Pragma("GCC unroll 16") for (int i = 0; i < KB; i++) {                               \
-                    const __m512 kj = widen16(kb + (t0 + i0 + (i < kn ? i : kn - 1)) * a->k_t + 16 * j, TAKE(j)); \
+                    const VEC kj = load_##KIND(kb + (t0 + i0 + (i < kn ? i : kn - 1)) * a->k_t, j, a->d); \
                     _Pragma("GCC unroll 16") for (int g = 0; g < G; g++)                              \
-                        acc[i * G + g] = _mm512_fmadd_ps(qf[g][j], kj, acc[i * G + g]);               \
-                }                                                                                     \
-            keep_scores(a, b, t0 + i0, kn, G, sum16(acc), s, i0);                                     \
-        }                                                                                             \
-    }                                                                                                 \
-    __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))                                  \
-    static void scores_bf16_g##G(const dattn *a, int64_t b, int64_t kh, int64_t t0, int64_t n, float (*s)[CHUNK]) { \
-        enum { KB = 16 / G };                                                                         \
-        const int64_t dw = (a->d + 31) / 32;                                                          \
-        const __mmask32 last = (__mmask32)(0xFFFFFFFFu >> (31 - (a->d - 1) % 32));                   \
-        __m512i qb[G][MAX_D / 32];                                                                    \
-        for (int g = 0; g < G; g++)                                                                   \
-            for (int64_t j = 0; j < dw; j++)                                                          \
-                qb[g][j] = _mm512_maskz_loadu_epi16(j + 1 < dw ? (__mmask32)0xFFFFFFFFu : last,       \
-                                                    a->q + b * a->q_b + (kh * G + g) * a->q_h + 32 * j); \
-        const uint16_t *kb = a->k + b * a->k_b + kh * a->k_h;                                         \
-        for (int64_t i0 = 0; i0 < n; i0 += KB) {                                                      \
-            __m512 acc[KB * G];                                                                       \
-            _Pragma("GCC unroll 16") for (int e = 0; e < KB * G; e++) acc[e] = _mm512_setzero_ps();   \
-            const int64_t kn = n - i0 < KB ? n - i0 : KB;                                             \
-            for (int64_t j = 0; j < dw; j++)                                                          \
-                _Pragma("GCC unroll 16") for (int i = 0; i < KB; i++) {                               \
-                    const __m512i kj = _mm512_maskz_loadu_epi16(j + 1 < dw ? (__mmask32)0xFFFFFFFFu : last, \
-                        kb + (t0 + i0 + (i < kn ? i : kn - 1)) * a->k_t + 32 * j);                    \
-                    _Pragma("GCC unroll 16") for (int g = 0; g < G; g++)                              \
-                        acc[i * G + g] = _mm512_dpbf16_ps(acc[i * G + g], (__m512bh)kj, (__m512bh)qb[g][j]); \
+                        acc[i * G + g] = dot_##KIND(acc[i * G + g], kj, qv[g][j]);                    \
                 }                                                                                     \
             keep_scores(a, b, t0 + i0, kn, G, sum16(acc), s, i0);                                     \
         }                                                                                             \
     }
-DEFINE_SCORES(1) DEFINE_SCORES(2) DEFINE_SCORES(4) DEFINE_SCORES(8) DEFINE_SCORES(16)
+#define SCORES_FOR(G) DEFINE_SCORES(f32, __m512, 16, "avx512f,avx512bw,avx512vl", G) \
+    DEFINE_SCORES(bf16, __m512i, 32, "avx512f,avx512bw,avx512vl,avx512bf16", G)
+SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
 
 /* One (row b, K/V head kh, chunk c) item for G query heads -> part: per head its max m (base 2, -inf
  * where the chunk has no visible key), sum l of 2^(s - m) and the d sums of 2^(s - m) v, as 2 + d floats.
@@ -134,10 +125,9 @@ DEFINE_SCORES(1) DEFINE_SCORES(2) DEFINE_SCORES(4) DEFINE_SCORES(8) DEFINE_SCORE
         const int64_t width = 2 + 16 * ((a->d + 15) / 16);  /* a head's part */                    \
         const int64_t t0 = c * CHUNK, n = a->t - t0 < CHUNK ? a->t - t0 : CHUNK, dv = (a->d + 15) / 16;      \
         float s[G][CHUNK] __attribute__((aligned(64)));                                               \
-        (a->bf16 ? scores_bf16_g##G : scores_fma_g##G)(a, b, kh, t0, n, s);                          \
+        (a->bf16 ? scores_bf16_g##G : scores_f32_g##G)(a, b, kh, t0, n, s);                          \
         const uint16_t *vb = a->v + b * a->v_b + kh * a->v_h;                                         \
         const uint8_t *mask = a->mask ? a->mask + b * a->mask_b + t0 : NULL;                          \
-        const __mmask16 last = (__mmask16)(0xFFFFu >> (15 - (a->d - 1) % 16));                       \
         for (int g = 0; g < G; g++) {                                                                 \
             float *pg = part + g * width;                                                        \
             __m512 mv = _mm512_set1_ps(-INFINITY);                                                    \
@@ -167,9 +157,9 @@ DEFINE_SCORES(1) DEFINE_SCORES(2) DEFINE_SCORES(4) DEFINE_SCORES(8) DEFINE_SCORE
                 _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();   \
             for (int64_t i = 0; i < n; i++) {                                                         \
                 if (mask && !mask[i]) continue;                                                       \
-                const uint16_t *vr = vb + (t0 + i) * a->v_t + 16 * j0;                                \
+                const uint16_t *vr = vb + (t0 + i) * a->v_t;                                \
                 __m512 vf[4];                                                                         \
-                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) vf[j] = j < w ? widen16(vr + 16 * j, TAKE(j0 + j)) : _mm512_setzero_ps(); \
+                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) vf[j] = j < w ? load_f32(vr, j0 + j, a->d) : _mm512_setzero_ps(); \
                 _Pragma("GCC unroll 16") for (int g = 0; g < G; g++) {                                \
                     const __m512 p = _mm512_set1_ps(s[g][i]);                                         \
                     _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(p, vf[j], acc[g][j]); \
