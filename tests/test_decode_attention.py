@@ -142,3 +142,30 @@ def test_decode_steps_attend_through_the_kernel(monkeypatch):
     assert torch.equal(kernel.sequences, sdpa.sequences)
     for a, b in zip(kernel.logits, sdpa.logits):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+
+
+@needs_kernel
+def test_compiled_decode_steps_take_the_kernel_inside_the_graph(monkeypatch):
+    """compile=True: each step attends over the whole cache behind a mask, through the custom op
+    mllama::decode_attention (the kernel at run time, chunks that the mask hides skipped); the tokens of
+    the eager steps, logits within bf16 noise."""
+    model, inputs = _model_and_inputs()
+    calls: list[int] = []
+
+    def counted(q, k, v, mask):
+        out = decode_attention(q, k, v, mask)
+        if out is not None:
+            calls.append(k.shape[2])
+        return out
+
+    monkeypatch.setattr(row_kernels, "decode_attention", counted)
+    kwargs = dict(max_new_tokens=6, eos_token_id=[], pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    eager = model.generate(**inputs, **kwargs)
+    vision = calls[1]
+    calls.clear()
+    compiled = model.generate(**inputs, **kwargs, compile=True)
+    cache = calls[0]
+    assert cache > 12 and calls == [cache, vision, cache, cache, vision] * 5
+    assert torch.equal(compiled.sequences, eager.sequences)
+    for a, b in zip(compiled.logits, eager.logits):
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)

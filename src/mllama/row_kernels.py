@@ -19,8 +19,8 @@ from torch import nn
 from torch.nn.modules import module as _module
 
 from mllama import cpu_scans
-from mllama.attention import TextCrossAttention, TextSelfAttention
-from mllama.decode_attention import decode_attention
+from mllama.attention import TextCrossAttention, TextSelfAttention, grouped_attention
+from mllama.decode_attention import decode_attention, decode_attention_available
 from mllama.layers import RMSNorm, TextMLP
 
 
@@ -74,16 +74,34 @@ class KernelRMSNorm(RMSNorm):
         return super().forward(x)
 
 
+def _decode_attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    out = decode_attention(q, k, v, mask)
+    return out if out is not None else grouped_attention(q, k, v, mask)
+
+
+# a compiled decode step's attention: the kernel inside the graph, torch's attention where it does not run
+_decode_attend_op = torch.library.custom_op("mllama::decode_attention", _decode_attend, mutates_args=())
+
+
+@_decode_attend_op.register_fake
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    return q.new_empty(q.shape)
+
+
 class _KernelAttend:
     """A decode step's attention (one query token) through mllama.decode_attention where it applies
-    (eager bf16 on an AVX-512 CPU, no hooks needed: it replaces no module call)."""
+    (bf16 on an AVX-512 CPU; mllama::decode_attention under torch.compile, whose steps attend over the
+    whole cache behind a mask). No hooks needed: it replaces no module call."""
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
                is_causal: bool = False) -> torch.Tensor:
-        if q.shape[2] == 1 and not torch.compiler.is_compiling():
-            out = decode_attention(q, k, v, mask)
-            if out is not None:
-                return out
+        if q.shape[2] == 1:
+            if not torch.compiler.is_compiling():
+                out = decode_attention(q, k, v, mask)
+                if out is not None:
+                    return out
+            elif q.dtype == torch.bfloat16 and q.device.type == "cpu" and decode_attention_available():
+                return _decode_attend_op(q, k, v, mask)
         return super().attend(q, k, v, mask, is_causal=is_causal)
 
 

@@ -15,6 +15,7 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "bf16.h"
 #include "exp2.h"
@@ -125,6 +126,11 @@ SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
         const int64_t width = 2 + 16 * ((a->d + 15) / 16);  /* a head's part */                    \
         const int64_t t0 = c * CHUNK, n = a->t - t0 < CHUNK ? a->t - t0 : CHUNK, dv = (a->d + 15) / 16;      \
         float s[G][CHUNK] __attribute__((aligned(64)));                                               \
+        if (a->mask && !memchr(a->mask + b * a->mask_b + t0, 1, (size_t)n)) {                       \
+            /* nothing visible (a compiled step reads the whole cache): no key or value read */      \
+            for (int g = 0; g < G; g++) part[g * width] = -INFINITY;                                  \
+            return;                                                                                   \
+        }                                                                                             \
         (a->bf16 ? scores_bf16_g##G : scores_f32_g##G)(a, b, kh, t0, n, s);                          \
         const uint16_t *vb = a->v + b * a->v_b + kh * a->v_h;                                         \
         const uint8_t *mask = a->mask ? a->mask + b * a->mask_b + t0 : NULL;                          \
