@@ -11,13 +11,11 @@ use torch: count_not_finite answers None, row_kernels_available False, argmax_ro
 from __future__ import annotations
 
 import ctypes
-import os
-import platform
 from pathlib import Path
 
 import torch
 
-from mllama.kernel_cache import load_kernel
+from mllama.kernel_cache import load_x86_kernel
 
 __all__ = ["SOURCE", "argmax_rows", "count_not_finite", "rms_norm_bf16", "rope_bf16", "row_kernels_available"]
 
@@ -31,9 +29,7 @@ _FINITE_KINDS = {torch.bfloat16: 0, torch.float16: 1, torch.float32: 2}
 def _load() -> None:
     global _lib, _tried
     _tried = True
-    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
-        return
-    lib = load_kernel(SOURCE, fallback="scan kernels unavailable, counting and normalising with torch", stacklevel=4)
+    lib = load_x86_kernel(SOURCE, fallback="scan kernels unavailable, counting and normalising with torch", stacklevel=4)
     if lib is None:
         return
     lib.mllama_count_nonfinite.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int]

@@ -8,20 +8,20 @@ benchmarks/RESULTS.md). Its float32 sums agree with torch's within bf16 rounding
 not depend on the other rows of its batch (fixed chunks, masked keys exactly zero).
 
 row_kernels.apply_row_kernels gives the model's attention modules an `attend` that calls
-`decode_attention` first; None (a prompt, float32, autograd, torch.compile, no AVX-512, no compiler,
-MLLAMA_NO_KERNELS=1) sends the call to torch's SDPA as before.
+`decode_attention` first (under torch.compile through the custom op mllama::decode_attention); None
+(a prompt, float32, autograd, no AVX-512, no compiler, MLLAMA_NO_KERNELS=1) sends the call to torch's
+SDPA as before.
 """
 
 from __future__ import annotations
 
 import ctypes
-import os
-import platform
+import functools
 from pathlib import Path
 
 import torch
 
-from mllama.kernel_cache import load_kernel
+from mllama.kernel_cache import load_x86_kernel
 
 __all__ = ["SOURCE", "decode_attention", "decode_attention_available"]
 
@@ -29,29 +29,19 @@ SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
 _GROUPS = (1, 2, 4, 8, 16)  # query heads a K/V head: the kernel's instances
 _MAX_D = 256
 
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def _load() -> None:
-    global _lib, _tried
-    _tried = True
-    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
-        return
-    lib = load_kernel(SOURCE, fallback="the decode attention kernel is unavailable, using SDPA", stacklevel=4)
-    if lib is None:
-        return
-    lib.mllama_decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
-                                            + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
-    lib.mllama_decode_attention.restype = ctypes.c_int
-    _lib = lib
+@functools.cache
+def _library() -> ctypes.CDLL | None:
+    lib = load_x86_kernel(SOURCE, fallback="the decode attention kernel is unavailable, using SDPA", stacklevel=4)
+    if lib is not None:
+        lib.mllama_decode_attention.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5
+                                                + [ctypes.c_float, ctypes.c_void_p, ctypes.c_int, ctypes.c_int])
+        lib.mllama_decode_attention.restype = ctypes.c_int
+    return lib
 
 
 def decode_attention_available() -> bool:
     """Whether the kernel is built and loaded here (it still answers None on a CPU without AVX-512)."""
-    if not _tried:
-        _load()
-    return _lib is not None
+    return _library() is not None
 
 
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, *,
@@ -83,7 +73,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     out = torch.empty(b, h, 1, d, dtype=torch.bfloat16)
     strides = (ctypes.c_int64 * 9)(q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
                                    rows.stride(0) if rows is not None else 0)
-    rc = _lib.mllama_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(),
+    rc = _library().mllama_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(),
                                       rows.data_ptr() if rows is not None else None, strides, b, h, h_kv, t, d,
                                       d ** -0.5, out.data_ptr(), int(plain), torch.get_num_threads())
     return out if rc == 0 else None

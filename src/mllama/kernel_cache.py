@@ -155,3 +155,11 @@ def load_kernel(source: Path, *, fallback: str, stacklevel: int = 2) -> ctypes.C
     except (OSError, RuntimeError) as err:
         warnings.warn(f"mllama: {fallback} ({err})", RuntimeWarning, stacklevel=stacklevel + 1)
         return None
+
+
+def load_x86_kernel(source: Path, *, fallback: str, stacklevel: int = 2) -> ctypes.CDLL | None:
+    """load_kernel for the x86-64 kernels; None, without a warning, where kernels are switched off
+    (MLLAMA_NO_KERNELS=1) or the machine is not x86-64."""
+    if os.environ.get("MLLAMA_NO_KERNELS") or platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    return load_kernel(source, fallback=fallback, stacklevel=stacklevel + 1)
