@@ -3,7 +3,7 @@ configuration (../shared/reference/config-11b.json), loaded quantized (int4, int
 encoder and lm_head too) in a fresh process each: load time, peak RSS, text decode tokens/s; optionally the time to first token with a
 1-tile and a 4-tile image and the decode rate after each (and the decode attention kernel against SDPA).
 
-    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images [--attention-ab]]
+    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images] [--attention-ab]
 
 The checkpoint (21 GB) is written once under benchmarks/_work/11b-random, a shard at a time (the
 writer never holds more than one 2 GB shard). Weights ~ N(0, 0.02), norm scales ~ 1, gates 0.3-0.8,
@@ -86,11 +86,15 @@ class _Alternating:
         self.row_kernels.decode_attention = self.kernel
 
 
-def _attention_ab(model, ids: torch.Tensor, image: dict, new_tokens: int) -> float:
-    """Decode after this image prompt, the decode attention kernel switched on and off every 4 tokens
-    of one generation: the median step without it over the median step with it."""
+LONG_PROMPT = 2000  # tokens of text before the decode of --attention-ab's long chat
+
+
+def _attention_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> float:
+    """Decode after this prompt (`inputs`: an image's tensors and generate's options), the decode attention
+    kernel switched on and off every 4 tokens of one generation: the median step without it over the
+    median step with it."""
     clock = _Alternating(4)
-    model.generate(ids, **image, max_new_tokens=max(new_tokens, 32) + 1, streamer=clock)
+    model.generate(ids, **inputs, max_new_tokens=max(new_tokens, 32) + 1, streamer=clock)
     return round(statistics.median(clock.steps[False]) / statistics.median(clock.steps[True]), 3)
 
 
@@ -139,6 +143,11 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention
             result[f"decode_{tiles}_tile_tokens_s"] = new_tokens / (clock.times[-1] - clock.times[1])
             if attention_ab:
                 result[f"decode_{tiles}_tile_kernel_over_sdpa"] = _attention_ab(model, img_ids, image, new_tokens)
+    if attention_ab:  # a long chat: every self-attention layer reads LONG_PROMPT cached keys a step
+        long_ids = torch.randint(3, 120000, (1, LONG_PROMPT), generator=torch.Generator().manual_seed(2))
+        long_ids[0, 0] = 128000
+        result[f"decode_{LONG_PROMPT}_cached_kernel_over_sdpa"] = _attention_ab(
+            model, long_ids, dict(eos_token_id=[], pad_token_id=0), new_tokens)
     result["peak_rss_gb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return result
 
@@ -152,7 +161,8 @@ def main() -> None:
     parser.add_argument("--images", action="store_true",
                         help="also the TTFT and decode tokens/s with a 1-tile and a 4-tile image")
     parser.add_argument("--attention-ab", action="store_true",
-                        help="with --images: decode speed with the decode attention kernel over SDPA, one generation each")
+                        help="decode speed with the decode attention kernel over SDPA, one generation each: after each image "
+                             "(with --images) and after a 2000-token text prompt")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one mode, this process
     args = parser.parse_args()
