@@ -54,7 +54,8 @@ static inline __m512 sum16(const __m512 *v) {
         q[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(a, b)), _mm512_castpd_ps(_mm512_unpackhi_pd(a, b)));
     }
     for (int i = 0; i < 2; i++)  /* 128-bit lanes 0+1 and 2+3 of q[2i], then of q[2i+1] */
-        r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * i], q[2 * i + 1], 0x88), _mm512_shuffle_f32x4(q[2 * i], q[2 * i + 1], 0xDD));
+        r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(q[2 * i], q[2 * i + 1], 0x88),
+                             _mm512_shuffle_f32x4(q[2 * i], q[2 * i + 1], 0xDD));
     return _mm512_add_ps(_mm512_shuffle_f32x4(r[0], r[1], 0x88), _mm512_shuffle_f32x4(r[0], r[1], 0xDD));
 }
 
@@ -84,7 +85,9 @@ static inline __m512i load_bf16(const uint16_t *row, int64_t j, int64_t d) {
 __attribute__((target("avx512f")))
 static inline __m512 dot_f32(__m512 acc, __m512 k, __m512 q) { return _mm512_fmadd_ps(q, k, acc); }
 __attribute__((target("avx512f,avx512bf16")))
-static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) { return _mm512_dpbf16_ps(acc, (__m512bh)k, (__m512bh)q); }
+static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) {
+    return _mm512_dpbf16_ps(acc, (__m512bh)k, (__m512bh)q);
+}
 
 /* The scores of keys t0 .. t0 + n - 1 of row b, K/V head kh, for its G query heads, in base 2 (scale
  * log2 e): s[g][i], -inf where the mask hides the key. KB = 16 / G keys at a time, their G x KB dot
@@ -98,7 +101,8 @@ static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) { return _mm512_
         const int64_t dv = (a->d + PER - 1) / PER;                                                    \
         VEC qv[G][MAX_D / PER];                                                                       \
         for (int g = 0; g < G; g++)                                                                   \
-            for (int64_t j = 0; j < dv; j++) qv[g][j] = load_##KIND(a->q + b * a->q_b + (kh * G + g) * a->q_h, j, a->d); \
+            for (int64_t j = 0; j < dv; j++)                                                          \
+                qv[g][j] = load_##KIND(a->q + b * a->q_b + (kh * G + g) * a->q_h, j, a->d);           \
         const uint16_t *kb = a->k + b * a->k_b + kh * a->k_h;                                         \
         for (int64_t i0 = 0; i0 < n; i0 += KB) {                                                      \
             __m512 acc[KB * G];                                                                       \
@@ -123,8 +127,8 @@ SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
 #define DEFINE_CHUNK(G)                                                                               \
     __attribute__((target("avx512f,avx512bw,avx512vl")))                                             \
     static void chunk_g##G(const dattn *a, int64_t b, int64_t kh, int64_t c, float *part) {           \
-        const int64_t width = 2 + 16 * ((a->d + 15) / 16);  /* a head's part */                    \
-        const int64_t t0 = c * CHUNK, n = a->t - t0 < CHUNK ? a->t - t0 : CHUNK, dv = (a->d + 15) / 16;      \
+        const int64_t width = 2 + 32 * ((a->d + 31) / 32);  /* a head's part */                      \
+        const int64_t t0 = c * CHUNK, n = a->t - t0 < CHUNK ? a->t - t0 : CHUNK;                      \
         float s[G][CHUNK] __attribute__((aligned(64)));                                               \
         if (a->mask && !memchr(a->mask + b * a->mask_b + t0, 1, (size_t)n)) {                       \
             /* nothing visible (a compiled step reads the whole cache): no key or value read */      \
@@ -156,23 +160,40 @@ SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
             }                                                                                         \
             pg[1] = _mm512_reduce_add_ps(lv);                                                         \
         }                                                                                             \
-        for (int64_t j0 = 0; j0 < dv; j0 += 4) {  /* 64 dims of the values at a time */              \
-            const int64_t w = dv - j0 < 4 ? dv - j0 : 4;                                              \
-            __m512 acc[G][4];                                                                         \
+        /* 64 dims of the values at a time: 32 bf16 read once give their even and odd dims in float32 \
+         * (a shift and a mask, no widening), put back in order when stored; the same sums as dim by dim */ \
+        const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);                                      \
+        const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23); \
+        const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31); \
+        const int64_t dw = (a->d + 31) / 32;                                                          \
+        for (int64_t j0 = 0; j0 < dw; j0 += 2) {                                                      \
+            const int64_t w = dw - j0 < 2 ? dw - j0 : 2;                                              \
+            __m512 ev[G][2], od[G][2];                                                                \
             _Pragma("GCC unroll 16") for (int g = 0; g < G; g++)                                      \
-                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[g][j] = _mm512_setzero_ps();   \
+                _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) ev[g][j] = od[g][j] = _mm512_setzero_ps(); \
             for (int64_t i = 0; i < n; i++) {                                                         \
                 if (mask && !mask[i]) continue;                                                       \
-                const uint16_t *vr = vb + (t0 + i) * a->v_t;                                \
-                __m512 vf[4];                                                                         \
-                _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) vf[j] = j < w ? load_f32(vr, j0 + j, a->d) : _mm512_setzero_ps(); \
+                const uint16_t *vr = vb + (t0 + i) * a->v_t;                                          \
+                __m512 ve[2], vo[2];                                                                  \
+                _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) {                                 \
+                    const __m512i x = j < w ? load_bf16(vr, j0 + j, a->d) : _mm512_setzero_si512();  \
+                    ve[j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));                            \
+                    vo[j] = _mm512_castsi512_ps(_mm512_and_si512(x, odd));                            \
+                }                                                                                     \
                 _Pragma("GCC unroll 16") for (int g = 0; g < G; g++) {                                \
                     const __m512 p = _mm512_set1_ps(s[g][i]);                                         \
-                    _Pragma("GCC unroll 4") for (int j = 0; j < 4; j++) acc[g][j] = _mm512_fmadd_ps(p, vf[j], acc[g][j]); \
+                    _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) {                             \
+                        ev[g][j] = _mm512_fmadd_ps(p, ve[j], ev[g][j]);                               \
+                        od[g][j] = _mm512_fmadd_ps(p, vo[j], od[g][j]);                               \
+                    }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
             for (int g = 0; g < G; g++)                                                               \
-                for (int64_t j = 0; j < w; j++) _mm512_storeu_ps(part + g * width + 2 + 16 * (j0 + j), acc[g][j]); \
+                for (int64_t j = 0; j < w; j++) {                                                     \
+                    float *o = part + g * width + 2 + 32 * (j0 + j);                                  \
+                    _mm512_storeu_ps(o, _mm512_permutex2var_ps(ev[g][j], first, od[g][j]));           \
+                    _mm512_storeu_ps(o + 16, _mm512_permutex2var_ps(ev[g][j], second, od[g][j]));     \
+                }                                                                                     \
         }                                                                                             \
     }
 DEFINE_CHUNK(1) DEFINE_CHUNK(2) DEFINE_CHUNK(4) DEFINE_CHUNK(8) DEFINE_CHUNK(16)
@@ -192,12 +213,13 @@ int mllama_decode_attention(const uint16_t *q, const uint16_t *k, const uint16_t
         return -1;
     if (batch < 1 || hkv < 1 || h < hkv || h % hkv || t < 1 || d < 1 || d > MAX_D) return -1;
     const int64_t groups = h / hkv;
-    const chunk_fn fn = groups == 1 ? chunk_g1 : groups == 2 ? chunk_g2 : groups == 4 ? chunk_g4 : groups == 8 ? chunk_g8 : groups == 16 ? chunk_g16 : NULL;
+    const chunk_fn fn = groups == 1 ? chunk_g1 : groups == 2 ? chunk_g2 : groups == 4 ? chunk_g4
+                        : groups == 8 ? chunk_g8 : groups == 16 ? chunk_g16 : NULL;
     if (!fn) return -1;
     const dattn a = {q, k, v, mask, strides[0], strides[1], strides[2], strides[3], strides[4], strides[5],
                      strides[6], strides[7], strides[8], h, hkv, t, d, scale * LOG2E,
                      !plain && __builtin_cpu_supports("avx512bf16")};
-    const int64_t chunks = (t + CHUNK - 1) / CHUNK, items = batch * hkv * chunks, width = 2 + 16 * ((d + 15) / 16);
+    const int64_t chunks = (t + CHUNK - 1) / CHUNK, items = batch * hkv * chunks, width = 2 + 32 * ((d + 31) / 32);
     float *parts = malloc((size_t)(items * groups * width) * sizeof *parts);
     if (!parts) return -1;
 #pragma omp parallel num_threads(threads)
