@@ -169,3 +169,39 @@ def test_compiled_decode_steps_take_the_kernel_inside_the_graph(monkeypatch):
     assert torch.equal(compiled.sequences, eager.sequences)
     for a, b in zip(compiled.logits, eager.logits):
         torch.testing.assert_close(a.float(), b.float(), rtol=0.02, atol=0.02)
+
+
+@needs_kernel
+def test_a_ragged_batch_decodes_as_its_rows_alone(monkeypatch):
+    """Two image prompts of different lengths in one generate call: the engine decodes them in one batch
+    whose shorter row hides its cache tail behind a mask, through the kernel; each row's tokens are those
+    it gets alone, its logits within bf16 noise."""
+    model, inputs = _model_and_inputs()
+    masks: list[bool] = []
+
+    def counted(q, k, v, mask):
+        out = decode_attention(q, k, v, mask)
+        if out is not None and q.shape[0] == 2:
+            masks.append(mask is not None)
+        return out
+
+    monkeypatch.setattr(row_kernels, "decode_attention", counted)
+    shorter = {key: (val[:, 2:] if key in ("input_ids", "attention_mask", "cross_attention_mask") else val)
+               for key, val in inputs.items()}
+    shorter["input_ids"] = shorter["input_ids"].clone()
+    shorter["input_ids"][0, 0] = model.config.image_token_index
+    batch = {key: torch.cat([val, val]) for key, val in inputs.items()}
+    pad = torch.zeros(1, 2, dtype=torch.long)
+    batch["input_ids"] = torch.cat([inputs["input_ids"], torch.cat([pad, shorter["input_ids"]], 1)])
+    batch["attention_mask"] = torch.cat([inputs["attention_mask"], torch.cat([pad, shorter["attention_mask"]], 1)])
+    batch["cross_attention_mask"] = torch.cat([inputs["cross_attention_mask"],
+                                               torch.cat([torch.zeros_like(inputs["cross_attention_mask"][:, :2]),
+                                                          shorter["cross_attention_mask"]], 1)])
+    kwargs = dict(max_new_tokens=6, eos_token_id=[], pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    together = model.generate(**batch, **kwargs)
+    assert masks and any(masks)  # batched steps, the shorter row's hidden tail masked
+    for row, alone_inputs in enumerate((inputs, shorter)):
+        alone = model.generate(**alone_inputs, **kwargs)
+        assert torch.equal(together.sequences[row, -6:], alone.sequences[0, -6:])
+        for a, b in zip(together.logits, alone.logits):
+            torch.testing.assert_close(a[row].float(), b[0].float(), rtol=0.02, atol=0.02)
