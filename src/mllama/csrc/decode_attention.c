@@ -36,12 +36,6 @@ typedef struct {
     int bf16;                /* AVX-512 BF16 here */
 } dattn;
 
-/* 16 bf16 -> float32, lanes outside `take` zero (and not read). */
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static inline __m512 widen16(const uint16_t *p, __mmask16 take) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(take, p)), 16));
-}
-
 /* The lane sums of 16 vectors: lane i of the result is the sum of v[i]'s 16 lanes (a transposing tree:
  * pairs within 128-bit lanes, then quads, then the four 128-bit lanes). */
 __attribute__((target("avx512f")))
@@ -71,19 +65,28 @@ static inline void keep_scores(const dattn *a, int64_t b, int64_t t, int64_t kn,
         for (int g = 0; g < groups; g++) s[g][i0 + i] = mask && !mask[i] ? -INFINITY : dots[i * groups + g];
 }
 
-/* Vector j of a head's D values (16 as float32, or 32 bf16 as stored), zeros past D; and one step of
- * the dot products of k and q in that form. */
-__attribute__((target("avx512f,avx512bw,avx512vl")))
-static inline __m512 load_f32(const uint16_t *row, int64_t j, int64_t d) {
-    return widen16(row + 16 * j, d - 16 * j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (d - 16 * j)) - 1));
-}
+/* Values 32 j .. 32 j + 31 of a head's D (zeros past D): as stored (bf16), or as their even and odd
+ * dims in float32 (a shift and a mask of the same load, no widening); and one step of the dot products
+ * of k and q in that form. */
+typedef struct {
+    __m512 even, odd;
+} f32pair;
 __attribute__((target("avx512f,avx512bw,avx512vl")))
 static inline __m512i load_bf16(const uint16_t *row, int64_t j, int64_t d) {
     return _mm512_maskz_loadu_epi16(d - 32 * j >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << (d - 32 * j)) - 1),
                                     row + 32 * j);
 }
+__attribute__((target("avx512f,avx512bw,avx512vl")))
+static inline f32pair load_f32(const uint16_t *row, int64_t j, int64_t d) {
+    const __m512i x = load_bf16(row, j, d);
+    const f32pair p = {_mm512_castsi512_ps(_mm512_slli_epi32(x, 16)),
+                       _mm512_castsi512_ps(_mm512_and_si512(x, _mm512_set1_epi32((int)0xFFFF0000u)))};
+    return p;
+}
 __attribute__((target("avx512f")))
-static inline __m512 dot_f32(__m512 acc, __m512 k, __m512 q) { return _mm512_fmadd_ps(q, k, acc); }
+static inline __m512 dot_f32(__m512 acc, f32pair k, f32pair q) {
+    return _mm512_fmadd_ps(q.odd, k.odd, _mm512_fmadd_ps(q.even, k.even, acc));
+}
 __attribute__((target("avx512f,avx512bf16")))
 static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) {
     return _mm512_dpbf16_ps(acc, (__m512bh)k, (__m512bh)q);
@@ -93,7 +96,7 @@ static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) {
  * log2 e): s[g][i], -inf where the mask hides the key. KB = 16 / G keys at a time, their G x KB dot
  * products' lanes summed in one tree (sum16). Past n the last key is read again and its scores dropped.
  * With AVX-512 BF16, vdpbf16ps takes q and k as they are (its products exact in float32, summed in
- * pairs); without, both are widened to float32 for FMAs. */
+ * pairs); without, FMAs over their even and odd dims. */
 #define DEFINE_SCORES(KIND, VEC, PER, TARGET, G)                                                      \
     __attribute__((target(TARGET)))                                                                   \
     static void scores_##KIND##_g##G(const dattn *a, int64_t b, int64_t kh, int64_t t0, int64_t n, float (*s)[CHUNK]) { \
@@ -117,7 +120,7 @@ static inline __m512 dot_bf16(__m512 acc, __m512i k, __m512i q) {
             keep_scores(a, b, t0 + i0, kn, G, sum16(acc), s, i0);                                     \
         }                                                                                             \
     }
-#define SCORES_FOR(G) DEFINE_SCORES(f32, __m512, 16, "avx512f,avx512bw,avx512vl", G) \
+#define SCORES_FOR(G) DEFINE_SCORES(f32, f32pair, 32, "avx512f,avx512bw,avx512vl", G) \
     DEFINE_SCORES(bf16, __m512i, 32, "avx512f,avx512bw,avx512vl,avx512bf16", G)
 SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
 
@@ -160,9 +163,8 @@ SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
             }                                                                                         \
             pg[1] = _mm512_reduce_add_ps(lv);                                                         \
         }                                                                                             \
-        /* 64 dims of the values at a time: 32 bf16 read once give their even and odd dims in float32 \
-         * (a shift and a mask, no widening), put back in order when stored; the same sums as dim by dim */ \
-        const __m512i odd = _mm512_set1_epi32((int)0xFFFF0000u);                                      \
+        /* 64 dims of the values at a time, as even and odd dims (load_f32), put back in order when  \
+         * stored: the same sums as dim by dim */                                                     \
         const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23); \
         const __m512i second = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31); \
         const int64_t dw = (a->d + 31) / 32;                                                          \
@@ -174,17 +176,14 @@ SCORES_FOR(1) SCORES_FOR(2) SCORES_FOR(4) SCORES_FOR(8) SCORES_FOR(16)
             for (int64_t i = 0; i < n; i++) {                                                         \
                 if (mask && !mask[i]) continue;                                                       \
                 const uint16_t *vr = vb + (t0 + i) * a->v_t;                                          \
-                __m512 ve[2], vo[2];                                                                  \
-                _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) {                                 \
-                    const __m512i x = j < w ? load_bf16(vr, j0 + j, a->d) : _mm512_setzero_si512();  \
-                    ve[j] = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));                            \
-                    vo[j] = _mm512_castsi512_ps(_mm512_and_si512(x, odd));                            \
-                }                                                                                     \
+                f32pair x[2];                                                                         \
+                _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++)                                   \
+                    x[j] = j < w ? load_f32(vr, j0 + j, a->d) : (f32pair){_mm512_setzero_ps(), _mm512_setzero_ps()}; \
                 _Pragma("GCC unroll 16") for (int g = 0; g < G; g++) {                                \
                     const __m512 p = _mm512_set1_ps(s[g][i]);                                         \
                     _Pragma("GCC unroll 2") for (int j = 0; j < 2; j++) {                             \
-                        ev[g][j] = _mm512_fmadd_ps(p, ve[j], ev[g][j]);                               \
-                        od[g][j] = _mm512_fmadd_ps(p, vo[j], od[g][j]);                               \
+                        ev[g][j] = _mm512_fmadd_ps(p, x[j].even, ev[g][j]);                           \
+                        od[g][j] = _mm512_fmadd_ps(p, x[j].odd, od[g][j]);                            \
                     }                                                                                 \
                 }                                                                                     \
             }                                                                                         \
