@@ -2,7 +2,7 @@
 
 A decode step attends from one query per head to every cached key: a self-attention layer to the
 chat so far, a cross-attention layer to an image's 1601-6404 vision tokens. torch's CPU attention
-streams those keys and values at 7-9 GB/s; the kernel splits them into chunks of 256 keys per K/V head
+streams those keys and values at 5-13 GB/s; the kernel splits them into chunks of 256 keys per K/V head
 across threads and reads each key and value once for the query heads that share it (speed:
 benchmarks/RESULTS.md). Its float32 sums agree with torch's within bf16 rounding; a row's result does
 not depend on the other rows of its batch (fixed chunks, masked keys exactly zero).
@@ -28,6 +28,7 @@ __all__ = ["SOURCE", "decode_attention", "decode_attention_available"]
 SOURCE = Path(__file__).parent / "csrc" / "decode_attention.c"
 _GROUPS = (1, 2, 4, 8, 16)  # query heads a K/V head: the kernel's instances
 _MAX_D = 256
+
 
 @functools.cache
 def _library() -> ctypes.CDLL | None:
@@ -74,6 +75,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
     strides = (ctypes.c_int64 * 9)(q.stride(0), q.stride(1), *k.stride()[:3], *v.stride()[:3],
                                    rows.stride(0) if rows is not None else 0)
     rc = _library().mllama_decode_attention(q.data_ptr(), k.data_ptr(), v.data_ptr(),
-                                      rows.data_ptr() if rows is not None else None, strides, b, h, h_kv, t, d,
-                                      d ** -0.5, out.data_ptr(), int(plain), torch.get_num_threads())
+                                            rows.data_ptr() if rows is not None else None, strides, b, h, h_kv,
+                                            t, d, d ** -0.5, out.data_ptr(), int(plain), torch.get_num_threads())
     return out if rc == 0 else None

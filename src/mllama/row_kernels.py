@@ -100,8 +100,8 @@ class _KernelAttend:
                 out = decode_attention(q, k, v, mask)
                 if out is not None:
                     return out
-            elif q.dtype == torch.bfloat16 and q.device.type == "cpu":  # the op falls back where the kernel does not run
-                return _decode_attend_op(q, k, v, mask)
+            elif q.dtype == torch.bfloat16 and q.device.type == "cpu":
+                return _decode_attend_op(q, k, v, mask)  # which falls back where the kernel does not run
         return super().attend(q, k, v, mask, is_causal=is_causal)
 
 
