@@ -334,6 +334,14 @@ def small_gemm_silu_row(row: torch.Tensor, fmt: str, gate: tuple[torch.Tensor, .
     return out
 
 
+def row_entry_points() -> tuple[ctypes._CFuncPtr, ctypes._CFuncPtr, int] | None:
+    """gemm_small.c's one-row product and fused silu (small_gemm_row's and small_gemm_silu_row's calls)
+    and the instruction level they take, for a C caller (mllama.decode_layer); None where they do not run."""
+    if not quant_kernels_available():
+        return None
+    return _small.mllama_gemm_small_row_bf16, _small.mllama_gemm_small_silu_bf16, _small_level
+
+
 def _row_level(level: int | None) -> int:
     level = _small_level if level is None else level
     if level not in (1, _small_level):

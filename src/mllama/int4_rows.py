@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from mllama import cpu_kernels
+from mllama.decode_layer import ROW_KIND_INT4_ROWS, RowKernel
 from mllama.host_memory import fresh_params, fresh_zeros
 from mllama.linear import PackedWeights, swap_linears
 from mllama.quantize import Int4Linear, _QuantizedLinear
@@ -185,14 +186,10 @@ class Int4RowsLinear(PackedWeights, _QuantizedLinear):
         return rows_product(x, *self._weights(), self.group_size) if self._takes(x) else self.to_int4().product(x)
 
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row, where `up` is
-        an Int4RowsLinear of the same shape, group size and scale dtype and neither has a bias; else None."""
-        if (type(up) is not Int4RowsLinear or self.bias is not None or up.bias is not None
-                or x.shape[-1] != self.in_features or x.numel() != self.in_features or not self._takes(x)
-                or torch.compiler.is_compiling()
-                or (up.in_features, up.out_features, up.group_size) != (self.in_features, self.out_features,
-                                                                        self.group_size)
-                or up.rows_scale.dtype != self.rows_scale.dtype):
+        """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row, where
+        fuses_silu_with(up); else None."""
+        if (x.shape[-1] != self.in_features or x.numel() != self.in_features or not self._takes(x)
+                or torch.compiler.is_compiling() or not self.fuses_silu_with(up)):
             return None
         flat = x.contiguous()
         out = torch.empty(*x.shape[:-1], self.out_features, dtype=torch.bfloat16)
@@ -202,6 +199,25 @@ class Int4RowsLinear(PackedWeights, _QuantizedLinear):
                                                int(self.rows_scale.dtype == torch.bfloat16), self.group_size,
                                                out.data_ptr(), torch.get_num_threads())
         return out if rc == 0 else None
+
+    def fuses_silu_with(self, up: nn.Module) -> bool:
+        """Whether `up` is an Int4RowsLinear of the same shape, group size and scale dtype and neither has
+        a bias: the pair that silu_product (and mllama.decode_layer) multiply in one call."""
+        return (type(up) is Int4RowsLinear and self.bias is None and up.bias is None
+                and (up.in_features, up.out_features, up.group_size) == (self.in_features, self.out_features,
+                                                                        self.group_size)
+                and up.rows_scale.dtype == self.rows_scale.dtype)
+
+    def row_kernel(self) -> RowKernel | None:
+        """The C call `product` makes for one bf16 row (mllama.decode_layer makes it from C); None where
+        the kernel is not loaded."""
+        lib = _lib()
+        if lib is None or self.rows_scale.device.type != "cpu":
+            return None
+        return RowKernel(kind=ROW_KIND_INT4_ROWS, row=lib.mllama_int4_rows_row_bf16, silu=lib.mllama_int4_rows_silu_bf16,
+                         fmt=cpu_kernels.FORMAT_CODES["int4"], level=0,
+                         scale_bf16=self.rows_scale.dtype == torch.bfloat16, group=self.group_size,
+                         k=self.rows_packed.shape[1] * 2, tensors=self._weights())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.to_int4().dequantize(dtype)

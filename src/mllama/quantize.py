@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama import cpu_kernels, cpu_prefill, quant_ops
+from mllama.decode_layer import ROW_KIND_SMALL, RowKernel
 from mllama.linear import cpu_has_native_bf16, swap_linears
 from mllama.packed_linear import refuse_packed
 from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize is the public module)
@@ -112,15 +113,32 @@ class _QuantizedLinear(nn.Module):
 
     def silu_product(self, up: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         """silu(self(x)) * up(x) (an MLP's gate and up) in one kernel call for one bf16 row x, where both
-        would take _one_row, quantized alike with as many outputs and neither with a bias
-        (cpu_kernels.small_gemm_silu_row: F.silu and the product's roundings, e^x aside); else None."""
+        would take _one_row and fuses_silu_with(up) (cpu_kernels.small_gemm_silu_row: F.silu and the
+        product's roundings, e^x aside); else None."""
         if (x.dtype != torch.bfloat16 or x.shape[-1] != self.in_features or x.numel() != self.in_features
-                or type(up) is not type(self) or self.bias is not None or up.bias is not None
-                or (up.in_features, up.out_features) != (self.in_features, self.out_features)
-                or up.group_size != self.group_size or up.weight_scale.dtype != self.weight_scale.dtype
-                or not self._takes_row(x) or not up._takes_row(x)):
+                or not self.fuses_silu_with(up) or not self._takes_row(x) or not up._takes_row(x)):
             return None
         return cpu_kernels.small_gemm_silu_row(x, self.mode, self._weights(), up._weights(), group_size=self.group_size)
+
+    def fuses_silu_with(self, up: nn.Module) -> bool:
+        """Whether `up` is quantized as this one (type, shape, group size, scale dtype) and neither has a
+        bias: the pair that silu_product (and mllama.decode_layer) multiply in one call."""
+        return (type(up) is type(self) and self.bias is None and up.bias is None
+                and (up.in_features, up.out_features) == (self.in_features, self.out_features)
+                and up.group_size == self.group_size and up.weight_scale.dtype == self.weight_scale.dtype)
+
+    def row_kernel(self) -> RowKernel | None:
+        """The C call _one_row makes for a bf16 row (mllama.decode_layer makes it from C); None where the
+        weights would not take it."""
+        weights, scale = self._weights(), self.weight_scale
+        entries = cpu_kernels.row_entry_points()
+        if (entries is None or scale.device.type != "cpu" or scale.dtype not in (torch.float32, torch.bfloat16)
+                or not all(t.is_contiguous() for t in weights)):
+            return None
+        row, silu, level = entries
+        return RowKernel(kind=ROW_KIND_SMALL, row=row, silu=silu, fmt=cpu_kernels.FORMAT_CODES[self.mode], level=level,
+                         scale_bf16=scale.dtype == torch.bfloat16, group=self.group_size,
+                         k=cpu_kernels.row_length(self.mode, weights[0]), tensors=weights)
 
     def _weights(self) -> tuple[torch.Tensor, ...]:
         """The weight, its scales (and offsets), as small_gemm takes them."""

@@ -1,6 +1,7 @@
 """RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, an MLP's gate and up with silu in
-one call where its linears offer it (quantized ones: csrc/gemm_small.c) and a decode step's attention
-through mllama.decode_attention, applied to a built model by swapping modules (`apply_row_kernels`;
+one call where its linears offer it (quantized ones: csrc/gemm_small.c), a decode step's attention
+through mllama.decode_attention, and a self-attention layer's one-token step as one call of all of
+these (mllama.decode_layer), applied to a built model by swapping modules (`apply_row_kernels`;
 linear.apply_cpu_kernels calls it).
 
 The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
@@ -16,12 +17,13 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn.modules import module as _module
 
-from mllama import cpu_scans
+from mllama import cpu_scans, decode_layer
 from mllama.attention import TextCrossAttention, TextSelfAttention, grouped_attention
+from mllama.cache import KVWindow
 from mllama.decode_attention import decode_attention
 from mllama.layers import RMSNorm, TextMLP
+from mllama.text import SelfAttentionDecoderLayer
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -53,14 +55,6 @@ def _kernel_runs(*tensors: torch.Tensor) -> bool:
     return (all(t.dtype == torch.bfloat16 and t.device.type == "cpu" and t.is_contiguous()
                 and not (grad and t.requires_grad) for t in tensors)
             and cpu_scans.row_kernels_available())
-
-
-def _without_hooks(*modules: nn.Module) -> bool:
-    """Whether calling these modules runs no forward hooks (theirs or global): a fused call skips
-    their forward, so hooks (a profiler's, a benchmark's module trace) keep the plain route."""
-    if _module._global_forward_hooks or _module._global_forward_pre_hooks:
-        return False
-    return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 class KernelRMSNorm(RMSNorm):
@@ -129,7 +123,7 @@ class KernelTextMLP(TextMLP):
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self.gate_proj, "silu_product", None)
-        if fused is not None and _without_hooks(self.gate_proj, self.up_proj):
+        if fused is not None and not decode_layer.runs_hooks((self.gate_proj, self.up_proj)):
             out = fused(self.up_proj, x)
             if out is not None:
                 return out
@@ -140,8 +134,26 @@ class KernelTextCrossAttention(_KernelAttend, TextCrossAttention):
     """TextCrossAttention whose decode steps' attention to the vision tokens takes the decode attention kernel."""
 
 
+class KernelSelfAttentionDecoderLayer(SelfAttentionDecoderLayer):
+    """SelfAttentionDecoderLayer whose one-token decode steps, where its norms, attention and MLP are the
+    kernel modules here, run as one C call (mllama.decode_layer.one_token: the modules' kernels and bits;
+    one bf16 row on the CPU, a KV cache window, outside autograd and torch.compile, no forward hooks
+    below it, every linear with a one-row kernel); else SelfAttentionDecoderLayer's forward."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None, *,
+                cache: KVWindow | None, layer_idx: int) -> torch.Tensor:
+        if cache is not None and x.shape[:2] == (1, 1) and not torch.compiler.is_compiling():
+            out = decode_layer.one_token(self, x, cos, sin, mask, cache, layer_idx, kernel_types=_LAYER_KERNELS)
+            if out is not None:
+                return out
+        return super().forward(x, cos, sin, mask, cache=cache, layer_idx=layer_idx)
+
+
+# a layer's self_attn, mlp, input_layernorm and post_attention_layernorm for its one-call decode step
+_LAYER_KERNELS = (KernelTextSelfAttention, KernelTextMLP, KernelRMSNorm, KernelRMSNorm)
+
 _SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP,
-          TextCrossAttention: KernelTextCrossAttention}
+          TextCrossAttention: KernelTextCrossAttention, SelfAttentionDecoderLayer: KernelSelfAttentionDecoderLayer}
 
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:

@@ -1,0 +1,188 @@
+"""A self-attention decoder layer's one-token decode step in one C call (mllama.decode_layer,
+csrc/decode_layer.c): the bits of the layer's modules and the same cache rows, every quantized form,
+the modules' route wherever the call does not apply, and a plan that follows the layer's modules."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from mllama import decode_layer
+from mllama.cache import KVCache, KVWindow
+from mllama.config import MllamaTextConfig
+from mllama.int4_rows import pack_int4_rows
+from mllama.linear import apply_cpu_kernels
+from mllama.model import MllamaForCausalLM
+from mllama.quantize import QuantizationConfig, quantize_model
+from mllama.text import SelfAttentionDecoderLayer
+from tiny import randomize_
+
+CONFIG = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, intermediate_size=256,
+              num_hidden_layers=3, cross_attention_layers=[1], vocab_size=300, bos_token_id=1, eos_token_id=None,
+              pad_token_id=0)
+FORMS = ["int4 rows", "int4", "int8"]
+
+
+def _model(form: str, *, seed: int = 0) -> MllamaForCausalLM:
+    model = MllamaForCausalLM(MllamaTextConfig.from_dict(CONFIG))
+    randomize_(model, seed, scale=0.1)
+    model = model.to(torch.bfloat16).eval()
+    quantize_model(model, QuantizationConfig("int8") if form == "int8" else QuantizationConfig("int4", group_size=32))
+    if form == "int4 rows":
+        pack_int4_rows(model)
+    return apply_cpu_kernels(model)
+
+
+def _runs() -> bool:
+    model = _model("int8")
+    layer = model.model.layers[0]
+    cache = KVCache(layers=[0], slots=1, heads=2, max_len=4, head_dim=16, dtype=torch.bfloat16, device="cpu")
+    cos, sin = model.model.rotary_emb(torch.tensor([[0]]), torch.bfloat16)
+    window = KVWindow(cache, slots=torch.tensor([0]), positions=torch.tensor([[0]]), first=0, length=1)
+    with torch.inference_mode():
+        return decode_layer.one_token(layer, torch.zeros(1, 1, 128, dtype=torch.bfloat16), cos, sin, None, window, 0,
+                                      kernel_types=_kernel_types()) is not None
+
+
+def _kernel_types():
+    from mllama.row_kernels import _LAYER_KERNELS
+    return _LAYER_KERNELS
+
+
+needs_call = pytest.mark.skipif(not _runs(), reason="the one-call decode layer does not run here (no AVX-512 / kernels)")
+
+
+def _step_inputs(model, *, position: int, slots: int = 3, slot: int = 1, seed: int = 0):
+    """A token's hidden state, its RoPE, and a KV cache whose slot `slot` holds `position` random keys."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, 1, 128, generator=gen) * 2).bfloat16()
+    cos, sin = model.model.rotary_emb(torch.tensor([[position]]), torch.bfloat16)
+    cache = KVCache(layers=[0, 2], slots=slots, heads=2, max_len=position + 5, head_dim=16, dtype=torch.bfloat16,
+                    device="cpu")
+    for buffers in (cache.k, cache.v):
+        for buf in buffers.values():
+            buf.copy_(torch.randn(buf.shape, generator=gen))
+    window = KVWindow(cache, slots=torch.tensor([slot]), positions=torch.tensor([[position]]), first=slot,
+                      length=position + 1)
+    return x, cos, sin, window
+
+
+def _both_routes(layer, x, cos, sin, mask, window, layer_idx):
+    """(one call's output and cache, the modules' output and cache), each from its own copy of the cache."""
+    modules_window = copy.deepcopy(window)
+    with torch.inference_mode():
+        fast = decode_layer.one_token(layer, x, cos, sin, mask, window, layer_idx, kernel_types=_kernel_types())
+        assert fast is not None, "the one call did not run"
+        slow = SelfAttentionDecoderLayer.forward(layer, x, cos, sin, mask, cache=modules_window, layer_idx=layer_idx)
+    return (fast, window.cache), (slow, modules_window.cache)
+
+
+@needs_call
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("masked", [False, True])
+def test_one_call_gives_the_modules_bits_and_cache(form, masked):
+    """A token at position 9 of slot 1 (of 3) through a layer of each quantized form: the output's bits
+    and the K/V written into the cache are the modules' (the same kernels, the residual adds rounded as
+    torch's), with every key visible and with a mask hiding some."""
+    model = _model(form)
+    x, cos, sin, window = _step_inputs(model, position=9)
+    mask = None
+    if masked:
+        mask = torch.ones(1, 1, 1, 10, dtype=torch.bool)
+        mask[..., [0, 3, 4]] = False
+    for idx in (0, 2):
+        (fast, fast_cache), (slow, slow_cache) = _both_routes(model.model.layers[idx], x, cos, sin, mask, window, idx)
+        assert torch.equal(fast, slow)
+        for a, b in ((fast_cache.k, slow_cache.k), (fast_cache.v, slow_cache.v)):
+            assert torch.equal(a[idx], b[idx])
+    assert not torch.equal(fast, x)
+
+
+@needs_call
+@pytest.mark.parametrize("form", ["int4 rows", "int8"])
+def test_generation_through_the_one_call_equals_the_modules(form, monkeypatch):
+    """Greedy generation: each decode step's two self-attention layers take the one call (a one-row batch
+    only), and the tokens and every step's logits equal the modules' route bit for bit; a batch of two
+    prompts keeps the modules' route."""
+    model = _model(form, seed=3)
+    calls = []
+    original = decode_layer.one_token
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(decode_layer, "one_token", counted)
+    ids = torch.randint(2, 300, (1, 6), generator=torch.Generator().manual_seed(1))
+    kwargs = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    fast = model.generate(ids, **kwargs)
+    assert calls == [True] * 7 * 2
+    monkeypatch.setattr(decode_layer, "one_token", lambda *args, **kwargs: None)
+    slow = model.generate(ids, **kwargs)
+    assert torch.equal(fast.sequences, slow.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits))
+    calls.clear()
+    monkeypatch.setattr(decode_layer, "one_token", counted)
+    model.generate(torch.cat([ids, ids.flip(1)]), **kwargs)
+    assert calls == []
+
+
+@needs_call
+def test_modules_route_where_the_call_does_not_apply():
+    """None (nothing written) for a forward hook on one of the layer's linears, a plain bf16 linear among
+    them, float32 x, two rows, a mask of another shape; the layer's forward then takes its modules."""
+    model = _model("int8")
+    layer = model.model.layers[0]
+    x, cos, sin, window = _step_inputs(model, position=4)
+    before = window.cache.k[0].clone()
+    kinds = _kernel_types()
+    with torch.inference_mode():
+        seen = []
+        handle = layer.self_attn.v_proj.register_forward_hook(lambda *args: seen.append(1))
+        assert decode_layer.one_token(layer, x, cos, sin, None, window, 0, kernel_types=kinds) is None
+        layer(x, cos, sin, None, cache=window, layer_idx=0)
+        assert seen == [1]
+        handle.remove()
+        window.cache.k[0].copy_(before)
+        assert decode_layer.one_token(layer, x.float(), cos, sin, None, window, 0, kernel_types=kinds) is None
+        assert decode_layer.one_token(layer, x, cos, sin, torch.ones(1, 1, 1, 3, dtype=torch.bool), window, 0,
+                                      kernel_types=kinds) is None
+        two = KVWindow(window.cache, slots=torch.tensor([0, 1]), positions=torch.tensor([[4], [4]]), first=0, length=5)
+        assert decode_layer.one_token(layer, x.expand(2, 1, 128).contiguous(), cos.expand(2, 1, 16).contiguous(),
+                                      sin.expand(2, 1, 16).contiguous(), None, two, 0, kernel_types=kinds) is None
+        assert torch.equal(window.cache.k[0], before)
+        plain = nn.Linear(128, 32, bias=False, dtype=torch.bfloat16)
+        layer.self_attn.k_proj = plain
+        assert decode_layer.one_token(layer, x, cos, sin, None, window, 0, kernel_types=kinds) is None
+        assert torch.equal(window.cache.k[0], before)
+
+
+@needs_call
+def test_the_plan_follows_the_layers_modules_and_weights():
+    """After a first call, a linear replaced by another quantized one, a norm's weight given new memory
+    and a linear's buffer replaced: each next call has the modules' bits with the new weights."""
+    model = _model("int4 rows")
+    other = _model("int4 rows", seed=7)
+    layer = model.model.layers[0]
+    x, cos, sin, window = _step_inputs(model, position=5)
+
+    def check():
+        (fast, _), (slow, _) = _both_routes(layer, x, cos, sin, None, window, 0)
+        assert torch.equal(fast, slow)
+        return fast
+
+    first = check()
+    layer.mlp.down_proj = other.model.layers[0].mlp.down_proj
+    second = check()
+    assert not torch.equal(first, second)
+    norm = layer.post_attention_layernorm
+    norm.weight.data = norm.weight.data * 2
+    third = check()
+    assert not torch.equal(second, third)
+    q = layer.self_attn.q_proj
+    q.rows_scale = q.rows_scale * 3
+    assert not torch.equal(third, check())
