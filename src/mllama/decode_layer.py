@@ -105,9 +105,13 @@ def _parts(layer: SelfAttentionDecoderLayer) -> tuple[nn.Module, ...]:
             a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
 
 
-def _linear_tensors(parts: tuple[nn.Module, ...]) -> tuple[torch.Tensor | None, ...]:
+def _linear_tensors(parts: tuple[nn.Module, ...]) -> list[torch.Tensor | None]:
     """The linears' buffers and parameters (a bias None included), in order."""
-    return tuple(t for m in parts[4:] for t in (*m._buffers.values(), *m._parameters.values()))
+    tensors: list[torch.Tensor | None] = []
+    for module in parts[4:]:
+        tensors += module._buffers.values()
+        tensors += module._parameters.values()
+    return tensors
 
 
 class _Plan:
