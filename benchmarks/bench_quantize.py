@@ -178,6 +178,37 @@ def sustained_read(nbytes: int, buffer: torch.Tensor) -> float:
     return passes * size / (time.perf_counter() - start) / 1e9
 
 
+class ReadsBetweenTokens:
+    """A streamer that reads `nbytes` of `buffer` (torch's float32 sum, whole passes then a part) after
+    each token: the decode steps' times (from the end of one read to the next token) and the reads'
+    times, pair by pair, a few milliseconds apart (the machine's rate moves within seconds)."""
+
+    def __init__(self, nbytes: int, buffer: torch.Tensor) -> None:
+        self.values, self.buffer = nbytes // 4, buffer
+        self.steps: list[float] = []
+        self.reads: list[float] = []
+        self.last: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        now = time.perf_counter()
+        if self.last is not None:
+            self.steps.append(now - self.last)
+        left = self.values
+        while left > 0:
+            self.buffer[:min(left, self.buffer.numel())].sum()
+            left -= self.buffer.numel()
+        self.last = time.perf_counter()
+        self.reads.append(self.last - now)
+
+    def end(self) -> None:
+        pass
+
+    def ratio(self) -> float:
+        """The median over the decode steps of the read right after a step over the step's time (the first
+        token's step, the prompt's, excluded): the decode's rate as a share of the reads'."""
+        return statistics.median(read / step for read, step in zip(self.reads[2:], self.steps[1:]))
+
+
 DECODE_VARIANTS = {"int8": QuantizationConfig("int8"), "int4 g64": QuantizationConfig("int4", group_size=64),
                    "int4 g128": QuantizationConfig("int4", group_size=128),
                    "int8 + lm_head": QuantizationConfig("int8", lm_head=True),
@@ -237,12 +268,16 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
     step_bytes = {name: decode_step_bytes(model, step_modules[name]) for name, model in models.items()}
     buffer = torch.ones(2**30 // 4)
     beside = {name: [] for name in models}  # GB/s of reads of the decode's bytes right before and after it
+    between = {name: [] for name in models}  # ReadsBetweenTokens.ratio of a decode
     for _ in range(rounds):
         limits.append(max(read_rates(2).values()))  # GB/s
         for name, model in models.items():
             before = sustained_read(new_tokens * step_bytes[name], buffer)
             rates[name].append(decode_rate(prompt, model))
             beside[name].append((before + sustained_read(new_tokens * step_bytes[name], buffer)) / 2)
+            reads = ReadsBetweenTokens(step_bytes[name], buffer)
+            model.generate(prompt, max_new_tokens=new_tokens + 1, eos_token_id=[], pad_token_id=0, streamer=reads)
+            between[name].append(reads.ratio())
             alone[name].append(linears_alone(step_linears[name], 3))
             if streams > 1:
                 batch_rates[name].append(decode_rate(batch, model))
@@ -260,12 +295,15 @@ def decode_bench(layers: int, new_tokens: int, rounds: int, prompt_tokens: list[
     print(f"text decoder {layers} layers (full width, vocab 128256), {new_tokens} tokens, {rounds} interleaved rounds; "
           f"best figure, and the median of each round's ratio to bf16; read limit {read_limit:.1f} GB/s (the fastest "
           f"full read of 1 GiB in any round, benchmarks/bench_phases.py; {min(limits):.1f} in the slowest round); "
-          f"reads beside it: torch's float32 sum over the bytes the decode streamed, right before and after it")
+          f"reads beside it: torch's float32 sum over the bytes the decode streamed, right before and after it; "
+          f"reads between its tokens: a read of a step's bytes after each token (ReadsBetweenTokens), the median "
+          f"over the rounds of each decode's median step")
     for name, r in rates.items():
         streamed = max(r) * step_bytes[name] / 1e9
         line = (f"  {name}: {max(r):.2f} tok/s ({ratio(r, rates['bf16'])} bf16; {step_bytes[name] / 1e9:.2f} GB a token, "
                 f"{streamed:.1f} GB/s = {streamed / read_limit:.0%} of the read limit; median "
-                f"{statistics.median(v * step_bytes[name] / 1e9 / b for v, b in zip(r, beside[name])):.0%} of reads beside it)")
+                f"{statistics.median(v * step_bytes[name] / 1e9 / b for v, b in zip(r, beside[name])):.0%} of reads beside it, "
+                f"{statistics.median(between[name]):.0%} of reads between its tokens)")
         if streams > 1:
             b = batch_rates[name]
             line += f"; {streams} streams {max(b):.1f} tok/s ({ratio(b, batch_rates['bf16'])})"
