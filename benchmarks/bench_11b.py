@@ -3,7 +3,7 @@ configuration (../shared/reference/config-11b.json), loaded quantized (int4, int
 encoder and lm_head too) in a fresh process each: load time, peak RSS, text decode tokens/s; optionally the time to first token with a
 1-tile and a 4-tile image and the decode rate after each (and the decode attention kernel against SDPA).
 
-    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images] [--attention-ab]
+    python benchmarks/bench_11b.py [--modes int4 int8] [--new-tokens 16] [--images] [--attention-ab] [--layer-ab]
 
 The checkpoint (21 GB) is written once under benchmarks/_work/11b-random, a shard at a time (the
 writer never holds more than one 2 GB shard). Weights ~ N(0, 0.02), norm scales ~ 1, gates 0.3-0.8,
@@ -61,44 +61,57 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
 
 
 class _Alternating:
-    """A streamer that switches the decode attention kernel on and off every `block` tokens of one
-    generation (one image prefill for both) and records each step's time under its setting."""
+    """A streamer that sets `owner.name` to its own value and to `off` in turns, every `block` tokens of
+    one generation (one prefill for both), and records each step's time under its setting."""
 
-    def __init__(self, block: int) -> None:
-        from mllama import row_kernels
-
-        self.row_kernels, self.kernel, self.block = row_kernels, row_kernels.decode_attention, block
+    def __init__(self, block: int, owner: object, name: str, off: object) -> None:
+        self.owner, self.name, self.on, self.off, self.block = owner, name, getattr(owner, name), off, block
         self.steps: dict[bool, list[float]] = {True: [], False: []}
         self.last: float | None = None
         self.count = 0
 
     def put(self, value: torch.Tensor) -> None:
         now = time.perf_counter()
-        using = self.row_kernels.decode_attention is self.kernel
+        using = getattr(self.owner, self.name) is self.on
         if self.last is not None and self.count > 1:  # the prompt's put, then the first token's
             self.steps[using].append(now - self.last)
         self.count += 1
         self.last = now
-        on = (self.count // self.block) % 2 == 0
-        self.row_kernels.decode_attention = self.kernel if on else (lambda *args: None)
+        setattr(self.owner, self.name, self.on if (self.count // self.block) % 2 == 0 else self.off)
 
     def end(self) -> None:
-        self.row_kernels.decode_attention = self.kernel
+        setattr(self.owner, self.name, self.on)
 
 
 LONG_PROMPT = 2000  # tokens of text before the decode of --attention-ab's long chat
 
 
-def _attention_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> float:
-    """Decode after this prompt (`inputs`: an image's tensors and generate's options), the decode attention
-    kernel switched on and off every 4 tokens of one generation: the median step without it over the
-    median step with it."""
-    clock = _Alternating(4)
+def _ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int, owner: object, name: str) -> float:
+    """Decode after this prompt (`inputs`: an image's tensors and generate's options) with `owner.name`
+    (a kernel's entry, None meaning "does not apply") switched on and off every 4 tokens of one
+    generation: the median step without it over the median step with it."""
+    clock = _Alternating(4, owner, name, lambda *args, **kwargs: None)
     model.generate(ids, **inputs, max_new_tokens=max(new_tokens, 32) + 1, streamer=clock)
     return round(statistics.median(clock.steps[False]) / statistics.median(clock.steps[True]), 3)
 
 
-def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention_ab: bool = False) -> dict:
+def _attention_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> float:
+    """_ab of the decode attention kernel (its route back to SDPA)."""
+    from mllama import row_kernels
+
+    return _ab(model, ids, inputs, new_tokens, row_kernels, "decode_attention")
+
+
+def _layer_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> float:
+    """_ab of the self-attention layers' one-call decode step (mllama.decode_layer; its route back to the
+    layers' modules)."""
+    from mllama import decode_layer
+
+    return _ab(model, ids, inputs, new_tokens, decode_layer, "one_token")
+
+
+def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention_ab: bool = False,
+            layer_ab: bool = False) -> dict:
     """In this (fresh) process: load quantized, then decode and optionally image TTFTs."""
     from bench_phases import TokenClock
     from mllama import MllamaForConditionalGeneration
@@ -123,6 +136,8 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention
     # come (a separately timed prefill subtracted from the whole moved it by tens of percent here)
     result["text_ttft_s"] = clock.times[1] - start
     result["decode_tokens_s"] = new_tokens / (clock.times[-1] - clock.times[1])
+    if layer_ab:
+        result["decode_one_call_over_modules"] = _layer_ab(model, ids, dict(eos_token_id=[], pad_token_id=0), new_tokens)
     if images:
         size = model.config.vision_config.image_size
         for tiles, ratio_id in ((1, 1), (4, 6)):
@@ -143,6 +158,8 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention
             result[f"decode_{tiles}_tile_tokens_s"] = new_tokens / (clock.times[-1] - clock.times[1])
             if attention_ab:
                 result[f"decode_{tiles}_tile_kernel_over_sdpa"] = _attention_ab(model, img_ids, image, new_tokens)
+            if layer_ab:
+                result[f"decode_{tiles}_tile_one_call_over_modules"] = _layer_ab(model, img_ids, image, new_tokens)
     if attention_ab:  # a long chat: every self-attention layer reads LONG_PROMPT cached keys a step
         long_ids = torch.randint(3, 120000, (1, LONG_PROMPT), generator=torch.Generator().manual_seed(2))
         long_ids[0, 0] = 128000
@@ -163,11 +180,15 @@ def main() -> None:
     parser.add_argument("--attention-ab", action="store_true",
                         help="decode speed with the decode attention kernel over SDPA, one generation each: after each image "
                              "(with --images) and after a 2000-token text prompt")
+    parser.add_argument("--layer-ab", action="store_true",
+                        help="decode speed with the self-attention layers' one-call step over their modules, one "
+                             "generation each: after the text prompt (and each image with --images)")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one mode, this process
     args = parser.parse_args()
     if args.measure:
-        print(json.dumps(measure(DIRECTORY, args.measure, args.new_tokens, args.images, args.attention_ab)), flush=True)
+        print(json.dumps(measure(DIRECTORY, args.measure, args.new_tokens, args.images, args.attention_ab,
+                                 args.layer_ab)), flush=True)
         return
     write_checkpoint(DIRECTORY, args.config)
     weights = sum(f.stat().st_size for f in DIRECTORY.glob("*.safetensors"))
@@ -179,6 +200,8 @@ def main() -> None:
             cmd.append("--images")
         if args.attention_ab:
             cmd.append("--attention-ab")
+        if args.layer_ab:
+            cmd.append("--layer-ab")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("{")), None)
         print(line or f"{mode}: failed (exit {proc.returncode}): {proc.stderr[-2000:]}", flush=True)

@@ -101,34 +101,50 @@ def test_one_call_gives_the_modules_bits_and_cache(form, masked):
     assert not torch.equal(fast, x)
 
 
-@needs_call
-@pytest.mark.parametrize("form", ["int4 rows", "int8"])
-def test_generation_through_the_one_call_equals_the_modules(form, monkeypatch):
-    """Greedy generation: each decode step's two self-attention layers take the one call (a one-row batch
-    only), and the tokens and every step's logits equal the modules' route bit for bit; a batch of two
-    prompts keeps the modules' route."""
-    model = _model(form, seed=3)
-    calls = []
-    original = decode_layer.one_token
+def _counted(monkeypatch, name: str) -> list[bool]:
+    """decode_layer.<name> wrapped: each call's whether it ran, appended to the returned list."""
+    calls: list[bool] = []
+    original = getattr(decode_layer, name)
 
     def counted(*args, **kwargs):
         out = original(*args, **kwargs)
         calls.append(out is not None)
         return out
 
-    monkeypatch.setattr(decode_layer, "one_token", counted)
+    monkeypatch.setattr(decode_layer, name, counted)
+    return calls
+
+
+@needs_call
+@pytest.mark.parametrize("form", ["int4 rows", "int8"])
+def test_generation_through_the_one_call_equals_the_modules(form, monkeypatch):
+    """Greedy generation: each decode step runs both self-attention layers in one call (the stack; the
+    cross-attention layer skipped as without an image), or with the stack off each layer in a call of
+    its own; the tokens and every step's logits equal the modules' route bit for bit. A batch of two
+    prompts takes neither; a forward hook on a layer keeps the stack off and still fires."""
+    model = _model(form, seed=3)
     ids = torch.randint(2, 300, (1, 6), generator=torch.Generator().manual_seed(1))
     kwargs = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0, output_logits=True, return_dict_in_generate=True)
-    fast = model.generate(ids, **kwargs)
-    assert calls == [True] * 7 * 2
+    stack, layer = _counted(monkeypatch, "stack_one_token"), _counted(monkeypatch, "one_token")
+    whole = model.generate(ids, **kwargs)
+    assert (stack, layer) == ([True] * 7, [])
+    monkeypatch.setattr(decode_layer, "stack_one_token", lambda *args, **kwargs: None)
+    per_layer = model.generate(ids, **kwargs)
+    assert layer == [True] * 7 * 2
     monkeypatch.setattr(decode_layer, "one_token", lambda *args, **kwargs: None)
-    slow = model.generate(ids, **kwargs)
-    assert torch.equal(fast.sequences, slow.sequences)
-    assert all(torch.equal(a, b) for a, b in zip(fast.logits, slow.logits))
-    calls.clear()
-    monkeypatch.setattr(decode_layer, "one_token", counted)
+    modules = model.generate(ids, **kwargs)
+    for fast in (whole, per_layer):
+        assert torch.equal(fast.sequences, modules.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(fast.logits, modules.logits))
+    monkeypatch.undo()
+    stack, layer = _counted(monkeypatch, "stack_one_token"), _counted(monkeypatch, "one_token")
     model.generate(torch.cat([ids, ids.flip(1)]), **kwargs)
-    assert calls == []
+    assert (stack, layer) == ([], [])
+    seen = []
+    model.model.layers[2].register_forward_hook(lambda *args: seen.append(1))
+    hooked = model.generate(ids, **kwargs)
+    assert stack == [False] * 7 and layer == [True] * 7 * 2 and len(seen) == 8
+    assert torch.equal(hooked.sequences, modules.sequences)
 
 
 @needs_call

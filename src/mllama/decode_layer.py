@@ -29,7 +29,7 @@ from mllama.decode_attention import _library as _attention_library
 from mllama.kernel_cache import load_x86_kernel
 from mllama.text import SelfAttentionDecoderLayer
 
-__all__ = ["ROW_KIND_INT4_ROWS", "ROW_KIND_SMALL", "RowKernel", "SOURCE", "one_token", "runs_hooks"]
+__all__ = ["ROW_KIND_INT4_ROWS", "ROW_KIND_SMALL", "RowKernel", "SOURCE", "one_token", "runs_hooks", "stack_one_token"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_layer.c"
 
@@ -54,6 +54,10 @@ def _library() -> ctypes.CDLL | None:
         lib.mllama_decode_layer.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
                                             + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int])
         lib.mllama_decode_layer.restype = ctypes.c_int
+        lib.mllama_decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6
+                                             + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+                                             + [ctypes.c_void_p, ctypes.c_int])
+        lib.mllama_decode_layers.restype = ctypes.c_int
     return lib
 
 
@@ -175,6 +179,39 @@ def _plan(layer: SelfAttentionDecoderLayer, kernel_types: tuple[type, ...]) -> _
     return plan
 
 
+def _step_checks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                 window: KVWindow) -> bool:
+    """What a one-call step needs of its token, RoPE, mask and cache window (of any layer)."""
+    if x.dtype != torch.bfloat16 or not x.is_cpu or not x.is_contiguous() or x.shape[:2] != (1, 1):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    d = cos.shape[-1]
+    for t in (cos, sin):
+        if t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous() or t.shape != (1, 1, d):
+            return False
+    if any(t.dtype != torch.int64 or not t.is_cpu or t.numel() != 1 for t in (window.slots, window.positions)):
+        return False
+    return mask is None or (mask.dtype == torch.bool and mask.shape == (1, 1, 1, window.length)
+                            and mask.stride(-1) == 1)
+
+
+def _cache_rows(plan: _Plan, window: KVWindow, layer_idx: int) -> tuple[int, int, int, int] | None:
+    """The layer's K and V cache buffers' addresses, slots and positions, where the buffers are as the
+    plan's call takes them."""
+    k_cache, v_cache = window.cache.k.get(layer_idx), window.cache.v.get(layer_idx)
+    if k_cache is None or v_cache is None:
+        return None
+    desc = plan.desc
+    for t in (k_cache, v_cache):
+        if (t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous() or t.dim() != 4
+                or t.shape[1] != desc.kv_heads or t.shape[3] != desc.head_dim):
+            return None
+    if v_cache.shape != k_cache.shape:
+        return None
+    return k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[2]
+
+
 def one_token(layer: SelfAttentionDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               mask: torch.Tensor | None, window: KVWindow, layer_idx: int, *,
               kernel_types: tuple[type, ...]) -> torch.Tensor | None:
@@ -183,33 +220,58 @@ def one_token(layer: SelfAttentionDecoderLayer, x: torch.Tensor, cos: torch.Tens
     modules, whose kernels the call makes); None where the call does not apply (then nothing was changed
     that the modules' route does not write again)."""
     lib = _library()
-    if lib is None or x.dtype != torch.bfloat16 or not x.is_cpu or not x.is_contiguous():
-        return None
-    if torch.is_grad_enabled() and x.requires_grad:
+    if lib is None or not _step_checks(x, cos, sin, mask, window):
         return None
     plan = _plan(layer, kernel_types)
     desc = plan.desc
-    if desc is None or x.shape != (1, 1, desc.hidden) or runs_hooks(plan.modules):
+    if desc is None or x.shape[2] != desc.hidden or cos.shape[-1] != desc.head_dim or runs_hooks(plan.modules):
         return None
-    k_cache, v_cache = window.cache.k.get(layer_idx), window.cache.v.get(layer_idx)
-    if k_cache is None or v_cache is None:
-        return None
-    slots, _, max_len, d = k_cache.shape
-    for t in (k_cache, v_cache, cos, sin):
-        if t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
-            return None
-    if (v_cache.shape != k_cache.shape or k_cache.shape[1] != desc.kv_heads or d != desc.head_dim
-            or cos.shape != (1, 1, d) or sin.shape != (1, 1, d)):
-        return None
-    index = (window.slots, window.positions)
-    if any(t.dtype != torch.int64 or not t.is_cpu or t.numel() != 1 for t in index):
-        return None
-    length = window.length
-    if mask is not None and (mask.dtype != torch.bool or mask.shape != (1, 1, 1, length) or mask.stride(-1) != 1):
+    rows = _cache_rows(plan, window, layer_idx)
+    if rows is None:
         return None
     out = torch.empty_like(x)
     rc = lib.mllama_decode_layer(ctypes.byref(desc), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                 k_cache.data_ptr(), v_cache.data_ptr(), slots, max_len, window.slots.data_ptr(),
-                                 window.positions.data_ptr(), window.first, length,
+                                 *rows, window.slots.data_ptr(),
+                                 window.positions.data_ptr(), window.first, window.length,
                                  mask.data_ptr() if mask is not None else None, torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def stack_one_token(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor | None, window: KVWindow, *, layer_type: type, skip_type: type,
+                    kernel_types: tuple[type, ...]) -> torch.Tensor | None:
+    """MllamaTextModel.run_layers for one token without cross-attention inputs (layers of skip_type
+    skipped, as it skips them) in one C call through every other layer, where each is of layer_type
+    without forward hooks and one_token's call applies to it, their caches alike; None where it does not
+    (nothing changed that the layers' route does not write again)."""
+    lib = _library()
+    if lib is None or not _step_checks(x, cos, sin, mask, window):
+        return None
+    plans, k_rows, v_rows = [], [], []
+    shape: tuple[int, int] = (0, 0)
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, skip_type):
+            continue
+        if type(layer) is not layer_type or layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        plan = _plan(layer, kernel_types)
+        desc = plan.desc
+        if desc is None or runs_hooks(plan.modules):
+            return None
+        rows = _cache_rows(plan, window, idx)
+        if rows is None or (k_rows and rows[2:] != shape):
+            return None
+        shape = rows[2:]
+        plans.append(desc)
+        k_rows.append(rows[0])
+        v_rows.append(rows[1])
+    if not plans or x.shape[2] != plans[0].hidden or cos.shape[-1] != plans[0].head_dim:
+        return None
+    descs = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p) for p in plans))
+    out = torch.empty_like(x)
+    rc = lib.mllama_decode_layers(descs, len(plans), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                                  (ctypes.c_void_p * len(plans))(*k_rows), (ctypes.c_void_p * len(plans))(*v_rows),
+                                  *shape, window.slots.data_ptr(), window.positions.data_ptr(),
+                                  window.first, window.length, mask.data_ptr() if mask is not None else None,
+                                  torch.get_num_threads())
     return out if rc == 0 else None

@@ -23,7 +23,7 @@ from mllama.attention import TextCrossAttention, TextSelfAttention, grouped_atte
 from mllama.cache import KVWindow
 from mllama.decode_attention import decode_attention
 from mllama.layers import RMSNorm, TextMLP
-from mllama.text import SelfAttentionDecoderLayer
+from mllama.text import CrossAttentionDecoderLayer, CrossInputs, MllamaTextModel, SelfAttentionDecoderLayer
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -152,14 +152,31 @@ class KernelSelfAttentionDecoderLayer(SelfAttentionDecoderLayer):
 # a layer's self_attn, mlp, input_layernorm and post_attention_layernorm for its one-call decode step
 _LAYER_KERNELS = (KernelTextSelfAttention, KernelTextMLP, KernelRMSNorm, KernelRMSNorm)
 
+
+class KernelTextModel(MllamaTextModel):
+    """MllamaTextModel whose one-token decode steps without cross-attention inputs run every layer in one
+    C call (mllama.decode_layer.stack_one_token) where each is a KernelSelfAttentionDecoderLayer whose
+    one-call step applies; else its layers one by one."""
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                   cross: CrossInputs | None, cache: KVWindow | None) -> torch.Tensor:
+        if cross is None and cache is not None and x.shape[:2] == (1, 1) and not torch.compiler.is_compiling():
+            out = decode_layer.stack_one_token(self.layers, x, cos, sin, mask, cache,
+                                               layer_type=KernelSelfAttentionDecoderLayer,
+                                               skip_type=CrossAttentionDecoderLayer, kernel_types=_LAYER_KERNELS)
+            if out is not None:
+                return out
+        return super().run_layers(x, cos, sin, mask, cross, cache)
+
 _SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP,
-          TextCrossAttention: KernelTextCrossAttention, SelfAttentionDecoderLayer: KernelSelfAttentionDecoderLayer}
+          TextCrossAttention: KernelTextCrossAttention, SelfAttentionDecoderLayer: KernelSelfAttentionDecoderLayer,
+          MllamaTextModel: KernelTextModel}
 
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:
-    """Give every plain RMSNorm, TextSelfAttention, TextCrossAttention and TextMLP of `model` its kernel
-    class, in place (the same modules, parameters and hooks: only forward / rotate / attend / gated
-    differ); returns `model`.
+    """Give every plain RMSNorm, TextSelfAttention, TextCrossAttention, TextMLP, SelfAttentionDecoderLayer
+    and MllamaTextModel of `model` its kernel class, in place (the same modules, parameters and hooks:
+    only forward / rotate / attend / gated / run_layers differ); returns `model`.
     Harmless where the kernels do not run (float32, GPU, training): the base classes' code then."""
     for module in model.modules():
         swapped = _SWAPS.get(type(module))

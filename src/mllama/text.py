@@ -207,6 +207,12 @@ class MllamaTextModel(nn.Module):
         if cross is not None and cross.states is None and cross.kv is None:
             raise ValueError("cross-attention needs vision states or their K/V")
         cos, sin = self.rotary_emb(position_ids, x.dtype)
+        return self.norm(self.run_layers(x, cos, sin, mask, cross, cache))
+
+    def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+                   cross: CrossInputs | None, cache: KVWindow | None) -> torch.Tensor:
+        """The decoder layers of forward, in order (cross-attention layers skipped without cross); a
+        kernel backend overrides it (mllama.row_kernels)."""
         for idx, layer in enumerate(self.layers):
             if isinstance(layer, CrossAttentionDecoderLayer):
                 if cross is None:
@@ -214,7 +220,7 @@ class MllamaTextModel(nn.Module):
                 x = layer(x, cross.layer_kv(idx, layer), cross.mask, cross.text_row_mask)
             else:
                 x = layer(x, cos, sin, mask, cache=cache, layer_idx=idx)
-        return self.norm(x)
+        return x
 
     def forward_parts(self, parts: list[TextPart]) -> list[torch.Tensor]:
         """forward for several batches at once, each with its own positions, mask, cross inputs and

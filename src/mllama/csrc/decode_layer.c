@@ -119,3 +119,29 @@ int mllama_decode_layer(const layer *L, const uint16_t *x, uint16_t *out, const 
     free(buf);
     return rc;
 }
+
+/* mllama_decode_layer through `count` layers in turn (a text decoder's self-attention layers with no
+ * cross-attention layer between them that runs), layer i with the cache of cache_k[i], cache_v[i]:
+ * x -> out, one call for a decode step's whole stack. Returns 0, or -1 as mllama_decode_layer (the
+ * caches of the layers before may then hold this token's rows; the modules' route writes them again). */
+int mllama_decode_layers(const layer *const *layers, int64_t count, const uint16_t *x, uint16_t *out,
+                         const uint16_t *cos, const uint16_t *sin, uint16_t *const *cache_k, uint16_t *const *cache_v,
+                         int64_t slots, int64_t max_len, const int64_t *slot, const int64_t *position, int64_t first,
+                         int64_t length, const uint8_t *mask, int threads) {
+    if (count < 1) return -1;
+    const int64_t hidden = layers[0]->hidden;
+    for (int64_t i = 1; i < count; i++)
+        if (layers[i]->hidden != hidden) return -1;
+    uint16_t *between = count > 1 ? malloc((size_t)(2 * hidden) * sizeof *between) : NULL;
+    if (count > 1 && !between) return -1;
+    int rc = 0;
+    const uint16_t *in = x;
+    for (int64_t i = 0; i < count && rc == 0; i++) {
+        uint16_t *to = i == count - 1 ? out : between + (i % 2) * hidden;
+        rc = mllama_decode_layer(layers[i], in, to, cos, sin, cache_k[i], cache_v[i], slots, max_len, slot, position,
+                                 first, length, mask, threads);
+        in = to;
+    }
+    free(between);
+    return rc;
+}
