@@ -61,36 +61,40 @@ def write_checkpoint(directory: Path, config_path: Path) -> None:
 
 
 class _Alternating:
-    """A streamer that sets `owner.name` to its own value and to `off` in turns, every `block` tokens of
-    one generation (one prefill for both), and records each step's time under its setting."""
+    """A streamer that sets `owner`'s attributes `names` to their own values and to `off` in turns, every
+    `block` tokens of one generation (one prefill for both), and records each step's time under its setting."""
 
-    def __init__(self, block: int, owner: object, name: str, off: object) -> None:
-        self.owner, self.name, self.on, self.off, self.block = owner, name, getattr(owner, name), off, block
+    def __init__(self, block: int, owner: object, names: tuple[str, ...], off: object) -> None:
+        self.owner, self.names, self.off, self.block = owner, names, off, block
+        self.on = {name: getattr(owner, name) for name in names}
         self.steps: dict[bool, list[float]] = {True: [], False: []}
         self.last: float | None = None
         self.count = 0
 
     def put(self, value: torch.Tensor) -> None:
         now = time.perf_counter()
-        using = getattr(self.owner, self.name) is self.on
+        using = getattr(self.owner, self.names[0]) is self.on[self.names[0]]
         if self.last is not None and self.count > 1:  # the prompt's put, then the first token's
             self.steps[using].append(now - self.last)
         self.count += 1
         self.last = now
-        setattr(self.owner, self.name, self.on if (self.count // self.block) % 2 == 0 else self.off)
+        on = (self.count // self.block) % 2 == 0
+        for name in self.names:
+            setattr(self.owner, name, self.on[name] if on else self.off)
 
     def end(self) -> None:
-        setattr(self.owner, self.name, self.on)
+        for name in self.names:
+            setattr(self.owner, name, self.on[name])
 
 
 LONG_PROMPT = 2000  # tokens of text before the decode of --attention-ab's long chat
 
 
-def _ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int, owner: object, name: str) -> float:
-    """Decode after this prompt (`inputs`: an image's tensors and generate's options) with `owner.name`
-    (a kernel's entry, None meaning "does not apply") switched on and off every 4 tokens of one
-    generation: the median step without it over the median step with it."""
-    clock = _Alternating(4, owner, name, lambda *args, **kwargs: None)
+def _ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int, owner: object, names: tuple[str, ...]) -> float:
+    """Decode after this prompt (`inputs`: an image's tensors and generate's options) with `owner`'s
+    `names` (kernels' entries, None meaning "does not apply") switched on and off every 4 tokens of one
+    generation: the median step without them over the median step with them."""
+    clock = _Alternating(4, owner, names, lambda *args, **kwargs: None)
     model.generate(ids, **inputs, max_new_tokens=max(new_tokens, 32) + 1, streamer=clock)
     return round(statistics.median(clock.steps[False]) / statistics.median(clock.steps[True]), 3)
 
@@ -99,15 +103,15 @@ def _attention_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> fl
     """_ab of the decode attention kernel (its route back to SDPA)."""
     from mllama import row_kernels
 
-    return _ab(model, ids, inputs, new_tokens, row_kernels, "decode_attention")
+    return _ab(model, ids, inputs, new_tokens, row_kernels, ("decode_attention",))
 
 
 def _layer_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> float:
-    """_ab of the self-attention layers' one-call decode step (mllama.decode_layer; its route back to the
-    layers' modules)."""
+    """_ab of the self-attention layers' one-call decode steps (mllama.decode_layer: the whole stack's call
+    and each layer's; their route back to the layers' modules)."""
     from mllama import decode_layer
 
-    return _ab(model, ids, inputs, new_tokens, decode_layer, "one_token")
+    return _ab(model, ids, inputs, new_tokens, decode_layer, ("stack_one_token", "one_token"))
 
 
 def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention_ab: bool = False,
