@@ -84,9 +84,9 @@ class RowKernel:
 ROW_KIND_INT4_ROWS, ROW_KIND_SMALL = 0, 1
 
 
-def _row_linear(module: nn.Module) -> tuple[_RowLinear, tuple[torch.Tensor, ...]] | None:
-    """A linear's RowKernel as decode_layer.c takes it, and the tensors it points at; None for a linear
-    without a bias-free one-row kernel call (nn.Linear, LoRA, tensor-parallel and other modules)."""
+def _row_linear(module: nn.Module) -> _RowLinear | None:
+    """A linear's RowKernel as decode_layer.c takes it; None for a linear without a bias-free one-row
+    kernel call (nn.Linear, LoRA, tensor-parallel and other modules)."""
     row_kernel = getattr(module, "row_kernel", None)
     call = row_kernel() if row_kernel is not None and getattr(module, "bias", None) is None else None
     if call is None:
@@ -96,7 +96,7 @@ def _row_linear(module: nn.Module) -> tuple[_RowLinear, tuple[torch.Tensor, ...]
                       scale_bf16=int(call.scale_bf16), group=call.group, n=module.out_features,
                       k_in=module.in_features, k=call.k, w=tensors[0].data_ptr(), scale=tensors[1].data_ptr(),
                       offset=tensors[2].data_ptr() if len(tensors) > 2 else None)
-    return desc, tensors
+    return desc
 
 
 def _parts(layer: SelfAttentionDecoderLayer) -> tuple[nn.Module, ...]:
@@ -144,7 +144,7 @@ class _Plan:
             found = _row_linear(module)
             if found is None:
                 return
-            linears[name], _ = found
+            linears[name] = found
         self.desc = _Layer(**linears, norm_in=self.norm_pointers[0], norm_post=self.norm_pointers[1],
                            rms=_address(scans.mllama_rms_norm_bf16), rope=_address(scans.mllama_rope_bf16),
                            attend=_address(attention.mllama_decode_attention), hidden=weights[0].shape[0],
