@@ -212,6 +212,17 @@ def _cache_rows(plan: _Plan, window: KVWindow, layer_idx: int) -> tuple[int, int
     return k_cache.data_ptr(), v_cache.data_ptr(), k_cache.shape[0], k_cache.shape[2]
 
 
+def _layer_call(layer: SelfAttentionDecoderLayer, layer_idx: int, window: KVWindow,
+                kernel_types: tuple[type, ...]) -> tuple[_Layer, tuple[int, int, int, int]] | None:
+    """The layer's descriptor and its cache rows (_cache_rows) where its one call applies (a plan, no
+    forward hooks below it, its caches as the call takes them); else None."""
+    plan = _plan(layer, kernel_types)
+    if plan.desc is None or runs_hooks(plan.modules):
+        return None
+    rows = _cache_rows(plan, window, layer_idx)
+    return None if rows is None else (plan.desc, rows)
+
+
 def one_token(layer: SelfAttentionDecoderLayer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
               mask: torch.Tensor | None, window: KVWindow, layer_idx: int, *,
               kernel_types: tuple[type, ...]) -> torch.Tensor | None:
@@ -222,12 +233,11 @@ def one_token(layer: SelfAttentionDecoderLayer, x: torch.Tensor, cos: torch.Tens
     lib = _library()
     if lib is None or not _step_checks(x, cos, sin, mask, window):
         return None
-    plan = _plan(layer, kernel_types)
-    desc = plan.desc
-    if desc is None or x.shape[2] != desc.hidden or cos.shape[-1] != desc.head_dim or runs_hooks(plan.modules):
+    found = _layer_call(layer, layer_idx, window, kernel_types)
+    if found is None:
         return None
-    rows = _cache_rows(plan, window, layer_idx)
-    if rows is None:
+    desc, rows = found
+    if x.shape[2] != desc.hidden or cos.shape[-1] != desc.head_dim:
         return None
     out = torch.empty_like(x)
     rc = lib.mllama_decode_layer(ctypes.byref(desc), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
@@ -254,13 +264,10 @@ def stack_one_token(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
             continue
         if type(layer) is not layer_type or layer._forward_hooks or layer._forward_pre_hooks:
             return None
-        plan = _plan(layer, kernel_types)
-        desc = plan.desc
-        if desc is None or runs_hooks(plan.modules):
+        found = _layer_call(layer, idx, window, kernel_types)
+        if found is None or (k_rows and found[1][2:] != shape):
             return None
-        rows = _cache_rows(plan, window, idx)
-        if rows is None or (k_rows and rows[2:] != shape):
-            return None
+        desc, rows = found
         shape = rows[2:]
         plans.append(desc)
         k_rows.append(rows[0])

@@ -68,10 +68,14 @@ class _QuantizedLinear(nn.Module):
                                  requires_grad=False) if bias else None
 
     def _on_cpu_kernels(self, x: torch.Tensor) -> bool:
+        return (x.device.type == "cpu" and x.is_floating_point() and not (torch.is_grad_enabled() and x.requires_grad)
+                and self._kernels_take_weights())
+
+    def _kernels_take_weights(self) -> bool:
+        """Whether the small-row kernels run here and take these weights (on the CPU, float32 or bf16 scales)."""
         scale = self.weight_scale
-        return (x.device.type == "cpu" and scale.device.type == "cpu" and x.is_floating_point()
-                and scale.dtype in (torch.float32, torch.bfloat16)
-                and not (torch.is_grad_enabled() and x.requires_grad) and cpu_kernels.quant_kernels_available())
+        return (scale.device.type == "cpu" and scale.dtype in (torch.float32, torch.bfloat16)
+                and cpu_kernels.quant_kernels_available())
 
     def _use_kernel(self, x: torch.Tensor) -> bool:
         """The small-row kernels: up to MAX_QUANT_ROWS rows, fewer for bf16 x where the CPU has native bf16."""
@@ -130,14 +134,13 @@ class _QuantizedLinear(nn.Module):
     def row_kernel(self) -> RowKernel | None:
         """The C call _one_row makes for a bf16 row (mllama.decode_layer makes it from C); None where the
         weights would not take it."""
-        weights, scale = self._weights(), self.weight_scale
+        weights = self._weights()
         entries = cpu_kernels.row_entry_points()
-        if (entries is None or scale.device.type != "cpu" or scale.dtype not in (torch.float32, torch.bfloat16)
-                or not all(t.is_contiguous() for t in weights)):
+        if entries is None or not self._kernels_take_weights() or not all(t.is_contiguous() for t in weights):
             return None
         row, silu, level = entries
         return RowKernel(kind=ROW_KIND_SMALL, row=row, silu=silu, fmt=cpu_kernels.FORMAT_CODES[self.mode], level=level,
-                         scale_bf16=scale.dtype == torch.bfloat16, group=self.group_size,
+                         scale_bf16=self.weight_scale.dtype == torch.bfloat16, group=self.group_size,
                          k=cpu_kernels.row_length(self.mode, weights[0]), tensors=weights)
 
     def _weights(self) -> tuple[torch.Tensor, ...]:

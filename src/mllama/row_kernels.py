@@ -168,6 +168,7 @@ class KernelTextModel(MllamaTextModel):
                 return out
         return super().run_layers(x, cos, sin, mask, cross, cache)
 
+
 _SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP,
           TextCrossAttention: KernelTextCrossAttention, SelfAttentionDecoderLayer: KernelSelfAttentionDecoderLayer,
           MllamaTextModel: KernelTextModel}
