@@ -202,3 +202,144 @@ def test_the_plan_follows_the_layers_modules_and_weights():
     q = layer.self_attn.q_proj
     q.rows_scale = q.rows_scale * 3
     assert not torch.equal(third, check())
+
+
+def test_tanh_of_every_bf16_value_is_torchs():
+    """The gates' tanh in C (decode_layer.c) against torch's tanh of a one-value bf16 parameter, for every
+    bf16 value but NaNs."""
+    lib = decode_layer._library()
+    if lib is None:
+        pytest.skip("the one-call decode layer is not built here")
+    bits = torch.arange(-2 ** 15, 2 ** 15, dtype=torch.int32).to(torch.int16)
+    values = bits.view(torch.bfloat16)
+    keep = ~values.isnan()
+    expected = torch.stack([v.reshape(1).tanh() for v in values[keep]]).view(torch.int16).flatten()
+    ours = torch.tensor([lib.mllama_tanh_bf16(int(b) & 0xFFFF) for b in bits[keep]], dtype=torch.int32).to(torch.int16)
+    assert torch.equal(ours, expected)
+
+
+def _image_step(model, *, tokens: int = 37, seed: int = 0, masked: bool = False, row: float = 1.0):
+    """A token's hidden state and a cross layer's inputs: the image's K/V (1, 2, tokens, 16) as the
+    engine stores them, a vision mask (None, or some tokens hidden) and the token's text_row_mask."""
+    gen = torch.Generator().manual_seed(seed)
+    x = (torch.randn(1, 1, 128, generator=gen) * 2).bfloat16()
+    kv = tuple(torch.randn(1, 2, tokens, 16, generator=gen).bfloat16() for _ in range(2))
+    mask = None
+    if masked:
+        mask = torch.ones(1, 1, 1, tokens, dtype=torch.bool)
+        mask[..., 5:20] = False
+    return x, kv, mask, torch.full((1, 1, 1), row, dtype=torch.bfloat16)
+
+
+def _cross_kernel_types():
+    from mllama.row_kernels import _CROSS_KERNELS
+    return _CROSS_KERNELS
+
+
+@needs_call
+@pytest.mark.parametrize("form", FORMS)
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("row", [1.0, 0.0])
+def test_cross_layer_call_gives_the_modules_bits(form, masked, row):
+    """A token through a cross-attention layer of each quantized form (gates non-zero): the one call's bits
+    are the modules' with every vision token visible and with some hidden, for a row that sees the
+    image and for one that sees none (its attention output and MLP zeroed: the layer passes x through)."""
+    from mllama.text import CrossAttentionDecoderLayer
+    model = _model(form)
+    layer = model.model.layers[1]
+    assert isinstance(layer, CrossAttentionDecoderLayer) and float(layer.cross_attn_attn_gate.detach()) != 0
+    x, kv, mask, text_row_mask = _image_step(model, masked=masked, row=row)
+    with torch.inference_mode():
+        fast = decode_layer.cross_one_token(layer, x, kv, mask, text_row_mask, kernel_types=_cross_kernel_types())
+        assert fast is not None, "the one call did not run"
+        slow = CrossAttentionDecoderLayer.forward(layer, x, kv, mask, text_row_mask)
+    assert torch.equal(fast, slow)
+    assert torch.equal(fast, x) == (row == 0.0)
+
+
+def _image_model(form: str, *, seed: int = 0):
+    """A tiny MllamaForConditionalGeneration: CONFIG's text model (a cross-attention layer at 1) under
+    tiny config a's vision encoder, every parameter random and non-zero, quantized and on the kernels."""
+    from mllama.config import MllamaConfig
+    from mllama.model import MllamaForConditionalGeneration
+    from tiny import CONFIGS
+    vision = dict(CONFIGS["a"]["vision_config"])
+    config = MllamaConfig.from_dict({"text_config": CONFIG, "vision_config": vision, "image_token_index": 300})
+    model = MllamaForConditionalGeneration(config)
+    randomize_(model, seed, scale=0.1)
+    model = model.to(torch.bfloat16).eval()
+    quantize_model(model, QuantizationConfig("int8") if form == "int8" else QuantizationConfig("int4", group_size=32))
+    if form == "int4 rows":
+        pack_int4_rows(model)
+    return apply_cpu_kernels(model)
+
+
+@needs_call
+@pytest.mark.parametrize("form", ["int4 rows", "int8"])
+def test_generation_with_an_image_through_the_one_call_equals_the_modules(form, monkeypatch):
+    """Greedy generation after an image (2 tiles, the prompt's text partly before it): each decode step
+    runs all three layers, the cross-attention layer too, in one call (the stack), or with the stack
+    off each layer in a call of its own; the tokens and every step's logits equal the modules' route bit
+    for bit, and the image matters (other pixels, other logits)."""
+    from tiny import cross_mask, random_images
+    model = _image_model(form, seed=5)
+    ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(2))
+    ids[0, 0], ids[0, 3] = 1, 300
+    images = random_images(model.config, [[2]], seed=4)
+    inputs = dict(images, cross_attention_mask=cross_mask([[2]], [[3]], 9, 2))
+    kwargs = dict(max_new_tokens=8, eos_token_id=[], pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+    stack, layer = _counted(monkeypatch, "stack_one_token"), _counted(monkeypatch, "one_token")
+    cross = _counted(monkeypatch, "cross_one_token")
+    whole = model.generate(ids, **inputs, **kwargs)
+    assert (stack, layer, cross) == ([True] * 7, [], [])
+    monkeypatch.setattr(decode_layer, "stack_one_token", lambda *args, **kwargs: None)
+    per_layer = model.generate(ids, **inputs, **kwargs)
+    assert layer == [True] * 7 * 2 and cross == [True] * 7
+    monkeypatch.setattr(decode_layer, "one_token", lambda *args, **kwargs: None)
+    monkeypatch.setattr(decode_layer, "cross_one_token", lambda *args, **kwargs: None)
+    modules = model.generate(ids, **inputs, **kwargs)
+    for fast in (whole, per_layer):
+        assert torch.equal(fast.sequences, modules.sequences)
+        assert all(torch.equal(a, b) for a, b in zip(fast.logits, modules.logits))
+    other = dict(inputs, **random_images(model.config, [[2]], seed=6))
+    assert not torch.equal(model.generate(ids, **other, **kwargs).logits[1], modules.logits[1])
+
+
+@needs_call
+def test_cross_layer_call_follows_its_gates_and_keeps_the_modules_for_hooks_and_other_inputs():
+    """A gate changed in place and a gate given new memory: the next call has the modules' bits with the
+    new gate. None (the modules' route) for a hook on q_norm (which then fires), K/V of another layout,
+    a vision mask of another length, float32 x, two rows."""
+    from mllama.text import CrossAttentionDecoderLayer
+    model = _model("int8")
+    layer = model.model.layers[1]
+    x, kv, mask, text_row_mask = _image_step(model, masked=True)
+    kinds = _cross_kernel_types()
+
+    def check():
+        with torch.inference_mode():
+            fast = decode_layer.cross_one_token(layer, x, kv, mask, text_row_mask, kernel_types=kinds)
+            assert fast is not None
+            assert torch.equal(fast, CrossAttentionDecoderLayer.forward(layer, x, kv, mask, text_row_mask))
+        return fast
+
+    first = check()
+    with torch.no_grad():
+        layer.cross_attn_mlp_gate.mul_(-1)
+    second = check()
+    assert not torch.equal(first, second)
+    layer.cross_attn_attn_gate.data = layer.cross_attn_attn_gate.data * 0.5
+    assert not torch.equal(second, check())
+    with torch.inference_mode():
+        seen = []
+        handle = layer.cross_attn.q_norm.register_forward_hook(lambda *args: seen.append(1))
+        assert decode_layer.cross_one_token(layer, x, kv, mask, text_row_mask, kernel_types=kinds) is None
+        layer(x, kv, mask, text_row_mask)
+        assert seen == [1]
+        handle.remove()
+        other = tuple(t.transpose(2, 3).contiguous().transpose(2, 3) for t in kv)  # keys not head_dim apart
+        assert decode_layer.cross_one_token(layer, x, other, mask, text_row_mask, kernel_types=kinds) is None
+        assert decode_layer.cross_one_token(layer, x, kv, mask[..., :-1], text_row_mask, kernel_types=kinds) is None
+        assert decode_layer.cross_one_token(layer, x.float(), kv, mask, text_row_mask, kernel_types=kinds) is None
+        two = x.expand(2, 1, 128).contiguous()
+        assert decode_layer.cross_one_token(layer, two, kv, mask, text_row_mask, kernel_types=kinds) is None

@@ -1,4 +1,5 @@
-"""A self-attention decoder layer's decode step for one token in one C call (csrc/decode_layer.c).
+"""A text decoder layer's decode step for one token in one C call (csrc/decode_layer.c), and a step's
+whole stack of layers in one.
 
 With quantized linears, a decode step of the bench model spent about a fifth of its time between its
 kernel calls: Python and torch ops (views, the cache's index writes, empty outputs, the residual adds,
@@ -6,8 +7,11 @@ module calls), each run right after a weight had streamed through every cache (b
 mllama.row_kernels' KernelSelfAttentionDecoderLayer hands a one-token step (`one_token`) to one C
 function that calls the same kernels the layer's modules call (RMSNorm and RoPE, the linears' one-row
 products and their fused silu, the decode attention), in the same order and with the same arguments,
-and rounds the residual adds as torch does: the same bits as the modules' route (tested). Anything else
-(a batch, a prompt, autograd, hooks, LoRA or other linears, float32, torch.compile) takes the modules.
+and rounds the residual adds as torch does: the same bits as the modules' route (tested). A
+cross-attention layer's step (`cross_one_token`: q, its norm, the attention to the image's cached K/V,
+o, the tanh gates, the MLP) likewise; `stack_one_token` runs every layer of a step in one call, the
+cross-attention layers too when the step sees an image. Anything else (a batch, a prompt, autograd,
+hooks, LoRA or other linears, float32, torch.compile) takes the modules.
 """
 
 from __future__ import annotations
@@ -27,9 +31,10 @@ from mllama.cache import KVWindow
 from mllama.decode_attention import _GROUPS, _MAX_D
 from mllama.decode_attention import _library as _attention_library
 from mllama.kernel_cache import load_x86_kernel
-from mllama.text import SelfAttentionDecoderLayer
+from mllama.text import CrossAttentionDecoderLayer, CrossInputs, SelfAttentionDecoderLayer
 
-__all__ = ["ROW_KIND_INT4_ROWS", "ROW_KIND_SMALL", "RowKernel", "SOURCE", "one_token", "runs_hooks", "stack_one_token"]
+__all__ = ["ROW_KIND_INT4_ROWS", "ROW_KIND_SMALL", "RowKernel", "SOURCE", "cross_one_token", "one_token", "runs_hooks",
+           "stack_one_token"]
 
 SOURCE = Path(__file__).parent / "csrc" / "decode_layer.c"
 
@@ -47,6 +52,14 @@ class _Layer(ctypes.Structure):
                 + [(name, ctypes.c_float) for name in ("eps_in", "eps_post", "scale")])
 
 
+class _CrossLayer(ctypes.Structure):
+    _fields_ = ([(name, _RowLinear) for name in ("q", "o", "gate", "up", "down")]
+                + [(name, ctypes.c_void_p) for name in ("norm_in", "norm_post", "q_norm", "attn_gate", "mlp_gate", "rms",
+                                                        "attend")]
+                + [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim")]
+                + [(name, ctypes.c_float) for name in ("eps_in", "eps_post", "eps_q", "scale")])
+
+
 @functools.cache
 def _library() -> ctypes.CDLL | None:
     lib = load_x86_kernel(SOURCE, fallback="the one-call decode layer is unavailable", stacklevel=4)
@@ -54,10 +67,16 @@ def _library() -> ctypes.CDLL | None:
         lib.mllama_decode_layer.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
                                             + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int])
         lib.mllama_decode_layer.restype = ctypes.c_int
-        lib.mllama_decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64] + [ctypes.c_void_p] * 6
-                                             + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-                                             + [ctypes.c_void_p, ctypes.c_int])
-        lib.mllama_decode_layers.restype = ctypes.c_int
+        lib.mllama_decode_cross_layer.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [
+            ctypes.c_int]
+        lib.mllama_decode_cross_layer.restype = ctypes.c_int
+        lib.mllama_decode_stack.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 6
+                                            + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
+                                            + [ctypes.c_void_p] + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
+                                            + [ctypes.c_int])
+        lib.mllama_decode_stack.restype = ctypes.c_int
+        lib.mllama_tanh_bf16.argtypes = [ctypes.c_uint16]
+        lib.mllama_tanh_bf16.restype = ctypes.c_uint16
     return lib
 
 
@@ -109,58 +128,112 @@ def _parts(layer: SelfAttentionDecoderLayer) -> tuple[nn.Module, ...]:
             a["v_proj"], a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
 
 
-def _linear_tensors(parts: tuple[nn.Module, ...]) -> list[torch.Tensor | None]:
+def _cross_parts(layer: CrossAttentionDecoderLayer) -> tuple[nn.Module, ...]:
+    """A cross-attention layer's attention, MLP, three norms (q_norm the third) and the five linears a
+    decode step runs (k_proj and v_proj made the image's K/V at the prompt)."""
+    mods = layer._modules
+    attn, mlp = mods["cross_attn"], mods["mlp"]
+    a, m = attn._modules, mlp._modules
+    return (attn, mlp, mods["input_layernorm"], mods["post_attention_layernorm"], a["q_norm"], a["q_proj"],
+            a["o_proj"], m["gate_proj"], m["up_proj"], m["down_proj"])
+
+
+def _linear_tensors(linears: tuple[nn.Module, ...]) -> list[torch.Tensor | None]:
     """The linears' buffers and parameters (a bias None included), in order."""
     tensors: list[torch.Tensor | None] = []
-    for module in parts[4:]:
+    for module in linears:
         tensors += module._buffers.values()
         tensors += module._parameters.values()
     return tensors
 
 
-class _Plan:
-    """A layer's _Layer (None where the call does not apply), with what must stay as it was for its
-    pointers to hold: the modules, their classes, the linears' tensors and the norms' weights' memory."""
+def _bf16_cpu(t: torch.Tensor | None) -> bool:
+    return t is not None and t.dtype == torch.bfloat16 and t.is_cpu and t.is_contiguous()
 
-    def __init__(self, layer: SelfAttentionDecoderLayer, kernel_types: tuple[type, ...]) -> None:
-        self.desc: _Layer | None = None
-        self.modules = _parts(layer)
+
+class _Plan:
+    """A self-attention layer's _Layer (None where the call does not apply), with what must stay as it
+    was for its pointers to hold: the modules, their classes, the linears' tensors and the memory of the
+    norms' weights (and of a cross-attention layer's gates: _CrossPlan)."""
+
+    norms = 2  # parts[2:2 + norms] are RMSNorms, the linears follow
+
+    def __init__(self, layer: nn.Module, kernel_types: tuple[type, ...]) -> None:
+        self.desc: _Layer | _CrossLayer | None = None
+        self.modules = self.parts(layer)
         self.types = tuple(map(type, self.modules))
-        self.tensors = _linear_tensors(self.modules)
-        attn, mlp, *norms = self.modules[:4]
-        weights = [n._parameters.get("weight") for n in norms]
-        self.norm_pointers = [w.data_ptr() if w is not None else 0 for w in weights]
-        if self.types[:4] != kernel_types or any(
-                w is None or w.dtype != torch.bfloat16 or not w.is_cpu or not w.is_contiguous() for w in weights):
-            return
-        heads, kv_heads, d = attn.num_heads, attn.num_kv_heads, attn.head_dim
+        self.tensors = _linear_tensors(self.modules[2 + self.norms:]) + self.scalars(layer)
+        weights = [n._parameters.get("weight") for n in self.modules[2:2 + self.norms]] + self.scalars(layer)
+        self.pointers = [w.data_ptr() if w is not None else 0 for w in weights]
         scans, attention = cpu_scans._library(), _attention_library()
-        if (scans is None or attention is None or heads % kv_heads or heads // kv_heads not in _GROUPS
-                or d > _MAX_D or d % 2 or not hasattr(mlp.gate_proj, "fuses_silu_with")
-                or not mlp.gate_proj.fuses_silu_with(mlp.up_proj)):
+        attn, mlp = self.modules[:2]
+        if (self.types[:2 + self.norms] != kernel_types or not all(map(_bf16_cpu, weights)) or scans is None
+                or attention is None or attn.num_heads % attn.num_kv_heads
+                or attn.num_heads // attn.num_kv_heads not in _GROUPS or attn.head_dim > _MAX_D or attn.head_dim % 2
+                or not hasattr(mlp.gate_proj, "fuses_silu_with") or not mlp.gate_proj.fuses_silu_with(mlp.up_proj)):
             return
         linears = {}
-        for name, module in zip(("q", "k", "v", "o", "gate", "up", "down"), self.modules[4:]):
+        for name, module in zip(self.linear_names, self.modules[2 + self.norms:]):
             found = _row_linear(module)
             if found is None:
                 return
             linears[name] = found
-        self.desc = _Layer(**linears, norm_in=self.norm_pointers[0], norm_post=self.norm_pointers[1],
-                           rms=_address(scans.mllama_rms_norm_bf16), rope=_address(scans.mllama_rope_bf16),
-                           attend=_address(attention.mllama_decode_attention), hidden=weights[0].shape[0],
-                           heads=heads, kv_heads=kv_heads, head_dim=d, eps_in=norms[0].eps, eps_post=norms[1].eps,
-                           scale=d ** -0.5)
+        norms = self.modules[2:2 + self.norms]
+        self.desc = self.describe(linears, norms, attn, rms=_address(scans.mllama_rms_norm_bf16), scans=scans,
+                                  attend=_address(attention.mllama_decode_attention))
 
-    def holds(self, layer: SelfAttentionDecoderLayer) -> bool:
+    linear_names = ("q", "k", "v", "o", "gate", "up", "down")
+    parts = staticmethod(_parts)
+
+    @staticmethod
+    def scalars(layer: nn.Module) -> list[torch.Tensor]:
+        return []
+
+    def describe(self, linears: dict[str, _RowLinear], norms: tuple[nn.Module, ...], attn: nn.Module, *, rms: int,
+                 scans: ctypes.CDLL, attend: int) -> _Layer:
+        d = attn.head_dim
+        return _Layer(**linears, norm_in=self.pointers[0], norm_post=self.pointers[1], rms=rms,
+                      rope=_address(scans.mllama_rope_bf16), attend=attend, hidden=norms[0].weight.shape[0],
+                      heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=d, eps_in=norms[0].eps,
+                      eps_post=norms[1].eps, scale=d ** -0.5)
+
+    def holds(self, layer: nn.Module) -> bool:
         """Whether the layer still has the modules, classes and weights this plan points at (a module, a
-        linear's buffer or parameter replaced, a class swapped, a norm's weight given new memory: a new plan)."""
-        now = _parts(layer)
+        linear's buffer or parameter replaced, a class swapped, a norm's weight or a gate given new
+        memory: a new plan)."""
+        now = self.parts(layer)
         if now != self.modules or tuple(map(type, now)) != self.types:  # modules compare by identity
             return False
-        tensors = _linear_tensors(now)
+        scalars = self.scalars(layer)
+        tensors = _linear_tensors(now[2 + self.norms:]) + scalars
         if len(tensors) != len(self.tensors) or not all(map(operator.is_, tensors, self.tensors)):
             return False
-        return [n._parameters["weight"].data_ptr() for n in now[2:4]] == self.norm_pointers
+        return [n._parameters["weight"].data_ptr() for n in now[2:2 + self.norms]] + [
+            t.data_ptr() for t in scalars] == self.pointers
+
+
+class _CrossPlan(_Plan):
+    """A cross-attention layer's _CrossLayer: as _Plan, with q_norm and the two tanh gates (bf16 scalars,
+    read by the call at every step)."""
+
+    norms = 3
+    linear_names = ("q", "o", "gate", "up", "down")
+    parts = staticmethod(_cross_parts)
+
+    @staticmethod
+    def scalars(layer: nn.Module) -> list[torch.Tensor]:
+        params = layer._parameters
+        return [params["cross_attn_attn_gate"], params["cross_attn_mlp_gate"]]
+
+    def describe(self, linears: dict[str, _RowLinear], norms: tuple[nn.Module, ...], attn: nn.Module, *, rms: int,
+                 scans: ctypes.CDLL, attend: int) -> _CrossLayer | None:
+        if any(t.numel() != 1 for t in self.tensors[-2:]):
+            return None
+        d = attn.head_dim
+        return _CrossLayer(**linears, norm_in=self.pointers[0], norm_post=self.pointers[1], q_norm=self.pointers[2],
+                           attn_gate=self.pointers[3], mlp_gate=self.pointers[4], rms=rms, attend=attend,
+                           hidden=norms[0].weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+                           head_dim=d, eps_in=norms[0].eps, eps_post=norms[1].eps, eps_q=norms[2].eps, scale=d ** -0.5)
 
 
 def runs_hooks(modules: tuple[nn.Module, ...]) -> bool:
@@ -171,10 +244,11 @@ def runs_hooks(modules: tuple[nn.Module, ...]) -> bool:
     return any(m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
-def _plan(layer: SelfAttentionDecoderLayer, kernel_types: tuple[type, ...]) -> _Plan:
+def _plan(layer: nn.Module, kernel_types: tuple[type, ...]) -> _Plan:
     plan = layer.__dict__.get("_decode_plan")
     if plan is None or not plan.holds(layer):
-        plan = _Plan(layer, kernel_types)
+        kind = _CrossPlan if isinstance(layer, CrossAttentionDecoderLayer) else _Plan
+        plan = kind(layer, kernel_types)
         layer.__dict__["_decode_plan"] = plan  # not a submodule or buffer: outside state_dict and .to()
     return plan
 
@@ -247,38 +321,109 @@ def one_token(layer: SelfAttentionDecoderLayer, x: torch.Tensor, cos: torch.Tens
     return out if rc == 0 else None
 
 
-def stack_one_token(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                    mask: torch.Tensor | None, window: KVWindow, *, layer_type: type, skip_type: type,
+def _cross_checks(x: torch.Tensor, mask: torch.Tensor | None, text_row_mask: torch.Tensor) -> bool:
+    """What a one-call step of a cross-attention layer needs of its token, vision mask and row mask."""
+    if x.dtype != torch.bfloat16 or not x.is_cpu or not x.is_contiguous() or x.shape[:2] != (1, 1):
+        return False
+    if torch.is_grad_enabled() and x.requires_grad:
+        return False
+    if text_row_mask.dtype != torch.bfloat16 or not text_row_mask.is_cpu or text_row_mask.numel() != 1:
+        return False
+    return mask is None or (mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[:3] == (1, 1, 1)
+                            and mask.stride(-1) == 1)
+
+
+def _image_rows(desc: _CrossLayer, kv: tuple[torch.Tensor, torch.Tensor],
+                mask: torch.Tensor | None) -> tuple[int, int, int, int] | None:
+    """The image's K and V addresses, the stride of their heads and their token count, where both are
+    (1, kv_heads, tokens, head_dim) bf16 with rows head_dim apart, laid out alike (and the mask as long)."""
+    k, v = kv
+    for t in (k, v):
+        if (t.dtype != torch.bfloat16 or not t.is_cpu or t.dim() != 4 or t.shape[:2] != (1, desc.kv_heads)
+                or t.shape[3] != desc.head_dim or t.stride(3) != 1 or t.stride(2) != desc.head_dim):
+            return None
+    if v.shape != k.shape or v.stride() != k.stride() or (mask is not None and mask.shape[3] != k.shape[2]):
+        return None
+    return k.data_ptr(), v.data_ptr(), k.stride(1), k.shape[2]
+
+
+def cross_one_token(layer: CrossAttentionDecoderLayer, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
+                    mask: torch.Tensor | None, text_row_mask: torch.Tensor, *,
                     kernel_types: tuple[type, ...]) -> torch.Tensor | None:
-    """MllamaTextModel.run_layers for one token without cross-attention inputs (layers of skip_type
-    skipped, as it skips them) in one C call through every other layer, where each is of layer_type
-    without forward hooks and one_token's call applies to it, their caches alike; None where it does not
+    """layer.forward(x, kv, mask, text_row_mask) for one token x (1, 1, hidden) in one C call, where the
+    layer's attention, MLP and three norms are of kernel_types; None where the call does not apply."""
+    lib = _library()
+    if lib is None or not _cross_checks(x, mask, text_row_mask):
+        return None
+    plan = _plan(layer, kernel_types)
+    if plan.desc is None or runs_hooks(plan.modules) or x.shape[2] != plan.desc.hidden:
+        return None
+    rows = _image_rows(plan.desc, kv, mask)
+    if rows is None:
+        return None
+    out = torch.empty_like(x)
+    rc = lib.mllama_decode_cross_layer(ctypes.byref(plan.desc), x.data_ptr(), out.data_ptr(), *rows,
+                                       mask.data_ptr() if mask is not None else None, text_row_mask.data_ptr(),
+                                       torch.get_num_threads())
+    return out if rc == 0 else None
+
+
+def stack_one_token(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                    mask: torch.Tensor | None, window: KVWindow, cross: CrossInputs | None, *, layer_type: type,
+                    cross_type: type, kernel_types: tuple[type, ...],
+                    cross_kernel_types: tuple[type, ...]) -> torch.Tensor | None:
+    """MllamaTextModel.run_layers for one token in one C call through every layer: each self-attention
+    layer of layer_type and each cross-attention layer of cross_type (skipped without cross inputs, as
+    run_layers skips them; with them, their K/V stored in cross.kv) without forward hooks, where
+    one_token's or cross_one_token's call applies to each, their caches alike; None where it does not
     (nothing changed that the layers' route does not write again)."""
     lib = _library()
     if lib is None or not _step_checks(x, cos, sin, mask, window):
         return None
-    plans, k_rows, v_rows = [], [], []
-    shape: tuple[int, int] = (0, 0)
-    for idx, layer in enumerate(layers):
-        if isinstance(layer, skip_type):
-            continue
-        if type(layer) is not layer_type or layer._forward_hooks or layer._forward_pre_hooks:
-            return None
-        found = _layer_call(layer, idx, window, kernel_types)
-        if found is None or (k_rows and found[1][2:] != shape):
-            return None
-        desc, rows = found
-        shape = rows[2:]
-        plans.append(desc)
-        k_rows.append(rows[0])
-        v_rows.append(rows[1])
-    if not plans or x.shape[2] != plans[0].hidden or cos.shape[-1] != plans[0].head_dim:
+    if cross is not None and (cross.kv is None or not _cross_checks(x, cross.mask, cross.text_row_mask)):
         return None
-    descs = (ctypes.c_void_p * len(plans))(*(ctypes.addressof(p) for p in plans))
+    descs, kinds, a_rows, b_rows = [], [], [], []
+    shape = image = None
+    for idx, layer in enumerate(layers):
+        if isinstance(layer, cross_type) and cross is None:
+            continue
+        if layer._forward_hooks or layer._forward_pre_hooks:
+            return None
+        if isinstance(layer, cross_type):
+            if type(layer) is not cross_type or idx not in cross.kv:
+                return None
+            plan = _plan(layer, cross_kernel_types)
+            if plan.desc is None or runs_hooks(plan.modules):
+                return None
+            rows = _image_rows(plan.desc, cross.kv[idx], cross.mask)
+            if rows is None or (image is not None and rows[2:] != image):
+                return None
+            image = rows[2:]
+            descs.append(plan.desc)
+        else:
+            if type(layer) is not layer_type:
+                return None
+            found = _layer_call(layer, idx, window, kernel_types)
+            if found is None or (shape is not None and found[1][2:] != shape):
+                return None
+            descs.append(found[0])
+            rows = found[1]
+            shape = rows[2:]
+        kinds.append(int(isinstance(layer, cross_type)))
+        a_rows.append(rows[0])
+        b_rows.append(rows[1])
+    if (shape is None or x.shape[2] != descs[0].hidden or cos.shape[-1] != descs[0].head_dim
+            or any(d.hidden != descs[0].hidden for d in descs)):
+        return None
+    count = len(descs)
     out = torch.empty_like(x)
-    rc = lib.mllama_decode_layers(descs, len(plans), x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                                  (ctypes.c_void_p * len(plans))(*k_rows), (ctypes.c_void_p * len(plans))(*v_rows),
-                                  *shape, window.slots.data_ptr(), window.positions.data_ptr(),
-                                  window.first, window.length, mask.data_ptr() if mask is not None else None,
-                                  torch.get_num_threads())
+    rc = lib.mllama_decode_stack((ctypes.c_void_p * count)(*map(ctypes.addressof, descs)),
+                                 (ctypes.c_int64 * count)(*kinds), count, x.data_ptr(), out.data_ptr(), cos.data_ptr(),
+                                 sin.data_ptr(), (ctypes.c_void_p * count)(*a_rows), (ctypes.c_void_p * count)(*b_rows),
+                                 *shape, window.slots.data_ptr(), window.positions.data_ptr(), window.first,
+                                 window.length, mask.data_ptr() if mask is not None else None,
+                                 *(image or (0, 0)),
+                                 cross.mask.data_ptr() if cross is not None and cross.mask is not None else None,
+                                 cross.text_row_mask.data_ptr() if cross is not None else None,
+                                 torch.get_num_threads())
     return out if rc == 0 else None

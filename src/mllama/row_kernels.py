@@ -1,7 +1,7 @@
 """RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, an MLP's gate and up with silu in
 one call where its linears offer it (quantized ones: csrc/gemm_small.c), a decode step's attention
-through mllama.decode_attention, and a self-attention layer's one-token step as one call of all of
-these (mllama.decode_layer), applied to a built model by swapping modules (`apply_row_kernels`;
+through mllama.decode_attention, and a decoder layer's one-token step (a decode step's whole stack of
+layers) as one call of all of these (mllama.decode_layer), applied to a built model by swapping modules (`apply_row_kernels`;
 linear.apply_cpu_kernels calls it).
 
 The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
@@ -149,21 +149,38 @@ class KernelSelfAttentionDecoderLayer(SelfAttentionDecoderLayer):
         return super().forward(x, cos, sin, mask, cache=cache, layer_idx=layer_idx)
 
 
-# a layer's self_attn, mlp, input_layernorm and post_attention_layernorm for its one-call decode step
+class KernelCrossAttentionDecoderLayer(CrossAttentionDecoderLayer):
+    """CrossAttentionDecoderLayer whose one-token steps, where its norms, attention and MLP are the kernel
+    modules here, run as one C call (mllama.decode_layer.cross_one_token: the modules' kernels and bits);
+    else CrossAttentionDecoderLayer's forward."""
+
+    def forward(self, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                text_row_mask: torch.Tensor) -> torch.Tensor:
+        if x.shape[:2] == (1, 1) and not torch.compiler.is_compiling():
+            out = decode_layer.cross_one_token(self, x, kv, mask, text_row_mask, kernel_types=_CROSS_KERNELS)
+            if out is not None:
+                return out
+        return super().forward(x, kv, mask, text_row_mask)
+
+
+# a layer's self_attn, mlp, input_layernorm and post_attention_layernorm for its one-call decode step;
+# a cross-attention layer's cross_attn, mlp, input_layernorm, post_attention_layernorm and q_norm
 _LAYER_KERNELS = (KernelTextSelfAttention, KernelTextMLP, KernelRMSNorm, KernelRMSNorm)
+_CROSS_KERNELS = (KernelTextCrossAttention, KernelTextMLP, KernelRMSNorm, KernelRMSNorm, KernelRMSNorm)
 
 
 class KernelTextModel(MllamaTextModel):
-    """MllamaTextModel whose one-token decode steps without cross-attention inputs run every layer in one
-    C call (mllama.decode_layer.stack_one_token) where each is a KernelSelfAttentionDecoderLayer whose
-    one-call step applies; else its layers one by one."""
+    """MllamaTextModel whose one-token decode steps run every layer in one C call
+    (mllama.decode_layer.stack_one_token; the cross-attention layers too when the step sees an image)
+    where each is a Kernel*DecoderLayer whose one-call step applies; else its layers one by one."""
 
     def run_layers(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                    cross: CrossInputs | None, cache: KVWindow | None) -> torch.Tensor:
-        if cross is None and cache is not None and x.shape[:2] == (1, 1) and not torch.compiler.is_compiling():
-            out = decode_layer.stack_one_token(self.layers, x, cos, sin, mask, cache,
+        if cache is not None and x.shape[:2] == (1, 1) and not torch.compiler.is_compiling():
+            out = decode_layer.stack_one_token(self.layers, x, cos, sin, mask, cache, cross,
                                                layer_type=KernelSelfAttentionDecoderLayer,
-                                               skip_type=CrossAttentionDecoderLayer, kernel_types=_LAYER_KERNELS)
+                                               cross_type=KernelCrossAttentionDecoderLayer,
+                                               kernel_types=_LAYER_KERNELS, cross_kernel_types=_CROSS_KERNELS)
             if out is not None:
                 return out
         return super().run_layers(x, cos, sin, mask, cross, cache)
@@ -171,12 +188,12 @@ class KernelTextModel(MllamaTextModel):
 
 _SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, TextMLP: KernelTextMLP,
           TextCrossAttention: KernelTextCrossAttention, SelfAttentionDecoderLayer: KernelSelfAttentionDecoderLayer,
-          MllamaTextModel: KernelTextModel}
+          CrossAttentionDecoderLayer: KernelCrossAttentionDecoderLayer, MllamaTextModel: KernelTextModel}
 
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:
-    """Give every plain RMSNorm, TextSelfAttention, TextCrossAttention, TextMLP, SelfAttentionDecoderLayer
-    and MllamaTextModel of `model` its kernel class, in place (the same modules, parameters and hooks:
+    """Give every plain RMSNorm, TextSelfAttention, TextCrossAttention, TextMLP, SelfAttentionDecoderLayer,
+    CrossAttentionDecoderLayer and MllamaTextModel of `model` its kernel class, in place (the same modules, parameters and hooks:
     only forward / rotate / attend / gated / run_layers differ); returns `model`.
     Harmless where the kernels do not run (float32, GPU, training): the base classes' code then."""
     for module in model.modules():

@@ -47,6 +47,17 @@ typedef struct {
     float eps_in, eps_post, scale;  /* as the modules pass them: eps, head_dim ** -0.5 */
 } layer;
 
+/* A cross-attention layer's decode step: its K/V are the image's (computed at the prompt), so only q, o
+ * and the MLP stream; the two tanh gates are read from their parameters (bf16, one value each). */
+typedef struct {
+    row_linear q, o, gate, up, down;
+    const uint16_t *norm_in, *norm_post, *q_norm;  /* input_layernorm, post_attention_layernorm, q_norm */
+    const uint16_t *attn_gate, *mlp_gate;          /* cross_attn_attn_gate, cross_attn_mlp_gate */
+    void *rms, *attend;
+    int64_t hidden, heads, kv_heads, head_dim;
+    float eps_in, eps_post, eps_q, scale;
+} cross_layer;
+
 static int product(const row_linear *l, const uint16_t *x, uint16_t *out, int threads) {
     if (l->kind == KIND_INT4_ROWS)
         return ((rows_row_fn)l->row)(x, l->k_in, l->n, l->k, l->w, l->scale, l->offset, (int)l->scale_bf16,
@@ -120,26 +131,94 @@ int mllama_decode_layer(const layer *L, const uint16_t *x, uint16_t *out, const 
     return rc;
 }
 
-/* mllama_decode_layer through `count` layers in turn (a text decoder's self-attention layers with no
- * cross-attention layer between them that runs), layer i with the cache of cache_k[i], cache_v[i]:
- * x -> out, one call for a decode step's whole stack. Returns 0, or -1 as mllama_decode_layer (the
- * caches of the layers before may then hold this token's rows; the modules' route writes them again). */
-int mllama_decode_layers(const layer *const *layers, int64_t count, const uint16_t *x, uint16_t *out,
-                         const uint16_t *cos, const uint16_t *sin, uint16_t *const *cache_k, uint16_t *const *cache_v,
-                         int64_t slots, int64_t max_len, const int64_t *slot, const int64_t *position, int64_t first,
-                         int64_t length, const uint8_t *mask, int threads) {
+/* torch's tanh of a bf16 scalar: the float tanh of its value rounded to bf16 (exported for the tests,
+ * which compare it with torch over every bf16 value). */
+uint16_t mllama_tanh_bf16(uint16_t v) { return round_bf16(tanhf(bf16_to_float(v))); }
+
+/* out = bf16(a + bf16(bf16(b * row) * gate)), n values: `x + gate.tanh() * (b * text_row_mask)` as torch
+ * rounds each op (row 1 or 0: the product by it is b or a signed zero, as torch's). */
+static void add_gated(const uint16_t *a, const uint16_t *b, float row, float gate, int64_t n, uint16_t *out) {
+    for (int64_t i = 0; i < n; i++) {
+        const float masked = bf16_to_float(round_bf16(bf16_to_float(b[i]) * row));
+        out[i] = round_bf16(bf16_to_float(a[i]) + bf16_to_float(round_bf16(gate * masked)));
+    }
+}
+
+/* x (hidden) bf16 -> out (hidden): a cross-attention layer's forward for one token whose row of
+ * text_row_mask is *row_mask (bf16: 1, or 0 for a row that sees no image), against the image's k and v
+ * ((kv_heads, tokens, head_dim) bf16, rows head_dim apart, heads kv_stride apart) where mask (tokens
+ * bytes, or NULL for all) allows. Returns 0, or -1 for arguments it does not take or a kernel that
+ * refused (out may then be partly written). */
+int mllama_decode_cross_layer(const cross_layer *L, const uint16_t *x, uint16_t *out, const uint16_t *k,
+                              const uint16_t *v, int64_t kv_stride, int64_t tokens, const uint8_t *mask,
+                              const uint16_t *row_mask, int threads) {
+    const int64_t hidden = L->hidden, d = L->head_dim, hq = L->heads, inter = L->gate.n;
+    if (tokens < 1 || kv_stride < tokens * d || L->q.n != hq * d || L->q.k_in != hidden || L->o.k_in != hq * d
+        || L->o.n != hidden || L->gate.k_in != hidden || L->up.k_in != hidden || L->up.n != inter
+        || L->down.k_in != inter || L->down.n != hidden)
+        return -1;
+    const float row = bf16_to_float(*row_mask);
+    const float attn_gate = bf16_to_float(mllama_tanh_bf16(*L->attn_gate));
+    const float mlp_gate = bf16_to_float(mllama_tanh_bf16(*L->mlp_gate));
+    uint16_t *buf = malloc((size_t)(3 * hidden + 3 * hq * d + inter) * sizeof(uint16_t));
+    if (!buf) return -1;
+    uint16_t *normed = buf, *q = normed + hidden, *qn = q + hq * d, *attended = qn + hq * d,
+             *mid = attended + hq * d, *gated = mid + hidden, *down = gated + inter;
+    int rc = ((rms_fn)L->rms)(x, L->norm_in, 1, hidden, L->eps_in, normed, threads);
+    if (rc == 0) rc = product(&L->q, normed, q, threads);
+    if (rc == 0) rc = ((rms_fn)L->rms)(q, L->q_norm, hq, d, L->eps_q, qn, threads);
+    if (rc == 0) {
+        /* a row that sees no image attends everywhere (the modules open its mask row) and is zeroed after */
+        const int64_t strides[9] = {hq * d, d, L->kv_heads * kv_stride, kv_stride, d, L->kv_heads * kv_stride,
+                                    kv_stride, d, tokens};
+        rc = ((attend_fn)L->attend)(qn, k, v, row == 0.0f ? NULL : mask, strides, 1, hq, L->kv_heads, tokens, d,
+                                    L->scale, attended, 0, threads);
+    }
+    if (rc == 0)
+        for (int64_t i = 0; i < hq * d; i++) attended[i] = round_bf16(bf16_to_float(attended[i]) * row);
+    if (rc == 0) rc = product(&L->o, attended, down, threads);
+    if (rc == 0) {
+        add_gated(x, down, 1.0f, attn_gate, hidden, mid);
+        rc = ((rms_fn)L->rms)(mid, L->norm_post, 1, hidden, L->eps_post, normed, threads);
+    }
+    if (rc == 0) rc = silu_product(&L->gate, &L->up, normed, gated, threads);
+    if (rc == 0) rc = product(&L->down, gated, down, threads);
+    if (rc == 0) add_gated(mid, down, row, mlp_gate, hidden, out);
+    free(buf);
+    return rc;
+}
+
+/* A decode step's text layers in turn, x -> out, in one call: layer i is a self-attention layer
+ * (kinds[i] 0: mllama_decode_layer with the cache a[i], b[i]) or a cross-attention layer (kinds[i] 1:
+ * mllama_decode_cross_layer with the image's k a[i] and v b[i], heads kv_stride apart, `tokens` of them
+ * under cross_mask and *row_mask; every cross layer's K/V laid out alike). Returns 0, or -1 as those do
+ * (the caches of the layers before may then hold this token's rows; the modules' route writes them
+ * again). */
+int mllama_decode_stack(const void *const *layers, const int64_t *kinds, int64_t count, const uint16_t *x,
+                        uint16_t *out, const uint16_t *cos, const uint16_t *sin, void *const *a, void *const *b,
+                        int64_t slots, int64_t max_len, const int64_t *slot, const int64_t *position, int64_t first,
+                        int64_t length, const uint8_t *mask, int64_t kv_stride, int64_t tokens,
+                        const uint8_t *cross_mask, const uint16_t *row_mask, int threads) {
     if (count < 1) return -1;
-    const int64_t hidden = layers[0]->hidden;
-    for (int64_t i = 1; i < count; i++)
-        if (layers[i]->hidden != hidden) return -1;
+    int64_t hidden = -1;
+    for (int64_t i = 0; i < count; i++) {
+        if (kinds[i] != 0 && (kinds[i] != 1 || !row_mask)) return -1;
+        const int64_t h = kinds[i] == 0 ? ((const layer *)layers[i])->hidden : ((const cross_layer *)layers[i])->hidden;
+        if (hidden >= 0 && h != hidden) return -1;
+        hidden = h;
+    }
     uint16_t *between = count > 1 ? malloc((size_t)(2 * hidden) * sizeof *between) : NULL;
     if (count > 1 && !between) return -1;
     int rc = 0;
     const uint16_t *in = x;
     for (int64_t i = 0; i < count && rc == 0; i++) {
         uint16_t *to = i == count - 1 ? out : between + (i % 2) * hidden;
-        rc = mllama_decode_layer(layers[i], in, to, cos, sin, cache_k[i], cache_v[i], slots, max_len, slot, position,
-                                 first, length, mask, threads);
+        if (kinds[i] == 0)
+            rc = mllama_decode_layer(layers[i], in, to, cos, sin, a[i], b[i], slots, max_len, slot, position, first,
+                                     length, mask, threads);
+        else
+            rc = mllama_decode_cross_layer(layers[i], in, to, a[i], b[i], kv_stride, tokens, cross_mask, row_mask,
+                                           threads);
         in = to;
     }
     free(between);
