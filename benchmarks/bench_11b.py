@@ -106,12 +106,13 @@ def _attention_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> fl
     return _ab(model, ids, inputs, new_tokens, row_kernels, ("decode_attention",))
 
 
-def _layer_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int) -> float:
-    """_ab of the self-attention layers' one-call decode steps (mllama.decode_layer: the whole stack's call
-    and each layer's; their route back to the layers' modules)."""
+def _layer_ab(model, ids: torch.Tensor, inputs: dict, new_tokens: int,
+              names: tuple[str, ...] = ("stack_one_token", "one_token", "cross_one_token")) -> float:
+    """_ab of the layers' one-call decode steps (mllama.decode_layer: the whole stack's call and each
+    layer's; their route back to the layers' modules), or of those of `names`."""
     from mllama import decode_layer
 
-    return _ab(model, ids, inputs, new_tokens, decode_layer, ("stack_one_token", "one_token"))
+    return _ab(model, ids, inputs, new_tokens, decode_layer, names)
 
 
 def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention_ab: bool = False,
@@ -164,6 +165,10 @@ def measure(directory: Path, mode: str, new_tokens: int, images: bool, attention
                 result[f"decode_{tiles}_tile_kernel_over_sdpa"] = _attention_ab(model, img_ids, image, new_tokens)
             if layer_ab:
                 result[f"decode_{tiles}_tile_one_call_over_modules"] = _layer_ab(model, img_ids, image, new_tokens)
+                # the stack through the cross-attention layers too, over one call per self-attention layer
+                # and the cross-attention layers' modules (the route before the stack took images)
+                result[f"decode_{tiles}_tile_stack_over_self_layer_calls"] = _layer_ab(
+                    model, img_ids, image, new_tokens, ("stack_one_token", "cross_one_token"))
     if attention_ab:  # a long chat: every self-attention layer reads LONG_PROMPT cached keys a step
         long_ids = torch.randint(3, 120000, (1, LONG_PROMPT), generator=torch.Generator().manual_seed(2))
         long_ids[0, 0] = 128000
@@ -185,8 +190,9 @@ def main() -> None:
                         help="decode speed with the decode attention kernel over SDPA, one generation each: after each image "
                              "(with --images) and after a 2000-token text prompt")
     parser.add_argument("--layer-ab", action="store_true",
-                        help="decode speed with the self-attention layers' one-call step over their modules, one "
-                             "generation each: after the text prompt (and each image with --images)")
+                        help="decode speed with the layers' one-call steps over their modules, one generation each: after "
+                             "the text prompt (and each image with --images, where also the stack through every layer "
+                             "over one call per self-attention layer and the cross-attention layers' modules)")
     parser.add_argument("--config", type=Path, default=CONFIG)
     parser.add_argument("--measure", default=None, help=argparse.SUPPRESS)  # internal: one mode, this process
     args = parser.parse_args()
