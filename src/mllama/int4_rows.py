@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from mllama import cpu_kernels
-from mllama.decode_layer import ROW_KIND_INT4_ROWS, RowKernel
+from mllama.decode_plan import ROW_KIND_INT4_ROWS, RowKernel
 from mllama.host_memory import fresh_params, fresh_zeros
 from mllama.linear import PackedWeights, swap_linears
 from mllama.quantize import Int4Linear, _QuantizedLinear

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mllama import cpu_kernels, cpu_prefill, quant_ops
-from mllama.decode_layer import ROW_KIND_SMALL, RowKernel
+from mllama.decode_plan import ROW_KIND_SMALL, RowKernel
 from mllama.linear import cpu_has_native_bf16, swap_linears
 from mllama.packed_linear import refuse_packed
 from mllama.quant_format import (  # noqa: F401  (re-exported: mllama.quantize is the public module)

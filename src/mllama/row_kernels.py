@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mllama import cpu_scans, decode_layer
+from mllama import cpu_scans, decode_layer, decode_plan
 from mllama.attention import TextCrossAttention, TextSelfAttention, grouped_attention
 from mllama.cache import KVWindow
 from mllama.decode_attention import decode_attention
@@ -123,7 +123,7 @@ class KernelTextMLP(TextMLP):
 
     def gated(self, x: torch.Tensor) -> torch.Tensor:
         fused = getattr(self.gate_proj, "silu_product", None)
-        if fused is not None and not decode_layer.runs_hooks((self.gate_proj, self.up_proj)):
+        if fused is not None and not decode_plan.runs_hooks((self.gate_proj, self.up_proj)):
             out = fused(self.up_proj, x)
             if out is not None:
                 return out
