@@ -121,13 +121,16 @@ class Plan:
     norms' weights (and of a cross-attention layer's gates: CrossPlan)."""
 
     norms = 2  # parts[2:2 + norms] are RMSNorms, the linears follow
+    linear_names = ("q", "k", "v", "o", "gate", "up", "down")
+    parts = staticmethod(_parts)
 
     def __init__(self, layer: nn.Module, kernel_types: tuple[type, ...]) -> None:
         self.desc: LayerDesc | CrossLayerDesc | None = None
         self.modules = self.parts(layer)
         self.types = tuple(map(type, self.modules))
-        self.tensors = _linear_tensors(self.modules[2 + self.norms:]) + self.scalars(layer)
-        weights = [n._parameters.get("weight") for n in self.modules[2:2 + self.norms]] + self.scalars(layer)
+        scalars = self.scalars(layer)
+        self.tensors = _linear_tensors(self.modules[2 + self.norms:]) + scalars
+        weights = [n._parameters.get("weight") for n in self.modules[2:2 + self.norms]] + scalars
         self.pointers = [w.data_ptr() if w is not None else 0 for w in weights]
         scans, attention = cpu_scans._library(), _attention_library()
         attn, mlp = self.modules[:2]
@@ -146,9 +149,6 @@ class Plan:
         self.desc = self.describe(linears, norms, attn, rms=_address(scans.mllama_rms_norm_bf16), scans=scans,
                                   attend=_address(attention.mllama_decode_attention))
 
-    linear_names = ("q", "k", "v", "o", "gate", "up", "down")
-    parts = staticmethod(_parts)
-
     @staticmethod
     def scalars(layer: nn.Module) -> list[torch.Tensor]:
         return []
@@ -157,9 +157,9 @@ class Plan:
                  scans: ctypes.CDLL, attend: int) -> LayerDesc:
         d = attn.head_dim
         return LayerDesc(**linears, norm_in=self.pointers[0], norm_post=self.pointers[1], rms=rms,
-                      rope=_address(scans.mllama_rope_bf16), attend=attend, hidden=norms[0].weight.shape[0],
-                      heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=d, eps_in=norms[0].eps,
-                      eps_post=norms[1].eps, scale=d ** -0.5)
+                         rope=_address(scans.mllama_rope_bf16), attend=attend, hidden=norms[0].weight.shape[0],
+                         heads=attn.num_heads, kv_heads=attn.num_kv_heads, head_dim=d, eps_in=norms[0].eps,
+                         eps_post=norms[1].eps, scale=d ** -0.5)
 
     def holds(self, layer: nn.Module) -> bool:
         """Whether the layer still has the modules, classes and weights this plan points at (a module, a
@@ -195,9 +195,10 @@ class CrossPlan(Plan):
             return None
         d = attn.head_dim
         return CrossLayerDesc(**linears, norm_in=self.pointers[0], norm_post=self.pointers[1], q_norm=self.pointers[2],
-                           attn_gate=self.pointers[3], mlp_gate=self.pointers[4], rms=rms, attend=attend,
-                           hidden=norms[0].weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
-                           head_dim=d, eps_in=norms[0].eps, eps_post=norms[1].eps, eps_q=norms[2].eps, scale=d ** -0.5)
+                              attn_gate=self.pointers[3], mlp_gate=self.pointers[4], rms=rms, attend=attend,
+                              hidden=norms[0].weight.shape[0], heads=attn.num_heads, kv_heads=attn.num_kv_heads,
+                              head_dim=d, eps_in=norms[0].eps, eps_post=norms[1].eps, eps_q=norms[2].eps,
+                              scale=d ** -0.5)
 
 
 def runs_hooks(modules: tuple[nn.Module, ...]) -> bool:
