@@ -26,8 +26,19 @@ CONFIG = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, int
 FORMS = ["int4 rows", "int4", "int8"]
 
 
-def _model(form: str, *, seed: int = 0) -> MllamaForCausalLM:
-    model = MllamaForCausalLM(MllamaTextConfig.from_dict(CONFIG))
+def _model(form: str, *, seed: int = 0, image: bool = False):
+    """A MllamaForCausalLM of CONFIG (a cross-attention layer at 1), or with image a
+    MllamaForConditionalGeneration of that text model under tiny config a's vision encoder; every
+    parameter random and non-zero, quantized in `form` and on the kernels."""
+    if image:
+        from mllama.config import MllamaConfig
+        from mllama.model import MllamaForConditionalGeneration
+        from tiny import CONFIGS
+        config = MllamaConfig.from_dict({"text_config": CONFIG, "vision_config": dict(CONFIGS["a"]["vision_config"]),
+                                         "image_token_index": 300})
+        model = MllamaForConditionalGeneration(config)
+    else:
+        model = MllamaForCausalLM(MllamaTextConfig.from_dict(CONFIG))
     randomize_(model, seed, scale=0.1)
     model = model.to(torch.bfloat16).eval()
     quantize_model(model, QuantizationConfig("int8") if form == "int8" else QuantizationConfig("int4", group_size=32))
@@ -257,23 +268,6 @@ def test_cross_layer_call_gives_the_modules_bits(form, masked, row):
     assert torch.equal(fast, x) == (row == 0.0)
 
 
-def _image_model(form: str, *, seed: int = 0):
-    """A tiny MllamaForConditionalGeneration: CONFIG's text model (a cross-attention layer at 1) under
-    tiny config a's vision encoder, every parameter random and non-zero, quantized and on the kernels."""
-    from mllama.config import MllamaConfig
-    from mllama.model import MllamaForConditionalGeneration
-    from tiny import CONFIGS
-    vision = dict(CONFIGS["a"]["vision_config"])
-    config = MllamaConfig.from_dict({"text_config": CONFIG, "vision_config": vision, "image_token_index": 300})
-    model = MllamaForConditionalGeneration(config)
-    randomize_(model, seed, scale=0.1)
-    model = model.to(torch.bfloat16).eval()
-    quantize_model(model, QuantizationConfig("int8") if form == "int8" else QuantizationConfig("int4", group_size=32))
-    if form == "int4 rows":
-        pack_int4_rows(model)
-    return apply_cpu_kernels(model)
-
-
 @needs_call
 @pytest.mark.parametrize("form", ["int4 rows", "int8"])
 def test_generation_with_an_image_through_the_one_call_equals_the_modules(form, monkeypatch):
@@ -282,7 +276,7 @@ def test_generation_with_an_image_through_the_one_call_equals_the_modules(form, 
     off each layer in a call of its own; the tokens and every step's logits equal the modules' route bit
     for bit, and the image matters (other pixels, other logits)."""
     from tiny import cross_mask, random_images
-    model = _image_model(form, seed=5)
+    model = _model(form, seed=5, image=True)
     ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(2))
     ids[0, 0], ids[0, 3] = 1, 300
     images = random_images(model.config, [[2]], seed=4)
