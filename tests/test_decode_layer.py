@@ -26,15 +26,17 @@ CONFIG = dict(hidden_size=128, num_attention_heads=8, num_key_value_heads=2, int
 FORMS = ["int4 rows", "int4", "int8"]
 
 
-def _model(form: str, *, seed: int = 0, image: bool = False):
+def _model(form: str, *, seed: int = 0, image: bool = False, cross_layers: tuple[int, ...] = (1,)):
     """A MllamaForCausalLM of CONFIG (a cross-attention layer at 1), or with image a
-    MllamaForConditionalGeneration of that text model under tiny config a's vision encoder; every
-    parameter random and non-zero, quantized in `form` and on the kernels."""
+    MllamaForConditionalGeneration of that text model (its cross-attention layers at cross_layers) under
+    tiny config a's vision encoder; every parameter random and non-zero, quantized in `form` and on the
+    kernels."""
     if image:
         from mllama.config import MllamaConfig
         from mllama.model import MllamaForConditionalGeneration
         from tiny import CONFIGS
-        config = MllamaConfig.from_dict({"text_config": CONFIG, "vision_config": dict(CONFIGS["a"]["vision_config"]),
+        text = dict(CONFIG, cross_attention_layers=list(cross_layers))
+        config = MllamaConfig.from_dict({"text_config": text, "vision_config": dict(CONFIGS["a"]["vision_config"]),
                                          "image_token_index": 300})
         model = MllamaForConditionalGeneration(config)
     else:
@@ -269,14 +271,15 @@ def test_cross_layer_call_gives_the_modules_bits(form, masked, row):
 
 
 @needs_call
-@pytest.mark.parametrize("form", ["int4 rows", "int8"])
-def test_generation_with_an_image_through_the_one_call_equals_the_modules(form, monkeypatch):
+@pytest.mark.parametrize("form, cross_layers", [("int4 rows", (1,)), ("int8", (1,)), ("int4 rows", (0, 2))])
+def test_generation_with_an_image_through_the_one_call_equals_the_modules(form, cross_layers, monkeypatch):
     """Greedy generation after an image (2 tiles, the prompt's text partly before it): each decode step
-    runs all three layers, the cross-attention layer too, in one call (the stack), or with the stack
-    off each layer in a call of its own; the tokens and every step's logits equal the modules' route bit
-    for bit, and the image matters (other pixels, other logits)."""
+    runs all three layers, the cross-attention layers too (in the middle; first and last), in one call
+    (the stack), or with the stack off each layer in a call of its own; the tokens and every step's
+    logits equal the modules' route bit for bit, and the image matters (other pixels, other logits)."""
     from tiny import cross_mask, random_images
-    model = _model(form, seed=5, image=True)
+    model = _model(form, seed=5, image=True, cross_layers=cross_layers)
+    selfs, crosses = 3 - len(cross_layers), len(cross_layers)
     ids = torch.randint(3, 300, (1, 9), generator=torch.Generator().manual_seed(2))
     ids[0, 0], ids[0, 3] = 1, 300
     images = random_images(model.config, [[2]], seed=4)
@@ -288,7 +291,7 @@ def test_generation_with_an_image_through_the_one_call_equals_the_modules(form, 
     assert (stack, layer, cross) == ([True] * 7, [], [])
     monkeypatch.setattr(decode_layer, "stack_one_token", lambda *args, **kwargs: None)
     per_layer = model.generate(ids, **inputs, **kwargs)
-    assert layer == [True] * 7 * 2 and cross == [True] * 7
+    assert layer == [True] * 7 * selfs and cross == [True] * 7 * crosses
     monkeypatch.setattr(decode_layer, "one_token", lambda *args, **kwargs: None)
     monkeypatch.setattr(decode_layer, "cross_one_token", lambda *args, **kwargs: None)
     modules = model.generate(ids, **inputs, **kwargs)
