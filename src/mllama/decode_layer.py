@@ -40,8 +40,8 @@ def _library() -> ctypes.CDLL | None:
         lib.mllama_decode_layer.argtypes = ([ctypes.c_void_p] * 7 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2
                                             + [ctypes.c_int64] * 2 + [ctypes.c_void_p, ctypes.c_int])
         lib.mllama_decode_layer.restype = ctypes.c_int
-        lib.mllama_decode_cross_layer.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [
-            ctypes.c_int]
+        lib.mllama_decode_cross_layer.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 2
+                                                  + [ctypes.c_void_p] * 2 + [ctypes.c_int])
         lib.mllama_decode_cross_layer.restype = ctypes.c_int
         lib.mllama_decode_stack.argtypes = ([ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 6
                                             + [ctypes.c_int64] * 2 + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
@@ -53,12 +53,16 @@ def _library() -> ctypes.CDLL | None:
     return lib
 
 
+def _token_checks(x: torch.Tensor) -> bool:
+    """What any one-call step needs of its token: one bf16 row on the CPU, contiguous, outside autograd."""
+    return (x.dtype == torch.bfloat16 and x.is_cpu and x.is_contiguous() and x.shape[:2] == (1, 1)
+            and not (torch.is_grad_enabled() and x.requires_grad))
+
+
 def _step_checks(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
                  window: KVWindow) -> bool:
-    """What a one-call step needs of its token, RoPE, mask and cache window (of any layer)."""
-    if x.dtype != torch.bfloat16 or not x.is_cpu or not x.is_contiguous() or x.shape[:2] != (1, 1):
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
+    """What a self-attention layer's one-call step needs of its token, RoPE, mask and cache window."""
+    if not _token_checks(x):
         return False
     d = cos.shape[-1]
     for t in (cos, sin):
@@ -122,10 +126,8 @@ def one_token(layer: SelfAttentionDecoderLayer, x: torch.Tensor, cos: torch.Tens
 
 
 def _cross_checks(x: torch.Tensor, mask: torch.Tensor | None, text_row_mask: torch.Tensor) -> bool:
-    """What a one-call step of a cross-attention layer needs of its token, vision mask and row mask."""
-    if x.dtype != torch.bfloat16 or not x.is_cpu or not x.is_contiguous() or x.shape[:2] != (1, 1):
-        return False
-    if torch.is_grad_enabled() and x.requires_grad:
+    """What a cross-attention layer's one-call step needs of its token, vision mask and row mask."""
+    if not _token_checks(x):
         return False
     if text_row_mask.dtype != torch.bfloat16 or not text_row_mask.is_cpu or text_row_mask.numel() != 1:
         return False
@@ -147,6 +149,17 @@ def _image_rows(desc: CrossLayerDesc, kv: tuple[torch.Tensor, torch.Tensor],
     return k.data_ptr(), v.data_ptr(), k.stride(1), k.shape[2]
 
 
+def _cross_call(layer: CrossAttentionDecoderLayer, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None,
+                kernel_types: tuple[type, ...]) -> tuple[CrossLayerDesc, tuple[int, int, int, int]] | None:
+    """The cross-attention layer's descriptor and its image rows (_image_rows) where its one call applies
+    (a plan, no forward hooks below it, the image's K/V as the call takes them); else None."""
+    plan = plan_for(layer, kernel_types)
+    if plan.desc is None or runs_hooks(plan.modules):
+        return None
+    rows = _image_rows(plan.desc, kv, mask)
+    return None if rows is None else (plan.desc, rows)
+
+
 def cross_one_token(layer: CrossAttentionDecoderLayer, x: torch.Tensor, kv: tuple[torch.Tensor, torch.Tensor],
                     mask: torch.Tensor | None, text_row_mask: torch.Tensor, *,
                     kernel_types: tuple[type, ...]) -> torch.Tensor | None:
@@ -155,14 +168,12 @@ def cross_one_token(layer: CrossAttentionDecoderLayer, x: torch.Tensor, kv: tupl
     lib = _library()
     if lib is None or not _cross_checks(x, mask, text_row_mask):
         return None
-    plan = plan_for(layer, kernel_types)
-    if plan.desc is None or runs_hooks(plan.modules) or x.shape[2] != plan.desc.hidden:
+    found = _cross_call(layer, kv, mask, kernel_types)
+    if found is None or x.shape[2] != found[0].hidden:
         return None
-    rows = _image_rows(plan.desc, kv, mask)
-    if rows is None:
-        return None
+    desc, rows = found
     out = torch.empty_like(x)
-    rc = lib.mllama_decode_cross_layer(ctypes.byref(plan.desc), x.data_ptr(), out.data_ptr(), *rows,
+    rc = lib.mllama_decode_cross_layer(ctypes.byref(desc), x.data_ptr(), out.data_ptr(), *rows,
                                        mask.data_ptr() if mask is not None else None, text_row_mask.data_ptr(),
                                        torch.get_num_threads())
     return out if rc == 0 else None
@@ -192,28 +203,24 @@ def stack_one_token(layers: nn.ModuleList, x: torch.Tensor, cos: torch.Tensor, s
         if isinstance(layer, cross_type):
             if type(layer) is not cross_type or idx not in cross.kv:
                 return None
-            plan = plan_for(layer, cross_kernel_types)
-            if plan.desc is None or runs_hooks(plan.modules):
+            found = _cross_call(layer, cross.kv[idx], cross.mask, cross_kernel_types)
+            if found is None or (image is not None and found[1][2:] != image):
                 return None
-            rows = _image_rows(plan.desc, cross.kv[idx], cross.mask)
-            if rows is None or (image is not None and rows[2:] != image):
-                return None
-            image = rows[2:]
-            descs.append(plan.desc)
+            image = found[1][2:]
         else:
             if type(layer) is not layer_type:
                 return None
             found = _layer_call(layer, idx, window, kernel_types)
             if found is None or (shape is not None and found[1][2:] != shape):
                 return None
-            descs.append(found[0])
-            rows = found[1]
-            shape = rows[2:]
+            shape = found[1][2:]
+        desc, rows = found
+        descs.append(desc)
         kinds.append(int(isinstance(layer, cross_type)))
         a_rows.append(rows[0])
         b_rows.append(rows[1])
-    if (shape is None or x.shape[2] != descs[0].hidden or cos.shape[-1] != descs[0].head_dim
-            or any(d.hidden != descs[0].hidden for d in descs)):
+    # the layers' widths agree or the C call refuses them before writing anything
+    if shape is None or x.shape[2] != descs[0].hidden or cos.shape[-1] != descs[0].head_dim:
         return None
     count = len(descs)
     out = torch.empty_like(x)

@@ -38,8 +38,8 @@ class LayerDesc(ctypes.Structure):
 
 class CrossLayerDesc(ctypes.Structure):
     _fields_ = ([(name, _RowLinear) for name in ("q", "o", "gate", "up", "down")]
-                + [(name, ctypes.c_void_p) for name in ("norm_in", "norm_post", "q_norm", "attn_gate", "mlp_gate", "rms",
-                                                        "attend")]
+                + [(name, ctypes.c_void_p)
+                   for name in ("norm_in", "norm_post", "q_norm", "attn_gate", "mlp_gate", "rms", "attend")]
                 + [(name, ctypes.c_int64) for name in ("hidden", "heads", "kv_heads", "head_dim")]
                 + [(name, ctypes.c_float) for name in ("eps_in", "eps_post", "eps_q", "scale")])
 

@@ -1,8 +1,8 @@
 """RMSNorm and RoPE of bf16 rows on the CPU through csrc/scans.c, an MLP's gate and up with silu in
 one call where its linears offer it (quantized ones: csrc/gemm_small.c), a decode step's attention
 through mllama.decode_attention, and a decoder layer's one-token step (a decode step's whole stack of
-layers) as one call of all of these (mllama.decode_layer), applied to a built model by swapping modules (`apply_row_kernels`;
-linear.apply_cpu_kernels calls it).
+layers) as one call of all of these (mllama.decode_layer), applied to a built model by swapping modules
+(`apply_row_kernels`; linear.apply_cpu_kernels calls it).
 
 The model's RMSNorm (layers.py) is eight torch ops and RoPE of a layer's q and k eighteen. In a decode
 step each op comes right after a weight matrix has streamed through every cache, and then costs tens
@@ -193,8 +193,8 @@ _SWAPS = {RMSNorm: KernelRMSNorm, TextSelfAttention: KernelTextSelfAttention, Te
 
 def apply_row_kernels(model: nn.Module) -> nn.Module:
     """Give every plain RMSNorm, TextSelfAttention, TextCrossAttention, TextMLP, SelfAttentionDecoderLayer,
-    CrossAttentionDecoderLayer and MllamaTextModel of `model` its kernel class, in place (the same modules, parameters and hooks:
-    only forward / rotate / attend / gated / run_layers differ); returns `model`.
+    CrossAttentionDecoderLayer and MllamaTextModel of `model` its kernel class, in place (the same modules,
+    parameters and hooks: only forward / rotate / attend / gated / run_layers differ); returns `model`.
     Harmless where the kernels do not run (float32, GPU, training): the base classes' code then."""
     for module in model.modules():
         swapped = _SWAPS.get(type(module))
